@@ -1,0 +1,253 @@
+//! [`Adaptable`]: how a composite module lists its sites under their Hugging Face paths.
+
+use std::fmt;
+
+use crate::nn::{Embedding, Linear};
+
+/// A dotted module path (`encoder.layer.0.attention.self.query`), built segment by segment while
+/// walking a model.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SitePath(Vec<String>);
+
+impl SitePath {
+    /// The empty (root) path.
+    pub fn root() -> Self {
+        Self::default()
+    }
+
+    /// Enter a child named `segment`.
+    pub fn push(&mut self, segment: impl Into<String>) {
+        self.0.push(segment.into());
+    }
+
+    /// Leave the current child.
+    pub fn pop(&mut self) {
+        self.0.pop();
+    }
+
+    /// The segments.
+    pub fn segments(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl fmt::Display for SitePath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.join("."))
+    }
+}
+
+/// A borrowed site.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub enum Site<'a> {
+    /// A linear projection.
+    Linear(&'a Linear),
+    /// An embedding table.
+    Embedding(&'a Embedding),
+}
+
+/// A mutably borrowed site.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SiteMut<'a> {
+    /// A linear projection.
+    Linear(&'a mut Linear),
+    /// An embedding table.
+    Embedding(&'a mut Embedding),
+}
+
+/// A module whose adapter sites can be listed with their Hugging Face paths, like PyTorch's
+/// `named_modules()` restricted to the layers an adapter can attach to.
+///
+/// Derive it with `#[derive(Adaptable)]` (field names are path segments; `Vec` adds index
+/// segments; `Option` adds nothing when `None`; `#[peft(rename = "self")]` renames a segment;
+/// `#[peft(skip)]` and `#[module(skip)]` fields are ignored). Burn's own parameter-only layers
+/// (norms, dropout, activations) and primitive fields implement it with no sites.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` does not implement `Adaptable`",
+    note = "derive it with `#[derive(Adaptable)]`, or mark the field `#[peft(skip)]` if it holds no adapter site"
+)]
+pub trait Adaptable {
+    /// Call `visitor` for every site under `path`.
+    fn visit_sites(&self, path: &mut SitePath, visitor: &mut dyn FnMut(&SitePath, Site<'_>));
+
+    /// Call `visitor` for every site under `path`, mutably.
+    fn visit_sites_mut(
+        &mut self,
+        path: &mut SitePath,
+        visitor: &mut dyn FnMut(&SitePath, SiteMut<'_>),
+    );
+
+    /// The path of the model's output layer (`lm_head`), which `"all-linear"` leaves out.
+    fn output_layer(&self) -> Option<String> {
+        None
+    }
+}
+
+impl Adaptable for Linear {
+    fn visit_sites(&self, path: &mut SitePath, visitor: &mut dyn FnMut(&SitePath, Site<'_>)) {
+        visitor(path, Site::Linear(self));
+    }
+    fn visit_sites_mut(
+        &mut self,
+        path: &mut SitePath,
+        visitor: &mut dyn FnMut(&SitePath, SiteMut<'_>),
+    ) {
+        visitor(path, SiteMut::Linear(self));
+    }
+}
+
+impl Adaptable for Embedding {
+    fn visit_sites(&self, path: &mut SitePath, visitor: &mut dyn FnMut(&SitePath, Site<'_>)) {
+        visitor(path, Site::Embedding(self));
+    }
+    fn visit_sites_mut(
+        &mut self,
+        path: &mut SitePath,
+        visitor: &mut dyn FnMut(&SitePath, SiteMut<'_>),
+    ) {
+        visitor(path, SiteMut::Embedding(self));
+    }
+}
+
+impl<T: Adaptable> Adaptable for Vec<T> {
+    fn visit_sites(&self, path: &mut SitePath, visitor: &mut dyn FnMut(&SitePath, Site<'_>)) {
+        for (i, item) in self.iter().enumerate() {
+            path.push(i.to_string());
+            item.visit_sites(path, visitor);
+            path.pop();
+        }
+    }
+    fn visit_sites_mut(
+        &mut self,
+        path: &mut SitePath,
+        visitor: &mut dyn FnMut(&SitePath, SiteMut<'_>),
+    ) {
+        for (i, item) in self.iter_mut().enumerate() {
+            path.push(i.to_string());
+            item.visit_sites_mut(path, visitor);
+            path.pop();
+        }
+    }
+}
+
+impl<T: Adaptable> Adaptable for Option<T> {
+    fn visit_sites(&self, path: &mut SitePath, visitor: &mut dyn FnMut(&SitePath, Site<'_>)) {
+        if let Some(item) = self {
+            item.visit_sites(path, visitor);
+        }
+    }
+    fn visit_sites_mut(
+        &mut self,
+        path: &mut SitePath,
+        visitor: &mut dyn FnMut(&SitePath, SiteMut<'_>),
+    ) {
+        if let Some(item) = self {
+            item.visit_sites_mut(path, visitor);
+        }
+    }
+}
+
+/// Implements [`Adaptable`] with no sites for types that hold none.
+#[macro_export]
+macro_rules! no_sites {
+    ($($ty:ty),* $(,)?) => {
+        $(
+            impl $crate::Adaptable for $ty {
+                fn visit_sites(
+                    &self,
+                    _path: &mut $crate::SitePath,
+                    _visitor: &mut dyn FnMut(&$crate::SitePath, $crate::Site<'_>),
+                ) {
+                }
+                fn visit_sites_mut(
+                    &mut self,
+                    _path: &mut $crate::SitePath,
+                    _visitor: &mut dyn FnMut(&$crate::SitePath, $crate::SiteMut<'_>),
+                ) {
+                }
+            }
+        )*
+    };
+}
+
+no_sites!(
+    bool, u8, u16, u32, u64, usize, i8, i16, i32, i64, isize, f32, f64, String,
+    burn::nn::LayerNorm,
+    burn::nn::RmsNorm,
+    burn::nn::Dropout,
+    burn::nn::Gelu,
+    burn::nn::Relu,
+    burn::nn::Tanh,
+    burn::nn::Sigmoid,
+    burn::nn::SwiGlu,
+    burn::nn::BatchNorm,
+    burn::nn::GroupNorm,
+    burn::nn::PRelu,
+    burn::nn::LeakyRelu,
+    burn::nn::Linear,
+    burn::nn::Embedding,
+);
+
+impl<const D: usize> Adaptable for burn::module::Param<burn::tensor::Tensor<D>> {
+    fn visit_sites(&self, _path: &mut SitePath, _visitor: &mut dyn FnMut(&SitePath, Site<'_>)) {}
+    fn visit_sites_mut(
+        &mut self,
+        _path: &mut SitePath,
+        _visitor: &mut dyn FnMut(&SitePath, SiteMut<'_>),
+    ) {
+    }
+}
+
+/// Every site of `model` as `(path, site)` pairs, in visiting order.
+pub fn list_sites<M: Adaptable + ?Sized>(model: &M) -> Vec<(String, SiteSummary)> {
+    let mut out = Vec::new();
+    model.visit_sites(&mut SitePath::root(), &mut |path, site| {
+        out.push((path.to_string(), SiteSummary::of(site)));
+    });
+    out
+}
+
+/// Shape and kind of a site, detached from the borrow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SiteSummary {
+    /// A linear `[d_input] -> [d_output]`.
+    Linear {
+        /// Input size.
+        d_input: usize,
+        /// Output size.
+        d_output: usize,
+        /// Whether it has a bias.
+        bias: bool,
+    },
+    /// An embedding `[n_embedding, d_model]`.
+    Embedding {
+        /// Rows.
+        n_embedding: usize,
+        /// Row size.
+        d_model: usize,
+    },
+}
+
+impl SiteSummary {
+    fn of(site: Site<'_>) -> Self {
+        match site {
+            Site::Linear(l) => {
+                let [d_input, d_output] = l.dims();
+                SiteSummary::Linear {
+                    d_input,
+                    d_output,
+                    bias: l.bias.is_some(),
+                }
+            }
+            Site::Embedding(e) => {
+                let [n_embedding, d_model] = e.dims();
+                SiteSummary::Embedding {
+                    n_embedding,
+                    d_model,
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! Reading and writing adapter bundles in Hugging Face PEFT's on-disk format:
+//! `adapter_config.json` + `adapter_model.safetensors`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::TensorData;
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+
+use crate::adapter::TensorSource;
+use crate::error::{PeftError, Result};
+use crate::method::PeftMethod;
+
+/// File name of the adapter config.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+/// File name of the adapter weights.
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// Prefix PEFT puts before module paths in the weights file.
+pub const KEY_PREFIX: &str = "base_model.model.";
+
+fn io_err(file: &Path) -> impl FnOnce(std::io::Error) -> PeftError + '_ {
+    move |source| PeftError::Io {
+        file: file.to_path_buf(),
+        source,
+    }
+}
+
+/// The folder PEFT uses for adapter `name` under `dir`: `dir` itself for `default`, else
+/// `dir/name`.
+pub fn adapter_dir(dir: &Path, name: &str) -> PathBuf {
+    if name == "default" {
+        dir.to_path_buf()
+    } else {
+        dir.join(name)
+    }
+}
+
+/// The names of every method linked into this program, as `peft_type` values.
+pub fn registered_methods() -> Vec<String> {
+    let probe = serde_json::json!({ "peft_type": "\u{1}" });
+    match serde_json::from_value::<Box<dyn PeftMethod>>(probe) {
+        Ok(_) => Vec::new(),
+        Err(e) => parse_expected_variants(&e.to_string()),
+    }
+}
+
+fn parse_expected_variants(message: &str) -> Vec<String> {
+    let Some(rest) = message.split("expected one of ").nth(1) else {
+        return Vec::new();
+    };
+    rest.split(", ")
+        .map(|s| s.trim().trim_matches('`').to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Serialize a method config to the JSON PEFT writes: `peft_type` plus the method's fields.
+pub fn method_to_json(method: &dyn PeftMethod) -> Value {
+    serde_json::to_value(method).expect("method configs serialize to JSON")
+}
+
+/// Render a JSON object as PEFT does (`json.dump(indent=2, sort_keys=True)`).
+pub fn render_config(value: &Value) -> String {
+    // serde_json's map is a BTreeMap here (no `preserve_order`), so keys come out sorted.
+    let mut text = serde_json::to_string_pretty(value).expect("JSON values render");
+    text.push('\n');
+    text
+}
+
+/// A method config read from a file, with the keys we did not recognise.
+#[derive(Debug)]
+pub struct LoadedConfig {
+    /// The method.
+    pub method: Box<dyn PeftMethod>,
+    /// Keys present in the file that the method does not know (a warning, as in PEFT).
+    pub unknown_keys: Vec<String>,
+}
+
+/// Parse a method config from JSON text; `file` is used in errors.
+pub fn parse_config(text: &str, file: &Path) -> Result<LoadedConfig> {
+    let value: Value = serde_json::from_str(text).map_err(|e| PeftError::CorruptFile {
+        file: file.to_path_buf(),
+        reason: format!("not valid JSON: {e}"),
+    })?;
+    parse_config_value(value, Some(file))
+}
+
+/// Parse a method config from a JSON value (for configs embedded in other files).
+pub fn parse_config_value(value: Value, file: Option<&Path>) -> Result<LoadedConfig> {
+    let with_file = |e: PeftError| match file {
+        Some(f) => e.in_file(f),
+        None => e,
+    };
+    let Value::Object(map) = &value else {
+        return Err(with_file(PeftError::invalid_config(
+            "<root>",
+            "expected a JSON object with a `peft_type` key",
+        )));
+    };
+    let peft_type = match map.get("peft_type") {
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => {
+            return Err(with_file(PeftError::invalid_config(
+                "peft_type",
+                format!("expected a string such as \"LORA\", found {other}"),
+            )));
+        }
+        None => {
+            return Err(with_file(PeftError::invalid_config(
+                "peft_type",
+                format!(
+                    "missing; expected one of: {}",
+                    registered_methods().join(", ")
+                ),
+            )));
+        }
+    };
+    let registered = registered_methods();
+    if !registered.contains(&peft_type) {
+        return Err(with_file(PeftError::UnknownPeftType {
+            file: None,
+            found: peft_type,
+            registered,
+        }));
+    }
+    let original_keys: Vec<String> = map.keys().cloned().collect();
+    let method: Box<dyn PeftMethod> = serde_json::from_value(value.clone()).map_err(|e| {
+        let message = e.to_string();
+        let key = message
+            .split('`')
+            .nth(1)
+            .filter(|_| message.contains("field"))
+            .unwrap_or("<config>")
+            .to_string();
+        with_file(PeftError::invalid_config(key, message))
+    })?;
+    method.validate().map_err(with_file)?;
+    let known = match method_to_json(method.as_ref()) {
+        Value::Object(m) => m.keys().cloned().collect::<HashSet<_>>(),
+        _ => HashSet::new(),
+    };
+    let unknown_keys: Vec<String> = original_keys
+        .into_iter()
+        .filter(|k| !known.contains(k))
+        .collect();
+    for key in &unknown_keys {
+        log::warn!(
+            "{}: unknown key `{key}` ignored (written by a newer PEFT?)",
+            file.map(|f| f.display().to_string())
+                .unwrap_or_else(|| "<config>".into())
+        );
+    }
+    Ok(LoadedConfig {
+        method,
+        unknown_keys,
+    })
+}
+
+/// Read and validate `adapter_config.json` in `dir`.
+pub fn read_config(dir: &Path) -> Result<LoadedConfig> {
+    let file = dir.join(CONFIG_FILE);
+    let text = fs::read_to_string(&file).map_err(io_err(&file))?;
+    parse_config(&text, &file)
+}
+
+/// All tensors of a safetensors file as `f32`, keyed by name, plus which ones were used.
+pub struct TensorFile {
+    file: PathBuf,
+    tensors: HashMap<String, TensorData>,
+    used: HashSet<String>,
+}
+
+impl TensorFile {
+    /// Read `path`; truncated or malformed files are [`PeftError::CorruptFile`].
+    pub fn read(path: &Path) -> Result<Self> {
+        let bytes = fs::read(path).map_err(io_err(path))?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// Parse safetensors bytes; `path` names the source in errors.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
+        let st = SafeTensors::deserialize(bytes).map_err(|e| PeftError::CorruptFile {
+            file: path.to_path_buf(),
+            reason: format!("not a valid safetensors file: {e}"),
+        })?;
+        let mut tensors = HashMap::new();
+        for (name, view) in st.tensors() {
+            let shape = view.shape().to_vec();
+            let data = view.data();
+            let values: Vec<f32> = match view.dtype() {
+                Dtype::F32 => data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+                Dtype::F16 => data
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                Dtype::BF16 => data
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                other => {
+                    return Err(PeftError::UnsupportedDtype {
+                        file: path.to_path_buf(),
+                        key: name,
+                        found: format!("{other:?}"),
+                    });
+                }
+            };
+            tensors.insert(name, TensorData::new(values, shape));
+        }
+        Ok(Self {
+            file: path.to_path_buf(),
+            tensors,
+            used: HashSet::new(),
+        })
+    }
+
+    /// The file this came from.
+    pub fn path(&self) -> &Path {
+        &self.file
+    }
+
+    /// Take `key` with the `expected` shape.
+    pub fn take(&mut self, key: &str, expected: &[usize]) -> Result<TensorData> {
+        let data = self
+            .tensors
+            .get(key)
+            .ok_or_else(|| PeftError::MissingTensor {
+                file: self.file.clone(),
+                key: key.to_string(),
+            })?;
+        if data.shape().as_slice() != expected {
+            return Err(PeftError::ShapeMismatch {
+                file: self.file.clone(),
+                key: key.to_string(),
+                expected: expected.to_vec(),
+                found: data.shape().to_vec(),
+            });
+        }
+        self.used.insert(key.to_string());
+        Ok(data.clone())
+    }
+
+    /// Whether `key` exists.
+    pub fn contains(&self, key: &str) -> bool {
+        self.tensors.contains_key(key)
+    }
+
+    /// Keys no one took, sorted.
+    pub fn unused_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .tensors
+            .keys()
+            .filter(|k| !self.used.contains(*k))
+            .cloned()
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    /// A view of this file for the site at `path` (`base_model.model.<path>.` prefixed names).
+    pub fn site(&mut self, path: &str) -> SiteTensors<'_> {
+        SiteTensors {
+            prefix: format!("{KEY_PREFIX}{path}."),
+            file: self,
+        }
+    }
+}
+
+/// The tensors of one site, seen through its key prefix.
+pub struct SiteTensors<'a> {
+    file: &'a mut TensorFile,
+    prefix: String,
+}
+
+impl TensorSource for SiteTensors<'_> {
+    fn take(&mut self, name: &str, expected: &[usize]) -> Result<TensorData> {
+        let key = format!("{}{name}", self.prefix);
+        self.file.take(&key, expected)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.file.contains(&format!("{}{name}", self.prefix))
+    }
+}
+
+/// Encode named `f32` tensors as safetensors bytes with PEFT's metadata (`format: pt`).
+pub fn encode_safetensors(tensors: &BTreeMap<String, TensorData>) -> Result<Vec<u8>> {
+    let mut views = Vec::with_capacity(tensors.len());
+    let buffers: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, data)| {
+            let values = data.try_to_vec::<f32>().unwrap_or_else(|_| {
+                data.clone()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .expect("converted to f32")
+            });
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (name.clone(), data.shape().to_vec(), bytes)
+        })
+        .collect();
+    for (name, shape, bytes) in &buffers {
+        let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)
+            .map_err(|e| PeftError::InvalidState(format!("cannot encode tensor `{name}`: {e}")))?;
+        views.push((name.clone(), view));
+    }
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize(views, Some(metadata))
+        .map_err(|e| PeftError::InvalidState(format!("cannot encode safetensors: {e}")))
+}
+
+/// Write several files into `dir` so that either all of them are replaced or none is.
+///
+/// Every file is first written and fsynced under a temporary name in the same folder; only when
+/// all succeeded are they renamed over the targets (renames within a folder are atomic), and the
+/// folder is fsynced. On any error the temporary files are removed and the previous files are
+/// untouched.
+pub fn write_files_atomically(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let mut staged: Vec<(tempfile::TempPath, PathBuf)> = Vec::new();
+    for (name, bytes) in files {
+        let target = dir.join(name);
+        let staging = dir.join(format!(".{name}.tmp"));
+        let result = (|| -> std::io::Result<tempfile::TempPath> {
+            if fs::symlink_metadata(&staging).is_ok() {
+                fs::remove_file(&staging)?;
+            }
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&staging)?;
+            let temp = tempfile::TempPath::try_from_path(&staging)?;
+            file.write_all(bytes)?;
+            file.sync_all()?;
+            Ok(temp)
+        })();
+        match result {
+            Ok(temp) => staged.push((temp, target)),
+            Err(source) => {
+                return Err(PeftError::Io {
+                    file: staging,
+                    source,
+                });
+            }
+        }
+    }
+    for (temp, target) in staged {
+        temp.persist(&target).map_err(|e| PeftError::Io {
+            file: target.clone(),
+            source: e.error,
+        })?;
+    }
+    if let Ok(handle) = fs::File::open(dir) {
+        let _ = handle.sync_all();
+    }
+    Ok(())
+}

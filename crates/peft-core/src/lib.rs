@@ -1,0 +1,31 @@
+//! Core seams of burn-peft: the [`PeftMethod`] plugin trait, PEFT's target matching,
+//! adapter-aware layers ([`nn::Linear`], [`nn::Embedding`]), [`Adaptable`] models,
+//! [`PeftModel`] and bundle I/O in Hugging Face PEFT's format.
+
+#![warn(missing_docs)]
+
+// Lets `#[derive(Adaptable)]` refer to `::peft_core` from inside this crate too.
+extern crate self as peft_core;
+
+mod adaptable;
+mod adapter;
+pub mod bundle;
+mod error;
+pub mod matching;
+mod method;
+mod model;
+pub mod nn;
+
+pub use adaptable::{Adaptable, Site, SiteMut, SitePath, SiteSummary, list_sites};
+pub use adapter::{AdapterKernel, AdapterState, BaseWeights, MergeDirection, TensorSource};
+pub use error::{PeftError, Result};
+pub use matching::{LayerIndices, LayersPattern, TargetModules, TargetSpec};
+pub use method::{BiasMode, PeftMethod, SiteInfo, SiteKind, peft_type_of};
+pub use model::{InjectionReport, LoadReport, PeftModel, TrainableReport};
+pub use peft_derive::Adaptable;
+
+/// Re-exports for method crates (`typetag` registration).
+#[doc(hidden)]
+pub mod __private {
+    pub use typetag;
+}

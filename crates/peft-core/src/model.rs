@@ -1,0 +1,807 @@
+//! [`PeftModel`]: a model with named adapters.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::path::Path;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::tensor::{Tensor, TensorData};
+
+use crate::adaptable::{Adaptable, Site, SiteMut, SitePath};
+use crate::adapter::{AdapterState, BaseWeights, MergeDirection, TensorSource};
+use crate::bundle::{self, KEY_PREFIX, TensorFile};
+use crate::error::{PeftError, Result};
+use crate::matching::{self, all_linear_names};
+use crate::method::{BiasMode, PeftMethod, SiteInfo, SiteKind, peft_type_of};
+use crate::nn::{Linear, ModuleCopy, WeightLayout};
+
+/// PEFT's `print_trainable_parameters` numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrainableReport {
+    /// Parameters that receive gradients.
+    pub trainable: usize,
+    /// All parameters, base and adapters.
+    pub all: usize,
+}
+
+impl TrainableReport {
+    /// `100 * trainable / all`.
+    pub fn percent(&self) -> f64 {
+        if self.all == 0 {
+            0.0
+        } else {
+            100.0 * self.trainable as f64 / self.all as f64
+        }
+    }
+}
+
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl fmt::Display for TrainableReport {
+    /// The exact line PEFT prints.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "trainable params: {} || all params: {} || trainable%: {:.4}",
+            thousands(self.trainable),
+            thousands(self.all),
+            self.percent()
+        )
+    }
+}
+
+/// Summary of an injection.
+#[derive(Debug, Clone, Default)]
+pub struct InjectionReport {
+    /// Paths that received the adapter.
+    pub adapted: Vec<String>,
+    /// Paths that received a `modules_to_save` copy.
+    pub saved_copies: Vec<String>,
+}
+
+/// A model with named adapters: inject, switch, merge, save and load them as PEFT does.
+///
+/// ```
+/// # use burn::tensor::Device;
+/// # use peft_core::{Adaptable, PeftModel, nn::LinearConfig};
+/// # #[derive(burn::module::Module, Debug, Adaptable)]
+/// # struct Net { proj: peft_core::nn::Linear }
+/// let device = Device::flex();
+/// let model = PeftModel::new(Net { proj: LinearConfig::new(4, 4).init(&device) });
+/// assert!(model.adapter_names().is_empty());
+/// ```
+#[derive(Debug)]
+pub struct PeftModel<M> {
+    model: M,
+    configs: Vec<(String, Box<dyn PeftMethod>)>,
+    /// Adapters whose `bias` setting made base biases trainable: as in PEFT, only an adapter that
+    /// is active when it is added marks biases trainable.
+    bias_owners: Vec<String>,
+    active: Vec<String>,
+    disabled: bool,
+    trainable: HashSet<ParamId>,
+    base_model_name_or_path: Option<String>,
+}
+
+struct SiteRecord {
+    path: String,
+    kind: SiteKind,
+    device: burn::tensor::Device,
+}
+
+fn site_kind(site: &Site<'_>) -> SiteKind {
+    match site {
+        Site::Linear(l) => {
+            let [d_input, d_output] = l.dims();
+            SiteKind::Linear {
+                d_input,
+                d_output,
+                bias: l.bias.is_some(),
+                layout: l.layout,
+            }
+        }
+        Site::Embedding(e) => {
+            let [n_embedding, d_model] = e.dims();
+            SiteKind::Embedding {
+                n_embedding,
+                d_model,
+            }
+        }
+    }
+}
+
+struct SlotsMut<'a> {
+    adapters: &'a mut Vec<AdapterState>,
+    copies: &'a mut Vec<ModuleCopy>,
+    weight: &'a mut Param<Tensor<2>>,
+    bias: Option<&'a mut Option<Param<Tensor<1>>>>,
+    layout: Option<WeightLayout>,
+}
+
+fn slots(site: SiteMut<'_>) -> SlotsMut<'_> {
+    match site {
+        SiteMut::Linear(Linear {
+            weight,
+            bias,
+            adapters,
+            copies,
+            layout,
+        }) => SlotsMut {
+            adapters,
+            copies,
+            weight,
+            bias: Some(bias),
+            layout: Some(*layout),
+        },
+        SiteMut::Embedding(e) => SlotsMut {
+            adapters: &mut e.adapters,
+            copies: &mut e.copies,
+            weight: &mut e.weight,
+            bias: None,
+            layout: None,
+        },
+    }
+}
+
+struct FreezeAll;
+
+impl ModuleMapper for FreezeAll {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        param.set_require_grad(false)
+    }
+}
+
+struct CountParams<'a> {
+    trainable_ids: &'a HashSet<ParamId>,
+    report: TrainableReport,
+}
+
+impl ModuleVisitor for CountParams<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let n = param.lazy_shape().num_elements();
+        self.report.all += n;
+        if self.trainable_ids.contains(&param.id) {
+            self.report.trainable += n;
+        }
+    }
+}
+
+fn train_param<const D: usize>(param: &mut Param<Tensor<D>>, ids: &mut HashSet<ParamId>) {
+    *param = param.clone().set_require_grad(true);
+    ids.insert(param.id);
+}
+
+/// Convert a Burn-layout weight to the layout of a Hugging Face file.
+fn to_file_layout(weight: Tensor<2>, layout: Option<WeightLayout>) -> TensorData {
+    match layout {
+        Some(WeightLayout::Linear) => weight.transpose().into_data(),
+        _ => weight.into_data(),
+    }
+}
+
+impl<M: Adaptable + Module> PeftModel<M> {
+    /// Wrap `model`; it has no adapters yet and its parameters are left as they are.
+    pub fn new(model: M) -> Self {
+        Self {
+            model,
+            configs: Vec::new(),
+            bias_owners: Vec::new(),
+            active: Vec::new(),
+            disabled: false,
+            trainable: HashSet::new(),
+            base_model_name_or_path: None,
+        }
+    }
+
+    /// Record the base model's hub id or folder; written as `base_model_name_or_path`.
+    pub fn with_base_model_name(mut self, name: impl Into<String>) -> Self {
+        self.base_model_name_or_path = Some(name.into());
+        self
+    }
+
+    /// The wrapped model (forward it as usual: active adapters take part).
+    pub fn model(&self) -> &M {
+        &self.model
+    }
+
+    /// Replace the wrapped model by `f(model)`, e.g. an optimizer step:
+    /// `peft.update(|m| optim.step(lr, m, grads))`. Parameter ids must be kept, which Burn's
+    /// optimizers and mappers do.
+    pub fn update(&mut self, f: impl FnOnce(M) -> M) {
+        let model = self.model.clone();
+        self.model = f(model);
+    }
+
+    /// The names of every adapter, in the order they were added.
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.configs.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    /// The active adapters.
+    pub fn active_adapters(&self) -> &[String] {
+        &self.active
+    }
+
+    /// Whether adapters are disabled (the base model runs alone).
+    pub fn adapters_disabled(&self) -> bool {
+        self.disabled
+    }
+
+    /// The config of adapter `name`.
+    pub fn adapter_config(&self, name: &str) -> Option<&dyn PeftMethod> {
+        self.configs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, m)| m.as_ref())
+    }
+
+    /// Ids of the parameters that train (adapters of active adapters, `modules_to_save` copies,
+    /// biases per `bias`); the optimizer sees gradients for these only.
+    pub fn trainable_param_ids(&self) -> &HashSet<ParamId> {
+        &self.trainable
+    }
+
+    fn config(&self, name: &str) -> Result<&dyn PeftMethod> {
+        self.adapter_config(name)
+            .ok_or_else(|| PeftError::AdapterNotFound {
+                name: name.to_string(),
+                available: self.adapter_names(),
+            })
+    }
+
+    fn sites(&self) -> Vec<SiteRecord> {
+        let mut out = Vec::new();
+        self.model
+            .visit_sites(&mut SitePath::root(), &mut |path, site| {
+                let device = match site {
+                    Site::Linear(l) => l.weight.lazy_device(),
+                    Site::Embedding(e) => e.weight.lazy_device(),
+                };
+                out.push(SiteRecord {
+                    path: path.to_string(),
+                    kind: site_kind(&site),
+                    device,
+                });
+            });
+        out
+    }
+
+    fn for_each_site_mut(&mut self, mut f: impl FnMut(&str, SlotsMut<'_>)) {
+        self.model
+            .visit_sites_mut(&mut SitePath::root(), &mut |path, site| {
+                f(&path.to_string(), slots(site))
+            });
+    }
+
+    /// Inject adapter `name` built from `method`, freeze every base parameter, and make the
+    /// adapter trainable. The first adapter added becomes the active one (as in PEFT).
+    pub fn add_adapter(&mut self, name: &str, method: &dyn PeftMethod) -> Result<InjectionReport> {
+        if self.configs.iter().any(|(n, _)| n == name) {
+            return Err(PeftError::AdapterExists(name.to_string()));
+        }
+        if name.is_empty() || name.contains(['/', '\\', '.']) {
+            return Err(PeftError::invalid_config(
+                "adapter_name",
+                format!("`{name}` cannot name an adapter: it must be non-empty and hold no '/', '\\' or '.'"),
+            ));
+        }
+        method.validate()?;
+        let sites = self.sites();
+        let paths: Vec<String> = sites.iter().map(|s| s.path.clone()).collect();
+        let linear_paths: Vec<String> = sites
+            .iter()
+            .filter(|s| matches!(s.kind, SiteKind::Linear { .. }))
+            .map(|s| s.path.clone())
+            .collect();
+        let output_layer = self.model.output_layer();
+        let all_linear = all_linear_names(&linear_paths, output_layer.as_deref());
+
+        let to_save = method.modules_to_save();
+        for entry in &to_save {
+            if !paths.iter().any(|p| p.ends_with(entry.as_str())) {
+                return Err(PeftError::TargetNotFound {
+                    field: "modules_to_save".into(),
+                    entry: entry.clone(),
+                    kind: "adaptable layer".into(),
+                    closest: matching::closest_names(entry, &paths, 3),
+                });
+            }
+        }
+        let mut shielded = HashSet::new();
+        for p in &paths {
+            if matching::shielded_by_modules_to_save(&to_save, p)? {
+                shielded.insert(p.clone());
+            }
+        }
+        let is_saved = |p: &str| matching::gets_saved_copy(&to_save, p);
+        let targets = matching::select_targets(&method.targets(), &paths, &all_linear, &|p| {
+            shielded.contains(p)
+        })?;
+
+        let mut built: HashMap<String, AdapterState> = HashMap::new();
+        for site in sites.iter().filter(|s| targets.contains(&s.path)) {
+            if !method.supports(&site.kind) {
+                return Err(PeftError::UnsupportedSite {
+                    path: site.path.clone(),
+                    kind: site.kind.name().into(),
+                    method: peft_type_of(method).into(),
+                });
+            }
+            let info = SiteInfo {
+                path: site.path.clone(),
+                kind: site.kind.clone(),
+                device: site.device.clone(),
+            };
+            built.insert(site.path.clone(), method.create_adapter(name, &info)?);
+        }
+
+        let mut report = InjectionReport::default();
+        self.for_each_site_mut(|path, mut slots| {
+            if let Some(state) = built.remove(path) {
+                slots.adapters.push(state);
+                report.adapted.push(path.to_string());
+            }
+            if is_saved(path) {
+                let bias = slots.bias.as_ref().and_then(|b| b.as_ref());
+                slots.copies.push(ModuleCopy::new(name, slots.weight, bias));
+                report.saved_copies.push(path.to_string());
+            }
+        });
+        self.configs.push((name.to_string(), method.clone_method()));
+        if self.active.is_empty() {
+            self.active.push(name.to_string());
+            if method.bias() != BiasMode::None {
+                self.bias_owners.push(name.to_string());
+            }
+        }
+        self.refresh();
+        Ok(report)
+    }
+
+    /// Activate exactly `names` (one or several), in this order. Merged adapters are unmerged
+    /// first, as in PEFT. Only active adapters train.
+    pub fn set_adapters(&mut self, names: &[&str]) -> Result<()> {
+        for name in names {
+            self.config(name)?;
+        }
+        if self.has_merged() {
+            log::warn!("adapters are merged; unmerging before switching adapters");
+            self.unmerge()?;
+        }
+        self.active = names.iter().map(|s| s.to_string()).collect();
+        self.refresh();
+        Ok(())
+    }
+
+    /// Activate the single adapter `name`.
+    pub fn set_adapter(&mut self, name: &str) -> Result<()> {
+        self.set_adapters(&[name])
+    }
+
+    /// Run the base model alone (adapters and `modules_to_save` copies are bypassed). Merged
+    /// adapters are unmerged first.
+    pub fn disable_adapters(&mut self) -> Result<()> {
+        if self.has_merged() {
+            self.unmerge()?;
+        }
+        self.disabled = true;
+        self.refresh();
+        Ok(())
+    }
+
+    /// Undo [`disable_adapters`](Self::disable_adapters).
+    pub fn enable_adapters(&mut self) {
+        self.disabled = false;
+        self.refresh();
+    }
+
+    /// Remove adapter `name` everywhere. If it was active, the remaining active adapters stay
+    /// active, or else the first remaining adapter becomes active.
+    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        self.config(name)?;
+        if self.has_merged() {
+            self.unmerge()?;
+        }
+        self.for_each_site_mut(|_, slots| {
+            slots.adapters.retain(|a| a.name != name);
+            slots.copies.retain(|c| c.adapter != name);
+        });
+        self.configs.retain(|(n, _)| n != name);
+        self.bias_owners.retain(|n| n != name);
+        self.active.retain(|n| n != name);
+        if self.active.is_empty()
+            && let Some((first, _)) = self.configs.first()
+        {
+            self.active.push(first.clone());
+        }
+        self.refresh();
+        Ok(())
+    }
+
+    fn has_merged(&self) -> bool {
+        let mut merged = false;
+        self.model
+            .visit_sites(&mut SitePath::root(), &mut |_, site| {
+                let adapters = match site {
+                    Site::Linear(l) => &l.adapters,
+                    Site::Embedding(e) => &e.adapters,
+                };
+                merged |= adapters.iter().any(|a| a.merged);
+            });
+        merged
+    }
+
+    /// Fold every active adapter into the base weights (PEFT's `merge_adapter`); forward then
+    /// costs what the base model costs. Fails, changing nothing, if an active adapter's method
+    /// cannot merge.
+    pub fn merge(&mut self) -> Result<()> {
+        if self.disabled {
+            return Err(PeftError::InvalidState(
+                "adapters are disabled; enable them before merging".into(),
+            ));
+        }
+        for name in &self.active {
+            let method = self.config(name)?;
+            if !method.mergeable() {
+                return Err(PeftError::NotSupportedByMethod {
+                    adapter: name.clone(),
+                    method: peft_type_of(method).into(),
+                    reason: "this method has no weight delta to merge".into(),
+                });
+            }
+        }
+        let mut error = None;
+        self.for_each_site_mut(|path, mut slots| {
+            for adapter in slots.adapters.iter_mut().filter(|a| a.active && !a.merged) {
+                if error.is_some() {
+                    return;
+                }
+                let bias = slots.bias.as_ref().and_then(|b| b.as_ref());
+                let base = BaseWeights {
+                    weight: slots.weight.val().detach(),
+                    bias: bias.map(|b| b.val().detach()),
+                };
+                match adapter.kernel.merge(adapter, base, MergeDirection::Merge) {
+                    Ok(new) => {
+                        set_base(slots.weight, slots.bias.as_deref_mut(), new);
+                        adapter.merged = true;
+                    }
+                    Err(e) => {
+                        error = Some(PeftError::InvalidState(format!(
+                            "merging `{}` into `{path}` failed: {e}",
+                            adapter.name
+                        )))
+                    }
+                }
+            }
+        });
+        match error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Take every merged adapter back out of the base weights.
+    pub fn unmerge(&mut self) -> Result<()> {
+        let mut error = None;
+        self.for_each_site_mut(|path, mut slots| {
+            for adapter in slots.adapters.iter_mut().rev().filter(|a| a.merged) {
+                let bias = slots.bias.as_ref().and_then(|b| b.as_ref());
+                let base = BaseWeights {
+                    weight: slots.weight.val().detach(),
+                    bias: bias.map(|b| b.val().detach()),
+                };
+                match adapter.kernel.merge(adapter, base, MergeDirection::Unmerge) {
+                    Ok(new) => {
+                        set_base(slots.weight, slots.bias.as_deref_mut(), new);
+                        adapter.merged = false;
+                    }
+                    Err(e) => {
+                        error.get_or_insert(PeftError::InvalidState(format!(
+                            "unmerging `{}` from `{path}` failed: {e}",
+                            adapter.name
+                        )));
+                    }
+                }
+            }
+        });
+        match error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Merge the active adapters, swap in the active `modules_to_save` copies, drop every
+    /// adapter and return the plain model: no added latency.
+    pub fn merge_and_unload(mut self) -> Result<M> {
+        if self.disabled {
+            self.enable_adapters();
+        }
+        self.merge()?;
+        Ok(self.unload())
+    }
+
+    /// Drop every adapter without merging and return the base model (active `modules_to_save`
+    /// copies replace their originals, as in PEFT).
+    pub fn unload(mut self) -> M {
+        self.for_each_site_mut(|_, slots| {
+            if let Some(pos) = slots.copies.iter().position(|c| c.active) {
+                let copy = slots.copies.swap_remove(pos);
+                *slots.weight = copy.weight;
+                if let Some(bias) = slots.bias {
+                    *bias = copy.bias;
+                }
+            }
+            slots.adapters.clear();
+            slots.copies.clear();
+        });
+        self.model
+    }
+
+    /// PEFT's `print_trainable_parameters` numbers.
+    pub fn trainable_report(&self) -> TrainableReport {
+        let mut counter = CountParams {
+            trainable_ids: &self.trainable,
+            report: TrainableReport {
+                trainable: 0,
+                all: 0,
+            },
+        };
+        self.model.visit(&mut counter);
+        counter.report
+    }
+
+    /// Push the active/disabled state into every site and recompute which parameters train.
+    fn refresh(&mut self) {
+        let model = self.model.clone().map(&mut FreezeAll);
+        self.model = model;
+        let active: Vec<String> = if self.disabled {
+            Vec::new()
+        } else {
+            self.active.clone()
+        };
+        let trainable_names: Vec<String> = self.active.clone();
+        let bias_modes: HashMap<String, BiasMode> = self
+            .configs
+            .iter()
+            .filter(|(n, _)| self.bias_owners.contains(n) && trainable_names.contains(n))
+            .map(|(n, m)| (n.clone(), m.bias()))
+            .collect();
+        let any_all = bias_modes.values().any(|m| *m == BiasMode::All);
+        let mut ids = HashSet::new();
+        self.for_each_site_mut(|_, slots| {
+            let mut train_bias = any_all;
+            for adapter in slots.adapters.iter_mut() {
+                adapter.active = active.contains(&adapter.name);
+                if trainable_names.contains(&adapter.name) {
+                    for p in adapter.matrices.iter_mut() {
+                        train_param(p, &mut ids);
+                    }
+                    for p in adapter.vectors.iter_mut() {
+                        train_param(p, &mut ids);
+                    }
+                    train_bias |= bias_modes.get(&adapter.name) == Some(&BiasMode::LoraOnly);
+                }
+            }
+            let first_owner = active
+                .iter()
+                .find(|n| slots.copies.iter().any(|c| &c.adapter == *n))
+                .cloned();
+            for copy in slots.copies.iter_mut() {
+                copy.active = Some(&copy.adapter) == first_owner.as_ref();
+                if trainable_names.contains(&copy.adapter) {
+                    train_param(&mut copy.weight, &mut ids);
+                    if let Some(b) = copy.bias.as_mut() {
+                        train_param(b, &mut ids);
+                    }
+                }
+            }
+            if train_bias && let Some(Some(bias)) = slots.bias {
+                train_param(bias, &mut ids);
+            }
+        });
+        self.trainable = ids;
+    }
+
+    /// Save adapter `name` as a PEFT bundle under `dir` (`dir` itself for `default`, else
+    /// `dir/<name>`), atomically: on any failure the previous bundle is left as it was.
+    pub fn save_adapter(&self, dir: impl AsRef<Path>, name: &str) -> Result<()> {
+        let method = self.config(name)?;
+        let bundle_dir = bundle::adapter_dir(dir.as_ref(), name);
+        let mut config = bundle::method_to_json(method);
+        if let (Some(base), Some(map)) = (&self.base_model_name_or_path, config.as_object_mut()) {
+            map.insert(
+                "base_model_name_or_path".into(),
+                serde_json::Value::String(base.clone()),
+            );
+        }
+        let tensors = self.adapter_tensors(name)?;
+        let weights = bundle::encode_safetensors(&tensors)?;
+        let config_text = bundle::render_config(&config);
+        bundle::write_files_atomically(
+            &bundle_dir,
+            &[
+                (bundle::WEIGHTS_FILE, weights.as_slice()),
+                (bundle::CONFIG_FILE, config_text.as_bytes()),
+            ],
+        )
+    }
+
+    /// The tensors of adapter `name` as they go into `adapter_model.safetensors`.
+    pub fn adapter_tensors(&self, name: &str) -> Result<BTreeMap<String, TensorData>> {
+        let method = self.config(name)?;
+        let bias_mode = method.bias();
+        let mut out = BTreeMap::new();
+        self.model
+            .visit_sites(&mut SitePath::root(), &mut |path, site| {
+                let (adapters, copies, bias, layout) = match site {
+                    Site::Linear(l) => (&l.adapters, &l.copies, l.bias.as_ref(), Some(l.layout)),
+                    Site::Embedding(e) => (&e.adapters, &e.copies, None, None),
+                };
+                // PEFT names the bias of any wrapped layer `base_layer.bias`, whichever adapter
+                // wrapped it.
+                let adapted = !adapters.is_empty();
+                for adapter in adapters.iter().filter(|a| a.name == name) {
+                    for (suffix, data) in adapter.kernel.export(adapter) {
+                        out.insert(format!("{KEY_PREFIX}{path}.{suffix}"), data);
+                    }
+                }
+                for copy in copies.iter().filter(|c| c.adapter == name) {
+                    out.insert(
+                        format!("{KEY_PREFIX}{path}.weight"),
+                        to_file_layout(copy.weight.val(), layout),
+                    );
+                    if let Some(b) = &copy.bias {
+                        out.insert(format!("{KEY_PREFIX}{path}.bias"), b.val().into_data());
+                    }
+                }
+                let save_bias = match bias_mode {
+                    BiasMode::None => false,
+                    BiasMode::LoraOnly => adapted,
+                    BiasMode::All => true,
+                };
+                if save_bias && let Some(b) = bias {
+                    let key = if adapted {
+                        format!("{KEY_PREFIX}{path}.base_layer.bias")
+                    } else {
+                        format!("{KEY_PREFIX}{path}.bias")
+                    };
+                    out.entry(key).or_insert_with(|| b.val().into_data());
+                }
+            });
+        Ok(out)
+    }
+
+    /// Load the PEFT bundle in `dir` (`adapter_config.json` + `adapter_model.safetensors`) as
+    /// adapter `name`. Every tensor must be consumed and have the right shape; on any error the
+    /// model is left as it was.
+    pub fn load_adapter(&mut self, dir: impl AsRef<Path>, name: &str) -> Result<LoadReport> {
+        let dir = dir.as_ref();
+        let loaded = bundle::read_config(dir)?;
+        let weights_path = dir.join(bundle::WEIGHTS_FILE);
+        let mut file = TensorFile::read(&weights_path)?;
+        let snapshot = self.model.clone();
+        let previous = (self.active.clone(), self.disabled);
+        self.add_adapter(name, loaded.method.as_ref())
+            .map_err(|e| e.in_file(&dir.join(bundle::CONFIG_FILE)))?;
+        let result = self.import_tensors(name, &mut file).and_then(|()| {
+            match file.unused_keys().into_iter().next() {
+                Some(key) => Err(PeftError::UnexpectedTensor {
+                    file: weights_path.clone(),
+                    key,
+                }),
+                None => Ok(()),
+            }
+        });
+        if let Err(e) = result {
+            self.model = snapshot;
+            self.configs.retain(|(n, _)| n != name);
+            self.bias_owners.retain(|n| n != name);
+            (self.active, self.disabled) = previous;
+            self.refresh();
+            return Err(e);
+        }
+        self.refresh();
+        Ok(LoadReport {
+            unknown_config_keys: loaded.unknown_keys,
+        })
+    }
+
+    fn import_tensors(&mut self, name: &str, file: &mut TensorFile) -> Result<()> {
+        let bias_mode = self.config(name)?.bias();
+        let mut error = None;
+        self.for_each_site_mut(|path, mut slots| {
+            if error.is_some() {
+                return;
+            }
+            let mut result = || -> Result<()> {
+                for adapter in slots.adapters.iter_mut().filter(|a| a.name == name) {
+                    let kernel = adapter.kernel.clone();
+                    let state = adapter.clone();
+                    *adapter = kernel.import(state, &mut file.site(path))?;
+                }
+                let device = slots.weight.lazy_device();
+                for copy in slots.copies.iter_mut().filter(|c| c.adapter == name) {
+                    let [a, b] = copy.weight.dims();
+                    let file_shape = match slots.layout {
+                        Some(WeightLayout::Linear) => [b, a],
+                        _ => [a, b],
+                    };
+                    let data = file.site(path).take("weight", &file_shape)?;
+                    let t = Tensor::<2>::from_data(data, &device);
+                    let t = match slots.layout {
+                        Some(WeightLayout::Linear) => t.transpose(),
+                        _ => t,
+                    };
+                    copy.weight = copy.weight.clone().map(|_| t);
+                    if let Some(bias) = copy.bias.as_mut() {
+                        let data = file.site(path).take("bias", &bias.dims())?;
+                        let t = Tensor::<1>::from_data(data, &device);
+                        *bias = bias.clone().map(|_| t);
+                    }
+                }
+                // Trained biases (PEFT's `bias` option) are stored as `base_layer.bias` for
+                // wrapped layers and `bias` for others; PEFT tolerates either being absent.
+                if bias_mode != BiasMode::None
+                    && let Some(Some(bias)) = slots.bias.as_deref_mut()
+                {
+                    let mut site = file.site(path);
+                    let key = ["base_layer.bias", "bias"]
+                        .into_iter()
+                        .find(|k| site.contains(k) && slots.copies.iter().all(|c| c.adapter != name));
+                    if let Some(key) = key {
+                        let data = site.take(key, &bias.dims())?;
+                        let t = Tensor::<1>::from_data(data, &device);
+                        *bias = bias.clone().map(|_| t);
+                    }
+                }
+                // transformers models make PEFT also save a targeted embedding's full table
+                // (`save_embedding_layers="auto"`); it replaces the base table.
+                if slots.layout.is_none() {
+                    let mut site = file.site(path);
+                    if site.contains("base_layer.weight") {
+                        let data = site.take("base_layer.weight", &slots.weight.dims())?;
+                        let t = Tensor::<2>::from_data(data, &device);
+                        *slots.weight = slots.weight.clone().map(|_| t);
+                    }
+                }
+                Ok(())
+            };
+            if let Err(e) = result() {
+                error = Some(e);
+            }
+        });
+        match error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+fn set_base(
+    weight: &mut Param<Tensor<2>>,
+    bias: Option<&mut Option<Param<Tensor<1>>>>,
+    new: BaseWeights,
+) {
+    *weight = weight.clone().map(|_| new.weight.detach());
+    if let (Some(Some(b)), Some(nb)) = (bias, new.bias) {
+        *b = b.clone().map(|_| nb.detach());
+    }
+}
+
+/// What [`PeftModel::load_adapter`] noticed without failing.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    /// Config keys this version does not know (PEFT's forward-compatibility rule: a warning).
+    pub unknown_config_keys: Vec<String>,
+}

@@ -1,0 +1,37 @@
+use burn::module::{Module, Param};
+use burn::tensor::Tensor;
+
+/// A trainable copy of a site's base weights, made for `modules_to_save` (PEFT's
+/// `ModulesToSaveWrapper`): while its adapter is active the site computes with the copy.
+#[derive(Module, Debug)]
+pub struct ModuleCopy {
+    /// Copy of the weight (Burn layout).
+    pub weight: Param<Tensor<2>>,
+    /// Copy of the bias.
+    pub bias: Option<Param<Tensor<1>>>,
+    /// The adapter that owns the copy.
+    #[module(skip)]
+    pub adapter: String,
+    /// Whether the owning adapter is active.
+    #[module(skip)]
+    pub active: bool,
+}
+
+impl ModuleCopy {
+    /// A trainable copy of `weight` and `bias` owned by `adapter`. The copy shares no storage and
+    /// no parameter id with the original.
+    pub fn new(adapter: &str, weight: &Param<Tensor<2>>, bias: Option<&Param<Tensor<1>>>) -> Self {
+        Self {
+            weight: Param::from_tensor(weight.val().detach().clone().add_scalar(0.0)),
+            bias: bias.map(|b| Param::from_tensor(b.val().detach().add_scalar(0.0))),
+            adapter: adapter.to_string(),
+            active: true,
+        }
+    }
+
+    /// Number of scalar parameters.
+    pub fn num_params(&self) -> usize {
+        self.weight.shape().num_elements()
+            + self.bias.as_ref().map_or(0, |b| b.shape().num_elements())
+    }
+}

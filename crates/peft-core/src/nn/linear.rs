@@ -1,0 +1,140 @@
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::nn::{Initializer, LinearLayout};
+use burn::tensor::module::linear;
+use burn::tensor::{Device, Tensor};
+
+use crate::adapter::AdapterState;
+use crate::nn::ModuleCopy;
+
+/// How a Hugging Face checkpoint stores this layer's weight; used at the file boundary only
+/// (Burn always keeps `[in, out]` in memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightLayout {
+    /// `torch.nn.Linear`: `[out, in]` in the file.
+    #[default]
+    Linear,
+    /// GPT-2's `Conv1D`: `[in, out]` in the file (PEFT's `fan_in_fan_out = true`).
+    Conv1D,
+}
+
+/// Configuration of an adapter-aware [`Linear`]; the same fields and builder as
+/// `burn::nn::LinearConfig`.
+///
+/// ```
+/// use burn::tensor::Device;
+/// use peft_core::nn::LinearConfig;
+///
+/// let device = Device::flex();
+/// let layer = LinearConfig::new(8, 4).with_bias(false).init(&device);
+/// assert_eq!(layer.weight.dims(), [8, 4]);
+/// ```
+#[derive(Config, Debug)]
+pub struct LinearConfig {
+    /// The size of the input features.
+    pub d_input: usize,
+    /// The size of the output features.
+    pub d_output: usize,
+    /// If a bias should be applied during the linear transformation.
+    #[config(default = true)]
+    pub bias: bool,
+    /// The type of function used to initialize neural network parameters.
+    #[config(
+        default = "Initializer::KaimingUniform{gain:1.0/num_traits::Float::sqrt(3.0), fan_out_only:false}"
+    )]
+    pub initializer: Initializer,
+}
+
+impl LinearConfig {
+    /// Initialize a new [`Linear`] with no adapters; numerically identical to
+    /// `burn::nn::LinearConfig::init`.
+    pub fn init(&self, device: &Device) -> Linear {
+        let inner = burn::nn::LinearConfig::new(self.d_input, self.d_output)
+            .with_bias(self.bias)
+            .with_initializer(self.initializer.clone())
+            .with_layout(LinearLayout::Row)
+            .init(device);
+        Linear::from(inner)
+    }
+}
+
+/// A linear layer (`y = x W + b`, `W` is `[in, out]`) that can carry named adapters.
+///
+/// Parameter names (`weight`, `bias`), configuration and forward are those of
+/// `burn::nn::Linear`; with no active adapter the output is bit-identical.
+#[derive(Module, Debug)]
+pub struct Linear {
+    /// Matrix of shape `[d_input, d_output]`.
+    pub weight: Param<Tensor<2>>,
+    /// Vector of size `d_output`.
+    pub bias: Option<Param<Tensor<1>>>,
+    /// Named adapters attached to this layer.
+    pub adapters: Vec<AdapterState>,
+    /// Trainable copies for `modules_to_save`.
+    pub copies: Vec<ModuleCopy>,
+    /// The layout of the weight in Hugging Face files.
+    #[module(skip)]
+    pub layout: WeightLayout,
+}
+
+impl From<burn::nn::Linear> for Linear {
+    fn from(value: burn::nn::Linear) -> Self {
+        Self {
+            weight: value.weight,
+            bias: value.bias,
+            adapters: Vec::new(),
+            copies: Vec::new(),
+            layout: WeightLayout::Linear,
+        }
+    }
+}
+
+impl Linear {
+    /// A layer from a weight `[in, out]` and an optional bias `[out]`.
+    pub fn from_tensors(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
+        Self {
+            weight: Param::from_tensor(weight),
+            bias: bias.map(Param::from_tensor),
+            adapters: Vec::new(),
+            copies: Vec::new(),
+            layout: WeightLayout::Linear,
+        }
+    }
+
+    /// Set how the weight is laid out in Hugging Face files.
+    pub fn with_layout(mut self, layout: WeightLayout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// Input and output sizes.
+    pub fn dims(&self) -> [usize; 2] {
+        self.weight.dims()
+    }
+
+    /// Applies the layer and every active, unmerged adapter.
+    ///
+    /// # Shapes
+    /// - input: `[..., d_input]`
+    /// - output: `[..., d_output]`
+    pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
+        let (weight, bias) = match self.copies.iter().find(|c| c.active) {
+            Some(copy) => (copy.weight.val(), copy.bias.as_ref().map(|b| b.val())),
+            None => (self.weight.val(), self.bias.as_ref().map(|b| b.val())),
+        };
+        let mut live = self.adapters.iter().filter(|a| a.active && !a.merged).peekable();
+        if live.peek().is_none() {
+            return linear(input, weight, bias);
+        }
+        let [d_input, d_output] = weight.dims();
+        let mut out_shape = input.dims();
+        out_shape[D - 1] = d_output;
+        let rows = input.shape().num_elements() / d_input;
+        let x = input.reshape([rows, d_input]);
+        let mut y = linear(x.clone(), weight, bias);
+        for adapter in live {
+            y = adapter.kernel.forward_linear(adapter, x.clone(), y);
+        }
+        y.reshape(out_shape)
+    }
+}

@@ -1,0 +1,419 @@
+//! [`LoraConfig`]: PEFT's `LoraConfig`, same field names, defaults and JSON.
+
+use std::sync::Arc;
+
+use burn::tensor::{Distribution, Tensor};
+use indexmap::IndexMap;
+use peft_core::matching::pattern_lookup;
+use peft_core::{
+    AdapterState, BiasMode, LayerIndices, LayersPattern, PeftError, PeftMethod, Result, SiteInfo,
+    SiteKind, TargetModules, TargetSpec,
+};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
+
+use crate::kernel::{LoraEmbeddingKernel, LoraLinearKernel};
+
+/// `init_lora_weights`: `true` (Kaiming-uniform A, zero B), `"gaussian"` (normal A with std
+/// `1/r`, zero B) or `false` (both random: the adapter is not a no-op at start).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InitLoraWeights {
+    /// `true` / `false`.
+    Bool(bool),
+    /// A named scheme; only `"gaussian"` is supported.
+    Named(String),
+}
+
+impl Default for InitLoraWeights {
+    fn default() -> Self {
+        InitLoraWeights::Bool(true)
+    }
+}
+
+impl Serialize for InitLoraWeights {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            InitLoraWeights::Bool(b) => s.serialize_bool(*b),
+            InitLoraWeights::Named(n) => s.serialize_str(n),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for InitLoraWeights {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Bool(b) => Ok(InitLoraWeights::Bool(b)),
+            Value::String(s) => Ok(InitLoraWeights::Named(s)),
+            other => Err(serde::de::Error::custom(format!(
+                "init_lora_weights must be true, false or a scheme name such as \"gaussian\", found {other}"
+            ))),
+        }
+    }
+}
+
+/// Serialize a float that holds an integer as an integer, as PEFT writes `lora_alpha`.
+fn int_if_integral<S: Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        s.serialize_i64(*v as i64)
+    } else {
+        s.serialize_f64(*v)
+    }
+}
+
+fn alpha_map<S: Serializer>(m: &IndexMap<String, f64>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(m.len()))?;
+    for (k, v) in m {
+        if v.fract() == 0.0 && v.abs() < 1e15 {
+            map.serialize_entry(k, &(*v as i64))?;
+        } else {
+            map.serialize_entry(k, v)?;
+        }
+    }
+    map.end()
+}
+
+fn default_r() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    8.0
+}
+fn default_true() -> bool {
+    true
+}
+fn default_megatron_core() -> Value {
+    Value::String("megatron.core".into())
+}
+fn default_qalora_group_size() -> Value {
+    Value::from(16)
+}
+fn empty_object() -> Value {
+    Value::Object(Default::default())
+}
+
+/// LoRA (Hu et al., 2021) as Hugging Face PEFT defines it: `y = W x + B A dropout(x) · s`, with
+/// `s = lora_alpha / r` (or `lora_alpha / sqrt(r)` with `use_rslora`).
+///
+/// Field names, defaults and JSON are PEFT's, so a PEFT `adapter_config.json` deserializes into
+/// this type and ours loads in PEFT. Options that change the math and that we do not implement
+/// (`use_dora`, `lora_bias`, `target_parameters`, `layer_replication`, ...) are kept so they round
+/// trip, and rejected by [`PeftMethod::validate`] when set.
+///
+/// ```
+/// use peft_lora::LoraConfig;
+/// let config = LoraConfig { r: 8, lora_alpha: 16.0, target_modules: Some(["query", "value"].into()), ..Default::default() };
+/// assert_eq!(config.scaling_for(8, 16.0), 2.0);
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoraConfig {
+    /// Rank.
+    #[serde(default = "default_r")]
+    pub r: usize,
+    /// Scaling numerator.
+    #[serde(default = "default_alpha", serialize_with = "int_if_integral")]
+    pub lora_alpha: f64,
+    /// Dropout on the adapter input (training only).
+    pub lora_dropout: f64,
+    /// Modules to adapt: names (exact or dot-bounded suffix), a full-match regex, or
+    /// `"all-linear"`.
+    pub target_modules: Option<TargetModules>,
+    /// Modules never to adapt (same forms as `target_modules`).
+    pub exclude_modules: Option<TargetModules>,
+    /// The base layer stores `[in, out]` (GPT-2 `Conv1D`). Only the file layout depends on it.
+    pub fan_in_fan_out: bool,
+    /// Which base biases train: `none`, `all` or `lora_only`.
+    pub bias: BiasMode,
+    /// rsLoRA scaling `alpha / sqrt(r)`.
+    pub use_rslora: bool,
+    /// Modules that get a trainable, saved copy (a classifier head, ...).
+    pub modules_to_save: Option<Vec<String>>,
+    /// Initialization of A and B.
+    pub init_lora_weights: InitLoraWeights,
+    /// Only adapt these layer indices.
+    pub layers_to_transform: Option<LayerIndices>,
+    /// Name of the layer container whose index `layers_to_transform` selects.
+    pub layers_pattern: Option<LayersPattern>,
+    /// Per-module rank: regex keys matched against the module path's tail; first match wins.
+    pub rank_pattern: IndexMap<String, usize>,
+    /// Per-module alpha, matched like `rank_pattern`.
+    #[serde(serialize_with = "alpha_map")]
+    pub alpha_pattern: IndexMap<String, f64>,
+    /// PEFT task type (`SEQ_CLS`, `CAUSAL_LM`, ...), informational.
+    pub task_type: Option<String>,
+    /// Base model hub id or folder.
+    pub base_model_name_or_path: Option<String>,
+    /// Base model revision.
+    pub revision: Option<String>,
+    /// PEFT writes `true` when saving.
+    #[serde(default = "default_true")]
+    pub inference_mode: bool,
+    /// Informational.
+    pub auto_mapping: Option<Value>,
+    /// The PEFT version that wrote the file (informational).
+    pub peft_version: Option<String>,
+
+    // Options PEFT knows and that change the math; we keep them for round trips and refuse
+    // them when set (see `validate`).
+    /// DoRA (unsupported when true).
+    pub use_dora: bool,
+    /// LoRA bias term on B (unsupported when true).
+    pub lora_bias: bool,
+    /// LoRA on raw parameters (unsupported when set).
+    pub target_parameters: Option<Value>,
+    /// Layer replication (unsupported when set).
+    pub layer_replication: Option<Value>,
+    /// QA-LoRA (unsupported when true).
+    pub use_qalora: bool,
+    /// Trainable token indices (unsupported when set).
+    pub trainable_token_indices: Option<Value>,
+    /// aLoRA invocation tokens (unsupported when set).
+    pub alora_invocation_tokens: Option<Value>,
+    /// Arrow routing (unsupported when set).
+    pub arrow_config: Option<Value>,
+    /// LoftQ (unsupported when non-empty).
+    #[serde(default = "empty_object")]
+    pub loftq_config: Value,
+    /// EVA init (unsupported when set).
+    pub eva_config: Option<Value>,
+    /// CorDA init (unsupported when set).
+    pub corda_config: Option<Value>,
+    /// Megatron parallel linear config (unsupported when set).
+    pub megatron_config: Option<Value>,
+    /// Megatron module name (harmless).
+    #[serde(default = "default_megatron_core")]
+    pub megatron_core: Value,
+    /// QA-LoRA group size (harmless unless `use_qalora`).
+    #[serde(default = "default_qalora_group_size")]
+    pub qalora_group_size: Value,
+    /// Weight tying of adapters on tied embeddings (unsupported when true).
+    pub ensure_weight_tying: bool,
+    /// KaSA (unsupported when set).
+    pub kasa_config: Option<Value>,
+    /// LoRA-GA init (unsupported when set).
+    pub lora_ga_config: Option<Value>,
+    /// MonteCLoRA (unsupported when set).
+    pub monteclora_config: Option<Value>,
+    /// Block-diagonal LoRA (unsupported when set).
+    pub use_bdlora: Option<Value>,
+    /// VeLoRA (unsupported when set).
+    pub velora_config: Option<Value>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            r: default_r(),
+            lora_alpha: default_alpha(),
+            lora_dropout: 0.0,
+            target_modules: None,
+            exclude_modules: None,
+            fan_in_fan_out: false,
+            bias: BiasMode::None,
+            use_rslora: false,
+            modules_to_save: None,
+            init_lora_weights: InitLoraWeights::default(),
+            layers_to_transform: None,
+            layers_pattern: None,
+            rank_pattern: IndexMap::new(),
+            alpha_pattern: IndexMap::new(),
+            task_type: None,
+            base_model_name_or_path: None,
+            revision: None,
+            inference_mode: true,
+            auto_mapping: None,
+            peft_version: None,
+            use_dora: false,
+            lora_bias: false,
+            target_parameters: None,
+            layer_replication: None,
+            use_qalora: false,
+            trainable_token_indices: None,
+            alora_invocation_tokens: None,
+            arrow_config: None,
+            loftq_config: empty_object(),
+            eva_config: None,
+            corda_config: None,
+            megatron_config: None,
+            megatron_core: default_megatron_core(),
+            qalora_group_size: default_qalora_group_size(),
+            ensure_weight_tying: false,
+            kasa_config: None,
+            lora_ga_config: None,
+            monteclora_config: None,
+            use_bdlora: None,
+            velora_config: None,
+        }
+    }
+}
+
+fn is_set(v: &Option<Value>) -> bool {
+    !matches!(v, None | Some(Value::Null))
+}
+
+impl LoraConfig {
+    /// The scaling for a site of rank `r` and alpha `alpha`.
+    pub fn scaling_for(&self, r: usize, alpha: f64) -> f64 {
+        if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        }
+    }
+
+    /// Rank and alpha for the module at `path` (`rank_pattern` / `alpha_pattern`, else global).
+    pub fn rank_and_alpha(&self, path: &str) -> Result<(usize, f64)> {
+        let ranks: Vec<(String, usize)> = self.rank_pattern.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let alphas: Vec<(String, f64)> = self.alpha_pattern.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let r = pattern_lookup("rank_pattern", &ranks, path)?.copied().unwrap_or(self.r);
+        let alpha = pattern_lookup("alpha_pattern", &alphas, path)?
+            .copied()
+            .unwrap_or(self.lora_alpha);
+        Ok((r, alpha))
+    }
+
+    fn unsupported_options(&self) -> Vec<(&'static str, String, &'static str)> {
+        let mut out = Vec::new();
+        let mut check = |cond: bool, key: &'static str, found: String, why: &'static str| {
+            if cond {
+                out.push((key, found, why));
+            }
+        };
+        check(self.use_dora, "use_dora", "true".into(), "DoRA adds a magnitude vector");
+        check(self.lora_bias, "lora_bias", "true".into(), "adds a bias to lora_B");
+        check(is_set(&self.target_parameters), "target_parameters", format!("{:?}", self.target_parameters), "LoRA on raw parameters");
+        check(is_set(&self.layer_replication), "layer_replication", format!("{:?}", self.layer_replication), "duplicates base layers");
+        check(self.use_qalora, "use_qalora", "true".into(), "quantization-aware LoRA");
+        check(is_set(&self.trainable_token_indices), "trainable_token_indices", format!("{:?}", self.trainable_token_indices), "trains selected embedding rows");
+        check(is_set(&self.alora_invocation_tokens), "alora_invocation_tokens", format!("{:?}", self.alora_invocation_tokens), "activated LoRA changes which tokens are adapted");
+        check(is_set(&self.arrow_config), "arrow_config", format!("{:?}", self.arrow_config), "Arrow routing between adapters");
+        check(is_set(&self.megatron_config), "megatron_config", format!("{:?}", self.megatron_config), "Megatron parallel layers");
+        check(self.ensure_weight_tying, "ensure_weight_tying", "true".into(), "ties adapters of tied embeddings");
+        check(is_set(&self.kasa_config), "kasa_config", format!("{:?}", self.kasa_config), "KaSA adapters");
+        check(is_set(&self.lora_ga_config), "lora_ga_config", format!("{:?}", self.lora_ga_config), "LoRA-GA initialization");
+        check(is_set(&self.monteclora_config), "monteclora_config", format!("{:?}", self.monteclora_config), "MonteCLoRA");
+        check(
+            !matches!(self.use_bdlora, None | Some(Value::Null) | Some(Value::Bool(false))),
+            "use_bdlora",
+            format!("{:?}", self.use_bdlora),
+            "block-diagonal LoRA",
+        );
+        check(is_set(&self.velora_config), "velora_config", format!("{:?}", self.velora_config), "VeLoRA");
+        let loftq_set = !matches!(&self.loftq_config, Value::Null) && self.loftq_config.as_object().is_none_or(|m| !m.is_empty());
+        check(loftq_set, "loftq_config", self.loftq_config.to_string(), "LoftQ initialization");
+        out
+    }
+}
+
+#[typetag::serde(name = "LORA")]
+impl PeftMethod for LoraConfig {
+    fn targets(&self) -> TargetSpec {
+        TargetSpec {
+            target_modules: self.target_modules.clone(),
+            exclude_modules: self.exclude_modules.clone(),
+            layers_to_transform: self.layers_to_transform.clone(),
+            layers_pattern: self.layers_pattern.clone(),
+        }
+    }
+
+    fn modules_to_save(&self) -> Vec<String> {
+        self.modules_to_save.clone().unwrap_or_default()
+    }
+
+    fn bias(&self) -> BiasMode {
+        self.bias
+    }
+
+    fn validate(&self) -> Result<()> {
+        if let Some((key, found, why)) = self.unsupported_options().into_iter().next() {
+            return Err(PeftError::unsupported(key, found, why));
+        }
+        if self.r == 0 {
+            return Err(PeftError::invalid_config("r", "the rank must be at least 1"));
+        }
+        if let Some((k, _)) = self.rank_pattern.iter().find(|(_, r)| **r == 0) {
+            return Err(PeftError::invalid_config(format!("rank_pattern.{k}"), "the rank must be at least 1"));
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(PeftError::invalid_config(
+                "lora_dropout",
+                format!("must be in [0, 1), found {}", self.lora_dropout),
+            ));
+        }
+        if let InitLoraWeights::Named(name) = &self.init_lora_weights
+            && name != "gaussian"
+        {
+            return Err(PeftError::unsupported(
+                "init_lora_weights",
+                format!("\"{name}\""),
+                "only true, false and \"gaussian\" are implemented",
+            ));
+        }
+        if self.target_modules.is_none() {
+            return Err(PeftError::invalid_config(
+                "target_modules",
+                "missing: name the modules to adapt (e.g. [\"q_proj\", \"v_proj\"]) or use \"all-linear\"",
+            ));
+        }
+        Ok(())
+    }
+
+    fn supports(&self, kind: &SiteKind) -> bool {
+        matches!(kind, SiteKind::Linear { .. } | SiteKind::Embedding { .. })
+    }
+
+    fn create_adapter(&self, name: &str, site: &SiteInfo) -> Result<AdapterState> {
+        let (r, alpha) = self.rank_and_alpha(&site.path)?;
+        let scaling = self.scaling_for(r, alpha);
+        let device = &site.device;
+        match site.kind {
+            SiteKind::Linear { d_input, layout, .. } => {
+                if (layout == peft_core::nn::WeightLayout::Conv1D) != self.fan_in_fan_out {
+                    log::warn!(
+                        "`{}`: fan_in_fan_out = {} but the layer is stored as {:?}; the layer's layout is used (PEFT corrects this the same way)",
+                        site.path, self.fan_in_fan_out, layout
+                    );
+                }
+                let SiteKind::Linear { d_output, .. } = site.kind else { unreachable!() };
+                let bound_a = 1.0 / (d_input as f64).sqrt();
+                let a = match &self.init_lora_weights {
+                    InitLoraWeights::Named(_) => Tensor::<2>::random([d_input, r], Distribution::Normal(0.0, 1.0 / r as f64), device),
+                    _ => Tensor::<2>::random([d_input, r], Distribution::Uniform(-bound_a, bound_a), device),
+                };
+                let b = match &self.init_lora_weights {
+                    InitLoraWeights::Bool(false) => {
+                        let bound_b = 1.0 / (r as f64).sqrt();
+                        Tensor::<2>::random([r, d_output], Distribution::Uniform(-bound_b, bound_b), device)
+                    }
+                    _ => Tensor::<2>::zeros([r, d_output], device),
+                };
+                let kernel = LoraLinearKernel { scaling, dropout: self.lora_dropout, r };
+                Ok(AdapterState::new(name, vec![a, b], vec![], Arc::new(kernel)))
+            }
+            SiteKind::Embedding { n_embedding, d_model } => {
+                let (a, b) = match &self.init_lora_weights {
+                    InitLoraWeights::Bool(false) => (
+                        Tensor::<2>::random([n_embedding, r], Distribution::Normal(0.0, 1.0), device),
+                        Tensor::<2>::random([r, d_model], Distribution::Normal(0.0, 1.0), device),
+                    ),
+                    _ => (
+                        Tensor::<2>::zeros([n_embedding, r], device),
+                        Tensor::<2>::random([r, d_model], Distribution::Normal(0.0, 1.0), device),
+                    ),
+                };
+                let kernel = LoraEmbeddingKernel { scaling };
+                Ok(AdapterState::new(name, vec![a, b], vec![], Arc::new(kernel)))
+            }
+            _ => Err(PeftError::UnsupportedSite {
+                path: site.path.clone(),
+                kind: site.kind.name().into(),
+                method: "LORA".into(),
+            }),
+        }
+    }
+
+    fn clone_method(&self) -> Box<dyn PeftMethod> {
+        Box::new(self.clone())
+    }
+}

@@ -1,0 +1,11 @@
+//! LoRA for burn-peft, compatible with Hugging Face PEFT: same config, same math, same files.
+//!
+//! Linking this crate registers the `LORA` method with `peft-core`.
+
+#![warn(missing_docs)]
+
+mod config;
+mod kernel;
+
+pub use config::{InitLoraWeights, LoraConfig};
+pub use kernel::{LoraEmbeddingKernel, LoraLinearKernel};

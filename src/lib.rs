@@ -1,0 +1,14 @@
+//! burn-peft: parameter-efficient fine-tuning (LoRA, prefix tuning) for Burn, with adapters in
+//! Hugging Face PEFT's on-disk format.
+
+#![warn(missing_docs)]
+
+pub use peft_core as core;
+pub use peft_lora as lora;
+
+/// The types most programs need.
+pub mod prelude {
+    pub use peft_core::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
+    pub use peft_core::{Adaptable, PeftMethod, PeftModel, TargetModules};
+    pub use peft_lora::{InitLoraWeights, LoraConfig};
+}
