@@ -47,14 +47,20 @@ pub fn registered_methods() -> Vec<String> {
     }
 }
 
+/// The names serde lists after "expected" in an unknown-variant error: "expected `A`",
+/// "expected `A` or `B`", "expected one of `A`, `B`, `C`".
 fn parse_expected_variants(message: &str) -> Vec<String> {
-    let Some(rest) = message.split("expected one of ").nth(1) else {
+    let Some(rest) = message.split(", expected ").nth(1) else {
         return Vec::new();
     };
-    rest.split(", ")
-        .map(|s| s.trim().trim_matches('`').to_string())
-        .filter(|s| !s.is_empty())
-        .collect()
+    let mut names: Vec<String> = rest
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names
 }
 
 /// Serialize a method config to the JSON PEFT writes: `peft_type` plus the method's fields.
@@ -64,10 +70,23 @@ pub fn method_to_json(method: &dyn PeftMethod) -> Value {
 
 /// Render a JSON object as PEFT does (`json.dump(indent=2, sort_keys=True)`).
 pub fn render_config(value: &Value) -> String {
-    // serde_json's map is a BTreeMap here (no `preserve_order`), so keys come out sorted.
-    let mut text = serde_json::to_string_pretty(value).expect("JSON values render");
+    let mut text = serde_json::to_string_pretty(&sorted(value)).expect("JSON values render");
     text.push('\n');
     text
+}
+
+/// `value` with the keys of every object sorted. Maps keep insertion order in memory because
+/// PEFT's `rank_pattern` / `alpha_pattern` are ordered (first match wins) as read.
+fn sorted(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            Value::Object(entries.into_iter().map(|(k, v)| (k.clone(), sorted(v))).collect())
+        }
+        Value::Array(items) => Value::Array(items.iter().map(sorted).collect()),
+        other => other.clone(),
+    }
 }
 
 /// A method config read from a file, with the keys we did not recognise.

@@ -156,7 +156,7 @@ impl TargetMatcher {
             ));
         }
         let layer_regexes = match &spec.layers_pattern {
-            None => vec![Regex::new(r"^.*\.[^.]*\.(\d+)\.").expect("static regex")],
+            None => vec![Regex::new(r"^.*?\.[^.]*\.(\d+)\.").expect("static regex")],
             Some(p) => {
                 let patterns = match p {
                     LayersPattern::One(s) => vec![s.clone()],
