@@ -52,9 +52,7 @@ impl PeftMethod for Ia3Scale {
     fn targets(&self) -> TargetSpec {
         TargetSpec {
             target_modules: self.target_modules.clone(),
-            exclude_modules: None,
-            layers_to_transform: None,
-            layers_pattern: None,
+            ..Default::default()
         }
     }
 

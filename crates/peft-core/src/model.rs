@@ -606,7 +606,12 @@ impl<M: Adaptable + Module> PeftModel<M> {
                     }
                 }
             }
-            if train_bias && let Some(Some(bias)) = slots.bias {
+            // A site computing with its `modules_to_save` copy trains the copy's bias instead.
+            let uses_copy = slots.copies.iter().any(|c| c.active);
+            if train_bias
+                && !uses_copy
+                && let Some(Some(bias)) = slots.bias
+            {
                 train_param(bias, &mut ids);
             }
         });

@@ -21,9 +21,14 @@ impl ModuleCopy {
     /// A trainable copy of `weight` and `bias` owned by `adapter`. The copy shares no storage and
     /// no parameter id with the original.
     pub fn new(adapter: &str, weight: &Param<Tensor<2>>, bias: Option<&Param<Tensor<1>>>) -> Self {
+        // A fresh leaf tensor from the values: autodiff can track it, and it shares nothing.
+        fn leaf<const D: usize>(t: Tensor<D>) -> Param<Tensor<D>> {
+            let device = t.device();
+            Param::from_tensor(Tensor::from_data(t.into_data(), &device))
+        }
         Self {
-            weight: Param::from_tensor(weight.val().detach().clone().add_scalar(0.0)),
-            bias: bias.map(|b| Param::from_tensor(b.val().detach().add_scalar(0.0))),
+            weight: leaf(weight.val()),
+            bias: bias.map(|b| leaf(b.val())),
             adapter: adapter.to_string(),
             active: true,
         }
