@@ -1,6 +1,4 @@
-//! burn-peft: parameter-efficient fine-tuning (LoRA, prefix tuning) for Burn, with adapters in
-//! Hugging Face PEFT's on-disk format.
-
+#![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
 pub use peft_core as core;

@@ -59,7 +59,10 @@ fn load(dir: &Path) -> Result<PeftModel<Tiny>, PeftError> {
     match model.load_adapter(dir, "default") {
         Ok(_) => Ok(model),
         Err(e) => {
-            assert!(model.adapter_names().is_empty(), "a failed load must not leave an adapter");
+            assert!(
+                model.adapter_names().is_empty(),
+                "a failed load must not leave an adapter"
+            );
             assert_eq!(model.trainable_report().trainable, 0);
             let after = values(model.model().forward(input_ids(&device)));
             assert_eq!(before, after, "a failed load must not change the model");
@@ -89,10 +92,16 @@ fn unexpected_tensor_is_named() {
     let (_tmp, dir) = bundle_copy();
     let key = "base_model.model.layers.0.attn.k_proj.lora_A.weight";
     edit_weights(&dir, |t| {
-        t.insert(key.into(), burn::tensor::TensorData::new(vec![0f32; 64], [4, 16]));
+        t.insert(
+            key.into(),
+            burn::tensor::TensorData::new(vec![0f32; 64], [4, 16]),
+        );
     });
     let err = load(&dir).unwrap_err();
-    assert!(matches!(&err, PeftError::UnexpectedTensor { key: k, .. } if k == key), "{err:?}");
+    assert!(
+        matches!(&err, PeftError::UnexpectedTensor { key: k, .. } if k == key),
+        "{err:?}"
+    );
     assert!(err.to_string().contains(key));
 }
 
@@ -126,14 +135,18 @@ fn truncated_and_garbage_files_are_corrupt() {
 
     let (_tmp2, dir2) = bundle_copy();
     std::fs::write(dir2.join(CONFIG_FILE), "{ \"peft_type\": \"LORA\", ").unwrap();
-    assert!(matches!(load(&dir2), Err(PeftError::CorruptFile { file, .. }) if file == dir2.join(CONFIG_FILE)));
+    assert!(
+        matches!(load(&dir2), Err(PeftError::CorruptFile { file, .. }) if file == dir2.join(CONFIG_FILE))
+    );
 }
 
 #[test]
 fn missing_files_are_io_errors_naming_the_file() {
     let (_tmp, dir) = bundle_copy();
     std::fs::remove_file(dir.join(WEIGHTS_FILE)).unwrap();
-    assert!(matches!(load(&dir), Err(PeftError::Io { file, .. }) if file == dir.join(WEIGHTS_FILE)));
+    assert!(
+        matches!(load(&dir), Err(PeftError::Io { file, .. }) if file == dir.join(WEIGHTS_FILE))
+    );
 }
 
 #[test]
@@ -225,21 +238,34 @@ fn target_that_matches_nothing_names_the_closest_modules() {
 fn duplicate_and_unknown_adapter_names_are_errors() {
     let device = Device::flex();
     let mut model = PeftModel::new(Tiny::load(&device));
-    model.load_adapter(fixtures().join("main"), "default").unwrap();
+    model
+        .load_adapter(fixtures().join("main"), "default")
+        .unwrap();
     assert!(matches!(
         model.load_adapter(fixtures().join("main"), "default"),
         Err(PeftError::AdapterExists(_))
     ));
-    assert!(matches!(model.set_adapter("nope"), Err(PeftError::AdapterNotFound { .. })));
-    assert!(matches!(model.delete_adapter("nope"), Err(PeftError::AdapterNotFound { .. })));
-    assert!(matches!(model.save_adapter("unused", "nope"), Err(PeftError::AdapterNotFound { .. })));
+    assert!(matches!(
+        model.set_adapter("nope"),
+        Err(PeftError::AdapterNotFound { .. })
+    ));
+    assert!(matches!(
+        model.delete_adapter("nope"),
+        Err(PeftError::AdapterNotFound { .. })
+    ));
+    assert!(matches!(
+        model.save_adapter("unused", "nope"),
+        Err(PeftError::AdapterNotFound { .. })
+    ));
 }
 
 #[test]
 fn failed_save_leaves_the_previous_bundle_intact() {
     let device = Device::flex();
     let mut model = PeftModel::new(Tiny::load(&device));
-    model.load_adapter(fixtures().join("main"), "default").unwrap();
+    model
+        .load_adapter(fixtures().join("main"), "default")
+        .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     model.save_adapter(tmp.path(), "default").unwrap();
     let good_config = std::fs::read(tmp.path().join(CONFIG_FILE)).unwrap();
@@ -260,9 +286,18 @@ fn failed_save_leaves_the_previous_bundle_intact() {
     let err = model.save_adapter(tmp.path(), "default").unwrap_err();
     assert!(matches!(err, PeftError::Io { .. }), "{err:?}");
 
-    assert_eq!(std::fs::read(tmp.path().join(CONFIG_FILE)).unwrap(), good_config);
-    assert_eq!(std::fs::read(tmp.path().join(WEIGHTS_FILE)).unwrap(), good_weights);
-    assert!(!tmp.path().join(format!(".{CONFIG_FILE}.tmp")).exists(), "staged files are cleaned up");
+    assert_eq!(
+        std::fs::read(tmp.path().join(CONFIG_FILE)).unwrap(),
+        good_config
+    );
+    assert_eq!(
+        std::fs::read(tmp.path().join(WEIGHTS_FILE)).unwrap(),
+        good_weights
+    );
+    assert!(
+        !tmp.path().join(format!(".{CONFIG_FILE}.tmp")).exists(),
+        "staged files are cleaned up"
+    );
     let mut reloaded = PeftModel::new(Tiny::load(&device));
     reloaded.load_adapter(tmp.path(), "default").unwrap();
     let expected = common::expected("main/expected.safetensors", "active");

@@ -65,7 +65,11 @@ fn one_adamw_step(bias: BiasMode) {
     // Gradients exist for exactly the trainable parameters.
     for (id, data) in &before {
         let got = has_grad(&grads, *id, data.shape().len());
-        assert_eq!(got, trainable.contains(id), "param {id}: gradient vs trainable set");
+        assert_eq!(
+            got,
+            trainable.contains(id),
+            "param {id}: gradient vs trainable set"
+        );
     }
     assert_eq!(grads.len(), trainable.len());
 
@@ -96,7 +100,9 @@ fn one_step_with_lora_only_bias_moves_targeted_biases() {
     one_adamw_step(BiasMode::LoraOnly);
     let device = Device::flex().autodiff();
     let mut model = PeftModel::new(Tiny::load(&device));
-    model.add_adapter("default", &config(BiasMode::LoraOnly)).unwrap();
+    model
+        .add_adapter("default", &config(BiasMode::LoraOnly))
+        .unwrap();
     let ids = model.trainable_param_ids();
     for layer in &model.model().layers {
         assert!(ids.contains(&layer.attn.q_proj.bias.as_ref().unwrap().id));
@@ -133,14 +139,20 @@ fn dropout_applies_in_training_only_and_only_to_the_adapter_input() {
     // ... but the base path is untouched: with the adapter disabled, outputs are deterministic.
     model.disable_adapters().unwrap();
     let q = &model.model().layers[0].attn.q_proj;
-    assert_eq!(q.forward(x.clone()).into_data(), q.forward(x.clone()).into_data());
+    assert_eq!(
+        q.forward(x.clone()).into_data(),
+        q.forward(x.clone()).into_data()
+    );
     model.enable_adapters();
 
     // Validation (`valid()` drops autodiff and training flags): deterministic.
     let eval = model.model().valid();
     let x_eval = x.clone().inner();
     let q = &eval.layers[0].attn.q_proj;
-    assert_eq!(q.forward(x_eval.clone()).into_data(), q.forward(x_eval).into_data());
+    assert_eq!(
+        q.forward(x_eval.clone()).into_data(),
+        q.forward(x_eval).into_data()
+    );
     let out1 = eval.forward(ids.clone().inner()).into_data();
     let out2 = eval.forward(ids.inner()).into_data();
     assert_eq!(out1, out2);

@@ -17,7 +17,9 @@ const TOL: f32 = 1e-5;
 
 fn loaded_main(device: &Device) -> PeftModel<Tiny> {
     let mut model = PeftModel::new(Tiny::load(device));
-    model.load_adapter(fixtures().join("main"), "default").unwrap();
+    model
+        .load_adapter(fixtures().join("main"), "default")
+        .unwrap();
     model
 }
 
@@ -47,17 +49,26 @@ fn peft_bundle_active_merged_disabled_match_peft() {
 
     model.unmerge().unwrap();
     let unmerged = values(model.model().forward(ids.clone()));
-    assert!(max_diff(&unmerged, &active) < TOL, "unmerge does not restore the weights");
+    assert!(
+        max_diff(&unmerged, &active) < TOL,
+        "unmerge does not restore the weights"
+    );
 
     model.disable_adapters().unwrap();
     let disabled = values(model.model().forward(ids.clone()));
-    let diff = max_diff(&disabled, &expected("main/expected.safetensors", "disabled"));
+    let diff = max_diff(
+        &disabled,
+        &expected("main/expected.safetensors", "disabled"),
+    );
     assert!(diff < TOL, "disabled adapters differ from PEFT by {diff}");
 
     model.enable_adapters();
     let again = values(model.model().forward(ids.clone()));
     // Merge then unmerge leaves float rounding in the base weights (as in PEFT), hence no `==`.
-    assert!(max_diff(&again, &active) < TOL, "enable after disable must restore the adapted output");
+    assert!(
+        max_diff(&again, &active) < TOL,
+        "enable after disable must restore the adapted output"
+    );
 
     let plain = model.merge_and_unload().unwrap();
     let unloaded = values(plain.forward(ids));
@@ -69,13 +80,20 @@ fn peft_bundle_active_merged_disabled_match_peft() {
 fn trainable_report_equals_print_trainable_parameters() {
     let device = Device::flex();
     let model = loaded_main(&device);
-    let reference: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("main/trainable.json")).unwrap())
-            .unwrap();
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("main/trainable.json")).unwrap(),
+    )
+    .unwrap();
     let report = model.trainable_report();
-    assert_eq!(report.trainable as u64, reference["trainable_params"].as_u64().unwrap());
+    assert_eq!(
+        report.trainable as u64,
+        reference["trainable_params"].as_u64().unwrap()
+    );
     assert_eq!(report.all as u64, reference["all_params"].as_u64().unwrap());
-    assert_eq!(report.to_string(), reference["print_trainable_parameters"].as_str().unwrap());
+    assert_eq!(
+        report.to_string(),
+        reference["print_trainable_parameters"].as_str().unwrap()
+    );
 }
 
 #[test]
@@ -83,8 +101,12 @@ fn two_adapters_switch_combine_and_disable_like_peft() {
     let device = Device::flex();
     let ids = input_ids(&device);
     let mut model = PeftModel::new(Tiny::load(&device));
-    model.load_adapter(fixtures().join("multi"), "default").unwrap();
-    model.load_adapter(fixtures().join("multi/second"), "second").unwrap();
+    model
+        .load_adapter(fixtures().join("multi"), "default")
+        .unwrap();
+    model
+        .load_adapter(fixtures().join("multi/second"), "second")
+        .unwrap();
     assert_eq!(model.active_adapters(), ["default"]);
     let reference: Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("multi/trainable.json")).unwrap(),
@@ -95,13 +117,21 @@ fn two_adapters_switch_combine_and_disable_like_peft() {
     let out = values(model.model().forward(ids.clone()));
     assert!(max_diff(&out, &expected(file, "default_only")) < TOL);
     let line = model.trainable_report().to_string();
-    assert_eq!(Some(line.as_str()), find_line(&reference, "after_add_adapter"), "default active");
+    assert_eq!(
+        Some(line.as_str()),
+        find_line(&reference, "after_add_adapter"),
+        "default active"
+    );
 
     model.set_adapter("second").unwrap();
     let out = values(model.model().forward(ids.clone()));
     assert!(max_diff(&out, &expected(file, "second_only")) < TOL);
     let line = model.trainable_report().to_string();
-    assert_eq!(Some(line.as_str()), find_line(&reference, "second_active"), "second active");
+    assert_eq!(
+        Some(line.as_str()),
+        find_line(&reference, "second_active"),
+        "second active"
+    );
 
     model.set_adapters(&["default", "second"]).unwrap();
     let out = values(model.model().forward(ids.clone()));
@@ -136,23 +166,35 @@ fn find_line<'a>(reference: &'a Value, case: &str) -> Option<&'a str> {
 fn bias_lora_only_trains_targeted_biases_like_peft() {
     let device = Device::flex();
     let mut model = PeftModel::new(Tiny::load(&device));
-    model.load_adapter(fixtures().join("multi/second"), "second").unwrap();
+    model
+        .load_adapter(fixtures().join("multi/second"), "second")
+        .unwrap();
     let reference: Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("multi/trainable.json")).unwrap(),
     )
     .unwrap();
     let line = model.trainable_report().to_string();
-    assert_eq!(Some(line.as_str()), find_line(&reference, "second_as_only_adapter"));
+    assert_eq!(
+        Some(line.as_str()),
+        find_line(&reference, "second_as_only_adapter")
+    );
 }
 
 fn case_a_config() -> LoraConfig {
     LoraConfig {
         r: 4,
         lora_alpha: 8.0,
-        target_modules: Some(TargetModules::list(["q_proj", "v_proj", "down_proj", "embed_tokens"])),
+        target_modules: Some(TargetModules::list([
+            "q_proj",
+            "v_proj",
+            "down_proj",
+            "embed_tokens",
+        ])),
         init_lora_weights: InitLoraWeights::Bool(false),
         use_rslora: true,
-        rank_pattern: [("layers.1.attn.v_proj".to_string(), 2)].into_iter().collect(),
+        rank_pattern: [("layers.1.attn.v_proj".to_string(), 2)]
+            .into_iter()
+            .collect(),
         alpha_pattern: [("down_proj".to_string(), 16.0)].into_iter().collect(),
         modules_to_save: Some(vec!["classifier".into()]),
         ..Default::default()
@@ -162,7 +204,10 @@ fn case_a_config() -> LoraConfig {
 fn shapes(path: &std::path::Path) -> BTreeMap<String, Vec<usize>> {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors().into_iter().map(|(k, v)| (k, v.shape().to_vec())).collect()
+    st.tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.shape().to_vec()))
+        .collect()
 }
 
 fn metadata(path: &std::path::Path) -> Option<std::collections::HashMap<String, String>> {
@@ -196,7 +241,11 @@ fn bundle_we_write_has_peft_keys_shapes_and_config() {
     assert_eq!(ours, peft, "tensor names and shapes differ from PEFT's");
     assert_eq!(
         metadata(&dir.path().join(bundle::WEIGHTS_FILE)),
-        Some([("format".to_string(), "pt".to_string())].into_iter().collect())
+        Some(
+            [("format".to_string(), "pt".to_string())]
+                .into_iter()
+                .collect()
+        )
     );
 
     let read = |p: std::path::PathBuf| -> (String, Value) {
@@ -228,8 +277,15 @@ fn bundle_we_write_reloads_to_the_same_outputs() {
     let mut theirs = TensorFile::read(&fixtures().join("main").join(bundle::WEIGHTS_FILE)).unwrap();
     for (key, shape) in shapes(&fixtures().join("main").join(bundle::WEIGHTS_FILE)) {
         assert_eq!(
-            ours.take(&key, &shape).unwrap().try_to_vec::<f32>().unwrap(),
-            theirs.take(&key, &shape).unwrap().try_to_vec::<f32>().unwrap(),
+            ours.take(&key, &shape)
+                .unwrap()
+                .try_to_vec::<f32>()
+                .unwrap(),
+            theirs
+                .take(&key, &shape)
+                .unwrap()
+                .try_to_vec::<f32>()
+                .unwrap(),
             "{key}"
         );
     }
@@ -244,8 +300,12 @@ fn bundle_we_write_reloads_to_the_same_outputs() {
 fn non_default_adapters_are_saved_in_a_subfolder() {
     let device = Device::flex();
     let mut model = PeftModel::new(Tiny::load(&device));
-    model.load_adapter(fixtures().join("multi"), "default").unwrap();
-    model.load_adapter(fixtures().join("multi/second"), "second").unwrap();
+    model
+        .load_adapter(fixtures().join("multi"), "default")
+        .unwrap();
+    model
+        .load_adapter(fixtures().join("multi/second"), "second")
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     model.save_adapter(dir.path(), "default").unwrap();
     model.save_adapter(dir.path(), "second").unwrap();

@@ -88,13 +88,24 @@ fn every_peft_rank_and_alpha_pattern_case_agrees() {
         let r = case["r"].as_u64().unwrap() as usize;
         let alpha = case["lora_alpha"].as_f64().unwrap();
         for (key, want) in case["expected"].as_object().unwrap() {
-            let got_r = pattern_lookup("rank_pattern", &ranks, key).unwrap().copied().unwrap_or(r);
+            let got_r = pattern_lookup("rank_pattern", &ranks, key)
+                .unwrap()
+                .copied()
+                .unwrap_or(r);
             let got_a = pattern_lookup("alpha_pattern", &alphas, key)
                 .unwrap()
                 .copied()
                 .unwrap_or(alpha);
-            assert_eq!(got_r as u64, want[0].as_u64().unwrap(), "case `{name}`, rank of `{key}`");
-            assert_eq!(got_a, want[1].as_f64().unwrap(), "case `{name}`, alpha of `{key}`");
+            assert_eq!(
+                got_r as u64,
+                want[0].as_u64().unwrap(),
+                "case `{name}`, rank of `{key}`"
+            );
+            assert_eq!(
+                got_a,
+                want[1].as_f64().unwrap(),
+                "case `{name}`, alpha of `{key}`"
+            );
         }
     }
 }
@@ -129,9 +140,12 @@ fn all_linear_leaves_out_the_output_layer_like_peft() {
 
 #[test]
 fn list_entry_matching_nothing_is_an_error_with_closest_names() {
-    let paths: Vec<String> = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
-        .map(String::from)
-        .to_vec();
+    let paths: Vec<String> = [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+    ]
+    .map(String::from)
+    .to_vec();
     let spec = TargetSpec {
         target_modules: Some(TargetModules::list(["q_proj", "v_prj"])),
         ..Default::default()

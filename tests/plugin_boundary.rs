@@ -83,7 +83,12 @@ impl PeftMethod for Ia3Scale {
         } else {
             Tensor::<1>::random([d_output], Distribution::Uniform(0.5, 1.5), &site.device)
         };
-        Ok(AdapterState::new(name, vec![], vec![l], Arc::new(Ia3ScaleKernel)))
+        Ok(AdapterState::new(
+            name,
+            vec![],
+            vec![l],
+            Arc::new(Ia3ScaleKernel),
+        ))
     }
 
     fn clone_method(&self) -> Box<dyn PeftMethod> {
@@ -203,7 +208,13 @@ fn base_weights(net: &Net) -> Vec<TensorData> {
     for block in &net.layers {
         for fc in [&block.fc1, &block.fc2] {
             out.push(fc.weight.val().into_data());
-            out.push(fc.bias.as_ref().expect("layers have biases").val().into_data());
+            out.push(
+                fc.bias
+                    .as_ref()
+                    .expect("layers have biases")
+                    .val()
+                    .into_data(),
+            );
         }
     }
     out
@@ -259,15 +270,14 @@ fn trained() -> Trained {
     let weights_before = base_weights(&net);
 
     let mut peft = PeftModel::new(net);
-    let report = peft.add_adapter("default", &ia3_fc2()).expect("inject IA3_SCALE");
+    let report = peft
+        .add_adapter("default", &ia3_fc2())
+        .expect("inject IA3_SCALE");
     assert_eq!(report.adapted, ["layers.0.fc2", "layers.1.fc2"]);
     let expected_trainable: usize = BLOCKS.iter().map(|b| b.2).sum();
     let counts = peft.trainable_report();
     assert_eq!(counts.trainable, expected_trainable);
-    let base_params: usize = BLOCKS
-        .iter()
-        .map(|&(i, h, o)| i * h + h + h * o + o)
-        .sum();
+    let base_params: usize = BLOCKS.iter().map(|&(i, h, o)| i * h + h + h * o + o).sum();
     assert_eq!(counts.all, base_params + expected_trainable);
 
     let scales_before = scales(peft.model());
@@ -279,7 +289,10 @@ fn trained() -> Trained {
     let input = Tensor::<3>::random([2, 3, 4], Distribution::Default, &device);
     // A no-op at start: the adapted model computes what the base model computes.
     assert_eq!(
-        max_abs_diff(peft.model().forward(input.clone()), base.forward(input.clone())),
+        max_abs_diff(
+            peft.model().forward(input.clone()),
+            base.forward(input.clone())
+        ),
         0.0
     );
 
@@ -306,7 +319,10 @@ fn trained() -> Trained {
 #[test]
 fn custom_method_registers_and_round_trips() {
     let registered = bundle::registered_methods();
-    assert!(registered.iter().any(|m| m == "IA3_SCALE"), "{registered:?}");
+    assert!(
+        registered.iter().any(|m| m == "IA3_SCALE"),
+        "{registered:?}"
+    );
     assert!(registered.iter().any(|m| m == "LORA"), "{registered:?}");
 
     let t = trained();
@@ -370,7 +386,11 @@ fn custom_method_registers_and_round_trips() {
     assert_eq!(loaded.active_adapters(), ["default"]);
     assert_eq!(loaded.trainable_report(), peft.trainable_report());
     for (a, b) in base_weights(loaded.model()).iter().zip(&weights_after) {
-        assert_eq!(bits(a), bits(b), "the fresh model has the same base weights");
+        assert_eq!(
+            bits(a),
+            bits(b),
+            "the fresh model has the same base weights"
+        );
     }
     assert_eq!(scales(loaded.model()), scales_after);
 
@@ -414,7 +434,13 @@ fn custom_method_registers_and_round_trips() {
         other => panic!("expected ShapeMismatch, got {other:?}"),
     }
     assert!(refused.adapter_names().is_empty());
-    assert!(refused.model().layers.iter().all(|b| b.fc2.adapters.is_empty()));
+    assert!(
+        refused
+            .model()
+            .layers
+            .iter()
+            .all(|b| b.fc2.adapters.is_empty())
+    );
 }
 
 #[test]
@@ -446,7 +472,10 @@ fn custom_method_merges() {
             .fold(0.0, f32::max);
         assert!(worst <= 1e-6, "unmerge left the base off by {worst}");
     }
-    let diff = max_abs_diff(unmerged.clone(), t.peft.model().valid().forward(input.clone()));
+    let diff = max_abs_diff(
+        unmerged.clone(),
+        t.peft.model().valid().forward(input.clone()),
+    );
     assert!(diff <= 1e-5, "unmerged output differs by {diff}");
 
     let plain: Net = t.peft.merge_and_unload().expect("merge_and_unload");
@@ -473,7 +502,10 @@ fn unknown_peft_type_lists_registered_methods() {
             found, registered, ..
         }) => {
             assert_eq!(found, "NOPE");
-            assert!(registered.iter().any(|m| m == "IA3_SCALE"), "{registered:?}");
+            assert!(
+                registered.iter().any(|m| m == "IA3_SCALE"),
+                "{registered:?}"
+            );
             assert!(registered.iter().any(|m| m == "LORA"), "{registered:?}");
         }
         other => panic!("expected UnknownPeftType, got {other:?}"),
@@ -495,14 +527,19 @@ fn unknown_peft_type_lists_registered_methods() {
         bundle::encode_safetensors(&tensors).expect("encode"),
     )
     .expect("write weights");
-    peft.load_adapter(ok.path(), "default").expect("IA3_SCALE bundle loads");
+    peft.load_adapter(ok.path(), "default")
+        .expect("IA3_SCALE bundle loads");
     let method = bundle::method_to_json(peft.adapter_config("default").expect("loaded"));
     assert_eq!(method["init_ia3_weights"], true, "serde default applies");
     assert_eq!(scales_at(peft.model(), 1), [2.0, 3.0, 4.0]);
 }
 
 fn scales_at(net: &Net, block: usize) -> Vec<f32> {
-    floats(&net.layers[block].fc2.adapters[0].vectors[0].val().into_data())
+    floats(
+        &net.layers[block].fc2.adapters[0].vectors[0]
+            .val()
+            .into_data(),
+    )
 }
 
 /// Write `config` and an empty (but valid) safetensors file into `dir`.

@@ -51,7 +51,10 @@ impl Block {
         let a = self.attn.q_proj.forward(h.clone()) * sigmoid(self.attn.k_proj.forward(h.clone()))
             + self.attn.v_proj.forward(h.clone());
         let h = h + a;
-        let m = self.mlp.down_proj.forward(tanh(self.mlp.up_proj.forward(h.clone())));
+        let m = self
+            .mlp
+            .down_proj
+            .forward(tanh(self.mlp.up_proj.forward(h.clone())));
         h + m
     }
 }
@@ -69,10 +72,15 @@ impl Tiny {
     pub fn load(device: &Device) -> Self {
         let mut file = TensorFile::read(&fixtures().join("base.safetensors")).unwrap();
         let mut linear = |name: &str, d_in: usize, d_out: usize, bias: bool| {
-            let w = file.take(&format!("{name}.weight"), &[d_out, d_in]).unwrap();
+            let w = file
+                .take(&format!("{name}.weight"), &[d_out, d_in])
+                .unwrap();
             let w = Tensor::<2>::from_data(w, device).transpose();
             let b = bias.then(|| {
-                Tensor::<1>::from_data(file.take(&format!("{name}.bias"), &[d_out]).unwrap(), device)
+                Tensor::<1>::from_data(
+                    file.take(&format!("{name}.bias"), &[d_out]).unwrap(),
+                    device,
+                )
             });
             Linear::from_tensors(w, b)
         };
@@ -115,7 +123,10 @@ pub fn input_ids(device: &Device) -> Tensor<2, Int> {
 /// An `f32` tensor of `[2, 5, 4]` from an expected-output file.
 pub fn expected(file: &str, key: &str) -> Vec<f32> {
     let mut f = TensorFile::read(&fixtures().join(file)).unwrap();
-    f.take(key, &[2, 5, 4]).unwrap().try_to_vec::<f32>().unwrap()
+    f.take(key, &[2, 5, 4])
+        .unwrap()
+        .try_to_vec::<f32>()
+        .unwrap()
 }
 
 /// Largest difference, relative to the reference value where it exceeds 1 (float32 outputs of

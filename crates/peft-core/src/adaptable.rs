@@ -173,7 +173,20 @@ macro_rules! no_sites {
 }
 
 no_sites!(
-    bool, u8, u16, u32, u64, usize, i8, i16, i32, i64, isize, f32, f64, String,
+    bool,
+    u8,
+    u16,
+    u32,
+    u64,
+    usize,
+    i8,
+    i16,
+    i32,
+    i64,
+    isize,
+    f32,
+    f64,
+    String,
     burn::nn::LayerNorm,
     burn::nn::RmsNorm,
     burn::nn::Dropout,

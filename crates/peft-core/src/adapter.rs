@@ -61,10 +61,33 @@ impl AdapterState {
         self.training.is_enabled() && x.device().is_autodiff()
     }
 
+    /// Replace matrix `index` with `data` (already in this adapter's layout), keeping the
+    /// parameter id so optimizer state and trainability follow; for
+    /// [`AdapterKernel::import`].
+    pub fn set_matrix(&mut self, index: usize, data: TensorData) {
+        let param = &mut self.matrices[index];
+        let tensor = Tensor::<2>::from_data(data, &param.lazy_device());
+        *param = param.clone().map(|_| tensor);
+    }
+
+    /// Replace vector `index` with `data`, keeping the parameter id.
+    pub fn set_vector(&mut self, index: usize, data: TensorData) {
+        let param = &mut self.vectors[index];
+        let tensor = Tensor::<1>::from_data(data, &param.lazy_device());
+        *param = param.clone().map(|_| tensor);
+    }
+
     /// Number of scalar parameters in this adapter.
     pub fn num_params(&self) -> usize {
-        self.matrices.iter().map(|m| m.shape().num_elements()).sum::<usize>()
-            + self.vectors.iter().map(|v| v.shape().num_elements()).sum::<usize>()
+        self.matrices
+            .iter()
+            .map(|m| m.shape().num_elements())
+            .sum::<usize>()
+            + self
+                .vectors
+                .iter()
+                .map(|v| v.shape().num_elements())
+                .sum::<usize>()
     }
 }
 
@@ -108,7 +131,12 @@ pub trait AdapterKernel: Debug + Send + Sync {
     fn forward_linear(&self, state: &AdapterState, x: Tensor<2>, y: Tensor<2>) -> Tensor<2>;
 
     /// Forward contribution at an embedding site: `ids` is `[batch, seq]`, `y` `[batch, seq, dim]`.
-    fn forward_embedding(&self, state: &AdapterState, ids: Tensor<2, Int>, y: Tensor<3>) -> Tensor<3> {
+    fn forward_embedding(
+        &self,
+        state: &AdapterState,
+        ids: Tensor<2, Int>,
+        y: Tensor<3>,
+    ) -> Tensor<3> {
         let _ = (state, ids);
         y
     }

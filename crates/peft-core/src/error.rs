@@ -88,7 +88,10 @@ pub enum PeftError {
         reason: String,
     },
     /// A config option changes the math in a way this implementation does not support.
-    #[error("{}key `{key}` = {found} is not supported by burn-peft ({reason}); loading it would silently compute something else", file_prefix(file))]
+    #[error(
+        "{}key `{key}` = {found} is not supported by burn-peft ({reason}); loading it would silently compute something else",
+        file_prefix(file)
+    )]
     Unsupported {
         /// The config file, when there is one.
         file: Option<PathBuf>,
@@ -160,10 +163,10 @@ impl PeftError {
         match &mut self {
             PeftError::InvalidConfig { file, .. }
             | PeftError::Unsupported { file, .. }
-            | PeftError::UnknownPeftType { file, .. } => {
-                if file.is_none() {
-                    *file = Some(path.to_path_buf());
-                }
+            | PeftError::UnknownPeftType { file, .. }
+                if file.is_none() =>
+            {
+                *file = Some(path.to_path_buf());
             }
             _ => {}
         }

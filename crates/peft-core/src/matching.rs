@@ -86,7 +86,10 @@ pub struct TargetSpec {
 /// Compile `pattern` so it must match the whole string (Python's `re.fullmatch`).
 fn full_match_regex(key: &str, pattern: &str) -> Result<Regex> {
     Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
-        PeftError::invalid_config(key, format!("`{pattern}` is not a valid regular expression: {e}"))
+        PeftError::invalid_config(
+            key,
+            format!("`{pattern}` is not a valid regular expression: {e}"),
+        )
     })
 }
 
@@ -250,7 +253,10 @@ pub fn select_targets(
     match &spec.target_modules {
         Some(TargetModules::List(entries)) => {
             for entry in entries {
-                if !paths.iter().any(|p| list_matches(std::slice::from_ref(entry), p)) {
+                if !paths
+                    .iter()
+                    .any(|p| list_matches(std::slice::from_ref(entry), p))
+                {
                     return Err(PeftError::TargetNotFound {
                         field: "target_modules".into(),
                         entry: entry.clone(),
@@ -260,15 +266,15 @@ pub fn select_targets(
                 }
             }
         }
-        Some(TargetModules::Regex(p)) if p != "all-linear" => {
-            if !paths.iter().any(|k| matcher.names(k)) {
-                return Err(PeftError::TargetNotFound {
-                    field: "target_modules".into(),
-                    entry: p.clone(),
-                    kind: "adaptable layer".into(),
-                    closest: closest_names(p, paths, 3),
-                });
-            }
+        Some(TargetModules::Regex(p))
+            if p != "all-linear" && !paths.iter().any(|k| matcher.names(k)) =>
+        {
+            return Err(PeftError::TargetNotFound {
+                field: "target_modules".into(),
+                entry: p.clone(),
+                kind: "adaptable layer".into(),
+                closest: closest_names(p, paths, 3),
+            });
         }
         _ => {}
     }

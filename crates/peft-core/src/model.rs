@@ -39,7 +39,7 @@ fn thousands(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -292,7 +292,9 @@ impl<M: Adaptable + Module> PeftModel<M> {
         if name.is_empty() || name.contains(['/', '\\', '.']) {
             return Err(PeftError::invalid_config(
                 "adapter_name",
-                format!("`{name}` cannot name an adapter: it must be non-empty and hold no '/', '\\' or '.'"),
+                format!(
+                    "`{name}` cannot name an adapter: it must be non-empty and hold no '/', '\\' or '.'"
+                ),
             ));
         }
         method.validate()?;
@@ -346,7 +348,7 @@ impl<M: Adaptable + Module> PeftModel<M> {
         }
 
         let mut report = InjectionReport::default();
-        self.for_each_site_mut(|path, mut slots| {
+        self.for_each_site_mut(|path, slots| {
             if let Some(state) = built.remove(path) {
                 slots.adapters.push(state);
                 report.adapted.push(path.to_string());
@@ -460,6 +462,7 @@ impl<M: Adaptable + Module> PeftModel<M> {
                 });
             }
         }
+        let snapshot = self.model.clone();
         let mut error = None;
         self.for_each_site_mut(|path, mut slots| {
             for adapter in slots.adapters.iter_mut().filter(|a| a.active && !a.merged) {
@@ -486,7 +489,11 @@ impl<M: Adaptable + Module> PeftModel<M> {
             }
         });
         match error {
-            Some(e) => Err(e),
+            Some(e) => {
+                // All or nothing: sites merged before the failure are restored.
+                self.model = snapshot;
+                Err(e)
+            }
             None => Ok(()),
         }
     }
@@ -761,9 +768,9 @@ impl<M: Adaptable + Module> PeftModel<M> {
                     && let Some(Some(bias)) = slots.bias.as_deref_mut()
                 {
                     let mut site = file.site(path);
-                    let key = ["base_layer.bias", "bias"]
-                        .into_iter()
-                        .find(|k| site.contains(k) && slots.copies.iter().all(|c| c.adapter != name));
+                    let key = ["base_layer.bias", "bias"].into_iter().find(|k| {
+                        site.contains(k) && slots.copies.iter().all(|c| c.adapter != name)
+                    });
                     if let Some(key) = key {
                         let data = site.take(key, &bias.dims())?;
                         let t = Tensor::<1>::from_data(data, &device);

@@ -16,8 +16,8 @@ use syn::{Data, DeriveInput, Fields, LitStr, parse_macro_input};
 ///   `target_modules = "all-linear"` leaves out.
 /// - Enum variants with one field are transparent (no segment).
 ///
-/// The generated code refers to `::peft_core`; a crate that only depends on the `burn-peft`
-/// facade adds `#[peft(crate = "burn_peft::core")]`.
+/// The generated code refers to `peft_core` when the crate depends on it, else to
+/// `burn_peft::core`; `#[peft(crate = "path")]` overrides this.
 #[proc_macro_derive(Adaptable, attributes(peft))]
 pub fn derive_adaptable(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);
@@ -71,8 +71,29 @@ struct TypeOpts {
     output_layer: Option<String>,
 }
 
+/// Where `peft_core` is reachable from the crate being compiled: `peft_core` itself when it is a
+/// dependency, else through the `burn-peft` facade.
+fn default_crate_path() -> syn::Path {
+    use proc_macro_crate::{FoundCrate, crate_name};
+    match crate_name("peft-core") {
+        Ok(FoundCrate::Name(name)) => {
+            let ident = format_ident!("{name}");
+            syn::parse_quote!(::#ident)
+        }
+        Ok(FoundCrate::Itself) => syn::parse_quote!(::peft_core),
+        Err(_) => match crate_name("burn-peft") {
+            Ok(FoundCrate::Name(name)) => {
+                let ident = format_ident!("{name}");
+                syn::parse_quote!(::#ident::core)
+            }
+            Ok(FoundCrate::Itself) => syn::parse_quote!(::burn_peft::core),
+            Err(_) => syn::parse_quote!(::peft_core),
+        },
+    }
+}
+
 fn type_opts(attrs: &[syn::Attribute]) -> syn::Result<TypeOpts> {
-    let mut krate: syn::Path = syn::parse_quote!(::peft_core);
+    let mut krate: syn::Path = default_crate_path();
     let mut output_layer = None;
     for attr in attrs.iter().filter(|a| a.path().is_ident("peft")) {
         attr.parse_nested_meta(|meta| {
@@ -181,7 +202,9 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
                 let (pattern, bindings): (TokenStream2, Vec<syn::Ident>) = match &variant.fields {
                     Fields::Unit => (quote!(Self::#vname), vec![]),
                     Fields::Unnamed(f) => {
-                        let b: Vec<_> = (0..f.unnamed.len()).map(|i| format_ident!("f{i}")).collect();
+                        let b: Vec<_> = (0..f.unnamed.len())
+                            .map(|i| format_ident!("f{i}"))
+                            .collect();
                         (quote!(Self::#vname( #(#b),* )), b)
                     }
                     Fields::Named(f) => {
@@ -208,10 +231,13 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
                     }
                 };
                 let (b, bm) = (body(false)?, body(true)?);
-                arms.extend(quote!(#[allow(unused_variables)] #pattern => { #b })); 
+                arms.extend(quote!(#[allow(unused_variables)] #pattern => { #b }));
                 arms_mut.extend(quote!(#[allow(unused_variables)] #pattern => { #bm }));
             }
-            (quote!(match self { #arms }), quote!(match self { #arms_mut }))
+            (
+                quote!(match self { #arms }),
+                quote!(match self { #arms_mut }),
+            )
         }
         Data::Union(u) => {
             return Err(syn::Error::new_spanned(

@@ -60,7 +60,10 @@ fn int_if_integral<S: Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S
     }
 }
 
-fn alpha_map<S: Serializer>(m: &IndexMap<String, f64>, s: S) -> std::result::Result<S::Ok, S::Error> {
+fn alpha_map<S: Serializer>(
+    m: &IndexMap<String, f64>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
     use serde::ser::SerializeMap;
     let mut map = s.serialize_map(Some(m.len()))?;
     for (k, v) in m {
@@ -264,9 +267,19 @@ impl LoraConfig {
 
     /// Rank and alpha for the module at `path` (`rank_pattern` / `alpha_pattern`, else global).
     pub fn rank_and_alpha(&self, path: &str) -> Result<(usize, f64)> {
-        let ranks: Vec<(String, usize)> = self.rank_pattern.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        let alphas: Vec<(String, f64)> = self.alpha_pattern.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        let r = pattern_lookup("rank_pattern", &ranks, path)?.copied().unwrap_or(self.r);
+        let ranks: Vec<(String, usize)> = self
+            .rank_pattern
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        let alphas: Vec<(String, f64)> = self
+            .alpha_pattern
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        let r = pattern_lookup("rank_pattern", &ranks, path)?
+            .copied()
+            .unwrap_or(self.r);
         let alpha = pattern_lookup("alpha_pattern", &alphas, path)?
             .copied()
             .unwrap_or(self.lora_alpha);
@@ -280,28 +293,107 @@ impl LoraConfig {
                 out.push((key, found, why));
             }
         };
-        check(self.use_dora, "use_dora", "true".into(), "DoRA adds a magnitude vector");
-        check(self.lora_bias, "lora_bias", "true".into(), "adds a bias to lora_B");
-        check(is_set(&self.target_parameters), "target_parameters", format!("{:?}", self.target_parameters), "LoRA on raw parameters");
-        check(is_set(&self.layer_replication), "layer_replication", format!("{:?}", self.layer_replication), "duplicates base layers");
-        check(self.use_qalora, "use_qalora", "true".into(), "quantization-aware LoRA");
-        check(is_set(&self.trainable_token_indices), "trainable_token_indices", format!("{:?}", self.trainable_token_indices), "trains selected embedding rows");
-        check(is_set(&self.alora_invocation_tokens), "alora_invocation_tokens", format!("{:?}", self.alora_invocation_tokens), "activated LoRA changes which tokens are adapted");
-        check(is_set(&self.arrow_config), "arrow_config", format!("{:?}", self.arrow_config), "Arrow routing between adapters");
-        check(is_set(&self.megatron_config), "megatron_config", format!("{:?}", self.megatron_config), "Megatron parallel layers");
-        check(self.ensure_weight_tying, "ensure_weight_tying", "true".into(), "ties adapters of tied embeddings");
-        check(is_set(&self.kasa_config), "kasa_config", format!("{:?}", self.kasa_config), "KaSA adapters");
-        check(is_set(&self.lora_ga_config), "lora_ga_config", format!("{:?}", self.lora_ga_config), "LoRA-GA initialization");
-        check(is_set(&self.monteclora_config), "monteclora_config", format!("{:?}", self.monteclora_config), "MonteCLoRA");
         check(
-            !matches!(self.use_bdlora, None | Some(Value::Null) | Some(Value::Bool(false))),
+            self.use_dora,
+            "use_dora",
+            "true".into(),
+            "DoRA adds a magnitude vector",
+        );
+        check(
+            self.lora_bias,
+            "lora_bias",
+            "true".into(),
+            "adds a bias to lora_B",
+        );
+        check(
+            is_set(&self.target_parameters),
+            "target_parameters",
+            format!("{:?}", self.target_parameters),
+            "LoRA on raw parameters",
+        );
+        check(
+            is_set(&self.layer_replication),
+            "layer_replication",
+            format!("{:?}", self.layer_replication),
+            "duplicates base layers",
+        );
+        check(
+            self.use_qalora,
+            "use_qalora",
+            "true".into(),
+            "quantization-aware LoRA",
+        );
+        check(
+            is_set(&self.trainable_token_indices),
+            "trainable_token_indices",
+            format!("{:?}", self.trainable_token_indices),
+            "trains selected embedding rows",
+        );
+        check(
+            is_set(&self.alora_invocation_tokens),
+            "alora_invocation_tokens",
+            format!("{:?}", self.alora_invocation_tokens),
+            "activated LoRA changes which tokens are adapted",
+        );
+        check(
+            is_set(&self.arrow_config),
+            "arrow_config",
+            format!("{:?}", self.arrow_config),
+            "Arrow routing between adapters",
+        );
+        check(
+            is_set(&self.megatron_config),
+            "megatron_config",
+            format!("{:?}", self.megatron_config),
+            "Megatron parallel layers",
+        );
+        check(
+            self.ensure_weight_tying,
+            "ensure_weight_tying",
+            "true".into(),
+            "ties adapters of tied embeddings",
+        );
+        check(
+            is_set(&self.kasa_config),
+            "kasa_config",
+            format!("{:?}", self.kasa_config),
+            "KaSA adapters",
+        );
+        check(
+            is_set(&self.lora_ga_config),
+            "lora_ga_config",
+            format!("{:?}", self.lora_ga_config),
+            "LoRA-GA initialization",
+        );
+        check(
+            is_set(&self.monteclora_config),
+            "monteclora_config",
+            format!("{:?}", self.monteclora_config),
+            "MonteCLoRA",
+        );
+        check(
+            !matches!(
+                self.use_bdlora,
+                None | Some(Value::Null) | Some(Value::Bool(false))
+            ),
             "use_bdlora",
             format!("{:?}", self.use_bdlora),
             "block-diagonal LoRA",
         );
-        check(is_set(&self.velora_config), "velora_config", format!("{:?}", self.velora_config), "VeLoRA");
-        let loftq_set = !matches!(&self.loftq_config, Value::Null) && self.loftq_config.as_object().is_none_or(|m| !m.is_empty());
-        check(loftq_set, "loftq_config", self.loftq_config.to_string(), "LoftQ initialization");
+        check(
+            is_set(&self.velora_config),
+            "velora_config",
+            format!("{:?}", self.velora_config),
+            "VeLoRA",
+        );
+        let loftq_set = !matches!(&self.loftq_config, Value::Null)
+            && self.loftq_config.as_object().is_none_or(|m| !m.is_empty());
+        check(
+            loftq_set,
+            "loftq_config",
+            self.loftq_config.to_string(),
+            "LoftQ initialization",
+        );
         out
     }
 }
@@ -330,10 +422,16 @@ impl PeftMethod for LoraConfig {
             return Err(PeftError::unsupported(key, found, why));
         }
         if self.r == 0 {
-            return Err(PeftError::invalid_config("r", "the rank must be at least 1"));
+            return Err(PeftError::invalid_config(
+                "r",
+                "the rank must be at least 1",
+            ));
         }
         if let Some((k, _)) = self.rank_pattern.iter().find(|(_, r)| **r == 0) {
-            return Err(PeftError::invalid_config(format!("rank_pattern.{k}"), "the rank must be at least 1"));
+            return Err(PeftError::invalid_config(
+                format!("rank_pattern.{k}"),
+                "the rank must be at least 1",
+            ));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return Err(PeftError::invalid_config(
@@ -368,33 +466,67 @@ impl PeftMethod for LoraConfig {
         let scaling = self.scaling_for(r, alpha);
         let device = &site.device;
         match site.kind {
-            SiteKind::Linear { d_input, layout, .. } => {
+            SiteKind::Linear {
+                d_input, layout, ..
+            } => {
                 if (layout == peft_core::nn::WeightLayout::Conv1D) != self.fan_in_fan_out {
                     log::warn!(
                         "`{}`: fan_in_fan_out = {} but the layer is stored as {:?}; the layer's layout is used (PEFT corrects this the same way)",
-                        site.path, self.fan_in_fan_out, layout
+                        site.path,
+                        self.fan_in_fan_out,
+                        layout
                     );
                 }
-                let SiteKind::Linear { d_output, .. } = site.kind else { unreachable!() };
+                let SiteKind::Linear { d_output, .. } = site.kind else {
+                    unreachable!()
+                };
                 let bound_a = 1.0 / (d_input as f64).sqrt();
                 let a = match &self.init_lora_weights {
-                    InitLoraWeights::Named(_) => Tensor::<2>::random([d_input, r], Distribution::Normal(0.0, 1.0 / r as f64), device),
-                    _ => Tensor::<2>::random([d_input, r], Distribution::Uniform(-bound_a, bound_a), device),
+                    InitLoraWeights::Named(_) => Tensor::<2>::random(
+                        [d_input, r],
+                        Distribution::Normal(0.0, 1.0 / r as f64),
+                        device,
+                    ),
+                    _ => Tensor::<2>::random(
+                        [d_input, r],
+                        Distribution::Uniform(-bound_a, bound_a),
+                        device,
+                    ),
                 };
                 let b = match &self.init_lora_weights {
                     InitLoraWeights::Bool(false) => {
                         let bound_b = 1.0 / (r as f64).sqrt();
-                        Tensor::<2>::random([r, d_output], Distribution::Uniform(-bound_b, bound_b), device)
+                        Tensor::<2>::random(
+                            [r, d_output],
+                            Distribution::Uniform(-bound_b, bound_b),
+                            device,
+                        )
                     }
                     _ => Tensor::<2>::zeros([r, d_output], device),
                 };
-                let kernel = LoraLinearKernel { scaling, dropout: self.lora_dropout, r };
-                Ok(AdapterState::new(name, vec![a, b], vec![], Arc::new(kernel)))
+                let kernel = LoraLinearKernel {
+                    scaling,
+                    dropout: self.lora_dropout,
+                    r,
+                };
+                Ok(AdapterState::new(
+                    name,
+                    vec![a, b],
+                    vec![],
+                    Arc::new(kernel),
+                ))
             }
-            SiteKind::Embedding { n_embedding, d_model } => {
+            SiteKind::Embedding {
+                n_embedding,
+                d_model,
+            } => {
                 let (a, b) = match &self.init_lora_weights {
                     InitLoraWeights::Bool(false) => (
-                        Tensor::<2>::random([n_embedding, r], Distribution::Normal(0.0, 1.0), device),
+                        Tensor::<2>::random(
+                            [n_embedding, r],
+                            Distribution::Normal(0.0, 1.0),
+                            device,
+                        ),
                         Tensor::<2>::random([r, d_model], Distribution::Normal(0.0, 1.0), device),
                     ),
                     _ => (
@@ -403,7 +535,12 @@ impl PeftMethod for LoraConfig {
                     ),
                 };
                 let kernel = LoraEmbeddingKernel { scaling };
-                Ok(AdapterState::new(name, vec![a, b], vec![], Arc::new(kernel)))
+                Ok(AdapterState::new(
+                    name,
+                    vec![a, b],
+                    vec![],
+                    Arc::new(kernel),
+                ))
             }
             _ => Err(PeftError::UnsupportedSite {
                 path: site.path.clone(),

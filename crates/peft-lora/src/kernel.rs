@@ -2,16 +2,21 @@
 
 use burn::tensor::module::embedding;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
-use peft_core::{
-    AdapterKernel, AdapterState, BaseWeights, MergeDirection, Result, TensorSource,
-};
+use peft_core::{AdapterKernel, AdapterState, BaseWeights, MergeDirection, Result, TensorSource};
 
-fn set_matrix(state: &mut AdapterState, index: usize, data: TensorData, transpose: bool) {
-    let param = &mut state.matrices[index];
-    let device = param.lazy_device();
-    let tensor = Tensor::<2>::from_data(data, &device);
-    let tensor = if transpose { tensor.transpose() } else { tensor };
-    *param = param.clone().map(|_| tensor);
+/// `data` in the file's layout (`[r, in]` / `[out, r]`) transposed to ours.
+fn transposed(data: TensorData) -> TensorData {
+    let [rows, cols] = [data.shape()[0], data.shape()[1]];
+    let values = data
+        .try_to_vec::<f32>()
+        .expect("bundle tensors are read as f32");
+    let mut out = vec![0f32; values.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            out[j * rows + i] = values[i * cols + j];
+        }
+    }
+    TensorData::new(out, [cols, rows])
 }
 
 fn delta(state: &AdapterState, scaling: f64) -> Tensor<2> {
@@ -78,13 +83,17 @@ impl AdapterKernel for LoraLinearKernel {
         ]
     }
 
-    fn import(&self, mut state: AdapterState, source: &mut dyn TensorSource) -> Result<AdapterState> {
+    fn import(
+        &self,
+        mut state: AdapterState,
+        source: &mut dyn TensorSource,
+    ) -> Result<AdapterState> {
         let [d_in, r] = state.matrices[0].dims();
         let [_, d_out] = state.matrices[1].dims();
         let a = source.take("lora_A.weight", &[r, d_in])?;
         let b = source.take("lora_B.weight", &[d_out, r])?;
-        set_matrix(&mut state, 0, a, true);
-        set_matrix(&mut state, 1, b, true);
+        state.set_matrix(0, transposed(a));
+        state.set_matrix(1, transposed(b));
         Ok(state)
     }
 }
@@ -102,7 +111,12 @@ impl AdapterKernel for LoraEmbeddingKernel {
         y
     }
 
-    fn forward_embedding(&self, state: &AdapterState, ids: Tensor<2, Int>, y: Tensor<3>) -> Tensor<3> {
+    fn forward_embedding(
+        &self,
+        state: &AdapterState,
+        ids: Tensor<2, Int>,
+        y: Tensor<3>,
+    ) -> Tensor<3> {
         let low = embedding(state.matrices[0].val(), ids);
         let b = state.matrices[1].val().unsqueeze::<3>();
         y + low.matmul(b).mul_scalar(self.scaling)
@@ -130,13 +144,17 @@ impl AdapterKernel for LoraEmbeddingKernel {
         ]
     }
 
-    fn import(&self, mut state: AdapterState, source: &mut dyn TensorSource) -> Result<AdapterState> {
+    fn import(
+        &self,
+        mut state: AdapterState,
+        source: &mut dyn TensorSource,
+    ) -> Result<AdapterState> {
         let [vocab, r] = state.matrices[0].dims();
         let [_, dim] = state.matrices[1].dims();
         let a = source.take("lora_embedding_A", &[r, vocab])?;
         let b = source.take("lora_embedding_B", &[dim, r])?;
-        set_matrix(&mut state, 0, a, true);
-        set_matrix(&mut state, 1, b, true);
+        state.set_matrix(0, transposed(a));
+        state.set_matrix(1, transposed(b));
         Ok(state)
     }
 }

@@ -122,7 +122,11 @@ impl Linear {
             Some(copy) => (copy.weight.val(), copy.bias.as_ref().map(|b| b.val())),
             None => (self.weight.val(), self.bias.as_ref().map(|b| b.val())),
         };
-        let mut live = self.adapters.iter().filter(|a| a.active && !a.merged).peekable();
+        let mut live = self
+            .adapters
+            .iter()
+            .filter(|a| a.active && !a.merged)
+            .peekable();
         if live.peek().is_none() {
             return linear(input, weight, bias);
         }
