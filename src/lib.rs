@@ -3,6 +3,7 @@
 
 pub use peft_core as core;
 pub use peft_lora as lora;
+pub use peft_models as models;
 
 /// The types most programs need.
 pub mod prelude {

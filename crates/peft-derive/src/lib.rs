@@ -171,6 +171,7 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
     let ident = &input.ident;
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
 
+    let delegated_output: Option<TokenStream2> = None;
     let (visit, visit_mut) = match &input.data {
         Data::Struct(data) => {
             let access = |mutable: bool| {
@@ -197,6 +198,7 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
         Data::Enum(data) => {
             let mut arms = TokenStream2::new();
             let mut arms_mut = TokenStream2::new();
+            let mut output_arms = TokenStream2::new();
             for variant in &data.variants {
                 let vname = &variant.ident;
                 let (pattern, bindings): (TokenStream2, Vec<syn::Ident>) = match &variant.fields {
@@ -231,6 +233,11 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
                     }
                 };
                 let (b, bm) = (body(false)?, body(true)?);
+                if single && matches!(variant.fields, Fields::Unnamed(_)) {
+                    output_arms.extend(quote!(Self::#vname(f0) => #krate::Adaptable::output_layer(f0),));
+                } else {
+                    output_arms.extend(quote!(#[allow(unused_variables)] #pattern => ::core::option::Option::None,));
+                }
                 arms.extend(quote!(#[allow(unused_variables)] #pattern => { #b }));
                 arms_mut.extend(quote!(#[allow(unused_variables)] #pattern => { #bm }));
             }
@@ -247,13 +254,19 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
         }
     };
 
-    let output_layer = match &opts.output_layer {
-        Some(name) => quote! {
+    let output_layer = match (&opts.output_layer, delegated_output) {
+        (Some(name), _) => quote! {
             fn output_layer(&self) -> ::core::option::Option<::std::string::String> {
                 ::core::option::Option::Some(::std::string::String::from(#name))
             }
         },
-        None => quote!(),
+        // Enums delegate to the variant they hold.
+        (None, Some(arms)) => quote! {
+            fn output_layer(&self) -> ::core::option::Option<::std::string::String> {
+                #arms
+            }
+        },
+        (None, None) => quote!(),
     };
 
     Ok(quote! {

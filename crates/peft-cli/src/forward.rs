@@ -1,0 +1,74 @@
+//! `burn-peft forward`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use peft_core::PeftModel;
+use peft_models::{Task, from_pretrained};
+
+use crate::tensors::{read_inputs, write_outputs};
+
+// Link the method crates so their `peft_type`s are registered.
+use peft_lora as _;
+
+/// Arguments of `burn-peft forward`.
+#[derive(Args, Debug)]
+pub struct ForwardArgs {
+    /// Model folder (config.json + safetensors) or Hugging Face hub id.
+    #[arg(long)]
+    model: String,
+    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Merge the adapter into the base weights before running.
+    #[arg(long, requires = "adapter")]
+    merge: bool,
+    /// Inputs: int64 `input_ids` [batch, seq], optional `attention_mask`, `token_type_ids`.
+    #[arg(long)]
+    inputs: PathBuf,
+    /// Where to write float32 outputs (`logits`, or `last_hidden_state` + `sentence_embedding`).
+    #[arg(long)]
+    output: PathBuf,
+    /// Backend: `flex` (CPU) or `cuda`.
+    #[arg(long, default_value = "flex")]
+    device: String,
+}
+
+/// Run the subcommand.
+pub fn run(args: ForwardArgs) -> Result<()> {
+    let device = crate::device::parse(&args.device)?;
+    let inputs = read_inputs(&args.inputs, &device)?;
+    let pretrained = from_pretrained(&args.model, Task::Auto, &device)
+        .with_context(|| format!("loading model `{}`", args.model))?;
+    let mut model = PeftModel::new(pretrained.model);
+    if let Some(adapter) = &args.adapter {
+        model
+            .load_adapter(adapter, "default")
+            .with_context(|| format!("loading adapter {}", adapter.display()))?;
+        if args.merge {
+            model.merge().context("merging the adapter")?;
+        }
+    }
+    let outputs = model.model().forward(&inputs);
+    let mut tensors = BTreeMap::new();
+    if let Some(t) = outputs.logits {
+        tensors.insert("logits".to_string(), t.into_data());
+    }
+    if let Some(t) = outputs.class_logits {
+        tensors.insert("logits".to_string(), t.into_data());
+    }
+    if let Some(t) = outputs.last_hidden_state {
+        tensors.insert("last_hidden_state".to_string(), t.into_data());
+    }
+    if let Some(t) = outputs.sentence_embedding {
+        tensors.insert("sentence_embedding".to_string(), t.into_data());
+    }
+    if let Some(t) = outputs.pooler_output {
+        tensors.insert("pooler_output".to_string(), t.into_data());
+    }
+    write_outputs(&args.output, tensors)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    Ok(())
+}

@@ -1,0 +1,279 @@
+//! [`HfModel`]: any supported architecture with its task head, loaded from a folder or hub id.
+
+use std::path::PathBuf;
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor};
+use peft_core::Adaptable;
+
+use crate::bert::{BertForSequenceClassification, BertModel};
+use crate::cache::KvCache;
+use crate::config::{HfConfig, ModelConfig};
+use crate::error::{ModelError, Result};
+use crate::gpt2::{Gpt2ForSequenceClassification, Gpt2LMHeadModel};
+use crate::heads::mean_pool_normalize;
+use crate::hub;
+use crate::llama::{LlamaForCausalLM, LlamaForSequenceClassification};
+use crate::load::{load_into, tensor_names, weight_files};
+use crate::tokenizer::HfTokenizer;
+
+/// Which head to put on the backbone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Task {
+    /// Whatever `config.json`'s `architectures` names (encoder for a bare `BertModel`).
+    #[default]
+    Auto,
+    /// Encoder outputs and sentence embeddings (BERT).
+    Encoder,
+    /// Next-token logits (GPT-2, Llama family).
+    CausalLm,
+    /// Sequence classification with this many labels (a head missing from the checkpoint is
+    /// freshly initialized).
+    SequenceClassification {
+        /// Number of labels.
+        num_labels: usize,
+    },
+}
+
+/// A supported model with its head. Module paths are Hugging Face names, so PEFT
+/// `target_modules` lists and bundles apply unchanged.
+#[derive(Module, Debug, Adaptable)]
+pub enum HfModel {
+    /// `BertModel`.
+    Bert(BertModel),
+    /// `BertForSequenceClassification`.
+    BertForSequenceClassification(BertForSequenceClassification),
+    /// `GPT2LMHeadModel`.
+    Gpt2LMHeadModel(Gpt2LMHeadModel),
+    /// `GPT2ForSequenceClassification`.
+    Gpt2ForSequenceClassification(Gpt2ForSequenceClassification),
+    /// `LlamaForCausalLM` (and Qwen2, Mistral).
+    LlamaForCausalLM(LlamaForCausalLM),
+    /// `LlamaForSequenceClassification` (and Qwen2, Mistral).
+    LlamaForSequenceClassification(LlamaForSequenceClassification),
+}
+
+/// Model inputs: int64 `[batch, seq]` tensors.
+#[derive(Debug, Clone)]
+pub struct ModelInputs {
+    /// Token ids.
+    pub input_ids: Tensor<2, Int>,
+    /// 1 for tokens, 0 for padding.
+    pub attention_mask: Option<Tensor<2, Int>>,
+    /// Segment ids (BERT).
+    pub token_type_ids: Option<Tensor<2, Int>>,
+}
+
+/// What a forward produced (fields depend on the head).
+#[derive(Debug, Clone, Default)]
+pub struct ModelOutputs {
+    /// Causal LM logits `[b, s, vocab]`.
+    pub logits: Option<Tensor<3>>,
+    /// Classification logits `[b, num_labels]`.
+    pub class_logits: Option<Tensor<2>>,
+    /// Encoder hidden states `[b, s, hidden]`.
+    pub last_hidden_state: Option<Tensor<3>>,
+    /// Mean-pooled, L2-normalised embedding `[b, hidden]`.
+    pub sentence_embedding: Option<Tensor<2>>,
+    /// BERT pooler output `[b, hidden]`.
+    pub pooler_output: Option<Tensor<2>>,
+}
+
+impl HfModel {
+    /// Run the model.
+    pub fn forward(&self, inputs: &ModelInputs) -> ModelOutputs {
+        let ids = inputs.input_ids.clone();
+        let mask = inputs.attention_mask.clone();
+        match self {
+            HfModel::Bert(m) => {
+                let out = m.forward(ids.clone(), mask.clone(), inputs.token_type_ids.clone());
+                let full = mask.unwrap_or_else(|| ids.ones_like());
+                ModelOutputs {
+                    sentence_embedding: Some(mean_pool_normalize(out.last_hidden_state.clone(), &full)),
+                    last_hidden_state: Some(out.last_hidden_state),
+                    pooler_output: out.pooler_output,
+                    ..Default::default()
+                }
+            }
+            HfModel::BertForSequenceClassification(m) => ModelOutputs {
+                class_logits: Some(m.forward(ids, mask, inputs.token_type_ids.clone())),
+                ..Default::default()
+            },
+            HfModel::Gpt2LMHeadModel(m) => ModelOutputs {
+                logits: Some(m.forward(ids, mask, None)),
+                ..Default::default()
+            },
+            HfModel::Gpt2ForSequenceClassification(m) => ModelOutputs {
+                class_logits: Some(m.forward(ids, mask)),
+                ..Default::default()
+            },
+            HfModel::LlamaForCausalLM(m) => ModelOutputs {
+                logits: Some(m.forward(ids, mask, None)),
+                ..Default::default()
+            },
+            HfModel::LlamaForSequenceClassification(m) => ModelOutputs {
+                class_logits: Some(m.forward(ids, mask)),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Causal LM logits with a KV cache, or `None` if this is not a causal LM.
+    pub fn forward_lm(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        cache: Option<&mut KvCache>,
+    ) -> Option<Tensor<3>> {
+        match self {
+            HfModel::Gpt2LMHeadModel(m) => Some(m.forward(input_ids, attention_mask, cache)),
+            HfModel::LlamaForCausalLM(m) => Some(m.forward(input_ids, attention_mask, cache)),
+            _ => None,
+        }
+    }
+
+    /// Number of transformer layers.
+    pub fn num_layers(&self) -> usize {
+        match self {
+            HfModel::Bert(m) => m.encoder.layer.len(),
+            HfModel::BertForSequenceClassification(m) => m.bert.encoder.layer.len(),
+            HfModel::Gpt2LMHeadModel(m) => m.transformer.h.len(),
+            HfModel::Gpt2ForSequenceClassification(m) => m.transformer.h.len(),
+            HfModel::LlamaForCausalLM(m) => m.model.layers.len(),
+            HfModel::LlamaForSequenceClassification(m) => m.model.layers.len(),
+        }
+    }
+
+    /// Whether this is a causal LM.
+    pub fn is_causal_lm(&self) -> bool {
+        matches!(self, HfModel::Gpt2LMHeadModel(_) | HfModel::LlamaForCausalLM(_))
+    }
+}
+
+/// A loaded model with its files.
+#[derive(Debug)]
+pub struct Pretrained {
+    /// The model.
+    pub model: HfModel,
+    /// Its config.
+    pub config: HfConfig,
+    /// The folder its files came from.
+    pub dir: PathBuf,
+    /// The tokenizer, when the folder has `tokenizer.json`.
+    pub tokenizer: Option<HfTokenizer>,
+}
+
+fn choose_task(config: &HfConfig, task: Task) -> Task {
+    match task {
+        Task::Auto if config.is_sequence_classifier() => Task::SequenceClassification {
+            num_labels: config.num_labels.unwrap_or(2),
+        },
+        Task::Auto => match config.model {
+            ModelConfig::Bert(_) => Task::Encoder,
+            _ => Task::CausalLm,
+        },
+        other => other,
+    }
+}
+
+/// Load a model from a folder or hub id (see [`hub::resolve`]) onto `device`.
+pub fn from_pretrained(source: &str, task: Task, device: &Device) -> Result<Pretrained> {
+    let dir = hub::resolve(source)?;
+    let config = HfConfig::read(&dir.join("config.json"))?;
+    let files = weight_files(&dir)?;
+    let names = tensor_names(&files)?;
+    let task = choose_task(&config, task);
+    let unsupported = |what: &str| ModelError::UnsupportedOption {
+        file: config.file.clone(),
+        key: "task".into(),
+        found: what.into(),
+        reason: format!("not available for model_type {}", config.model_type),
+    };
+    let rename = |a: &str, b: &str| (a.to_string(), b.to_string());
+    // Checkpoints of the bare backbone lack the task prefix (`bert.`, `transformer.`); detect it.
+    let has_prefix = |p: &str| names.iter().any(|n| n.starts_with(p));
+    let model = match (&config.model, task) {
+        (ModelConfig::Bert(c), Task::Encoder) => {
+            let mut remap = vec![rename(r"^bert\.", "")];
+            remap.extend(bert_renames());
+            let pooler = names.iter().any(|n| n.contains("pooler.dense"));
+            let mut m = BertModel::new(c, pooler, device);
+            load_into(&mut m, &files, &remap, false, &[])?;
+            HfModel::Bert(m)
+        }
+        (ModelConfig::Bert(c), Task::SequenceClassification { num_labels }) => {
+            let mut remap = Vec::new();
+            if !has_prefix("bert.") {
+                remap.push(rename(r"^(embeddings|encoder|pooler)\.", "bert.$1."));
+            }
+            remap.extend(bert_renames());
+            let mut m = BertForSequenceClassification::new(c, num_labels, device);
+            load_into(&mut m, &files, &remap, false, &["classifier.".into(), "bert.pooler.".into()])?;
+            HfModel::BertForSequenceClassification(m)
+        }
+        (ModelConfig::Gpt2(c), Task::CausalLm) => {
+            let mut remap = Vec::new();
+            if !has_prefix("transformer.") {
+                remap.push(rename(r"^(wte|wpe|h|ln_f)\.", "transformer.$1."));
+            }
+            let mut m = Gpt2LMHeadModel::new(c, device);
+            load_into(&mut m, &files, &remap, true, &[])?;
+            HfModel::Gpt2LMHeadModel(m)
+        }
+        (ModelConfig::Gpt2(c), Task::SequenceClassification { num_labels }) => {
+            let mut remap = Vec::new();
+            if !has_prefix("transformer.") {
+                remap.push(rename(r"^(wte|wpe|h|ln_f)\.", "transformer.$1."));
+            }
+            let pad = config.raw.get("pad_token_id").and_then(|v| v.as_i64());
+            let mut m = Gpt2ForSequenceClassification::new(c, num_labels, pad, device);
+            load_into(&mut m, &files, &remap, true, &["score.".into()])?;
+            HfModel::Gpt2ForSequenceClassification(m)
+        }
+        (ModelConfig::Llama(c), Task::CausalLm) => {
+            let scaling = c.scaling(&config.file)?;
+            let mut m = LlamaForCausalLM::new(c, &scaling, device);
+            load_into(&mut m, &files, &[], false, &[])?;
+            HfModel::LlamaForCausalLM(m)
+        }
+        (ModelConfig::Llama(c), Task::SequenceClassification { num_labels }) => {
+            let scaling = c.scaling(&config.file)?;
+            let mut m = LlamaForSequenceClassification::new(c, &scaling, num_labels, device);
+            load_into(&mut m, &files, &[], false, &["score.".into()])?;
+            HfModel::LlamaForSequenceClassification(m)
+        }
+        (_, Task::Encoder) => return Err(unsupported("encoder")),
+        (_, Task::CausalLm) => return Err(unsupported("causal-lm")),
+        (_, Task::Auto) => unreachable!("resolved by choose_task"),
+    };
+    let tokenizer = if dir.join("tokenizer.json").is_file() {
+        Some(HfTokenizer::from_dir(&dir)?)
+    } else {
+        None
+    };
+    Ok(Pretrained {
+        model,
+        config,
+        dir,
+        tokenizer,
+    })
+}
+
+fn bert_renames() -> Vec<(String, String)> {
+    vec![
+        (r"\.LayerNorm\.".to_string(), ".layer_norm.".to_string()),
+        (r"\.attention\.self\.".to_string(), ".attention.self_attn.".to_string()),
+    ]
+}
+
+/// Load just the config of a model folder or hub id.
+pub fn read_config(source: &str) -> Result<(PathBuf, HfConfig)> {
+    let dir = hub::resolve(source)?;
+    let config = HfConfig::read(&dir.join("config.json"))?;
+    Ok((dir, config))
+}
+
+/// The folder of `source` (resolving hub ids through the cache).
+pub fn model_dir(source: &str) -> Result<PathBuf> {
+    hub::resolve(source)
+}

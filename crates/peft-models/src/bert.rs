@@ -1,0 +1,222 @@
+//! BERT (covers all-MiniLM-L6-v2): absolute positions, token types, GELU, post-norm.
+
+use burn::module::Module;
+use burn::nn::{LayerNorm, LayerNormConfig};
+use burn::tensor::activation::{gelu, tanh};
+use burn::tensor::{Device, Int, Tensor};
+use peft_core::Adaptable;
+use peft_core::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
+
+use crate::config::BertConfig;
+use crate::ops::{merge_heads, padding_mask, positions, sdpa, split_heads};
+
+/// Word, position and token-type embeddings, summed and normalised.
+#[derive(Module, Debug, Adaptable)]
+pub struct BertEmbeddings {
+    /// Token table.
+    pub word_embeddings: Embedding,
+    /// Position table.
+    pub position_embeddings: Embedding,
+    /// Segment table.
+    pub token_type_embeddings: Embedding,
+    /// `LayerNorm` in checkpoints.
+    pub layer_norm: LayerNorm,
+}
+
+/// `attention.self`.
+#[derive(Module, Debug, Adaptable)]
+pub struct BertSelfAttention {
+    /// Query projection.
+    pub query: Linear,
+    /// Key projection.
+    pub key: Linear,
+    /// Value projection.
+    pub value: Linear,
+    #[module(skip)]
+    heads: usize,
+}
+
+/// `attention.output` / `output`: dense, residual, LayerNorm.
+#[derive(Module, Debug, Adaptable)]
+pub struct BertDenseNorm {
+    /// Projection.
+    pub dense: Linear,
+    /// `LayerNorm` in checkpoints.
+    pub layer_norm: LayerNorm,
+}
+
+/// `attention`.
+#[derive(Module, Debug, Adaptable)]
+pub struct BertAttention {
+    /// `self` in checkpoints.
+    #[peft(rename = "self")]
+    pub self_attn: BertSelfAttention,
+    /// `output`.
+    pub output: BertDenseNorm,
+}
+
+/// `intermediate`.
+#[derive(Module, Debug, Adaptable)]
+pub struct BertIntermediate {
+    /// Up projection.
+    pub dense: Linear,
+}
+
+/// One encoder layer.
+#[derive(Module, Debug, Adaptable)]
+pub struct BertLayer {
+    /// Attention block.
+    pub attention: BertAttention,
+    /// MLP up.
+    pub intermediate: BertIntermediate,
+    /// MLP down + norm.
+    pub output: BertDenseNorm,
+}
+
+/// `encoder`.
+#[derive(Module, Debug, Adaptable)]
+pub struct BertEncoder {
+    /// Layers.
+    pub layer: Vec<BertLayer>,
+}
+
+/// `pooler`: tanh(dense(first token)).
+#[derive(Module, Debug, Adaptable)]
+pub struct BertPooler {
+    /// Projection.
+    pub dense: Linear,
+}
+
+/// `BertModel`.
+#[derive(Module, Debug, Adaptable)]
+pub struct BertModel {
+    /// Embeddings.
+    pub embeddings: BertEmbeddings,
+    /// Encoder.
+    pub encoder: BertEncoder,
+    /// Pooler (absent in some checkpoints).
+    pub pooler: Option<BertPooler>,
+}
+
+/// `BertForSequenceClassification`: pooler output -> `classifier`.
+#[derive(Module, Debug, Adaptable)]
+#[peft(output_layer = "classifier")]
+pub struct BertForSequenceClassification {
+    /// The encoder.
+    pub bert: BertModel,
+    /// Classification head.
+    pub classifier: Linear,
+}
+
+/// What a BERT forward returns.
+#[derive(Debug, Clone)]
+pub struct BertOutput {
+    /// `[b, s, hidden]`.
+    pub last_hidden_state: Tensor<3>,
+    /// `[b, hidden]`, when the model has a pooler.
+    pub pooler_output: Option<Tensor<2>>,
+}
+
+impl BertModel {
+    /// An uninitialized (lazy) model of this shape.
+    pub fn new(c: &BertConfig, pooler: bool, device: &Device) -> Self {
+        let d = c.hidden_size;
+        let norm = || LayerNormConfig::new(d).with_epsilon(c.layer_norm_eps).init(device);
+        let linear = |i: usize, o: usize| LinearConfig::new(i, o).init(device);
+        Self {
+            embeddings: BertEmbeddings {
+                word_embeddings: EmbeddingConfig::new(c.vocab_size, d).init(device),
+                position_embeddings: EmbeddingConfig::new(c.max_position_embeddings, d).init(device),
+                token_type_embeddings: EmbeddingConfig::new(c.type_vocab_size, d).init(device),
+                layer_norm: norm(),
+            },
+            encoder: BertEncoder {
+                layer: (0..c.num_hidden_layers)
+                    .map(|_| BertLayer {
+                        attention: BertAttention {
+                            self_attn: BertSelfAttention {
+                                query: linear(d, d),
+                                key: linear(d, d),
+                                value: linear(d, d),
+                                heads: c.num_attention_heads,
+                            },
+                            output: BertDenseNorm {
+                                dense: linear(d, d),
+                                layer_norm: norm(),
+                            },
+                        },
+                        intermediate: BertIntermediate {
+                            dense: linear(d, c.intermediate_size),
+                        },
+                        output: BertDenseNorm {
+                            dense: linear(c.intermediate_size, d),
+                            layer_norm: norm(),
+                        },
+                    })
+                    .collect(),
+            },
+            pooler: pooler.then(|| BertPooler { dense: linear(d, d) }),
+        }
+    }
+
+    /// Encode `input_ids` `[b, s]`; `attention_mask` (1 = token) and `token_type_ids` default to
+    /// all ones and all zeros.
+    pub fn forward(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        token_type_ids: Option<Tensor<2, Int>>,
+    ) -> BertOutput {
+        let [b, s] = input_ids.dims();
+        let device = input_ids.device();
+        let types = token_type_ids.unwrap_or_else(|| Tensor::zeros([b, s], &device));
+        let e = &self.embeddings;
+        let h = e.word_embeddings.forward(input_ids)
+            + e.position_embeddings.forward(positions(b, 0, s, &device))
+            + e.token_type_embeddings.forward(types);
+        let mut h = e.layer_norm.forward(h);
+        for layer in &self.encoder.layer {
+            let sa = &layer.attention.self_attn;
+            let q = split_heads(sa.query.forward(h.clone()), sa.heads);
+            let k = split_heads(sa.key.forward(h.clone()), sa.heads);
+            let v = split_heads(sa.value.forward(h.clone()), sa.heads);
+            let mask = attention_mask.as_ref().map(|m| padding_mask(m, sa.heads, s));
+            let ctx = merge_heads(sdpa(q, k, v, mask, false, None));
+            let out = &layer.attention.output;
+            h = out.layer_norm.forward(out.dense.forward(ctx) + h);
+            let up = gelu(layer.intermediate.dense.forward(h.clone()));
+            h = layer.output.layer_norm.forward(layer.output.dense.forward(up) + h);
+        }
+        let pooler_output = self.pooler.as_ref().map(|p| {
+            let [b, _, d] = h.dims();
+            let first = h.clone().slice([0..b, 0..1, 0..d]).reshape([b, d]);
+            tanh(p.dense.forward(first))
+        });
+        BertOutput {
+            last_hidden_state: h,
+            pooler_output,
+        }
+    }
+}
+
+impl BertForSequenceClassification {
+    /// An uninitialized classifier with `num_labels` outputs.
+    pub fn new(c: &BertConfig, num_labels: usize, device: &Device) -> Self {
+        Self {
+            bert: BertModel::new(c, true, device),
+            classifier: LinearConfig::new(c.hidden_size, num_labels).init(device),
+        }
+    }
+
+    /// Logits `[b, num_labels]` (dropout is inactive at inference, as in eval mode).
+    pub fn forward(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        token_type_ids: Option<Tensor<2, Int>>,
+    ) -> Tensor<2> {
+        let out = self.bert.forward(input_ids, attention_mask, token_type_ids);
+        let pooled = out.pooler_output.expect("BertForSequenceClassification always has a pooler");
+        self.classifier.forward(pooled)
+    }
+}

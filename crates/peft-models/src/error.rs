@@ -1,0 +1,76 @@
+//! Typed errors of model loading and running.
+
+use std::path::PathBuf;
+
+/// Errors while resolving, loading or running a model.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    /// A file could not be read.
+    #[error("{}: {source}", file.display())]
+    Io {
+        /// The file.
+        file: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `config.json` is malformed or lacks a field.
+    #[error("{}: {reason}", file.display())]
+    InvalidConfig {
+        /// The config file.
+        file: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The architecture is not one we implement.
+    #[error("{}: unsupported architecture `{found}`; supported model_type values: bert, gpt2, llama, qwen2, mistral", file.display())]
+    UnsupportedArchitecture {
+        /// The config file.
+        file: PathBuf,
+        /// The `model_type` found.
+        found: String,
+    },
+    /// An option of the config changes the math in a way we do not implement.
+    #[error("{}: `{key}` = {found} is not supported ({reason})", file.display())]
+    UnsupportedOption {
+        /// The config file.
+        file: PathBuf,
+        /// The key.
+        key: String,
+        /// The value.
+        found: String,
+        /// Why.
+        reason: String,
+    },
+    /// The weights file lacks tensors the model needs, or holds wrongly shaped ones.
+    #[error("{}: {reason}", file.display())]
+    Weights {
+        /// The weights file.
+        file: PathBuf,
+        /// What is missing or wrong.
+        reason: String,
+    },
+    /// A model could not be found locally or in the Hugging Face cache.
+    #[error("model `{id}` not found: {reason}")]
+    NotFound {
+        /// The hub id or folder asked for.
+        id: String,
+        /// Where we looked and what to do.
+        reason: String,
+    },
+    /// The tokenizer could not be loaded or run.
+    #[error("{}: tokenizer error: {reason}", file.display())]
+    Tokenizer {
+        /// The tokenizer file.
+        file: PathBuf,
+        /// The cause.
+        reason: String,
+    },
+    /// Inputs have the wrong shape or values.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+}
+
+/// Result alias for model operations.
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;

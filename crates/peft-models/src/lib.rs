@@ -1,0 +1,26 @@
+//! BERT (MiniLM), GPT-2 and Llama-family models built from burn-peft's adapter-aware layers,
+//! loaded from Hugging Face files with Hugging Face module names, so PEFT `target_modules`
+//! lists and bundles apply unchanged.
+
+#![warn(missing_docs)]
+
+mod auto;
+pub mod bert;
+mod cache;
+pub mod config;
+mod error;
+pub mod generate;
+pub mod gpt2;
+pub mod heads;
+pub mod hub;
+pub mod llama;
+pub mod load;
+pub mod ops;
+mod tokenizer;
+
+pub use auto::{HfModel, ModelInputs, ModelOutputs, Pretrained, Task, from_pretrained, model_dir, read_config};
+pub use cache::KvCache;
+pub use config::{HfConfig, ModelConfig};
+pub use error::{ModelError, Result};
+pub use generate::{GenerationConfig, generate};
+pub use tokenizer::{Batch, Encoding, HfTokenizer, pad_batch};

@@ -1,0 +1,155 @@
+//! Loading Hugging Face safetensors (single file or shards) into our modules through
+//! burn-store, with Hugging Face names.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::tensor::DType;
+use burn_store::{
+    FloatCastAdapter, KeyRemapper, ModuleAdapter, ModuleContext, ModuleSnapshot,
+    PyTorchToBurnAdapter, SafetensorsStore,
+};
+
+use crate::error::{ModelError, Result};
+use crate::hub::shard_names;
+
+/// The weight files of a model folder: `model.safetensors`, or the shards of
+/// `model.safetensors.index.json`.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        return Ok(shard_names(&index)?.into_iter().map(|s| dir.join(s)).collect());
+    }
+    Err(ModelError::NotFound {
+        id: dir.display().to_string(),
+        reason: "no model.safetensors or model.safetensors.index.json in the folder".into(),
+    })
+}
+
+/// All tensor names in the weight files.
+pub fn tensor_names(files: &[PathBuf]) -> Result<BTreeSet<String>> {
+    let mut names = BTreeSet::new();
+    for file in files {
+        let bytes = std::fs::read(file).map_err(|source| ModelError::Io {
+            file: file.clone(),
+            source,
+        })?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
+            ModelError::Weights {
+                file: file.clone(),
+                reason: format!("not a valid safetensors file: {e}"),
+            }
+        })?;
+        names.extend(meta.tensors().keys().cloned());
+    }
+    Ok(names)
+}
+
+/// PyTorch -> Burn conversion (transpose `nn.Linear` weights, norm `weight/bias` ->
+/// `gamma/beta`), leaving GPT-2 `Conv1D` weights (`c_attn`, `c_proj`, `c_fc`), already
+/// `[in, out]`, as stored.
+#[derive(Debug, Clone)]
+struct HfAdapter {
+    conv1d: bool,
+}
+
+fn is_conv1d_weight(name: &str) -> bool {
+    [".c_attn.weight", ".c_proj.weight", ".c_fc.weight"]
+        .iter()
+        .any(|s| name.ends_with(s))
+}
+
+impl ModuleAdapter for HfAdapter {
+    fn adapt(
+        &self,
+        tensor: burn_store::burn_pack::Tensor,
+        ctx: ModuleContext<'_>,
+    ) -> burn_store::burn_pack::Tensor {
+        if self.conv1d && is_conv1d_weight(&tensor.name) {
+            return tensor;
+        }
+        PyTorchToBurnAdapter.adapt(tensor, ctx)
+    }
+
+    fn get_alternative_param_name(&self, param_name: &str, container_type: &str) -> Option<String> {
+        PyTorchToBurnAdapter.get_alternative_param_name(param_name, container_type)
+    }
+
+    fn clone_box(&self) -> Box<dyn ModuleAdapter> {
+        Box::new(self.clone())
+    }
+}
+
+/// Load `files` into `model`. `remap` rewrites checkpoint keys to module paths (regex, replacement);
+/// `conv1d` keeps GPT-2 `Conv1D` weights untransposed; `may_be_missing` lists module-path
+/// prefixes that may stay freshly initialized (a new classification head), with a warning.
+pub fn load_into<M: Module>(
+    model: &mut M,
+    files: &[PathBuf],
+    remap: &[(String, String)],
+    conv1d: bool,
+    may_be_missing: &[String],
+) -> Result<()> {
+    let remapper = KeyRemapper::from_patterns(remap.to_vec()).map_err(|e| ModelError::Weights {
+        file: files.first().cloned().unwrap_or_default(),
+        reason: format!("bad key pattern: {e}"),
+    })?;
+    let mut applied = BTreeSet::new();
+    let mut missing: Option<BTreeSet<String>> = None;
+    for file in files {
+        let adapter = HfAdapter { conv1d }.chain(FloatCastAdapter::to(DType::F32));
+        let mut store = SafetensorsStore::from_file(file.clone())
+            .with_from_adapter(adapter)
+            .remap(remapper.clone())
+            .allow_partial(true);
+        let result = model.load_from(&mut store).map_err(|e| ModelError::Weights {
+            file: file.clone(),
+            reason: e.to_string(),
+        })?;
+        if let Some(err) = result.errors.first() {
+            return Err(ModelError::Weights {
+                file: file.clone(),
+                reason: format!("{err}"),
+            });
+        }
+        for unused in &result.unused {
+            log::debug!("{}: tensor `{unused}` is not used by this model", file.display());
+        }
+        applied.extend(result.applied.iter().cloned());
+        let here: BTreeSet<String> = result.missing.iter().map(|(p, _)| p.clone()).collect();
+        missing = Some(match missing {
+            None => here,
+            Some(m) => m.intersection(&here).cloned().collect(),
+        });
+    }
+    let missing: Vec<String> = missing
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| !applied.contains(p))
+        .collect();
+    let (allowed, fatal): (Vec<_>, Vec<_>) = missing
+        .into_iter()
+        .partition(|p| may_be_missing.iter().any(|prefix| p.starts_with(prefix.as_str())));
+    if !fatal.is_empty() {
+        return Err(ModelError::Weights {
+            file: files.first().cloned().unwrap_or_default(),
+            reason: format!(
+                "{} tensor(s) the model needs are missing, e.g. {}",
+                fatal.len(),
+                fatal.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+            ),
+        });
+    }
+    if !allowed.is_empty() {
+        log::warn!(
+            "newly initialized (not in the checkpoint): {}; train them before use",
+            allowed.join(", ")
+        );
+    }
+    Ok(())
+}
