@@ -6,13 +6,17 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_peft::core::PeftModel;
-use burn_peft::models::{GenerationConfig, ModelInputs, ModelOutputs, Task, from_pretrained, generate};
+use burn_peft::models::{
+    GenerationConfig, ModelInputs, ModelOutputs, Task, from_pretrained, generate,
+};
 
 /// Parity tolerance (absolute) against transformers' float32 outputs.
 const TOL: f32 = 1e-4;
 
 fn dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(name)
 }
 
 fn read_ints(file: &Path, key: &str) -> Option<(Vec<i64>, Vec<usize>)> {
@@ -76,9 +80,21 @@ fn check(outputs: &ModelOutputs, expected: &Path, prefix: &str, mask: &[i64], wh
     let pairs: Vec<(&str, Option<Vec<f32>>, bool)> = vec![
         ("logits", outputs.logits.clone().map(values3), true),
         ("logits", outputs.class_logits.clone().map(values2), false),
-        ("last_hidden_state", outputs.last_hidden_state.clone().map(values3), true),
-        ("sentence_embedding", outputs.sentence_embedding.clone().map(values2), false),
-        ("pooler_output", outputs.pooler_output.clone().map(values2), false),
+        (
+            "last_hidden_state",
+            outputs.last_hidden_state.clone().map(values3),
+            true,
+        ),
+        (
+            "sentence_embedding",
+            outputs.sentence_embedding.clone().map(values2),
+            false,
+        ),
+        (
+            "pooler_output",
+            outputs.pooler_output.clone().map(values2),
+            false,
+        ),
     ];
     let mut checked = 0;
     for (key, ours, per_token) in pairs {
@@ -86,7 +102,10 @@ fn check(outputs: &ModelOutputs, expected: &Path, prefix: &str, mask: &[i64], wh
         let (theirs, shape) = floats(expected, &format!("{prefix}{key}"));
         let diff = max_diff_valid(&ours, &theirs, &shape, per_token.then_some(mask));
         eprintln!("{what}: {key} max |diff| {diff:.2e}");
-        assert!(diff < TOL, "{what}: `{key}` differs from transformers by {diff}");
+        assert!(
+            diff < TOL,
+            "{what}: `{key}` differs from transformers by {diff}"
+        );
         checked += 1;
     }
     assert!(checked > 0, "{what}: nothing compared");
@@ -106,13 +125,33 @@ fn parity(name: &str) {
     let pretrained = from_pretrained(dir(name).to_str().unwrap(), Task::Auto, &device)
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     let mut model = PeftModel::new(pretrained.model);
-    check(&model.model().forward(&inputs), &dir(name).join("expected.safetensors"), "", &mask, name);
+    check(
+        &model.model().forward(&inputs),
+        &dir(name).join("expected.safetensors"),
+        "",
+        &mask,
+        name,
+    );
 
-    model.load_adapter(dir(name).join("lora"), "default").unwrap();
+    model
+        .load_adapter(dir(name).join("lora"), "default")
+        .unwrap();
     let lora = dir(name).join("lora/expected.safetensors");
-    check(&model.model().forward(&inputs), &lora, "", &mask, &format!("{name} + LoRA"));
+    check(
+        &model.model().forward(&inputs),
+        &lora,
+        "",
+        &mask,
+        &format!("{name} + LoRA"),
+    );
     model.merge().unwrap();
-    check(&model.model().forward(&inputs), &lora, "merged_", &mask, &format!("{name} + merged LoRA"));
+    check(
+        &model.model().forward(&inputs),
+        &lora,
+        "merged_",
+        &mask,
+        &format!("{name} + merged LoRA"),
+    );
 }
 
 #[test]
@@ -164,9 +203,14 @@ fn greedy(name: &str) {
         max_new_tokens: 8,
         ..Default::default()
     };
-    for (expected_file, with_lora) in [("expected.safetensors", false), ("lora/expected.safetensors", true)] {
+    for (expected_file, with_lora) in [
+        ("expected.safetensors", false),
+        ("lora/expected.safetensors", true),
+    ] {
         if with_lora {
-            model.load_adapter(dir(name).join("lora"), "default").unwrap();
+            model
+                .load_adapter(dir(name).join("lora"), "default")
+                .unwrap();
         }
         let (want, _) = read_ints(&dir(name).join(expected_file), "greedy_ids").unwrap();
         let cached = generate(model.model(), &prompt, &config, &device).unwrap();
@@ -180,8 +224,14 @@ fn greedy(name: &str) {
             &device,
         )
         .unwrap();
-        assert_eq!(cached, uncached, "{name}: cached generation differs from uncached");
-        assert_eq!(cached, want, "{name} (lora: {with_lora}): greedy ids differ from transformers");
+        assert_eq!(
+            cached, uncached,
+            "{name}: cached generation differs from uncached"
+        );
+        assert_eq!(
+            cached, want,
+            "{name} (lora: {with_lora}): greedy ids differ from transformers"
+        );
     }
 }
 
@@ -198,7 +248,8 @@ fn llama_greedy_generation_matches_transformers_and_cache_is_exact() {
 #[test]
 fn sampling_is_seeded() {
     let device = Device::flex();
-    let pretrained = from_pretrained(dir("llama_gqa").to_str().unwrap(), Task::Auto, &device).unwrap();
+    let pretrained =
+        from_pretrained(dir("llama_gqa").to_str().unwrap(), Task::Auto, &device).unwrap();
     let config = GenerationConfig {
         max_new_tokens: 6,
         temperature: 0.8,
@@ -215,5 +266,8 @@ fn sampling_is_seeded() {
         eos_token_ids: vec![a[2]],
         ..config
     };
-    assert_eq!(generate(&pretrained.model, &[5, 9], &eos, &device).unwrap(), a[..3]);
+    assert_eq!(
+        generate(&pretrained.model, &[5, 9], &eos, &device).unwrap(),
+        a[..3]
+    );
 }

@@ -24,26 +24,35 @@ fn input_error(file: &Path, message: impl Into<String>) -> InputError {
     }
 }
 
+/// Values and shape of an int64 tensor.
+type IntTensor = (Vec<i64>, Vec<usize>);
+
 /// Read `input_ids` and the optional `attention_mask` / `token_type_ids` (int64 `[batch, seq]`).
 pub fn read_inputs(file: &Path, device: &Device) -> Result<ModelInputs, InputError> {
     let bytes = std::fs::read(file).map_err(|e| input_error(file, format!("cannot read: {e}")))?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| input_error(file, format!("not a valid safetensors file: {e}")))?;
     let names: Vec<String> = st.names().into_iter().map(String::from).collect();
-    let read = |name: &str, shape: Option<&[usize]>| -> Result<Option<(Vec<i64>, Vec<usize>)>, InputError> {
+    let read = |name: &str, shape: Option<&[usize]>| -> Result<Option<IntTensor>, InputError> {
         let Ok(view) = st.tensor(name) else {
             return Ok(None);
         };
         if view.dtype() != Dtype::I64 {
             return Err(input_error(
                 file,
-                format!("tensor `{name}` has dtype {:?}, expected I64 (torch.int64)", view.dtype()),
+                format!(
+                    "tensor `{name}` has dtype {:?}, expected I64 (torch.int64)",
+                    view.dtype()
+                ),
             ));
         }
         if view.shape().len() != 2 {
             return Err(input_error(
                 file,
-                format!("tensor `{name}` has shape {:?}, expected [batch, seq]", view.shape()),
+                format!(
+                    "tensor `{name}` has shape {:?}, expected [batch, seq]",
+                    view.shape()
+                ),
             ));
         }
         if let Some(expected) = shape
@@ -51,7 +60,10 @@ pub fn read_inputs(file: &Path, device: &Device) -> Result<ModelInputs, InputErr
         {
             return Err(input_error(
                 file,
-                format!("tensor `{name}` has shape {:?}, expected {expected:?} like input_ids", view.shape()),
+                format!(
+                    "tensor `{name}` has shape {:?}, expected {expected:?} like input_ids",
+                    view.shape()
+                ),
             ));
         }
         let values = view
@@ -62,9 +74,13 @@ pub fn read_inputs(file: &Path, device: &Device) -> Result<ModelInputs, InputErr
         Ok(Some((values, view.shape().to_vec())))
     };
     let (ids, shape) = read("input_ids", None)?.ok_or_else(|| {
-        input_error(file, format!("no tensor `input_ids`; found: {}", names.join(", ")))
+        input_error(
+            file,
+            format!("no tensor `input_ids`; found: {}", names.join(", ")),
+        )
     })?;
-    let to_tensor = |(v, s): (Vec<i64>, Vec<usize>)| Tensor::<2, Int>::from_data(TensorData::new(v, s), device);
+    let to_tensor =
+        |(v, s): (Vec<i64>, Vec<usize>)| Tensor::<2, Int>::from_data(TensorData::new(v, s), device);
     let attention_mask = read("attention_mask", Some(&shape))?.map(to_tensor);
     let token_type_ids = read("token_type_ids", Some(&shape))?.map(to_tensor);
     Ok(ModelInputs {

@@ -234,7 +234,8 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
                 };
                 let (b, bm) = (body(false)?, body(true)?);
                 if single && matches!(variant.fields, Fields::Unnamed(_)) {
-                    output_arms.extend(quote!(Self::#vname(f0) => #krate::Adaptable::output_layer(f0),));
+                    output_arms
+                        .extend(quote!(Self::#vname(f0) => #krate::Adaptable::output_layer(f0),));
                 } else {
                     output_arms.extend(quote!(#[allow(unused_variables)] #pattern => ::core::option::Option::None,));
                 }

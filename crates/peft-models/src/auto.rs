@@ -37,6 +37,8 @@ pub enum Task {
 
 /// A supported model with its head. Module paths are Hugging Face names, so PEFT
 /// `target_modules` lists and bundles apply unchanged.
+// Burn modules cannot be boxed, and a model is built once: the size difference is harmless.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug, Adaptable)]
 pub enum HfModel {
     /// `BertModel`.
@@ -89,7 +91,10 @@ impl HfModel {
                 let out = m.forward(ids.clone(), mask.clone(), inputs.token_type_ids.clone());
                 let full = mask.unwrap_or_else(|| ids.ones_like());
                 ModelOutputs {
-                    sentence_embedding: Some(mean_pool_normalize(out.last_hidden_state.clone(), &full)),
+                    sentence_embedding: Some(mean_pool_normalize(
+                        out.last_hidden_state.clone(),
+                        &full,
+                    )),
                     last_hidden_state: Some(out.last_hidden_state),
                     pooler_output: out.pooler_output,
                     ..Default::default()
@@ -146,7 +151,10 @@ impl HfModel {
 
     /// Whether this is a causal LM.
     pub fn is_causal_lm(&self) -> bool {
-        matches!(self, HfModel::Gpt2LMHeadModel(_) | HfModel::LlamaForCausalLM(_))
+        matches!(
+            self,
+            HfModel::Gpt2LMHeadModel(_) | HfModel::LlamaForCausalLM(_)
+        )
     }
 }
 
@@ -208,7 +216,13 @@ pub fn from_pretrained(source: &str, task: Task, device: &Device) -> Result<Pret
             }
             remap.extend(bert_renames());
             let mut m = BertForSequenceClassification::new(c, num_labels, device);
-            load_into(&mut m, &files, &remap, false, &["classifier.".into(), "bert.pooler.".into()])?;
+            load_into(
+                &mut m,
+                &files,
+                &remap,
+                false,
+                &["classifier.".into(), "bert.pooler.".into()],
+            )?;
             HfModel::BertForSequenceClassification(m)
         }
         (ModelConfig::Gpt2(c), Task::CausalLm) => {
@@ -262,7 +276,10 @@ pub fn from_pretrained(source: &str, task: Task, device: &Device) -> Result<Pret
 fn bert_renames() -> Vec<(String, String)> {
     vec![
         (r"\.LayerNorm\.".to_string(), ".layer_norm.".to_string()),
-        (r"\.attention\.self\.".to_string(), ".attention.self_attn.".to_string()),
+        (
+            r"\.attention\.self\.".to_string(),
+            ".attention.self_attn.".to_string(),
+        ),
     ]
 }
 

@@ -121,12 +121,17 @@ impl BertModel {
     /// An uninitialized (lazy) model of this shape.
     pub fn new(c: &BertConfig, pooler: bool, device: &Device) -> Self {
         let d = c.hidden_size;
-        let norm = || LayerNormConfig::new(d).with_epsilon(c.layer_norm_eps).init(device);
+        let norm = || {
+            LayerNormConfig::new(d)
+                .with_epsilon(c.layer_norm_eps)
+                .init(device)
+        };
         let linear = |i: usize, o: usize| LinearConfig::new(i, o).init(device);
         Self {
             embeddings: BertEmbeddings {
                 word_embeddings: EmbeddingConfig::new(c.vocab_size, d).init(device),
-                position_embeddings: EmbeddingConfig::new(c.max_position_embeddings, d).init(device),
+                position_embeddings: EmbeddingConfig::new(c.max_position_embeddings, d)
+                    .init(device),
                 token_type_embeddings: EmbeddingConfig::new(c.type_vocab_size, d).init(device),
                 layer_norm: norm(),
             },
@@ -155,7 +160,9 @@ impl BertModel {
                     })
                     .collect(),
             },
-            pooler: pooler.then(|| BertPooler { dense: linear(d, d) }),
+            pooler: pooler.then(|| BertPooler {
+                dense: linear(d, d),
+            }),
         }
     }
 
@@ -180,12 +187,17 @@ impl BertModel {
             let q = split_heads(sa.query.forward(h.clone()), sa.heads);
             let k = split_heads(sa.key.forward(h.clone()), sa.heads);
             let v = split_heads(sa.value.forward(h.clone()), sa.heads);
-            let mask = attention_mask.as_ref().map(|m| padding_mask(m, sa.heads, s));
+            let mask = attention_mask
+                .as_ref()
+                .map(|m| padding_mask(m, sa.heads, s));
             let ctx = merge_heads(sdpa(q, k, v, mask, false, None));
             let out = &layer.attention.output;
             h = out.layer_norm.forward(out.dense.forward(ctx) + h);
             let up = gelu(layer.intermediate.dense.forward(h.clone()));
-            h = layer.output.layer_norm.forward(layer.output.dense.forward(up) + h);
+            h = layer
+                .output
+                .layer_norm
+                .forward(layer.output.dense.forward(up) + h);
         }
         let pooler_output = self.pooler.as_ref().map(|p| {
             let [b, _, d] = h.dims();
@@ -216,7 +228,9 @@ impl BertForSequenceClassification {
         token_type_ids: Option<Tensor<2, Int>>,
     ) -> Tensor<2> {
         let out = self.bert.forward(input_ids, attention_mask, token_type_ids);
-        let pooled = out.pooler_output.expect("BertForSequenceClassification always has a pooler");
+        let pooled = out
+            .pooler_output
+            .expect("BertForSequenceClassification always has a pooler");
         self.classifier.forward(pooled)
     }
 }

@@ -214,10 +214,13 @@ impl LlamaConfig {
             .and_then(Value::as_str)
             .unwrap_or("default");
         let num = |key: &str| -> Result<f64> {
-            params.get(key).and_then(Value::as_f64).ok_or_else(|| ModelError::InvalidConfig {
-                file: file.to_path_buf(),
-                reason: format!("rope scaling `{kind}` needs a numeric `{key}`"),
-            })
+            params
+                .get(key)
+                .and_then(Value::as_f64)
+                .ok_or_else(|| ModelError::InvalidConfig {
+                    file: file.to_path_buf(),
+                    reason: format!("rope scaling `{kind}` needs a numeric `{key}`"),
+                })
         };
         match kind {
             "default" => Ok(RopeScaling::None),
@@ -250,6 +253,7 @@ impl LlamaConfig {
 }
 
 /// The architecture named by `config.json`.
+#[allow(clippy::large_enum_variant)] // parsed once per model
 #[derive(Debug, Clone)]
 pub enum ModelConfig {
     /// BERT (and MiniLM, which is a BERT).
@@ -331,13 +335,21 @@ impl HfConfig {
         let architectures = raw
             .get("architectures")
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default();
         let num_labels = raw
             .get("id2label")
             .and_then(Value::as_object)
             .map(|m| m.len())
-            .or_else(|| raw.get("num_labels").and_then(Value::as_u64).map(|n| n as usize));
+            .or_else(|| {
+                raw.get("num_labels")
+                    .and_then(Value::as_u64)
+                    .map(|n| n as usize)
+            });
         Ok(Self {
             file: file.to_path_buf(),
             model_type,

@@ -48,9 +48,16 @@ fn ids_tensor(ids: &[i64], device: &Device) -> Tensor<2, Int> {
 }
 
 /// Continue `prompt`; returns prompt + new tokens.
-pub fn generate(model: &HfModel, prompt: &[i64], config: &GenerationConfig, device: &Device) -> Result<Vec<i64>> {
+pub fn generate(
+    model: &HfModel,
+    prompt: &[i64],
+    config: &GenerationConfig,
+    device: &Device,
+) -> Result<Vec<i64>> {
     if !model.is_causal_lm() {
-        return Err(ModelError::InvalidInput("generation needs a causal LM".into()));
+        return Err(ModelError::InvalidInput(
+            "generation needs a causal LM".into(),
+        ));
     }
     if prompt.is_empty() {
         return Err(ModelError::InvalidInput("the prompt is empty".into()));
@@ -128,6 +135,8 @@ pub fn pick(logits: &[f32], config: &GenerationConfig, rng: &mut StdRng) -> i64 
 fn argmax(v: &[f32]) -> usize {
     v.iter()
         .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| if x > bv { (i, x) } else { (bi, bv) })
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
+            if x > bv { (i, x) } else { (bi, bv) }
+        })
         .0
 }

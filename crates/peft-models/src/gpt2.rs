@@ -76,7 +76,9 @@ pub struct Gpt2ForSequenceClassification {
 }
 
 fn conv1d(d_in: usize, d_out: usize, device: &Device) -> Linear {
-    LinearConfig::new(d_in, d_out).init(device).with_layout(WeightLayout::Conv1D)
+    LinearConfig::new(d_in, d_out)
+        .init(device)
+        .with_layout(WeightLayout::Conv1D)
 }
 
 impl Gpt2Model {
@@ -84,7 +86,11 @@ impl Gpt2Model {
     pub fn new(c: &Gpt2Config, device: &Device) -> Self {
         let d = c.n_embd;
         let inner = c.n_inner.unwrap_or(4 * d);
-        let norm = || LayerNormConfig::new(d).with_epsilon(c.layer_norm_epsilon).init(device);
+        let norm = || {
+            LayerNormConfig::new(d)
+                .with_epsilon(c.layer_norm_epsilon)
+                .init(device)
+        };
         Self {
             wte: EmbeddingConfig::new(c.vocab_size, d).init(device),
             wpe: EmbeddingConfig::new(c.n_positions, d).init(device),
@@ -134,7 +140,10 @@ impl Gpt2Model {
             let attn = sdpa(q, k, v, mask, true, None);
             h = h + block.attn.c_proj.forward(merge_heads(attn));
             let x = block.ln_2.forward(h.clone());
-            h = h + block.mlp.c_proj.forward(gelu_new(block.mlp.c_fc.forward(x)));
+            h = h + block
+                .mlp
+                .c_proj
+                .forward(gelu_new(block.mlp.c_fc.forward(x)));
         }
         self.ln_f.forward(h)
     }
@@ -167,17 +176,30 @@ impl Gpt2LMHeadModel {
 
 impl Gpt2ForSequenceClassification {
     /// An uninitialized classifier.
-    pub fn new(c: &Gpt2Config, num_labels: usize, pad_token_id: Option<i64>, device: &Device) -> Self {
+    pub fn new(
+        c: &Gpt2Config,
+        num_labels: usize,
+        pad_token_id: Option<i64>,
+        device: &Device,
+    ) -> Self {
         Self {
             transformer: Gpt2Model::new(c, device),
-            score: LinearConfig::new(c.n_embd, num_labels).with_bias(false).init(device),
+            score: LinearConfig::new(c.n_embd, num_labels)
+                .with_bias(false)
+                .init(device),
             pad_token_id,
         }
     }
 
     /// Logits `[b, num_labels]` at each row's last non-pad token.
-    pub fn forward(&self, input_ids: Tensor<2, Int>, attention_mask: Option<Tensor<2, Int>>) -> Tensor<2> {
-        let h = self.transformer.forward(input_ids.clone(), attention_mask, None);
+    pub fn forward(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+    ) -> Tensor<2> {
+        let h = self
+            .transformer
+            .forward(input_ids.clone(), attention_mask, None);
         crate::heads::pool_last_non_pad(self.score.forward(h), &input_ids, self.pad_token_id)
     }
 }

@@ -12,7 +12,11 @@ pub fn tied_logits(h: Tensor<3>, embedding: &Embedding) -> Tensor<3> {
 /// Pick, for each row, the logits at its last non-pad token, as transformers'
 /// `*ForSequenceClassification` decoders do (`(arange * (ids != pad)).argmax(-1)`; without a pad
 /// token, the last position).
-pub fn pool_last_non_pad(logits: Tensor<3>, input_ids: &Tensor<2, Int>, pad: Option<i64>) -> Tensor<2> {
+pub fn pool_last_non_pad(
+    logits: Tensor<3>,
+    input_ids: &Tensor<2, Int>,
+    pad: Option<i64>,
+) -> Tensor<2> {
     let [b, s, c] = logits.dims();
     let device = logits.device();
     let index = match pad {
@@ -35,6 +39,11 @@ pub fn mean_pool_normalize(hidden: Tensor<3>, attention_mask: &Tensor<2, Int>) -
     let summed = (hidden * mask.clone()).sum_dim(1).squeeze_dim::<2>(1);
     let counts = mask.sum_dim(1).squeeze_dim::<2>(1).clamp_min(1e-9);
     let mean = summed / counts;
-    let norm = mean.clone().powf_scalar(2.0).sum_dim(1).sqrt().clamp_min(1e-12);
+    let norm = mean
+        .clone()
+        .powf_scalar(2.0)
+        .sum_dim(1)
+        .sqrt()
+        .clamp_min(1e-12);
     mean / norm
 }

@@ -14,7 +14,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("HF_HOME").filter(|v| !v.is_empty()) {
         return PathBuf::from(p).join("hub");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     home.join(".cache").join("huggingface").join("hub")
 }
 
@@ -28,7 +30,11 @@ pub fn offline() -> bool {
 /// Files a model folder needs, besides the weights.
 const REQUIRED: &[&str] = &["config.json"];
 /// Optional files fetched when present.
-const OPTIONAL: &[&str] = &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"];
+const OPTIONAL: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
 
 /// Resolve `source` (a folder, or a hub id like `sentence-transformers/all-MiniLM-L6-v2`) to a
 /// folder holding `config.json` and the weights.
@@ -72,7 +78,9 @@ fn looks_like_hub_id(s: &str) -> bool {
     let parts: Vec<&str> = s.split('/').collect();
     (1..=2).contains(&parts.len())
         && parts.iter().all(|p| {
-            !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         })
 }
 
@@ -135,7 +143,9 @@ fn download(id: &str) -> Result<PathBuf> {
     match repo.get("model.safetensors") {
         Ok(_) => {}
         Err(_) => {
-            let index = repo.get("model.safetensors.index.json").map_err(not_found)?;
+            let index = repo
+                .get("model.safetensors.index.json")
+                .map_err(not_found)?;
             for shard in shard_names(&index)? {
                 repo.get(&shard).map_err(not_found)?;
             }

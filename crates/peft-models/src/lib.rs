@@ -18,7 +18,9 @@ pub mod load;
 pub mod ops;
 mod tokenizer;
 
-pub use auto::{HfModel, ModelInputs, ModelOutputs, Pretrained, Task, from_pretrained, model_dir, read_config};
+pub use auto::{
+    HfModel, ModelInputs, ModelOutputs, Pretrained, Task, from_pretrained, model_dir, read_config,
+};
 pub use cache::KvCache;
 pub use config::{HfConfig, ModelConfig};
 pub use error::{ModelError, Result};

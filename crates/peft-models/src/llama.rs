@@ -9,7 +9,9 @@ use peft_core::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 
 use crate::cache::KvCache;
 use crate::config::{LlamaConfig, RopeScaling};
-use crate::ops::{apply_rope, merge_heads, padding_mask, repeat_kv, rope_tables, sdpa, split_heads};
+use crate::ops::{
+    apply_rope, merge_heads, padding_mask, repeat_kv, rope_tables, sdpa, split_heads,
+};
 
 /// Self-attention with q/k/v/o projections.
 #[derive(Module, Debug, Adaptable)]
@@ -126,9 +128,15 @@ impl LlamaAttention {
         let (h, kv, d) = (c.num_attention_heads, c.kv_heads(), c.head_size());
         let qkv_bias = c.qkv_bias();
         Self {
-            q_proj: LinearConfig::new(c.hidden_size, h * d).with_bias(qkv_bias).init(device),
-            k_proj: LinearConfig::new(c.hidden_size, kv * d).with_bias(qkv_bias).init(device),
-            v_proj: LinearConfig::new(c.hidden_size, kv * d).with_bias(qkv_bias).init(device),
+            q_proj: LinearConfig::new(c.hidden_size, h * d)
+                .with_bias(qkv_bias)
+                .init(device),
+            k_proj: LinearConfig::new(c.hidden_size, kv * d)
+                .with_bias(qkv_bias)
+                .init(device),
+            v_proj: LinearConfig::new(c.hidden_size, kv * d)
+                .with_bias(qkv_bias)
+                .init(device),
             o_proj: LinearConfig::new(h * d, c.hidden_size)
                 .with_bias(c.attention_bias)
                 .init(device),
@@ -145,8 +153,16 @@ impl LlamaAttention {
         cache: Option<(&mut KvCache, usize)>,
     ) -> Tensor<3> {
         let [_, s, _] = x.dims();
-        let q = apply_rope(split_heads(self.q_proj.forward(x.clone()), self.heads), &rope.0, &rope.1);
-        let k = apply_rope(split_heads(self.k_proj.forward(x.clone()), self.kv_heads), &rope.0, &rope.1);
+        let q = apply_rope(
+            split_heads(self.q_proj.forward(x.clone()), self.heads),
+            &rope.0,
+            &rope.1,
+        );
+        let k = apply_rope(
+            split_heads(self.k_proj.forward(x.clone()), self.kv_heads),
+            &rope.0,
+            &rope.1,
+        );
         let v = split_heads(self.v_proj.forward(x), self.kv_heads);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v),
@@ -154,7 +170,14 @@ impl LlamaAttention {
         };
         let groups = self.heads / self.kv_heads;
         let mask = mask.map(|m| padding_mask(m, self.heads, s));
-        let out = sdpa(q, repeat_kv(k, groups), repeat_kv(v, groups), mask, true, None);
+        let out = sdpa(
+            q,
+            repeat_kv(k, groups),
+            repeat_kv(v, groups),
+            mask,
+            true,
+            None,
+        );
         self.o_proj.forward(merge_heads(out))
     }
 }
@@ -162,7 +185,11 @@ impl LlamaAttention {
 impl LlamaModel {
     /// An uninitialized (lazy) model of this shape; load weights into it.
     pub fn new(c: &LlamaConfig, scaling: &RopeScaling, device: &Device) -> Self {
-        let norm = || RmsNormConfig::new(c.hidden_size).with_epsilon(c.rms_norm_eps).init(device);
+        let norm = || {
+            RmsNormConfig::new(c.hidden_size)
+                .with_epsilon(c.rms_norm_eps)
+                .init(device)
+        };
         let layers = (0..c.num_hidden_layers)
             .map(|_| LlamaDecoderLayer {
                 self_attn: LlamaAttention::new(c, device),
@@ -206,7 +233,9 @@ impl LlamaModel {
         for (i, layer) in self.layers.iter().enumerate() {
             let normed = layer.input_layernorm.forward(h.clone());
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
-            h = h + layer.self_attn.forward(normed, &rope, attention_mask.as_ref(), layer_cache);
+            h = h + layer
+                .self_attn
+                .forward(normed, &rope, attention_mask.as_ref(), layer_cache);
             let normed = layer.post_attention_layernorm.forward(h.clone());
             let mlp = &layer.mlp;
             let act = silu(mlp.gate_proj.forward(normed.clone())) * mlp.up_proj.forward(normed);
@@ -221,8 +250,11 @@ impl LlamaForCausalLM {
     pub fn new(c: &LlamaConfig, scaling: &RopeScaling, device: &Device) -> Self {
         Self {
             model: LlamaModel::new(c, scaling, device),
-            lm_head: (!c.tie_word_embeddings)
-                .then(|| LinearConfig::new(c.hidden_size, c.vocab_size).with_bias(false).init(device)),
+            lm_head: (!c.tie_word_embeddings).then(|| {
+                LinearConfig::new(c.hidden_size, c.vocab_size)
+                    .with_bias(false)
+                    .init(device)
+            }),
         }
     }
 
@@ -251,13 +283,19 @@ impl LlamaForSequenceClassification {
     pub fn new(c: &LlamaConfig, scaling: &RopeScaling, num_labels: usize, device: &Device) -> Self {
         Self {
             model: LlamaModel::new(c, scaling, device),
-            score: LinearConfig::new(c.hidden_size, num_labels).with_bias(false).init(device),
+            score: LinearConfig::new(c.hidden_size, num_labels)
+                .with_bias(false)
+                .init(device),
             pad_token_id: c.pad_token_id,
         }
     }
 
     /// Logits `[b, num_labels]` at each row's last non-pad token.
-    pub fn forward(&self, input_ids: Tensor<2, Int>, attention_mask: Option<Tensor<2, Int>>) -> Tensor<2> {
+    pub fn forward(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+    ) -> Tensor<2> {
         let h = self.model.forward(input_ids.clone(), attention_mask, None);
         let logits = self.score.forward(h);
         crate::heads::pool_last_non_pad(logits, &input_ids, self.pad_token_id)

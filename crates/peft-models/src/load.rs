@@ -23,7 +23,10 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        return Ok(shard_names(&index)?.into_iter().map(|s| dir.join(s)).collect());
+        return Ok(shard_names(&index)?
+            .into_iter()
+            .map(|s| dir.join(s))
+            .collect());
     }
     Err(ModelError::NotFound {
         id: dir.display().to_string(),
@@ -31,21 +34,37 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     })
 }
 
-/// All tensor names in the weight files.
+/// All tensor names in the weight files, read from the safetensors headers only.
 pub fn tensor_names(files: &[PathBuf]) -> Result<BTreeSet<String>> {
+    use std::io::Read;
     let mut names = BTreeSet::new();
     for file in files {
-        let bytes = std::fs::read(file).map_err(|source| ModelError::Io {
+        let io = |source| ModelError::Io {
             file: file.clone(),
             source,
-        })?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
-            ModelError::Weights {
-                file: file.clone(),
-                reason: format!("not a valid safetensors file: {e}"),
-            }
-        })?;
-        names.extend(meta.tensors().keys().cloned());
+        };
+        let corrupt = |reason: String| ModelError::Weights {
+            file: file.clone(),
+            reason: format!("not a valid safetensors file: {reason}"),
+        };
+        let mut f = std::fs::File::open(file).map_err(io)?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len).map_err(io)?;
+        let len = u64::from_le_bytes(len);
+        let size = f.metadata().map_err(io)?.len();
+        if len > size.saturating_sub(8) || len > 100 << 20 {
+            return Err(corrupt(format!(
+                "header length {len} exceeds the file size {size}"
+            )));
+        }
+        let mut header = vec![0u8; len as usize];
+        f.read_exact(&mut header).map_err(io)?;
+        let value: serde_json::Value =
+            serde_json::from_slice(&header).map_err(|e| corrupt(e.to_string()))?;
+        let map = value
+            .as_object()
+            .ok_or_else(|| corrupt("the header is not a JSON object".into()))?;
+        names.extend(map.keys().filter(|k| *k != "__metadata__").cloned());
     }
     Ok(names)
 }
@@ -107,10 +126,12 @@ pub fn load_into<M: Module>(
             .with_from_adapter(adapter)
             .remap(remapper.clone())
             .allow_partial(true);
-        let result = model.load_from(&mut store).map_err(|e| ModelError::Weights {
-            file: file.clone(),
-            reason: e.to_string(),
-        })?;
+        let result = model
+            .load_from(&mut store)
+            .map_err(|e| ModelError::Weights {
+                file: file.clone(),
+                reason: e.to_string(),
+            })?;
         if let Some(err) = result.errors.first() {
             return Err(ModelError::Weights {
                 file: file.clone(),
@@ -118,7 +139,10 @@ pub fn load_into<M: Module>(
             });
         }
         for unused in &result.unused {
-            log::debug!("{}: tensor `{unused}` is not used by this model", file.display());
+            log::debug!(
+                "{}: tensor `{unused}` is not used by this model",
+                file.display()
+            );
         }
         applied.extend(result.applied.iter().cloned());
         let here: BTreeSet<String> = result.missing.iter().map(|(p, _)| p.clone()).collect();
@@ -132,9 +156,11 @@ pub fn load_into<M: Module>(
         .into_iter()
         .filter(|p| !applied.contains(p))
         .collect();
-    let (allowed, fatal): (Vec<_>, Vec<_>) = missing
-        .into_iter()
-        .partition(|p| may_be_missing.iter().any(|prefix| p.starts_with(prefix.as_str())));
+    let (allowed, fatal): (Vec<_>, Vec<_>) = missing.into_iter().partition(|p| {
+        may_be_missing
+            .iter()
+            .any(|prefix| p.starts_with(prefix.as_str()))
+    });
     if !fatal.is_empty() {
         return Err(ModelError::Weights {
             file: files.first().cloned().unwrap_or_default(),

@@ -29,7 +29,11 @@ pub fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
 }
 
 /// Boolean mask `[b, heads, q, k]`, true where key `k` is padding (`attention_mask == 0`).
-pub fn padding_mask(attention_mask: &Tensor<2, Int>, heads: usize, q_len: usize) -> Tensor<4, Bool> {
+pub fn padding_mask(
+    attention_mask: &Tensor<2, Int>,
+    heads: usize,
+    q_len: usize,
+) -> Tensor<4, Bool> {
     let [b, k] = attention_mask.dims();
     attention_mask
         .clone()

@@ -16,7 +16,9 @@ pub struct HfTokenizer {
 
 impl std::fmt::Debug for HfTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HfTokenizer").field("file", &self.file).finish()
+        f.debug_struct("HfTokenizer")
+            .field("file", &self.file)
+            .finish()
     }
 }
 
@@ -39,15 +41,29 @@ impl HfTokenizer {
 
     /// Load a `tokenizer.json`.
     pub fn from_file(file: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(file).map_err(|e| ModelError::Tokenizer {
-            file: file.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let mut inner =
+            tokenizers::Tokenizer::from_file(file).map_err(|e| ModelError::Tokenizer {
+                file: file.to_path_buf(),
+                reason: e.to_string(),
+            })?;
         let pad_id = inner
             .get_padding()
             .map(|p| p.pad_id)
-            .or_else(|| ["[PAD]", "<pad>", "<|endoftext|>"].iter().find_map(|t| inner.token_to_id(t)))
+            .or_else(|| {
+                ["[PAD]", "<pad>", "<|endoftext|>"]
+                    .iter()
+                    .find_map(|t| inner.token_to_id(t))
+            })
             .unwrap_or(0);
+        // Padding and truncation are ours (dynamic padding to the longest row, a caller-chosen
+        // maximum); a tokenizer.json may carry fixed ones.
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| ModelError::Tokenizer {
+                file: file.to_path_buf(),
+                reason: e.to_string(),
+            })?;
         Ok(Self {
             inner,
             file: file.to_path_buf(),
@@ -85,10 +101,12 @@ impl HfTokenizer {
     /// Decode ids to text, skipping special tokens.
     pub fn decode(&self, ids: &[i64]) -> Result<String> {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-        self.inner.decode(&ids, true).map_err(|e| ModelError::Tokenizer {
-            file: self.file.clone(),
-            reason: e.to_string(),
-        })
+        self.inner
+            .decode(&ids, true)
+            .map_err(|e| ModelError::Tokenizer {
+                file: self.file.clone(),
+                reason: e.to_string(),
+            })
     }
 
     /// Encode and right-pad a batch of texts to its longest member.
@@ -113,7 +131,12 @@ pub struct Encoding {
 /// Right-pad encodings to the longest one.
 pub fn pad_batch(encodings: &[Encoding], pad_id: i64, device: &Device) -> Batch {
     let b = encodings.len();
-    let s = encodings.iter().map(|e| e.ids.len()).max().unwrap_or(0).max(1);
+    let s = encodings
+        .iter()
+        .map(|e| e.ids.len())
+        .max()
+        .unwrap_or(0)
+        .max(1);
     let mut ids = vec![pad_id; b * s];
     let mut mask = vec![0i64; b * s];
     let mut types = vec![0i64; b * s];
