@@ -4,10 +4,12 @@
 pub use peft_core as core;
 pub use peft_lora as lora;
 pub use peft_models as models;
+pub use peft_prefix as prefix;
 
 /// The types most programs need.
 pub mod prelude {
     pub use peft_core::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
     pub use peft_core::{Adaptable, PeftMethod, PeftModel, TargetModules};
     pub use peft_lora::{InitLoraWeights, LoraConfig};
+    pub use peft_prefix::PrefixTuningConfig;
 }

@@ -239,3 +239,44 @@ fn bad_inputs_are_clear_errors() {
     );
     assert!(!Path::new(out).exists(), "no output is written on failure");
 }
+
+#[test]
+fn forward_prefix_bundles_for_gpt2_and_llama_gqa() {
+    let prefix = fixtures().join("../prefix");
+    for (case, base) in [
+        ("gpt2_table", "gpt2"),
+        ("gpt2_mlp", "gpt2"),
+        ("llama_gqa_table", "llama_gqa"),
+        ("llama_gqa_mlp", "llama_gqa"),
+    ] {
+        let adapter = prefix.join(case);
+        run_and_compare(
+            base,
+            &["--adapter", adapter.to_str().unwrap()],
+            &adapter.join("expected.safetensors"),
+            "",
+        );
+    }
+}
+
+#[test]
+fn forward_refuses_to_merge_a_prefix() {
+    let prefix = fixtures().join("../prefix/gpt2_table");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixtures().join("gpt2");
+    let out = burn_peft()
+        .args(["forward", "--model"])
+        .arg(&dir)
+        .arg("--adapter")
+        .arg(&prefix)
+        .arg("--merge")
+        .arg("--inputs")
+        .arg(dir.join("inputs.safetensors"))
+        .arg("--output")
+        .arg(tmp.path().join("o.safetensors"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no weight delta to merge"), "{stderr}");
+}

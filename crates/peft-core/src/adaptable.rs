@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::nn::{Embedding, Linear};
+use crate::nn::{Embedding, KvPrefix, Linear};
 
 /// A dotted module path (`encoder.layer.0.attention.self.query`), built segment by segment while
 /// walking a model.
@@ -45,6 +45,8 @@ pub enum Site<'a> {
     Linear(&'a Linear),
     /// An embedding table.
     Embedding(&'a Embedding),
+    /// The attention key/value stream (prefix tuning).
+    KvPrefix(&'a KvPrefix),
 }
 
 /// A mutably borrowed site.
@@ -55,6 +57,8 @@ pub enum SiteMut<'a> {
     Linear(&'a mut Linear),
     /// An embedding table.
     Embedding(&'a mut Embedding),
+    /// The attention key/value stream (prefix tuning).
+    KvPrefix(&'a mut KvPrefix),
 }
 
 /// A module whose adapter sites can be listed with their Hugging Face paths, like PyTorch's
@@ -108,6 +112,19 @@ impl Adaptable for Embedding {
         visitor: &mut dyn FnMut(&SitePath, SiteMut<'_>),
     ) {
         visitor(path, SiteMut::Embedding(self));
+    }
+}
+
+impl Adaptable for KvPrefix {
+    fn visit_sites(&self, path: &mut SitePath, visitor: &mut dyn FnMut(&SitePath, Site<'_>)) {
+        visitor(path, Site::KvPrefix(self));
+    }
+    fn visit_sites_mut(
+        &mut self,
+        path: &mut SitePath,
+        visitor: &mut dyn FnMut(&SitePath, SiteMut<'_>),
+    ) {
+        visitor(path, SiteMut::KvPrefix(self));
     }
 }
 
@@ -241,6 +258,11 @@ pub enum SiteSummary {
         /// Row size.
         d_model: usize,
     },
+    /// An attention key/value prefix slot over `num_layers` layers.
+    KvPrefix {
+        /// Layers.
+        num_layers: usize,
+    },
 }
 
 impl SiteSummary {
@@ -261,6 +283,9 @@ impl SiteSummary {
                     d_model,
                 }
             }
+            Site::KvPrefix(p) => SiteSummary::KvPrefix {
+                num_layers: p.num_layers,
+            },
         }
     }
 }

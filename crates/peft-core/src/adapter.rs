@@ -128,7 +128,10 @@ pub trait TensorSource {
 /// covers additive methods (LoRA: `y + B(A(x))·s`) and multiplicative ones (IA3: `y ⊙ l`) alike.
 pub trait AdapterKernel: Debug + Send + Sync {
     /// Forward contribution at a linear site.
-    fn forward_linear(&self, state: &AdapterState, x: Tensor<2>, y: Tensor<2>) -> Tensor<2>;
+    fn forward_linear(&self, state: &AdapterState, x: Tensor<2>, y: Tensor<2>) -> Tensor<2> {
+        let _ = (state, x);
+        y
+    }
 
     /// Forward contribution at an embedding site: `ids` is `[batch, seq]`, `y` `[batch, seq, dim]`.
     fn forward_embedding(
@@ -139,6 +142,13 @@ pub trait AdapterKernel: Debug + Send + Sync {
     ) -> Tensor<3> {
         let _ = (state, ids);
         y
+    }
+
+    /// Per-layer prefix keys and values for a batch of `batch` rows, at a
+    /// [`KvPrefix`](crate::nn::KvPrefix) site.
+    fn forward_prefix(&self, state: &AdapterState, batch: usize) -> Option<crate::nn::PrefixKv> {
+        let _ = (state, batch);
+        None
     }
 
     /// Fold the adapter into (or out of) the base weights, returning the new base weights.

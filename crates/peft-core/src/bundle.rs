@@ -287,12 +287,23 @@ impl TensorFile {
         keys
     }
 
-    /// A view of this file for the site at `path` (`base_model.model.<path>.` prefixed names).
-    pub fn site(&mut self, path: &str) -> SiteTensors<'_> {
+    /// A view of this file for the names under `prefix` + `path` + `.`.
+    pub fn site_with(&mut self, prefix: &str, path: &str) -> SiteTensors<'_> {
         SiteTensors {
-            prefix: format!("{KEY_PREFIX}{path}."),
+            prefix: format!("{prefix}{path}."),
             file: self,
         }
+    }
+
+    /// A view of this file for the site at `path` (`base_model.model.<path>.` prefixed names);
+    /// an empty `path` gives bare names (prompt-learning tensors such as `prompt_embeddings`).
+    pub fn site(&mut self, path: &str) -> SiteTensors<'_> {
+        let prefix = if path.is_empty() {
+            String::new()
+        } else {
+            format!("{KEY_PREFIX}{path}.")
+        };
+        SiteTensors { prefix, file: self }
     }
 }
 

@@ -56,6 +56,19 @@ pub enum SiteKind {
         /// Row size.
         d_model: usize,
     },
+    /// The attention key/value stream of every layer.
+    KvPrefix {
+        /// Layers.
+        num_layers: usize,
+        /// Query heads per layer.
+        query_heads: usize,
+        /// Key/value heads per layer.
+        kv_heads: usize,
+        /// Head size.
+        head_dim: usize,
+        /// Model hidden size.
+        hidden_size: usize,
+    },
 }
 
 impl SiteKind {
@@ -64,6 +77,7 @@ impl SiteKind {
         match self {
             SiteKind::Linear { .. } => "Linear",
             SiteKind::Embedding { .. } => "Embedding",
+            SiteKind::KvPrefix { .. } => "attention key/value prefix",
         }
     }
 }
@@ -100,8 +114,28 @@ pub trait PeftMethod: Debug + Send + Sync {
     /// Whether the method can adapt a site of this kind. Targets of other kinds are errors.
     fn supports(&self, kind: &SiteKind) -> bool;
 
+    /// Whether the method attaches to the model's attention key/value stream (prompt learning)
+    /// rather than to modules named by `target_modules`.
+    fn adapts_attention_prefix(&self) -> bool {
+        false
+    }
+
+    /// This config with the values it derives from the model filled in (PEFT writes those into
+    /// the saved config, e.g. prefix tuning's `num_layers` and `token_dim`), or `None` when
+    /// nothing is derived. `sites` are the sites the method will adapt.
+    fn resolve(&self, sites: &[SiteInfo]) -> Result<Option<Box<dyn PeftMethod>>> {
+        let _ = sites;
+        Ok(None)
+    }
+
     /// Build the adapter named `name` for `site`, freshly initialized.
     fn create_adapter(&self, name: &str, site: &SiteInfo) -> Result<AdapterState>;
+
+    /// The key prefix of `modules_to_save` copies in the bundle: `base_model.model.` for tuners
+    /// such as LoRA, `base_model.` for prompt-learning methods (as PEFT writes them).
+    fn module_key_prefix(&self) -> &'static str {
+        crate::bundle::KEY_PREFIX
+    }
 
     /// Whether the adapter can be folded into the base weights.
     fn mergeable(&self) -> bool {

@@ -117,15 +117,25 @@ fn site_kind(site: &Site<'_>) -> SiteKind {
                 d_model,
             }
         }
+        Site::KvPrefix(p) => SiteKind::KvPrefix {
+            num_layers: p.num_layers,
+            query_heads: p.query_heads,
+            kv_heads: p.kv_heads,
+            head_dim: p.head_dim,
+            hidden_size: p.hidden_size,
+        },
     }
 }
 
 struct SlotsMut<'a> {
     adapters: &'a mut Vec<AdapterState>,
-    copies: &'a mut Vec<ModuleCopy>,
-    weight: &'a mut Param<Tensor<2>>,
+    /// `modules_to_save` copies; `None` for sites that have no base weights (KV prefix).
+    copies: Option<&'a mut Vec<ModuleCopy>>,
+    weight: Option<&'a mut Param<Tensor<2>>>,
     bias: Option<&'a mut Option<Param<Tensor<1>>>>,
     layout: Option<WeightLayout>,
+    /// Bundle keys of this site are bare names (PEFT's `prompt_embeddings`).
+    bare_keys: bool,
 }
 
 fn slots(site: SiteMut<'_>) -> SlotsMut<'_> {
@@ -138,17 +148,27 @@ fn slots(site: SiteMut<'_>) -> SlotsMut<'_> {
             layout,
         }) => SlotsMut {
             adapters,
-            copies,
-            weight,
+            copies: Some(copies),
+            weight: Some(weight),
             bias: Some(bias),
             layout: Some(*layout),
+            bare_keys: false,
         },
         SiteMut::Embedding(e) => SlotsMut {
             adapters: &mut e.adapters,
-            copies: &mut e.copies,
-            weight: &mut e.weight,
+            copies: Some(&mut e.copies),
+            weight: Some(&mut e.weight),
             bias: None,
             layout: None,
+            bare_keys: false,
+        },
+        SiteMut::KvPrefix(p) => SlotsMut {
+            adapters: &mut p.adapters,
+            copies: None,
+            weight: None,
+            bias: None,
+            layout: None,
+            bare_keys: true,
         },
     }
 }
@@ -261,11 +281,13 @@ impl<M: Adaptable + Module> PeftModel<M> {
 
     fn sites(&self) -> Vec<SiteRecord> {
         let mut out = Vec::new();
+        let model_device = self.model.devices().into_iter().next();
         self.model
             .visit_sites(&mut SitePath::root(), &mut |path, site| {
                 let device = match site {
                     Site::Linear(l) => l.weight.lazy_device(),
                     Site::Embedding(e) => e.weight.lazy_device(),
+                    Site::KvPrefix(_) => model_device.clone().unwrap_or_default(),
                 };
                 out.push(SiteRecord {
                     path: path.to_string(),
@@ -299,15 +321,12 @@ impl<M: Adaptable + Module> PeftModel<M> {
         }
         method.validate()?;
         let sites = self.sites();
-        let paths: Vec<String> = sites.iter().map(|s| s.path.clone()).collect();
-        let linear_paths: Vec<String> = sites
+        // Modules named by `target_modules` / `modules_to_save`: linear and embedding sites.
+        let module_sites: Vec<&SiteRecord> = sites
             .iter()
-            .filter(|s| matches!(s.kind, SiteKind::Linear { .. }))
-            .map(|s| s.path.clone())
+            .filter(|s| !matches!(s.kind, SiteKind::KvPrefix { .. }))
             .collect();
-        let output_layer = self.model.output_layer();
-        let all_linear = all_linear_names(&linear_paths, output_layer.as_deref());
-
+        let paths: Vec<String> = module_sites.iter().map(|s| s.path.clone()).collect();
         let to_save = method.modules_to_save();
         // PEFT itself writes `modules_to_save` entries that match nothing (for SEQ_CLS it appends
         // both "classifier" and "score"), so these are warnings, not errors.
@@ -319,32 +338,62 @@ impl<M: Adaptable + Module> PeftModel<M> {
                 );
             }
         }
-        let mut shielded = HashSet::new();
-        for p in &paths {
-            if matching::shielded_by_modules_to_save(&to_save, p)? {
-                shielded.insert(p.clone());
-            }
-        }
-        let is_saved = |p: &str| matching::gets_saved_copy(&to_save, p);
-        let targets = matching::select_targets(&method.targets(), &paths, &all_linear, &|p| {
-            shielded.contains(p)
-        })?;
-
-        let mut built: HashMap<String, AdapterState> = HashMap::new();
-        for site in sites.iter().filter(|s| targets.contains(&s.path)) {
-            if !method.supports(&site.kind) {
+        let is_saved =
+            |p: &str| paths.iter().any(|q| q == p) && matching::gets_saved_copy(&to_save, p);
+        let targets: Vec<String> = if method.adapts_attention_prefix() {
+            let prefix_sites: Vec<String> = sites
+                .iter()
+                .filter(|s| matches!(s.kind, SiteKind::KvPrefix { .. }))
+                .map(|s| s.path.clone())
+                .collect();
+            if prefix_sites.is_empty() {
                 return Err(PeftError::UnsupportedSite {
-                    path: site.path.clone(),
-                    kind: site.kind.name().into(),
+                    path: "<model>".into(),
+                    kind: "model without an attention key/value prefix site".into(),
                     method: peft_type_of(method).into(),
                 });
             }
-            let info = SiteInfo {
-                path: site.path.clone(),
-                kind: site.kind.clone(),
-                device: site.device.clone(),
-            };
-            built.insert(site.path.clone(), method.create_adapter(name, &info)?);
+            prefix_sites
+        } else {
+            let linear_paths: Vec<String> = module_sites
+                .iter()
+                .filter(|s| matches!(s.kind, SiteKind::Linear { .. }))
+                .map(|s| s.path.clone())
+                .collect();
+            let output_layer = self.model.output_layer();
+            let all_linear = all_linear_names(&linear_paths, output_layer.as_deref());
+            let mut shielded = HashSet::new();
+            for p in &paths {
+                if matching::shielded_by_modules_to_save(&to_save, p)? {
+                    shielded.insert(p.clone());
+                }
+            }
+            matching::select_targets(&method.targets(), &paths, &all_linear, &|p| {
+                shielded.contains(p)
+            })?
+        };
+
+        let infos: Vec<SiteInfo> = sites
+            .iter()
+            .filter(|s| targets.contains(&s.path))
+            .map(|s| SiteInfo {
+                path: s.path.clone(),
+                kind: s.kind.clone(),
+                device: s.device.clone(),
+            })
+            .collect();
+        let resolved = method.resolve(&infos)?;
+        let method: &dyn PeftMethod = resolved.as_deref().unwrap_or(method);
+        let mut built: HashMap<String, AdapterState> = HashMap::new();
+        for info in &infos {
+            if !method.supports(&info.kind) {
+                return Err(PeftError::UnsupportedSite {
+                    path: info.path.clone(),
+                    kind: info.kind.name().into(),
+                    method: peft_type_of(method).into(),
+                });
+            }
+            built.insert(info.path.clone(), method.create_adapter(name, info)?);
         }
 
         let mut report = InjectionReport::default();
@@ -353,9 +402,11 @@ impl<M: Adaptable + Module> PeftModel<M> {
                 slots.adapters.push(state);
                 report.adapted.push(path.to_string());
             }
-            if is_saved(path) {
+            if is_saved(path)
+                && let (Some(copies), Some(weight)) = (slots.copies, slots.weight)
+            {
                 let bias = slots.bias.as_ref().and_then(|b| b.as_ref());
-                slots.copies.push(ModuleCopy::new(name, slots.weight, bias));
+                copies.push(ModuleCopy::new(name, weight, bias));
                 report.saved_copies.push(path.to_string());
             }
         });
@@ -416,7 +467,9 @@ impl<M: Adaptable + Module> PeftModel<M> {
         }
         self.for_each_site_mut(|_, slots| {
             slots.adapters.retain(|a| a.name != name);
-            slots.copies.retain(|c| c.adapter != name);
+            if let Some(copies) = slots.copies {
+                copies.retain(|c| c.adapter != name);
+            }
         });
         self.configs.retain(|(n, _)| n != name);
         self.bias_owners.retain(|n| n != name);
@@ -437,6 +490,7 @@ impl<M: Adaptable + Module> PeftModel<M> {
                 let adapters = match site {
                     Site::Linear(l) => &l.adapters,
                     Site::Embedding(e) => &e.adapters,
+                    Site::KvPrefix(p) => &p.adapters,
                 };
                 merged |= adapters.iter().any(|a| a.merged);
             });
@@ -465,18 +519,19 @@ impl<M: Adaptable + Module> PeftModel<M> {
         let snapshot = self.model.clone();
         let mut error = None;
         self.for_each_site_mut(|path, mut slots| {
+            let Some(weight) = slots.weight else { return };
             for adapter in slots.adapters.iter_mut().filter(|a| a.active && !a.merged) {
                 if error.is_some() {
                     return;
                 }
                 let bias = slots.bias.as_ref().and_then(|b| b.as_ref());
                 let base = BaseWeights {
-                    weight: slots.weight.val().detach(),
+                    weight: weight.val().detach(),
                     bias: bias.map(|b| b.val().detach()),
                 };
                 match adapter.kernel.merge(adapter, base, MergeDirection::Merge) {
                     Ok(new) => {
-                        set_base(slots.weight, slots.bias.as_deref_mut(), new);
+                        set_base(weight, slots.bias.as_deref_mut(), new);
                         adapter.merged = true;
                     }
                     Err(e) => {
@@ -502,15 +557,16 @@ impl<M: Adaptable + Module> PeftModel<M> {
     pub fn unmerge(&mut self) -> Result<()> {
         let mut error = None;
         self.for_each_site_mut(|path, mut slots| {
+            let Some(weight) = slots.weight else { return };
             for adapter in slots.adapters.iter_mut().rev().filter(|a| a.merged) {
                 let bias = slots.bias.as_ref().and_then(|b| b.as_ref());
                 let base = BaseWeights {
-                    weight: slots.weight.val().detach(),
+                    weight: weight.val().detach(),
                     bias: bias.map(|b| b.val().detach()),
                 };
                 match adapter.kernel.merge(adapter, base, MergeDirection::Unmerge) {
                     Ok(new) => {
-                        set_base(slots.weight, slots.bias.as_deref_mut(), new);
+                        set_base(weight, slots.bias.as_deref_mut(), new);
                         adapter.merged = false;
                     }
                     Err(e) => {
@@ -542,15 +598,17 @@ impl<M: Adaptable + Module> PeftModel<M> {
     /// copies replace their originals, as in PEFT).
     pub fn unload(mut self) -> M {
         self.for_each_site_mut(|_, slots| {
-            if let Some(pos) = slots.copies.iter().position(|c| c.active) {
-                let copy = slots.copies.swap_remove(pos);
-                *slots.weight = copy.weight;
-                if let Some(bias) = slots.bias {
-                    *bias = copy.bias;
+            if let (Some(copies), Some(weight)) = (slots.copies, slots.weight) {
+                if let Some(pos) = copies.iter().position(|c| c.active) {
+                    let copy = copies.swap_remove(pos);
+                    *weight = copy.weight;
+                    if let Some(bias) = slots.bias {
+                        *bias = copy.bias;
+                    }
                 }
+                copies.clear();
             }
             slots.adapters.clear();
-            slots.copies.clear();
         });
         self.model
     }
@@ -600,11 +658,13 @@ impl<M: Adaptable + Module> PeftModel<M> {
                     train_bias |= bias_modes.get(&adapter.name) == Some(&BiasMode::LoraOnly);
                 }
             }
+            let mut no_copies = Vec::new();
+            let copies = slots.copies.unwrap_or(&mut no_copies);
             let first_owner = active
                 .iter()
-                .find(|n| slots.copies.iter().any(|c| &c.adapter == *n))
+                .find(|n| copies.iter().any(|c| &c.adapter == *n))
                 .cloned();
-            for copy in slots.copies.iter_mut() {
+            for copy in copies.iter_mut() {
                 copy.active = Some(&copy.adapter) == first_owner.as_ref();
                 if trainable_names.contains(&copy.adapter) {
                     train_param(&mut copy.weight, &mut ids);
@@ -614,7 +674,7 @@ impl<M: Adaptable + Module> PeftModel<M> {
                 }
             }
             // A site computing with its `modules_to_save` copy trains the copy's bias instead.
-            let uses_copy = slots.copies.iter().any(|c| c.active);
+            let uses_copy = copies.iter().any(|c| c.active);
             if train_bias
                 && !uses_copy
                 && let Some(Some(bias)) = slots.bias
@@ -653,13 +713,25 @@ impl<M: Adaptable + Module> PeftModel<M> {
     pub fn adapter_tensors(&self, name: &str) -> Result<BTreeMap<String, TensorData>> {
         let method = self.config(name)?;
         let bias_mode = method.bias();
+        let copy_prefix = method.module_key_prefix();
         let mut out = BTreeMap::new();
         self.model
             .visit_sites(&mut SitePath::root(), &mut |path, site| {
+                let no_copies = Vec::new();
                 let (adapters, copies, bias, layout) = match site {
                     Site::Linear(l) => (&l.adapters, &l.copies, l.bias.as_ref(), Some(l.layout)),
                     Site::Embedding(e) => (&e.adapters, &e.copies, None, None),
+                    Site::KvPrefix(p) => {
+                        // Prompt-learning tensors are saved under bare names (`prompt_embeddings`).
+                        for adapter in p.adapters.iter().filter(|a| a.name == name) {
+                            out.extend(adapter.kernel.export(adapter));
+                        }
+                        (&p.adapters, &no_copies, None, None)
+                    }
                 };
+                if matches!(site, Site::KvPrefix(_)) {
+                    return;
+                }
                 // PEFT names the bias of any wrapped layer `base_layer.bias`, whichever adapter
                 // wrapped it.
                 let adapted = !adapters.is_empty();
@@ -670,11 +742,11 @@ impl<M: Adaptable + Module> PeftModel<M> {
                 }
                 for copy in copies.iter().filter(|c| c.adapter == name) {
                     out.insert(
-                        format!("{KEY_PREFIX}{path}.weight"),
+                        format!("{copy_prefix}{path}.weight"),
                         to_file_layout(copy.weight.val(), layout),
                     );
                     if let Some(b) = &copy.bias {
-                        out.insert(format!("{KEY_PREFIX}{path}.bias"), b.val().into_data());
+                        out.insert(format!("{copy_prefix}{path}.bias"), b.val().into_data());
                     }
                 }
                 let save_bias = match bias_mode {
@@ -731,25 +803,32 @@ impl<M: Adaptable + Module> PeftModel<M> {
 
     fn import_tensors(&mut self, name: &str, file: &mut TensorFile) -> Result<()> {
         let bias_mode = self.config(name)?.bias();
+        let copy_prefix = self.config(name)?.module_key_prefix();
         let mut error = None;
         self.for_each_site_mut(|path, mut slots| {
             if error.is_some() {
                 return;
             }
-            let mut result = || -> Result<()> {
+            let result = || -> Result<()> {
+                let key_path = if slots.bare_keys { "" } else { path };
                 for adapter in slots.adapters.iter_mut().filter(|a| a.name == name) {
                     let kernel = adapter.kernel.clone();
                     let state = adapter.clone();
-                    *adapter = kernel.import(state, &mut file.site(path))?;
+                    *adapter = kernel.import(state, &mut file.site(key_path))?;
                 }
-                let device = slots.weight.lazy_device();
-                for copy in slots.copies.iter_mut().filter(|c| c.adapter == name) {
+                let (Some(weight), Some(copies)) = (slots.weight, slots.copies) else {
+                    return Ok(());
+                };
+                let device = weight.lazy_device();
+                for copy in copies.iter_mut().filter(|c| c.adapter == name) {
                     let [a, b] = copy.weight.dims();
                     let file_shape = match slots.layout {
                         Some(WeightLayout::Linear) => [b, a],
                         _ => [a, b],
                     };
-                    let data = file.site(path).take("weight", &file_shape)?;
+                    let data = file
+                        .site_with(copy_prefix, path)
+                        .take("weight", &file_shape)?;
                     let t = Tensor::<2>::from_data(data, &device);
                     let t = match slots.layout {
                         Some(WeightLayout::Linear) => t.transpose(),
@@ -757,7 +836,9 @@ impl<M: Adaptable + Module> PeftModel<M> {
                     };
                     copy.weight = copy.weight.clone().map(|_| t);
                     if let Some(bias) = copy.bias.as_mut() {
-                        let data = file.site(path).take("bias", &bias.dims())?;
+                        let data = file
+                            .site_with(copy_prefix, path)
+                            .take("bias", &bias.dims())?;
                         let t = Tensor::<1>::from_data(data, &device);
                         *bias = bias.clone().map(|_| t);
                     }
@@ -768,9 +849,9 @@ impl<M: Adaptable + Module> PeftModel<M> {
                     && let Some(Some(bias)) = slots.bias.as_deref_mut()
                 {
                     let mut site = file.site(path);
-                    let key = ["base_layer.bias", "bias"].into_iter().find(|k| {
-                        site.contains(k) && slots.copies.iter().all(|c| c.adapter != name)
-                    });
+                    let key = ["base_layer.bias", "bias"]
+                        .into_iter()
+                        .find(|k| site.contains(k) && copies.iter().all(|c| c.adapter != name));
                     if let Some(key) = key {
                         let data = site.take(key, &bias.dims())?;
                         let t = Tensor::<1>::from_data(data, &device);
@@ -782,9 +863,9 @@ impl<M: Adaptable + Module> PeftModel<M> {
                 if slots.layout.is_none() {
                     let mut site = file.site(path);
                     if site.contains("base_layer.weight") {
-                        let data = site.take("base_layer.weight", &slots.weight.dims())?;
+                        let data = site.take("base_layer.weight", &weight.dims())?;
                         let t = Tensor::<2>::from_data(data, &device);
-                        *slots.weight = slots.weight.clone().map(|_| t);
+                        *weight = weight.clone().map(|_| t);
                     }
                 }
                 Ok(())

@@ -5,8 +5,9 @@ use burn::nn::{LayerNorm, LayerNormConfig};
 use burn::tensor::activation::{gelu, tanh};
 use burn::tensor::{Device, Int, Tensor};
 use peft_core::Adaptable;
-use peft_core::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
+use peft_core::nn::{Embedding, EmbeddingConfig, KvPrefix, Linear, LinearConfig};
 
+use crate::cache::KvCache;
 use crate::config::BertConfig;
 use crate::ops::{merge_heads, padding_mask, positions, sdpa, split_heads};
 
@@ -96,6 +97,8 @@ pub struct BertModel {
     pub encoder: BertEncoder,
     /// Pooler (absent in some checkpoints).
     pub pooler: Option<BertPooler>,
+    /// Attention key/value prefix site (prefix tuning).
+    pub prompt_encoder: KvPrefix,
 }
 
 /// `BertForSequenceClassification`: pooler output -> `classifier`.
@@ -163,6 +166,13 @@ impl BertModel {
             pooler: pooler.then(|| BertPooler {
                 dense: linear(d, d),
             }),
+            prompt_encoder: KvPrefix::new(
+                c.num_hidden_layers,
+                c.num_attention_heads,
+                c.num_attention_heads,
+                d / c.num_attention_heads,
+                d,
+            ),
         }
     }
 
@@ -177,16 +187,30 @@ impl BertModel {
         let [b, s] = input_ids.dims();
         let device = input_ids.device();
         let types = token_type_ids.unwrap_or_else(|| Tensor::zeros([b, s], &device));
+        // A prefix enters as a cache of its length (transformers 4.x with PEFT): positions of
+        // the real tokens start after it and the mask gains ones in front.
+        let mut local = KvCache::new(self.encoder.layer.len());
+        let mut prefix = KvCache::with_prefix(&self.prompt_encoder, b, None, &mut local);
+        let offset = prefix.as_ref().map_or(0, |c| c.len());
+        let attention_mask = match prefix.as_deref() {
+            Some(c) => c.extend_mask(attention_mask),
+            None => attention_mask,
+        };
         let e = &self.embeddings;
         let h = e.word_embeddings.forward(input_ids)
-            + e.position_embeddings.forward(positions(b, 0, s, &device))
+            + e.position_embeddings
+                .forward(positions(b, offset, s, &device))
             + e.token_type_embeddings.forward(types);
         let mut h = e.layer_norm.forward(h);
-        for layer in &self.encoder.layer {
+        for (i, layer) in self.encoder.layer.iter().enumerate() {
             let sa = &layer.attention.self_attn;
             let q = split_heads(sa.query.forward(h.clone()), sa.heads);
             let k = split_heads(sa.key.forward(h.clone()), sa.heads);
             let v = split_heads(sa.value.forward(h.clone()), sa.heads);
+            let (k, v) = match prefix.as_deref_mut() {
+                Some(c) => c.append(i, k, v),
+                None => (k, v),
+            };
             let mask = attention_mask
                 .as_ref()
                 .map(|m| padding_mask(m, sa.heads, s));

@@ -1,12 +1,14 @@
 //! Key/value cache for incremental decoding.
 
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
+use peft_core::nn::KvPrefix;
 
 /// Keys and values of every layer so far, `[batch, kv_heads, past, head_dim]`, stored before
 /// GQA head repetition (and, for Llama, after RoPE).
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    prefix_len: usize,
 }
 
 impl KvCache {
@@ -14,6 +16,7 @@ impl KvCache {
     pub fn new(layers: usize) -> Self {
         Self {
             layers: vec![None; layers],
+            prefix_len: 0,
         }
     }
 
@@ -26,9 +29,53 @@ impl KvCache {
             .map_or(0, |(k, _)| k.dims()[2])
     }
 
+    /// Positions at the start of the cache that hold a prefix-tuning prefix.
+    pub fn prefix_len(&self) -> usize {
+        self.prefix_len
+    }
+
     /// Whether nothing is cached yet.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The cache to run with: `cache` (or `local` when the caller has none), with the active
+    /// prefix of `prefix` placed first when the cache is still empty, as PEFT passes a prefix
+    /// to transformers as a cache of that length.
+    pub fn with_prefix<'a>(
+        prefix: &KvPrefix,
+        batch: usize,
+        cache: Option<&'a mut KvCache>,
+        local: &'a mut KvCache,
+    ) -> Option<&'a mut KvCache> {
+        let Some(kv) = prefix.past_key_values(batch) else {
+            return cache;
+        };
+        let cache = match cache {
+            Some(c) => c,
+            None => local,
+        };
+        if cache.is_empty() {
+            if cache.layers.len() < kv.len() {
+                cache.layers.resize(kv.len(), None);
+            }
+            cache.prefix_len = kv.first().map_or(0, |(k, _)| k.dims()[2]);
+            for (slot, pair) in cache.layers.iter_mut().zip(kv) {
+                *slot = Some(pair);
+            }
+        }
+        Some(cache)
+    }
+
+    /// `attention_mask` (over real tokens) with ones prepended for the prefix positions.
+    pub fn extend_mask(&self, attention_mask: Option<Tensor<2, Int>>) -> Option<Tensor<2, Int>> {
+        let mask = attention_mask?;
+        if self.prefix_len == 0 {
+            return Some(mask);
+        }
+        let [b, _] = mask.dims();
+        let ones = Tensor::<2, Int>::ones([b, self.prefix_len], &mask.device());
+        Some(Tensor::cat(vec![ones, mask], 1))
     }
 
     /// Append `k`, `v` for `layer` and return the full keys and values.

@@ -4,7 +4,7 @@ use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig};
 use burn::tensor::{Device, Int, Tensor};
 use peft_core::Adaptable;
-use peft_core::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, WeightLayout};
+use peft_core::nn::{Embedding, EmbeddingConfig, KvPrefix, Linear, LinearConfig, WeightLayout};
 
 use crate::cache::KvCache;
 use crate::config::Gpt2Config;
@@ -54,6 +54,8 @@ pub struct Gpt2Model {
     pub h: Vec<Gpt2Block>,
     /// Final norm.
     pub ln_f: LayerNorm,
+    /// Attention key/value prefix site (prefix tuning).
+    pub prompt_encoder: KvPrefix,
 }
 
 /// `GPT2LMHeadModel`: the head is tied to `wte`.
@@ -110,17 +112,25 @@ impl Gpt2Model {
                 })
                 .collect(),
             ln_f: norm(),
+            prompt_encoder: KvPrefix::new(c.n_layer, c.n_head, c.n_head, d / c.n_head, d),
         }
     }
 
-    /// Final hidden states `[b, s, hidden]`; positions continue from the cache length.
+    /// Final hidden states `[b, s, hidden]`; positions continue from the cache length (prefix
+    /// included); `attention_mask` covers the real tokens so far.
     pub fn forward(
         &self,
         input_ids: Tensor<2, Int>,
         attention_mask: Option<Tensor<2, Int>>,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Tensor<3> {
         let [b, s] = input_ids.dims();
+        let mut local = KvCache::new(self.h.len());
+        let mut cache = KvCache::with_prefix(&self.prompt_encoder, b, cache, &mut local);
+        let attention_mask = match cache.as_deref() {
+            Some(c) => c.extend_mask(attention_mask),
+            None => attention_mask,
+        };
         let past = cache.as_ref().map_or(0, |c| c.len());
         let pos = positions(b, past, s, &input_ids.device());
         let mut h = self.wte.forward(input_ids) + self.wpe.forward(pos);

@@ -5,7 +5,7 @@ use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::tensor::activation::silu;
 use burn::tensor::{Device, Int, Tensor};
 use peft_core::Adaptable;
-use peft_core::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
+use peft_core::nn::{Embedding, EmbeddingConfig, KvPrefix, Linear, LinearConfig};
 
 use crate::cache::KvCache;
 use crate::config::{LlamaConfig, RopeScaling};
@@ -63,6 +63,8 @@ pub struct LlamaModel {
     pub layers: Vec<LlamaDecoderLayer>,
     /// Final norm.
     pub norm: RmsNorm,
+    /// Attention key/value prefix site (prefix tuning).
+    pub prompt_encoder: KvPrefix,
     #[module(skip)]
     inv_freq: Vec<f64>,
 }
@@ -212,20 +214,34 @@ impl LlamaModel {
             embed_tokens: EmbeddingConfig::new(c.vocab_size, c.hidden_size).init(device),
             layers,
             norm: norm(),
+            prompt_encoder: KvPrefix::new(
+                c.num_hidden_layers,
+                c.num_attention_heads,
+                c.kv_heads(),
+                c.head_size(),
+                c.hidden_size,
+            ),
             inv_freq: inv_freq(c.head_size(), c.theta(), scaling),
         }
     }
 
-    /// Final hidden states `[b, s, hidden]`. `attention_mask` is `[b, past + s]` (1 = attend);
-    /// positions continue from the cache length, as transformers' `cache_position`.
+    /// Final hidden states `[b, s, hidden]`. `attention_mask` covers the real tokens so far
+    /// (`[b, past + s]`, 1 = attend; a prefix is added in front); positions continue from the
+    /// cache length (prefix included), as transformers' `cache_position`.
     pub fn forward(
         &self,
         input_ids: Tensor<2, Int>,
         attention_mask: Option<Tensor<2, Int>>,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Tensor<3> {
-        let [_, s] = input_ids.dims();
+        let [b, s] = input_ids.dims();
         let device = input_ids.device();
+        let mut local = KvCache::new(self.layers.len());
+        let mut cache = KvCache::with_prefix(&self.prompt_encoder, b, cache, &mut local);
+        let attention_mask = match cache.as_deref() {
+            Some(c) => c.extend_mask(attention_mask),
+            None => attention_mask,
+        };
         let past = cache.as_ref().map_or(0, |c| c.len());
         let positions: Vec<i64> = (past as i64..(past + s) as i64).collect();
         let rope = rope_tables(&self.inv_freq, &positions, &device);

@@ -3,7 +3,9 @@
 mod copy;
 mod embedding;
 mod linear;
+mod prefix;
 
 pub use copy::ModuleCopy;
 pub use embedding::{Embedding, EmbeddingConfig};
 pub use linear::{Linear, LinearConfig, WeightLayout};
+pub use prefix::{KvPrefix, PrefixKv};

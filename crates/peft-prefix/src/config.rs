@@ -1,0 +1,268 @@
+//! [`PrefixTuningConfig`]: PEFT's `PrefixTuningConfig`, same fields and JSON.
+
+use std::sync::Arc;
+
+use burn::tensor::{Distribution, Tensor};
+use peft_core::{AdapterState, PeftError, PeftMethod, Result, SiteInfo, SiteKind, TargetSpec};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::kernel::PrefixKernel;
+
+fn default_true() -> bool {
+    true
+}
+
+/// Prefix tuning as Hugging Face PEFT defines it: `num_virtual_tokens` learned keys and values
+/// per attention layer, optionally produced by an MLP (`prefix_projection`).
+///
+/// `num_layers`, `token_dim`, `num_attention_heads`, `num_transformer_submodules` and
+/// `encoder_hidden_size` are derived from the model when absent and written into the saved
+/// config as PEFT does (for GQA models, `token_dim` and `num_attention_heads` are the key/value
+/// ones).
+///
+/// ```
+/// use peft_prefix::PrefixTuningConfig;
+/// let config = PrefixTuningConfig { num_virtual_tokens: 16, ..Default::default() };
+/// assert!(!config.prefix_projection);
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PrefixTuningConfig {
+    /// Virtual tokens per layer.
+    pub num_virtual_tokens: usize,
+    /// Per-layer key (or value) width; derived: `kv_heads · head_dim`.
+    pub token_dim: Option<usize>,
+    /// Attention layers; derived.
+    pub num_layers: Option<usize>,
+    /// Key/value heads; derived.
+    pub num_attention_heads: Option<usize>,
+    /// 1 for decoder-only and encoder-only models; derived.
+    pub num_transformer_submodules: Option<usize>,
+    /// Hidden size of the projection MLP; defaults to `token_dim`.
+    pub encoder_hidden_size: Option<usize>,
+    /// Produce the prefix with PEFT's MLP (`Embedding -> Linear -> Tanh -> Linear`).
+    pub prefix_projection: bool,
+    /// PEFT's `init_weights` (`null`, or `"zero"` to zero the last projection layer).
+    pub init_weights: Option<Value>,
+    /// Modules that get a trainable, saved copy (a classifier head).
+    pub modules_to_save: Option<Vec<String>>,
+    /// PEFT task type (informational).
+    pub task_type: Option<String>,
+    /// Base model hub id or folder.
+    pub base_model_name_or_path: Option<String>,
+    /// Base model revision.
+    pub revision: Option<String>,
+    /// PEFT writes `true` when saving.
+    #[serde(default = "default_true")]
+    pub inference_mode: bool,
+    /// Informational.
+    pub auto_mapping: Option<Value>,
+    /// The PEFT version that wrote the file (informational).
+    pub peft_version: Option<String>,
+}
+
+impl Default for PrefixTuningConfig {
+    fn default() -> Self {
+        Self {
+            num_virtual_tokens: 20,
+            token_dim: None,
+            num_layers: None,
+            num_attention_heads: None,
+            num_transformer_submodules: None,
+            encoder_hidden_size: None,
+            prefix_projection: false,
+            init_weights: None,
+            modules_to_save: None,
+            task_type: None,
+            base_model_name_or_path: None,
+            revision: None,
+            inference_mode: true,
+            auto_mapping: None,
+            peft_version: None,
+        }
+    }
+}
+
+fn mismatch(key: &str, found: usize, model: usize, what: &str) -> PeftError {
+    PeftError::invalid_config(
+        key,
+        format!(
+            "is {found} but the model has {model} {what}; the adapter was made for another model"
+        ),
+    )
+}
+
+impl PrefixTuningConfig {
+    fn zero_init(&self) -> bool {
+        matches!(&self.init_weights, Some(Value::String(s)) if s == "zero")
+    }
+}
+
+#[typetag::serde(name = "PREFIX_TUNING")]
+impl PeftMethod for PrefixTuningConfig {
+    fn targets(&self) -> TargetSpec {
+        TargetSpec::default()
+    }
+
+    fn modules_to_save(&self) -> Vec<String> {
+        self.modules_to_save.clone().unwrap_or_default()
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.num_virtual_tokens == 0 {
+            return Err(PeftError::invalid_config(
+                "num_virtual_tokens",
+                "must be at least 1",
+            ));
+        }
+        if let Some(n) = self.num_transformer_submodules
+            && n != 1
+        {
+            return Err(PeftError::unsupported(
+                "num_transformer_submodules",
+                n.to_string(),
+                "only encoder-only and decoder-only models (1) are implemented",
+            ));
+        }
+        match &self.init_weights {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) if s == "zero" => {}
+            Some(other) => {
+                return Err(PeftError::unsupported(
+                    "init_weights",
+                    other.to_string(),
+                    "known values: null, \"zero\"",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn supports(&self, kind: &SiteKind) -> bool {
+        matches!(kind, SiteKind::KvPrefix { .. })
+    }
+
+    fn adapts_attention_prefix(&self) -> bool {
+        true
+    }
+
+    fn module_key_prefix(&self) -> &'static str {
+        "base_model."
+    }
+
+    fn resolve(&self, sites: &[SiteInfo]) -> Result<Option<Box<dyn PeftMethod>>> {
+        let Some(SiteKind::KvPrefix {
+            num_layers,
+            kv_heads,
+            head_dim,
+            ..
+        }) = sites.first().map(|s| &s.kind)
+        else {
+            return Ok(None);
+        };
+        let token_dim = kv_heads * head_dim;
+        if let Some(n) = self.num_layers.filter(|n| n != num_layers) {
+            return Err(mismatch("num_layers", n, *num_layers, "layers"));
+        }
+        if let Some(d) = self.token_dim.filter(|d| *d != token_dim) {
+            return Err(mismatch(
+                "token_dim",
+                d,
+                token_dim,
+                "key/value features per layer",
+            ));
+        }
+        if let Some(h) = self.num_attention_heads.filter(|h| h != kv_heads) {
+            return Err(mismatch(
+                "num_attention_heads",
+                h,
+                *kv_heads,
+                "key/value heads",
+            ));
+        }
+        Ok(Some(Box::new(PrefixTuningConfig {
+            num_layers: Some(*num_layers),
+            token_dim: Some(token_dim),
+            num_attention_heads: Some(*kv_heads),
+            num_transformer_submodules: Some(1),
+            encoder_hidden_size: Some(self.encoder_hidden_size.unwrap_or(token_dim)),
+            ..self.clone()
+        })))
+    }
+
+    fn create_adapter(&self, name: &str, site: &SiteInfo) -> Result<AdapterState> {
+        let SiteKind::KvPrefix {
+            num_layers,
+            kv_heads,
+            head_dim,
+            ..
+        } = site.kind
+        else {
+            return Err(PeftError::UnsupportedSite {
+                path: site.path.clone(),
+                kind: site.kind.name().into(),
+                method: "PREFIX_TUNING".into(),
+            });
+        };
+        let device = &site.device;
+        let n = self.num_virtual_tokens;
+        let token_dim = kv_heads * head_dim;
+        let width = num_layers * 2 * token_dim;
+        let kernel = PrefixKernel {
+            num_virtual_tokens: n,
+            num_layers,
+            kv_heads,
+            head_dim,
+            projection: self.prefix_projection,
+        };
+        // PEFT: nn.Embedding (N(0, 1)) for the table or the MLP input, nn.Linear defaults
+        // (U(+-1/sqrt(fan_in))) for the MLP.
+        let normal =
+            |shape: [usize; 2]| Tensor::<2>::random(shape, Distribution::Normal(0.0, 1.0), device);
+        let uniform = |shape: [usize; 2], fan_in: usize| {
+            let b = 1.0 / (fan_in as f64).sqrt();
+            Tensor::<2>::random(shape, Distribution::Uniform(-b, b), device)
+        };
+        let state = if self.prefix_projection {
+            let hidden = self.encoder_hidden_size.unwrap_or(token_dim);
+            let (w2, b2) = if self.zero_init() {
+                (
+                    Tensor::zeros([hidden, width], device),
+                    Tensor::zeros([width], device),
+                )
+            } else {
+                let b = 1.0 / (hidden as f64).sqrt();
+                (
+                    uniform([hidden, width], hidden),
+                    Tensor::random([width], Distribution::Uniform(-b, b), device),
+                )
+            };
+            let b1 = 1.0 / (token_dim as f64).sqrt();
+            AdapterState::new(
+                name,
+                vec![
+                    normal([n, token_dim]),
+                    uniform([token_dim, hidden], token_dim),
+                    w2,
+                ],
+                vec![
+                    Tensor::random([hidden], Distribution::Uniform(-b1, b1), device),
+                    b2,
+                ],
+                Arc::new(kernel),
+            )
+        } else {
+            AdapterState::new(name, vec![normal([n, width])], vec![], Arc::new(kernel))
+        };
+        Ok(state)
+    }
+
+    fn mergeable(&self) -> bool {
+        false
+    }
+
+    fn clone_method(&self) -> Box<dyn PeftMethod> {
+        Box::new(self.clone())
+    }
+}
