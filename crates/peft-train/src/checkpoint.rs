@@ -1,0 +1,264 @@
+//! Checkpoints: the adapter bundle in PEFT format plus what resuming needs (every trainable
+//! tensor by module path, including a prefix projection MLP PEFT does not save; optimizer
+//! moments; step, data position, best metric). Written atomically: a temporary folder, fsync,
+//! rename; the last `keep_last` are kept.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::{Tensor, TensorData};
+use peft_core::bundle::{TensorFile, encode_safetensors};
+use peft_core::{Adaptable, PeftModel};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+use crate::optim::{AdamW, trainable_paths};
+
+/// Where the run stands; saved as `trainer_state.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Epoch of the next batch.
+    pub epoch: usize,
+    /// Index of the next batch within the epoch.
+    pub batch_in_epoch: usize,
+    /// Best evaluation metric so far.
+    pub best_metric: Option<f64>,
+    /// Step of the best evaluation.
+    pub best_step: Option<u64>,
+    /// Evaluations since the last improvement (early stopping).
+    pub evals_without_improvement: usize,
+    /// Training loss at each optimizer step.
+    pub losses: Vec<f64>,
+}
+
+const ADAPTER_STATE: &str = "adapter_state.safetensors";
+const OPTIMIZER_STATE: &str = "optimizer.safetensors";
+const TRAINER_STATE: &str = "trainer_state.json";
+
+fn io(file: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        file: file.to_path_buf(),
+        source,
+    }
+}
+
+fn write_synced(file: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = fs::File::create(file).map_err(io(file))?;
+    f.write_all(bytes).map_err(io(file))?;
+    f.sync_all().map_err(io(file))
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// The folder name of the checkpoint at `step`.
+pub fn checkpoint_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+/// Save a checkpoint under `root` and prune to the last `keep_last`. Returns its folder.
+pub fn save<M: Adaptable + Module>(
+    root: &Path,
+    model: &PeftModel<M>,
+    adapter: &str,
+    optim: &AdamW,
+    state: &TrainerState,
+    keep_last: usize,
+) -> Result<PathBuf> {
+    fs::create_dir_all(root).map_err(io(root))?;
+    let name = checkpoint_name(state.step);
+    let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let result = (|| -> Result<()> {
+        model.save_adapter(&tmp, adapter)?;
+        let params: BTreeMap<String, TensorData> =
+            trainable_paths(model.model(), model.trainable_param_ids())
+                .into_iter()
+                .map(|(_, path, _)| path)
+                .zip(trainable_values(model))
+                .collect();
+        write_synced(&tmp.join(ADAPTER_STATE), &encode_safetensors(&params)?)?;
+        let (step, moments) = optim.state();
+        let mut moments = moments;
+        moments.insert("__step".into(), TensorData::new(vec![step as f32], [1]));
+        write_synced(&tmp.join(OPTIMIZER_STATE), &encode_safetensors(&moments)?)?;
+        let json = serde_json::to_vec_pretty(state).expect("state serializes");
+        write_synced(&tmp.join(TRAINER_STATE), &json)?;
+        sync_dir(&tmp);
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let dest = root.join(&name);
+    if dest.exists() {
+        fs::remove_dir_all(&dest).map_err(io(&dest))?;
+    }
+    fs::rename(&tmp, &dest).map_err(io(&dest))?;
+    sync_dir(root);
+    prune(root, keep_last)?;
+    Ok(dest)
+}
+
+fn trainable_values<M: Adaptable + Module>(model: &PeftModel<M>) -> Vec<TensorData> {
+    struct Values<'a> {
+        ids: &'a std::collections::HashSet<burn::module::ParamId>,
+        out: Vec<TensorData>,
+    }
+    impl burn::module::ModuleVisitor for Values<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if self.ids.contains(&param.id) {
+                self.out.push(param.val().to_data());
+            }
+        }
+    }
+    let mut v = Values {
+        ids: model.trainable_param_ids(),
+        out: Vec::new(),
+    };
+    model.model().visit(&mut v);
+    v.out
+}
+
+/// Checkpoint folders under `root`, oldest first.
+pub fn list(root: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("step-"))
+                && p.join(TRAINER_STATE).is_file()
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// The newest complete checkpoint under `root`.
+pub fn latest(root: &Path) -> Option<PathBuf> {
+    list(root).pop()
+}
+
+fn prune(root: &Path, keep_last: usize) -> Result<()> {
+    let all = list(root);
+    let excess = all.len().saturating_sub(keep_last.max(1));
+    for old in &all[..excess] {
+        fs::remove_dir_all(old).map_err(io(old))?;
+    }
+    Ok(())
+}
+
+/// What [`load`] returns.
+pub struct Loaded {
+    /// The trainer state.
+    pub state: TrainerState,
+    /// Trainable tensors by module path.
+    pub params: BTreeMap<String, TensorData>,
+    /// Optimizer step and moments.
+    pub optimizer: (u64, BTreeMap<String, TensorData>),
+}
+
+fn read_all(file: &Path) -> Result<BTreeMap<String, TensorData>> {
+    let bytes = fs::read(file).map_err(io(file))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| TrainError::Checkpoint {
+        dir: file.to_path_buf(),
+        reason: format!("not a valid safetensors file: {e}"),
+    })?;
+    let shapes: Vec<(String, Vec<usize>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.shape().to_vec()))
+        .collect();
+    let mut file_tensors = TensorFile::from_bytes(&bytes, file)?;
+    let mut out = BTreeMap::new();
+    for (k, shape) in shapes {
+        out.insert(k.clone(), file_tensors.take(&k, &shape)?);
+    }
+    Ok(out)
+}
+
+/// Read the checkpoint in `dir`.
+pub fn load(dir: &Path) -> Result<Loaded> {
+    let state_file = dir.join(TRAINER_STATE);
+    let text = fs::read_to_string(&state_file).map_err(io(&state_file))?;
+    let state: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+        dir: dir.to_path_buf(),
+        reason: format!("{TRAINER_STATE}: {e}"),
+    })?;
+    let params = read_all(&dir.join(ADAPTER_STATE))?;
+    let mut moments = read_all(&dir.join(OPTIMIZER_STATE))?;
+    let step = moments
+        .remove("__step")
+        .and_then(|d| d.try_to_vec::<f32>().ok())
+        .and_then(|v| v.first().copied())
+        .unwrap_or(0.0) as u64;
+    Ok(Loaded {
+        state,
+        params,
+        optimizer: (step, moments),
+    })
+}
+
+/// Overwrite the trainable parameters of `model` with `params` (by module path), keeping ids
+/// and gradient settings. Every trainable parameter must be present with its shape.
+pub fn restore_params<M: Adaptable + Module>(
+    model: &mut PeftModel<M>,
+    params: &BTreeMap<String, TensorData>,
+    dir: &Path,
+) -> Result<()> {
+    let wanted: HashMap<burn::module::ParamId, String> =
+        trainable_paths(model.model(), model.trainable_param_ids())
+            .into_iter()
+            .map(|(id, path, _)| (id, path))
+            .collect();
+    for path in wanted.values() {
+        if !params.contains_key(path) {
+            return Err(TrainError::Checkpoint {
+                dir: dir.to_path_buf(),
+                reason: format!(
+                    "no saved value for trainable parameter `{path}`; was the checkpoint made with another adapter config?"
+                ),
+            });
+        }
+    }
+    struct Restore<'a> {
+        wanted: &'a HashMap<burn::module::ParamId, String>,
+        params: &'a BTreeMap<String, TensorData>,
+    }
+    impl ModuleMapper for Restore<'_> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let Some(path) = self.wanted.get(&param.id) else {
+                return param;
+            };
+            let (id, tensor, mapper) = param.consume();
+            let require_grad = tensor.is_require_grad();
+            let mut value = Tensor::<D>::from_data(self.params[path].clone(), &tensor.device());
+            if require_grad {
+                value = value.require_grad();
+            }
+            Param::from_mapped_value(id, value, mapper)
+        }
+    }
+    let mut restore = Restore {
+        wanted: &wanted,
+        params,
+    };
+    model.update(|m| m.map(&mut restore));
+    Ok(())
+}

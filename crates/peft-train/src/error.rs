@@ -1,0 +1,53 @@
+//! Typed errors of training.
+
+use std::path::PathBuf;
+
+/// Errors while training.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrainError {
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", file.display())]
+    Io {
+        /// The file.
+        file: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Adapter handling failed.
+    #[error(transparent)]
+    Peft(#[from] peft_core::PeftError),
+    /// Data could not be read.
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    /// The loss became NaN or infinite; the last checkpoint on disk is intact.
+    #[error("the training loss became {value} at step {step}; stopped. The last good checkpoint is {}. Lower the learning rate or enable clipping (max_grad_norm)", last_checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(none yet)".into()))]
+    NonFiniteLoss {
+        /// Optimizer step at which it happened.
+        step: u64,
+        /// The loss value.
+        value: f64,
+        /// The newest checkpoint saved before.
+        last_checkpoint: Option<PathBuf>,
+    },
+    /// A checkpoint is unusable.
+    #[error("{}: cannot resume: {reason}", dir.display())]
+    Checkpoint {
+        /// The checkpoint folder.
+        dir: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The configuration is invalid.
+    #[error("invalid training config: `{key}`: {reason}")]
+    Config {
+        /// The key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Result alias for training.
+pub type Result<T, E = TrainError> = std::result::Result<T, E>;

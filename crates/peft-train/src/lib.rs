@@ -1,0 +1,19 @@
+//! The shared trainer of burn-peft: a frozen base model, optimization of adapter parameters
+//! only, evaluation, checkpoints that resume bit for bit, TensorBoard logging and a progress
+//! bar. It never names a method: anything implementing `PeftMethod` trains through it.
+
+#![warn(missing_docs)]
+
+pub mod checkpoint;
+pub mod data;
+mod error;
+pub mod metrics;
+pub mod optim;
+pub mod schedule;
+pub mod tensorboard;
+mod trainer;
+
+pub use error::{Result, TrainError};
+pub use trainer::{
+    EvalReport, Objective, TrainConfig, TrainReport, Trainer, causal_lm_loss, classification_loss,
+};

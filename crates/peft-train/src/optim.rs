@@ -1,0 +1,230 @@
+//! AdamW with PyTorch's defaults and semantics, over the trainable parameters only.
+//!
+//! Our own instead of Burn's `AdamW` because (1) its defaults differ from PyTorch's (eps 1e-5,
+//! weight decay 1e-4), (2) its state is keyed by `ParamId`, which a rebuilt model does not
+//! keep, while ours is keyed by the module path and so survives a resume bit for bit, and
+//! (3) global-norm clipping across all parameters needs every gradient before any update.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::{Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+/// AdamW hyper-parameters (PyTorch's `torch.optim.AdamW` defaults).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdamWSettings {
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Denominator epsilon.
+    pub eps: f64,
+    /// Decoupled weight decay, applied to matrices only (not to biases, norms or other
+    /// vectors, as Hugging Face's Trainer does).
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWSettings {
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
+
+/// Moments of one parameter, flattened.
+#[derive(Debug, Clone)]
+struct Moments {
+    m: Tensor<1>,
+    v: Tensor<1>,
+}
+
+/// AdamW state: step count and moments by parameter path.
+#[derive(Debug, Clone, Default)]
+pub struct AdamW {
+    settings: AdamWSettings,
+    step: u64,
+    moments: HashMap<String, Moments>,
+}
+
+struct Paths<'a> {
+    path: Vec<String>,
+    ids: &'a HashSet<ParamId>,
+    out: Vec<(ParamId, String, usize)>,
+}
+
+impl ModuleVisitor for Paths<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if self.ids.contains(&param.id) {
+            self.out.push((param.id, self.path.join("."), D));
+        }
+    }
+}
+
+/// `(id, module path, rank)` of every parameter of `model` in `ids`, in module order.
+pub fn trainable_paths<M: Module>(
+    model: &M,
+    ids: &HashSet<ParamId>,
+) -> Vec<(ParamId, String, usize)> {
+    let mut v = Paths {
+        path: Vec::new(),
+        ids,
+        out: Vec::new(),
+    };
+    model.visit(&mut v);
+    v.out
+}
+
+fn grad_sq_sum<const D: usize>(grads: &GradientsParams, id: ParamId) -> Option<f64> {
+    grads
+        .get::<D>(id)
+        .map(|g| g.powf_scalar(2.0).sum().into_scalar::<f64>())
+}
+
+/// Global L2 norm of the gradients of `params`.
+pub fn global_grad_norm(grads: &GradientsParams, params: &[(ParamId, String, usize)]) -> f64 {
+    params
+        .iter()
+        .filter_map(|(id, _, rank)| match rank {
+            1 => grad_sq_sum::<1>(grads, *id),
+            2 => grad_sq_sum::<2>(grads, *id),
+            3 => grad_sq_sum::<3>(grads, *id),
+            4 => grad_sq_sum::<4>(grads, *id),
+            _ => None,
+        })
+        .sum::<f64>()
+        .sqrt()
+}
+
+struct Step<'a> {
+    opt: &'a mut AdamW,
+    grads: &'a mut GradientsParams,
+    path: Vec<String>,
+    lr: f64,
+    grad_scale: f64,
+}
+
+impl ModuleMapper for Step<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, tensor, mapper) = param.consume();
+        let Some(grad) = self.grads.remove::<D>(id) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let require_grad = tensor.is_require_grad();
+        let shape = tensor.shape();
+        let n = shape.num_elements();
+        let p = tensor.inner().reshape([n]);
+        let g = grad.reshape([n]).mul_scalar(self.grad_scale);
+        let s = &self.opt.settings;
+        let key = self.path.join(".");
+        let moments = self.opt.moments.entry(key).or_insert_with(|| Moments {
+            m: p.zeros_like(),
+            v: p.zeros_like(),
+        });
+        let m = moments.m.clone().mul_scalar(s.beta1) + g.clone().mul_scalar(1.0 - s.beta1);
+        let v =
+            moments.v.clone().mul_scalar(s.beta2) + g.powf_scalar(2.0).mul_scalar(1.0 - s.beta2);
+        let t = self.opt.step as i32;
+        let bias1 = 1.0 - s.beta1.powi(t);
+        let bias2 = 1.0 - s.beta2.powi(t);
+        let decay = if D >= 2 { s.weight_decay } else { 0.0 };
+        // torch.optim.AdamW: p *= 1 - lr*wd; p -= lr/bias1 * m / (sqrt(v)/sqrt(bias2) + eps).
+        let p = p.mul_scalar(1.0 - self.lr * decay);
+        let denom = v.clone().sqrt().div_scalar(bias2.sqrt()).add_scalar(s.eps);
+        let p = p - (m.clone() / denom).mul_scalar(self.lr / bias1);
+        moments.m = m;
+        moments.v = v;
+        let mut updated = Tensor::<D>::from_inner(p.reshape(shape));
+        if require_grad {
+            updated = updated.require_grad();
+        }
+        Param::from_mapped_value(id, updated, mapper)
+    }
+}
+
+impl AdamW {
+    /// A fresh optimizer.
+    pub fn new(settings: AdamWSettings) -> Self {
+        Self {
+            settings,
+            step: 0,
+            moments: HashMap::new(),
+        }
+    }
+
+    /// Optimizer steps taken.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// Update the parameters of `model` that have gradients in `grads`, scaling the gradients
+    /// by `grad_scale` (clipping, accumulation averaging).
+    pub fn step<M: Module>(
+        &mut self,
+        lr: f64,
+        model: M,
+        mut grads: GradientsParams,
+        grad_scale: f64,
+    ) -> M {
+        self.step += 1;
+        let mut mapper = Step {
+            opt: self,
+            grads: &mut grads,
+            path: Vec::new(),
+            lr,
+            grad_scale,
+        };
+        model.map(&mut mapper)
+    }
+
+    /// The state as named tensors (`<path>.exp_avg`, `<path>.exp_avg_sq`) and the step count.
+    pub fn state(&self) -> (u64, BTreeMap<String, TensorData>) {
+        let mut out = BTreeMap::new();
+        for (key, m) in &self.moments {
+            out.insert(format!("{key}.exp_avg"), m.m.to_data());
+            out.insert(format!("{key}.exp_avg_sq"), m.v.to_data());
+        }
+        (self.step, out)
+    }
+
+    /// Restore a state saved by [`state`](Self::state), onto `device` (the inner device).
+    pub fn restore(
+        &mut self,
+        step: u64,
+        tensors: &BTreeMap<String, TensorData>,
+        device: &burn::tensor::Device,
+    ) {
+        self.step = step;
+        self.moments.clear();
+        for (name, data) in tensors {
+            if let Some(key) = name.strip_suffix(".exp_avg") {
+                let sq = &tensors[&format!("{key}.exp_avg_sq")];
+                self.moments.insert(
+                    key.to_string(),
+                    Moments {
+                        m: Tensor::from_data(data.clone(), device),
+                        v: Tensor::from_data(sq.clone(), device),
+                    },
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,563 @@
+//! The training loop.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Int, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use peft_core::PeftModel;
+use peft_models::{HfModel, ModelInputs};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, TrainerState};
+use crate::data::{Collated, Example, collate, epoch_order};
+use crate::error::{Result, TrainError};
+use crate::metrics::{Mean, accuracy, macro_f1, perplexity};
+use crate::optim::{AdamW, AdamWSettings, global_grad_norm, trainable_paths};
+use crate::schedule::{Schedule, lr_at};
+use crate::tensorboard::EventWriter;
+
+/// Training hyper-parameters (the `train:` block of a config).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Passes over the training data.
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (overrides `epochs` when reached first).
+    pub max_steps: Option<u64>,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Decay after warmup.
+    pub schedule: Schedule,
+    /// Warmup steps (takes precedence over `warmup_ratio`).
+    pub warmup_steps: Option<usize>,
+    /// Warmup as a fraction of all steps.
+    pub warmup_ratio: f64,
+    /// AdamW settings (PyTorch defaults).
+    pub adamw: AdamWSettings,
+    /// Clip the global gradient norm to this value.
+    pub max_grad_norm: Option<f64>,
+    /// Evaluate every this many steps (and always at epoch end).
+    pub eval_every: Option<u64>,
+    /// Checkpoint every this many steps (and at epoch end).
+    pub save_every: Option<u64>,
+    /// Checkpoints to keep.
+    pub keep_last: usize,
+    /// Metric that picks the best adapter: `accuracy`, `macro_f1`, `loss`, `perplexity`.
+    pub metric: Option<String>,
+    /// Stop after this many evaluations without improvement.
+    pub early_stopping_patience: Option<usize>,
+    /// Seed of data order, dropout and initialization.
+    pub seed: u64,
+    /// Examples per evaluation batch (default: `batch_size`).
+    pub eval_batch_size: Option<usize>,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 3,
+            max_steps: None,
+            batch_size: 16,
+            grad_accum: 1,
+            learning_rate: 5e-4,
+            schedule: Schedule::Linear,
+            warmup_steps: None,
+            warmup_ratio: 0.0,
+            adamw: AdamWSettings::default(),
+            max_grad_norm: Some(1.0),
+            eval_every: None,
+            save_every: None,
+            keep_last: 2,
+            metric: None,
+            early_stopping_patience: None,
+            seed: 42,
+            eval_batch_size: None,
+            progress: true,
+        }
+    }
+}
+
+/// What is learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Objective {
+    /// Cross-entropy over `num_labels` classes.
+    Classification {
+        /// Number of classes.
+        num_labels: usize,
+    },
+    /// Next-token cross-entropy on tokens whose label is not -100.
+    CausalLm,
+}
+
+/// Evaluation results.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct EvalReport {
+    /// Mean loss.
+    pub loss: f64,
+    /// Accuracy (classification).
+    pub accuracy: Option<f64>,
+    /// Macro-F1 (classification).
+    pub macro_f1: Option<f64>,
+    /// Perplexity (causal LM).
+    pub perplexity: Option<f64>,
+    /// Predicted class per example (classification).
+    #[serde(skip)]
+    pub predictions: Vec<usize>,
+}
+
+impl EvalReport {
+    /// The value of `metric` and whether higher is better.
+    pub fn metric(&self, metric: &str) -> Option<(f64, bool)> {
+        match metric {
+            "accuracy" => self.accuracy.map(|v| (v, true)),
+            "macro_f1" => self.macro_f1.map(|v| (v, true)),
+            "perplexity" => self.perplexity.map(|v| (v, false)),
+            "loss" => Some((self.loss, false)),
+            _ => None,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    /// Optimizer steps done.
+    pub steps: u64,
+    /// Training loss per step.
+    pub losses: Vec<f64>,
+    /// Last evaluation.
+    pub last_eval: Option<EvalReport>,
+    /// Best metric and its step.
+    pub best: Option<(f64, u64)>,
+    /// Optimizer steps per second (this process).
+    pub steps_per_sec: f64,
+    /// Training tokens per second (this process).
+    pub tokens_per_sec: f64,
+    /// Whether early stopping ended the run.
+    pub stopped_early: bool,
+    /// The adapter bundle written at the end.
+    pub adapter_dir: PathBuf,
+}
+
+/// Trains one adapter of a [`PeftModel`]; only its parameters get gradients and optimizer state.
+pub struct Trainer {
+    /// The model (base frozen, adapter trainable).
+    pub model: PeftModel<HfModel>,
+    /// The adapter being trained.
+    pub adapter: String,
+    /// The objective.
+    pub objective: Objective,
+    /// Hyper-parameters.
+    pub config: TrainConfig,
+    /// Output folder: `adapter/`, `best/`, `checkpoints/`, `runs/` (TensorBoard).
+    pub output_dir: PathBuf,
+    /// The training device (autodiff); parameters and optimizer state live here.
+    pub device: Device,
+    /// More devices for data parallelism: each micro-batch is split across `device` and these,
+    /// every device runs a replica (`Module::fork`) on its shard, and the gradients are summed
+    /// on `device` before the step. Empty for single-device training.
+    pub extra_devices: Vec<Device>,
+    /// Padding token id.
+    pub pad_id: i64,
+}
+
+fn inputs(batch: &Collated) -> ModelInputs {
+    ModelInputs {
+        input_ids: batch.input_ids.clone(),
+        attention_mask: Some(batch.attention_mask.clone()),
+        token_type_ids: Some(batch.token_type_ids.clone()),
+    }
+}
+
+/// Mean cross-entropy of `logits [b, c]` against `labels [b]`.
+pub fn classification_loss(logits: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
+    let [b, _] = logits.dims();
+    let lp = log_softmax(logits, 1);
+    lp.gather(1, labels.reshape([b, 1])).mean().neg()
+}
+
+/// Next-token cross-entropy of `logits [b, s, v]` against `labels [b, s]` (-100 = ignored),
+/// shifted as transformers does; returns the mean loss and the number of scored tokens.
+pub fn causal_lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>) -> (Tensor<1>, usize) {
+    let [b, s, v] = logits.dims();
+    let lp = log_softmax(logits.slice([0..b, 0..s - 1, 0..v]), 2);
+    let target = labels.slice([0..b, 1..s]);
+    let mask = target.clone().not_equal_elem(-100);
+    let count = mask.clone().int().sum().into_scalar::<i64>().max(1) as usize;
+    let picked = lp
+        .gather(2, target.clamp_min(0).reshape([b, s - 1, 1]))
+        .reshape([b, s - 1]);
+    let total = (picked * mask.float()).sum();
+    (total.div_scalar(count as f64).neg(), count)
+}
+
+impl Trainer {
+    fn loss(&self, model: &HfModel, batch: &Collated) -> Tensor<1> {
+        let out = model.forward(&inputs(batch));
+        match self.objective {
+            Objective::Classification { .. } => classification_loss(
+                out.class_logits.expect("a classification head"),
+                batch.labels.clone().expect("labels"),
+            ),
+            Objective::CausalLm => {
+                causal_lm_loss(
+                    out.logits.expect("a causal LM head"),
+                    batch.lm_labels.clone().expect("labels"),
+                )
+                .0
+            }
+        }
+    }
+
+    /// Evaluate on `examples` without gradients or dropout.
+    pub fn evaluate(&self, examples: &[Example]) -> EvalReport {
+        let model = self.model.model().valid();
+        let device = self.device.clone().without_autodiff();
+        let size = self
+            .config
+            .eval_batch_size
+            .unwrap_or(self.config.batch_size)
+            .max(1);
+        let mut loss = Mean::default();
+        let (mut pred, mut gold) = (Vec::new(), Vec::new());
+        for chunk in examples.chunks(size) {
+            let refs: Vec<&Example> = chunk.iter().collect();
+            let batch = collate(&refs, self.pad_id, &device);
+            let out = model.forward(&inputs(&batch));
+            match self.objective {
+                Objective::Classification { .. } => {
+                    let logits = out.class_logits.expect("a classification head");
+                    let labels = batch.labels.clone().expect("labels");
+                    let l = classification_loss(logits.clone(), labels).into_scalar::<f64>();
+                    loss.add_weighted(l, chunk.len() as u64);
+                    let p = logits.argmax(1).into_data().convert::<i64>();
+                    pred.extend(p.iter::<i64>().map(|v| v as usize));
+                    gold.extend(chunk.iter().map(|e| e.label.unwrap_or(0)));
+                }
+                Objective::CausalLm => {
+                    let (l, n) = causal_lm_loss(
+                        out.logits.expect("a causal LM head"),
+                        batch.lm_labels.clone().expect("labels"),
+                    );
+                    loss.add_weighted(l.into_scalar::<f64>(), n as u64);
+                }
+            }
+        }
+        let mean = loss.mean().unwrap_or(f64::NAN);
+        match self.objective {
+            Objective::Classification { num_labels } => EvalReport {
+                loss: mean,
+                accuracy: Some(accuracy(&pred, &gold)),
+                macro_f1: Some(macro_f1(&pred, &gold, num_labels)),
+                perplexity: None,
+                predictions: pred,
+            },
+            Objective::CausalLm => EvalReport {
+                loss: mean,
+                perplexity: Some(perplexity(mean)),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Split a micro-batch across the training devices (contiguous shards, the first device
+    /// takes the remainder).
+    fn shards<'a>(&self, refs: &[&'a Example]) -> Vec<(Device, Vec<&'a Example>)> {
+        let devices: Vec<Device> = std::iter::once(self.device.clone())
+            .chain(self.extra_devices.iter().cloned())
+            .take(refs.len().max(1))
+            .collect();
+        let per = refs.len() / devices.len();
+        let first = refs.len() - per * (devices.len() - 1);
+        let mut out = Vec::with_capacity(devices.len());
+        let mut start = 0;
+        for (i, device) in devices.into_iter().enumerate() {
+            let len = if i == 0 { first } else { per };
+            out.push((device, refs[start..start + len].to_vec()));
+            start += len;
+        }
+        out
+    }
+
+    fn metric_name(&self) -> String {
+        self.config
+            .metric
+            .clone()
+            .unwrap_or_else(|| match self.objective {
+                Objective::Classification { .. } => "accuracy".into(),
+                Objective::CausalLm => "loss".into(),
+            })
+    }
+
+    /// Train on `train` (evaluating on `eval`), resuming from the checkpoint in `resume` if
+    /// given. Writes `adapter/` (final), `best/` (best by the metric), `checkpoints/`, `runs/`.
+    pub fn train(
+        &mut self,
+        train: &[Example],
+        eval: Option<&[Example]>,
+        resume: Option<&Path>,
+    ) -> Result<TrainReport> {
+        let c = self.config.clone();
+        if c.batch_size == 0 || c.grad_accum == 0 {
+            return Err(TrainError::Config {
+                key: "batch_size / grad_accum".into(),
+                reason: "must be at least 1".into(),
+            });
+        }
+        if train.is_empty() {
+            return Err(TrainError::Config {
+                key: "data.train".into(),
+                reason: "the training set is empty".into(),
+            });
+        }
+        let metric = self.metric_name();
+        if eval.is_some()
+            && EvalReport::default().metric(&metric).is_none()
+            && !matches!(metric.as_str(), "accuracy" | "macro_f1" | "perplexity")
+        {
+            return Err(TrainError::Config {
+                key: "train.metric".into(),
+                reason: format!(
+                    "unknown metric `{metric}`; use accuracy, macro_f1, loss or perplexity"
+                ),
+            });
+        }
+        let batches_per_epoch = train.len().div_ceil(c.batch_size);
+        let steps_per_epoch = batches_per_epoch.div_ceil(c.grad_accum) as u64;
+        let total = c
+            .max_steps
+            .unwrap_or(steps_per_epoch * c.epochs as u64)
+            .max(1);
+        let warmup = c
+            .warmup_steps
+            .unwrap_or((c.warmup_ratio * total as f64).round() as usize);
+        let ckpt_root = self.output_dir.join("checkpoints");
+
+        let mut optim = AdamW::new(c.adamw.clone());
+        let mut state = TrainerState {
+            step: 0,
+            epoch: 0,
+            batch_in_epoch: 0,
+            best_metric: None,
+            best_step: None,
+            evals_without_improvement: 0,
+            losses: Vec::new(),
+        };
+        if let Some(dir) = resume {
+            let loaded = checkpoint::load(dir)?;
+            checkpoint::restore_params(&mut self.model, &loaded.params, dir)?;
+            let inner = self.device.clone().without_autodiff();
+            optim.restore(loaded.optimizer.0, &loaded.optimizer.1, &inner);
+            state = loaded.state;
+        }
+        let mut last_checkpoint = checkpoint::latest(&ckpt_root);
+        let mut tb =
+            EventWriter::new(self.output_dir.join("runs")).map_err(|source| TrainError::Io {
+                file: self.output_dir.join("runs"),
+                source,
+            })?;
+        let bar = if c.progress {
+            let bar = ProgressBar::new(total);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+                )
+                .expect("static template"),
+            );
+            bar.set_position(state.step);
+            bar
+        } else {
+            ProgressBar::hidden()
+        };
+        let started = Instant::now();
+        let (start_step, mut tokens) = (state.step, 0usize);
+        let mut last_eval = None;
+        let mut stopped_early = false;
+        let trainable = trainable_paths(self.model.model(), self.model.trainable_param_ids());
+
+        'epochs: for epoch in state.epoch..c.epochs.max(1) {
+            let order = epoch_order(train.len(), c.seed, epoch);
+            let batches: Vec<&[usize]> = order.chunks(c.batch_size).collect();
+            let first = if epoch == state.epoch {
+                state.batch_in_epoch
+            } else {
+                0
+            };
+            let mut accumulator = GradientsAccumulator::<HfModel>::new();
+            let mut micro = 0usize;
+            let mut micro_loss = 0.0;
+            for (index, chunk) in batches.iter().enumerate().skip(first) {
+                // Dropout draws depend only on (seed, step, micro-batch): a resumed run repeats them.
+                self.device.seed(
+                    c.seed
+                        .wrapping_mul(1_000_003)
+                        .wrapping_add(state.step * 64 + micro as u64),
+                );
+                let refs: Vec<&Example> = chunk.iter().map(|&i| &train[i]).collect();
+                let mut value = 0.0;
+                for (device, shard) in self.shards(&refs) {
+                    let weight = shard.len() as f64 / refs.len() as f64;
+                    let batch = collate(&shard, self.pad_id, &device);
+                    tokens += batch.tokens;
+                    let grads = if device == self.device {
+                        let loss = self.loss(self.model.model(), &batch).mul_scalar(weight);
+                        value += loss.clone().into_scalar::<f64>();
+                        GradientsParams::from_grads(loss.backward(), self.model.model())
+                    } else {
+                        let replica = self.model.model().clone().fork(&device);
+                        let loss = self.loss(&replica, &batch).mul_scalar(weight);
+                        value += loss.clone().into_scalar::<f64>();
+                        GradientsParams::from_grads(loss.backward(), &replica)
+                            .to_device(&self.device, self.model.model())
+                    };
+                    accumulator.accumulate(self.model.model(), grads);
+                }
+                if !value.is_finite() {
+                    bar.abandon();
+                    return Err(TrainError::NonFiniteLoss {
+                        step: state.step,
+                        value,
+                        last_checkpoint,
+                    });
+                }
+                micro_loss += value;
+                micro += 1;
+                let end_of_epoch = index + 1 == batches.len();
+                if micro < c.grad_accum && !end_of_epoch {
+                    continue;
+                }
+                let grads = accumulator.grads();
+                let scale = 1.0 / micro as f64;
+                let norm = global_grad_norm(&grads, &trainable) * scale;
+                let clip = match c.max_grad_norm {
+                    Some(max) if norm > max => max / (norm + 1e-6),
+                    _ => 1.0,
+                };
+                let lr = lr_at(
+                    c.schedule,
+                    c.learning_rate,
+                    state.step as usize,
+                    total as usize,
+                    warmup,
+                );
+                self.model
+                    .update(|m| optim.step(lr, m, grads, scale * clip));
+                let step_loss = micro_loss / micro as f64;
+                state.step += 1;
+                state.epoch = epoch;
+                state.batch_in_epoch = index + 1;
+                state.losses.push(step_loss);
+                micro = 0;
+                micro_loss = 0.0;
+                let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+                let step = state.step as i64;
+                let log = |tb: &mut EventWriter, tag: &str, v: f64| {
+                    tb.scalar(tag, v as f32, step)
+                        .map_err(|source| TrainError::Io {
+                            file: self.output_dir.join("runs"),
+                            source,
+                        })
+                };
+                log(&mut tb, "train/loss", step_loss)?;
+                log(&mut tb, "train/lr", lr)?;
+                log(&mut tb, "train/grad_norm", norm)?;
+                log(&mut tb, "train/tokens_per_sec", tokens as f64 / elapsed)?;
+                bar.set_position(state.step);
+                bar.set_message(format!(
+                    "loss {step_loss:.4}  lr {lr:.2e}  {:.2} steps/s",
+                    (state.step - start_step) as f64 / elapsed
+                ));
+                let at_end = end_of_epoch || c.max_steps.is_some_and(|m| state.step >= m);
+                if let Some(eval) = eval
+                    && (at_end || c.eval_every.is_some_and(|n| state.step.is_multiple_of(n)))
+                {
+                    let report = self.evaluate(eval);
+                    self.log_eval(&mut tb, &report, step)?;
+                    if let Some((value, higher)) = report.metric(&metric) {
+                        let improved = state
+                            .best_metric
+                            .is_none_or(|best| if higher { value > best } else { value < best });
+                        if improved {
+                            state.best_metric = Some(value);
+                            state.best_step = Some(state.step);
+                            state.evals_without_improvement = 0;
+                            self.model
+                                .save_adapter(self.output_dir.join("best"), &self.adapter)?;
+                        } else {
+                            state.evals_without_improvement += 1;
+                        }
+                    }
+                    last_eval = Some(report);
+                    if c.early_stopping_patience
+                        .is_some_and(|p| state.evals_without_improvement >= p)
+                    {
+                        stopped_early = true;
+                    }
+                }
+                if at_end
+                    || c.save_every.is_some_and(|n| state.step.is_multiple_of(n))
+                    || stopped_early
+                {
+                    if end_of_epoch {
+                        state.epoch = epoch + 1;
+                        state.batch_in_epoch = 0;
+                    }
+                    last_checkpoint = Some(checkpoint::save(
+                        &ckpt_root,
+                        &self.model,
+                        &self.adapter,
+                        &optim,
+                        &state,
+                        c.keep_last,
+                    )?);
+                }
+                if stopped_early || c.max_steps.is_some_and(|m| state.step >= m) {
+                    break 'epochs;
+                }
+            }
+            state.epoch = epoch + 1;
+            state.batch_in_epoch = 0;
+        }
+        bar.finish_and_clear();
+        let adapter_dir = self.output_dir.join("adapter");
+        self.model.save_adapter(&adapter_dir, &self.adapter)?;
+        let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+        Ok(TrainReport {
+            steps: state.step,
+            losses: state.losses.clone(),
+            last_eval,
+            best: state.best_metric.zip(state.best_step),
+            steps_per_sec: (state.step - start_step) as f64 / elapsed,
+            tokens_per_sec: tokens as f64 / elapsed,
+            stopped_early,
+            adapter_dir,
+        })
+    }
+
+    fn log_eval(&self, tb: &mut EventWriter, report: &EvalReport, step: i64) -> Result<()> {
+        let mut write = |tag: &str, v: Option<f64>| -> Result<()> {
+            if let Some(v) = v {
+                tb.scalar(tag, v as f32, step)
+                    .map_err(|source| TrainError::Io {
+                        file: self.output_dir.join("runs"),
+                        source,
+                    })?;
+            }
+            Ok(())
+        };
+        write("eval/loss", Some(report.loss))?;
+        write("eval/accuracy", report.accuracy)?;
+        write("eval/macro_f1", report.macro_f1)?;
+        write("eval/perplexity", report.perplexity)
+    }
+}
