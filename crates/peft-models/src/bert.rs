@@ -190,12 +190,9 @@ impl BertModel {
         // A prefix enters as a cache of its length (transformers 4.x with PEFT): positions of
         // the real tokens start after it and the mask gains ones in front.
         let mut local = KvCache::new(self.encoder.layer.len());
-        let mut prefix = KvCache::with_prefix(&self.prompt_encoder, b, None, &mut local);
+        let (mut prefix, attention_mask) =
+            KvCache::with_prefix(&self.prompt_encoder, b, None, &mut local, attention_mask);
         let offset = prefix.as_ref().map_or(0, |c| c.len());
-        let attention_mask = match prefix.as_deref() {
-            Some(c) => c.extend_mask(attention_mask),
-            None => attention_mask,
-        };
         let e = &self.embeddings;
         let h = e.word_embeddings.forward(input_ids)
             + e.position_embeddings

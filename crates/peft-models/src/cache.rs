@@ -39,10 +39,26 @@ impl KvCache {
         self.len() == 0
     }
 
-    /// The cache to run with: `cache` (or `local` when the caller has none), with the active
-    /// prefix of `prefix` placed first when the cache is still empty, as PEFT passes a prefix
-    /// to transformers as a cache of that length.
+    /// The cache and attention mask to run with: `cache` (or `local` when the caller has
+    /// none), with the active prefix of `prefix` placed first when the cache is still empty, as
+    /// PEFT passes a prefix to transformers as a cache of that length; the mask (over the real
+    /// tokens) gains ones for the prefix positions.
     pub fn with_prefix<'a>(
+        prefix: &KvPrefix,
+        batch: usize,
+        cache: Option<&'a mut KvCache>,
+        local: &'a mut KvCache,
+        attention_mask: Option<Tensor<2, Int>>,
+    ) -> (Option<&'a mut KvCache>, Option<Tensor<2, Int>>) {
+        let cache = Self::seeded(prefix, batch, cache, local);
+        let mask = match cache.as_deref() {
+            Some(c) => c.extend_mask(attention_mask),
+            None => attention_mask,
+        };
+        (cache, mask)
+    }
+
+    fn seeded<'a>(
         prefix: &KvPrefix,
         batch: usize,
         cache: Option<&'a mut KvCache>,
@@ -68,7 +84,7 @@ impl KvCache {
     }
 
     /// `attention_mask` (over real tokens) with ones prepended for the prefix positions.
-    pub fn extend_mask(&self, attention_mask: Option<Tensor<2, Int>>) -> Option<Tensor<2, Int>> {
+    fn extend_mask(&self, attention_mask: Option<Tensor<2, Int>>) -> Option<Tensor<2, Int>> {
         let mask = attention_mask?;
         if self.prefix_len == 0 {
             return Some(mask);

@@ -126,11 +126,8 @@ impl Gpt2Model {
     ) -> Tensor<3> {
         let [b, s] = input_ids.dims();
         let mut local = KvCache::new(self.h.len());
-        let mut cache = KvCache::with_prefix(&self.prompt_encoder, b, cache, &mut local);
-        let attention_mask = match cache.as_deref() {
-            Some(c) => c.extend_mask(attention_mask),
-            None => attention_mask,
-        };
+        let (mut cache, attention_mask) =
+            KvCache::with_prefix(&self.prompt_encoder, b, cache, &mut local, attention_mask);
         let past = cache.as_ref().map_or(0, |c| c.len());
         let pos = positions(b, past, s, &input_ids.device());
         let mut h = self.wte.forward(input_ids) + self.wpe.forward(pos);

@@ -237,11 +237,8 @@ impl LlamaModel {
         let [b, s] = input_ids.dims();
         let device = input_ids.device();
         let mut local = KvCache::new(self.layers.len());
-        let mut cache = KvCache::with_prefix(&self.prompt_encoder, b, cache, &mut local);
-        let attention_mask = match cache.as_deref() {
-            Some(c) => c.extend_mask(attention_mask),
-            None => attention_mask,
-        };
+        let (mut cache, attention_mask) =
+            KvCache::with_prefix(&self.prompt_encoder, b, cache, &mut local, attention_mask);
         let past = cache.as_ref().map_or(0, |c| c.len());
         let positions: Vec<i64> = (past as i64..(past + s) as i64).collect();
         let rope = rope_tables(&self.inv_freq, &positions, &device);
