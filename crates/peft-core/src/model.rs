@@ -90,6 +90,7 @@ pub struct PeftModel<M> {
     active: Vec<String>,
     disabled: bool,
     trainable: HashSet<ParamId>,
+    train_base: bool,
     base_model_name_or_path: Option<String>,
 }
 
@@ -181,6 +182,19 @@ impl ModuleMapper for FreezeAll {
     }
 }
 
+/// Marks every float parameter trainable and records its id.
+struct TrainAll<'a> {
+    ids: &'a mut HashSet<ParamId>,
+}
+
+impl ModuleMapper for TrainAll<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let param = param.set_require_grad(true);
+        self.ids.insert(param.id);
+        param
+    }
+}
+
 struct CountParams<'a> {
     trainable_ids: &'a HashSet<ParamId>,
     report: TrainableReport,
@@ -219,6 +233,7 @@ impl<M: Adaptable + Module> PeftModel<M> {
             active: Vec::new(),
             disabled: false,
             trainable: HashSet::new(),
+            train_base: false,
             base_model_name_or_path: None,
         }
     }
@@ -682,7 +697,34 @@ impl<M: Adaptable + Module> PeftModel<M> {
                 train_param(bias, &mut ids);
             }
         });
+        if self.train_base {
+            self.model = self.model.clone().map(&mut TrainAll { ids: &mut ids });
+        }
         self.trainable = ids;
+    }
+
+    /// Train every parameter of the model (full fine-tuning: the baseline PEFT methods are
+    /// compared against), with or without adapters; `false` returns to training adapters only.
+    ///
+    /// ```
+    /// # use burn::module::Module;
+    /// # use burn::tensor::Device;
+    /// # use burn_peft::prelude::*;
+    /// # #[derive(Module, Debug, Adaptable)]
+    /// # struct Net { dense: Linear }
+    /// let net = Net { dense: LinearConfig::new(4, 2).init(&Device::flex()) };
+    /// let mut model = PeftModel::new(net);
+    /// model.set_train_base(true);
+    /// assert_eq!(model.trainable_report().trainable, 4 * 2 + 2);
+    /// ```
+    pub fn set_train_base(&mut self, train: bool) {
+        self.train_base = train;
+        self.refresh();
+    }
+
+    /// Whether every base parameter trains ([`set_train_base`](Self::set_train_base)).
+    pub fn trains_base(&self) -> bool {
+        self.train_base
     }
 
     /// Save adapter `name` as a PEFT bundle under `dir` (`dir` itself for `default`, else
