@@ -67,6 +67,14 @@ pub enum ModelError {
         /// The cause.
         reason: String,
     },
+    /// A model folder could not be written (or would overwrite something that is not a model).
+    #[error("{}: {reason}", file.display())]
+    Save {
+        /// The file or folder involved.
+        file: PathBuf,
+        /// What went wrong and what to do.
+        reason: String,
+    },
     /// Inputs have the wrong shape or values.
     #[error("invalid input: {0}")]
     InvalidInput(String),

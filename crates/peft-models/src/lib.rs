@@ -16,6 +16,7 @@ pub mod hub;
 pub mod llama;
 pub mod load;
 pub mod ops;
+mod save;
 mod tokenizer;
 
 pub use auto::{
@@ -25,4 +26,8 @@ pub use cache::KvCache;
 pub use config::{HfConfig, ModelConfig};
 pub use error::{ModelError, Result};
 pub use generate::{GenerationConfig, generate};
+pub use save::{
+    COPIED_FILES, SavedModel, architecture_name, hf_tensors, merged_config, num_labels,
+    save_pretrained,
+};
 pub use tokenizer::{Batch, Encoding, HfTokenizer, pad_batch};
