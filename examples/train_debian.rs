@@ -80,6 +80,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         device,
         extra_devices: Vec::new(),
         pad_id: tokenizer.pad_id() as i64,
+        full_export: None,
     };
     let report = trainer.train(&train, Some(&eval), None)?;
     let eval = report.last_eval.as_ref().ok_or("no evaluation")?;

@@ -81,7 +81,10 @@ pub fn save<M: Adaptable + Module>(
     }
     fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     let result = (|| -> Result<()> {
-        model.save_adapter(&tmp, adapter)?;
+        // Full fine-tuning has no adapter: the trainable tensors below are the whole state.
+        if model.adapter_config(adapter).is_some() {
+            model.save_adapter(&tmp, adapter)?;
+        }
         let params: BTreeMap<String, TensorData> =
             trainable_paths(model.model(), model.trainable_param_ids())
                 .into_iter()

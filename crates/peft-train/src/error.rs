@@ -39,6 +39,14 @@ pub enum TrainError {
         /// What is wrong.
         reason: String,
     },
+    /// Writing the fully fine-tuned model failed (the previous folder is intact).
+    #[error("{}: cannot write the model: {reason}", dir.display())]
+    Export {
+        /// The output folder.
+        dir: PathBuf,
+        /// The cause.
+        reason: String,
+    },
     /// The configuration is invalid.
     #[error("invalid training config: `{key}`: {reason}")]
     Config {
@@ -47,6 +55,17 @@ pub enum TrainError {
         /// What is wrong.
         reason: String,
     },
+}
+
+impl TrainError {
+    /// Whether the error comes from the user's input (config, data, adapter, checkpoint) rather
+    /// than from the run itself (I/O, a diverging loss).
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            Self::Peft(_) | Self::Data(_) | Self::Config { .. } | Self::Checkpoint { .. }
+        )
+    }
 }
 
 /// Result alias for training.

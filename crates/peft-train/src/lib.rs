@@ -15,5 +15,6 @@ mod trainer;
 
 pub use error::{Result, TrainError};
 pub use trainer::{
-    EvalReport, Objective, TrainConfig, TrainReport, Trainer, causal_lm_loss, classification_loss,
+    EvalReport, FullExport, Objective, TrainConfig, TrainReport, Trainer, causal_lm_loss,
+    classification_loss,
 };

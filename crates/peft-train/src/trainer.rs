@@ -169,6 +169,21 @@ pub struct Trainer {
     pub extra_devices: Vec<Device>,
     /// Padding token id.
     pub pad_id: i64,
+    /// For full fine-tuning (`PeftModel::set_train_base(true)` and no adapter `adapter`):
+    /// how to write the model as a Hugging Face folder into `best/` and `model/`. `None`
+    /// when training an adapter, which is saved as a PEFT bundle (`best/`, `adapter/`).
+    pub full_export: Option<FullExport>,
+}
+
+/// What it takes to write a fully fine-tuned model as a Hugging Face model folder.
+#[derive(Debug, Clone)]
+pub struct FullExport {
+    /// The base model's config.
+    pub config: peft_models::HfConfig,
+    /// The base model's folder (tokenizer files are copied from it).
+    pub source_dir: PathBuf,
+    /// Class names (classification), written as `id2label` / `label2id`.
+    pub labels: Option<Vec<String>>,
 }
 
 fn inputs(batch: &Collated) -> ModelInputs {
@@ -397,6 +412,10 @@ impl Trainer {
             let mut micro = 0usize;
             let mut micro_loss = 0.0;
             for (index, chunk) in batches.iter().enumerate().skip(first) {
+                // A resumed run that already reached `max_steps` has nothing left to do.
+                if c.max_steps.is_some_and(|m| state.step >= m) {
+                    break 'epochs;
+                }
                 // Dropout draws depend only on (seed, step, micro-batch): a resumed run repeats them.
                 self.device.seed(
                     c.seed
@@ -473,15 +492,39 @@ impl Trainer {
                 log(&mut tb, "train/grad_norm", norm)?;
                 log(&mut tb, "train/tokens_per_sec", tokens as f64 / elapsed)?;
                 bar.set_position(state.step);
-                bar.set_message(format!(
+                let status = format!(
                     "loss {step_loss:.4}  lr {lr:.2e}  {:.2} steps/s",
                     (state.step - start_step) as f64 / elapsed
-                ));
+                );
+                // Without a terminal (logs, CI) the bar is invisible: print ~20 lines a run.
+                if c.progress
+                    && bar.is_hidden()
+                    && (state.step.is_multiple_of((total / 20).max(1)) || state.step == total)
+                {
+                    eprintln!("step {}/{total}  {status}", state.step);
+                }
+                bar.set_message(status);
                 let at_end = end_of_epoch || c.max_steps.is_some_and(|m| state.step >= m);
                 if let Some(eval) = eval
                     && (at_end || c.eval_every.is_some_and(|n| state.step.is_multiple_of(n)))
                 {
                     let report = self.evaluate(eval);
+                    if c.progress {
+                        let line = format!(
+                            "step {}: eval loss {:.4}{}",
+                            state.step,
+                            report.loss,
+                            report
+                                .accuracy
+                                .map(|a| format!(", accuracy {a:.4}"))
+                                .unwrap_or_default()
+                        );
+                        if bar.is_hidden() {
+                            eprintln!("{line}");
+                        } else {
+                            bar.println(line);
+                        }
+                    }
                     self.log_eval(&mut tb, &report, step)?;
                     if let Some((value, higher)) = report.metric(&metric) {
                         let improved = state
@@ -491,8 +534,7 @@ impl Trainer {
                             state.best_metric = Some(value);
                             state.best_step = Some(state.step);
                             state.evals_without_improvement = 0;
-                            self.model
-                                .save_adapter(self.output_dir.join("best"), &self.adapter)?;
+                            self.save_result(&self.output_dir.join("best"))?;
                         } else {
                             state.evals_without_improvement += 1;
                         }
@@ -529,8 +571,8 @@ impl Trainer {
             state.batch_in_epoch = 0;
         }
         bar.finish_and_clear();
-        let adapter_dir = self.output_dir.join("adapter");
-        self.model.save_adapter(&adapter_dir, &self.adapter)?;
+        let adapter_dir = self.output_dir.join(self.result_folder());
+        self.save_result(&adapter_dir)?;
         let elapsed = started.elapsed().as_secs_f64().max(1e-9);
         Ok(TrainReport {
             steps: state.step,
@@ -541,6 +583,51 @@ impl Trainer {
             tokens_per_sec: tokens as f64 / elapsed,
             stopped_early,
             adapter_dir,
+        })
+    }
+
+    /// Whether this run fine-tunes the whole model rather than an adapter.
+    pub fn is_full_fine_tuning(&self) -> bool {
+        self.model.adapter_config(&self.adapter).is_none()
+    }
+
+    /// The folder name of the final result: `adapter` (a PEFT bundle) or `model` (full
+    /// fine-tuning: a Hugging Face model folder).
+    pub fn result_folder(&self) -> &'static str {
+        if self.is_full_fine_tuning() {
+            "model"
+        } else {
+            "adapter"
+        }
+    }
+
+    /// Save the trained adapter (a PEFT bundle) or, for full fine-tuning, the whole model (a
+    /// Hugging Face folder) to `dir`.
+    pub fn save_result(&self, dir: &Path) -> Result<()> {
+        if !self.is_full_fine_tuning() {
+            return Ok(self.model.save_adapter(dir, &self.adapter)?);
+        }
+        let export = self
+            .full_export
+            .as_ref()
+            .ok_or_else(|| TrainError::Config {
+                key: "adapter".into(),
+                reason: format!(
+                    "no adapter `{}` in the model and no `full_export` set for full fine-tuning",
+                    self.adapter
+                ),
+            })?;
+        peft_models::save_pretrained(
+            self.model.model(),
+            &export.config,
+            &export.source_dir,
+            dir,
+            export.labels.as_deref(),
+        )
+        .map(|_| ())
+        .map_err(|e| TrainError::Export {
+            dir: dir.to_path_buf(),
+            reason: e.to_string(),
         })
     }
 

@@ -92,6 +92,7 @@ fn trainer(
         device,
         extra_devices: Vec::new(),
         pad_id: 0,
+        full_export: None,
     }
 }
 
