@@ -4,9 +4,15 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod config;
 mod device;
+mod eval;
 mod forward;
+mod generate;
+mod inspect;
+mod merge;
 mod tensors;
+mod train;
 
 /// Parameter-efficient fine-tuning (LoRA, prefix tuning) for Burn, with Hugging Face PEFT
 /// adapters.
@@ -19,10 +25,25 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Fine-tune a model as a YAML config says; saves the adapter and prints held-out metrics.
+    Train(train::TrainArgs),
+    /// Evaluate a model with an adapter on a labelled data file.
+    Eval(eval::EvalArgs),
+    /// Merge an adapter into its base model and write a full Hugging Face model folder.
+    Merge(merge::MergeArgs),
+    /// Describe an adapter bundle; with `--model`, check it against that base model.
+    Inspect(inspect::InspectArgs),
+    /// Generate text with a causal LM, optionally with an adapter.
+    Generate(generate::GenerateArgs),
     /// Run a model (optionally with a PEFT adapter) on inputs from a safetensors file and write
     /// its outputs to another; used for numeric checks against transformers + PEFT.
     Forward(forward::ForwardArgs),
 }
+
+/// A command line that cannot work as given (exit code 2); says what to pass instead.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
 
 /// Exit codes: 0 success, 1 failure while running, 2 bad input or usage.
 pub const EXIT_BAD_INPUT: u8 = 2;
@@ -30,6 +51,11 @@ pub const EXIT_BAD_INPUT: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Train(args) => train::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Merge(args) => merge::run(args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Generate(args) => generate::run(args),
         Command::Forward(args) => forward::run(args),
     };
     match result {
@@ -38,8 +64,13 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             let bad_input = err.chain().any(|c| {
                 c.downcast_ref::<tensors::InputError>().is_some()
+                    || c.downcast_ref::<UsageError>().is_some()
+                    || c.downcast_ref::<config::ConfigError>().is_some()
                     || c.downcast_ref::<peft_core::PeftError>().is_some()
                     || c.downcast_ref::<peft_models::ModelError>().is_some()
+                    || c.downcast_ref::<peft_train::data::DataError>().is_some()
+                    || c.downcast_ref::<peft_train::TrainError>()
+                        .is_some_and(|e| e.is_bad_input())
             });
             ExitCode::from(if bad_input { EXIT_BAD_INPUT } else { 1 })
         }

@@ -1,0 +1,472 @@
+//! The YAML run config of `burn-peft train`: `model`, `method`, `data`, `train`, `output`,
+//! `device`.
+//!
+//! `method` is either the string `full` (full fine-tuning, the baseline) or a block with the
+//! keys of a PEFT `adapter_config.json` (`peft_type` picks the registered method), so a PEFT
+//! adapter config pasted under `method:` is valid. Relative paths resolve against the folder
+//! of the config file, so a config runs the same from any working directory.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use peft_core::PeftMethod;
+use peft_core::bundle::{method_to_json, parse_config_value};
+use peft_core::matching::edit_distance;
+use peft_train::TrainConfig;
+use peft_train::data::{DataConfig, TaskKind};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// A config file that cannot be used; says where and what to do.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    /// The config file.
+    pub file: PathBuf,
+    /// The 1-based line, when known.
+    pub line: Option<u64>,
+    /// What is wrong (and what to do).
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{line}: {}", self.file.display(), self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+/// The whole run config.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// The base model.
+    pub model: ModelSection,
+    /// The PEFT method block, or `full`.
+    pub method: Value,
+    /// The data files and how to read them.
+    pub data: DataSection,
+    /// Training hyper-parameters.
+    #[serde(default)]
+    pub train: TrainConfig,
+    /// Output folder (adapter, best, checkpoints, TensorBoard runs).
+    pub output: PathBuf,
+    /// `flex` (CPU) or `cuda`.
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_device() -> String {
+    "flex".into()
+}
+
+/// The `model:` block.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Hub id (through the Hugging Face cache) or local folder.
+    pub name_or_path: String,
+    /// What the model learns.
+    #[serde(default)]
+    pub task: TaskName,
+    /// Classes (classification); default: the number of labels in `data.train`.
+    pub num_labels: Option<usize>,
+}
+
+/// The `model.task` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskName {
+    /// Sequence classification.
+    #[default]
+    Classification,
+    /// Causal language modelling.
+    CausalLm,
+}
+
+impl TaskName {
+    /// The data reader's task.
+    pub fn kind(self) -> TaskKind {
+        match self {
+            Self::Classification => TaskKind::Classification,
+            Self::CausalLm => TaskKind::CausalLm,
+        }
+    }
+}
+
+/// The `data:` block.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Training file (JSONL or CSV).
+    pub train: PathBuf,
+    /// Evaluated during training; picks the best adapter.
+    pub eval: Option<PathBuf>,
+    /// Held out: evaluated once at the end, with the best adapter.
+    pub test: Option<PathBuf>,
+    /// `jsonl` or `csv` (default: by extension).
+    pub format: Option<String>,
+    /// Field of the text.
+    pub text_field: Option<String>,
+    /// Field of the second text of a pair.
+    pub text_pair_field: Option<String>,
+    /// Field of the label.
+    pub label_field: Option<String>,
+    /// Field of the prompt (causal LM).
+    pub prompt_field: Option<String>,
+    /// Field of the completion (causal LM).
+    pub completion_field: Option<String>,
+    /// Most tokens per example.
+    pub max_length: Option<usize>,
+}
+
+impl DataSection {
+    /// The reader settings.
+    pub fn reader(&self) -> DataConfig {
+        let d = DataConfig::default();
+        DataConfig {
+            format: self.format.clone(),
+            text_field: self.text_field.clone().unwrap_or(d.text_field),
+            text_pair_field: self.text_pair_field.clone().or(d.text_pair_field),
+            label_field: self.label_field.clone().unwrap_or(d.label_field),
+            prompt_field: self.prompt_field.clone().unwrap_or(d.prompt_field),
+            completion_field: self.completion_field.clone().unwrap_or(d.completion_field),
+            max_length: self.max_length.unwrap_or(d.max_length),
+        }
+    }
+}
+
+/// What trains.
+#[derive(Debug)]
+pub enum MethodChoice {
+    /// A registered PEFT method.
+    Peft(Box<dyn PeftMethod>),
+    /// Every parameter (full fine-tuning).
+    Full,
+}
+
+/// A parsed, checked config with paths made absolute.
+#[derive(Debug)]
+pub struct LoadedRun {
+    /// The config, with paths resolved.
+    pub config: RunConfig,
+    /// The method.
+    pub method: MethodChoice,
+}
+
+/// Read, parse and check `file`.
+pub fn load(file: &Path) -> Result<LoadedRun, ConfigError> {
+    let err = |line: Option<u64>, message: String| ConfigError {
+        file: file.to_path_buf(),
+        line,
+        message,
+    };
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        err(
+            None,
+            format!("cannot read the config: {e}; pass the path of a YAML file such as examples/lora-minilm-debian.yaml"),
+        )
+    })?;
+    let mut config: RunConfig = serde_saphyr::from_str(&text).map_err(|e| yaml_error(file, &e))?;
+    let method = parse_method(
+        file,
+        &text,
+        &with_task_defaults(config.method.clone(), config.model.task),
+    )?;
+    let base = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let resolve = |p: &mut PathBuf| {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    };
+    resolve(&mut config.data.train);
+    config.data.eval.as_mut().map(resolve);
+    config.data.test.as_mut().map(resolve);
+    resolve(&mut config.output);
+    // A local model folder given relative to the config; hub ids stay as they are.
+    let local = base.join(&config.model.name_or_path);
+    if Path::new(&config.model.name_or_path).is_relative() && local.join("config.json").is_file() {
+        config.model.name_or_path = local.to_string_lossy().into_owned();
+    }
+    if !matches!(config.device.as_str(), "flex" | "cuda") {
+        return Err(err(
+            key_line(&text, None, "device"),
+            format!(
+                "unknown device `{}`; expected `flex` (CPU) or `cuda`",
+                config.device
+            ),
+        ));
+    }
+    Ok(LoadedRun { config, method })
+}
+
+fn yaml_error(file: &Path, e: &serde_saphyr::Error) -> ConfigError {
+    let line = e.location().map(|l| l.line()).filter(|l| *l > 0);
+    // The library's text starts with "error: line L column C: " and may add a snippet; keep the
+    // message itself, and turn serde's unknown-field message into ours (with a suggestion).
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    let message = match first
+        .find("column ")
+        .and_then(|i| first[i..].find(": ").map(|j| i + j + 2))
+    {
+        Some(start) => &first[start..],
+        None => first.trim_start_matches("error: "),
+    };
+    let unknown = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split_once("`, expected one of "));
+    let message = match unknown {
+        Some((field, expected)) => {
+            let expected: Vec<String> = expected.split(", ").map(str::to_string).collect();
+            unknown_key_message(field, &expected)
+        }
+        None => message.to_string(),
+    };
+    ConfigError {
+        file: file.to_path_buf(),
+        line,
+        message,
+    }
+}
+
+/// "unknown key `x`; did you mean `y`? Valid keys: …".
+fn unknown_key_message(found: &str, expected: &[String]) -> String {
+    let mut best: Vec<(usize, &String)> = expected
+        .iter()
+        .map(|k| (edit_distance(found, k), k))
+        .filter(|(d, k)| *d <= (k.len().max(found.len()) / 2).max(2))
+        .collect();
+    best.sort();
+    let hint = best
+        .first()
+        .map(|(_, k)| format!("; did you mean `{k}`?"))
+        .unwrap_or_default();
+    format!(
+        "unknown key `{found}`{hint} Valid keys here: {}",
+        expected.join(", ")
+    )
+}
+
+/// The 1-based line of `key:` in the top-level `section:` block (or at top level).
+fn key_line(text: &str, section: Option<&str>, key: &str) -> Option<u64> {
+    let mut inside = section.is_none();
+    for (i, line) in text.lines().enumerate() {
+        let indented = line.starts_with(' ') || line.starts_with('\t');
+        let trimmed = line.trim_start();
+        if !indented && !trimmed.is_empty() && !trimmed.starts_with('#') {
+            inside = match section {
+                Some(s) => trimmed.starts_with(&format!("{s}:")),
+                None => true,
+            };
+            if section.is_none() && trimmed.starts_with(&format!("{key}:")) {
+                return Some(i as u64 + 1);
+            }
+            continue;
+        }
+        if inside && section.is_some() && indented {
+            let bare = trimmed.trim_start_matches(['"', '\'']);
+            if bare.starts_with(key)
+                && bare[key.len()..]
+                    .trim_start_matches(['"', '\''])
+                    .starts_with(':')
+            {
+                return Some(i as u64 + 1);
+            }
+        }
+    }
+    None
+}
+
+/// What PEFT's task-specific wrappers do to a config: `task_type` from `model.task` when absent,
+/// and for `SEQ_CLS` the heads `classifier` and `score` appended to `modules_to_save` (PEFT's
+/// `PeftModelForSequenceClassification`), so the new head trains and is saved with the adapter.
+fn with_task_defaults(mut method: Value, task: TaskName) -> Value {
+    let Value::Object(map) = &mut method else {
+        return method;
+    };
+    if !map.contains_key("task_type") {
+        let name = match task {
+            TaskName::Classification => "SEQ_CLS",
+            TaskName::CausalLm => "CAUSAL_LM",
+        };
+        map.insert("task_type".into(), Value::String(name.into()));
+    }
+    if map.get("task_type").and_then(Value::as_str) == Some("SEQ_CLS") {
+        let mut list: Vec<Value> = match map.get("modules_to_save") {
+            Some(Value::Array(a)) => a.clone(),
+            Some(Value::String(s)) => vec![Value::String(s.clone())],
+            _ => Vec::new(),
+        };
+        for head in ["classifier", "score"] {
+            if !list.iter().any(|v| v.as_str() == Some(head)) {
+                list.push(Value::String(head.into()));
+            }
+        }
+        map.insert("modules_to_save".into(), Value::Array(list));
+    }
+    method
+}
+
+fn parse_method(file: &Path, text: &str, value: &Value) -> Result<MethodChoice, ConfigError> {
+    let err = |line: Option<u64>, message: String| ConfigError {
+        file: file.to_path_buf(),
+        line,
+        message,
+    };
+    let method_line = key_line(text, None, "method");
+    match value {
+        Value::String(s) if s.eq_ignore_ascii_case("full") => return Ok(MethodChoice::Full),
+        Value::Object(_) => {}
+        other => {
+            return Err(err(
+                method_line,
+                format!(
+                    "`method` must be `full` or a PEFT adapter config block with a `peft_type` (one of {}); found {other}",
+                    peft_core::bundle::registered_methods().join(", ")
+                ),
+            ));
+        }
+    }
+    let loaded = parse_config_value(value.clone(), None).map_err(|e| {
+        let key = match &e {
+            peft_core::PeftError::InvalidConfig { key, .. } => Some(key.clone()),
+            _ => None,
+        };
+        let line = key
+            .as_deref()
+            .and_then(|k| key_line(text, Some("method"), k))
+            .or_else(|| match e {
+                peft_core::PeftError::UnknownPeftType { .. } => {
+                    key_line(text, Some("method"), "peft_type")
+                }
+                _ => None,
+            })
+            .or(method_line);
+        err(line, format!("in `method`: {e}"))
+    })?;
+    if let Some(key) = loaded.unknown_keys.first() {
+        let known: Vec<String> = match method_to_json(loaded.method.as_ref()) {
+            Value::Object(m) => m.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
+        return Err(err(
+            key_line(text, Some("method"), key).or(method_line),
+            format!(
+                "in `method` ({}): {}",
+                peft_core::peft_type_of(loaded.method.as_ref()),
+                unknown_key_message(key, &known)
+            ),
+        ));
+    }
+    Ok(MethodChoice::Peft(loaded.method))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<LoadedRun, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("run.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        load(&file)
+    }
+
+    const GOOD: &str = "model:\n  name_or_path: some/model\nmethod:\n  peft_type: LORA\n  r: 4\n  target_modules: [query]\ndata:\n  train: d/train.jsonl\n  max_length: 32\ntrain:\n  epochs: 1\noutput: out\n";
+
+    #[test]
+    fn parses_a_lora_run_and_resolves_paths() {
+        let run = parse(GOOD).unwrap();
+        let MethodChoice::Peft(m) = &run.method else {
+            panic!("expected a PEFT method")
+        };
+        assert_eq!(peft_core::peft_type_of(m.as_ref()), "LORA");
+        assert!(run.config.data.train.ends_with("d/train.jsonl"));
+        assert!(run.config.data.train.is_absolute() || run.config.data.train.starts_with("/"));
+        assert_eq!(run.config.train.epochs, 1);
+        assert_eq!(run.config.data.reader().max_length, 32);
+        assert_eq!(run.config.device, "flex");
+    }
+
+    #[test]
+    fn unknown_top_level_key_names_line_and_suggestion() {
+        let e = parse(&GOOD.replace("train:\n  epochs", "trian:\n  epochs")).unwrap_err();
+        assert_eq!(e.line, Some(10), "{e}");
+        assert!(e.message.contains("did you mean `train`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_nested_key_names_line_and_suggestion() {
+        let e = parse(&GOOD.replace("epochs: 1", "epohcs: 1")).unwrap_err();
+        assert_eq!(e.line, Some(11), "{e}");
+        assert!(e.message.contains("did you mean `epochs`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_method_key_names_line_and_suggestion() {
+        let e = parse(&GOOD.replace("r: 4", "r: 4\n  lora_alfa: 8")).unwrap_err();
+        assert_eq!(e.line, Some(6), "{e}");
+        assert!(e.message.contains("did you mean `lora_alpha`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_peft_type_lists_registered_methods() {
+        let e = parse(&GOOD.replace("peft_type: LORA", "peft_type: LORRA")).unwrap_err();
+        assert_eq!(e.line, Some(4), "{e}");
+        assert!(
+            e.message.contains("LORA") && e.message.contains("PREFIX_TUNING"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn full_fine_tuning_and_bad_device() {
+        let full = GOOD.replace(
+            "method:\n  peft_type: LORA\n  r: 4\n  target_modules: [query]\n",
+            "method: full\n",
+        );
+        assert!(matches!(parse(&full).unwrap().method, MethodChoice::Full));
+        let e = parse(&format!("{GOOD}device: tpu\n")).unwrap_err();
+        assert_eq!(e.line, Some(13), "{e}");
+    }
+
+    #[test]
+    fn every_shipped_example_config_parses() {
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&examples).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                let run = load(&path).unwrap_or_else(|e| panic!("{e}"));
+                assert!(run.config.data.train.is_file(), "{}", path.display());
+                seen += 1;
+            }
+        }
+        assert!(seen >= 5, "expected the five shipped configs, found {seen}");
+    }
+
+    #[test]
+    fn classification_runs_get_peft_task_defaults() {
+        let run = parse(GOOD).unwrap();
+        let MethodChoice::Peft(m) = &run.method else {
+            panic!("expected a PEFT method")
+        };
+        let json = method_to_json(m.as_ref());
+        assert_eq!(json["task_type"], "SEQ_CLS");
+        assert_eq!(
+            json["modules_to_save"],
+            serde_json::json!(["classifier", "score"])
+        );
+    }
+
+    #[test]
+    fn bad_value_type_has_a_line() {
+        let e = parse(&GOOD.replace("epochs: 1", "epochs: many")).unwrap_err();
+        assert_eq!(e.line, Some(11), "{e}");
+    }
+}

@@ -1,0 +1,149 @@
+//! `burn-peft eval`: metrics of a model (optionally with an adapter) on a labelled file.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use peft_core::PeftModel;
+use peft_models::{HfTokenizer, Task, from_pretrained, model_dir};
+use peft_train::data::{DataConfig, LABEL_MAP_FILE, LabelMap, TaskKind, load_examples};
+use peft_train::{Objective, TrainConfig, Trainer};
+
+use crate::config::TaskName;
+
+// Link the method crates so their `peft_type`s are registered.
+use peft_lora as _;
+use peft_prefix as _;
+
+/// Arguments of `burn-peft eval`.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Base model: hub id or folder (for full fine-tuning: the saved `model/` folder).
+    #[arg(long)]
+    model: String,
+    /// PEFT adapter folder (e.g. `<output>/best`).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// JSONL or CSV file with `text` and `label` (classification) or `text` (causal LM).
+    #[arg(long)]
+    data: PathBuf,
+    /// `classification` or `causal-lm`.
+    #[arg(long, default_value = "classification", value_parser = parse_task)]
+    task: TaskName,
+    /// Class names: a `label_map.json` (default: the adapter's, else the model folder's).
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// Most tokens per example.
+    #[arg(long, default_value_t = 128)]
+    max_length: usize,
+    /// Examples per batch.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Backend: `flex` (CPU) or `cuda`.
+    #[arg(long, default_value = "flex")]
+    device: String,
+}
+
+fn parse_task(s: &str) -> Result<TaskName, String> {
+    match s {
+        "classification" => Ok(TaskName::Classification),
+        "causal-lm" => Ok(TaskName::CausalLm),
+        other => Err(format!(
+            "unknown task `{other}`; expected `classification` or `causal-lm`"
+        )),
+    }
+}
+
+/// The label map of a run: `--labels`, else `label_map.json` beside the adapter, else the
+/// model folder's `id2label`.
+fn find_labels(args: &EvalArgs) -> Result<Option<LabelMap>> {
+    let mut candidates = Vec::new();
+    if let Some(l) = &args.labels {
+        candidates.push(l.clone());
+    }
+    if let Some(a) = &args.adapter {
+        candidates.push(a.join(LABEL_MAP_FILE));
+    }
+    let dir = model_dir(&args.model)?;
+    candidates.push(dir.join(LABEL_MAP_FILE));
+    for file in candidates {
+        if file.is_file() {
+            return Ok(Some(LabelMap::load(&file)?));
+        }
+    }
+    if dir.join("config.json").is_file() {
+        // A merged or fully fine-tuned folder carries id2label in config.json.
+        let config = dir.join("config.json");
+        if let Ok(map) = LabelMap::load(&config) {
+            return Ok(Some(map));
+        }
+    }
+    Ok(None)
+}
+
+/// Run the subcommand.
+pub fn run(args: EvalArgs) -> Result<()> {
+    let device = crate::device::parse(&args.device)?;
+    let dir =
+        model_dir(&args.model).with_context(|| format!("resolving model `{}`", args.model))?;
+    let tokenizer = HfTokenizer::from_dir(&dir)
+        .with_context(|| format!("model `{}` needs a tokenizer.json", args.model))?;
+    let reader = DataConfig {
+        max_length: args.max_length,
+        ..Default::default()
+    };
+    let (task, objective, kind, labels) = match args.task {
+        TaskName::Classification => {
+            let Some(labels) = find_labels(&args)? else {
+                bail!(crate::UsageError(
+                    "no label map: pass --labels <label_map.json> (written by `burn-peft train` into its output and adapter folders)".into()
+                ));
+            };
+            let n = labels.len();
+            (
+                Task::SequenceClassification { num_labels: n },
+                Objective::Classification { num_labels: n },
+                TaskKind::Classification,
+                Some(labels),
+            )
+        }
+        TaskName::CausalLm => (
+            Task::CausalLm,
+            Objective::CausalLm,
+            TaskKind::CausalLm,
+            None,
+        ),
+    };
+    let (examples, _) = load_examples(&args.data, kind, &reader, &tokenizer, labels.as_ref())?;
+    let pretrained = from_pretrained(&args.model, task, &device)
+        .with_context(|| format!("loading model `{}`", args.model))?;
+    let mut model = PeftModel::new(pretrained.model);
+    if let Some(adapter) = &args.adapter {
+        model
+            .load_adapter(adapter, "default")
+            .with_context(|| format!("loading adapter {}", adapter.display()))?;
+    }
+    let trainer = Trainer {
+        model,
+        adapter: "default".into(),
+        objective,
+        config: TrainConfig {
+            eval_batch_size: Some(args.batch_size.max(1)),
+            progress: false,
+            ..Default::default()
+        },
+        output_dir: PathBuf::new(),
+        device,
+        extra_devices: Vec::new(),
+        pad_id: tokenizer.pad_id() as i64,
+        full_export: None,
+    };
+    let report = trainer.evaluate(&examples);
+    println!(
+        "{} ({} examples): {}",
+        args.data.display(),
+        examples.len(),
+        crate::train::describe(&report)
+    );
+    Ok(())
+}

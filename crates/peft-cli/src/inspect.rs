@@ -1,0 +1,217 @@
+//! `burn-peft inspect`: what an adapter bundle holds, and whether it fits a base model.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use peft_core::PeftModel;
+use peft_core::bundle::{self, read_config};
+use peft_models::{Task, from_pretrained};
+use peft_train::data::{LABEL_MAP_FILE, LabelMap};
+use serde_json::Value;
+
+// Link the method crates so their `peft_type`s are registered.
+use peft_lora as _;
+use peft_prefix as _;
+
+/// Arguments of `burn-peft inspect`.
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+    adapter: PathBuf,
+    /// Check the bundle against this base model (hub id or folder): every tensor must find its
+    /// module with the right shape.
+    #[arg(long)]
+    model: Option<String>,
+    /// Classes of the classifier, when checking a SEQ_CLS bundle without a label_map.json.
+    #[arg(long)]
+    num_labels: Option<usize>,
+}
+
+/// Config keys worth a line, in this order, when present.
+const SHOWN_KEYS: &[&str] = &[
+    "task_type",
+    "base_model_name_or_path",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "use_rslora",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "rank_pattern",
+    "alpha_pattern",
+    "bias",
+    "modules_to_save",
+    "num_virtual_tokens",
+    "prefix_projection",
+    "encoder_hidden_size",
+    "num_layers",
+    "token_dim",
+    "num_attention_heads",
+];
+
+fn short(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Run the subcommand.
+pub fn run(args: InspectArgs) -> Result<()> {
+    let loaded = read_config(&args.adapter)?;
+    let config_file = args.adapter.join(bundle::CONFIG_FILE);
+    let raw: Value = serde_json::from_str(&fs::read_to_string(&config_file)?)
+        .with_context(|| format!("reading {}", config_file.display()))?;
+    let weights = args.adapter.join(bundle::WEIGHTS_FILE);
+    let bytes = fs::read(&weights).with_context(|| format!("reading {}", weights.display()))?;
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+        peft_core::PeftError::CorruptFile {
+            file: weights.clone(),
+            reason: e.to_string(),
+        }
+    })?;
+    let peft_type = peft_core::peft_type_of(loaded.method.as_ref());
+    println!("adapter:   {}", args.adapter.display());
+    println!("method:    {peft_type}");
+    for key in SHOWN_KEYS {
+        if let Some(v) = raw.get(*key).filter(|v| !v.is_null()) {
+            println!("{key:<10} {}", short(v));
+        }
+    }
+    // Modules touched, grouped by the last path segment (`query`, `value`, …), with ranks.
+    let mut params = 0usize;
+    let mut by_module: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let mut ranks: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut names: Vec<(String, Vec<usize>, String)> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.shape().to_vec(), format!("{:?}", v.dtype())))
+        .collect();
+    names.sort();
+    for (name, shape, _) in &names {
+        let n: usize = shape.iter().product();
+        params += n;
+        let module = name
+            .split('.')
+            .rev()
+            .find(|s| {
+                !matches!(
+                    *s,
+                    "weight"
+                        | "bias"
+                        | "lora_A"
+                        | "lora_B"
+                        | "lora_embedding_A"
+                        | "lora_embedding_B"
+                        | "modules_to_save"
+                        | "base_layer"
+                ) && s.parse::<usize>().is_err()
+            })
+            .unwrap_or(name)
+            .to_string();
+        let entry = by_module.entry(module).or_default();
+        entry.0 += 1;
+        entry.1 += n;
+        if name.contains("lora_A.") && shape.len() == 2 {
+            *ranks.entry(shape[0]).or_default() += 1;
+        }
+        if name.contains("lora_embedding_A") && shape.len() == 2 {
+            *ranks.entry(shape[0]).or_default() += 1;
+        }
+    }
+    println!(
+        "tensors:   {} ({} parameters, {:.1} KiB on disk, dtype {})",
+        names.len(),
+        thousands(params),
+        bytes.len() as f64 / 1024.0,
+        names.first().map(|(_, _, d)| d.clone()).unwrap_or_default()
+    );
+    if !ranks.is_empty() {
+        let list: Vec<String> = ranks
+            .iter()
+            .map(|(r, n)| format!("r={r} on {n} module(s)"))
+            .collect();
+        println!("ranks:     {}", list.join(", "));
+    }
+    println!("modules:");
+    for (module, (count, n)) in &by_module {
+        println!(
+            "  {module:<24} {count:>4} tensor(s) {:>12} params",
+            thousands(*n)
+        );
+    }
+    let Some(model) = &args.model else {
+        return Ok(());
+    };
+    // Validation: load the bundle into the base model as PEFT would.
+    let task = match raw.get("task_type").and_then(Value::as_str) {
+        Some("SEQ_CLS") => {
+            let labels = args.adapter.join(LABEL_MAP_FILE);
+            let num_labels = match args.num_labels {
+                Some(n) => n,
+                None if labels.is_file() => LabelMap::load(&labels)?.len(),
+                None => classifier_rows(&tensors).ok_or_else(|| {
+                    crate::UsageError(
+                        "SEQ_CLS bundle without label_map.json or a saved classifier: pass --num-labels".into(),
+                    )
+                })?,
+            };
+            Task::SequenceClassification { num_labels }
+        }
+        Some("CAUSAL_LM") => Task::CausalLm,
+        // No task type: a saved head copy still says the bundle belongs to a classifier.
+        _ => match classifier_rows(&tensors) {
+            Some(n) => Task::SequenceClassification {
+                num_labels: args.num_labels.unwrap_or(n),
+            },
+            None => Task::Auto,
+        },
+    };
+    let device = burn::tensor::Device::flex();
+    let pretrained = from_pretrained(model, task, &device)
+        .with_context(|| format!("loading base model `{model}`"))?;
+    let mut peft = PeftModel::new(pretrained.model);
+    let report = peft
+        .load_adapter(&args.adapter, "default")
+        .with_context(|| format!("checking {} against `{model}`", args.adapter.display()))?;
+    println!("base model `{model}`: every tensor of the bundle fits its module");
+    if !report.unknown_config_keys.is_empty() {
+        println!(
+            "warning: config keys this version does not know (ignored, as PEFT does): {}",
+            report.unknown_config_keys.join(", ")
+        );
+    }
+    println!("{}", peft.trainable_report());
+    if let Some(base) = raw.get("base_model_name_or_path").and_then(Value::as_str)
+        && base != model
+    {
+        println!(
+            "note: the bundle names `{base}` as its base model; it was checked against `{model}`"
+        );
+    }
+    Ok(())
+}
+
+/// Rows of a saved classification head (`modules_to_save` copy of `classifier` / `score`).
+fn classifier_rows(tensors: &safetensors::SafeTensors<'_>) -> Option<usize> {
+    tensors.tensors().into_iter().find_map(|(name, view)| {
+        let head = name.contains("classifier") || name.contains("score");
+        (head && name.ends_with("weight") && view.shape().len() == 2).then(|| view.shape()[0])
+    })
+}
+
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

@@ -1,0 +1,303 @@
+//! `burn-peft train <config.yaml>`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use peft_core::PeftModel;
+use peft_models::{HfTokenizer, Task, from_pretrained, model_dir};
+use peft_train::data::{Example, LABEL_MAP_FILE, LabelMap, load_examples};
+use peft_train::{EvalReport, FullExport, Objective, Trainer};
+use serde_json::json;
+
+use crate::config::{self, MethodChoice, TaskName};
+
+// Link the method crates so their `peft_type`s are registered.
+use peft_lora as _;
+use peft_prefix as _;
+
+/// The name of the adapter a run trains (PEFT's default, saved at the top of a bundle folder).
+const ADAPTER: &str = "default";
+
+/// Arguments of `burn-peft train`.
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// The YAML run config (see examples/lora-minilm-debian.yaml).
+    config: PathBuf,
+    /// Resume from a checkpoint folder (`<output>/checkpoints/step-N`), or `latest`.
+    #[arg(long)]
+    resume: Option<String>,
+    /// Override `train.max_steps` (a quick run).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Override `output`.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// No progress bar (logs only).
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// The data of a run, tokenized.
+pub struct RunData {
+    /// Training examples.
+    pub train: Vec<Example>,
+    /// Evaluation examples.
+    pub eval: Option<Vec<Example>>,
+    /// Held-out test examples.
+    pub test: Option<Vec<Example>>,
+    /// The classes (classification).
+    pub labels: Option<LabelMap>,
+}
+
+fn load_data(
+    run: &config::RunConfig,
+    tokenizer: &HfTokenizer,
+    fixed_labels: Option<&LabelMap>,
+) -> Result<RunData> {
+    let kind = run.model.task.kind();
+    let reader = run.data.reader();
+    let (train, found) = load_examples(&run.data.train, kind, &reader, tokenizer, fixed_labels)?;
+    let labels = fixed_labels.cloned().or(found);
+    let read = |file: &Option<PathBuf>| -> Result<Option<Vec<Example>>> {
+        match file {
+            Some(f) => Ok(Some(
+                load_examples(f, kind, &reader, tokenizer, labels.as_ref())?.0,
+            )),
+            None => Ok(None),
+        }
+    };
+    Ok(RunData {
+        eval: read(&run.data.eval)?,
+        test: read(&run.data.test)?,
+        train,
+        labels,
+    })
+}
+
+/// Run the subcommand.
+pub fn run(args: TrainArgs) -> Result<()> {
+    let loaded = config::load(&args.config)?;
+    let mut run = loaded.config;
+    if let Some(out) = args.output {
+        run.output = out;
+    }
+    if args.max_steps.is_some() {
+        run.train.max_steps = args.max_steps;
+    }
+    if args.quiet {
+        run.train.progress = false;
+    }
+    let device = crate::device::parse(&run.device)?;
+    let train_device = device.clone().autodiff();
+    train_device.seed(run.train.seed);
+
+    let source = &run.model.name_or_path;
+    let dir = model_dir(source).with_context(|| format!("resolving model `{source}`"))?;
+    let tokenizer = HfTokenizer::from_dir(&dir)
+        .with_context(|| format!("model `{source}` needs a tokenizer.json"))?;
+    let data = load_data(&run, &tokenizer, None)?;
+    let (task, objective) = match run.model.task {
+        TaskName::Classification => {
+            let found = data.labels.as_ref().map_or(0, LabelMap::len);
+            let num_labels = run.model.num_labels.unwrap_or(found);
+            if num_labels < found {
+                return Err(config::ConfigError {
+                    file: args.config.clone(),
+                    line: None,
+                    message: format!(
+                        "model.num_labels is {num_labels} but {} has {found} distinct labels; raise num_labels or remove it",
+                        run.data.train.display()
+                    ),
+                }
+                .into());
+            }
+            (
+                Task::SequenceClassification { num_labels },
+                Objective::Classification { num_labels },
+            )
+        }
+        TaskName::CausalLm => (Task::CausalLm, Objective::CausalLm),
+    };
+    let started = Instant::now();
+    let pretrained = from_pretrained(source, task, &train_device)
+        .with_context(|| format!("loading model `{source}`"))?;
+    let mut model = PeftModel::new(pretrained.model).with_base_model_name(source.clone());
+    let full = matches!(loaded.method, MethodChoice::Full);
+    match &loaded.method {
+        MethodChoice::Peft(method) => {
+            model
+                .add_adapter(ADAPTER, method.as_ref())
+                .with_context(|| format!("{}: in `method`", args.config.display()))?;
+        }
+        MethodChoice::Full => model.set_train_base(true),
+    }
+    let report = model.trainable_report();
+    println!(
+        "{}: {} on {} ({} train / {} eval / {} test examples)",
+        args.config.display(),
+        if full {
+            "full fine-tuning".to_string()
+        } else {
+            method_name(&model)
+        },
+        source,
+        data.train.len(),
+        data.eval.as_ref().map_or(0, Vec::len),
+        data.test.as_ref().map_or(0, Vec::len),
+    );
+    println!("{report}");
+
+    std::fs::create_dir_all(&run.output)
+        .with_context(|| format!("creating the output folder {}", run.output.display()))?;
+    let label_names = data.labels.as_ref().map(|l| l.names.clone());
+    if let Some(labels) = &data.labels {
+        labels.save(&run.output.join(LABEL_MAP_FILE))?;
+    }
+    let mut trainer = Trainer {
+        model,
+        adapter: ADAPTER.into(),
+        objective,
+        config: run.train.clone(),
+        output_dir: run.output.clone(),
+        device: train_device,
+        extra_devices: Vec::new(),
+        pad_id: tokenizer.pad_id() as i64,
+        full_export: full.then(|| FullExport {
+            config: pretrained.config.clone(),
+            source_dir: pretrained.dir.clone(),
+            labels: label_names.clone(),
+        }),
+    };
+    let resume = match args.resume.as_deref() {
+        Some("latest") => Some(
+            peft_train::checkpoint::latest(&run.output.join("checkpoints")).ok_or_else(|| {
+                crate::UsageError(format!(
+                    "--resume latest: no checkpoint under {}; train without --resume first",
+                    run.output.join("checkpoints").display()
+                ))
+            })?,
+        ),
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => None,
+    };
+    let result = trainer.train(&data.train, data.eval.as_deref(), resume.as_deref())?;
+    let train_seconds = started.elapsed().as_secs_f64();
+    let result_dir = result.adapter_dir.clone();
+    let best_dir = run.output.join("best");
+    for dir in [&result_dir, &best_dir] {
+        if let Some(labels) = &data.labels
+            && dir.is_dir()
+        {
+            labels.save(&dir.join(LABEL_MAP_FILE))?;
+        }
+    }
+    println!(
+        "trained {} steps in {:.1} s ({:.2} steps/s); saved {}",
+        result.steps,
+        train_seconds,
+        result.steps_per_sec,
+        result_dir.display()
+    );
+    if let Some(eval) = &result.last_eval {
+        println!("eval (last step): {}", describe(eval));
+    }
+
+    // The held-out score is the one of the best checkpoint, as a user would ship it.
+    let chosen = if best_dir.is_dir() {
+        best_dir.clone()
+    } else {
+        result_dir.clone()
+    };
+    let mut test_report = None;
+    if let Some(test) = &data.test {
+        let eval_device = trainer.device.clone();
+        trainer.model = reload(source, task, &chosen, full, &eval_device)?;
+        let report = trainer.evaluate(test);
+        println!(
+            "held-out test ({} examples, {}): {}",
+            test.len(),
+            chosen.display(),
+            describe(&report)
+        );
+        test_report = Some(report);
+    }
+    let summary = json!({
+        "config": args.config,
+        "model": source,
+        "method": if full { "FULL".to_string() } else { method_name(&trainer.model) },
+        "trainable_params": report.trainable,
+        "all_params": report.all,
+        "steps": result.steps,
+        "train_seconds": train_seconds,
+        "steps_per_sec": result.steps_per_sec,
+        "tokens_per_sec": result.tokens_per_sec,
+        "best": result.best.map(|(value, step)| json!({"value": value, "step": step})),
+        "eval": result.last_eval,
+        "test": test_report,
+        "result_dir": result_dir,
+        "best_dir": best_dir.is_dir().then_some(best_dir),
+    });
+    let summary_file = run.output.join("results.json");
+    write_atomically(&summary_file, &serde_json::to_vec_pretty(&summary)?)?;
+    println!("summary: {}", summary_file.display());
+    Ok(())
+}
+
+fn method_name(model: &PeftModel<peft_models::HfModel>) -> String {
+    model
+        .adapter_config(ADAPTER)
+        .map(|m| peft_core::peft_type_of(m).to_string())
+        .unwrap_or_else(|| "FULL".into())
+}
+
+/// A fresh model with the chosen result: the base + the saved bundle, or the saved full model.
+fn reload(
+    source: &str,
+    task: Task,
+    chosen: &Path,
+    full: bool,
+    device: &burn::tensor::Device,
+) -> Result<PeftModel<peft_models::HfModel>> {
+    if full {
+        let pretrained = from_pretrained(&chosen.to_string_lossy(), task, device)
+            .with_context(|| format!("reloading {}", chosen.display()))?;
+        return Ok(PeftModel::new(pretrained.model));
+    }
+    let pretrained = from_pretrained(source, task, device)?;
+    let mut model = PeftModel::new(pretrained.model);
+    model
+        .load_adapter(chosen, ADAPTER)
+        .with_context(|| format!("reloading {}", chosen.display()))?;
+    Ok(model)
+}
+
+/// "accuracy 0.8765, macro-F1 0.8701, loss 0.4123" or "perplexity 12.3, loss 2.51".
+pub fn describe(report: &EvalReport) -> String {
+    let mut parts = Vec::new();
+    if let Some(a) = report.accuracy {
+        parts.push(format!("accuracy {a:.4}"));
+    }
+    if let Some(f) = report.macro_f1 {
+        parts.push(format!("macro-F1 {f:.4}"));
+    }
+    if let Some(p) = report.perplexity {
+        parts.push(format!("perplexity {p:.3}"));
+    }
+    parts.push(format!("loss {:.4}", report.loss));
+    parts.join(", ")
+}
+
+/// Write `bytes` to `path` through a temporary file in the same folder and a rename.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    std::io::Write::write_all(&mut tmp, bytes)
+        .and_then(|_| tmp.as_file().sync_all())
+        .with_context(|| format!("writing {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("replacing {}", path.display()))?;
+    Ok(())
+}
