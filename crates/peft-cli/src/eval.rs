@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use peft_core::PeftModel;
 use peft_models::{HfTokenizer, Task, from_pretrained, model_dir};
 use peft_train::data::{DataConfig, LABEL_MAP_FILE, LabelMap, TaskKind, load_examples};
 use peft_train::{Objective, TrainConfig, Trainer};
@@ -117,12 +116,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let (examples, _) = load_examples(&args.data, kind, &reader, &tokenizer, labels.as_ref())?;
     let pretrained = from_pretrained(&args.model, task, &device)
         .with_context(|| format!("loading model `{}`", args.model))?;
-    let mut model = PeftModel::new(pretrained.model);
-    if let Some(adapter) = &args.adapter {
-        model
-            .load_adapter(adapter, "default")
-            .with_context(|| format!("loading adapter {}", adapter.display()))?;
-    }
+    let model = crate::with_adapter(pretrained.model, args.adapter.as_deref(), false)?;
     let trainer = Trainer {
         model,
         adapter: "default".into(),

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use peft_core::PeftModel;
 use peft_models::{Task, from_pretrained};
 
 use crate::tensors::{read_inputs, write_outputs};
@@ -43,15 +42,7 @@ pub fn run(args: ForwardArgs) -> Result<()> {
     let inputs = read_inputs(&args.inputs, &device)?;
     let pretrained = from_pretrained(&args.model, Task::Auto, &device)
         .with_context(|| format!("loading model `{}`", args.model))?;
-    let mut model = PeftModel::new(pretrained.model);
-    if let Some(adapter) = &args.adapter {
-        model
-            .load_adapter(adapter, "default")
-            .with_context(|| format!("loading adapter {}", adapter.display()))?;
-        if args.merge {
-            model.merge().context("merging the adapter")?;
-        }
-    }
+    let model = crate::with_adapter(pretrained.model, args.adapter.as_deref(), args.merge)?;
     let outputs = model.model().forward(&inputs);
     let mut tensors = BTreeMap::new();
     if let Some(t) = outputs.logits {

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use peft_core::PeftModel;
 use peft_models::{GenerationConfig, Task, from_pretrained};
 
 // Link the method crates so their `peft_type`s are registered.
@@ -80,15 +79,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .clone()
         .with_context(|| format!("model `{}` has no tokenizer.json", args.model))?;
     let eos = eos_ids(&pretrained.config.raw);
-    let mut model = PeftModel::new(pretrained.model);
-    if let Some(adapter) = &args.adapter {
-        model
-            .load_adapter(adapter, "default")
-            .with_context(|| format!("loading adapter {}", adapter.display()))?;
-        if args.merge {
-            model.merge().context("merging the adapter")?;
-        }
-    }
+    let model = crate::with_adapter(pretrained.model, args.adapter.as_deref(), args.merge)?;
     let prompt = tokenizer.encode(&args.prompt, None, usize::MAX)?.ids;
     let config = GenerationConfig {
         max_new_tokens: args.max_new_tokens,

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use peft_core::PeftModel;
 use peft_core::bundle::{self, read_config};
+use peft_core::{PeftModel, thousands};
 use peft_models::{Task, from_pretrained};
 use peft_train::data::{LABEL_MAP_FILE, LabelMap};
 use serde_json::Value;
@@ -202,16 +202,4 @@ fn classifier_rows(tensors: &safetensors::SafeTensors<'_>) -> Option<usize> {
         let head = name.contains("classifier") || name.contains("score");
         (head && name.ends_with("weight") && view.shape().len() == 2).then(|| view.shape()[0])
     })
-}
-
-fn thousands(n: usize) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }

@@ -40,6 +40,26 @@ enum Command {
     Forward(forward::ForwardArgs),
 }
 
+/// Wrap `model` in a [`peft_core::PeftModel`] with the bundle in `adapter` (if any) loaded as
+/// the active adapter `default`, merged into the weights when `merge` is set.
+pub fn with_adapter(
+    model: peft_models::HfModel,
+    adapter: Option<&std::path::Path>,
+    merge: bool,
+) -> anyhow::Result<peft_core::PeftModel<peft_models::HfModel>> {
+    use anyhow::Context;
+    let mut model = peft_core::PeftModel::new(model);
+    if let Some(adapter) = adapter {
+        model
+            .load_adapter(adapter, "default")
+            .with_context(|| format!("loading adapter {}", adapter.display()))?;
+        if merge {
+            model.merge().context("merging the adapter")?;
+        }
+    }
+    Ok(model)
+}
+
 /// A command line that cannot work as given (exit code 2); says what to pass instead.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

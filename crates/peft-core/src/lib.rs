@@ -21,7 +21,7 @@ pub use adapter::{AdapterKernel, AdapterState, BaseWeights, MergeDirection, Tens
 pub use error::{PeftError, Result};
 pub use matching::{LayerIndices, LayersPattern, TargetModules, TargetSpec};
 pub use method::{BiasMode, PeftMethod, SiteInfo, SiteKind, peft_type_of};
-pub use model::{InjectionReport, LoadReport, PeftModel, TrainableReport};
+pub use model::{InjectionReport, LoadReport, PeftModel, TrainableReport, thousands};
 pub use peft_derive::Adaptable;
 
 /// Re-exports for method crates (`typetag` registration).

@@ -35,7 +35,8 @@ impl TrainableReport {
     }
 }
 
-fn thousands(n: usize) -> String {
+/// `n` with a comma every three digits (`22,793,104`), as PEFT prints counts.
+pub fn thousands(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
