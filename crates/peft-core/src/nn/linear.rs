@@ -122,14 +122,9 @@ impl Linear {
             Some(copy) => (copy.weight.val(), copy.bias.as_ref().map(|b| b.val())),
             None => (self.weight.val(), self.bias.as_ref().map(|b| b.val())),
         };
-        let mut live = self
-            .adapters
-            .iter()
-            .filter(|a| a.active && !a.merged)
-            .peekable();
-        if live.peek().is_none() {
-            return linear(input, weight, bias);
-        }
+        let live = self.adapters.iter().filter(|a| a.active && !a.merged);
+        // Always one 2-D GEMM over all rows: burn's `linear` on a [b, s, in] input runs b
+        // separate [s, in] products, 11-20% slower for MiniLM-sized batches (benches/README.md).
         let [d_input, d_output] = weight.dims();
         let mut out_shape = input.dims();
         out_shape[D - 1] = d_output;
