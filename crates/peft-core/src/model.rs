@@ -708,11 +708,10 @@ impl<M: Adaptable + Module> PeftModel<M> {
     /// compared against), with or without adapters; `false` returns to training adapters only.
     ///
     /// ```
-    /// # use burn::module::Module;
     /// # use burn::tensor::Device;
-    /// # use burn_peft::prelude::*;
-    /// # #[derive(Module, Debug, Adaptable)]
-    /// # struct Net { dense: Linear }
+    /// # use peft_core::{Adaptable, PeftModel, nn::LinearConfig};
+    /// # #[derive(burn::module::Module, Debug, Adaptable)]
+    /// # struct Net { dense: peft_core::nn::Linear }
     /// let net = Net { dense: LinearConfig::new(4, 2).init(&Device::flex()) };
     /// let mut model = PeftModel::new(net);
     /// model.set_train_base(true);
