@@ -24,10 +24,9 @@ use burn_peft::prelude::*;
 use burn_peft::train::data::{
     Collated, DataConfig, Example, TaskKind, collate, epoch_order, load_examples,
 };
-use burn_peft::train::metrics::{Mean, accuracy, macro_f1, perplexity};
 use burn_peft::train::optim::{AdamW, AdamWSettings, global_grad_norm, trainable_paths};
 use burn_peft::train::schedule::{Schedule, lr_at};
-use burn_peft::train::{EvalReport, Objective, causal_lm_loss, classification_loss};
+use burn_peft::train::{Objective, causal_lm_loss, classification_loss, evaluate};
 use serde_json::{Value, json};
 
 type Res<T> = Result<T, Box<dyn Error>>;
@@ -579,52 +578,6 @@ fn train_step(
     )
 }
 
-/// `Trainer::evaluate`: no gradients, batches of 32, mean loss, accuracy / macro-F1 or perplexity.
-fn evaluate(model: &HfModel, data: &Data, device: &Device) -> EvalReport {
-    let model = model.valid();
-    let device = device.clone().without_autodiff();
-    let mut loss = Mean::default();
-    let (mut pred, mut gold) = (Vec::new(), Vec::new());
-    for chunk in data.eval.chunks(32) {
-        let refs: Vec<&Example> = chunk.iter().collect();
-        let batch = collate(&refs, data.pad_id, &device);
-        let out = model.forward(&inputs(&batch));
-        match data.objective {
-            Objective::Classification { .. } => {
-                let logits = out.class_logits.expect("a classification head");
-                let labels = batch.labels.clone().expect("labels");
-                let l = classification_loss(logits.clone(), labels).into_scalar::<f64>();
-                loss.add_weighted(l, chunk.len() as u64);
-                let p = logits.argmax(1).into_data().convert::<i64>();
-                pred.extend(p.iter::<i64>().map(|v| v as usize));
-                gold.extend(chunk.iter().map(|e| e.label.unwrap_or(0)));
-            }
-            Objective::CausalLm => {
-                let (l, n) = causal_lm_loss(
-                    out.logits.expect("a causal LM head"),
-                    batch.lm_labels.clone().expect("labels"),
-                );
-                loss.add_weighted(l.into_scalar::<f64>(), n as u64);
-            }
-        }
-    }
-    let mean = loss.mean().unwrap_or(f64::NAN);
-    match data.objective {
-        Objective::Classification { num_labels } => EvalReport {
-            loss: mean,
-            accuracy: Some(accuracy(&pred, &gold)),
-            macro_f1: Some(macro_f1(&pred, &gold, num_labels)),
-            perplexity: None,
-            predictions: pred,
-        },
-        Objective::CausalLm => EvalReport {
-            loss: mean,
-            perplexity: Some(perplexity(mean)),
-            ..Default::default()
-        },
-    }
-}
-
 // ------------------------------------------------------------------------------------------------
 // Inference latency (no autodiff)
 
@@ -758,7 +711,14 @@ fn run_row(row: Row, s: &Settings) -> Res<Value> {
 
     // Evaluation after the budget (the code of `Trainer::evaluate`).
     let eval_started = Instant::now();
-    let report = evaluate(subject.model(), &data, &device);
+    let report = evaluate(
+        subject.model(),
+        &data.eval,
+        data.objective,
+        data.pad_id,
+        32,
+        &device,
+    );
     let eval_ms = ms(eval_started);
     eprintln!(
         "[{}] eval after {} steps: loss {:.4} accuracy {:?} perplexity {:?} ({eval_ms:.0} ms)",

@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use peft_models::{HfTokenizer, Task, from_pretrained, model_dir};
 use peft_train::data::{DataConfig, LABEL_MAP_FILE, LabelMap, TaskKind, load_examples};
-use peft_train::{Objective, TrainConfig, Trainer};
+use peft_train::{Objective, evaluate};
 
 use crate::config::TaskName;
 
@@ -117,22 +117,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let pretrained = from_pretrained(&args.model, task, &device)
         .with_context(|| format!("loading model `{}`", args.model))?;
     let model = crate::with_adapter(pretrained.model, args.adapter.as_deref(), false)?;
-    let trainer = Trainer {
-        model,
-        adapter: "default".into(),
+    let report = evaluate(
+        model.model(),
+        &examples,
         objective,
-        config: TrainConfig {
-            eval_batch_size: Some(args.batch_size.max(1)),
-            progress: false,
-            ..Default::default()
-        },
-        output_dir: PathBuf::new(),
-        device,
-        extra_devices: Vec::new(),
-        pad_id: tokenizer.pad_id() as i64,
-        full_export: None,
-    };
-    let report = trainer.evaluate(&examples);
+        tokenizer.pad_id() as i64,
+        args.batch_size,
+        &device,
+    );
     println!(
         "{} ({} examples): {}",
         args.data.display(),

@@ -16,5 +16,5 @@ mod trainer;
 pub use error::{Result, TrainError};
 pub use trainer::{
     EvalReport, FullExport, Objective, TrainConfig, TrainReport, Trainer, causal_lm_loss,
-    classification_loss,
+    classification_loss, evaluate,
 };

@@ -216,6 +216,60 @@ pub fn causal_lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>) -> (Tensor<1>, 
     (total.div_scalar(count as f64).neg(), count)
 }
 
+/// Evaluate `model` on `examples` in batches of `batch_size`, without gradients or dropout:
+/// mean loss, and accuracy / macro-F1 (classification) or perplexity (causal LM).
+pub fn evaluate(
+    model: &HfModel,
+    examples: &[Example],
+    objective: Objective,
+    pad_id: i64,
+    batch_size: usize,
+    device: &Device,
+) -> EvalReport {
+    let model = model.valid();
+    let device = device.clone().without_autodiff();
+    let mut loss = Mean::default();
+    let (mut pred, mut gold) = (Vec::new(), Vec::new());
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let batch = collate(&refs, pad_id, &device);
+        let out = model.forward(&inputs(&batch));
+        match objective {
+            Objective::Classification { .. } => {
+                let logits = out.class_logits.expect("a classification head");
+                let labels = batch.labels.clone().expect("labels");
+                let l = classification_loss(logits.clone(), labels).into_scalar::<f64>();
+                loss.add_weighted(l, chunk.len() as u64);
+                let p = logits.argmax(1).into_data().convert::<i64>();
+                pred.extend(p.iter::<i64>().map(|v| v as usize));
+                gold.extend(chunk.iter().map(|e| e.label.unwrap_or(0)));
+            }
+            Objective::CausalLm => {
+                let (l, n) = causal_lm_loss(
+                    out.logits.expect("a causal LM head"),
+                    batch.lm_labels.clone().expect("labels"),
+                );
+                loss.add_weighted(l.into_scalar::<f64>(), n as u64);
+            }
+        }
+    }
+    let mean = loss.mean().unwrap_or(f64::NAN);
+    match objective {
+        Objective::Classification { num_labels } => EvalReport {
+            loss: mean,
+            accuracy: Some(accuracy(&pred, &gold)),
+            macro_f1: Some(macro_f1(&pred, &gold, num_labels)),
+            perplexity: None,
+            predictions: pred,
+        },
+        Objective::CausalLm => EvalReport {
+            loss: mean,
+            perplexity: Some(perplexity(mean)),
+            ..Default::default()
+        },
+    }
+}
+
 impl Trainer {
     fn loss(&self, model: &HfModel, batch: &Collated) -> Tensor<1> {
         let out = model.forward(&inputs(batch));
@@ -234,55 +288,21 @@ impl Trainer {
         }
     }
 
-    /// Evaluate on `examples` without gradients or dropout.
+    /// Evaluate on `examples` without gradients or dropout (batches of `eval_batch_size`, else
+    /// `batch_size`).
     pub fn evaluate(&self, examples: &[Example]) -> EvalReport {
-        let model = self.model.model().valid();
-        let device = self.device.clone().without_autodiff();
         let size = self
             .config
             .eval_batch_size
-            .unwrap_or(self.config.batch_size)
-            .max(1);
-        let mut loss = Mean::default();
-        let (mut pred, mut gold) = (Vec::new(), Vec::new());
-        for chunk in examples.chunks(size) {
-            let refs: Vec<&Example> = chunk.iter().collect();
-            let batch = collate(&refs, self.pad_id, &device);
-            let out = model.forward(&inputs(&batch));
-            match self.objective {
-                Objective::Classification { .. } => {
-                    let logits = out.class_logits.expect("a classification head");
-                    let labels = batch.labels.clone().expect("labels");
-                    let l = classification_loss(logits.clone(), labels).into_scalar::<f64>();
-                    loss.add_weighted(l, chunk.len() as u64);
-                    let p = logits.argmax(1).into_data().convert::<i64>();
-                    pred.extend(p.iter::<i64>().map(|v| v as usize));
-                    gold.extend(chunk.iter().map(|e| e.label.unwrap_or(0)));
-                }
-                Objective::CausalLm => {
-                    let (l, n) = causal_lm_loss(
-                        out.logits.expect("a causal LM head"),
-                        batch.lm_labels.clone().expect("labels"),
-                    );
-                    loss.add_weighted(l.into_scalar::<f64>(), n as u64);
-                }
-            }
-        }
-        let mean = loss.mean().unwrap_or(f64::NAN);
-        match self.objective {
-            Objective::Classification { num_labels } => EvalReport {
-                loss: mean,
-                accuracy: Some(accuracy(&pred, &gold)),
-                macro_f1: Some(macro_f1(&pred, &gold, num_labels)),
-                perplexity: None,
-                predictions: pred,
-            },
-            Objective::CausalLm => EvalReport {
-                loss: mean,
-                perplexity: Some(perplexity(mean)),
-                ..Default::default()
-            },
-        }
+            .unwrap_or(self.config.batch_size);
+        evaluate(
+            self.model.model(),
+            examples,
+            self.objective,
+            self.pad_id,
+            size,
+            &self.device,
+        )
     }
 
     /// Split a micro-batch across the training devices (contiguous shards, the first device
