@@ -15,6 +15,7 @@ pub mod matching;
 mod method;
 mod model;
 pub mod nn;
+pub mod precision;
 
 pub use adaptable::{Adaptable, Site, SiteMut, SitePath, SiteSummary, list_sites};
 pub use adapter::{AdapterKernel, AdapterState, BaseWeights, MergeDirection, TensorSource};

@@ -6,7 +6,10 @@ use peft_core::nn::Embedding;
 /// Logits through an output head tied to `embedding`: `h · Eᵀ`.
 pub fn tied_logits(h: Tensor<3>, embedding: &Embedding) -> Tensor<3> {
     let w = embedding.weight.val().transpose().unsqueeze::<3>();
-    h.matmul(w)
+    // A half-precision frozen table (mixed precision): multiply in its precision, as
+    // `nn::Linear` does, and hand on the activations' precision.
+    let dtype = h.dtype();
+    h.cast(w.dtype()).matmul(w).cast(dtype)
 }
 
 /// Pick, for each row, the logits at its last non-pad token, as transformers'

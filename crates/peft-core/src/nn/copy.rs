@@ -22,9 +22,13 @@ impl ModuleCopy {
     /// no parameter id with the original.
     pub fn new(adapter: &str, weight: &Param<Tensor<2>>, bias: Option<&Param<Tensor<1>>>) -> Self {
         // A fresh leaf tensor from the values: autodiff can track it, and it shares nothing.
+        // Always f32, also when the base is in half precision (`precision`): copies train.
         fn leaf<const D: usize>(t: Tensor<D>) -> Param<Tensor<D>> {
             let device = t.device();
-            Param::from_tensor(Tensor::from_data(t.into_data(), &device))
+            Param::from_tensor(Tensor::from_data(
+                t.into_data().convert::<f32>(),
+                &device,
+            ))
         }
         Self {
             weight: leaf(weight.val()),

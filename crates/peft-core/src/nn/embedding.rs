@@ -2,7 +2,7 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
 use burn::tensor::module::embedding;
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{DType, Device, Int, Tensor};
 
 use crate::adapter::AdapterState;
 use crate::nn::ModuleCopy;
@@ -81,7 +81,8 @@ impl Embedding {
             Some(copy) => copy.weight.val(),
             None => self.weight.val(),
         };
-        let mut y = embedding(weight, input.clone());
+        // A half-precision frozen table (`precision::cast_frozen_base`) hands on f32 rows.
+        let mut y = embedding(weight, input.clone()).cast(DType::F32);
         for adapter in self.adapters.iter().filter(|a| a.active && !a.merged) {
             y = adapter.kernel.forward_embedding(adapter, input.clone(), y);
         }

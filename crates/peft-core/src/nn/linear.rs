@@ -130,7 +130,19 @@ impl Linear {
         out_shape[D - 1] = d_output;
         let rows = input.shape().num_elements() / d_input;
         let x = input.reshape([rows, d_input]);
-        let mut y = linear(x.clone(), weight, bias);
+        let mut y = if weight.dtype() == x.dtype() {
+            linear(x.clone(), weight, bias)
+        } else {
+            // A half-precision frozen base (`precision::cast_frozen_base`): the product runs in
+            // the weight's precision, the output (and everything after it) in the input's, as
+            // under PyTorch's autocast. The bias stays in f32.
+            let dtype = x.dtype();
+            let y = x.clone().cast(weight.dtype()).matmul(weight).cast(dtype);
+            match bias {
+                Some(b) => y + b.cast(dtype).unsqueeze::<2>(),
+                None => y,
+            }
+        };
         for adapter in live {
             y = adapter.kernel.forward_linear(adapter, x.clone(), y);
         }
