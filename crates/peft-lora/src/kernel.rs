@@ -4,19 +4,11 @@ use burn::tensor::module::embedding;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use peft_core::{AdapterKernel, AdapterState, BaseWeights, MergeDirection, Result, TensorSource};
 
-/// `data` in the file's layout (`[r, in]` / `[out, r]`) transposed to ours.
-fn transposed(data: TensorData) -> TensorData {
-    let [rows, cols] = [data.shape()[0], data.shape()[1]];
-    let values = data
-        .try_to_vec::<f32>()
-        .expect("bundle tensors are read as f32");
-    let mut out = vec![0f32; values.len()];
-    for i in 0..rows {
-        for j in 0..cols {
-            out[j * rows + i] = values[i * cols + j];
-        }
-    }
-    TensorData::new(out, [cols, rows])
+/// Put `data`, in the file's layout (`[r, in]` / `[out, r]`), into matrix `index` in ours: the
+/// transpose runs on the parameter's device, not element by element on the host.
+fn set_transposed(state: &mut AdapterState, index: usize, data: TensorData) {
+    let device = state.matrices[index].lazy_device();
+    state.set_matrix_tensor(index, Tensor::<2>::from_data(data, &device).transpose());
 }
 
 fn delta(state: &AdapterState, scaling: f64) -> Tensor<2> {
@@ -26,12 +18,15 @@ fn delta(state: &AdapterState, scaling: f64) -> Tensor<2> {
 }
 
 fn apply(base: BaseWeights, delta: Tensor<2>, direction: MergeDirection) -> BaseWeights {
+    // A half-precision base (mixed precision) is merged in f32 and rounded once.
+    let dtype = base.weight.dtype();
+    let weight = base.weight.cast(delta.dtype());
     let weight = match direction {
-        MergeDirection::Merge => base.weight + delta,
-        MergeDirection::Unmerge => base.weight - delta,
+        MergeDirection::Merge => weight + delta,
+        MergeDirection::Unmerge => weight - delta,
     };
     BaseWeights {
-        weight,
+        weight: weight.cast(dtype),
         bias: base.bias,
     }
 }
@@ -92,8 +87,8 @@ impl AdapterKernel for LoraLinearKernel {
         let [_, d_out] = state.matrices[1].dims();
         let a = source.take("lora_A.weight", &[r, d_in])?;
         let b = source.take("lora_B.weight", &[d_out, r])?;
-        state.set_matrix(0, transposed(a));
-        state.set_matrix(1, transposed(b));
+        set_transposed(&mut state, 0, a);
+        set_transposed(&mut state, 1, b);
         Ok(state)
     }
 }
@@ -153,8 +148,8 @@ impl AdapterKernel for LoraEmbeddingKernel {
         let [_, dim] = state.matrices[1].dims();
         let a = source.take("lora_embedding_A", &[r, vocab])?;
         let b = source.take("lora_embedding_B", &[dim, r])?;
-        state.set_matrix(0, transposed(a));
-        state.set_matrix(1, transposed(b));
+        set_transposed(&mut state, 0, a);
+        set_transposed(&mut state, 1, b);
         Ok(state)
     }
 }
