@@ -9,9 +9,7 @@ use peft_core::nn::{Embedding, EmbeddingConfig, KvPrefix, Linear, LinearConfig};
 
 use crate::cache::KvCache;
 use crate::config::{LlamaConfig, RopeScaling};
-use crate::ops::{
-    apply_rope, merge_heads, padding_mask, repeat_kv, rope_tables, sdpa, split_heads,
-};
+use crate::ops::{RopeCache, apply_rope, merge_heads, padding_mask, repeat_kv, sdpa, split_heads};
 
 /// Self-attention with q/k/v/o projections.
 #[derive(Module, Debug, Adaptable)]
@@ -67,6 +65,8 @@ pub struct LlamaModel {
     pub prompt_encoder: KvPrefix,
     #[module(skip)]
     inv_freq: Vec<f64>,
+    #[module(skip)]
+    rope: RopeCache,
 }
 
 /// Causal LM (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `MistralForCausalLM`).
@@ -222,6 +222,7 @@ impl LlamaModel {
                 c.hidden_size,
             ),
             inv_freq: inv_freq(c.head_size(), c.theta(), scaling),
+            rope: RopeCache::default(),
         }
     }
 
@@ -240,8 +241,7 @@ impl LlamaModel {
         let (mut cache, attention_mask) =
             KvCache::with_prefix(&self.prompt_encoder, b, cache, &mut local, attention_mask);
         let past = cache.as_ref().map_or(0, |c| c.len());
-        let positions: Vec<i64> = (past as i64..(past + s) as i64).collect();
-        let rope = rope_tables(&self.inv_freq, &positions, &device);
+        let rope = self.rope.tables(&self.inv_freq, past, s, &device);
         let mut h = self.embed_tokens.forward(input_ids);
         for (i, layer) in self.layers.iter().enumerate() {
             let normed = layer.input_layernorm.forward(h.clone());

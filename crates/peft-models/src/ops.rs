@@ -1,5 +1,8 @@
 //! Pieces shared by the architectures: heads, masks, attention, RoPE, activations.
 
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
@@ -104,6 +107,80 @@ pub fn rope_tables(inv_freq: &[f64], positions: &[i64], device: &Device) -> (Ten
         Tensor::from_data(TensorData::new(cos, shape), device),
         Tensor::from_data(TensorData::new(sin, shape), device),
     )
+}
+
+/// RoPE tables kept on the device: computed once (as [`rope_tables`] does, so the values are the
+/// same) for a length that doubles as longer inputs come, and sliced per forward. A forward
+/// then uploads nothing and computes nothing on the host; the tables were rebuilt on the host
+/// and copied to the device on every call before.
+///
+/// Clones share the tables (a model's `valid()` copy and data-parallel replicas reuse them);
+/// they are kept per device and autodiff context, so a model moved to another device gets its
+/// own.
+#[derive(Clone, Default)]
+pub struct RopeCache {
+    tables: Arc<Mutex<Vec<RopeTables>>>,
+}
+
+struct RopeTables {
+    device: Device,
+    autodiff: bool,
+    cos: Tensor<2>,
+    sin: Tensor<2>,
+}
+
+impl fmt::Debug for RopeCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RopeCache")
+    }
+}
+
+impl RopeCache {
+    /// `cos`/`sin` `[len, head_dim]` for positions `offset..offset + len` on `device`.
+    pub fn tables(
+        &self,
+        inv_freq: &[f64],
+        offset: usize,
+        len: usize,
+        device: &Device,
+    ) -> (Tensor<2>, Tensor<2>) {
+        let end = offset + len;
+        let autodiff = device.is_autodiff();
+        let mut cached = self.tables.lock().unwrap_or_else(PoisonError::into_inner);
+        let slot = cached
+            .iter()
+            .position(|t| t.autodiff == autodiff && &t.device == device);
+        let slot = match slot {
+            Some(i) if cached[i].cos.dims()[0] >= end => i,
+            found => {
+                let rows = end.next_power_of_two().max(64);
+                let positions: Vec<i64> = (0..rows as i64).collect();
+                let (cos, sin) = rope_tables(inv_freq, &positions, device);
+                let tables = RopeTables {
+                    device: device.clone(),
+                    autodiff,
+                    cos,
+                    sin,
+                };
+                match found {
+                    Some(i) => {
+                        cached[i] = tables;
+                        i
+                    }
+                    None => {
+                        cached.push(tables);
+                        cached.len() - 1
+                    }
+                }
+            }
+        };
+        let t = &cached[slot];
+        let d = t.cos.dims()[1];
+        (
+            t.cos.clone().slice([offset..end, 0..d]),
+            t.sin.clone().slice([offset..end, 0..d]),
+        )
+    }
 }
 
 /// Positions `offset..offset+len` as an int tensor `[1, len]` expanded to `[batch, len]`.
