@@ -9,6 +9,7 @@ pub mod data;
 mod error;
 pub mod metrics;
 pub mod optim;
+pub mod readout;
 pub mod schedule;
 pub mod tensorboard;
 mod trainer;
@@ -16,5 +17,5 @@ mod trainer;
 pub use error::{Result, TrainError};
 pub use trainer::{
     EvalReport, FullExport, Objective, TrainConfig, TrainReport, Trainer, causal_lm_loss,
-    classification_loss, evaluate,
+    causal_lm_loss_terms, classification_loss, evaluate,
 };

@@ -16,7 +16,8 @@ use crate::checkpoint::{self, TrainerState};
 use crate::data::{Collated, Example, collate, epoch_order};
 use crate::error::{Result, TrainError};
 use crate::metrics::{Mean, accuracy, macro_f1, perplexity};
-use crate::optim::{AdamW, AdamWSettings, global_grad_norm, trainable_paths};
+use crate::optim::{AdamW, AdamWSettings, trainable_paths};
+use crate::readout;
 use crate::schedule::{Schedule, lr_at};
 use crate::tensorboard::EventWriter;
 
@@ -204,16 +205,23 @@ pub fn classification_loss(logits: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<
 /// Next-token cross-entropy of `logits [b, s, v]` against `labels [b, s]` (-100 = ignored),
 /// shifted as transformers does; returns the mean loss and the number of scored tokens.
 pub fn causal_lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>) -> (Tensor<1>, usize) {
+    let (loss, count) = causal_lm_loss_terms(logits, labels);
+    (loss, count.into_scalar::<f64>().max(1.0) as usize)
+}
+
+/// [`causal_lm_loss`] with the count of scored tokens left on the device: the training step
+/// reads nothing back while it builds the graph.
+pub fn causal_lm_loss_terms(logits: Tensor<3>, labels: Tensor<2, Int>) -> (Tensor<1>, Tensor<1>) {
     let [b, s, v] = logits.dims();
     let lp = log_softmax(logits.slice([0..b, 0..s - 1, 0..v]), 2);
     let target = labels.slice([0..b, 1..s]);
-    let mask = target.clone().not_equal_elem(-100);
-    let count = mask.clone().int().sum().into_scalar::<i64>().max(1) as usize;
+    let mask = target.clone().not_equal_elem(-100).float();
+    let count = mask.clone().sum().detach();
     let picked = lp
         .gather(2, target.clamp_min(0).reshape([b, s - 1, 1]))
         .reshape([b, s - 1]);
-    let total = (picked * mask.float()).sum();
-    (total.div_scalar(count as f64).neg(), count)
+    let total = (picked * mask).sum();
+    ((total / count.clone().clamp_min(1.0)).neg(), count)
 }
 
 /// Evaluate `model` on `examples` in batches of `batch_size`, without gradients or dropout:
@@ -279,7 +287,7 @@ impl Trainer {
                 batch.labels.clone().expect("labels"),
             ),
             Objective::CausalLm => {
-                causal_lm_loss(
+                causal_lm_loss_terms(
                     out.logits.expect("a causal LM head"),
                     batch.lm_labels.clone().expect("labels"),
                 )
@@ -430,7 +438,9 @@ impl Trainer {
             };
             let mut accumulator = GradientsAccumulator::<HfModel>::new();
             let mut micro = 0usize;
-            let mut micro_loss = 0.0;
+            // The step's loss stays on the device until the one read per step (`readout`).
+            let mut micro_loss: Option<Tensor<1>> = None;
+            let inner = self.device.clone().without_autodiff();
             for (index, chunk) in batches.iter().enumerate().skip(first) {
                 // A resumed run that already reached `max_steps` has nothing left to do.
                 if c.max_steps.is_some_and(|m| state.step >= m) {
@@ -443,33 +453,24 @@ impl Trainer {
                         .wrapping_add(state.step * 64 + micro as u64),
                 );
                 let refs: Vec<&Example> = chunk.iter().map(|&i| &train[i]).collect();
-                let mut value = 0.0;
                 for (device, shard) in self.shards(&refs) {
                     let weight = shard.len() as f64 / refs.len() as f64;
                     let batch = collate(&shard, self.pad_id, &device);
                     tokens += batch.tokens;
                     let grads = if device == self.device {
                         let loss = self.loss(self.model.model(), &batch).mul_scalar(weight);
-                        value += loss.clone().into_scalar::<f64>();
+                        micro_loss = readout::accumulate(micro_loss, loss.clone().inner());
                         GradientsParams::from_grads(loss.backward(), self.model.model())
                     } else {
                         let replica = self.model.model().clone().fork(&device);
                         let loss = self.loss(&replica, &batch).mul_scalar(weight);
-                        value += loss.clone().into_scalar::<f64>();
+                        let value = loss.clone().inner().to_device(&inner);
+                        micro_loss = readout::accumulate(micro_loss, value);
                         GradientsParams::from_grads(loss.backward(), &replica)
                             .to_device(&self.device, self.model.model())
                     };
                     accumulator.accumulate(self.model.model(), grads);
                 }
-                if !value.is_finite() {
-                    bar.abandon();
-                    return Err(TrainError::NonFiniteLoss {
-                        step: state.step,
-                        value,
-                        last_checkpoint,
-                    });
-                }
-                micro_loss += value;
                 micro += 1;
                 let end_of_epoch = index + 1 == batches.len();
                 if micro < c.grad_accum && !end_of_epoch {
@@ -477,7 +478,19 @@ impl Trainer {
                 }
                 let grads = accumulator.grads();
                 let scale = 1.0 / micro as f64;
-                let norm = global_grad_norm(&grads, &trainable) * scale;
+                let [loss_sum, grad_sq] = readout::read_scalars([
+                    micro_loss.take(),
+                    readout::grad_sq_sum(&grads, &trainable),
+                ]);
+                if !loss_sum.is_finite() {
+                    bar.abandon();
+                    return Err(TrainError::NonFiniteLoss {
+                        step: state.step,
+                        value: loss_sum / micro as f64,
+                        last_checkpoint,
+                    });
+                }
+                let norm = grad_sq.sqrt() * scale;
                 let clip = match c.max_grad_norm {
                     Some(max) if norm > max => max / (norm + 1e-6),
                     _ => 1.0,
@@ -491,13 +504,12 @@ impl Trainer {
                 );
                 self.model
                     .update(|m| optim.step(lr, m, grads, scale * clip));
-                let step_loss = micro_loss / micro as f64;
+                let step_loss = loss_sum / micro as f64;
                 state.step += 1;
                 state.epoch = epoch;
                 state.batch_in_epoch = index + 1;
                 state.losses.push(step_loss);
                 micro = 0;
-                micro_loss = 0.0;
                 let elapsed = started.elapsed().as_secs_f64().max(1e-9);
                 let step = state.step as i64;
                 let log = |tb: &mut EventWriter, tag: &str, v: f64| {
