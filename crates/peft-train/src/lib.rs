@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod device;
 mod error;
 pub mod metrics;
 pub mod optim;
