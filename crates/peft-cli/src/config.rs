@@ -1,5 +1,5 @@
 //! The YAML run config of `burn-peft train`: `model`, `method`, `data`, `train`, `output`,
-//! `device`.
+//! `device`, `dtype`.
 //!
 //! `method` is either the string `full` (full fine-tuning, the baseline) or a block with the
 //! keys of a PEFT `adapter_config.json` (`peft_type` picks the registered method), so a PEFT
@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use peft_core::PeftMethod;
 use peft_core::bundle::{method_to_json, parse_config_value};
 use peft_core::matching::edit_distance;
+use peft_core::precision::BaseDType;
+use peft_train::device::DeviceName;
 use peft_train::TrainConfig;
 use peft_train::data::{DataConfig, TaskKind};
 use serde::Deserialize;
@@ -52,9 +54,13 @@ pub struct RunConfig {
     pub train: TrainConfig,
     /// Output folder (adapter, best, checkpoints, TensorBoard runs).
     pub output: PathBuf,
-    /// `flex` (CPU) or `cuda`.
+    /// `flex` (CPU), `cuda[:N]` or `vulkan[:N]`.
     #[serde(default = "default_device")]
     pub device: String,
+    /// Precision of the frozen base weights: `f32` (default), `f16` or `bf16`; adapters and
+    /// optimizer state stay f32.
+    #[serde(default)]
+    pub dtype: BaseDType,
 }
 
 fn default_device() -> String {
@@ -192,13 +198,13 @@ pub fn load(file: &Path) -> Result<LoadedRun, ConfigError> {
     if Path::new(&config.model.name_or_path).is_relative() && local.join("config.json").is_file() {
         config.model.name_or_path = local.to_string_lossy().into_owned();
     }
-    if !matches!(config.device.as_str(), "flex" | "cuda") {
+    if let Err(e) = config.device.parse::<DeviceName>() {
+        return Err(err(key_line(&text, None, "device"), e.to_string()));
+    }
+    if config.dtype != BaseDType::F32 && matches!(method, MethodChoice::Full) {
         return Err(err(
-            key_line(&text, None, "device"),
-            format!(
-                "unknown device `{}`; expected `flex` (CPU) or `cuda`",
-                config.device
-            ),
+            key_line(&text, None, "dtype"),
+            peft_core::precision::PrecisionError::TrainedBase(config.dtype).to_string(),
         ));
     }
     Ok(LoadedRun { config, method })
@@ -433,6 +439,23 @@ mod tests {
         assert!(matches!(parse(&full).unwrap().method, MethodChoice::Full));
         let e = parse(&format!("{GOOD}device: tpu\n")).unwrap_err();
         assert_eq!(e.line, Some(13), "{e}");
+        assert!(e.message.contains("vulkan:N"), "{e}");
+    }
+
+    #[test]
+    fn device_and_dtype_keys() {
+        let run = parse(&format!("{GOOD}device: vulkan:1\ndtype: bf16\n")).unwrap();
+        assert_eq!(run.config.device, "vulkan:1");
+        assert_eq!(run.config.dtype, BaseDType::BF16);
+        assert_eq!(parse(GOOD).unwrap().config.dtype, BaseDType::F32);
+        let e = parse(&format!("{GOOD}dtype: f8\n")).unwrap_err();
+        assert_eq!(e.line, Some(13), "{e}");
+        let full = GOOD.replace(
+            "method:\n  peft_type: LORA\n  r: 4\n  target_modules: [query]\n",
+            "method: full\n",
+        );
+        let e = parse(&format!("{full}dtype: f16\n")).unwrap_err();
+        assert!(e.message.contains("full fine-tuning"), "{e}");
     }
 
     #[test]

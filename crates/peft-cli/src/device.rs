@@ -1,23 +1,85 @@
-//! `--device`: the backend chosen at run time.
+//! `--device` and `--dtype`: where a model runs and in which precision its frozen base is kept,
+//! and `burn-peft devices`, which lists the devices this build can use.
 
-use anyhow::{Result, bail};
-use burn::tensor::Device;
+use anyhow::{Context, Result};
+use burn::tensor::{Device, FloatDType};
+use clap::Args;
+use peft_core::PeftModel;
+use peft_core::precision::{BaseDType, cast_frozen_base};
+use peft_models::HfModel;
+use peft_train::device::{self as devices, DEVICE_NAMES};
 
-/// The device named on the command line.
+/// `--device` and `--dtype`, shared by the subcommands that run a model.
+#[derive(Args, Debug, Clone)]
+pub struct RunOn {
+    /// Backend: `flex` (CPU), `cuda[:N]` or `vulkan[:N]` (`burn-peft devices` lists them).
+    #[arg(long, default_value = "flex")]
+    pub device: String,
+    /// Precision of the frozen base weights: `f32`, `f16` or `bf16` (adapters stay f32).
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    pub dtype: BaseDType,
+}
+
+/// clap's parser for `--dtype`.
+pub fn parse_dtype(s: &str) -> Result<BaseDType, String> {
+    s.parse::<BaseDType>().map_err(|e| e.to_string())
+}
+
+/// The device named on the command line or in a config.
 pub fn parse(name: &str) -> Result<Device> {
-    match name {
-        "flex" | "cpu" => Ok(Device::flex()),
-        "cuda" => cuda(),
-        other => bail!("unknown --device `{other}`; expected `flex` or `cuda`"),
+    Ok(devices::open(name)?)
+}
+
+/// Keep the frozen base weights of `model` in `dtype` (after its adapters are loaded), saying
+/// so on stderr; an error when `device` cannot compute in it.
+pub fn cast_base(model: &mut PeftModel<HfModel>, dtype: BaseDType, device: &Device) -> Result<()> {
+    let report = cast_frozen_base(model, dtype, device)
+        .with_context(|| format!("--dtype {dtype} on {}", devices::describe(device)))?;
+    if report.tensors > 0 {
+        eprintln!(
+            "base weights in {dtype}: {} tensors, {:.1} MiB (adapters and optimizer state stay f32)",
+            report.tensors,
+            (report.elements * dtype.size()) as f64 / (1024.0 * 1024.0)
+        );
     }
+    Ok(())
 }
 
-#[cfg(feature = "cuda")]
-fn cuda() -> Result<Device> {
-    Ok(Device::cuda(0))
-}
+/// Arguments of `burn-peft devices`.
+#[derive(Args, Debug)]
+pub struct DevicesArgs {}
 
-#[cfg(not(feature = "cuda"))]
-fn cuda() -> Result<Device> {
-    bail!("this build has no CUDA backend; rebuild with `--features cuda`")
+/// `burn-peft devices`: every device of this build, with the half precisions it computes in.
+pub fn run(_args: DevicesArgs) -> Result<()> {
+    let support = |device: &Device| {
+        let yes = |d: FloatDType| if device.supports_dtype(d) { "yes" } else { "no" };
+        format!(
+            "f16: {}, bf16: {}",
+            yes(FloatDType::F16),
+            yes(FloatDType::BF16)
+        )
+    };
+    println!("flex (CPU)  {}", support(&Device::flex()));
+    if cfg!(feature = "cuda") {
+        println!("cuda:N (CUDA devices; not enumerated here)");
+    } else {
+        println!("cuda: not in this build (rebuild with --features cuda)");
+    }
+    if !cfg!(feature = "vulkan") {
+        println!("vulkan: not in this build (rebuild with --features vulkan)");
+        return Ok(());
+    }
+    let adapters = devices::vulkan_adapters();
+    if adapters.is_empty() {
+        println!("vulkan: {}", devices::DeviceError::NoVulkanAdapter);
+    }
+    for (i, line) in adapters.iter().enumerate() {
+        let name = format!("vulkan:{i}");
+        match devices::open(&name) {
+            Ok(device) => println!("{line}  {}", support(&device)),
+            Err(_) => println!("{line}"),
+        }
+    }
+    println!("names: {DEVICE_NAMES}; `vulkan` is vulkan:0");
+    Ok(())
 }

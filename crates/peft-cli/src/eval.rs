@@ -38,9 +38,8 @@ pub struct EvalArgs {
     /// Examples per batch.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
-    /// Backend: `flex` (CPU) or `cuda`.
-    #[arg(long, default_value = "flex")]
-    device: String,
+    #[command(flatten)]
+    run_on: crate::device::RunOn,
 }
 
 fn parse_task(s: &str) -> Result<TaskName, String> {
@@ -82,7 +81,7 @@ fn find_labels(args: &EvalArgs) -> Result<Option<LabelMap>> {
 
 /// Run the subcommand.
 pub fn run(args: EvalArgs) -> Result<()> {
-    let device = crate::device::parse(&args.device)?;
+    let device = crate::device::parse(&args.run_on.device)?;
     let dir =
         model_dir(&args.model).with_context(|| format!("resolving model `{}`", args.model))?;
     let tokenizer = HfTokenizer::from_dir(&dir)
@@ -116,7 +115,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let (examples, _) = load_examples(&args.data, kind, &reader, &tokenizer, labels.as_ref())?;
     let pretrained = from_pretrained(&args.model, task, &device)
         .with_context(|| format!("loading model `{}`", args.model))?;
-    let model = crate::with_adapter(pretrained.model, args.adapter.as_deref(), false)?;
+    let mut model = crate::with_adapter(pretrained.model, args.adapter.as_deref(), false)?;
+    crate::device::cast_base(&mut model, args.run_on.dtype, &device)?;
     let report = evaluate(
         model.model(),
         &examples,

@@ -31,18 +31,18 @@ pub struct ForwardArgs {
     /// Where to write float32 outputs (`logits`, or `last_hidden_state` + `sentence_embedding`).
     #[arg(long)]
     output: PathBuf,
-    /// Backend: `flex` (CPU) or `cuda`.
-    #[arg(long, default_value = "flex")]
-    device: String,
+    #[command(flatten)]
+    run_on: crate::device::RunOn,
 }
 
 /// Run the subcommand.
 pub fn run(args: ForwardArgs) -> Result<()> {
-    let device = crate::device::parse(&args.device)?;
+    let device = crate::device::parse(&args.run_on.device)?;
     let inputs = read_inputs(&args.inputs, &device)?;
     let pretrained = from_pretrained(&args.model, Task::Auto, &device)
         .with_context(|| format!("loading model `{}`", args.model))?;
-    let model = crate::with_adapter(pretrained.model, args.adapter.as_deref(), args.merge)?;
+    let mut model = crate::with_adapter(pretrained.model, args.adapter.as_deref(), args.merge)?;
+    crate::device::cast_base(&mut model, args.run_on.dtype, &device)?;
     let outputs = model.model().forward(&inputs);
     let mut tensors = BTreeMap::new();
     if let Some(t) = outputs.logits {

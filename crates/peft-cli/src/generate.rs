@@ -41,9 +41,8 @@ pub struct GenerateArgs {
     /// Merge the adapter into the weights first (LoRA; faster generation).
     #[arg(long, requires = "adapter")]
     merge: bool,
-    /// Backend: `flex` (CPU) or `cuda`.
-    #[arg(long, default_value = "flex")]
-    device: String,
+    #[command(flatten)]
+    run_on: crate::device::RunOn,
 }
 
 fn non_negative(s: &str) -> Result<f32, String> {
@@ -71,7 +70,7 @@ fn eos_ids(raw: &serde_json::Value) -> Vec<i64> {
 
 /// Run the subcommand.
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let device = crate::device::parse(&args.device)?;
+    let device = crate::device::parse(&args.run_on.device)?;
     let pretrained = from_pretrained(&args.model, Task::CausalLm, &device)
         .with_context(|| format!("loading model `{}`", args.model))?;
     let tokenizer = pretrained
@@ -79,7 +78,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .clone()
         .with_context(|| format!("model `{}` has no tokenizer.json", args.model))?;
     let eos = eos_ids(&pretrained.config.raw);
-    let model = crate::with_adapter(pretrained.model, args.adapter.as_deref(), args.merge)?;
+    let mut model = crate::with_adapter(pretrained.model, args.adapter.as_deref(), args.merge)?;
+    crate::device::cast_base(&mut model, args.run_on.dtype, &device)?;
     let prompt = tokenizer.encode(&args.prompt, None, usize::MAX)?.ids;
     let config = GenerationConfig {
         max_new_tokens: args.max_new_tokens,

@@ -28,6 +28,9 @@ pub struct InspectArgs {
     /// Classes of the classifier, when checking a SEQ_CLS bundle without a label_map.json.
     #[arg(long)]
     num_labels: Option<usize>,
+    /// Where to load the base model for the check: `flex` (CPU), `cuda[:N]` or `vulkan[:N]`.
+    #[arg(long, default_value = "flex")]
+    device: String,
 }
 
 /// Config keys worth a line, in this order, when present.
@@ -171,7 +174,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
             None => Task::Auto,
         },
     };
-    let device = burn::tensor::Device::flex();
+    let device = crate::device::parse(&args.device)?;
     let pretrained = from_pretrained(model, task, &device)
         .with_context(|| format!("loading base model `{model}`"))?;
     let mut peft = PeftModel::new(pretrained.model);

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod config;
 mod device;
 mod eval;
@@ -38,6 +39,11 @@ enum Command {
     /// Run a model (optionally with a PEFT adapter) on inputs from a safetensors file and write
     /// its outputs to another; used for numeric checks against transformers + PEFT.
     Forward(forward::ForwardArgs),
+    /// List the devices this build can run on (`--device` names) and their half precisions.
+    Devices(device::DevicesArgs),
+    /// Time LoRA training steps of a causal LM on synthetic tokens (weights random when the
+    /// folder has only a config.json); prints tokens/s and peak device memory as JSON.
+    Bench(bench::BenchArgs),
 }
 
 /// Wrap `model` in a [`peft_core::PeftModel`] with the bundle in `adapter` (if any) loaded as
@@ -77,6 +83,8 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Forward(args) => forward::run(args),
+        Command::Devices(args) => device::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -89,6 +97,8 @@ fn main() -> ExitCode {
                     || c.downcast_ref::<peft_core::PeftError>().is_some()
                     || c.downcast_ref::<peft_models::ModelError>().is_some()
                     || c.downcast_ref::<peft_train::data::DataError>().is_some()
+                    || c.downcast_ref::<peft_train::device::DeviceError>().is_some()
+                    || c.downcast_ref::<peft_core::precision::PrecisionError>().is_some()
                     || c.downcast_ref::<peft_train::TrainError>()
                         .is_some_and(|e| e.is_bad_input())
             });

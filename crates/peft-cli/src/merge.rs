@@ -35,7 +35,7 @@ pub struct MergeArgs {
     /// label_map.json, else from its saved classifier / score head.
     #[arg(long)]
     num_labels: Option<usize>,
-    /// Backend: `flex` (CPU) or `cuda`.
+    /// Backend: `flex` (CPU), `cuda[:N]` or `vulkan[:N]`. The merge runs in f32.
     #[arg(long, default_value = "flex")]
     device: String,
 }

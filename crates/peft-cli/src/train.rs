@@ -37,6 +37,12 @@ pub struct TrainArgs {
     /// No progress bar (logs only).
     #[arg(long)]
     quiet: bool,
+    /// Override `device`: `flex` (CPU), `cuda[:N]` or `vulkan[:N]`.
+    #[arg(long)]
+    device: Option<String>,
+    /// Override `dtype`, the precision of the frozen base: `f32`, `f16` or `bf16`.
+    #[arg(long, value_parser = crate::device::parse_dtype)]
+    dtype: Option<peft_core::precision::BaseDType>,
 }
 
 /// The data of a run, tokenized.
@@ -89,7 +95,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if args.quiet {
         run.train.progress = false;
     }
+    if let Some(device) = args.device {
+        run.device = device;
+    }
+    if let Some(dtype) = args.dtype {
+        run.dtype = dtype;
+    }
     let device = crate::device::parse(&run.device)?;
+    run.dtype
+        .check_device(&device)
+        .with_context(|| format!("{}: dtype {}", args.config.display(), run.dtype))?;
     let train_device = device.clone().autodiff();
     train_device.seed(run.train.seed);
 
@@ -133,6 +148,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
         MethodChoice::Full => model.set_train_base(true),
     }
+    crate::device::cast_base(&mut model, run.dtype, &train_device)?;
     let report = model.trainable_report();
     println!(
         "{}: {} on {} ({} train / {} eval / {} test examples)",
@@ -148,6 +164,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
         data.test.as_ref().map_or(0, Vec::len),
     );
     println!("{report}");
+    println!(
+        "device: {}{}",
+        peft_train::device::describe(&device),
+        match run.dtype {
+            peft_core::precision::BaseDType::F32 => String::new(),
+            d => format!(", frozen base in {d}"),
+        }
+    );
 
     std::fs::create_dir_all(&run.output)
         .with_context(|| format!("creating the output folder {}", run.output.display()))?;
@@ -214,6 +238,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if let Some(test) = &data.test {
         let eval_device = trainer.device.clone();
         trainer.model = reload(source, task, &chosen, full, &eval_device)?;
+        crate::device::cast_base(&mut trainer.model, run.dtype, &eval_device)?;
         let report = trainer.evaluate(test);
         println!(
             "held-out test ({} examples, {}): {}",
