@@ -65,10 +65,16 @@ pub fn run(_args: DevicesArgs) -> Result<()> {
     } else {
         println!("cuda: not in this build (rebuild with --features cuda)");
     }
-    if !cfg!(feature = "vulkan") {
-        println!("vulkan: not in this build (rebuild with --features vulkan)");
+    if !cfg!(any(feature = "vulkan", feature = "wgpu")) {
+        println!("vulkan: not in this build (rebuild with --features vulkan, or wgpu)");
         return Ok(());
     }
+    let compiler = if cfg!(feature = "vulkan") {
+        "SPIR-V"
+    } else {
+        "WGSL"
+    };
+    println!("vulkan: kernels compiled to {compiler}");
     let adapters = devices::vulkan_adapters();
     if adapters.is_empty() {
         println!("vulkan: {}", devices::DeviceError::NoVulkanAdapter);

@@ -69,6 +69,15 @@ pub enum DeviceError {
         /// `vulkan:i  name (kind)` for each adapter.
         available: Vec<String>,
     },
+    /// A software adapter in a SPIR-V (`--features vulkan`) build, which it cannot run
+    /// (`device/vulkan.rs` says why).
+    #[error(
+        "{name} is a software Vulkan device (lavapipe), which this build's SPIR-V kernels crash: cubecl 0.11 needs VK_KHR_workgroup_memory_explicit_layout for them; build with `--features wgpu` (WGSL kernels) to run on it"
+    )]
+    SoftwareSpirv {
+        /// The device name.
+        name: String,
+    },
     /// The adapter exists but the runtime could not open it.
     #[error("cannot open {name}: {reason}")]
     Open {
@@ -156,123 +165,10 @@ pub fn describe(device: &Device) -> String {
     vulkan::describe(device).unwrap_or_else(|| format!("{device:?}"))
 }
 
-#[cfg(feature = "vulkan")]
-mod vulkan {
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock, PoisonError};
+#[cfg(any(feature = "vulkan", feature = "wgpu"))]
+mod vulkan;
 
-    use burn::backend::{CubeDevice, DispatchDevice, WgpuDeviceKind};
-    use burn::tensor::wgpu::{WgpuBackend, WgpuInitError};
-    use burn::tensor::{Device, DeviceKind, DeviceType};
-
-    use super::DeviceError;
-
-    /// Devices opened so far, by index: a runtime is initialised once per process.
-    fn opened() -> &'static Mutex<HashMap<usize, Device>> {
-        static OPENED: OnceLock<Mutex<HashMap<usize, Device>>> = OnceLock::new();
-        OPENED.get_or_init(Default::default)
-    }
-
-    fn adapters() -> Vec<Device> {
-        // Discrete GPUs first, then integrated, virtual, software (Burn's enumeration order).
-        Device::enumerate(DeviceType::Vulkan).into_vec()
-    }
-
-    fn kind_of(device: &Device) -> Option<WgpuDeviceKind> {
-        match device.as_dispatch() {
-            DispatchDevice::Cube(CubeDevice::Wgpu(w)) => Some(w.kind.clone()),
-            _ => None,
-        }
-    }
-
-    fn kind_label(kind: &WgpuDeviceKind) -> &'static str {
-        match kind {
-            WgpuDeviceKind::DiscreteGpu(_) => "discrete GPU",
-            WgpuDeviceKind::IntegratedGpu(_) => "integrated GPU",
-            WgpuDeviceKind::VirtualGpu(_) => "virtual GPU",
-            WgpuDeviceKind::Cpu => "software",
-            _ => "other",
-        }
-    }
-
-    pub(super) fn open(index: usize) -> Result<Device, DeviceError> {
-        if let Some(device) = opened()
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&index)
-        {
-            return Ok(device.clone());
-        }
-        let all = adapters();
-        if all.is_empty() {
-            return Err(DeviceError::NoVulkanAdapter);
-        }
-        let Some(lazy) = all.get(index).cloned() else {
-            return Err(DeviceError::NoSuchAdapter {
-                index,
-                available: describe_all(),
-            });
-        };
-        let kind = match kind_of(&lazy) {
-            Some(WgpuDeviceKind::DiscreteGpu(i)) => Some(DeviceKind::DiscreteGpu(i)),
-            Some(WgpuDeviceKind::IntegratedGpu(i)) => Some(DeviceKind::IntegratedGpu(i)),
-            Some(WgpuDeviceKind::VirtualGpu(i)) => Some(DeviceKind::VirtualGpu(i)),
-            Some(WgpuDeviceKind::Cpu) => Some(DeviceKind::Cpu),
-            _ => None,
-        };
-        // Initialise explicitly, so a driver that refuses comes back as an error, not as a
-        // panic at the first tensor. A runtime already up (opened by an earlier call, or by
-        // `describe`) is simply reused.
-        let device = match kind {
-            Some(kind) => match Device::wgpu_options()
-                .device_kind(kind)
-                .graphics_api(WgpuBackend::Vulkan)
-                .init()
-            {
-                Ok(device) => device,
-                Err(WgpuInitError::Registration { .. }) => lazy,
-                Err(e) => {
-                    return Err(DeviceError::Open {
-                        name: format!("vulkan:{index}"),
-                        reason: e.to_string(),
-                    });
-                }
-            },
-            None => lazy,
-        };
-        opened()
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(index, device.clone());
-        Ok(device)
-    }
-
-    fn line(index: usize, device: &Device) -> String {
-        let kind = kind_of(device).map(|k| kind_label(&k)).unwrap_or("other");
-        let name = device
-            .identity()
-            .map(|i| i.name)
-            .unwrap_or_else(|| "unnamed".into());
-        format!("vulkan:{index} {name} ({kind})")
-    }
-
-    pub(super) fn describe_all() -> Vec<String> {
-        (0..adapters().len())
-            .map(|i| match open(i) {
-                Ok(device) => line(i, &device),
-                Err(e) => format!("vulkan:{i} ({e})"),
-            })
-            .collect()
-    }
-
-    pub(super) fn describe(device: &Device) -> Option<String> {
-        let bare = device.clone().without_autodiff();
-        let index = adapters().iter().position(|d| *d == bare)?;
-        Some(line(index, &bare))
-    }
-}
-
-#[cfg(not(feature = "vulkan"))]
+#[cfg(not(any(feature = "vulkan", feature = "wgpu")))]
 mod vulkan {
     use burn::tensor::Device;
 
@@ -282,7 +178,7 @@ mod vulkan {
         Err(DeviceError::NotBuilt {
             backend: "Vulkan",
             feature: "vulkan",
-            how: " (README: GPU backends)",
+            how: " (or `--features wgpu` for software Vulkan such as lavapipe; README: GPU backends)",
         })
     }
 
@@ -318,7 +214,29 @@ mod tests {
         assert_eq!(DeviceName::Cuda(Some(2)).to_string(), "cuda:2");
     }
 
-    #[cfg(not(feature = "vulkan"))]
+    /// The SPIR-V build names the way out instead of letting lavapipe crash.
+    #[cfg(feature = "vulkan")]
+    #[test]
+    fn spirv_build_refuses_software_adapters_with_the_way_out() {
+        let adapters = vulkan_adapters();
+        let software: Vec<_> = adapters
+            .iter()
+            .enumerate()
+            .filter(|(_, line)| line.contains("(software)"))
+            .collect();
+        if software.is_empty() {
+            eprintln!("no software Vulkan adapter here; nothing to refuse ({adapters:?})");
+            return;
+        }
+        for (i, line) in software {
+            let e = open(&format!("vulkan:{i}")).unwrap_err();
+            assert!(matches!(e, DeviceError::SoftwareSpirv { .. }), "{e}");
+            assert!(e.to_string().contains("--features wgpu"), "{e}");
+            assert!(line.contains("--features wgpu"), "{line}");
+        }
+    }
+
+    #[cfg(not(any(feature = "vulkan", feature = "wgpu")))]
     #[test]
     fn vulkan_without_the_feature_says_how_to_build_it() {
         let e = open("vulkan").unwrap_err();
