@@ -2,14 +2,14 @@
 
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig};
-use burn::tensor::activation::{gelu, tanh};
+use burn::tensor::activation::tanh;
 use burn::tensor::{Device, Int, Tensor};
 use peft_core::Adaptable;
 use peft_core::nn::{Embedding, EmbeddingConfig, KvPrefix, Linear, LinearConfig};
 
 use crate::cache::KvCache;
 use crate::config::BertConfig;
-use crate::ops::{merge_heads, padding_mask, positions, sdpa, split_heads};
+use crate::ops::{gelu, merge_heads, padding_mask, positions, sdpa, split_heads};
 
 /// Word, position and token-type embeddings, summed and normalised.
 #[derive(Module, Debug, Adaptable)]

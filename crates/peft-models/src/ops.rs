@@ -69,6 +69,26 @@ pub fn sdpa(
     )
 }
 
+/// GELU, exact (erf) form as transformers' `gelu`, with an exact gradient on every backend.
+///
+/// Burn's `activation::gelu` computes the erf form, but its backward on backends that keep
+/// burn-backend's default `gelu_backward` (the cubecl ones: Vulkan, CUDA) is the derivative of
+/// the *tanh approximation*, off by up to ~4e-4 (tests/vulkan.rs,
+/// `op_gradients_on_vulkan_match_flex`). Flex implements the exact derivative, so it keeps the
+/// single op; elsewhere the erf composition lets autodiff differentiate erf exactly.
+pub fn gelu(x: Tensor<3>) -> Tensor<3> {
+    if x.device().without_autodiff() == Device::flex() {
+        return burn::tensor::activation::gelu(x);
+    }
+    let cdf = x
+        .clone()
+        .mul_scalar(std::f64::consts::FRAC_1_SQRT_2)
+        .erf()
+        .add_scalar(1.0)
+        .mul_scalar(0.5);
+    x * cdf
+}
+
 /// GPT-2's `gelu_new` (tanh approximation).
 pub fn gelu_new(x: Tensor<3>) -> Tensor<3> {
     let c = (2.0 / std::f64::consts::PI).sqrt();
