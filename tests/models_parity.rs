@@ -2,6 +2,8 @@
 //! `tests/fixtures/gen/models_tiny.py`: padded batches, base and LoRA (active and merged),
 //! greedy generation with and without the KV cache.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -120,7 +122,9 @@ fn values2(t: Tensor<2>) -> Vec<f32> {
 }
 
 fn parity(name: &str) {
-    let device = Device::flex();
+    let Some(device) = common::test_device(name) else {
+        return;
+    };
     let (inputs, mask) = inputs(name, &device);
     let pretrained = from_pretrained(dir(name).to_str().unwrap(), Task::Auto, &device)
         .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -195,7 +199,9 @@ fn llama_classifier_matches_transformers() {
 }
 
 fn greedy(name: &str) {
-    let device = Device::flex();
+    let Some(device) = common::test_device(name) else {
+        return;
+    };
     let pretrained = from_pretrained(dir(name).to_str().unwrap(), Task::Auto, &device).unwrap();
     let mut model = PeftModel::new(pretrained.model);
     let prompt = [5, 9, 17, 3];

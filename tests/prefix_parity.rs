@@ -3,6 +3,8 @@
 //! projection MLP) and a BERT classifier; greedy generation through the KV cache; the exported
 //! table; gradients; training; bad bundles; PeftModel semantics.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
@@ -90,7 +92,9 @@ fn diff(ours: &[f32], theirs: &[f32], mask: &[i64]) -> f32 {
 }
 
 fn parity(case: &str, base_name: &str) {
-    let device = Device::flex();
+    let Some(device) = common::test_device(case) else {
+        return;
+    };
     let mut model = base(base_name, &device);
     let (inputs, mask) = inputs(base_name, &device);
     let plain = logits(model.model(), &inputs);

@@ -143,3 +143,31 @@ pub fn max_diff(a: &[f32], reference: &[f32]) -> f32 {
 pub fn values(t: Tensor<3>) -> Vec<f32> {
     t.into_data().try_to_vec::<f32>().unwrap()
 }
+
+/// The device the numeric tests run on: flex, or the Vulkan adapter when
+/// `BURN_PEFT_TEST_DEVICE=vulkan` (the GPU-backend subset of `.ci/run`, built with
+/// `--features wgpu`). `None` means skip: the Vulkan backend or adapter is missing and
+/// `BURN_PEFT_REQUIRE_VULKAN` is unset (a message says so); with it set, a missing adapter fails.
+pub fn test_device(what: &str) -> Option<Device> {
+    match std::env::var("BURN_PEFT_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("") | Ok("flex") => Some(Device::flex()),
+        Ok(name) => device_or_skip(name, what),
+    }
+}
+
+/// Open the device `name` (`vulkan`, `vulkan:1`, ...) or, when it is missing, skip `what` with
+/// a message (or fail, when `BURN_PEFT_REQUIRE_VULKAN` is set).
+pub fn device_or_skip(name: &str, what: &str) -> Option<Device> {
+    match burn_peft::train::device::open(name) {
+        Ok(device) => Some(device),
+        Err(e) if std::env::var_os("BURN_PEFT_REQUIRE_VULKAN").is_some() => {
+            panic!("{what}: BURN_PEFT_REQUIRE_VULKAN is set but device `{name}` is unusable: {e}")
+        }
+        Err(e) => {
+            eprintln!(
+                "SKIPPED {what}: device `{name}` is unusable: {e} (set BURN_PEFT_REQUIRE_VULKAN=1 to make this a failure)"
+            );
+            None
+        }
+    }
+}

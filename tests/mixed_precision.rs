@@ -1,0 +1,202 @@
+//! Mixed precision on flex: the frozen base in f16 / bf16, adapters, gradients, optimizer
+//! state and saved bundles in f32; full fine-tuning refuses a half-precision base.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn_peft::core::PeftModel;
+use burn_peft::core::precision::{BaseDType, PrecisionError, cast_frozen_base};
+use burn_peft::lora::LoraConfig;
+use burn_peft::models::{HfModel, ModelInputs, Task, from_pretrained};
+use burn_peft::train::data::Example;
+use burn_peft::train::{Objective, TrainConfig, Trainer, checkpoint};
+
+fn dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(name)
+}
+
+fn inputs(name: &str, device: &Device) -> ModelInputs {
+    let bytes = std::fs::read(dir(name).join("inputs.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = |key: &str| {
+        st.tensor(key).ok().map(|view| {
+            let v: Vec<i64> = view
+                .data()
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            Tensor::<2, Int>::from_data(TensorData::new(v, view.shape().to_vec()), device)
+        })
+    };
+    ModelInputs {
+        input_ids: t("input_ids").unwrap(),
+        attention_mask: t("attention_mask"),
+        token_type_ids: t("token_type_ids"),
+    }
+}
+
+fn with_lora(name: &str, device: &Device) -> PeftModel<HfModel> {
+    let base = from_pretrained(dir(name).to_str().unwrap(), Task::Auto, device).unwrap();
+    let mut model = PeftModel::new(base.model);
+    model.load_adapter(dir(name).join("lora"), "default").unwrap();
+    model
+}
+
+fn output(model: &HfModel, inputs: &ModelInputs) -> Vec<f32> {
+    let out = model.forward(inputs);
+    let t = out
+        .logits
+        .map(|l| l.into_data())
+        .or(out.class_logits.map(|l| l.into_data()))
+        .or(out.last_hidden_state.map(|l| l.into_data()))
+        .unwrap();
+    assert_eq!(t.dtype(), DType::F32, "activations leave the model in f32");
+    t.try_to_vec::<f32>().unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Counts float parameters by dtype.
+#[derive(Default)]
+struct Dtypes {
+    f32: usize,
+    half: usize,
+}
+
+impl ModuleVisitor for Dtypes {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        match param.dtype() {
+            DType::F32 => self.f32 += 1,
+            _ => self.half += 1,
+        }
+    }
+}
+
+#[test]
+fn half_precision_base_stays_close_to_f32_on_every_family() {
+    let device = Device::flex();
+    for name in ["bert", "gpt2", "llama_gqa", "llama_tied"] {
+        let inputs = inputs(name, &device);
+        let reference = output(with_lora(name, &device).model(), &inputs);
+        for dtype in [BaseDType::F16, BaseDType::BF16] {
+            let mut model = with_lora(name, &device);
+            let report = cast_frozen_base(&mut model, dtype, &device).unwrap();
+            assert!(report.tensors > 0, "{name}");
+            let mut seen = Dtypes::default();
+            model.model().visit(&mut seen);
+            assert_eq!(seen.half, report.tensors, "{name}: only the cast tensors are half");
+            let got = output(model.model(), &inputs);
+            let diff = max_abs_diff(&got, &reference);
+            eprintln!("{name} {dtype}: max |diff| vs f32 {diff:.2e}");
+            // bf16 keeps 8 bits of mantissa: ~0.4% per weight on these unit-scale outputs.
+            let bound = if dtype == BaseDType::BF16 { 0.1 } else { 1e-2 };
+            assert!(diff > 0.0 && diff < bound, "{name} {dtype}: {diff}");
+
+            // Merging folds the f32 delta into the half-precision weight once.
+            model.merge().unwrap();
+            let merged = output(model.model(), &inputs);
+            let diff = max_abs_diff(&merged, &reference);
+            assert!(diff < bound, "{name} {dtype} merged: {diff}");
+        }
+    }
+}
+
+#[test]
+fn full_fine_tuning_refuses_a_half_precision_base() {
+    let device = Device::flex();
+    let base = from_pretrained(dir("gpt2").to_str().unwrap(), Task::Auto, &device).unwrap();
+    let mut model = PeftModel::new(base.model);
+    model.set_train_base(true);
+    let e = cast_frozen_base(&mut model, BaseDType::F16, &device).unwrap_err();
+    assert_eq!(e, PrecisionError::TrainedBase(BaseDType::F16));
+    assert!(e.to_string().contains("dtype f32"), "{e}");
+}
+
+fn lm_data(n: usize) -> Vec<Example> {
+    (0..n)
+        .map(|i| {
+            let start = 1 + (i as i64 % 4) * 20;
+            let ids: Vec<i64> = (0..8).map(|k| start + 3 * k).collect();
+            Example {
+                token_type_ids: vec![0; ids.len()],
+                labels: Some(ids.clone()),
+                input_ids: ids,
+                label: None,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn training_with_an_f16_base_keeps_adapters_and_optimizer_state_in_f32() {
+    let device = Device::flex().autodiff();
+    device.seed(7);
+    let out = tempfile::tempdir().unwrap();
+    let base = from_pretrained(dir("llama_gqa").to_str().unwrap(), Task::CausalLm, &device)
+        .unwrap()
+        .model;
+    let mut model = PeftModel::new(base);
+    let lora = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.1,
+        target_modules: Some(["q_proj", "v_proj", "down_proj"].into()),
+        ..Default::default()
+    };
+    model.add_adapter("default", &lora).unwrap();
+    cast_frozen_base(&mut model, BaseDType::F16, &device).unwrap();
+    let mut trainer = Trainer {
+        model,
+        adapter: "default".into(),
+        objective: Objective::CausalLm,
+        config: TrainConfig {
+            epochs: 100,
+            max_steps: Some(30),
+            batch_size: 8,
+            learning_rate: 2e-2,
+            schedule: burn_peft::train::schedule::Schedule::Constant,
+            progress: false,
+            ..Default::default()
+        },
+        output_dir: out.path().to_path_buf(),
+        device,
+        extra_devices: Vec::new(),
+        pad_id: 0,
+        full_export: None,
+    };
+    let report = trainer.train(&lm_data(32), None, None).unwrap();
+    let (first, last) = (report.losses[0], *report.losses.last().unwrap());
+    eprintln!("f16 base: loss {first:.3} -> {last:.3}");
+    assert!(last < 0.7 * first, "{first} -> {last}");
+
+    // The bundle and the optimizer moments are f32.
+    let bytes = std::fs::read(report.adapter_dir.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(!st.tensors().is_empty());
+    for (name, view) in st.tensors() {
+        assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+    }
+    let ckpt = checkpoint::latest(&out.path().join("checkpoints")).unwrap();
+    let loaded = checkpoint::load(&ckpt).unwrap();
+    assert!(!loaded.optimizer.1.is_empty());
+    for (name, data) in &loaded.optimizer.1 {
+        assert_eq!(data.dtype(), DType::F32, "{name}");
+    }
+    for (name, data) in &loaded.params {
+        assert_eq!(data.dtype(), DType::F32, "{name}");
+    }
+}
+
+#[test]
+fn unknown_dtype_names_are_typed_errors() {
+    let e = "int4".parse::<BaseDType>().unwrap_err();
+    assert_eq!(e, PrecisionError::Unknown("int4".into()));
+}
