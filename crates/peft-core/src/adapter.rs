@@ -70,15 +70,6 @@ impl AdapterState {
         *param = param.clone().map(|_| tensor);
     }
 
-    /// Replace matrix `index` with `tensor` (on any device: it is moved to the parameter's),
-    /// keeping the parameter id; for kernels that rearrange a bundle tensor on the device
-    /// rather than on the host.
-    pub fn set_matrix_tensor(&mut self, index: usize, tensor: Tensor<2>) {
-        let param = &mut self.matrices[index];
-        let tensor = tensor.to_device(&param.lazy_device());
-        *param = param.clone().map(|_| tensor);
-    }
-
     /// Replace vector `index` with `data`, keeping the parameter id.
     pub fn set_vector(&mut self, index: usize, data: TensorData) {
         let param = &mut self.vectors[index];

@@ -4,11 +4,22 @@ use burn::tensor::module::embedding;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use peft_core::{AdapterKernel, AdapterState, BaseWeights, MergeDirection, Result, TensorSource};
 
-/// Put `data`, in the file's layout (`[r, in]` / `[out, r]`), into matrix `index` in ours: the
-/// transpose runs on the parameter's device, not element by element on the host.
-fn set_transposed(state: &mut AdapterState, index: usize, data: TensorData) {
-    let device = state.matrices[index].lazy_device();
-    state.set_matrix_tensor(index, Tensor::<2>::from_data(data, &device).transpose());
+/// `data` in the file's layout (`[r, in]` / `[out, r]`) transposed to ours. On the host, where
+/// the bundle was read: one pass over `r x d` values, and the parameter stays contiguous (a
+/// transposed view on the device would make every later product read it strided, and differ in
+/// the last bits from an adapter built in place).
+fn transposed(data: TensorData) -> TensorData {
+    let [rows, cols] = [data.shape()[0], data.shape()[1]];
+    let values = data
+        .try_to_vec::<f32>()
+        .expect("bundle tensors are read as f32");
+    let mut out = vec![0f32; values.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            out[j * rows + i] = values[i * cols + j];
+        }
+    }
+    TensorData::new(out, [cols, rows])
 }
 
 fn delta(state: &AdapterState, scaling: f64) -> Tensor<2> {
@@ -87,8 +98,8 @@ impl AdapterKernel for LoraLinearKernel {
         let [_, d_out] = state.matrices[1].dims();
         let a = source.take("lora_A.weight", &[r, d_in])?;
         let b = source.take("lora_B.weight", &[d_out, r])?;
-        set_transposed(&mut state, 0, a);
-        set_transposed(&mut state, 1, b);
+        state.set_matrix(0, transposed(a));
+        state.set_matrix(1, transposed(b));
         Ok(state)
     }
 }
@@ -148,8 +159,8 @@ impl AdapterKernel for LoraEmbeddingKernel {
         let [_, dim] = state.matrices[1].dims();
         let a = source.take("lora_embedding_A", &[r, vocab])?;
         let b = source.take("lora_embedding_B", &[dim, r])?;
-        set_transposed(&mut state, 0, a);
-        set_transposed(&mut state, 1, b);
+        state.set_matrix(0, transposed(a));
+        state.set_matrix(1, transposed(b));
         Ok(state)
     }
 }
