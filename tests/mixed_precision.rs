@@ -94,16 +94,18 @@ fn half_precision_base_stays_close_to_f32_on_every_family() {
             model.model().visit(&mut seen);
             assert_eq!(seen.half, report.tensors, "{name}: only the cast tensors are half");
             let got = output(model.model(), &inputs);
-            let diff = max_abs_diff(&got, &reference);
-            eprintln!("{name} {dtype}: max |diff| vs f32 {diff:.2e}");
-            // bf16 keeps 8 bits of mantissa: ~0.4% per weight on these unit-scale outputs.
-            let bound = if dtype == BaseDType::BF16 { 0.1 } else { 1e-2 };
+            let scale = reference.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            let diff = max_abs_diff(&got, &reference) / scale;
+            eprintln!("{name} {dtype}: max |diff| vs f32 {diff:.2e} of the largest output");
+            // Rounding the weights: 2^-11 (f16) or 2^-8 (bf16) relative per weight, a few of
+            // those through these two-layer models.
+            let bound = if dtype == BaseDType::BF16 { 5e-2 } else { 1e-2 };
             assert!(diff > 0.0 && diff < bound, "{name} {dtype}: {diff}");
 
             // Merging folds the f32 delta into the half-precision weight once.
             model.merge().unwrap();
             let merged = output(model.model(), &inputs);
-            let diff = max_abs_diff(&merged, &reference);
+            let diff = max_abs_diff(&merged, &reference) / scale;
             assert!(diff < bound, "{name} {dtype} merged: {diff}");
         }
     }

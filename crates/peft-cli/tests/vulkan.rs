@@ -36,7 +36,10 @@ fn vulkan_ready(what: &str) -> bool {
             panic!("{what}: BURN_PEFT_REQUIRE_VULKAN is set but the Vulkan device is unusable: {e}")
         }
         Err(e) => {
-            eprintln!(
+            // Straight to stderr: the test harness captures `eprintln!` of passing tests.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
                 "SKIPPED {what}: {e} (set BURN_PEFT_REQUIRE_VULKAN=1 to make this a failure)"
             );
             false
