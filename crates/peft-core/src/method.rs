@@ -99,6 +99,12 @@ pub trait PeftMethod: Debug + Send + Sync {
         Vec::new()
     }
 
+    /// PEFT's `task_type` (`SEQ_CLS`, `CAUSAL_LM`, ...), where the method has one; it decides,
+    /// as in PEFT, whether `"all-linear"` leaves out a classification head.
+    fn task_type(&self) -> Option<&str> {
+        None
+    }
+
     /// Which base biases train.
     fn bias(&self) -> BiasMode {
         BiasMode::None

@@ -376,8 +376,15 @@ impl<M: Adaptable + Module> PeftModel<M> {
                 .filter(|s| matches!(s.kind, SiteKind::Linear { .. }))
                 .map(|s| s.path.clone())
                 .collect();
-            let output_layer = self.model.output_layer();
-            let all_linear = all_linear_names(&linear_paths, output_layer.as_deref());
+            // PEFT leaves out the output embeddings, else (SEQ_CLS only) the classifier head.
+            let excluded: Vec<String> = match self.model.output_layer() {
+                Some(output) => vec![output],
+                None if method.task_type() == Some("SEQ_CLS") => {
+                    self.model.classifier_head().into_iter().collect()
+                }
+                None => Vec::new(),
+            };
+            let all_linear = all_linear_names(&linear_paths, &excluded);
             let mut shielded = HashSet::new();
             for p in &paths {
                 if matching::shielded_by_modules_to_save(&to_save, p)? {

@@ -413,6 +413,10 @@ impl PeftMethod for LoraConfig {
         self.modules_to_save.clone().unwrap_or_default()
     }
 
+    fn task_type(&self) -> Option<&str> {
+        self.task_type.as_deref()
+    }
+
     fn bias(&self) -> BiasMode {
         self.bias
     }

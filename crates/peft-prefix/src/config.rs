@@ -109,6 +109,10 @@ impl PeftMethod for PrefixTuningConfig {
         self.modules_to_save.clone().unwrap_or_default()
     }
 
+    fn task_type(&self) -> Option<&str> {
+        self.task_type.as_deref()
+    }
+
     fn validate(&self) -> Result<()> {
         if self.num_virtual_tokens == 0 {
             return Err(PeftError::invalid_config(
