@@ -2,6 +2,15 @@
 
 use std::path::PathBuf;
 
+impl From<crate::atomic::IoAt> for PeftError {
+    fn from(e: crate::atomic::IoAt) -> Self {
+        PeftError::Io {
+            file: e.path,
+            source: e.source,
+        }
+    }
+}
+
 /// Result alias used across burn-peft.
 pub type Result<T, E = PeftError> = std::result::Result<T, E>;
 

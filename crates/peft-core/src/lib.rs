@@ -9,6 +9,7 @@ extern crate self as peft_core;
 
 mod adaptable;
 mod adapter;
+pub mod atomic;
 pub mod bundle;
 mod error;
 pub mod matching;
