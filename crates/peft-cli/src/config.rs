@@ -469,4 +469,65 @@ mod tests {
         let e = parse(&GOOD.replace("epochs: 1", "epochs: many")).unwrap_err();
         assert_eq!(e.line, Some(11), "{e}");
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn shipped() -> Vec<String> {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+            let mut texts: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+                .map(|p| std::fs::read_to_string(p).unwrap())
+                .collect();
+            texts.sort();
+            texts.push(GOOD.to_string());
+            texts
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            /// Random bytes and random edits of the shipped configs (byte flips, a line
+            /// dropped or repeated, a value replaced) load or fail with a `ConfigError`.
+            #[test]
+            fn run_configs_never_panic(
+                which in any::<usize>(),
+                edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..4),
+                line_edit in proptest::option::of((any::<usize>(), 0u8..3, "[ -~]{0,16}")),
+                random in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300)),
+            ) {
+                let texts = shipped();
+                let mut bytes = texts[which % texts.len()].clone().into_bytes();
+                for (at, b) in edits {
+                    let len = bytes.len();
+                    bytes[at % len] = b;
+                }
+                let mut text = String::from_utf8_lossy(&bytes).into_owned();
+                if let Some((at, kind, value)) = line_edit {
+                    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+                    let i = at % lines.len();
+                    match kind {
+                        0 => { lines.remove(i); }
+                        1 => { let l = lines[i].clone(); lines.insert(i, l); }
+                        _ => {
+                            if let Some((key, _)) = lines[i].split_once(':') {
+                                lines[i] = format!("{key}: {value}");
+                            }
+                        }
+                    }
+                    text = lines.join("\n");
+                }
+                let dir = tempfile::tempdir().unwrap();
+                let file = dir.path().join("run.yaml");
+                match random {
+                    Some(raw) => std::fs::write(&file, raw).unwrap(),
+                    None => std::fs::write(&file, text).unwrap(),
+                }
+                let _ = load(&file);
+            }
+        }
+    }
 }
