@@ -78,7 +78,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
         output_dir: "out/train_debian".into(),
         device,
-        extra_devices: Vec::new(),
         pad_id: tokenizer.pad_id() as i64,
         full_export: None,
     };

@@ -126,7 +126,7 @@ fn parity(name: &str) {
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     let mut model = PeftModel::new(pretrained.model);
     check(
-        &model.model().forward(&inputs),
+        &model.model().forward(&inputs).unwrap(),
         &dir(name).join("expected.safetensors"),
         "",
         &mask,
@@ -138,7 +138,7 @@ fn parity(name: &str) {
         .unwrap();
     let lora = dir(name).join("lora/expected.safetensors");
     check(
-        &model.model().forward(&inputs),
+        &model.model().forward(&inputs).unwrap(),
         &lora,
         "",
         &mask,
@@ -146,7 +146,7 @@ fn parity(name: &str) {
     );
     model.merge().unwrap();
     check(
-        &model.model().forward(&inputs),
+        &model.model().forward(&inputs).unwrap(),
         &lora,
         "merged_",
         &mask,

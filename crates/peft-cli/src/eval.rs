@@ -41,6 +41,10 @@ pub struct EvalArgs {
     /// Backend: `flex` (CPU) or `cuda`.
     #[arg(long, default_value = "flex")]
     device: String,
+    /// Write one JSON line per example: its line in the data file, gold and predicted label
+    /// and the class probabilities (classification), or its loss and token count (causal LM).
+    #[arg(long)]
+    predictions: Option<PathBuf>,
 }
 
 fn parse_task(s: &str) -> Result<TaskName, String> {
@@ -117,6 +121,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let pretrained = from_pretrained(&args.model, task, &device)
         .with_context(|| format!("loading model `{}`", args.model))?;
     let model = crate::with_adapter(pretrained.model, args.adapter.as_deref(), false)?;
+    model
+        .model()
+        .check_sequence_length(args.max_length, "--max-length")?;
     let report = evaluate(
         model.model(),
         &examples,
@@ -124,7 +131,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
         tokenizer.pad_id() as i64,
         args.batch_size,
         &device,
-    );
+    )?;
+    if let Some(file) = &args.predictions {
+        let text = predictions_jsonl(&examples, &report, labels.as_ref());
+        peft_core::atomic::write_file(file, text.as_bytes())
+            .with_context(|| format!("writing predictions to {}", file.display()))?;
+    }
     println!(
         "{} ({} examples): {}",
         args.data.display(),
@@ -132,4 +144,53 @@ pub fn run(args: EvalArgs) -> Result<()> {
         crate::train::describe(&report)
     );
     Ok(())
+}
+
+/// One JSON line per example (see `--predictions`).
+fn predictions_jsonl(
+    examples: &[peft_train::data::Example],
+    report: &peft_train::EvalReport,
+    labels: Option<&LabelMap>,
+) -> String {
+    let name = |id: usize| -> serde_json::Value {
+        match labels.and_then(|l| l.name(id)) {
+            Some(n) => n.into(),
+            None => id.into(),
+        }
+    };
+    let mut out = String::new();
+    for (example, result) in examples.iter().zip(&report.examples) {
+        let mut row = serde_json::Map::new();
+        row.insert("line".into(), example.line.into());
+        if let Some(gold) = result.gold {
+            row.insert("gold".into(), name(gold));
+        }
+        if let Some(predicted) = result.predicted {
+            row.insert("predicted".into(), name(predicted));
+            row.insert("correct".into(), (result.gold == Some(predicted)).into());
+            let probabilities: serde_json::Map<String, serde_json::Value> = result
+                .probabilities
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let key = labels
+                        .and_then(|l| l.name(i))
+                        .map(String::from)
+                        .unwrap_or_else(|| i.to_string());
+                    (key, (*p as f64).into())
+                })
+                .collect();
+            row.insert("probabilities".into(), probabilities.into());
+        }
+        if let Some(loss) = result.loss {
+            row.insert("loss".into(), loss.into());
+            if let Some(tokens) = result.tokens {
+                row.insert("tokens".into(), tokens.into());
+                row.insert("perplexity".into(), loss.exp().into());
+            }
+        }
+        out.push_str(&serde_json::Value::Object(row).to_string());
+        out.push('\n');
+    }
+    out
 }

@@ -43,7 +43,7 @@ pub fn run(args: ForwardArgs) -> Result<()> {
     let pretrained = from_pretrained(&args.model, Task::Auto, &device)
         .with_context(|| format!("loading model `{}`", args.model))?;
     let model = crate::with_adapter(pretrained.model, args.adapter.as_deref(), args.merge)?;
-    let outputs = model.model().forward(&inputs);
+    let outputs = model.model().forward(&inputs)?;
     let mut tensors = BTreeMap::new();
     if let Some(t) = outputs.logits {
         tensors.insert("logits".to_string(), t.into_data());

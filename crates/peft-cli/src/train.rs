@@ -6,8 +6,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use peft_core::PeftModel;
-use peft_models::{HfTokenizer, Task, from_pretrained, model_dir};
-use peft_train::data::{Example, LABEL_MAP_FILE, LabelMap, load_examples};
+use peft_models::{HfConfig, HfTokenizer, Task, from_pretrained, model_dir};
+use peft_train::data::{DataConfig, Example, LABEL_MAP_FILE, LabelMap, load_examples};
 use peft_train::{EvalReport, FullExport, Objective, Trainer};
 use serde_json::json;
 
@@ -76,6 +76,38 @@ fn load_data(
     })
 }
 
+/// Every token id of the data is inside the model's vocabulary (a tokenizer of another model
+/// gives ids the embedding table does not have): else the file and line of the first one.
+fn check_vocabulary(run: &config::RunConfig, data: &RunData, vocab: usize) -> Result<()> {
+    let splits = [
+        (Some(&data.train), Some(&run.data.train)),
+        (data.eval.as_ref(), run.data.eval.as_ref()),
+        (data.test.as_ref(), run.data.test.as_ref()),
+    ];
+    for (examples, file) in splits {
+        let (Some(examples), Some(file)) = (examples, file) else {
+            continue;
+        };
+        for example in examples {
+            if let Some(id) = example
+                .input_ids
+                .iter()
+                .find(|&&id| id < 0 || id as u64 >= vocab as u64)
+            {
+                return Err(peft_models::ModelError::InputOutOfRange {
+                    input: format!("{}:{}", file.display(), example.line),
+                    found: format!("the tokenizer gave token id {id}"),
+                    limit: format!("the model's vocabulary has {vocab} ids"),
+                    fix: "use the tokenizer of the model being trained (tokenizer.json in its folder)"
+                        .into(),
+                }
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Run the subcommand.
 pub fn run(args: TrainArgs) -> Result<()> {
     let loaded = config::load(&args.config)?;
@@ -97,6 +129,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let dir = model_dir(source).with_context(|| format!("resolving model `{source}`"))?;
     let tokenizer = HfTokenizer::from_dir(&dir)
         .with_context(|| format!("model `{source}` needs a tokenizer.json"))?;
+    // Without an explicit `data.max_length`, the default never exceeds the model's positions.
+    if run.data.max_length.is_none()
+        && let Some((limit, _)) = HfConfig::read(&dir.join("config.json"))?.position_limit()
+    {
+        run.data.max_length = Some(DataConfig::default().max_length.min(limit));
+    }
     let data = load_data(&run, &tokenizer, None)?;
     let (task, objective) = match run.model.task {
         TaskName::Classification => {
@@ -133,6 +171,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
         MethodChoice::Full => model.set_train_base(true),
     }
+    // Refuse inputs the model cannot take before any step runs: examples longer than its
+    // position table (a prefix included) and ids beyond its vocabulary.
+    model
+        .model()
+        .check_sequence_length(run.data.reader().max_length, "data.max_length")
+        .with_context(|| format!("{}: in `data`", args.config.display()))?;
+    check_vocabulary(&run, &data, model.model().vocab_size())?;
     let report = model.trainable_report();
     println!(
         "{}: {} on {} ({} train / {} eval / {} test examples)",
@@ -162,7 +207,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
         config: run.train.clone(),
         output_dir: run.output.clone(),
         device: train_device,
-        extra_devices: Vec::new(),
         pad_id: tokenizer.pad_id() as i64,
         full_export: full.then(|| FullExport {
             config: pretrained.config.clone(),
@@ -214,7 +258,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if let Some(test) = &data.test {
         let eval_device = trainer.device.clone();
         trainer.model = reload(source, task, &chosen, full, &eval_device)?;
-        let report = trainer.evaluate(test);
+        let report = trainer.evaluate(test)?;
         println!(
             "held-out test ({} examples, {}): {}",
             test.len(),
@@ -240,7 +284,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         "best_dir": best_dir.is_dir().then_some(best_dir),
     });
     let summary_file = run.output.join("results.json");
-    write_atomically(&summary_file, &serde_json::to_vec_pretty(&summary)?)?;
+    peft_core::atomic::write_file(&summary_file, &serde_json::to_vec_pretty(&summary)?)?;
     println!("summary: {}", summary_file.display());
     Ok(())
 }
@@ -287,17 +331,4 @@ pub fn describe(report: &EvalReport) -> String {
     }
     parts.push(format!("loss {:.4}", report.loss));
     parts.join(", ")
-}
-
-/// Write `bytes` to `path` through a temporary file in the same folder and a rename.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    std::io::Write::write_all(&mut tmp, bytes)
-        .and_then(|_| tmp.as_file().sync_all())
-        .with_context(|| format!("writing {}", path.display()))?;
-    tmp.persist(path)
-        .with_context(|| format!("replacing {}", path.display()))?;
-    Ok(())
 }

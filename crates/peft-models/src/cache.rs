@@ -58,6 +58,51 @@ impl KvCache {
         (cache, mask)
     }
 
+    /// [`with_prefix`](Self::with_prefix) for a forward over `[batch, seq]` ids, after checking
+    /// that `attention_mask` covers the real tokens so far (`[batch, past + seq]`, the prefix
+    /// not included) and that a non-empty `cache` holds the same batch.
+    pub fn checked_with_prefix<'a>(
+        prefix: &KvPrefix,
+        [batch, seq]: [usize; 2],
+        cache: Option<&'a mut KvCache>,
+        local: &'a mut KvCache,
+        attention_mask: Option<Tensor<2, Int>>,
+    ) -> crate::Result<(Option<&'a mut KvCache>, Option<Tensor<2, Int>>)> {
+        let past = cache.as_deref().map_or(0, |c| c.len() - c.prefix_len);
+        if let Some(cached) = cache.as_deref().and_then(KvCache::batch)
+            && cached != batch
+        {
+            return Err(crate::ModelError::InputOutOfRange {
+                input: "input_ids".into(),
+                found: format!("a batch of {batch} rows"),
+                limit: format!("the KV cache holds {cached} rows"),
+                fix: "continue a cached sequence with the same rows, or start a new cache".into(),
+            });
+        }
+        crate::input_checks::check_shape(
+            attention_mask.as_ref(),
+            "attention_mask",
+            [batch, past + seq],
+            "[batch, cached tokens + new tokens]",
+        )?;
+        Ok(Self::with_prefix(
+            prefix,
+            batch,
+            cache,
+            local,
+            attention_mask,
+        ))
+    }
+
+    /// Rows of the cached keys, if any are cached.
+    pub fn batch(&self) -> Option<usize> {
+        self.layers
+            .iter()
+            .flatten()
+            .next()
+            .map(|(k, _)| k.dims()[0])
+    }
+
     fn seeded<'a>(
         prefix: &KvPrefix,
         batch: usize,

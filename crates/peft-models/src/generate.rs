@@ -48,6 +48,10 @@ fn ids_tensor(ids: &[i64], device: &Device) -> Tensor<2, Int> {
 }
 
 /// Continue `prompt`; returns prompt + new tokens.
+///
+/// A prompt with ids outside the vocabulary, or a prompt plus `max_new_tokens` beyond a
+/// learned position table (GPT-2's `n_positions`, a prefix included), is an error before any
+/// token is generated.
 pub fn generate(
     model: &HfModel,
     prompt: &[i64],
@@ -62,6 +66,32 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(ModelError::InvalidInput("the prompt is empty".into()));
     }
+    if let Some((limit, key)) = model.position_limit() {
+        let prefix = model.prefix_len();
+        let wanted = prompt.len() + config.max_new_tokens + prefix;
+        if wanted > limit {
+            let room = limit.saturating_sub(prefix + prompt.len());
+            return Err(ModelError::InputOutOfRange {
+                input: "max_new_tokens".into(),
+                found: format!(
+                    "a prompt of {} tokens{} plus {} new tokens ({wanted} positions)",
+                    prompt.len(),
+                    if prefix > 0 {
+                        format!(" after a prefix of {prefix} virtual tokens")
+                    } else {
+                        String::new()
+                    },
+                    config.max_new_tokens
+                ),
+                limit: format!("the model has {limit} positions (`{key}` in config.json)"),
+                fix: if room > 0 {
+                    format!("ask for at most {room} new tokens, or shorten the prompt")
+                } else {
+                    "shorten the prompt".into()
+                },
+            });
+        }
+    }
     let mut rng = StdRng::seed_from_u64(config.seed);
     let mut tokens = prompt.to_vec();
     let mut cache = KvCache::new(model.num_layers());
@@ -71,8 +101,7 @@ pub fn generate(
             model.forward_lm(ids_tensor(&next_input, device), None, Some(&mut cache))
         } else {
             model.forward_lm(ids_tensor(&tokens, device), None, None)
-        }
-        .expect("checked causal LM");
+        }?;
         let [_, s, v] = logits.dims();
         let last: Vec<f32> = logits
             .slice([0..1, s - 1..s, 0..v])

@@ -3,12 +3,14 @@
 use burn::module::Module;
 use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::tensor::activation::silu;
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use peft_core::Adaptable;
 use peft_core::nn::{Embedding, EmbeddingConfig, KvPrefix, Linear, LinearConfig};
 
 use crate::cache::KvCache;
 use crate::config::{LlamaConfig, RopeScaling};
+use crate::error::Result;
+use crate::input_checks;
 use crate::ops::{
     apply_rope, merge_heads, padding_mask, repeat_kv, rope_tables, sdpa, split_heads,
 };
@@ -28,6 +30,9 @@ pub struct LlamaAttention {
     heads: usize,
     #[module(skip)]
     kv_heads: usize,
+    /// Mistral's attention window (`sliding_window`), `None` for full attention.
+    #[module(skip)]
+    sliding_window: Option<usize>,
 }
 
 /// SwiGLU MLP.
@@ -81,7 +86,7 @@ pub struct LlamaForCausalLM {
 
 /// Sequence classifier pooling the last non-pad token (`LlamaForSequenceClassification`).
 #[derive(Module, Debug, Adaptable)]
-#[peft(output_layer = "score")]
+#[peft(classifier_head = "score")]
 pub struct LlamaForSequenceClassification {
     /// The decoder.
     pub model: LlamaModel,
@@ -144,6 +149,7 @@ impl LlamaAttention {
                 .init(device),
             heads: h,
             kv_heads: kv,
+            sliding_window: c.attention_window(),
         }
     }
 
@@ -171,7 +177,18 @@ impl LlamaAttention {
             None => (k, v),
         };
         let groups = self.heads / self.kv_heads;
-        let mask = mask.map(|m| padding_mask(m, self.heads, s));
+        let mut mask = mask.map(|m| padding_mask(m, self.heads, s));
+        let keys = k.dims()[2];
+        if let Some(window) = self.sliding_window.filter(|w| *w < keys) {
+            let [b, _, _, _] = q.dims();
+            let outside = sliding_window_mask(s, keys, window, &q.device())
+                .unsqueeze::<4>()
+                .expand([b, self.heads, s, keys]);
+            mask = Some(match mask {
+                Some(m) => m.bool_or(outside),
+                None => outside,
+            });
+        }
         let out = sdpa(
             q,
             repeat_kv(k, groups),
@@ -182,6 +199,16 @@ impl LlamaAttention {
         );
         self.o_proj.forward(merge_heads(out))
     }
+}
+
+/// `[q, k]`, true where key position `j` is outside the window of query `i` (the queries are
+/// the last `q` of `k` positions): `query - key >= window`.
+fn sliding_window_mask(q: usize, k: usize, window: usize, device: &Device) -> Tensor<2, Bool> {
+    let offset = k - q;
+    let outside: Vec<bool> = (0..q)
+        .flat_map(|i| (0..k).map(move |j| offset + i >= j + window))
+        .collect();
+    Tensor::from_data(TensorData::new(outside, [q, k]), device)
 }
 
 impl LlamaModel {
@@ -227,18 +254,27 @@ impl LlamaModel {
 
     /// Final hidden states `[b, s, hidden]`. `attention_mask` covers the real tokens so far
     /// (`[b, past + s]`, 1 = attend; a prefix is added in front); positions continue from the
-    /// cache length (prefix included), as transformers' `cache_position`.
+    /// cache length (prefix included), as transformers' `cache_position`. Ids outside the
+    /// vocabulary and a mask of another shape are
+    /// [`ModelError::InputOutOfRange`](crate::ModelError::InputOutOfRange); RoPE has no
+    /// position limit (transformers does not enforce `max_position_embeddings` either).
     pub fn forward(
         &self,
         input_ids: Tensor<2, Int>,
         attention_mask: Option<Tensor<2, Int>>,
         cache: Option<&mut KvCache>,
-    ) -> Tensor<3> {
-        let [b, s] = input_ids.dims();
+    ) -> Result<Tensor<3>> {
+        let [b, s] = input_checks::ids_dims(&input_ids)?;
+        input_checks::check_token_ids(&input_ids, self.embed_tokens.dims()[0])?;
         let device = input_ids.device();
         let mut local = KvCache::new(self.layers.len());
-        let (mut cache, attention_mask) =
-            KvCache::with_prefix(&self.prompt_encoder, b, cache, &mut local, attention_mask);
+        let (mut cache, attention_mask) = KvCache::checked_with_prefix(
+            &self.prompt_encoder,
+            [b, s],
+            cache,
+            &mut local,
+            attention_mask,
+        )?;
         let past = cache.as_ref().map_or(0, |c| c.len());
         let positions: Vec<i64> = (past as i64..(past + s) as i64).collect();
         let rope = rope_tables(&self.inv_freq, &positions, &device);
@@ -254,7 +290,7 @@ impl LlamaModel {
             let act = silu(mlp.gate_proj.forward(normed.clone())) * mlp.up_proj.forward(normed);
             h = h + mlp.down_proj.forward(act);
         }
-        self.norm.forward(h)
+        Ok(self.norm.forward(h))
     }
 }
 
@@ -277,12 +313,12 @@ impl LlamaForCausalLM {
         input_ids: Tensor<2, Int>,
         attention_mask: Option<Tensor<2, Int>>,
         cache: Option<&mut KvCache>,
-    ) -> Tensor<3> {
-        let h = self.model.forward(input_ids, attention_mask, cache);
-        match &self.lm_head {
+    ) -> Result<Tensor<3>> {
+        let h = self.model.forward(input_ids, attention_mask, cache)?;
+        Ok(match &self.lm_head {
             Some(head) => head.forward(h),
             None => crate::heads::tied_logits(h, &self.model.embed_tokens),
-        }
+        })
     }
 
     /// Number of layers (for a [`KvCache`]).
@@ -308,9 +344,15 @@ impl LlamaForSequenceClassification {
         &self,
         input_ids: Tensor<2, Int>,
         attention_mask: Option<Tensor<2, Int>>,
-    ) -> Tensor<2> {
-        let h = self.model.forward(input_ids.clone(), attention_mask, None);
+    ) -> Result<Tensor<2>> {
+        let h = self
+            .model
+            .forward(input_ids.clone(), attention_mask, None)?;
         let logits = self.score.forward(h);
-        crate::heads::pool_last_non_pad(logits, &input_ids, self.pad_token_id)
+        Ok(crate::heads::pool_last_non_pad(
+            logits,
+            &input_ids,
+            self.pad_token_id,
+        ))
     }
 }

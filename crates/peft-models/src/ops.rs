@@ -66,8 +66,64 @@ pub fn sdpa(
     )
 }
 
+/// An MLP activation, by its name in transformers' `ACT2FN` (`hidden_act`,
+/// `activation_function` in `config.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activation {
+    /// `gelu`: the exact form with `erf` (BERT).
+    #[default]
+    Gelu,
+    /// `gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`: the tanh approximation (GPT-2); the three
+    /// are the same function.
+    GeluTanh,
+    /// `quick_gelu`: `x * sigmoid(1.702 x)`.
+    QuickGelu,
+    /// `relu`.
+    Relu,
+    /// `silu` / `swish`: `x * sigmoid(x)`.
+    Silu,
+}
+
+impl Activation {
+    /// The names [`from_hf`](Self::from_hf) accepts.
+    pub const NAMES: [&'static str; 8] = [
+        "gelu",
+        "gelu_new",
+        "gelu_pytorch_tanh",
+        "gelu_fast",
+        "quick_gelu",
+        "relu",
+        "silu",
+        "swish",
+    ];
+
+    /// The activation transformers' `ACT2FN[name]` computes, if implemented.
+    pub fn from_hf(name: &str) -> Option<Self> {
+        Some(match name {
+            "gelu" => Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "quick_gelu" => Activation::QuickGelu,
+            "relu" => Activation::Relu,
+            "silu" | "swish" => Activation::Silu,
+            _ => return None,
+        })
+    }
+
+    /// Apply it.
+    pub fn apply<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
+        use burn::tensor::activation;
+        match self {
+            Activation::Gelu => activation::gelu(x),
+            Activation::GeluTanh => gelu_new(x),
+            Activation::QuickGelu => x.clone() * activation::sigmoid(x.mul_scalar(1.702)),
+            Activation::Relu => activation::relu(x),
+            Activation::Silu => activation::silu(x),
+        }
+    }
+}
+
 /// GPT-2's `gelu_new` (tanh approximation).
-pub fn gelu_new(x: Tensor<3>) -> Tensor<3> {
+pub fn gelu_new<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     let c = (2.0 / std::f64::consts::PI).sqrt();
     let inner = (x.clone() + x.clone().powf_scalar(3.0).mul_scalar(0.044715)).mul_scalar(c);
     x.clone().mul_scalar(0.5) * (inner.tanh().add_scalar(1.0))

@@ -46,6 +46,7 @@ fn classification_data(n: usize, seed: u64) -> Vec<Example> {
                 token_type_ids: vec![0; ids.len()],
                 input_ids: ids,
                 labels: None,
+                line: 0,
             }
         })
         .collect()
@@ -62,6 +63,7 @@ fn lm_data(n: usize) -> Vec<Example> {
                 labels: Some(ids.clone()),
                 input_ids: ids,
                 label: None,
+                line: 0,
             }
         })
         .collect()
@@ -90,7 +92,6 @@ fn trainer(
         config,
         output_dir: out.to_path_buf(),
         device,
-        extra_devices: Vec::new(),
         pad_id: 0,
         full_export: None,
     }
@@ -150,7 +151,7 @@ fn lora_learns_a_classification_task_and_leaves_the_base_untouched() {
     let trainable = t.model.trainable_param_ids().clone();
     let train = classification_data(240, 1);
     let eval = classification_data(60, 2);
-    let start = t.evaluate(&eval);
+    let start = t.evaluate(&eval).unwrap();
     let report = t.train(&train, Some(&eval), None).unwrap();
     let end = report.last_eval.clone().unwrap();
     eprintln!(
@@ -285,46 +286,6 @@ fn resume_from_a_checkpoint_equals_the_uninterrupted_run() {
 }
 
 #[test]
-fn an_interrupted_checkpoint_save_leaves_the_previous_one_loadable() {
-    let _serial = serial();
-    let out = tempfile::tempdir().unwrap();
-    let config = TrainConfig {
-        save_every: Some(2),
-        keep_last: 3,
-        ..quick(2)
-    };
-    let train = classification_data(32, 4);
-    let mut t = trainer(
-        "bert_cls",
-        &lora(),
-        Objective::Classification { num_labels: 3 },
-        config,
-        out.path(),
-    );
-    t.train(&train, None, None).unwrap();
-    let root = out.path().join("checkpoints");
-    let good = checkpoint::latest(&root).unwrap();
-    let before = checkpoint::load(&good).unwrap().state;
-
-    // The next save's staging folder is occupied by a file: the save fails midway.
-    let blocker = root.join(format!(
-        ".tmp-{}-{}",
-        checkpoint::checkpoint_name(3),
-        std::process::id()
-    ));
-    std::fs::write(&blocker, b"not a folder").unwrap();
-    t.config = TrainConfig {
-        save_every: Some(1),
-        ..quick(3)
-    };
-    let resume_from = good.clone();
-    let err = t.train(&train, None, Some(&resume_from)).unwrap_err();
-    assert!(matches!(err, TrainError::Io { .. }), "{err:?}");
-    assert_eq!(checkpoint::latest(&root).unwrap(), good);
-    assert_eq!(checkpoint::load(&good).unwrap().state, before);
-}
-
-#[test]
 fn a_non_finite_loss_stops_with_the_documented_error() {
     let _serial = serial();
     let out = tempfile::tempdir().unwrap();
@@ -354,35 +315,5 @@ fn a_non_finite_loss_stops_with_the_documented_error() {
             assert!(loaded.state.losses.iter().all(|l| l.is_finite()));
         }
         other => panic!("expected NonFiniteLoss, got {other:?}"),
-    }
-}
-
-#[test]
-fn data_parallel_over_two_devices_matches_one_device() {
-    let _serial = serial();
-    // This machine has one CPU device; two handles to it exercise the whole data-parallel path
-    // (split, fork, per-replica backward, gradient transfer and sum).
-    let train = classification_data(64, 9);
-    let no_dropout = LoraConfig {
-        lora_dropout: 0.0,
-        ..lora()
-    };
-    let run = |extra: bool| {
-        let out = tempfile::tempdir().unwrap();
-        let mut t = trainer(
-            "bert_cls",
-            &no_dropout,
-            Objective::Classification { num_labels: 3 },
-            quick(6),
-            out.path(),
-        );
-        if extra {
-            t.extra_devices = vec![Device::flex().autodiff()];
-        }
-        t.train(&train, None, None).unwrap().losses
-    };
-    let (single, parallel) = (run(false), run(true));
-    for (a, b) in single.iter().zip(&parallel) {
-        assert!((a - b).abs() < 1e-4, "{single:?} vs {parallel:?}");
     }
 }
