@@ -317,3 +317,83 @@ fn a_non_finite_loss_stops_with_the_documented_error() {
         other => panic!("expected NonFiniteLoss, got {other:?}"),
     }
 }
+
+#[test]
+fn resuming_a_checkpoint_of_another_rank_targets_or_optimizer_is_a_clear_error() {
+    let _serial = serial();
+    let out = tempfile::tempdir().unwrap();
+    let train = classification_data(16, 5);
+    let mut t = trainer(
+        "bert_cls",
+        &lora(),
+        Objective::Classification { num_labels: 3 },
+        quick(2),
+        out.path(),
+    );
+    t.train(&train, None, None).unwrap();
+    let ckpt = checkpoint::latest(&out.path().join("checkpoints")).unwrap();
+    let resume = |method: &LoraConfig| {
+        let other = tempfile::tempdir().unwrap();
+        let mut t = trainer(
+            "bert_cls",
+            method,
+            Objective::Classification { num_labels: 3 },
+            quick(3),
+            other.path(),
+        );
+        let snapshot = |m: &peft_models::HfModel| {
+            let mut s = Snapshot(HashMap::new());
+            m.visit(&mut s);
+            s.0
+        };
+        let before = snapshot(t.model.model());
+        let err = t.train(&train, None, Some(&ckpt)).unwrap_err();
+        // Nothing was restored into the model.
+        assert_eq!(snapshot(t.model.model()), before);
+        assert!(matches!(err, TrainError::Checkpoint { .. }), "{err:?}");
+        assert!(err.is_bad_input());
+        err.to_string()
+    };
+    // Another rank: the first saved tensor of the wrong size is named.
+    let msg = resume(&LoraConfig { r: 8, ..lora() });
+    assert!(
+        msg.contains("query.adapters.0.matrices.0") && msg.contains("another rank"),
+        "{msg}"
+    );
+    // Other targets: a trainable parameter without a saved value, or the reverse.
+    let msg = resume(&LoraConfig {
+        target_modules: Some(["query", "key", "value"].into()),
+        ..lora()
+    });
+    assert!(
+        msg.contains("key") && msg.contains("another adapter config"),
+        "{msg}"
+    );
+    let msg = resume(&LoraConfig {
+        target_modules: Some(["query"].into()),
+        ..lora()
+    });
+    assert!(
+        msg.contains("value") && msg.contains("not a trainable parameter"),
+        "{msg}"
+    );
+
+    // A damaged optimizer state: a moment without its partner.
+    let file = ckpt.join("optimizer.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let all = st.tensors();
+    let dropped = all
+        .iter()
+        .map(|(k, _)| k.clone())
+        .find(|k| k.ends_with(".exp_avg_sq"))
+        .unwrap();
+    let tensors: Vec<(String, safetensors::tensor::TensorView)> =
+        all.into_iter().filter(|(k, _)| *k != dropped).collect();
+    std::fs::write(&file, safetensors::serialize(tensors, None).unwrap()).unwrap();
+    let msg = resume(&lora());
+    assert!(
+        msg.contains("optimizer.safetensors") && msg.contains("is missing"),
+        "{msg}"
+    );
+}
