@@ -10,6 +10,7 @@ extern crate self as peft_core;
 mod adaptable;
 mod adapter;
 pub mod bundle;
+mod describe;
 mod error;
 pub mod matching;
 mod method;
@@ -17,7 +18,10 @@ mod model;
 pub mod nn;
 
 pub use adaptable::{Adaptable, Site, SiteMut, SitePath, SiteSummary, list_sites};
-pub use adapter::{AdapterKernel, AdapterState, BaseWeights, MergeDirection, TensorSource};
+pub use adapter::{
+    AdapterKernel, AdapterState, BaseWeights, MergeDirection, MergeInput, TensorSource,
+};
+pub use describe::{MethodSummary, TensorRole};
 pub use error::{PeftError, Result};
 pub use matching::{LayerIndices, LayersPattern, TargetModules, TargetSpec};
 pub use method::{BiasMode, PeftMethod, SiteInfo, SiteKind, peft_type_of};
