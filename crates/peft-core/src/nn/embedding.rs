@@ -81,17 +81,13 @@ impl Embedding {
             Some(copy) => copy.weight.val(),
             None => self.weight.val(),
         };
-        let mut live = self
-            .adapters
-            .iter()
-            .filter(|a| a.active && !a.merged)
-            .peekable();
-        if live.peek().is_none() {
+        let live = || self.adapters.iter().filter(|a| a.active && !a.merged);
+        if live().next().is_none() {
             return embedding(weight, input);
         }
         let base = BaseWeights { weight, bias: None };
         let mut y = embedding(base.weight.clone(), input.clone());
-        for adapter in live {
+        for adapter in live() {
             y = adapter
                 .kernel
                 .forward_embedding(adapter, &base, input.clone(), y);

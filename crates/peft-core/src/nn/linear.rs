@@ -130,22 +130,15 @@ impl Linear {
         out_shape[D - 1] = d_output;
         let rows = input.shape().num_elements() / d_input;
         let x = input.reshape([rows, d_input]);
-        let mut live = self
-            .adapters
-            .iter()
-            .filter(|a| a.active && !a.merged)
-            .peekable();
-        if live.peek().is_none() {
+        let live = || self.adapters.iter().filter(|a| a.active && !a.merged);
+        if live().next().is_none() {
             return linear(x, weight, bias).reshape(out_shape);
         }
         // Handles, not copies: kernels see the weights the GEMM used.
         let base = BaseWeights { weight, bias };
-        let live: Vec<&AdapterState> = live.collect();
-        let x_base = live
-            .iter()
-            .fold(x.clone(), |x, a| a.kernel.transform_input(a, x));
+        let x_base = live().fold(x.clone(), |x, a| a.kernel.transform_input(a, x));
         let mut y = linear(x_base, base.weight.clone(), base.bias.clone());
-        for adapter in live {
+        for adapter in live() {
             y = adapter.kernel.forward_linear(adapter, &base, x.clone(), y);
         }
         y.reshape(out_shape)
