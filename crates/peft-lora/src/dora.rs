@@ -33,9 +33,12 @@ fn column_norm(weight: Tensor<2>, delta: Tensor<2>) -> Tensor<2> {
         .detach()
 }
 
-/// `m / ‖W + s·A·B‖` as a `[1, out]` row (the gradient reaches `m` only).
+/// `m / ‖W + s·A·B‖` as a `[1, out]` row (the gradient reaches `m` only). `A·B` is formed from
+/// detached copies, so autodiff records nothing for the norm.
 fn magnitude_scale(state: &AdapterState, weight: &Tensor<2>, scaling: f64) -> Tensor<2> {
-    let norm = column_norm(weight.clone(), delta(state, scaling));
+    let a = state.matrices[0].val().detach();
+    let b = state.matrices[1].val().detach();
+    let norm = column_norm(weight.clone(), a.matmul(b).mul_scalar(scaling));
     state.vectors[0].val().unsqueeze::<2>() / norm
 }
 
@@ -310,6 +313,44 @@ mod tests {
         assert_eq!(
             norm.into_data().try_to_vec::<f32>().unwrap(),
             vec![5.0, 1.0]
+        );
+    }
+
+    /// In training with dropout the DoRA output is linear in the dropped input, and inverted
+    /// dropout keeps its mean: averaged over many independently dropped copies of one row, the
+    /// training output approaches the inference output of that row.
+    #[test]
+    fn dropout_path_averages_to_the_inference_output() {
+        use peft_core::nn::Linear;
+        let device = Device::flex().autodiff();
+        let (d_in, d_out, r, rows) = (6, 4, 2, 20_000);
+        let w = Tensor::<2>::random([d_in, d_out], Distribution::Normal(0.0, 1.0), &device);
+        let bias = Tensor::<1>::random([d_out], Distribution::Normal(0.0, 1.0), &device);
+        let a = Tensor::<2>::random([d_in, r], Distribution::Normal(0.0, 1.0), &device);
+        let b = Tensor::<2>::random([r, d_out], Distribution::Normal(0.0, 1.0), &device);
+        let m = Tensor::<1>::random([d_out], Distribution::Uniform(1.0, 3.0), &device);
+        let kernel = DoraLinearKernel {
+            lora: LoraLinearKernel {
+                scaling: 2.0,
+                dropout: 0.3,
+                r,
+            },
+        };
+        let mut layer = Linear::from_tensors(w, Some(bias));
+        let state = AdapterState::new("default", vec![a, b], vec![m], Arc::new(kernel));
+        layer.adapters.push(state);
+        let row = Tensor::<2>::random([1, d_in], Distribution::Normal(0.0, 1.0), &device);
+        let train = layer.forward(row.clone().repeat_dim(0, rows));
+        let mean = train.clone().mean_dim(0);
+        layer.adapters[0].training = burn::module::Param::from_bool(false);
+        let eval = layer.forward(row);
+        let spread = (train - eval.clone()).abs().max().into_scalar::<f32>();
+        assert!(spread > 0.1, "dropout should change single rows");
+        let diff = (mean - eval.clone()).abs().max().into_scalar::<f32>();
+        let size = eval.abs().max().into_scalar::<f32>();
+        assert!(
+            diff < 0.05 * size.max(1.0),
+            "mean {diff} off (output size {size})"
         );
     }
 }
