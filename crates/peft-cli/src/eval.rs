@@ -10,10 +10,6 @@ use peft_train::{Objective, evaluate};
 
 use crate::config::TaskName;
 
-// Link the method crates so their `peft_type`s are registered.
-use peft_lora as _;
-use peft_prefix as _;
-
 /// Arguments of `burn-peft eval`.
 #[derive(Args, Debug)]
 pub struct EvalArgs {

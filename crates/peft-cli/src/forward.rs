@@ -9,10 +9,6 @@ use peft_models::{Task, from_pretrained};
 
 use crate::tensors::{read_inputs, write_outputs};
 
-// Link the method crates so their `peft_type`s are registered.
-use peft_lora as _;
-use peft_prefix as _;
-
 /// Arguments of `burn-peft forward`.
 #[derive(Args, Debug)]
 pub struct ForwardArgs {

@@ -7,10 +7,6 @@ use anyhow::{Context, Result};
 use clap::Args;
 use peft_models::{GenerationConfig, Task, from_pretrained};
 
-// Link the method crates so their `peft_type`s are registered.
-use peft_lora as _;
-use peft_prefix as _;
-
 /// Arguments of `burn-peft generate`.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod config;
 mod device;
@@ -11,11 +11,12 @@ mod forward;
 mod generate;
 mod inspect;
 mod merge;
+mod methods;
 mod tensors;
 mod train;
 
-/// Parameter-efficient fine-tuning (LoRA, prefix tuning) for Burn, with Hugging Face PEFT
-/// adapters.
+/// Parameter-efficient fine-tuning (LoRA, DoRA, IA3, prefix tuning) for Burn, with Hugging Face
+/// PEFT adapters.
 #[derive(Parser, Debug)]
 #[command(name = "burn-peft", version, about)]
 struct Cli {
@@ -69,7 +70,15 @@ pub struct UsageError(pub String);
 pub const EXIT_BAD_INPUT: u8 = 2;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let help = format!(
+        "Adapter methods (peft_type): {}",
+        methods::registered().join(", ")
+    );
+    let matches = Cli::command().after_help(help).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
+    };
     let result = match cli.command {
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),

@@ -15,10 +15,6 @@ use serde_json::Value;
 
 use crate::tensors::InputError;
 
-// Link the method crates so their `peft_type`s are registered.
-use peft_lora as _;
-use peft_prefix as _;
-
 /// Arguments of `burn-peft merge`.
 #[derive(Args, Debug)]
 pub struct MergeArgs {

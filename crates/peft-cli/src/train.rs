@@ -13,10 +13,6 @@ use serde_json::json;
 
 use crate::config::{self, MethodChoice, TaskName};
 
-// Link the method crates so their `peft_type`s are registered.
-use peft_lora as _;
-use peft_prefix as _;
-
 /// The name of the adapter a run trains (PEFT's default, saved at the top of a bundle folder).
 const ADAPTER: &str = "default";
 

@@ -11,6 +11,7 @@ mod adaptable;
 mod adapter;
 pub mod atomic;
 pub mod bundle;
+mod describe;
 mod error;
 pub mod matching;
 mod method;
@@ -18,7 +19,10 @@ mod model;
 pub mod nn;
 
 pub use adaptable::{Adaptable, Site, SiteMut, SitePath, SiteSummary, list_sites};
-pub use adapter::{AdapterKernel, AdapterState, BaseWeights, MergeDirection, TensorSource};
+pub use adapter::{
+    AdapterKernel, AdapterState, BaseWeights, MergeDirection, MergeInput, TensorSource,
+};
+pub use describe::{MethodSummary, TensorRole};
 pub use error::{PeftError, Result};
 pub use matching::{LayerIndices, LayersPattern, TargetModules, TargetSpec};
 pub use method::{BiasMode, PeftMethod, SiteInfo, SiteKind, peft_type_of};

@@ -5,7 +5,8 @@ use std::fmt::Debug;
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
-use crate::adapter::AdapterState;
+use crate::adapter::{AdapterState, BaseWeights};
+use crate::describe::MethodSummary;
 use crate::error::Result;
 use crate::matching::TargetSpec;
 use crate::nn::WeightLayout;
@@ -32,6 +33,9 @@ pub struct SiteInfo {
     pub kind: SiteKind,
     /// The device of the base weights; adapters live on the same one.
     pub device: Device,
+    /// The site's base weights (Burn layout), for methods whose initialization depends on them
+    /// (DoRA's magnitude starts at the column norms); `None` at a key/value prefix site.
+    pub base: Option<BaseWeights>,
 }
 
 /// Kind and shape of a site.
@@ -146,6 +150,13 @@ pub trait PeftMethod: Debug + Send + Sync {
     /// Whether the adapter can be folded into the base weights.
     fn mergeable(&self) -> bool {
         true
+    }
+
+    /// What tools such as `burn-peft inspect` show about this config: its notable values and
+    /// the role of each tensor it saves (see [`MethodSummary::from_config`]). The default shows
+    /// nothing.
+    fn describe(&self) -> MethodSummary {
+        MethodSummary::default()
     }
 
     /// A boxed copy.

@@ -8,7 +8,7 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Tensor, TensorData};
 
 use crate::adaptable::{Adaptable, Site, SiteMut, SitePath};
-use crate::adapter::{AdapterState, BaseWeights, MergeDirection, TensorSource};
+use crate::adapter::{AdapterState, BaseWeights, MergeDirection, MergeInput, TensorSource};
 use crate::bundle::{self, KEY_PREFIX, TensorFile};
 use crate::error::{PeftError, Result};
 use crate::matching::{self, all_linear_names};
@@ -99,6 +99,7 @@ struct SiteRecord {
     path: String,
     kind: SiteKind,
     device: burn::tensor::Device,
+    base: Option<BaseWeights>,
 }
 
 fn site_kind(site: &Site<'_>) -> SiteKind {
@@ -305,10 +306,22 @@ impl<M: Adaptable + Module> PeftModel<M> {
                     Site::Embedding(e) => e.weight.lazy_device(),
                     Site::KvPrefix(_) => model_device.clone().unwrap_or_default(),
                 };
+                let base = match site {
+                    Site::Linear(l) => Some(BaseWeights {
+                        weight: l.weight.val(),
+                        bias: l.bias.as_ref().map(|b| b.val()),
+                    }),
+                    Site::Embedding(e) => Some(BaseWeights {
+                        weight: e.weight.val(),
+                        bias: None,
+                    }),
+                    Site::KvPrefix(_) => None,
+                };
                 out.push(SiteRecord {
                     path: path.to_string(),
                     kind: site_kind(&site),
                     device,
+                    base,
                 });
             });
         out
@@ -403,6 +416,7 @@ impl<M: Adaptable + Module> PeftModel<M> {
                 path: s.path.clone(),
                 kind: s.kind.clone(),
                 device: s.device.clone(),
+                base: s.base.clone(),
             })
             .collect();
         let resolved = method.resolve(&infos)?;
@@ -543,7 +557,12 @@ impl<M: Adaptable + Module> PeftModel<M> {
         let mut error = None;
         self.for_each_site_mut(|path, mut slots| {
             let Some(weight) = slots.weight else { return };
-            for adapter in slots.adapters.iter_mut().filter(|a| a.active && !a.merged) {
+            for index in 0..slots.adapters.len() {
+                let (earlier, rest) = slots.adapters.split_at_mut(index);
+                let adapter = &mut rest[0];
+                if !adapter.active || adapter.merged {
+                    continue;
+                }
                 if error.is_some() {
                     return;
                 }
@@ -552,7 +571,9 @@ impl<M: Adaptable + Module> PeftModel<M> {
                     weight: weight.val().detach(),
                     bias: bias.map(|b| b.val().detach()),
                 };
-                match adapter.kernel.merge(adapter, base, MergeDirection::Merge) {
+                let kernel = adapter.kernel.clone();
+                let input = MergeInput::new(base, earlier);
+                match kernel.merge(adapter, input, MergeDirection::Merge) {
                     Ok(new) => {
                         set_base(weight, slots.bias.as_deref_mut(), new);
                         adapter.merged = true;
@@ -581,13 +602,20 @@ impl<M: Adaptable + Module> PeftModel<M> {
         let mut error = None;
         self.for_each_site_mut(|path, mut slots| {
             let Some(weight) = slots.weight else { return };
-            for adapter in slots.adapters.iter_mut().rev().filter(|a| a.merged) {
+            for index in (0..slots.adapters.len()).rev() {
+                let (earlier, rest) = slots.adapters.split_at_mut(index);
+                let adapter = &mut rest[0];
+                if !adapter.merged {
+                    continue;
+                }
                 let bias = slots.bias.as_ref().and_then(|b| b.as_ref());
                 let base = BaseWeights {
                     weight: weight.val().detach(),
                     bias: bias.map(|b| b.val().detach()),
                 };
-                match adapter.kernel.merge(adapter, base, MergeDirection::Unmerge) {
+                let kernel = adapter.kernel.clone();
+                let input = MergeInput::new(base, earlier);
+                match kernel.merge(adapter, input, MergeDirection::Unmerge) {
                     Ok(new) => {
                         set_base(weight, slots.bias.as_deref_mut(), new);
                         adapter.merged = false;

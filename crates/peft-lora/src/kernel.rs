@@ -2,10 +2,12 @@
 
 use burn::tensor::module::embedding;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
-use peft_core::{AdapterKernel, AdapterState, BaseWeights, MergeDirection, Result, TensorSource};
+use peft_core::{
+    AdapterKernel, AdapterState, BaseWeights, MergeDirection, MergeInput, Result, TensorSource,
+};
 
 /// `data` in the file's layout (`[r, in]` / `[out, r]`) transposed to ours.
-fn transposed(data: TensorData) -> TensorData {
+pub(crate) fn transposed(data: TensorData) -> TensorData {
     let [rows, cols] = [data.shape()[0], data.shape()[1]];
     let values = data
         .try_to_vec::<f32>()
@@ -19,7 +21,8 @@ fn transposed(data: TensorData) -> TensorData {
     TensorData::new(out, [cols, rows])
 }
 
-fn delta(state: &AdapterState, scaling: f64) -> Tensor<2> {
+/// `A·B·scaling` in Burn layout (`[in, out]` / `[vocab, dim]`).
+pub(crate) fn delta(state: &AdapterState, scaling: f64) -> Tensor<2> {
     let a = state.matrices[0].val();
     let b = state.matrices[1].val();
     a.matmul(b).mul_scalar(scaling)
@@ -49,7 +52,13 @@ pub struct LoraLinearKernel {
 }
 
 impl AdapterKernel for LoraLinearKernel {
-    fn forward_linear(&self, state: &AdapterState, x: Tensor<2>, y: Tensor<2>) -> Tensor<2> {
+    fn forward_linear(
+        &self,
+        state: &AdapterState,
+        _base: &BaseWeights,
+        x: Tensor<2>,
+        y: Tensor<2>,
+    ) -> Tensor<2> {
         let x = if self.dropout > 0.0 && state.is_training(&x) {
             let keep = 1.0 - self.dropout;
             let mask = x.random_like(Distribution::Bernoulli(keep));
@@ -63,11 +72,11 @@ impl AdapterKernel for LoraLinearKernel {
 
     fn merge(
         &self,
-        state: &AdapterState,
-        base: BaseWeights,
+        state: &mut AdapterState,
+        site: MergeInput<'_>,
         direction: MergeDirection,
     ) -> Result<BaseWeights> {
-        Ok(apply(base, delta(state, self.scaling), direction))
+        Ok(apply(site.current, delta(state, self.scaling), direction))
     }
 
     fn export(&self, state: &AdapterState) -> Vec<(String, TensorData)> {
@@ -107,13 +116,10 @@ pub struct LoraEmbeddingKernel {
 }
 
 impl AdapterKernel for LoraEmbeddingKernel {
-    fn forward_linear(&self, _state: &AdapterState, _x: Tensor<2>, y: Tensor<2>) -> Tensor<2> {
-        y
-    }
-
     fn forward_embedding(
         &self,
         state: &AdapterState,
+        _base: &BaseWeights,
         ids: Tensor<2, Int>,
         y: Tensor<3>,
     ) -> Tensor<3> {
@@ -124,11 +130,11 @@ impl AdapterKernel for LoraEmbeddingKernel {
 
     fn merge(
         &self,
-        state: &AdapterState,
-        base: BaseWeights,
+        state: &mut AdapterState,
+        site: MergeInput<'_>,
         direction: MergeDirection,
     ) -> Result<BaseWeights> {
-        Ok(apply(base, delta(state, self.scaling), direction))
+        Ok(apply(site.current, delta(state, self.scaling), direction))
     }
 
     fn export(&self, state: &AdapterState) -> Vec<(String, TensorData)> {

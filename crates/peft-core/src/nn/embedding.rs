@@ -4,7 +4,7 @@ use burn::nn::Initializer;
 use burn::tensor::module::embedding;
 use burn::tensor::{Device, Int, Tensor};
 
-use crate::adapter::AdapterState;
+use crate::adapter::{AdapterState, BaseWeights};
 use crate::nn::ModuleCopy;
 
 /// Configuration of an adapter-aware [`Embedding`]; the same fields and builder as
@@ -81,9 +81,16 @@ impl Embedding {
             Some(copy) => copy.weight.val(),
             None => self.weight.val(),
         };
-        let mut y = embedding(weight, input.clone());
-        for adapter in self.adapters.iter().filter(|a| a.active && !a.merged) {
-            y = adapter.kernel.forward_embedding(adapter, input.clone(), y);
+        let live = || self.adapters.iter().filter(|a| a.active && !a.merged);
+        if live().next().is_none() {
+            return embedding(weight, input);
+        }
+        let base = BaseWeights { weight, bias: None };
+        let mut y = embedding(base.weight.clone(), input.clone());
+        for adapter in live() {
+            y = adapter
+                .kernel
+                .forward_embedding(adapter, &base, input.clone(), y);
         }
         y
     }
