@@ -10,6 +10,7 @@ extern crate self as peft_core;
 mod adaptable;
 mod adapter;
 pub mod bundle;
+mod combine;
 mod error;
 pub mod matching;
 mod method;
@@ -18,6 +19,10 @@ pub mod nn;
 
 pub use adaptable::{Adaptable, Site, SiteMut, SitePath, SiteSummary, list_sites};
 pub use adapter::{AdapterKernel, AdapterState, BaseWeights, MergeDirection, TensorSource};
+pub use combine::{
+    Combination, CombinationType, CombineInput, CombineOptions, CombinedTensors,
+    MajoritySignMethod, SVD_DRIVERS, SiteCombiner, SiteInput,
+};
 pub use error::{PeftError, Result};
 pub use matching::{LayerIndices, LayersPattern, TargetModules, TargetSpec};
 pub use method::{BiasMode, PeftMethod, SiteInfo, SiteKind, peft_type_of};
