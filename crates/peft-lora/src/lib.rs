@@ -4,6 +4,7 @@
 
 #![warn(missing_docs)]
 
+pub mod combine;
 mod config;
 mod kernel;
 
