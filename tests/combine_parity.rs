@@ -461,5 +461,57 @@ fn bad_combinations_are_typed_errors_that_change_nothing() {
         .add_weighted_adapter(&[("a", 1.0), ("b", 1.0)], "m", &ties)
         .unwrap_err();
     assert!(err.to_string().contains("density"), "{err}");
-    assert_eq!(model.adapter_names(), before);
+    for bad in [
+        CombineOptions {
+            density: Some(1.5),
+            ..ties.clone()
+        },
+        CombineOptions {
+            svd_clamp: Some(-0.1),
+            ..svd.clone()
+        },
+        CombineOptions {
+            svd_driver: Some("gesdd".into()),
+            ..svd.clone()
+        },
+        CombineOptions {
+            svd_rank: Some(0),
+            ..svd.clone()
+        },
+        CombineOptions {
+            density: Some(0.0),
+            ..CombineOptions::new(CombinationType::DareLinear)
+        },
+    ] {
+        let err = model
+            .add_weighted_adapter(&[("a", 1.0), ("b", 1.0)], "m", &bad)
+            .unwrap_err();
+        assert!(
+            matches!(err, PeftError::InvalidConfig { .. }),
+            "{bad:?}: {err}"
+        );
+    }
+    // A prefix-tuning adapter is not LoRA: refused whether it comes second (LoRA's rule) or
+    // first (prefix tuning has no combination hook).
+    model
+        .load_adapter(fixtures().join("prefix/llama_gqa_table"), "p")
+        .unwrap();
+    let err = model
+        .add_weighted_adapter(&[("a", 1.0), ("p", 1.0)], "m", &svd)
+        .unwrap_err();
+    assert!(
+        matches!(err, PeftError::IncompatibleAdapters { ref field, .. } if field == "peft_type"),
+        "{err}"
+    );
+    let err = model
+        .add_weighted_adapter(&[("p", 1.0), ("a", 1.0)], "m", &svd)
+        .unwrap_err();
+    assert!(
+        matches!(err, PeftError::NotSupportedByMethod { .. }),
+        "{err}"
+    );
+    assert_eq!(
+        model.adapter_names(),
+        [before, vec!["p".to_string()]].concat()
+    );
 }
