@@ -89,14 +89,22 @@ pub(crate) fn magnitude_prune(tensor: &[f64], density: f64) -> Vec<f64> {
     if k == 0 {
         return out;
     }
-    let mut order: Vec<usize> = (0..tensor.len()).collect();
-    let by_magnitude =
-        |a: &usize, b: &usize| tensor[*b].abs().total_cmp(&tensor[*a].abs()).then(a.cmp(b));
-    if k < order.len() {
-        order.select_nth_unstable_by(k - 1, by_magnitude);
+    if k >= tensor.len() {
+        return tensor.to_vec();
     }
-    for &i in &order[..k] {
-        out[i] = tensor[i];
+    // The k-th largest magnitude is the threshold: everything above it is kept, and as many
+    // entries equal to it as are still needed, earliest first.
+    let mut magnitudes: Vec<f64> = tensor.iter().map(|v| v.abs()).collect();
+    let (_, threshold, _) = magnitudes.select_nth_unstable_by(tensor.len() - k, f64::total_cmp);
+    let threshold = *threshold;
+    let mut ties_left = k - tensor.iter().filter(|v| v.abs() > threshold).count();
+    for (o, &v) in out.iter_mut().zip(tensor) {
+        if v.abs() > threshold {
+            *o = v;
+        } else if v.abs() == threshold && ties_left > 0 {
+            *o = v;
+            ties_left -= 1;
+        }
     }
     out
 }
@@ -181,6 +189,9 @@ mod tests {
         assert_eq!(magnitude_prune(&t, 0.1), vec![0.0; 5]);
         assert_eq!(magnitude_prune(&t, 1.0), t.to_vec());
         assert_eq!(magnitude_prune(&t, 0.99), vec![0.0, -0.9, 0.5, -0.2, 0.8]);
+        // Equal magnitudes at the threshold: the earliest are kept, exactly k in all.
+        let tied = [0.5, -0.5, 0.5, 0.1];
+        assert_eq!(magnitude_prune(&tied, 0.5), vec![0.5, -0.5, 0.0, 0.0]);
     }
 
     #[test]

@@ -30,6 +30,7 @@ mod factors;
 mod matrix;
 mod merge_rules;
 mod plan;
+mod qr;
 mod rng;
 mod svd;
 

@@ -10,6 +10,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use super::matrix::Matrix;
+use super::qr::thin_qr;
 
 /// Upper bound on QR sweeps per singular value (LAPACK's `dbdsqr` allows 6; this is lenient).
 const SWEEPS: usize = 60;
@@ -61,21 +62,18 @@ pub fn thin_svd(m: &Matrix) -> Result<Svd, String> {
     })
 }
 
-/// The SVD of `p * q` (`p` is `[rows, n]`, `q` is `[n, cols]`) without forming the product: the
-/// SVDs of the two thin factors reduce it to an `n x n` core. Exact (up to rounding) and cheap
-/// when `n`, the summed rank of the adapters, is small next to `rows` and `cols`.
+/// The SVD of `p * q` (`p` is `[rows, n]`, `q` is `[n, cols]`) without forming the product:
+/// thin QR factorizations of `p` and `q^T` reduce it to an `n x n` core, `p q = Qp (Rp Rq^T)
+/// Qq^T`. Exact (up to rounding) and cheap when `n`, the summed rank of the adapters, is small
+/// next to `rows` and `cols`: O((rows + cols) n^2) instead of O(rows cols min(rows, cols)).
 pub fn low_rank_svd(p: &Matrix, q: &Matrix) -> Result<Svd, String> {
-    let left = thin_svd(p)?; // p = Up Sp Vpt
-    let right = thin_svd(&q.transpose())?; // q^T = Uq Sq Vqt, so q = Vqt^T Sq Uq^T
-    // p q = Up (Sp Vpt Vqt^T Sq) Uq^T
-    let mut core = left.vt.matmul(&right.vt.transpose());
-    core.scale_rows(&left.s);
-    core.scale_cols(&right.s);
-    let inner = thin_svd(&core)?;
+    let (qp, rp) = thin_qr(p);
+    let (qq, rq) = thin_qr(&q.transpose());
+    let core = thin_svd(&rp.matmul(&rq.transpose()))?;
     Ok(Svd {
-        u: left.u.matmul(&inner.u),
-        s: inner.s,
-        vt: inner.vt.matmul(&right.u.transpose()),
+        u: qp.matmul(&core.u),
+        s: core.s,
+        vt: core.vt.matmul(&qq.transpose()),
     })
 }
 
