@@ -404,6 +404,11 @@ fn llama_different_ranks_match_peft() {
 }
 
 #[test]
+fn gpt2_conv1d_layers_match_peft() {
+    run_case("gpt2");
+}
+
+#[test]
 fn bert_regex_targets_and_modules_to_save_match_peft() {
     run_case("bert_cls");
 }
