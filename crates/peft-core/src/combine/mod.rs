@@ -88,6 +88,14 @@ impl fmt::Debug for Combination {
     }
 }
 
+/// What [`PeftModel::add_weighted_adapter`] learns about its inputs before planning.
+struct InputSites {
+    /// Per input, the paths of the sites it is attached to.
+    attached: Vec<Vec<String>>,
+    /// Sites where more than one input owns a `modules_to_save` copy, with those inputs.
+    conflicts: Vec<(String, Vec<String>)>,
+}
+
 fn adapters_of<'a>(site: &Site<'a>) -> &'a [AdapterState] {
     match *site {
         Site::Linear(l) => &l.adapters,
@@ -204,7 +212,10 @@ impl<M: Adaptable + Module> PeftModel<M> {
         }
         options.validate()?;
 
-        let (attached, conflicts) = self.input_sites(adapters);
+        let InputSites {
+            attached,
+            conflicts,
+        } = self.input_sites(adapters);
         if let Some((path, owners)) = conflicts.into_iter().next() {
             return Err(PeftError::IncompatibleAdapters {
                 adapters: owners,
@@ -241,13 +252,8 @@ impl<M: Adaptable + Module> PeftModel<M> {
         }
     }
 
-    /// For each input, the paths it is attached to; and the sites where more than one input owns
-    /// a `modules_to_save` copy, with those owners.
-    #[allow(clippy::type_complexity)]
-    fn input_sites(
-        &self,
-        adapters: &[(&str, f64)],
-    ) -> (Vec<Vec<String>>, Vec<(String, Vec<String>)>) {
+    /// Where each input is attached, and the `modules_to_save` conflicts.
+    fn input_sites(&self, adapters: &[(&str, f64)]) -> InputSites {
         let mut attached = vec![Vec::new(); adapters.len()];
         let mut conflicts = Vec::new();
         self.model()
@@ -269,7 +275,10 @@ impl<M: Adaptable + Module> PeftModel<M> {
                     conflicts.push((path.to_string(), inputs_with_copy));
                 }
             });
-        (attached, conflicts)
+        InputSites {
+            attached,
+            conflicts,
+        }
     }
 
     /// Run `combiner` at every site that holds adapter `new_name`, sites in parallel.
