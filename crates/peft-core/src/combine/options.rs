@@ -207,6 +207,11 @@ pub struct CombineOptions {
     /// Rank of the result of the SVD types; by default the largest input rank.
     pub svd_rank: Option<usize>,
     /// Quantile in `[0, 1]` at which the SVD factors are clamped (`None`: no clamping).
+    ///
+    /// The quantile is taken over the signed factor values, so the result depends on the sign
+    /// the SVD solver gives each singular vector pair, which is solver-specific (ours come from
+    /// burn-linalg, PEFT's from torch's LAPACK or cuSOLVER). The clamping itself is PEFT's
+    /// (checked against it with the signs aligned).
     pub svd_clamp: Option<f64>,
     /// PEFT's `svd_full_matrices`. Only the leading `svd_rank` singular vectors are used, so the
     /// result does not depend on it (PEFT's `True` breaks when `svd_rank` exceeds a module's

@@ -2,6 +2,14 @@
 //! behind [`PeftModel::add_weighted_adapter`](peft_core::PeftModel::add_weighted_adapter) for
 //! LoRA, and the same math on bare factors ([`combine_factors`]) for callers without a model.
 //!
+//! The rules are PEFT 0.21's (`peft/tuners/lora/model.py`, `peft/utils/merge_utils.py`),
+//! quirks included where the bundle must mean the same in PEFT: the result takes the first
+//! adapter's config with `r = lora_alpha = rank` (so a first adapter with `use_rslora` makes the
+//! result scale by `sqrt(rank)`, with a warning), its `modules_to_save` copies are fresh copies
+//! of the base modules. Where PEFT would write a bundle it cannot load (a `rank_pattern` site of
+//! lower rank, `svd_rank` above a module's `min(in, out)`), the factors are zero-padded to the
+//! rank instead: the same delta, a consistent bundle.
+//!
 //! ```
 //! use burn::tensor::Device;
 //! use peft_core::{Adaptable, CombinationType, CombineOptions, PeftModel, nn::LinearConfig};
