@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
+mod combine;
 mod config;
 mod device;
 mod eval;
@@ -39,6 +40,9 @@ enum Command {
     /// Run a model (optionally with a PEFT adapter) on inputs from a safetensors file and write
     /// its outputs to another; used for numeric checks against transformers + PEFT.
     Forward(forward::ForwardArgs),
+    /// Combine several LoRA adapters into one (PEFT's add_weighted_adapter: linear, cat, svd,
+    /// ties, dare, magnitude_prune, ...) and write it as a PEFT bundle.
+    Combine(combine::CombineArgs),
 }
 
 /// Wrap `model` in a [`peft_core::PeftModel`] with the bundle in `adapter` (if any) loaded as
@@ -86,6 +90,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Forward(args) => forward::run(args),
+        Command::Combine(args) => combine::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -154,6 +154,16 @@ pub enum PeftError {
         /// What cannot be done.
         reason: String,
     },
+    /// Adapters cannot be combined as asked ([`PeftModel::add_weighted_adapter`](crate::PeftModel::add_weighted_adapter)).
+    #[error("cannot combine adapters {}: `{field}`: {reason}", adapters.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", "))]
+    IncompatibleAdapters {
+        /// The adapters at fault.
+        adapters: Vec<String>,
+        /// The config field or option that disagrees (`r`, `target_modules`, `peft_type`, ...).
+        field: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
     /// An operation is not valid in the current state (for example unmerge with nothing merged).
     #[error("{0}")]
     InvalidState(String),

@@ -11,6 +11,7 @@ mod adaptable;
 mod adapter;
 pub mod atomic;
 pub mod bundle;
+mod combine;
 mod describe;
 mod error;
 pub mod matching;
@@ -21,6 +22,10 @@ pub mod nn;
 pub use adaptable::{Adaptable, Site, SiteMut, SitePath, SiteSummary, list_sites};
 pub use adapter::{
     AdapterKernel, AdapterState, BaseWeights, MergeDirection, MergeInput, TensorSource,
+};
+pub use combine::{
+    Combination, CombinationType, CombineInput, CombineOptions, CombinedTensors,
+    MajoritySignMethod, SVD_DRIVERS, SiteCombiner, SiteInput,
 };
 pub use describe::{MethodSummary, TensorRole};
 pub use error::{PeftError, Result};

@@ -6,8 +6,9 @@ use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::{AdapterState, BaseWeights};
+use crate::combine::{Combination, CombineInput, CombineOptions};
 use crate::describe::MethodSummary;
-use crate::error::Result;
+use crate::error::{PeftError, Result};
 use crate::matching::TargetSpec;
 use crate::nn::WeightLayout;
 
@@ -157,6 +158,29 @@ pub trait PeftMethod: Debug + Send + Sync {
     /// nothing.
     fn describe(&self) -> MethodSummary {
         MethodSummary::default()
+    }
+
+    /// Plan a weighted combination of adapters (PEFT's `add_weighted_adapter`): called on the
+    /// config of the first of `inputs` by
+    /// [`PeftModel::add_weighted_adapter`](crate::PeftModel::add_weighted_adapter), which has
+    /// already checked the names, weights, options and `modules_to_save` conflicts. Returns the
+    /// new adapter's config and the per-site math; rejects inputs it cannot combine with
+    /// [`PeftError::IncompatibleAdapters`]. By default a method does not combine.
+    fn combine(
+        &self,
+        inputs: &[CombineInput<'_>],
+        options: &CombineOptions,
+    ) -> Result<Combination> {
+        let _ = options;
+        Err(PeftError::NotSupportedByMethod {
+            adapter: inputs
+                .first()
+                .map(|i| i.name.to_string())
+                .unwrap_or_default(),
+            method: self.typetag_name().into(),
+            reason: "weighted combination (add_weighted_adapter) is not implemented by this method"
+                .into(),
+        })
     }
 
     /// A boxed copy.

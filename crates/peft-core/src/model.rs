@@ -102,7 +102,7 @@ struct SiteRecord {
     base: Option<BaseWeights>,
 }
 
-fn site_kind(site: &Site<'_>) -> SiteKind {
+pub(crate) fn site_kind(site: &Site<'_>) -> SiteKind {
     match site {
         Site::Linear(l) => {
             let [d_input, d_output] = l.dims();
@@ -974,4 +974,22 @@ fn set_base(
 pub struct LoadReport {
     /// Config keys this version does not know (PEFT's forward-compatibility rule: a warning).
     pub unknown_config_keys: Vec<String>,
+}
+
+impl<M: Adaptable + Module> PeftModel<M> {
+    /// Remove adapter `name`, which was just added and never merged nor trained, leaving merged
+    /// adapters as they are (unlike [`delete_adapter`](Self::delete_adapter)): the rollback of
+    /// a failed [`add_weighted_adapter`](Self::add_weighted_adapter).
+    pub(crate) fn discard_adapter(&mut self, name: &str) {
+        self.for_each_site_mut(|_, slots| {
+            slots.adapters.retain(|a| a.name != name);
+            if let Some(copies) = slots.copies {
+                copies.retain(|c| c.adapter != name);
+            }
+        });
+        self.configs.retain(|(n, _)| n != name);
+        self.bias_owners.retain(|n| n != name);
+        self.active.retain(|n| n != name);
+        self.refresh();
+    }
 }

@@ -6,8 +6,8 @@ use burn::tensor::{Distribution, Tensor};
 use indexmap::IndexMap;
 use peft_core::matching::pattern_lookup;
 use peft_core::{
-    AdapterState, BiasMode, LayerIndices, LayersPattern, MethodSummary, PeftError, PeftMethod,
-    Result, SiteInfo, SiteKind, TargetModules, TargetSpec,
+    AdapterState, BiasMode, Combination, CombineInput, CombineOptions, LayerIndices, LayersPattern,
+    MethodSummary, PeftError, PeftMethod, Result, SiteInfo, SiteKind, TargetModules, TargetSpec,
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
@@ -559,6 +559,15 @@ impl PeftMethod for LoraConfig {
 
     fn describe(&self) -> MethodSummary {
         crate::describe::summary(self)
+    }
+
+    /// PEFT's `add_weighted_adapter` rules (see [`crate::combine`]).
+    fn combine(
+        &self,
+        inputs: &[CombineInput<'_>],
+        options: &CombineOptions,
+    ) -> Result<Combination> {
+        crate::combine::plan_combination(inputs, options)
     }
 
     fn clone_method(&self) -> Box<dyn PeftMethod> {

@@ -5,6 +5,7 @@
 
 #![warn(missing_docs)]
 
+pub mod combine;
 mod config;
 mod describe;
 mod dora;
