@@ -8,6 +8,7 @@ use peft_models::{HfTokenizer, Task, from_pretrained, model_dir};
 use peft_train::data::{DataConfig, LABEL_MAP_FILE, LabelMap, TaskKind, load_examples};
 use peft_train::{Objective, evaluate};
 
+use crate::adapters::AdapterArg;
 use crate::config::TaskName;
 
 /// Arguments of `burn-peft eval`.
@@ -16,9 +17,10 @@ pub struct EvalArgs {
     /// Base model: hub id or folder (for full fine-tuning: the saved `model/` folder).
     #[arg(long)]
     model: String,
-    /// PEFT adapter folder (e.g. `<output>/best`).
-    #[arg(long)]
-    adapter: Option<PathBuf>,
+    /// PEFT adapter folder (e.g. `<output>/best`), as `DIR` or `NAME=DIR`; repeat it to
+    /// evaluate several adapters active together (LoRA + prefix tuning, ...).
+    #[arg(long, value_parser = crate::adapters::parse_adapter)]
+    adapter: Vec<AdapterArg>,
     /// JSONL or CSV file with `text` and `label` (classification) or `text` (causal LM).
     #[arg(long)]
     data: PathBuf,
@@ -60,8 +62,8 @@ fn find_labels(args: &EvalArgs) -> Result<Option<LabelMap>> {
     if let Some(l) = &args.labels {
         candidates.push(l.clone());
     }
-    if let Some(a) = &args.adapter {
-        candidates.push(a.join(LABEL_MAP_FILE));
+    for a in &args.adapter {
+        candidates.push(a.dir.join(LABEL_MAP_FILE));
     }
     let dir = model_dir(&args.model)?;
     candidates.push(dir.join(LABEL_MAP_FILE));
@@ -116,7 +118,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let (examples, _) = load_examples(&args.data, kind, &reader, &tokenizer, labels.as_ref())?;
     let pretrained = from_pretrained(&args.model, task, &device)
         .with_context(|| format!("loading model `{}`", args.model))?;
-    let model = crate::with_adapter(pretrained.model, args.adapter.as_deref(), false)?;
+    let (model, _) = crate::adapters::load(pretrained.model, &args.adapter, false, None, &device)?;
     model
         .model()
         .check_sequence_length(args.max_length, "--max-length")?;

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
+mod adapters;
 mod combine;
 mod config;
 mod device;
@@ -43,26 +44,6 @@ enum Command {
     /// Combine several LoRA adapters into one (PEFT's add_weighted_adapter: linear, cat, svd,
     /// ties, dare, magnitude_prune, ...) and write it as a PEFT bundle.
     Combine(combine::CombineArgs),
-}
-
-/// Wrap `model` in a [`peft_core::PeftModel`] with the bundle in `adapter` (if any) loaded as
-/// the active adapter `default`, merged into the weights when `merge` is set.
-pub fn with_adapter(
-    model: peft_models::HfModel,
-    adapter: Option<&std::path::Path>,
-    merge: bool,
-) -> anyhow::Result<peft_core::PeftModel<peft_models::HfModel>> {
-    use anyhow::Context;
-    let mut model = peft_core::PeftModel::new(model);
-    if let Some(adapter) = adapter {
-        model
-            .load_adapter(adapter, "default")
-            .with_context(|| format!("loading adapter {}", adapter.display()))?;
-        if merge {
-            model.merge().context("merging the adapter")?;
-        }
-    }
-    Ok(model)
 }
 
 /// A command line that cannot work as given (exit code 2); says what to pass instead.

@@ -201,6 +201,9 @@ pub trait TensorSource {
 ///     fn transform_input(&self, state: &AdapterState, x: Tensor<2>) -> Tensor<2> {
 ///         x * state.vectors[0].val().unsqueeze::<2>()
 ///     }
+///     fn transforms_input(&self, _state: &AdapterState) -> bool {
+///         true
+///     }
 ///     fn merge(&self, state: &mut AdapterState, site: MergeInput<'_>, direction: MergeDirection) -> Result<BaseWeights> {
 ///         // (x ⊙ l) W = x (diag(l) W): scale the rows of W.
 ///         let l = state.vectors[0].val().unsqueeze_dim::<2>(1);
@@ -270,6 +273,14 @@ pub trait AdapterKernel: Debug + Send + Sync {
     fn transform_input(&self, state: &AdapterState, x: Tensor<2>) -> Tensor<2> {
         let _ = state;
         x
+    }
+
+    /// Whether [`transform_input`](Self::transform_input) changes the input. In a mixed-adapter
+    /// batch the base GEMM runs once for all rows, and is recomputed only for the rows of
+    /// adapters that transform their input; the default (no transform) says `false`.
+    fn transforms_input(&self, state: &AdapterState) -> bool {
+        let _ = state;
+        false
     }
 
     /// Forward contribution at a linear site: `base` is the weight `[d_in, d_out]` and bias the

@@ -13,7 +13,7 @@ use crate::bundle::{self, KEY_PREFIX, TensorFile};
 use crate::error::{PeftError, Result};
 use crate::matching::{self, all_linear_names};
 use crate::method::{BiasMode, PeftMethod, SiteInfo, SiteKind, peft_type_of};
-use crate::nn::{Linear, ModuleCopy, WeightLayout};
+use crate::nn::{BASE_ROW, ForwardContext, Linear, ModuleCopy, RowAdapters, WeightLayout};
 
 /// PEFT's `print_trainable_parameters` numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -518,6 +518,43 @@ impl<M: Adaptable + Module> PeftModel<M> {
         }
         self.refresh();
         Ok(())
+    }
+
+    /// A forward context that runs a different adapter on each row of a batch (PEFT's
+    /// `adapter_names=[...]`): `names[i]` is row `i`'s adapter, [`BASE_ROW`] (`"__base__"`)
+    /// for the base model alone. Any adapter of the model can be named, active or not. Pass it
+    /// to the model's `forward_with`; every site computes the base once for the whole batch
+    /// and each adapter only on its rows.
+    ///
+    /// Unknown names are [`PeftError::AdapterNotFound`] (PEFT once ignored typos silently);
+    /// merged adapters are refused, as in PEFT, since the base weights then hold them.
+    ///
+    /// ```
+    /// # use burn::tensor::Device;
+    /// # use peft_core::{Adaptable, PeftModel, nn::LinearConfig};
+    /// # #[derive(burn::module::Module, Debug, Adaptable)]
+    /// # struct Net { proj: peft_core::nn::Linear }
+    /// let device = Device::flex();
+    /// let model = PeftModel::new(Net { proj: LinearConfig::new(4, 4).init(&device) });
+    /// assert!(model.adapter_rows(&["__base__", "__base__"], &device).is_ok());
+    /// assert!(model.adapter_rows(&["typo"], &device).is_err());
+    /// ```
+    pub fn adapter_rows(
+        &self,
+        names: &[&str],
+        device: &burn::tensor::Device,
+    ) -> Result<ForwardContext> {
+        for name in names.iter().filter(|n| **n != BASE_ROW) {
+            self.config(name)?;
+        }
+        if self.has_merged() {
+            return Err(PeftError::InvalidState(
+                "adapters are merged into the base weights; unmerge them before a mixed-adapter \
+                 batch (PEFT refuses mixed batches with merged adapters too)"
+                    .into(),
+            ));
+        }
+        Ok(ForwardContext::mixed(RowAdapters::new(names, device)))
     }
 
     fn has_merged(&self) -> bool {

@@ -46,6 +46,10 @@ impl AdapterKernel for Ia3Kernel {
         }
     }
 
+    fn transforms_input(&self, _state: &AdapterState) -> bool {
+        self.feedforward
+    }
+
     fn forward_linear(
         &self,
         state: &AdapterState,

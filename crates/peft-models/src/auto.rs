@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor};
 use peft_core::Adaptable;
+use peft_core::nn::ForwardContext;
 
 use crate::bert::{BertForSequenceClassification, BertModel};
 use crate::cache::KvCache;
@@ -87,11 +88,30 @@ impl HfModel {
     /// [`ModelError::InputOutOfRange`] naming the input, the limit and what to do; nothing
     /// panics on user input.
     pub fn forward(&self, inputs: &ModelInputs) -> Result<ModelOutputs> {
+        self.forward_with(inputs, &ForwardContext::default())
+    }
+
+    /// [`forward`](Self::forward) with a per-call context: with
+    /// [`ForwardContext::mixed`] each row runs its own adapter (PEFT's `adapter_names`), the
+    /// frozen base once for the whole batch. Build the context with
+    /// [`PeftModel::adapter_rows`](peft_core::PeftModel::adapter_rows), which checks the names.
+    pub fn forward_with(&self, inputs: &ModelInputs, fc: &ForwardContext) -> Result<ModelOutputs> {
         let ids = inputs.input_ids.clone();
         let mask = inputs.attention_mask.clone();
+        if let Some(rows) = fc.rows()
+            && rows.batch() != ids.dims()[0]
+        {
+            return Err(ModelError::InputOutOfRange {
+                input: "adapter_names".into(),
+                found: format!("{} names", rows.batch()),
+                limit: format!("the batch has {} rows", ids.dims()[0]),
+                fix: "name one adapter (or `__base__`) per row".into(),
+            });
+        }
         Ok(match self {
             HfModel::Bert(m) => {
-                let out = m.forward(ids.clone(), mask.clone(), inputs.token_type_ids.clone())?;
+                let out =
+                    m.forward_with(ids.clone(), mask.clone(), inputs.token_type_ids.clone(), fc)?;
                 let full = mask.unwrap_or_else(|| ids.ones_like());
                 ModelOutputs {
                     sentence_embedding: Some(mean_pool_normalize(
@@ -104,23 +124,23 @@ impl HfModel {
                 }
             }
             HfModel::BertForSequenceClassification(m) => ModelOutputs {
-                class_logits: Some(m.forward(ids, mask, inputs.token_type_ids.clone())?),
+                class_logits: Some(m.forward_with(ids, mask, inputs.token_type_ids.clone(), fc)?),
                 ..Default::default()
             },
             HfModel::Gpt2LMHeadModel(m) => ModelOutputs {
-                logits: Some(m.forward(ids, mask, None)?),
+                logits: Some(m.forward_with(ids, mask, None, fc)?),
                 ..Default::default()
             },
             HfModel::Gpt2ForSequenceClassification(m) => ModelOutputs {
-                class_logits: Some(m.forward(ids, mask)?),
+                class_logits: Some(m.forward_with(ids, mask, fc)?),
                 ..Default::default()
             },
             HfModel::LlamaForCausalLM(m) => ModelOutputs {
-                logits: Some(m.forward(ids, mask, None)?),
+                logits: Some(m.forward_with(ids, mask, None, fc)?),
                 ..Default::default()
             },
             HfModel::LlamaForSequenceClassification(m) => ModelOutputs {
-                class_logits: Some(m.forward(ids, mask)?),
+                class_logits: Some(m.forward_with(ids, mask, fc)?),
                 ..Default::default()
             },
         })
@@ -134,9 +154,21 @@ impl HfModel {
         attention_mask: Option<Tensor<2, Int>>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor<3>> {
+        self.forward_lm_with(input_ids, attention_mask, cache, &ForwardContext::default())
+    }
+
+    /// [`forward_lm`](Self::forward_lm) with a per-call context (see
+    /// [`forward_with`](Self::forward_with)).
+    pub fn forward_lm_with(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        cache: Option<&mut KvCache>,
+        fc: &ForwardContext,
+    ) -> Result<Tensor<3>> {
         match self {
-            HfModel::Gpt2LMHeadModel(m) => m.forward(input_ids, attention_mask, cache),
-            HfModel::LlamaForCausalLM(m) => m.forward(input_ids, attention_mask, cache),
+            HfModel::Gpt2LMHeadModel(m) => m.forward_with(input_ids, attention_mask, cache, fc),
+            HfModel::LlamaForCausalLM(m) => m.forward_with(input_ids, attention_mask, cache, fc),
             _ => Err(ModelError::InvalidInput(
                 "next-token logits need a causal LM (GPT-2, Llama, Qwen2, Mistral with an LM head)"
                     .into(),

@@ -4,13 +4,15 @@ use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig};
 use burn::tensor::{Device, Int, Tensor};
 use peft_core::Adaptable;
-use peft_core::nn::{Embedding, EmbeddingConfig, KvPrefix, Linear, LinearConfig, WeightLayout};
+use peft_core::nn::{
+    Embedding, EmbeddingConfig, ForwardContext, KvPrefix, Linear, LinearConfig, WeightLayout,
+};
 
-use crate::cache::KvCache;
+use crate::cache::{KvCache, position_ids};
 use crate::config::Gpt2Config;
 use crate::error::Result;
 use crate::input_checks;
-use crate::ops::{Activation, merge_heads, padding_mask, positions, sdpa, split_heads};
+use crate::ops::{Activation, merge_heads, padding_mask, sdpa, split_heads};
 
 /// Attention with the fused q/k/v projection.
 #[derive(Module, Debug, Adaptable)]
@@ -138,6 +140,17 @@ impl Gpt2Model {
         attention_mask: Option<Tensor<2, Int>>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor<3>> {
+        self.forward_with(input_ids, attention_mask, cache, &ForwardContext::default())
+    }
+
+    /// [`forward`](Self::forward) with a per-call context (e.g. a different adapter per row).
+    pub fn forward_with(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        cache: Option<&mut KvCache>,
+        fc: &ForwardContext,
+    ) -> Result<Tensor<3>> {
         let [b, s] = input_checks::ids_dims(&input_ids)?;
         input_checks::check_token_ids(&input_ids, self.wte.dims()[0])?;
         let mut local = KvCache::new(self.h.len());
@@ -147,14 +160,15 @@ impl Gpt2Model {
             cache,
             &mut local,
             attention_mask,
+            fc,
         )?;
         let past = cache.as_ref().map_or(0, |c| c.len());
         input_checks::check_positions(past + s, 0, self.wpe.dims()[0], "n_positions")?;
-        let pos = positions(b, past, s, &input_ids.device());
-        let mut h = self.wte.forward(input_ids) + self.wpe.forward(pos);
+        let pos = position_ids(cache.as_deref(), b, s, &input_ids.device());
+        let mut h = self.wte.forward_in(input_ids, fc) + self.wpe.forward_in(pos, fc);
         for (i, block) in self.h.iter().enumerate() {
             let x = block.ln_1.forward(h.clone());
-            let qkv = block.attn.c_attn.forward(x);
+            let qkv = block.attn.c_attn.forward_in(x, fc);
             let d = qkv.dims()[2] / 3;
             let heads = block.attn.heads;
             let q = split_heads(qkv.clone().slice([0..b, 0..s, 0..d]), heads);
@@ -166,10 +180,10 @@ impl Gpt2Model {
             };
             let mask = attention_mask.as_ref().map(|m| padding_mask(m, heads, s));
             let attn = sdpa(q, k, v, mask, true, Some(block.attn.scale));
-            h = h + block.attn.c_proj.forward(merge_heads(attn));
+            h = h + block.attn.c_proj.forward_in(merge_heads(attn), fc);
             let x = block.ln_2.forward(h.clone());
-            let up = block.mlp.act.apply(block.mlp.c_fc.forward(x));
-            h = h + block.mlp.c_proj.forward(up);
+            let up = block.mlp.act.apply(block.mlp.c_fc.forward_in(x, fc));
+            h = h + block.mlp.c_proj.forward_in(up, fc);
         }
         Ok(self.ln_f.forward(h))
     }
@@ -190,7 +204,20 @@ impl Gpt2LMHeadModel {
         attention_mask: Option<Tensor<2, Int>>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor<3>> {
-        let h = self.transformer.forward(input_ids, attention_mask, cache)?;
+        self.forward_with(input_ids, attention_mask, cache, &ForwardContext::default())
+    }
+
+    /// [`forward`](Self::forward) with a per-call context.
+    pub fn forward_with(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        cache: Option<&mut KvCache>,
+        fc: &ForwardContext,
+    ) -> Result<Tensor<3>> {
+        let h = self
+            .transformer
+            .forward_with(input_ids, attention_mask, cache, fc)?;
         Ok(crate::heads::tied_logits(h, &self.transformer.wte))
     }
 
@@ -223,11 +250,21 @@ impl Gpt2ForSequenceClassification {
         input_ids: Tensor<2, Int>,
         attention_mask: Option<Tensor<2, Int>>,
     ) -> Result<Tensor<2>> {
+        self.forward_with(input_ids, attention_mask, &ForwardContext::default())
+    }
+
+    /// [`forward`](Self::forward) with a per-call context.
+    pub fn forward_with(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        fc: &ForwardContext,
+    ) -> Result<Tensor<2>> {
         let h = self
             .transformer
-            .forward(input_ids.clone(), attention_mask, None)?;
+            .forward_with(input_ids.clone(), attention_mask, None, fc)?;
         Ok(crate::heads::pool_last_non_pad(
-            self.score.forward(h),
+            self.score.forward_in(h, fc),
             &input_ids,
             self.pad_token_id,
         ))

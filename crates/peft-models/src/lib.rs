@@ -27,7 +27,7 @@ pub use auto::{
 pub use cache::KvCache;
 pub use config::{HfConfig, ModelConfig};
 pub use error::{ModelError, Result};
-pub use generate::{GenerationConfig, generate};
+pub use generate::{GenerationConfig, generate, generate_batch};
 pub use save::{
     COPIED_FILES, SavedModel, architecture_name, hf_tensors, merged_config, num_labels,
     save_pretrained,

@@ -5,7 +5,7 @@ use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::tensor::activation::silu;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use peft_core::Adaptable;
-use peft_core::nn::{Embedding, EmbeddingConfig, KvPrefix, Linear, LinearConfig};
+use peft_core::nn::{Embedding, EmbeddingConfig, ForwardContext, KvPrefix, Linear, LinearConfig};
 
 use crate::cache::KvCache;
 use crate::config::{LlamaConfig, RopeScaling};
@@ -156,22 +156,23 @@ impl LlamaAttention {
     fn forward(
         &self,
         x: Tensor<3>,
-        rope: &(Tensor<2>, Tensor<2>),
+        rope: &Rope,
         mask: Option<&Tensor<2, Int>>,
         cache: Option<(&mut KvCache, usize)>,
+        fc: &ForwardContext,
     ) -> Tensor<3> {
-        let [_, s, _] = x.dims();
+        let [b, s, _] = x.dims();
         let q = apply_rope(
-            split_heads(self.q_proj.forward(x.clone()), self.heads),
-            &rope.0,
-            &rope.1,
+            split_heads(self.q_proj.forward_in(x.clone(), fc), self.heads),
+            &rope.cos,
+            &rope.sin,
         );
         let k = apply_rope(
-            split_heads(self.k_proj.forward(x.clone()), self.kv_heads),
-            &rope.0,
-            &rope.1,
+            split_heads(self.k_proj.forward_in(x.clone(), fc), self.kv_heads),
+            &rope.cos,
+            &rope.sin,
         );
-        let v = split_heads(self.v_proj.forward(x), self.kv_heads);
+        let v = split_heads(self.v_proj.forward_in(x, fc), self.kv_heads);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
@@ -180,10 +181,17 @@ impl LlamaAttention {
         let mut mask = mask.map(|m| padding_mask(m, self.heads, s));
         let keys = k.dims()[2];
         if let Some(window) = self.sliding_window.filter(|w| *w < keys) {
-            let [b, _, _, _] = q.dims();
-            let outside = sliding_window_mask(s, keys, window, &q.device())
-                .unsqueeze::<4>()
-                .expand([b, self.heads, s, keys]);
+            let outside = match &rope.key_positions {
+                // Rows shifted in position (left padding, prefixes of different lengths):
+                // the window is over each row's own positions.
+                Some(key_positions) => {
+                    window_mask_rows(&rope.query_positions, key_positions, window, &q.device())
+                }
+                None => sliding_window_mask(s, keys, window, &q.device())
+                    .unsqueeze::<4>()
+                    .expand([b, 1, s, keys]),
+            }
+            .expand([b, self.heads, s, keys]);
             mask = Some(match mask {
                 Some(m) => m.bool_or(outside),
                 None => outside,
@@ -197,8 +205,39 @@ impl LlamaAttention {
             true,
             None,
         );
-        self.o_proj.forward(merge_heads(out))
+        self.o_proj.forward_in(merge_heads(out), fc)
     }
+}
+
+/// RoPE tables for one forward, `[1 or batch, 1, seq, head_dim]`, and, when rows are shifted
+/// in position, each row's query and key positions (for the sliding window).
+struct Rope {
+    cos: Tensor<4>,
+    sin: Tensor<4>,
+    query_positions: Vec<Vec<i64>>,
+    key_positions: Option<Vec<Vec<i64>>>,
+}
+
+/// `[b, 1, q, k]`, true where key `j` of row `r` is outside query `i`'s window:
+/// `query_position - key_position >= window`.
+fn window_mask_rows(
+    query_positions: &[Vec<i64>],
+    key_positions: &[Vec<i64>],
+    window: usize,
+    device: &Device,
+) -> Tensor<4, Bool> {
+    let b = query_positions.len();
+    let q = query_positions.first().map_or(0, Vec::len);
+    let k = key_positions.first().map_or(0, Vec::len);
+    let outside: Vec<bool> = query_positions
+        .iter()
+        .zip(key_positions)
+        .flat_map(|(qp, kp)| {
+            qp.iter()
+                .flat_map(move |&i| kp.iter().map(move |&j| i - j >= window as i64))
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(outside, [b, 1, q, k]), device)
 }
 
 /// `[q, k]`, true where key position `j` is outside the window of query `i` (the queries are
@@ -264,6 +303,17 @@ impl LlamaModel {
         attention_mask: Option<Tensor<2, Int>>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor<3>> {
+        self.forward_with(input_ids, attention_mask, cache, &ForwardContext::default())
+    }
+
+    /// [`forward`](Self::forward) with a per-call context (e.g. a different adapter per row).
+    pub fn forward_with(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        cache: Option<&mut KvCache>,
+        fc: &ForwardContext,
+    ) -> Result<Tensor<3>> {
         let [b, s] = input_checks::ids_dims(&input_ids)?;
         input_checks::check_token_ids(&input_ids, self.embed_tokens.dims()[0])?;
         let device = input_ids.device();
@@ -274,23 +324,56 @@ impl LlamaModel {
             cache,
             &mut local,
             attention_mask,
+            fc,
         )?;
-        let past = cache.as_ref().map_or(0, |c| c.len());
-        let positions: Vec<i64> = (past as i64..(past + s) as i64).collect();
-        let rope = rope_tables(&self.inv_freq, &positions, &device);
-        let mut h = self.embed_tokens.forward(input_ids);
+        let rope = self.rope(cache.as_deref(), b, s, &device);
+        let mut h = self.embed_tokens.forward_in(input_ids, fc);
         for (i, layer) in self.layers.iter().enumerate() {
             let normed = layer.input_layernorm.forward(h.clone());
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
-            h = h + layer
-                .self_attn
-                .forward(normed, &rope, attention_mask.as_ref(), layer_cache);
+            h = h + layer.self_attn.forward(
+                normed,
+                &rope,
+                attention_mask.as_ref(),
+                layer_cache,
+                fc,
+            );
             let normed = layer.post_attention_layernorm.forward(h.clone());
             let mlp = &layer.mlp;
-            let act = silu(mlp.gate_proj.forward(normed.clone())) * mlp.up_proj.forward(normed);
-            h = h + mlp.down_proj.forward(act);
+            let act = silu(mlp.gate_proj.forward_in(normed.clone(), fc))
+                * mlp.up_proj.forward_in(normed, fc);
+            h = h + mlp.down_proj.forward_in(act, fc);
         }
         Ok(self.norm.forward(h))
+    }
+}
+
+impl LlamaModel {
+    /// RoPE tables for the next `seq` tokens of `batch` rows: one table shared by every row, or
+    /// one per row when the cache shifts rows in position.
+    fn rope(&self, cache: Option<&KvCache>, batch: usize, seq: usize, device: &Device) -> Rope {
+        let empty = KvCache::default();
+        let cache = cache.unwrap_or(&empty);
+        let positions = cache.positions(batch, seq);
+        let d = self.inv_freq.len() * 2;
+        if !cache.has_row_shift() {
+            let (cos, sin) = rope_tables(&self.inv_freq, &positions[0], device);
+            return Rope {
+                cos: cos.reshape([1, 1, seq, d]),
+                sin: sin.reshape([1, 1, seq, d]),
+                query_positions: positions,
+                key_positions: None,
+            };
+        }
+        let flat: Vec<i64> = positions.concat();
+        let (cos, sin) = rope_tables(&self.inv_freq, &flat, device);
+        let key_positions = cache.key_positions(batch, cache.len() + seq);
+        Rope {
+            cos: cos.reshape([batch, 1, seq, d]),
+            sin: sin.reshape([batch, 1, seq, d]),
+            query_positions: positions,
+            key_positions: Some(key_positions),
+        }
     }
 }
 
@@ -314,9 +397,22 @@ impl LlamaForCausalLM {
         attention_mask: Option<Tensor<2, Int>>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor<3>> {
-        let h = self.model.forward(input_ids, attention_mask, cache)?;
+        self.forward_with(input_ids, attention_mask, cache, &ForwardContext::default())
+    }
+
+    /// [`forward`](Self::forward) with a per-call context.
+    pub fn forward_with(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        cache: Option<&mut KvCache>,
+        fc: &ForwardContext,
+    ) -> Result<Tensor<3>> {
+        let h = self
+            .model
+            .forward_with(input_ids, attention_mask, cache, fc)?;
         Ok(match &self.lm_head {
-            Some(head) => head.forward(h),
+            Some(head) => head.forward_in(h, fc),
             None => crate::heads::tied_logits(h, &self.model.embed_tokens),
         })
     }
@@ -345,10 +441,20 @@ impl LlamaForSequenceClassification {
         input_ids: Tensor<2, Int>,
         attention_mask: Option<Tensor<2, Int>>,
     ) -> Result<Tensor<2>> {
+        self.forward_with(input_ids, attention_mask, &ForwardContext::default())
+    }
+
+    /// [`forward`](Self::forward) with a per-call context.
+    pub fn forward_with(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        fc: &ForwardContext,
+    ) -> Result<Tensor<2>> {
         let h = self
             .model
-            .forward(input_ids.clone(), attention_mask, None)?;
-        let logits = self.score.forward(h);
+            .forward_with(input_ids.clone(), attention_mask, None, fc)?;
+        let logits = self.score.forward_in(h, fc);
         Ok(crate::heads::pool_last_non_pad(
             logits,
             &input_ids,

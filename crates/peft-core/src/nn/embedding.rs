@@ -5,7 +5,7 @@ use burn::tensor::module::embedding;
 use burn::tensor::{Device, Int, Tensor};
 
 use crate::adapter::{AdapterState, BaseWeights};
-use crate::nn::ModuleCopy;
+use crate::nn::{ForwardContext, ModuleCopy};
 
 /// Configuration of an adapter-aware [`Embedding`]; the same fields and builder as
 /// `burn::nn::EmbeddingConfig`.
@@ -77,6 +77,19 @@ impl Embedding {
 
     /// Looks up `input` (`[batch, seq]`) and applies every active, unmerged adapter.
     pub fn forward(&self, input: Tensor<2, Int>) -> Tensor<3> {
+        self.forward_active(input)
+    }
+
+    /// [`forward`](Self::forward) with a per-call context: in a mixed batch each row applies
+    /// the adapter the context names for it (see [`Linear::forward_in`](crate::nn::Linear::forward_in)).
+    pub fn forward_in(&self, input: Tensor<2, Int>, ctx: &ForwardContext) -> Tensor<3> {
+        match ctx.rows() {
+            Some(rows) => self.forward_mixed(input, rows),
+            None => self.forward_active(input),
+        }
+    }
+
+    fn forward_active(&self, input: Tensor<2, Int>) -> Tensor<3> {
         let weight = match self.copies.iter().find(|c| c.active) {
             Some(copy) => copy.weight.val(),
             None => self.weight.val(),

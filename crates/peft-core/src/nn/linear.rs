@@ -5,7 +5,7 @@ use burn::tensor::module::linear;
 use burn::tensor::{Device, Tensor};
 
 use crate::adapter::{AdapterState, BaseWeights};
-use crate::nn::ModuleCopy;
+use crate::nn::{ForwardContext, ModuleCopy};
 
 /// How a Hugging Face checkpoint stores this layer's weight; used at the file boundary only
 /// (Burn always keeps `[in, out]` in memory).
@@ -119,6 +119,23 @@ impl Linear {
     /// - input: `[..., d_input]`
     /// - output: `[..., d_output]`
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
+        self.forward_active(input)
+    }
+
+    /// [`forward`](Self::forward) with a per-call context: in a mixed batch
+    /// ([`ForwardContext::mixed`]) row `i` of the input (its first dimension) runs the adapter
+    /// the context names for it, whatever is active; the base GEMM runs once for all rows.
+    ///
+    /// # Panics
+    /// If the context's batch differs from the input's first dimension (the models check it).
+    pub fn forward_in<const D: usize>(&self, input: Tensor<D>, ctx: &ForwardContext) -> Tensor<D> {
+        match ctx.rows() {
+            Some(rows) => self.forward_mixed(input, rows),
+            None => self.forward_active(input),
+        }
+    }
+
+    fn forward_active<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
         let (weight, bias) = match self.copies.iter().find(|c| c.active) {
             Some(copy) => (copy.weight.val(), copy.bias.as_ref().map(|b| b.val())),
             None => (self.weight.val(), self.bias.as_ref().map(|b| b.val())),
