@@ -64,7 +64,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("{}", peft.trainable_report());
     let mut trainer = Trainer {
         model: peft,
-        adapter: "default".into(),
+        adapters: vec!["default".into()],
         objective: Objective::Classification {
             num_labels: labels.len(),
         },

@@ -118,7 +118,7 @@ fn all_linear_through_the_trainer_gives_peft_keys_and_counts_on_every_family() {
             Some(objective) => {
                 let mut trainer = Trainer {
                     model,
-                    adapter: "default".into(),
+                    adapters: vec!["default".into()],
                     objective,
                     config: TrainConfig {
                         epochs: 1,

@@ -198,7 +198,7 @@ mod checkpoints {
         model.add_adapter("default", &lora).unwrap();
         Trainer {
             model,
-            adapter: "default".into(),
+            adapters: vec!["default".into()],
             objective: Objective::Classification { num_labels: 3 },
             config: TrainConfig {
                 epochs: 1_000_000,

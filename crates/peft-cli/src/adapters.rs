@@ -41,15 +41,20 @@ pub fn parse_adapter(value: &str) -> Result<AdapterArg, String> {
     })
 }
 
+/// The names of `--adapter-per-row`, one per row (a type of its own so clap keeps the list as
+/// one value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowNames(pub Vec<String>);
+
 /// clap value parser of `--adapter-per-row`: comma-separated names, one per row.
-pub fn parse_rows(value: &str) -> Result<Vec<String>, String> {
+pub fn parse_rows(value: &str) -> Result<RowNames, String> {
     let names: Vec<String> = value.split(',').map(|s| s.trim().to_string()).collect();
     if names.iter().any(String::is_empty) {
         return Err(format!(
             "`{value}`: give one adapter name (or `{BASE_ROW}`) per row, separated by commas"
         ));
     }
-    Ok(names)
+    Ok(RowNames(names))
 }
 
 /// Wrap `model` with every adapter of `adapters` loaded. Without `rows`, all of them are
@@ -128,7 +133,10 @@ mod tests {
             PathBuf::from("runs/a=b/best")
         );
         assert!(parse_adapter("sql=").is_err());
-        assert_eq!(parse_rows("a, __base__,b").unwrap(), ["a", "__base__", "b"]);
+        assert_eq!(
+            parse_rows("a, __base__,b").unwrap().0,
+            ["a", "__base__", "b"]
+        );
         assert!(parse_rows("a,,b").is_err());
     }
 }

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use peft_models::{Task, from_pretrained};
 
-use crate::adapters::AdapterArg;
+use crate::adapters::{AdapterArg, RowNames};
 use crate::tensors::{read_inputs, write_outputs};
 
 /// Arguments of `burn-peft forward`.
@@ -24,7 +24,7 @@ pub struct ForwardArgs {
     /// One adapter name (or `__base__`) per input row, comma-separated: a mixed-adapter batch
     /// (PEFT's `adapter_names`), one pass over the base for all rows.
     #[arg(long, value_parser = crate::adapters::parse_rows)]
-    adapter_per_row: Option<Vec<String>>,
+    adapter_per_row: Option<RowNames>,
     /// Merge the adapters into the base weights before running.
     #[arg(long, requires = "adapter")]
     merge: bool,
@@ -49,7 +49,7 @@ pub fn run(args: ForwardArgs) -> Result<()> {
         pretrained.model,
         &args.adapter,
         args.merge,
-        args.adapter_per_row.as_deref(),
+        args.adapter_per_row.as_ref().map(|r| r.0.as_slice()),
         &device,
     )?;
     let outputs = model.model().forward_with(&inputs, &ctx)?;

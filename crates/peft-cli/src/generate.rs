@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use peft_models::{GenerationConfig, Task, from_pretrained};
 
-use crate::adapters::AdapterArg;
+use crate::adapters::{AdapterArg, RowNames};
 
 /// Arguments of `burn-peft generate`.
 #[derive(Args, Debug)]
@@ -24,7 +24,7 @@ pub struct GenerateArgs {
     /// One adapter name (or `__base__`) per `--prompt`, comma-separated: each prompt is
     /// continued with its own adapter in one batch.
     #[arg(long, value_parser = crate::adapters::parse_rows)]
-    adapter_per_row: Option<Vec<String>>,
+    adapter_per_row: Option<RowNames>,
     /// Tokens to add at most.
     #[arg(long, default_value_t = 48)]
     max_new_tokens: usize,
@@ -81,7 +81,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .clone()
         .with_context(|| format!("model `{}` has no tokenizer.json", args.model))?;
     let eos = eos_ids(&pretrained.config.raw);
-    if let Some(rows) = &args.adapter_per_row
+    if let Some(RowNames(rows)) = &args.adapter_per_row
         && rows.len() != args.prompt.len()
     {
         anyhow::bail!(crate::UsageError(format!(
@@ -94,7 +94,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         pretrained.model,
         &args.adapter,
         args.merge,
-        args.adapter_per_row.as_deref(),
+        args.adapter_per_row.as_ref().map(|r| r.0.as_slice()),
         &device,
     )?;
     let prompts = args

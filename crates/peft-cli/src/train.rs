@@ -14,7 +14,6 @@ use serde_json::json;
 use crate::config::{self, MethodChoice, TaskName};
 
 /// The name of the adapter a run trains (PEFT's default, saved at the top of a bundle folder).
-const ADAPTER: &str = "default";
 
 /// Arguments of `burn-peft train`.
 #[derive(Args, Debug)]
@@ -159,11 +158,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .with_context(|| format!("loading model `{source}`"))?;
     let mut model = PeftModel::new(pretrained.model).with_base_model_name(source.clone());
     let full = matches!(loaded.method, MethodChoice::Full);
+    let mut adapters: Vec<String> = Vec::new();
     match &loaded.method {
-        MethodChoice::Peft(method) => {
-            model
-                .add_adapter(ADAPTER, method.as_ref())
-                .with_context(|| format!("{}: in `method`", args.config.display()))?;
+        MethodChoice::Peft(methods) => {
+            for (name, method) in methods {
+                model.add_adapter(name, method.as_ref()).with_context(|| {
+                    format!("{}: in `method` (adapter `{name}`)", args.config.display())
+                })?;
+                adapters.push(name.clone());
+            }
         }
         MethodChoice::Full => model.set_train_base(true),
     }
@@ -181,7 +184,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         if full {
             "full fine-tuning".to_string()
         } else {
-            method_name(&model)
+            method_name(&model, &adapters)
         },
         source,
         data.train.len(),
@@ -198,7 +201,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let mut trainer = Trainer {
         model,
-        adapter: ADAPTER.into(),
+        adapters: adapters.clone(),
         objective,
         config: run.train.clone(),
         output_dir: run.output.clone(),
@@ -227,10 +230,19 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let result_dir = result.adapter_dir.clone();
     let best_dir = run.output.join("best");
     for dir in [&result_dir, &best_dir] {
-        if let Some(labels) = &data.labels
-            && dir.is_dir()
-        {
-            labels.save(&dir.join(LABEL_MAP_FILE))?;
+        // Beside every bundle (several adapters each have their own folder), so `eval` and
+        // `merge` find the class names from any of them.
+        let bundles = std::iter::once(dir.clone()).chain(
+            adapters
+                .iter()
+                .map(|a| peft_core::bundle::adapter_dir(dir, a)),
+        );
+        for folder in bundles {
+            if let Some(labels) = &data.labels
+                && folder.is_dir()
+            {
+                labels.save(&folder.join(LABEL_MAP_FILE))?;
+            }
         }
     }
     println!(
@@ -253,7 +265,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut test_report = None;
     if let Some(test) = &data.test {
         let eval_device = trainer.device.clone();
-        trainer.model = reload(source, task, &chosen, full, &eval_device)?;
+        trainer.model = reload(source, task, &chosen, &adapters, full, &eval_device)?;
         let report = trainer.evaluate(test)?;
         println!(
             "held-out test ({} examples, {}): {}",
@@ -266,7 +278,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let summary = json!({
         "config": args.config,
         "model": source,
-        "method": if full { "FULL".to_string() } else { method_name(&trainer.model) },
+        "method": if full { "FULL".to_string() } else { method_name(&trainer.model, &adapters) },
+        "adapters": adapters,
         "trainable_params": report.trainable,
         "all_params": report.all,
         "steps": result.steps,
@@ -285,11 +298,18 @@ pub fn run(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn method_name(model: &PeftModel<peft_models::HfModel>) -> String {
-    model
-        .adapter_config(ADAPTER)
-        .map(|m| peft_core::peft_type_of(m).to_string())
-        .unwrap_or_else(|| "FULL".into())
+/// `LORA`, or `LORA + PREFIX_TUNING` for several adapters trained together.
+fn method_name(model: &PeftModel<peft_models::HfModel>, adapters: &[String]) -> String {
+    let names: Vec<&str> = adapters
+        .iter()
+        .filter_map(|a| model.adapter_config(a))
+        .map(peft_core::peft_type_of)
+        .collect();
+    if names.is_empty() {
+        "FULL".into()
+    } else {
+        names.join(" + ")
+    }
 }
 
 /// A fresh model with the chosen result: the base + the saved bundle, or the saved full model.
@@ -297,6 +317,7 @@ fn reload(
     source: &str,
     task: Task,
     chosen: &Path,
+    adapters: &[String],
     full: bool,
     device: &burn::tensor::Device,
 ) -> Result<PeftModel<peft_models::HfModel>> {
@@ -307,9 +328,14 @@ fn reload(
     }
     let pretrained = from_pretrained(source, task, device)?;
     let mut model = PeftModel::new(pretrained.model);
-    model
-        .load_adapter(chosen, ADAPTER)
-        .with_context(|| format!("reloading {}", chosen.display()))?;
+    for adapter in adapters {
+        let dir = peft_core::bundle::adapter_dir(chosen, adapter);
+        model
+            .load_adapter(&dir, adapter)
+            .with_context(|| format!("reloading {}", dir.display()))?;
+    }
+    let names: Vec<&str> = adapters.iter().map(String::as_str).collect();
+    model.set_adapters(&names)?;
     Ok(model)
 }
 

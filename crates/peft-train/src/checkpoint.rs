@@ -56,7 +56,7 @@ pub fn checkpoint_name(step: u64) -> String {
 pub fn save<M: Adaptable + Module>(
     root: &Path,
     model: &PeftModel<M>,
-    adapter: &str,
+    adapters: &[String],
     optim: &AdamW,
     state: &TrainerState,
     keep_last: usize,
@@ -66,7 +66,10 @@ pub fn save<M: Adaptable + Module>(
     let staged = StagedDir::create(&dest)?;
     let tmp = staged.path();
     // Full fine-tuning has no adapter: the trainable tensors below are the whole state.
-    if model.adapter_config(adapter).is_some() {
+    for adapter in adapters
+        .iter()
+        .filter(|a| model.adapter_config(a).is_some())
+    {
         model.save_adapter(tmp, adapter)?;
     }
     let params: BTreeMap<String, TensorData> =

@@ -171,8 +171,11 @@ pub struct TrainReport {
 pub struct Trainer {
     /// The model (base frozen, adapter trainable).
     pub model: PeftModel<HfModel>,
-    /// The adapter being trained.
-    pub adapter: String,
+    /// The adapters being trained, together (e.g. LoRA and prefix tuning): they are made
+    /// active, each is saved as its own PEFT bundle (`default` at the folder itself, any other
+    /// name in `<folder>/<name>/`, PEFT's layout). Empty (or naming no adapter of the model) with
+    /// [`PeftModel::set_train_base`] for full fine-tuning.
+    pub adapters: Vec<String>,
     /// The objective.
     pub objective: Objective,
     /// Hyper-parameters.
@@ -443,6 +446,11 @@ impl Trainer {
                 reason: "the training set is empty".into(),
             });
         }
+        // Every adapter trained here is active (and so trainable), whatever was active before.
+        if !self.is_full_fine_tuning() {
+            let names: Vec<&str> = self.adapters.iter().map(String::as_str).collect();
+            self.model.set_adapters(&names)?;
+        }
         let metric = self.metric_name();
         if eval.is_some()
             && EvalReport::default().metric(&metric).is_none()
@@ -666,7 +674,7 @@ impl Trainer {
                     last_checkpoint = Some(checkpoint::save(
                         &ckpt_root,
                         &self.model,
-                        &self.adapter,
+                        &self.adapters,
                         &optim,
                         &state,
                         c.keep_last,
@@ -697,7 +705,9 @@ impl Trainer {
 
     /// Whether this run fine-tunes the whole model rather than an adapter.
     pub fn is_full_fine_tuning(&self) -> bool {
-        self.model.adapter_config(&self.adapter).is_none()
+        self.adapters
+            .iter()
+            .all(|a| self.model.adapter_config(a).is_none())
     }
 
     /// The folder name of the final result: `adapter` (a PEFT bundle) or `model` (full
@@ -714,16 +724,19 @@ impl Trainer {
     /// Hugging Face folder) to `dir`.
     pub fn save_result(&self, dir: &Path) -> Result<()> {
         if !self.is_full_fine_tuning() {
-            return Ok(self.model.save_adapter(dir, &self.adapter)?);
+            for adapter in &self.adapters {
+                self.model.save_adapter(dir, adapter)?;
+            }
+            return Ok(());
         }
         let export = self
             .full_export
             .as_ref()
             .ok_or_else(|| TrainError::Config {
-                key: "adapter".into(),
+                key: "adapters".into(),
                 reason: format!(
-                    "no adapter `{}` in the model and no `full_export` set for full fine-tuning",
-                    self.adapter
+                    "no adapter {:?} in the model and no `full_export` set for full fine-tuning",
+                    self.adapters
                 ),
             })?;
         peft_models::save_pretrained(

@@ -87,7 +87,7 @@ fn trainer(
     model.add_adapter("default", method).unwrap();
     Trainer {
         model,
-        adapter: "default".into(),
+        adapters: vec!["default".into()],
         objective,
         config,
         output_dir: out.to_path_buf(),
