@@ -13,8 +13,6 @@ use serde_json::json;
 
 use crate::config::{self, MethodChoice, TaskName};
 
-/// The name of the adapter a run trains (PEFT's default, saved at the top of a bundle folder).
-
 /// Arguments of `burn-peft train`.
 #[derive(Args, Debug)]
 pub struct TrainArgs {

@@ -6,7 +6,7 @@
 //! `eval --predictions` writes one JSON line per example.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::{Value, json};
 

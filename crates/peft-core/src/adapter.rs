@@ -296,6 +296,20 @@ pub trait AdapterKernel: Debug + Send + Sync {
         y
     }
 
+    /// For additive methods (LoRA): the change this adapter adds to the output,
+    /// `forward_linear(state, base, x, y) == y + linear_delta(state, base, x)`. A mixed-adapter
+    /// batch then adds it to its rows directly instead of gathering and diffing their outputs.
+    /// The default, `None`, is always correct.
+    fn linear_delta(
+        &self,
+        state: &AdapterState,
+        base: &BaseWeights,
+        x: Tensor<2>,
+    ) -> Option<Tensor<2>> {
+        let _ = (state, base, x);
+        None
+    }
+
     /// Forward contribution at an embedding site: `base.weight` is the table `[vocab, dim]` the
     /// lookup used, `ids` is `[batch, seq]`, `y` `[batch, seq, dim]`.
     fn forward_embedding(

@@ -51,14 +51,9 @@ pub struct LoraLinearKernel {
     pub r: usize,
 }
 
-impl AdapterKernel for LoraLinearKernel {
-    fn forward_linear(
-        &self,
-        state: &AdapterState,
-        _base: &BaseWeights,
-        x: Tensor<2>,
-        y: Tensor<2>,
-    ) -> Tensor<2> {
+impl LoraLinearKernel {
+    /// `s·(drop(x)·A)·B`.
+    fn delta(&self, state: &AdapterState, x: Tensor<2>) -> Tensor<2> {
         let x = if self.dropout > 0.0 && state.is_training(&x) {
             let keep = 1.0 - self.dropout;
             let mask = x.random_like(Distribution::Bernoulli(keep));
@@ -67,7 +62,28 @@ impl AdapterKernel for LoraLinearKernel {
             x
         };
         let low = x.matmul(state.matrices[0].val());
-        y + low.matmul(state.matrices[1].val()).mul_scalar(self.scaling)
+        low.matmul(state.matrices[1].val()).mul_scalar(self.scaling)
+    }
+}
+
+impl AdapterKernel for LoraLinearKernel {
+    fn forward_linear(
+        &self,
+        state: &AdapterState,
+        _base: &BaseWeights,
+        x: Tensor<2>,
+        y: Tensor<2>,
+    ) -> Tensor<2> {
+        y + self.delta(state, x)
+    }
+
+    fn linear_delta(
+        &self,
+        state: &AdapterState,
+        _base: &BaseWeights,
+        x: Tensor<2>,
+    ) -> Option<Tensor<2>> {
+        Some(self.delta(state, x))
     }
 
     fn merge(

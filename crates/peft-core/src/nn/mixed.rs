@@ -58,7 +58,6 @@ impl Linear {
             }
             let n = group.rows.len();
             let xg = flat(x.clone().select(0, group.index.clone()), n, d_input);
-            let yg_base = flat(y.clone().select(0, group.index.clone()), n, d_output);
             let site = match copy {
                 Some(c) => BaseWeights {
                     weight: c.weight.val(),
@@ -67,6 +66,16 @@ impl Linear {
                 None => base.clone(),
             };
             let recompute = copy.is_some() || adapter.is_some_and(|a| a.kernel.transforms_input(a));
+            // Additive adapters (LoRA): add their change to the rows, nothing to gather or diff.
+            if !recompute
+                && let Some(a) = adapter
+                && let Some(delta) = a.kernel.linear_delta(a, &site, xg.clone())
+            {
+                let delta = delta.reshape([n, per_row, d_output]);
+                y = y.select_assign(0, group.index.clone(), delta, IndexingUpdateOp::Add);
+                continue;
+            }
+            let yg_base = flat(y.clone().select(0, group.index.clone()), n, d_output);
             let mut yg = if recompute {
                 let x_in = match adapter {
                     Some(a) => a.kernel.transform_input(a, xg.clone()),
