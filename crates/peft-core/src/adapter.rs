@@ -346,4 +346,49 @@ pub trait AdapterKernel: Debug + Send + Sync {
 
     /// Replace the tensors of `state` with those read from `source`.
     fn import(&self, state: AdapterState, source: &mut dyn TensorSource) -> Result<AdapterState>;
+
+    /// Whether [`effective_weight`](Self::effective_weight) reproduces this adapter, for the
+    /// weight-space path that adapts plain Burn modules
+    /// ([`PeftModule`](crate::burn_modules::PeftModule)). That path replaces a layer's weight
+    /// `W` by `effective_weight(W)` and leaves the layer's own forward alone, which is right only
+    /// when the adapter's forward at this site is `x·W' + b` for that `W'`. The default,
+    /// [`WeightSpace::Unsupported`], keeps a method off that path.
+    fn weight_space(&self) -> WeightSpace {
+        WeightSpace::Unsupported(
+            "the method defines no weight-space form (AdapterKernel::effective_weight)".into(),
+        )
+    }
+
+    /// The weight the site computes with when this adapter is active, as a differentiable
+    /// function of the adapter's parameters: `weight` is the weight so far (the stored weight
+    /// with the adapters before this one applied), `base` the stored weight itself, both in
+    /// Burn layout (linear `[in, out]`, embedding `[vocab, dim]`); the pair plays the role of
+    /// `(base, y)` in [`forward_linear`](Self::forward_linear). LoRA: `weight + A·B·s`. Evaluated
+    /// on every forward pass of a plain Burn module carrying the adapter (gradients reach the
+    /// adapter through it), and only when [`weight_space`](Self::weight_space) is not
+    /// `Unsupported`.
+    fn effective_weight(
+        &self,
+        state: &AdapterState,
+        base: &Tensor<2>,
+        weight: Tensor<2>,
+    ) -> Tensor<2> {
+        let _ = (state, base);
+        weight
+    }
+}
+
+/// How exactly [`AdapterKernel::effective_weight`] stands for an adapter's forward pass
+/// ([`AdapterKernel::weight_space`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightSpace {
+    /// Exactly, in training and inference: outputs and gradients are those of the activation
+    /// forward.
+    Exact,
+    /// Exactly in inference; training would differ in the way the text says (LoRA's dropout on
+    /// the layer input cannot be folded into a weight). Such adapters can be loaded onto a
+    /// plain Burn module but not added to it for training.
+    InferenceOnly(String),
+    /// Not at all, for the reason the text gives.
+    Unsupported(String),
 }

@@ -1,6 +1,7 @@
 //! Core seams of burn-peft: the [`PeftMethod`] plugin trait, PEFT's target matching,
 //! adapter-aware layers ([`nn::Linear`], [`nn::Embedding`]), [`Adaptable`] models,
-//! [`PeftModel`] and bundle I/O in Hugging Face PEFT's format.
+//! [`PeftModel`] and bundle I/O in Hugging Face PEFT's format, and
+//! [`burn_modules::PeftModule`] for plain Burn models (adapters in weight space).
 
 #![warn(missing_docs)]
 
@@ -11,6 +12,7 @@ mod adaptable;
 mod adapter;
 pub mod atomic;
 pub mod bundle;
+pub mod burn_modules;
 mod combine;
 mod describe;
 mod error;
@@ -21,7 +23,7 @@ pub mod nn;
 
 pub use adaptable::{Adaptable, Site, SiteMut, SitePath, SiteSummary, list_sites};
 pub use adapter::{
-    AdapterKernel, AdapterState, BaseWeights, MergeDirection, MergeInput, TensorSource,
+    AdapterKernel, AdapterState, BaseWeights, MergeDirection, MergeInput, TensorSource, WeightSpace,
 };
 pub use combine::{
     Combination, CombinationType, CombineInput, CombineOptions, CombinedTensors,

@@ -15,10 +15,10 @@ use burn::tensor::module::embedding;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use peft_core::{
     AdapterKernel, AdapterState, BaseWeights, MergeDirection, MergeInput, PeftError, Result,
-    SiteInfo, TensorSource,
+    SiteInfo, TensorSource, WeightSpace,
 };
 
-use crate::kernel::{LoraEmbeddingKernel, LoraLinearKernel, delta};
+use crate::kernel::{LoraEmbeddingKernel, LoraLinearKernel, delta, linear_weight_space};
 
 /// Bundle name of the magnitude, relative to the site (PEFT strips the `.weight` of its
 /// `DoraLinearLayer` when saving: `LoraModel._get_adapter_state_dict`).
@@ -96,6 +96,20 @@ fn merge_dora(
         weight,
         bias: site.current.bias,
     })
+}
+
+/// DoRA in weight space: `(weight + s·A·B) · m / ‖base + s·A·B‖`, the norm detached. The
+/// activation forward (PEFT's `DoraLinearLayer.forward`) is `scale ⊙ (x·(W + ΔW))` plus the
+/// bias, with `scale` built the same way from the stored base weight, so outputs and gradients
+/// agree.
+fn dora_weight(
+    state: &AdapterState,
+    base: &Tensor<2>,
+    weight: Tensor<2>,
+    scaling: f64,
+) -> Tensor<2> {
+    let scale = magnitude_scale(state, base, scaling);
+    (weight + delta(state, scaling)) * scale
 }
 
 /// Read the magnitude of `state` (`vectors[0]`, `[out]`) from `source`.
@@ -192,6 +206,19 @@ impl AdapterKernel for DoraLinearKernel {
         merge_dora(state, site, direction, layout_delta)
     }
 
+    fn weight_space(&self) -> WeightSpace {
+        linear_weight_space(self.lora.dropout)
+    }
+
+    fn effective_weight(
+        &self,
+        state: &AdapterState,
+        base: &Tensor<2>,
+        weight: Tensor<2>,
+    ) -> Tensor<2> {
+        dora_weight(state, base, weight, self.lora.scaling)
+    }
+
     fn export(&self, state: &AdapterState) -> Vec<(String, TensorData)> {
         let mut tensors = self.lora.export(state);
         tensors.push((MAGNITUDE_KEY.into(), state.vectors[0].val().into_data()));
@@ -251,6 +278,20 @@ impl AdapterKernel for DoraEmbeddingKernel {
     ) -> Result<BaseWeights> {
         let layout_delta = delta(state, self.lora.scaling);
         merge_dora(state, site, direction, layout_delta)
+    }
+
+    /// Exact: `scale ⊙ embedding(ids, W + ΔW)` is a lookup in `(W + ΔW) · scale`.
+    fn weight_space(&self) -> WeightSpace {
+        WeightSpace::Exact
+    }
+
+    fn effective_weight(
+        &self,
+        state: &AdapterState,
+        base: &Tensor<2>,
+        weight: Tensor<2>,
+    ) -> Tensor<2> {
+        dora_weight(state, base, weight, self.lora.scaling)
     }
 
     fn export(&self, state: &AdapterState) -> Vec<(String, TensorData)> {
