@@ -26,7 +26,7 @@ use burn_peft::train::data::{
 };
 use burn_peft::train::optim::{AdamW, AdamWSettings, global_grad_norm, trainable_paths};
 use burn_peft::train::schedule::{Schedule, lr_at};
-use burn_peft::train::{Objective, causal_lm_loss, classification_loss, evaluate};
+use burn_peft::train::{Objective, evaluate, objective_loss};
 use serde_json::{Value, json};
 
 type Res<T> = Result<T, Box<dyn Error>>;
@@ -354,6 +354,7 @@ fn llama_data(vocab: usize) -> Data {
                     label: None,
                     labels: Some(ids.clone()),
                     input_ids: ids,
+                    line: 0,
                 }
             })
             .collect()
@@ -536,20 +537,12 @@ fn train_step(
     device.seed(seed);
     let batch = collate(refs, data.pad_id, device);
     let model = subject.model();
-    let out = model.forward(&inputs(&batch));
-    let loss = match data.objective {
-        Objective::Classification { .. } => classification_loss(
-            out.class_logits.expect("a classification head"),
-            batch.labels.clone().expect("labels"),
-        ),
-        Objective::CausalLm => {
-            causal_lm_loss(
-                out.logits.expect("a causal LM head"),
-                batch.lm_labels.clone().expect("labels"),
-            )
-            .0
-        }
-    };
+    let out = model
+        .forward(&inputs(&batch))
+        .expect("the benchmark's own inputs fit the model");
+    // The trainer's loss function, not a copy.
+    let (loss, _) = objective_loss(data.objective, &out, &batch)
+        .expect("the benchmark pairs each model with its objective");
     let value = loss.clone().into_scalar::<f64>();
     let forward = ms(t0);
     let t1 = Instant::now();
@@ -583,7 +576,9 @@ fn train_step(
 
 fn time_forward(model: &HfModel, batch: &Collated, iters: usize) -> f64 {
     let run = || {
-        let out = model.forward(&inputs(batch));
+        let out = model
+            .forward(&inputs(batch))
+            .expect("the benchmark's own inputs fit the model");
         let t = out
             .class_logits
             .map(|t| t.into_data())
@@ -718,7 +713,7 @@ fn run_row(row: Row, s: &Settings) -> Res<Value> {
         data.pad_id,
         32,
         &device,
-    );
+    )?;
     let eval_ms = ms(eval_started);
     eprintln!(
         "[{}] eval after {} steps: loss {:.4} accuracy {:?} perplexity {:?} ({eval_ms:.0} ms)",
@@ -842,7 +837,7 @@ fn cold_load(main_started: Instant) -> Res<Value> {
         input_ids: b.input_ids,
         attention_mask: Some(b.attention_mask),
         token_type_ids: Some(b.token_type_ids),
-    });
+    })?;
     let emb = out.sentence_embedding.ok_or("no embedding")?.into_data();
     std::hint::black_box(emb);
     Ok(json!({ "load_ms": load_ms, "first_forward_total_ms": ms(main_started) }))

@@ -64,7 +64,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("{}", peft.trainable_report());
     let mut trainer = Trainer {
         model: peft,
-        adapter: "default".into(),
+        adapters: vec!["default".into()],
         objective: Objective::Classification {
             num_labels: labels.len(),
         },
@@ -78,7 +78,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
         output_dir: "out/train_debian".into(),
         device,
-        extra_devices: Vec::new(),
         pad_id: tokenizer.pad_id() as i64,
         full_export: None,
     };

@@ -122,12 +122,12 @@ fn all_linear_leaves_out_the_output_layer_like_peft() {
             .filter(|m| m[1] == "Linear")
             .map(|m| m[0].as_str().unwrap().to_string())
             .collect();
-        let output = match name {
-            "llama_causal_lm" => Some("lm_head"),
-            "llama_seq_cls" => Some("score"),
-            _ => None,
+        let excluded: Vec<String> = match name {
+            "llama_causal_lm" => vec!["lm_head".into()],
+            "llama_seq_cls" => vec!["score".into()],
+            _ => vec![],
         };
-        let names = burn_peft::core::matching::all_linear_names(&linear, output);
+        let names = burn_peft::core::matching::all_linear_names(&linear, &excluded);
         let spec = TargetSpec {
             target_modules: Some(TargetModules::Regex("all-linear".into())),
             ..Default::default()

@@ -58,7 +58,7 @@ fn minilm_embeddings_match_sentence_transformers() {
         attention_mask: Some(batch.attention_mask.clone()),
         token_type_ids: Some(batch.token_type_ids.clone()),
     };
-    let out = pretrained.model.forward(&inputs);
+    let out = pretrained.model.forward(&inputs).unwrap();
     let embedding: Tensor<2> = out.sentence_embedding.unwrap();
     let ours = embedding.into_data().try_to_vec::<f32>().unwrap();
     let cold = start.elapsed();

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use burn_peft::core::PeftModel;
+use burn_peft::core::nn::{BASE_ROW, ForwardContext, RowAdapters};
 use burn_peft::core::precision::{BaseDType, PrecisionError, cast_frozen_base};
 use burn_peft::lora::LoraConfig;
 use burn_peft::models::{HfModel, ModelInputs, Task, from_pretrained};
@@ -41,12 +42,14 @@ fn inputs(name: &str, device: &Device) -> ModelInputs {
 fn with_lora(name: &str, device: &Device) -> PeftModel<HfModel> {
     let base = from_pretrained(dir(name).to_str().unwrap(), Task::Auto, device).unwrap();
     let mut model = PeftModel::new(base.model);
-    model.load_adapter(dir(name).join("lora"), "default").unwrap();
+    model
+        .load_adapter(dir(name).join("lora"), "default")
+        .unwrap();
     model
 }
 
 fn output(model: &HfModel, inputs: &ModelInputs) -> Vec<f32> {
-    let out = model.forward(inputs);
+    let out = model.forward(inputs).unwrap();
     let t = out
         .logits
         .map(|l| l.into_data())
@@ -92,7 +95,10 @@ fn half_precision_base_stays_close_to_f32_on_every_family() {
             assert!(report.tensors > 0, "{name}");
             let mut seen = Dtypes::default();
             model.model().visit(&mut seen);
-            assert_eq!(seen.half, report.tensors, "{name}: only the cast tensors are half");
+            assert_eq!(
+                seen.half, report.tensors,
+                "{name}: only the cast tensors are half"
+            );
             let got = output(model.model(), &inputs);
             let scale = reference.iter().fold(1.0f32, |m, v| m.max(v.abs()));
             let diff = max_abs_diff(&got, &reference) / scale;
@@ -109,6 +115,76 @@ fn half_precision_base_stays_close_to_f32_on_every_family() {
             assert!(diff < bound, "{name} {dtype} merged: {diff}");
         }
     }
+}
+
+/// Kernels that read the base weights (DoRA's column norms, its merge) or transform the GEMM's
+/// input (IA3 on feed-forward layers), and mixed-adapter batches (one base GEMM, per-row
+/// adapters), over an f16 base: close to the f32 model, activations f32.
+#[test]
+fn dora_ia3_and_mixed_batches_run_over_a_half_precision_base() {
+    let device = Device::flex();
+    let fixture = |rest: &str| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(rest)
+    };
+    let base = |name: &str| {
+        PeftModel::new(
+            from_pretrained(dir(name).to_str().unwrap(), Task::Auto, &device)
+                .unwrap()
+                .model,
+        )
+    };
+    let bound = 1e-2;
+    for (method, case, name) in [
+        ("dora", "llama", "llama_gqa"),
+        ("dora", "gpt2", "gpt2"),
+        ("ia3", "llama", "llama_gqa"),
+        ("ia3", "bert_cls", "bert_cls"),
+    ] {
+        let inputs = inputs(name, &device);
+        let mut reference = base(name);
+        reference
+            .load_adapter(fixture(method).join(case), "default")
+            .unwrap();
+        let expected = output(reference.model(), &inputs);
+        let scale = expected.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let mut model = base(name);
+        model
+            .load_adapter(fixture(method).join(case), "default")
+            .unwrap();
+        cast_frozen_base(&mut model, BaseDType::F16, &device).unwrap();
+        let diff = max_abs_diff(&output(model.model(), &inputs), &expected) / scale;
+        eprintln!("{method} {case} f16: max |diff| vs f32 {diff:.2e} of the largest output");
+        assert!(diff > 0.0 && diff < bound, "{method} {case}: {diff}");
+        model.merge().unwrap();
+        let diff = max_abs_diff(&output(model.model(), &inputs), &expected) / scale;
+        assert!(diff < bound, "{method} {case} merged: {diff}");
+    }
+
+    // A mixed batch: rows 0 and 2 with DoRA, row 1 with the base alone.
+    let name = "llama_gqa";
+    let inputs = inputs(name, &device);
+    let rows = ["default", BASE_ROW, "default"];
+    let run = |half: bool| {
+        let mut model = base(name);
+        model
+            .load_adapter(fixture("dora/llama"), "default")
+            .unwrap();
+        if half {
+            cast_frozen_base(&mut model, BaseDType::F16, &device).unwrap();
+        }
+        let ctx = ForwardContext::mixed(RowAdapters::new(&rows, &device));
+        let out = model.model().forward_with(&inputs, &ctx).unwrap();
+        let t = out.logits.unwrap().into_data();
+        assert_eq!(t.dtype(), DType::F32);
+        t.try_to_vec::<f32>().unwrap()
+    };
+    let expected = run(false);
+    let scale = expected.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    let diff = max_abs_diff(&run(true), &expected) / scale;
+    eprintln!("mixed batch f16: max |diff| vs f32 {diff:.2e} of the largest output");
+    assert!(diff > 0.0 && diff < bound, "mixed batch: {diff}");
 }
 
 #[test]
@@ -132,6 +208,7 @@ fn lm_data(n: usize) -> Vec<Example> {
                 labels: Some(ids.clone()),
                 input_ids: ids,
                 label: None,
+                line: 0,
             }
         })
         .collect()
@@ -157,7 +234,7 @@ fn training_with_an_f16_base_keeps_adapters_and_optimizer_state_in_f32() {
     cast_frozen_base(&mut model, BaseDType::F16, &device).unwrap();
     let mut trainer = Trainer {
         model,
-        adapter: "default".into(),
+        adapters: vec!["default".into()],
         objective: Objective::CausalLm,
         config: TrainConfig {
             epochs: 100,
@@ -170,7 +247,6 @@ fn training_with_an_f16_base_keeps_adapters_and_optimizer_state_in_f32() {
         },
         output_dir: out.path().to_path_buf(),
         device,
-        extra_devices: Vec::new(),
         pad_id: 0,
         full_export: None,
     };

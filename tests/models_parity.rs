@@ -130,7 +130,7 @@ fn parity(name: &str) {
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     let mut model = PeftModel::new(pretrained.model);
     check(
-        &model.model().forward(&inputs),
+        &model.model().forward(&inputs).unwrap(),
         &dir(name).join("expected.safetensors"),
         "",
         &mask,
@@ -142,7 +142,7 @@ fn parity(name: &str) {
         .unwrap();
     let lora = dir(name).join("lora/expected.safetensors");
     check(
-        &model.model().forward(&inputs),
+        &model.model().forward(&inputs).unwrap(),
         &lora,
         "",
         &mask,
@@ -150,7 +150,7 @@ fn parity(name: &str) {
     );
     model.merge().unwrap();
     check(
-        &model.model().forward(&inputs),
+        &model.model().forward(&inputs).unwrap(),
         &lora,
         "merged_",
         &mask,

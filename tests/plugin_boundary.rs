@@ -12,9 +12,9 @@ use burn::tensor::activation::relu;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use burn_peft::core::nn::{Linear, LinearConfig};
 use burn_peft::core::{
-    Adaptable, AdapterKernel, AdapterState, BaseWeights, MergeDirection, PeftError, PeftMethod,
-    PeftModel, Result, SiteInfo, SiteKind, TargetModules, TargetSpec, TensorSource, bundle,
-    peft_type_of,
+    Adaptable, AdapterKernel, AdapterState, BaseWeights, MergeDirection, MergeInput, PeftError,
+    PeftMethod, PeftModel, Result, SiteInfo, SiteKind, TargetModules, TargetSpec, TensorSource,
+    bundle, peft_type_of,
 };
 // Link the LoRA crate so its `LORA` registration is part of this program.
 use burn_peft::lora as _;
@@ -108,16 +108,23 @@ impl Ia3ScaleKernel {
 }
 
 impl AdapterKernel for Ia3ScaleKernel {
-    fn forward_linear(&self, state: &AdapterState, _x: Tensor<2>, y: Tensor<2>) -> Tensor<2> {
+    fn forward_linear(
+        &self,
+        state: &AdapterState,
+        _base: &BaseWeights,
+        _x: Tensor<2>,
+        y: Tensor<2>,
+    ) -> Tensor<2> {
         y * Self::row(state)
     }
 
     fn merge(
         &self,
-        state: &AdapterState,
-        base: BaseWeights,
+        state: &mut AdapterState,
+        site: MergeInput<'_>,
         direction: MergeDirection,
     ) -> Result<BaseWeights> {
+        let base = site.current;
         let l = state.vectors[0].val();
         let row = Self::row(state);
         Ok(match direction {

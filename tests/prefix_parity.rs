@@ -67,7 +67,7 @@ fn inputs(name: &str, device: &Device) -> (ModelInputs, Vec<i64>) {
 }
 
 fn logits(model: &HfModel, inputs: &ModelInputs) -> Vec<f32> {
-    let out = model.forward(inputs);
+    let out = model.forward(inputs).unwrap();
     match (out.logits, out.class_logits) {
         (Some(l), _) => l.into_data().try_to_vec::<f32>().unwrap(),
         (None, Some(l)) => l.into_data().try_to_vec::<f32>().unwrap(),
@@ -270,7 +270,7 @@ fn gradients_reach_only_prefix_parameters_and_training_lowers_the_loss() {
             .init();
         let mut losses = Vec::new();
         for step in 0..30 {
-            let logits = model.model().forward(&inputs).logits.unwrap();
+            let logits = model.model().forward(&inputs).unwrap().logits.unwrap();
             let [b, s, v] = logits.dims();
             let log_probs = burn::tensor::activation::log_softmax(logits, 2);
             let loss = log_probs.slice([0..b, 0..s, 7..8]).mean().neg();

@@ -60,14 +60,16 @@ fn inputs(name: &str, device: &Device) -> ModelInputs {
 fn with_lora(name: &str, device: &Device) -> PeftModel<HfModel> {
     let base = from_pretrained(dir(name).to_str().unwrap(), Task::Auto, device).unwrap();
     let mut model = PeftModel::new(base.model);
-    model.load_adapter(dir(name).join("lora"), "default").unwrap();
+    model
+        .load_adapter(dir(name).join("lora"), "default")
+        .unwrap();
     model
 }
 
 /// Loss of one batch: next-token cross-entropy on the real tokens (causal LM) or against
 /// label `row % classes` (classifier).
 fn loss(model: &HfModel, inputs: &ModelInputs) -> Tensor<1> {
-    let out = model.forward(inputs);
+    let out = model.forward(inputs).unwrap();
     if let Some(logits) = out.logits {
         let mask = inputs.attention_mask.clone().unwrap();
         let labels = inputs.input_ids.clone().mask_fill(mask.equal_elem(0), -100);
@@ -111,21 +113,36 @@ fn assert_gradients_match_flex(name: &str) {
         (loss_flex - loss_vk).abs() < 1e-4,
         "{name}: loss {loss_vk} on Vulkan, {loss_flex} on flex"
     );
-    assert_eq!(flex.keys().collect::<Vec<_>>(), vk.keys().collect::<Vec<_>>());
+    assert_eq!(
+        flex.keys().collect::<Vec<_>>(),
+        vk.keys().collect::<Vec<_>>()
+    );
     let mut worst = (0.0f32, String::new());
     let mut largest = 0.0f32;
     for (path, want) in &flex {
         let got = &vk[path];
-        assert!(want.iter().any(|v| *v != 0.0), "{name}: zero gradient for {path}");
+        assert!(
+            want.iter().any(|v| *v != 0.0),
+            "{name}: zero gradient for {path}"
+        );
         largest = want.iter().fold(largest, |m, v| m.max(v.abs()));
         let diff = common::max_diff(got, want);
         if diff > worst.0 {
             worst = (diff, path.clone());
             if std::env::var_os("BURN_PEFT_DEBUG_GRADS").is_some() {
                 let i = (0..got.len())
-                    .max_by(|&a, &b| (got[a] - want[a]).abs().total_cmp(&(got[b] - want[b]).abs()))
+                    .max_by(|&a, &b| {
+                        (got[a] - want[a])
+                            .abs()
+                            .total_cmp(&(got[b] - want[b]).abs())
+                    })
                     .unwrap();
-                eprintln!("{path}[{i}] of {}: Vulkan {} flex {}", got.len(), got[i], want[i]);
+                eprintln!(
+                    "{path}[{i}] of {}: Vulkan {} flex {}",
+                    got.len(),
+                    got[i],
+                    want[i]
+                );
             }
         }
     }
@@ -164,6 +181,7 @@ fn lm_data(n: usize) -> Vec<Example> {
                 labels: Some(ids.clone()),
                 input_ids: ids,
                 label: None,
+                line: 0,
             }
         })
         .collect()
@@ -196,12 +214,11 @@ fn lm_trainer(device: &Device, out: &Path, max_steps: u64) -> Trainer {
     model.add_adapter("default", &lora).unwrap();
     Trainer {
         model,
-        adapter: "default".into(),
+        adapters: vec!["default".into()],
         objective: Objective::CausalLm,
         config,
         output_dir: out.to_path_buf(),
         device,
-        extra_devices: Vec::new(),
         pad_id: 0,
         full_export: None,
     }
@@ -266,7 +283,11 @@ fn checkpoint_written_on_vulkan_resumes_on_flex_and_back() {
     let flex_out = root.path().join("flex");
     let on_flex = run(&flex, &flex_out, 4, Some(&ckpt));
     let on_vk = run(&vulkan, &root.path().join("vulkan-4"), 4, Some(&ckpt));
-    close(&on_flex.losses, &on_vk.losses, "steps 1-4, resumed on flex / on Vulkan");
+    close(
+        &on_flex.losses,
+        &on_vk.losses,
+        "steps 1-4, resumed on flex / on Vulkan",
+    );
     close(&on_flex.losses[..2], &first.losses, "history kept");
 
     // And back: flex's step-4 checkpoint resumes on Vulkan.
@@ -274,13 +295,20 @@ fn checkpoint_written_on_vulkan_resumes_on_flex_and_back() {
     let back = run(&vulkan, &root.path().join("back"), 5, Some(&flex_ckpt));
     let reference = run(&flex, &root.path().join("flex-5"), 5, Some(&flex_ckpt));
     assert_eq!(back.steps, 5);
-    close(&back.losses, &reference.losses, "step 5 on Vulkan / on flex");
+    close(
+        &back.losses,
+        &reference.losses,
+        "step 5 on Vulkan / on flex",
+    );
     eprintln!("losses (Vulkan 1-2, flex 3-4, Vulkan 5): {:?}", back.losses);
 }
 
 fn logits(model: &HfModel, inputs: &ModelInputs) -> Vec<f32> {
-    let out = model.forward(inputs).logits.unwrap();
-    out.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+    let out = model.forward(inputs).unwrap().logits.unwrap();
+    out.into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap()
 }
 
 #[test]
@@ -327,25 +355,37 @@ fn op_gradient(
     let x = Tensor::<4>::from_data(TensorData::new(values.to_vec(), shape), &device).require_grad();
     let y = op(x.clone());
     let n = y.shape().num_elements();
-    let weights: Vec<f32> = (0..n).map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5).collect();
+    let weights: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+        .collect();
     let w = Tensor::<4>::from_data(TensorData::new(weights, y.dims()), &device);
-    let out = y.clone().into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+    let out = y
+        .clone()
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap();
     let grads = (y * w).sum().backward();
     let g = x.grad(&grads).unwrap();
-    (out, g.into_data().convert::<f32>().try_to_vec::<f32>().unwrap())
+    (
+        out,
+        g.into_data().convert::<f32>().try_to_vec::<f32>().unwrap(),
+    )
 }
 
 #[test]
 fn op_gradients_on_vulkan_match_flex() {
     use burn::tensor::activation::{silu, softmax};
-    use burn_peft::models::ops::gelu;
     use burn::tensor::module::attention;
     use burn::tensor::ops::AttentionModuleOptions;
+    use burn_peft::models::ops::gelu;
     let Some(vulkan) = common::device_or_skip("vulkan", "op gradients") else {
         return;
     };
     let shape = [2, 2, 5, 8];
-    let values: Vec<f32> = (0..160).map(|i| ((i * 37) % 101) as f32 / 25.0 - 2.0).collect();
+    let values: Vec<f32> = (0..160)
+        .map(|i| ((i * 37) % 101) as f32 / 25.0 - 2.0)
+        .collect();
     let norm = |x: Tensor<4>| {
         let mean = x.clone().mean_dim(3);
         let centered = x - mean;
@@ -357,7 +397,9 @@ fn op_gradients_on_vulkan_match_flex() {
             TensorData::new(vec![1i64, 1, 1, 0, 0, 1, 1, 1, 1, 1], [2, 5]),
             &x.device(),
         );
-        keep.equal_elem(0).reshape([2, 1, 1, 5]).expand([2, 2, 5, 5])
+        keep.equal_elem(0)
+            .reshape([2, 1, 1, 5])
+            .expand([2, 2, 5, 5])
     };
     let sdpa = |causal: bool, masked: bool| {
         move |x: Tensor<4>| {
@@ -381,10 +423,13 @@ fn op_gradients_on_vulkan_match_flex() {
     let cases: Vec<(&str, Box<dyn Fn(Tensor<4>) -> Tensor<4>>)> = vec![
         // Burn's own gelu has the tanh approximation's derivative on cubecl backends; the
         // models use `ops::gelu` (the erf composition there).
-        ("gelu (burn_peft::models::ops)", Box::new(|x: Tensor<4>| {
-            let [a, b, c, d] = x.dims();
-            gelu(x.reshape([a * b, c, d])).reshape([a, b, c, d])
-        })),
+        (
+            "gelu (burn_peft::models::ops)",
+            Box::new(|x: Tensor<4>| {
+                let [a, b, c, d] = x.dims();
+                gelu(x.reshape([a * b, c, d])).reshape([a, b, c, d])
+            }),
+        ),
         ("silu", Box::new(silu)),
         ("tanh", Box::new(|x: Tensor<4>| x.tanh())),
         ("erf", Box::new(|x: Tensor<4>| x.erf())),
@@ -399,11 +444,17 @@ fn op_gradients_on_vulkan_match_flex() {
     for (name, op) in &cases {
         let (y_flex, g_flex) = op_gradient(&Device::flex(), op.as_ref(), &values, shape);
         let (y_vk, g_vk) = op_gradient(&vulkan, op.as_ref(), &values, shape);
-        let (dy, dg) = (common::max_diff(&y_vk, &y_flex), common::max_diff(&g_vk, &g_flex));
+        let (dy, dg) = (
+            common::max_diff(&y_vk, &y_flex),
+            common::max_diff(&g_vk, &g_flex),
+        );
         eprintln!("{name}: forward {dy:.1e}, gradient {dg:.1e}");
         if dy > 1e-5 || dg > 1e-5 {
             failures.push(format!("{name} (forward {dy:.1e}, gradient {dg:.1e})"));
         }
     }
-    assert!(failures.is_empty(), "Vulkan differs from flex: {failures:?}");
+    assert!(
+        failures.is_empty(),
+        "Vulkan differs from flex: {failures:?}"
+    );
 }

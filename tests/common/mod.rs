@@ -2,6 +2,8 @@
 //! and helpers to read the fixtures.
 #![allow(dead_code)]
 
+pub mod hf;
+
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;

@@ -172,7 +172,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         };
         let logits = model
             .model()
-            .forward(&inputs)
+            .forward(&inputs)?
             .logits
             .context("a causal LM head")?;
         let (loss, _) = causal_lm_loss_terms(logits, ids);
@@ -220,7 +220,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     });
     println!("{}", serde_json::to_string_pretty(&result)?);
     if let Some(file) = &args.json {
-        crate::train::write_atomically(file, &serde_json::to_vec_pretty(&result)?)?;
+        peft_core::atomic::write_file(file, &serde_json::to_vec_pretty(&result)?)?;
     }
     Ok(())
 }

@@ -3,8 +3,10 @@
 //!
 //! `method` is either the string `full` (full fine-tuning, the baseline) or a block with the
 //! keys of a PEFT `adapter_config.json` (`peft_type` picks the registered method), so a PEFT
-//! adapter config pasted under `method:` is valid. Relative paths resolve against the folder
-//! of the config file, so a config runs the same from any working directory.
+//! adapter config pasted under `method:` is valid. Several methods train together (LoRA and
+//! prefix tuning, ...) from a list under `method:` (adapters named after their `peft_type`) or a
+//! `methods:` map of adapter name to block. Relative paths resolve against the folder of the
+//! config file, so a config runs the same from any working directory.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -13,9 +15,9 @@ use peft_core::PeftMethod;
 use peft_core::bundle::{method_to_json, parse_config_value};
 use peft_core::matching::edit_distance;
 use peft_core::precision::BaseDType;
-use peft_train::device::DeviceName;
 use peft_train::TrainConfig;
 use peft_train::data::{DataConfig, TaskKind};
+use peft_train::device::DeviceName;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -45,8 +47,12 @@ impl fmt::Display for ConfigError {
 pub struct RunConfig {
     /// The base model.
     pub model: ModelSection,
-    /// The PEFT method block, or `full`.
-    pub method: Value,
+    /// The PEFT method block, `full`, or a list of blocks trained together.
+    #[serde(default)]
+    pub method: Option<Value>,
+    /// Several PEFT method blocks trained together, by adapter name.
+    #[serde(default)]
+    pub methods: Option<serde_json::Map<String, Value>>,
     /// The data files and how to read them.
     pub data: DataSection,
     /// Training hyper-parameters.
@@ -146,8 +152,9 @@ impl DataSection {
 /// What trains.
 #[derive(Debug)]
 pub enum MethodChoice {
-    /// A registered PEFT method.
-    Peft(Box<dyn PeftMethod>),
+    /// One or more registered PEFT methods, trained together, by adapter name (`default` for
+    /// a single `method:` block).
+    Peft(Vec<(String, Box<dyn PeftMethod>)>),
     /// Every parameter (full fine-tuning).
     Full,
 }
@@ -175,11 +182,7 @@ pub fn load(file: &Path) -> Result<LoadedRun, ConfigError> {
         )
     })?;
     let mut config: RunConfig = serde_saphyr::from_str(&text).map_err(|e| yaml_error(file, &e))?;
-    let method = parse_method(
-        file,
-        &text,
-        &with_task_defaults(config.method.clone(), config.model.task),
-    )?;
+    let method = parse_methods(file, &text, &config)?;
     let base = file
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -291,7 +294,10 @@ fn key_line(text: &str, section: Option<&str>, key: &str) -> Option<u64> {
 /// What PEFT's task-specific wrappers do to a config: `task_type` from `model.task` when absent,
 /// and for `SEQ_CLS` the heads `classifier` and `score` appended to `modules_to_save` (PEFT's
 /// `PeftModelForSequenceClassification`), so the new head trains and is saved with the adapter.
-fn with_task_defaults(mut method: Value, task: TaskName) -> Value {
+///
+/// With several methods only the first gets the heads: one classification head trains, saved
+/// with the first adapter (two copies of one head would each see only part of the training).
+fn with_task_defaults(mut method: Value, task: TaskName, heads: bool) -> Value {
     let Value::Object(map) = &mut method else {
         return method;
     };
@@ -302,7 +308,7 @@ fn with_task_defaults(mut method: Value, task: TaskName) -> Value {
         };
         map.insert("task_type".into(), Value::String(name.into()));
     }
-    if map.get("task_type").and_then(Value::as_str) == Some("SEQ_CLS") {
+    if heads && map.get("task_type").and_then(Value::as_str) == Some("SEQ_CLS") {
         let mut list: Vec<Value> = match map.get("modules_to_save") {
             Some(Value::Array(a)) => a.clone(),
             Some(Value::String(s)) => vec![Value::String(s.clone())],
@@ -318,25 +324,100 @@ fn with_task_defaults(mut method: Value, task: TaskName) -> Value {
     method
 }
 
-fn parse_method(file: &Path, text: &str, value: &Value) -> Result<MethodChoice, ConfigError> {
+/// `method:` (one block, `full`, or a list) or `methods:` (adapter name -> block).
+fn parse_methods(file: &Path, text: &str, config: &RunConfig) -> Result<MethodChoice, ConfigError> {
     let err = |line: Option<u64>, message: String| ConfigError {
         file: file.to_path_buf(),
         line,
         message,
     };
-    let method_line = key_line(text, None, "method");
-    match value {
-        Value::String(s) if s.eq_ignore_ascii_case("full") => return Ok(MethodChoice::Full),
-        Value::Object(_) => {}
-        other => {
+    let task = config.model.task;
+    let blocks: Vec<(String, Value, &str)> = match (&config.method, &config.methods) {
+        (Some(_), Some(_)) => {
             return Err(err(
-                method_line,
+                key_line(text, None, "methods"),
+                "give `method` (one block, or a list) or `methods` (adapter name -> block), not both"
+                    .into(),
+            ));
+        }
+        (None, None) => {
+            return Err(err(
+                None,
                 format!(
-                    "`method` must be `full` or a PEFT adapter config block with a `peft_type` (one of {}); found {other}",
+                    "missing `method`: a PEFT adapter config block with a `peft_type` (one of {}), a list of them, or `full`",
                     peft_core::bundle::registered_methods().join(", ")
                 ),
             ));
         }
+        (Some(Value::String(s)), None) if s.eq_ignore_ascii_case("full") => {
+            return Ok(MethodChoice::Full);
+        }
+        (Some(Value::Array(list)), None) => {
+            let mut named = Vec::new();
+            for block in list {
+                let kind = block
+                    .get("peft_type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("method")
+                    .to_ascii_lowercase();
+                let taken = |n: &str| named.iter().any(|(m, _, _): &(String, Value, &str)| m == n);
+                let mut name = kind.clone();
+                let mut k = 2;
+                while taken(&name) {
+                    name = format!("{kind}_{k}");
+                    k += 1;
+                }
+                named.push((name, block.clone(), "method"));
+            }
+            if named.is_empty() {
+                return Err(err(
+                    key_line(text, None, "method"),
+                    "`method` is an empty list; give at least one method block".into(),
+                ));
+            }
+            named
+        }
+        (Some(block), None) => vec![("default".into(), block.clone(), "method")],
+        (None, Some(map)) => {
+            if map.is_empty() {
+                return Err(err(
+                    key_line(text, None, "methods"),
+                    "`methods` is empty; map adapter names to method blocks".into(),
+                ));
+            }
+            map.iter()
+                .map(|(name, block)| (name.clone(), block.clone(), "methods"))
+                .collect()
+        }
+    };
+    let mut out = Vec::with_capacity(blocks.len());
+    for (i, (name, block, section)) in blocks.into_iter().enumerate() {
+        let block = with_task_defaults(block, task, i == 0);
+        out.push((name, parse_method(file, text, section, &block)?));
+    }
+    Ok(MethodChoice::Peft(out))
+}
+
+fn parse_method(
+    file: &Path,
+    text: &str,
+    section: &str,
+    value: &Value,
+) -> Result<Box<dyn PeftMethod>, ConfigError> {
+    let err = |line: Option<u64>, message: String| ConfigError {
+        file: file.to_path_buf(),
+        line,
+        message,
+    };
+    let method_line = key_line(text, None, section);
+    if !value.is_object() {
+        return Err(err(
+            method_line,
+            format!(
+                "`{section}` must be `full` or a PEFT adapter config block with a `peft_type` (one of {}); found {value}",
+                peft_core::bundle::registered_methods().join(", ")
+            ),
+        ));
     }
     let loaded = parse_config_value(value.clone(), None).map_err(|e| {
         let key = match &e {
@@ -345,15 +426,15 @@ fn parse_method(file: &Path, text: &str, value: &Value) -> Result<MethodChoice, 
         };
         let line = key
             .as_deref()
-            .and_then(|k| key_line(text, Some("method"), k))
+            .and_then(|k| key_line(text, Some(section), k))
             .or_else(|| match e {
                 peft_core::PeftError::UnknownPeftType { .. } => {
-                    key_line(text, Some("method"), "peft_type")
+                    key_line(text, Some(section), "peft_type")
                 }
                 _ => None,
             })
             .or(method_line);
-        err(line, format!("in `method`: {e}"))
+        err(line, format!("in `{section}`: {e}"))
     })?;
     if let Some(key) = loaded.unknown_keys.first() {
         let known: Vec<String> = match method_to_json(loaded.method.as_ref()) {
@@ -361,15 +442,15 @@ fn parse_method(file: &Path, text: &str, value: &Value) -> Result<MethodChoice, 
             _ => Vec::new(),
         };
         return Err(err(
-            key_line(text, Some("method"), key).or(method_line),
+            key_line(text, Some(section), key).or(method_line),
             format!(
-                "in `method` ({}): {}",
+                "in `{section}` ({}): {}",
                 peft_core::peft_type_of(loaded.method.as_ref()),
                 unknown_key_message(key, &known)
             ),
         ));
     }
-    Ok(MethodChoice::Peft(loaded.method))
+    Ok(loaded.method)
 }
 
 #[cfg(test)]
@@ -388,9 +469,13 @@ mod tests {
     #[test]
     fn parses_a_lora_run_and_resolves_paths() {
         let run = parse(GOOD).unwrap();
-        let MethodChoice::Peft(m) = &run.method else {
+        let MethodChoice::Peft(methods) = &run.method else {
             panic!("expected a PEFT method")
         };
+        let [(name, m)] = methods.as_slice() else {
+            panic!("one method")
+        };
+        assert_eq!(name, "default");
         assert_eq!(peft_core::peft_type_of(m.as_ref()), "LORA");
         assert!(run.config.data.train.ends_with("d/train.jsonl"));
         assert!(run.config.data.train.is_absolute() || run.config.data.train.starts_with("/"));
@@ -476,10 +561,10 @@ mod tests {
     #[test]
     fn classification_runs_get_peft_task_defaults() {
         let run = parse(GOOD).unwrap();
-        let MethodChoice::Peft(m) = &run.method else {
+        let MethodChoice::Peft(methods) = &run.method else {
             panic!("expected a PEFT method")
         };
-        let json = method_to_json(m.as_ref());
+        let json = method_to_json(methods[0].1.as_ref());
         assert_eq!(json["task_type"], "SEQ_CLS");
         assert_eq!(
             json["modules_to_save"],
@@ -491,5 +576,123 @@ mod tests {
     fn bad_value_type_has_a_line() {
         let e = parse(&GOOD.replace("epochs: 1", "epochs: many")).unwrap_err();
         assert_eq!(e.line, Some(11), "{e}");
+    }
+
+    #[test]
+    fn several_methods_from_a_list_or_a_map_train_together() {
+        let list = GOOD.replace(
+            "method:\n  peft_type: LORA\n  r: 4\n  target_modules: [query]\n",
+            "method:\n  - peft_type: LORA\n    r: 4\n    target_modules: [query]\n  - peft_type: PREFIX_TUNING\n    num_virtual_tokens: 8\n  - peft_type: LORA\n    r: 2\n    target_modules: [value]\n",
+        );
+        let run = parse(&list).unwrap();
+        let MethodChoice::Peft(methods) = &run.method else {
+            panic!("expected PEFT methods")
+        };
+        let names: Vec<&str> = methods.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["lora", "prefix_tuning", "lora_2"]);
+        // Only the first block gets the SEQ_CLS heads: one head trains.
+        let saved = |i: usize| method_to_json(methods[i].1.as_ref())["modules_to_save"].clone();
+        assert_eq!(saved(0), serde_json::json!(["classifier", "score"]));
+        assert!(
+            saved(1).is_null() || saved(1) == serde_json::json!([]),
+            "{}",
+            saved(1)
+        );
+        assert_eq!(
+            method_to_json(methods[1].1.as_ref())["task_type"],
+            "SEQ_CLS"
+        );
+
+        let map = GOOD.replace(
+            "method:\n  peft_type: LORA\n  r: 4\n  target_modules: [query]\n",
+            "methods:\n  sql:\n    peft_type: LORA\n    r: 4\n    target_modules: [query]\n  style:\n    peft_type: PREFIX_TUNING\n    num_virtual_tokens: 4\n",
+        );
+        let run = parse(&map).unwrap();
+        let MethodChoice::Peft(methods) = &run.method else {
+            panic!("expected PEFT methods")
+        };
+        let names: Vec<&str> = methods.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["sql", "style"]);
+
+        let typo = map.replace("num_virtual_tokens: 4", "num_virtual_token: 4");
+        let e = parse(&typo).unwrap_err();
+        assert!(
+            e.message.contains("in `methods`") && e.message.contains("num_virtual_tokens"),
+            "{e}"
+        );
+        let both = format!("{GOOD}methods:\n  a:\n    peft_type: LORA\n");
+        let e = parse(&both).unwrap_err();
+        assert!(e.message.contains("not both"), "{e}");
+        let none = GOOD.replace(
+            "method:\n  peft_type: LORA\n  r: 4\n  target_modules: [query]\n",
+            "",
+        );
+        assert!(
+            parse(&none)
+                .unwrap_err()
+                .message
+                .contains("missing `method`")
+        );
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn shipped() -> Vec<String> {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+            let mut texts: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+                .map(|p| std::fs::read_to_string(p).unwrap())
+                .collect();
+            texts.sort();
+            texts.push(GOOD.to_string());
+            texts
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            /// Random bytes and random edits of the shipped configs (byte flips, a line
+            /// dropped or repeated, a value replaced) load or fail with a `ConfigError`.
+            #[test]
+            fn run_configs_never_panic(
+                which in any::<usize>(),
+                edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..4),
+                line_edit in proptest::option::of((any::<usize>(), 0u8..3, "[ -~]{0,16}")),
+                random in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300)),
+            ) {
+                let texts = shipped();
+                let mut bytes = texts[which % texts.len()].clone().into_bytes();
+                for (at, b) in edits {
+                    let len = bytes.len();
+                    bytes[at % len] = b;
+                }
+                let mut text = String::from_utf8_lossy(&bytes).into_owned();
+                if let Some((at, kind, value)) = line_edit {
+                    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+                    let i = at % lines.len();
+                    match kind {
+                        0 => { lines.remove(i); }
+                        1 => { let l = lines[i].clone(); lines.insert(i, l); }
+                        _ => {
+                            if let Some((key, _)) = lines[i].split_once(':') {
+                                lines[i] = format!("{key}: {value}");
+                            }
+                        }
+                    }
+                    text = lines.join("\n");
+                }
+                let dir = tempfile::tempdir().unwrap();
+                let file = dir.path().join("run.yaml");
+                match random {
+                    Some(raw) => std::fs::write(&file, raw).unwrap(),
+                    None => std::fs::write(&file, text).unwrap(),
+                }
+                let _ = load(&file);
+            }
+        }
     }
 }

@@ -52,7 +52,13 @@ pub struct DevicesArgs {}
 /// `burn-peft devices`: every device of this build, with the half precisions it computes in.
 pub fn run(_args: DevicesArgs) -> Result<()> {
     let support = |device: &Device| {
-        let yes = |d: FloatDType| if device.supports_dtype(d) { "yes" } else { "no" };
+        let yes = |d: FloatDType| {
+            if device.supports_dtype(d) {
+                "yes"
+            } else {
+                "no"
+            }
+        };
         format!(
             "f16: {}, bf16: {}",
             yes(FloatDType::F16),

@@ -8,11 +8,8 @@ use peft_models::{HfTokenizer, Task, from_pretrained, model_dir};
 use peft_train::data::{DataConfig, LABEL_MAP_FILE, LabelMap, TaskKind, load_examples};
 use peft_train::{Objective, evaluate};
 
+use crate::adapters::AdapterArg;
 use crate::config::TaskName;
-
-// Link the method crates so their `peft_type`s are registered.
-use peft_lora as _;
-use peft_prefix as _;
 
 /// Arguments of `burn-peft eval`.
 #[derive(Args, Debug)]
@@ -20,9 +17,10 @@ pub struct EvalArgs {
     /// Base model: hub id or folder (for full fine-tuning: the saved `model/` folder).
     #[arg(long)]
     model: String,
-    /// PEFT adapter folder (e.g. `<output>/best`).
-    #[arg(long)]
-    adapter: Option<PathBuf>,
+    /// PEFT adapter folder (e.g. `<output>/best`), as `DIR` or `NAME=DIR`; repeat it to
+    /// evaluate several adapters active together (LoRA + prefix tuning, ...).
+    #[arg(long, value_parser = crate::adapters::parse_adapter)]
+    adapter: Vec<AdapterArg>,
     /// JSONL or CSV file with `text` and `label` (classification) or `text` (causal LM).
     #[arg(long)]
     data: PathBuf,
@@ -40,6 +38,10 @@ pub struct EvalArgs {
     batch_size: usize,
     #[command(flatten)]
     run_on: crate::device::RunOn,
+    /// Write one JSON line per example: its line in the data file, gold and predicted label
+    /// and the class probabilities (classification), or its loss and token count (causal LM).
+    #[arg(long)]
+    predictions: Option<PathBuf>,
 }
 
 fn parse_task(s: &str) -> Result<TaskName, String> {
@@ -59,8 +61,8 @@ fn find_labels(args: &EvalArgs) -> Result<Option<LabelMap>> {
     if let Some(l) = &args.labels {
         candidates.push(l.clone());
     }
-    if let Some(a) = &args.adapter {
-        candidates.push(a.join(LABEL_MAP_FILE));
+    for a in &args.adapter {
+        candidates.push(a.dir.join(LABEL_MAP_FILE));
     }
     let dir = model_dir(&args.model)?;
     candidates.push(dir.join(LABEL_MAP_FILE));
@@ -115,8 +117,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let (examples, _) = load_examples(&args.data, kind, &reader, &tokenizer, labels.as_ref())?;
     let pretrained = from_pretrained(&args.model, task, &device)
         .with_context(|| format!("loading model `{}`", args.model))?;
-    let mut model = crate::with_adapter(pretrained.model, args.adapter.as_deref(), false)?;
+    let (mut model, _) =
+        crate::adapters::load(pretrained.model, &args.adapter, false, None, &device)?;
     crate::device::cast_base(&mut model, args.run_on.dtype, &device)?;
+    model
+        .model()
+        .check_sequence_length(args.max_length, "--max-length")?;
     let report = evaluate(
         model.model(),
         &examples,
@@ -124,7 +130,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
         tokenizer.pad_id() as i64,
         args.batch_size,
         &device,
-    );
+    )?;
+    if let Some(file) = &args.predictions {
+        let text = predictions_jsonl(&examples, &report, labels.as_ref());
+        peft_core::atomic::write_file(file, text.as_bytes())
+            .with_context(|| format!("writing predictions to {}", file.display()))?;
+    }
     println!(
         "{} ({} examples): {}",
         args.data.display(),
@@ -132,4 +143,53 @@ pub fn run(args: EvalArgs) -> Result<()> {
         crate::train::describe(&report)
     );
     Ok(())
+}
+
+/// One JSON line per example (see `--predictions`).
+fn predictions_jsonl(
+    examples: &[peft_train::data::Example],
+    report: &peft_train::EvalReport,
+    labels: Option<&LabelMap>,
+) -> String {
+    let name = |id: usize| -> serde_json::Value {
+        match labels.and_then(|l| l.name(id)) {
+            Some(n) => n.into(),
+            None => id.into(),
+        }
+    };
+    let mut out = String::new();
+    for (example, result) in examples.iter().zip(&report.examples) {
+        let mut row = serde_json::Map::new();
+        row.insert("line".into(), example.line.into());
+        if let Some(gold) = result.gold {
+            row.insert("gold".into(), name(gold));
+        }
+        if let Some(predicted) = result.predicted {
+            row.insert("predicted".into(), name(predicted));
+            row.insert("correct".into(), (result.gold == Some(predicted)).into());
+            let probabilities: serde_json::Map<String, serde_json::Value> = result
+                .probabilities
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let key = labels
+                        .and_then(|l| l.name(i))
+                        .map(String::from)
+                        .unwrap_or_else(|| i.to_string());
+                    (key, (*p as f64).into())
+                })
+                .collect();
+            row.insert("probabilities".into(), probabilities.into());
+        }
+        if let Some(loss) = result.loss {
+            row.insert("loss".into(), loss.into());
+            if let Some(tokens) = result.tokens {
+                row.insert("tokens".into(), tokens.into());
+                row.insert("perplexity".into(), loss.exp().into());
+            }
+        }
+        out.push_str(&serde_json::Value::Object(row).to_string());
+        out.push('\n');
+    }
+    out
 }

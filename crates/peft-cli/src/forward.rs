@@ -7,11 +7,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use peft_models::{Task, from_pretrained};
 
+use crate::adapters::{AdapterArg, RowNames};
 use crate::tensors::{read_inputs, write_outputs};
-
-// Link the method crates so their `peft_type`s are registered.
-use peft_lora as _;
-use peft_prefix as _;
 
 /// Arguments of `burn-peft forward`.
 #[derive(Args, Debug)]
@@ -19,10 +16,16 @@ pub struct ForwardArgs {
     /// Model folder (config.json + safetensors) or Hugging Face hub id.
     #[arg(long)]
     model: String,
-    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
-    #[arg(long)]
-    adapter: Option<PathBuf>,
-    /// Merge the adapter into the base weights before running.
+    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors), as `DIR` or
+    /// `NAME=DIR`; repeat it for several adapters, which then run together on every row unless
+    /// `--adapter-per-row` gives each row its own.
+    #[arg(long, value_parser = crate::adapters::parse_adapter)]
+    adapter: Vec<AdapterArg>,
+    /// One adapter name (or `__base__`) per input row, comma-separated: a mixed-adapter batch
+    /// (PEFT's `adapter_names`), one pass over the base for all rows.
+    #[arg(long, value_parser = crate::adapters::parse_rows)]
+    adapter_per_row: Option<RowNames>,
+    /// Merge the adapters into the base weights before running.
     #[arg(long, requires = "adapter")]
     merge: bool,
     /// Inputs: int64 `input_ids` [batch, seq], optional `attention_mask`, `token_type_ids`.
@@ -41,9 +44,15 @@ pub fn run(args: ForwardArgs) -> Result<()> {
     let inputs = read_inputs(&args.inputs, &device)?;
     let pretrained = from_pretrained(&args.model, Task::Auto, &device)
         .with_context(|| format!("loading model `{}`", args.model))?;
-    let mut model = crate::with_adapter(pretrained.model, args.adapter.as_deref(), args.merge)?;
+    let (mut model, ctx) = crate::adapters::load(
+        pretrained.model,
+        &args.adapter,
+        args.merge,
+        args.adapter_per_row.as_ref().map(|r| r.0.as_slice()),
+        &device,
+    )?;
     crate::device::cast_base(&mut model, args.run_on.dtype, &device)?;
-    let outputs = model.model().forward(&inputs);
+    let outputs = model.model().forward_with(&inputs, &ctx)?;
     let mut tensors = BTreeMap::new();
     if let Some(t) = outputs.logits {
         tensors.insert("logits".to_string(), t.into_data());

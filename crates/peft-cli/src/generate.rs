@@ -1,15 +1,12 @@
 //! `burn-peft generate`: text from a causal LM, optionally with an adapter.
 
 use std::io::Write;
-use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use peft_models::{GenerationConfig, Task, from_pretrained};
 
-// Link the method crates so their `peft_type`s are registered.
-use peft_lora as _;
-use peft_prefix as _;
+use crate::adapters::{AdapterArg, RowNames};
 
 /// Arguments of `burn-peft generate`.
 #[derive(Args, Debug)]
@@ -17,12 +14,17 @@ pub struct GenerateArgs {
     /// Causal LM: hub id or folder (GPT-2, Llama, Qwen2, Mistral).
     #[arg(long)]
     model: String,
-    /// PEFT adapter folder (LoRA or prefix tuning).
-    #[arg(long)]
-    adapter: Option<PathBuf>,
-    /// The text to continue.
-    #[arg(long)]
-    prompt: String,
+    /// PEFT adapter folder (LoRA, prefix tuning, ...), as `DIR` or `NAME=DIR`; repeat it for
+    /// several adapters, which run together unless `--adapter-per-row` is given.
+    #[arg(long, value_parser = crate::adapters::parse_adapter)]
+    adapter: Vec<AdapterArg>,
+    /// The text to continue; repeat it to continue several in one batch.
+    #[arg(long, required = true)]
+    prompt: Vec<String>,
+    /// One adapter name (or `__base__`) per `--prompt`, comma-separated: each prompt is
+    /// continued with its own adapter in one batch.
+    #[arg(long, value_parser = crate::adapters::parse_rows)]
+    adapter_per_row: Option<RowNames>,
     /// Tokens to add at most.
     #[arg(long, default_value_t = 48)]
     max_new_tokens: usize,
@@ -78,9 +80,28 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .clone()
         .with_context(|| format!("model `{}` has no tokenizer.json", args.model))?;
     let eos = eos_ids(&pretrained.config.raw);
-    let mut model = crate::with_adapter(pretrained.model, args.adapter.as_deref(), args.merge)?;
+    if let Some(RowNames(rows)) = &args.adapter_per_row
+        && rows.len() != args.prompt.len()
+    {
+        anyhow::bail!(crate::UsageError(format!(
+            "--adapter-per-row names {} adapters for {} --prompt values; give one per prompt",
+            rows.len(),
+            args.prompt.len()
+        )));
+    }
+    let (mut model, ctx) = crate::adapters::load(
+        pretrained.model,
+        &args.adapter,
+        args.merge,
+        args.adapter_per_row.as_ref().map(|r| r.0.as_slice()),
+        &device,
+    )?;
     crate::device::cast_base(&mut model, args.run_on.dtype, &device)?;
-    let prompt = tokenizer.encode(&args.prompt, None, usize::MAX)?.ids;
+    let prompts = args
+        .prompt
+        .iter()
+        .map(|p| Ok(tokenizer.encode(p, None, usize::MAX)?.ids))
+        .collect::<Result<Vec<_>>>()?;
     let config = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
@@ -89,10 +110,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         seed: args.seed,
         eos_token_ids: eos,
         use_cache: true,
+        pad_token_id: tokenizer.pad_id() as i64,
     };
-    let ids = peft_models::generate(model.model(), &prompt, &config, &device)?;
-    let text = tokenizer.decode(&ids)?;
+    let rows = peft_models::generate_batch(model.model(), &prompts, &ctx, &config, &device)?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{text}")?;
+    for ids in rows {
+        writeln!(out, "{}", tokenizer.decode(&ids)?)?;
+    }
     Ok(())
 }

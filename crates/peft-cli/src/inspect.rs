@@ -7,14 +7,10 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use peft_core::bundle::{self, read_config};
-use peft_core::{PeftModel, thousands};
+use peft_core::{PeftModel, TensorRole, thousands};
 use peft_models::{Task, from_pretrained};
 use peft_train::data::{LABEL_MAP_FILE, LabelMap};
 use serde_json::Value;
-
-// Link the method crates so their `peft_type`s are registered.
-use peft_lora as _;
-use peft_prefix as _;
 
 /// Arguments of `burn-peft inspect`.
 #[derive(Args, Debug)]
@@ -33,28 +29,20 @@ pub struct InspectArgs {
     device: String,
 }
 
-/// Config keys worth a line, in this order, when present.
-const SHOWN_KEYS: &[&str] = &[
-    "task_type",
-    "base_model_name_or_path",
-    "r",
-    "lora_alpha",
-    "lora_dropout",
-    "use_rslora",
-    "target_modules",
-    "exclude_modules",
-    "layers_to_transform",
-    "rank_pattern",
-    "alpha_pattern",
-    "bias",
-    "modules_to_save",
-    "num_virtual_tokens",
-    "prefix_projection",
-    "encoder_hidden_size",
-    "num_layers",
-    "token_dim",
-    "num_attention_heads",
-];
+/// Key segments PEFT's module wrappers add to any method's keys (`<path>.base_layer.bias`,
+/// `<path>.weight` of a `modules_to_save` copy); never a module name.
+const WRAPPER_SEGMENTS: &[&str] = &["weight", "bias", "modules_to_save", "base_layer"];
+
+/// The module a tensor belongs to, for grouping: the last segment of `path` that is neither a
+/// layer index nor a wrapper segment (`query` for `...layer.0.attention.self.query`); a tensor
+/// saved under a bare name (no module path) is its own group.
+fn module_name(path: &str, key: &str) -> String {
+    path.split('.')
+        .rev()
+        .find(|s| !s.is_empty() && !WRAPPER_SEGMENTS.contains(s) && s.parse::<usize>().is_err())
+        .unwrap_or(key)
+        .to_string()
+}
 
 fn short(v: &Value) -> String {
     match v {
@@ -78,16 +66,17 @@ pub fn run(args: InspectArgs) -> Result<()> {
         }
     })?;
     let peft_type = peft_core::peft_type_of(loaded.method.as_ref());
+    // Everything method-specific comes from the method itself (`PeftMethod::describe`).
+    let summary = loaded.method.describe();
     println!("adapter:   {}", args.adapter.display());
     println!("method:    {peft_type}");
-    for key in SHOWN_KEYS {
-        if let Some(v) = raw.get(*key).filter(|v| !v.is_null()) {
-            println!("{key:<10} {}", short(v));
-        }
+    for (key, value) in &summary.entries {
+        println!("{key:<10} {}", short(value));
     }
     // Modules touched, grouped by the last path segment (`query`, `value`, …), with ranks.
     let mut params = 0usize;
     let mut by_module: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let mut by_role: BTreeMap<Option<&TensorRole>, usize> = BTreeMap::new();
     let mut ranks: BTreeMap<usize, usize> = BTreeMap::new();
     let mut names: Vec<(String, Vec<usize>, String)> = tensors
         .tensors()
@@ -98,32 +87,16 @@ pub fn run(args: InspectArgs) -> Result<()> {
     for (name, shape, _) in &names {
         let n: usize = shape.iter().product();
         params += n;
-        let module = name
-            .split('.')
-            .rev()
-            .find(|s| {
-                !matches!(
-                    *s,
-                    "weight"
-                        | "bias"
-                        | "lora_A"
-                        | "lora_B"
-                        | "lora_embedding_A"
-                        | "lora_embedding_B"
-                        | "modules_to_save"
-                        | "base_layer"
-                ) && s.parse::<usize>().is_err()
-            })
-            .unwrap_or(name)
-            .to_string();
-        let entry = by_module.entry(module).or_default();
+        let role = summary.role_of(name);
+        let path = role.and_then(|r| r.module_of(name)).unwrap_or(name);
+        let entry = by_module.entry(module_name(path, name)).or_default();
         entry.0 += 1;
         entry.1 += n;
-        if name.contains("lora_A.") && shape.len() == 2 {
-            *ranks.entry(shape[0]).or_default() += 1;
-        }
-        if name.contains("lora_embedding_A") && shape.len() == 2 {
-            *ranks.entry(shape[0]).or_default() += 1;
+        *by_role.entry(role).or_default() += 1;
+        if let Some(axis) = role.and_then(|r| r.rank_axis)
+            && let Some(rank) = shape.get(axis)
+        {
+            *ranks.entry(*rank).or_default() += 1;
         }
     }
     println!(
@@ -146,6 +119,17 @@ pub fn run(args: InspectArgs) -> Result<()> {
             "  {module:<24} {count:>4} tensor(s) {:>12} params",
             thousands(*n)
         );
+    }
+    println!("roles:");
+    for (role, count) in &by_role {
+        let (name, what) = match role {
+            Some(r) => (r.suffix.as_str(), r.description.as_str()),
+            None => (
+                "(other)",
+                "modules_to_save copies, trained biases, saved base tables",
+            ),
+        };
+        println!("  {name:<24} {count:>4} tensor(s)  {what}");
     }
     let Some(model) = &args.model else {
         return Ok(());

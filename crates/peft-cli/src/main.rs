@@ -2,9 +2,11 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
+mod adapters;
 mod bench;
+mod combine;
 mod config;
 mod device;
 mod eval;
@@ -12,11 +14,12 @@ mod forward;
 mod generate;
 mod inspect;
 mod merge;
+mod methods;
 mod tensors;
 mod train;
 
-/// Parameter-efficient fine-tuning (LoRA, prefix tuning) for Burn, with Hugging Face PEFT
-/// adapters.
+/// Parameter-efficient fine-tuning (LoRA, DoRA, IA3, prefix tuning) for Burn, with Hugging Face
+/// PEFT adapters.
 #[derive(Parser, Debug)]
 #[command(name = "burn-peft", version, about)]
 struct Cli {
@@ -39,31 +42,14 @@ enum Command {
     /// Run a model (optionally with a PEFT adapter) on inputs from a safetensors file and write
     /// its outputs to another; used for numeric checks against transformers + PEFT.
     Forward(forward::ForwardArgs),
+    /// Combine several LoRA adapters into one (PEFT's add_weighted_adapter: linear, cat, svd,
+    /// ties, dare, magnitude_prune, ...) and write it as a PEFT bundle.
+    Combine(combine::CombineArgs),
     /// List the devices this build can run on (`--device` names) and their half precisions.
     Devices(device::DevicesArgs),
     /// Time LoRA training steps of a causal LM on synthetic tokens (weights random when the
     /// folder has only a config.json); prints tokens/s and peak device memory as JSON.
     Bench(bench::BenchArgs),
-}
-
-/// Wrap `model` in a [`peft_core::PeftModel`] with the bundle in `adapter` (if any) loaded as
-/// the active adapter `default`, merged into the weights when `merge` is set.
-pub fn with_adapter(
-    model: peft_models::HfModel,
-    adapter: Option<&std::path::Path>,
-    merge: bool,
-) -> anyhow::Result<peft_core::PeftModel<peft_models::HfModel>> {
-    use anyhow::Context;
-    let mut model = peft_core::PeftModel::new(model);
-    if let Some(adapter) = adapter {
-        model
-            .load_adapter(adapter, "default")
-            .with_context(|| format!("loading adapter {}", adapter.display()))?;
-        if merge {
-            model.merge().context("merging the adapter")?;
-        }
-    }
-    Ok(model)
 }
 
 /// A command line that cannot work as given (exit code 2); says what to pass instead.
@@ -75,7 +61,15 @@ pub struct UsageError(pub String);
 pub const EXIT_BAD_INPUT: u8 = 2;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let help = format!(
+        "Adapter methods (peft_type): {}",
+        methods::registered().join(", ")
+    );
+    let matches = Cli::command().after_help(help).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
+    };
     let result = match cli.command {
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
@@ -83,6 +77,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Forward(args) => forward::run(args),
+        Command::Combine(args) => combine::run(args),
         Command::Devices(args) => device::run(args),
         Command::Bench(args) => bench::run(args),
     };
@@ -97,8 +92,10 @@ fn main() -> ExitCode {
                     || c.downcast_ref::<peft_core::PeftError>().is_some()
                     || c.downcast_ref::<peft_models::ModelError>().is_some()
                     || c.downcast_ref::<peft_train::data::DataError>().is_some()
-                    || c.downcast_ref::<peft_train::device::DeviceError>().is_some()
-                    || c.downcast_ref::<peft_core::precision::PrecisionError>().is_some()
+                    || c.downcast_ref::<peft_train::device::DeviceError>()
+                        .is_some()
+                    || c.downcast_ref::<peft_core::precision::PrecisionError>()
+                        .is_some()
                     || c.downcast_ref::<peft_train::TrainError>()
                         .is_some_and(|e| e.is_bad_input())
             });

@@ -15,10 +15,6 @@ use serde_json::Value;
 
 use crate::tensors::InputError;
 
-// Link the method crates so their `peft_type`s are registered.
-use peft_lora as _;
-use peft_prefix as _;
-
 /// Arguments of `burn-peft merge`.
 #[derive(Args, Debug)]
 pub struct MergeArgs {
@@ -49,7 +45,7 @@ fn input_error(file: &Path, message: impl Into<String>) -> InputError {
 
 /// Rows of the classification head saved in the bundle (`modules_to_save` copy of
 /// `classifier` / `score`, stored `[num_labels, hidden]`).
-fn saved_head_rows(weights: &Path) -> Result<Option<usize>> {
+pub(crate) fn saved_head_rows(weights: &Path) -> Result<Option<usize>> {
     let bytes = fs::read(weights).map_err(|source| PeftError::Io {
         file: weights.to_path_buf(),
         source,

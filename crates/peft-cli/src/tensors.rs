@@ -93,15 +93,6 @@ pub fn read_inputs(file: &Path, device: &Device) -> Result<ModelInputs, InputErr
 /// Write float32 tensors to `file` atomically.
 pub fn write_outputs(file: &Path, tensors: BTreeMap<String, TensorData>) -> anyhow::Result<()> {
     let bytes = peft_core::bundle::encode_safetensors(&tensors)?;
-    let dir = match file.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = file
-        .file_name()
-        .ok_or_else(|| anyhow::anyhow!("{}: not a file path", file.display()))?
-        .to_string_lossy()
-        .to_string();
-    peft_core::bundle::write_files_atomically(&dir, &[(name.as_str(), bytes.as_slice())])?;
+    peft_core::atomic::write_file(file, &bytes)?;
     Ok(())
 }

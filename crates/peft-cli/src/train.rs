@@ -6,19 +6,12 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use peft_core::PeftModel;
-use peft_models::{HfTokenizer, Task, from_pretrained, model_dir};
-use peft_train::data::{Example, LABEL_MAP_FILE, LabelMap, load_examples};
+use peft_models::{HfConfig, HfTokenizer, Task, from_pretrained, model_dir};
+use peft_train::data::{DataConfig, Example, LABEL_MAP_FILE, LabelMap, load_examples};
 use peft_train::{EvalReport, FullExport, Objective, Trainer};
 use serde_json::json;
 
 use crate::config::{self, MethodChoice, TaskName};
-
-// Link the method crates so their `peft_type`s are registered.
-use peft_lora as _;
-use peft_prefix as _;
-
-/// The name of the adapter a run trains (PEFT's default, saved at the top of a bundle folder).
-const ADAPTER: &str = "default";
 
 /// Arguments of `burn-peft train`.
 #[derive(Args, Debug)]
@@ -82,6 +75,38 @@ fn load_data(
     })
 }
 
+/// Every token id of the data is inside the model's vocabulary (a tokenizer of another model
+/// gives ids the embedding table does not have): else the file and line of the first one.
+fn check_vocabulary(run: &config::RunConfig, data: &RunData, vocab: usize) -> Result<()> {
+    let splits = [
+        (Some(&data.train), Some(&run.data.train)),
+        (data.eval.as_ref(), run.data.eval.as_ref()),
+        (data.test.as_ref(), run.data.test.as_ref()),
+    ];
+    for (examples, file) in splits {
+        let (Some(examples), Some(file)) = (examples, file) else {
+            continue;
+        };
+        for example in examples {
+            if let Some(id) = example
+                .input_ids
+                .iter()
+                .find(|&&id| id < 0 || id as u64 >= vocab as u64)
+            {
+                return Err(peft_models::ModelError::InputOutOfRange {
+                    input: format!("{}:{}", file.display(), example.line),
+                    found: format!("the tokenizer gave token id {id}"),
+                    limit: format!("the model's vocabulary has {vocab} ids"),
+                    fix: "use the tokenizer of the model being trained (tokenizer.json in its folder)"
+                        .into(),
+                }
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Run the subcommand.
 pub fn run(args: TrainArgs) -> Result<()> {
     let loaded = config::load(&args.config)?;
@@ -112,6 +137,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let dir = model_dir(source).with_context(|| format!("resolving model `{source}`"))?;
     let tokenizer = HfTokenizer::from_dir(&dir)
         .with_context(|| format!("model `{source}` needs a tokenizer.json"))?;
+    // Without an explicit `data.max_length`, the default never exceeds the model's positions.
+    if run.data.max_length.is_none()
+        && let Some((limit, _)) = HfConfig::read(&dir.join("config.json"))?.position_limit()
+    {
+        run.data.max_length = Some(DataConfig::default().max_length.min(limit));
+    }
     let data = load_data(&run, &tokenizer, None)?;
     let (task, objective) = match run.model.task {
         TaskName::Classification => {
@@ -140,15 +171,26 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .with_context(|| format!("loading model `{source}`"))?;
     let mut model = PeftModel::new(pretrained.model).with_base_model_name(source.clone());
     let full = matches!(loaded.method, MethodChoice::Full);
+    let mut adapters: Vec<String> = Vec::new();
     match &loaded.method {
-        MethodChoice::Peft(method) => {
-            model
-                .add_adapter(ADAPTER, method.as_ref())
-                .with_context(|| format!("{}: in `method`", args.config.display()))?;
+        MethodChoice::Peft(methods) => {
+            for (name, method) in methods {
+                model.add_adapter(name, method.as_ref()).with_context(|| {
+                    format!("{}: in `method` (adapter `{name}`)", args.config.display())
+                })?;
+                adapters.push(name.clone());
+            }
         }
         MethodChoice::Full => model.set_train_base(true),
     }
     crate::device::cast_base(&mut model, run.dtype, &train_device)?;
+    // Refuse inputs the model cannot take before any step runs: examples longer than its
+    // position table (a prefix included) and ids beyond its vocabulary.
+    model
+        .model()
+        .check_sequence_length(run.data.reader().max_length, "data.max_length")
+        .with_context(|| format!("{}: in `data`", args.config.display()))?;
+    check_vocabulary(&run, &data, model.model().vocab_size())?;
     let report = model.trainable_report();
     println!(
         "{}: {} on {} ({} train / {} eval / {} test examples)",
@@ -156,7 +198,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         if full {
             "full fine-tuning".to_string()
         } else {
-            method_name(&model)
+            method_name(&model, &adapters)
         },
         source,
         data.train.len(),
@@ -181,12 +223,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let mut trainer = Trainer {
         model,
-        adapter: ADAPTER.into(),
+        adapters: adapters.clone(),
         objective,
         config: run.train.clone(),
         output_dir: run.output.clone(),
         device: train_device,
-        extra_devices: Vec::new(),
         pad_id: tokenizer.pad_id() as i64,
         full_export: full.then(|| FullExport {
             config: pretrained.config.clone(),
@@ -211,10 +252,19 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let result_dir = result.adapter_dir.clone();
     let best_dir = run.output.join("best");
     for dir in [&result_dir, &best_dir] {
-        if let Some(labels) = &data.labels
-            && dir.is_dir()
-        {
-            labels.save(&dir.join(LABEL_MAP_FILE))?;
+        // Beside every bundle (several adapters each have their own folder), so `eval` and
+        // `merge` find the class names from any of them.
+        let bundles = std::iter::once(dir.clone()).chain(
+            adapters
+                .iter()
+                .map(|a| peft_core::bundle::adapter_dir(dir, a)),
+        );
+        for folder in bundles {
+            if let Some(labels) = &data.labels
+                && folder.is_dir()
+            {
+                labels.save(&folder.join(LABEL_MAP_FILE))?;
+            }
         }
     }
     println!(
@@ -237,9 +287,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut test_report = None;
     if let Some(test) = &data.test {
         let eval_device = trainer.device.clone();
-        trainer.model = reload(source, task, &chosen, full, &eval_device)?;
+        trainer.model = reload(source, task, &chosen, &adapters, full, &eval_device)?;
         crate::device::cast_base(&mut trainer.model, run.dtype, &eval_device)?;
-        let report = trainer.evaluate(test);
+        let report = trainer.evaluate(test)?;
         println!(
             "held-out test ({} examples, {}): {}",
             test.len(),
@@ -251,7 +301,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let summary = json!({
         "config": args.config,
         "model": source,
-        "method": if full { "FULL".to_string() } else { method_name(&trainer.model) },
+        "method": if full { "FULL".to_string() } else { method_name(&trainer.model, &adapters) },
+        "adapters": adapters,
         "trainable_params": report.trainable,
         "all_params": report.all,
         "steps": result.steps,
@@ -265,16 +316,23 @@ pub fn run(args: TrainArgs) -> Result<()> {
         "best_dir": best_dir.is_dir().then_some(best_dir),
     });
     let summary_file = run.output.join("results.json");
-    write_atomically(&summary_file, &serde_json::to_vec_pretty(&summary)?)?;
+    peft_core::atomic::write_file(&summary_file, &serde_json::to_vec_pretty(&summary)?)?;
     println!("summary: {}", summary_file.display());
     Ok(())
 }
 
-fn method_name(model: &PeftModel<peft_models::HfModel>) -> String {
-    model
-        .adapter_config(ADAPTER)
-        .map(|m| peft_core::peft_type_of(m).to_string())
-        .unwrap_or_else(|| "FULL".into())
+/// `LORA`, or `LORA + PREFIX_TUNING` for several adapters trained together.
+fn method_name(model: &PeftModel<peft_models::HfModel>, adapters: &[String]) -> String {
+    let names: Vec<&str> = adapters
+        .iter()
+        .filter_map(|a| model.adapter_config(a))
+        .map(peft_core::peft_type_of)
+        .collect();
+    if names.is_empty() {
+        "FULL".into()
+    } else {
+        names.join(" + ")
+    }
 }
 
 /// A fresh model with the chosen result: the base + the saved bundle, or the saved full model.
@@ -282,6 +340,7 @@ fn reload(
     source: &str,
     task: Task,
     chosen: &Path,
+    adapters: &[String],
     full: bool,
     device: &burn::tensor::Device,
 ) -> Result<PeftModel<peft_models::HfModel>> {
@@ -292,9 +351,14 @@ fn reload(
     }
     let pretrained = from_pretrained(source, task, device)?;
     let mut model = PeftModel::new(pretrained.model);
-    model
-        .load_adapter(chosen, ADAPTER)
-        .with_context(|| format!("reloading {}", chosen.display()))?;
+    for adapter in adapters {
+        let dir = peft_core::bundle::adapter_dir(chosen, adapter);
+        model
+            .load_adapter(&dir, adapter)
+            .with_context(|| format!("reloading {}", dir.display()))?;
+    }
+    let names: Vec<&str> = adapters.iter().map(String::as_str).collect();
+    model.set_adapters(&names)?;
     Ok(model)
 }
 
@@ -312,17 +376,4 @@ pub fn describe(report: &EvalReport) -> String {
     }
     parts.push(format!("loss {:.4}", report.loss));
     parts.join(", ")
-}
-
-/// Write `bytes` to `path` through a temporary file in the same folder and a rename.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    std::io::Write::write_all(&mut tmp, bytes)
-        .and_then(|_| tmp.as_file().sync_all())
-        .with_context(|| format!("writing {}", path.display()))?;
-    tmp.persist(path)
-        .with_context(|| format!("replacing {}", path.display()))?;
-    Ok(())
 }

@@ -198,7 +198,10 @@ fn train_eval_forward_on_vulkan() {
         .filter(|(i, _)| mask[i / per_token] == 1)
         .map(|(_, (a, b))| (a - b).abs())
         .fold(0.0f32, f32::max);
-    assert!(diff < 1e-4, "forward on Vulkan differs from transformers by {diff}");
+    assert!(
+        diff < 1e-4,
+        "forward on Vulkan differs from transformers by {diff}"
+    );
 }
 
 #[test]
@@ -217,7 +220,9 @@ fn unsupported_half_precision_on_vulkan_exits_2() {
     let fixture = repo().join("tests/fixtures/models/llama_gqa");
     let dir = tempfile::tempdir().unwrap();
     let out = burn_peft()
-        .args(["forward", "--device", "vulkan", "--dtype", missing, "--model"])
+        .args([
+            "forward", "--device", "vulkan", "--dtype", missing, "--model",
+        ])
         .arg(&fixture)
         .arg("--inputs")
         .arg(fixture.join("inputs.safetensors"))

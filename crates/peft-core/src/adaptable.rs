@@ -83,8 +83,16 @@ pub trait Adaptable {
         visitor: &mut dyn FnMut(&SitePath, SiteMut<'_>),
     );
 
-    /// The path of the model's output layer (`lm_head`), which `"all-linear"` leaves out.
+    /// The path of the model's output embeddings (`lm_head`), which `"all-linear"` always
+    /// leaves out (PEFT: `model.get_output_embeddings()`).
     fn output_layer(&self) -> Option<String> {
+        None
+    }
+
+    /// The path of the model's classification head (`classifier`, `score`), which
+    /// `"all-linear"` leaves out when the method's `task_type` is `SEQ_CLS` (PEFT:
+    /// `SEQ_CLS_HEAD_NAMES` in `_maybe_include_all_linear_layers`).
+    fn classifier_head(&self) -> Option<String> {
         None
     }
 }

@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::TensorData;
@@ -350,49 +349,15 @@ pub fn encode_safetensors(tensors: &BTreeMap<String, TensorData>) -> Result<Vec<
         .map_err(|e| PeftError::InvalidState(format!("cannot encode safetensors: {e}")))
 }
 
-/// Write several files into `dir` so that either all of them are replaced or none is.
-///
-/// Every file is first written and fsynced under a temporary name in the same folder; only when
-/// all succeeded are they renamed over the targets (renames within a folder are atomic), and the
-/// folder is fsynced. On any error the temporary files are removed and the previous files are
-/// untouched.
+/// Write a bundle's files into `dir` so that either all of them are replaced or none is: the
+/// folder is staged and swapped in whole ([`atomic::StagedDir`](crate::atomic::StagedDir)), so a
+/// crash never pairs new weights with an old config. Other entries of `dir` (the sub-folders of
+/// other adapters, a README) are kept.
 pub fn write_files_atomically(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let mut staged: Vec<(tempfile::TempPath, PathBuf)> = Vec::new();
+    let staged = crate::atomic::StagedDir::create(dir)?;
     for (name, bytes) in files {
-        let target = dir.join(name);
-        let staging = dir.join(format!(".{name}.tmp"));
-        let result = (|| -> std::io::Result<tempfile::TempPath> {
-            if fs::symlink_metadata(&staging).is_ok() {
-                fs::remove_file(&staging)?;
-            }
-            let mut file = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&staging)?;
-            let temp = tempfile::TempPath::try_from_path(&staging)?;
-            file.write_all(bytes)?;
-            file.sync_all()?;
-            Ok(temp)
-        })();
-        match result {
-            Ok(temp) => staged.push((temp, target)),
-            Err(source) => {
-                return Err(PeftError::Io {
-                    file: staging,
-                    source,
-                });
-            }
-        }
+        staged.write(name, bytes)?;
     }
-    for (temp, target) in staged {
-        temp.persist(&target).map_err(|e| PeftError::Io {
-            file: target.clone(),
-            source: e.error,
-        })?;
-    }
-    if let Ok(handle) = fs::File::open(dir) {
-        let _ = handle.sync_all();
-    }
+    staged.commit(crate::atomic::Previous::KeepOtherEntries)?;
     Ok(())
 }

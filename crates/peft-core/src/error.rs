@@ -2,6 +2,15 @@
 
 use std::path::PathBuf;
 
+impl From<crate::atomic::IoAt> for PeftError {
+    fn from(e: crate::atomic::IoAt) -> Self {
+        PeftError::Io {
+            file: e.path,
+            source: e.source,
+        }
+    }
+}
+
 /// Result alias used across burn-peft.
 pub type Result<T, E = PeftError> = std::result::Result<T, E>;
 
@@ -143,6 +152,16 @@ pub enum PeftError {
         /// The method name.
         method: String,
         /// What cannot be done.
+        reason: String,
+    },
+    /// Adapters cannot be combined as asked ([`PeftModel::add_weighted_adapter`](crate::PeftModel::add_weighted_adapter)).
+    #[error("cannot combine adapters {}: `{field}`: {reason}", adapters.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", "))]
+    IncompatibleAdapters {
+        /// The adapters at fault.
+        adapters: Vec<String>,
+        /// The config field or option that disagrees (`r`, `target_modules`, `peft_type`, ...).
+        field: String,
+        /// What is wrong and what to do.
         reason: String,
     },
     /// An operation is not valid in the current state (for example unmerge with nothing merged).

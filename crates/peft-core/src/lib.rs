@@ -1,6 +1,7 @@
 //! Core seams of burn-peft: the [`PeftMethod`] plugin trait, PEFT's target matching,
 //! adapter-aware layers ([`nn::Linear`], [`nn::Embedding`]), [`Adaptable`] models,
-//! [`PeftModel`] and bundle I/O in Hugging Face PEFT's format.
+//! [`PeftModel`] and bundle I/O in Hugging Face PEFT's format, and
+//! [`burn_modules::PeftModule`] for plain Burn models (adapters in weight space).
 
 #![warn(missing_docs)]
 
@@ -9,7 +10,11 @@ extern crate self as peft_core;
 
 mod adaptable;
 mod adapter;
+pub mod atomic;
 pub mod bundle;
+pub mod burn_modules;
+mod combine;
+mod describe;
 mod error;
 pub mod matching;
 mod method;
@@ -18,7 +23,14 @@ pub mod nn;
 pub mod precision;
 
 pub use adaptable::{Adaptable, Site, SiteMut, SitePath, SiteSummary, list_sites};
-pub use adapter::{AdapterKernel, AdapterState, BaseWeights, MergeDirection, TensorSource};
+pub use adapter::{
+    AdapterKernel, AdapterState, BaseWeights, MergeDirection, MergeInput, TensorSource, WeightSpace,
+};
+pub use combine::{
+    Combination, CombinationType, CombineInput, CombineOptions, CombinedTensors,
+    MajoritySignMethod, SVD_DRIVERS, SiteCombiner, SiteInput,
+};
+pub use describe::{MethodSummary, TensorRole};
 pub use error::{PeftError, Result};
 pub use matching::{LayerIndices, LayersPattern, TargetModules, TargetSpec};
 pub use method::{BiasMode, PeftMethod, SiteInfo, SiteKind, peft_type_of};

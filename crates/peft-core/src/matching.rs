@@ -225,18 +225,21 @@ impl TargetMatcher {
     }
 }
 
-/// What `"all-linear"` stands for: the last name segment of every linear site except the
-/// model's output layer (as PEFT does).
-pub fn all_linear_names(linear_paths: &[String], output_layer: Option<&str>) -> Vec<String> {
-    let output_name = output_layer.map(|o| o.rsplit('.').next().unwrap_or(o));
-    let mut names: Vec<String> = linear_paths
+/// What `"all-linear"` stands for: the full path of every linear site except `excluded` (the
+/// output embeddings, and the classification head for `SEQ_CLS`), as PEFT's
+/// `_maybe_include_all_linear_layers` sets `target_modules` to the set of module names.
+///
+/// ```
+/// use peft_core::matching::all_linear_names;
+/// let paths = ["model.layers.0.q_proj".to_string(), "lm_head".to_string()];
+/// assert_eq!(all_linear_names(&paths, &["lm_head".into()]), ["model.layers.0.q_proj"]);
+/// ```
+pub fn all_linear_names(linear_paths: &[String], excluded: &[String]) -> Vec<String> {
+    linear_paths
         .iter()
-        .map(|p| p.rsplit('.').next().unwrap_or(p).to_string())
-        .filter(|n| Some(n.as_str()) != output_name)
-        .collect();
-    names.sort();
-    names.dedup();
-    names
+        .filter(|p| !excluded.contains(p))
+        .cloned()
+        .collect()
 }
 
 /// Select the targets of `spec` among `paths` (in order), and error on every list entry of

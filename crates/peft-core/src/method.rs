@@ -5,8 +5,10 @@ use std::fmt::Debug;
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
-use crate::adapter::AdapterState;
-use crate::error::Result;
+use crate::adapter::{AdapterState, BaseWeights};
+use crate::combine::{Combination, CombineInput, CombineOptions};
+use crate::describe::MethodSummary;
+use crate::error::{PeftError, Result};
 use crate::matching::TargetSpec;
 use crate::nn::WeightLayout;
 
@@ -32,6 +34,9 @@ pub struct SiteInfo {
     pub kind: SiteKind,
     /// The device of the base weights; adapters live on the same one.
     pub device: Device,
+    /// The site's base weights (Burn layout), for methods whose initialization depends on them
+    /// (DoRA's magnitude starts at the column norms); `None` at a key/value prefix site.
+    pub base: Option<BaseWeights>,
 }
 
 /// Kind and shape of a site.
@@ -99,6 +104,12 @@ pub trait PeftMethod: Debug + Send + Sync {
         Vec::new()
     }
 
+    /// PEFT's `task_type` (`SEQ_CLS`, `CAUSAL_LM`, ...), where the method has one; it decides,
+    /// as in PEFT, whether `"all-linear"` leaves out a classification head.
+    fn task_type(&self) -> Option<&str> {
+        None
+    }
+
     /// Which base biases train.
     fn bias(&self) -> BiasMode {
         BiasMode::None
@@ -140,6 +151,36 @@ pub trait PeftMethod: Debug + Send + Sync {
     /// Whether the adapter can be folded into the base weights.
     fn mergeable(&self) -> bool {
         true
+    }
+
+    /// What tools such as `burn-peft inspect` show about this config: its notable values and
+    /// the role of each tensor it saves (see [`MethodSummary::from_config`]). The default shows
+    /// nothing.
+    fn describe(&self) -> MethodSummary {
+        MethodSummary::default()
+    }
+
+    /// Plan a weighted combination of adapters (PEFT's `add_weighted_adapter`): called on the
+    /// config of the first of `inputs` by
+    /// [`PeftModel::add_weighted_adapter`](crate::PeftModel::add_weighted_adapter), which has
+    /// already checked the names, weights, options and `modules_to_save` conflicts. Returns the
+    /// new adapter's config and the per-site math; rejects inputs it cannot combine with
+    /// [`PeftError::IncompatibleAdapters`]. By default a method does not combine.
+    fn combine(
+        &self,
+        inputs: &[CombineInput<'_>],
+        options: &CombineOptions,
+    ) -> Result<Combination> {
+        let _ = options;
+        Err(PeftError::NotSupportedByMethod {
+            adapter: inputs
+                .first()
+                .map(|i| i.name.to_string())
+                .unwrap_or_default(),
+            method: self.typetag_name().into(),
+            reason: "weighted combination (add_weighted_adapter) is not implemented by this method"
+                .into(),
+        })
     }
 
     /// A boxed copy.

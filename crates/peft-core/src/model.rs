@@ -5,15 +5,15 @@ use std::fmt;
 use std::path::Path;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::adaptable::{Adaptable, Site, SiteMut, SitePath};
-use crate::adapter::{AdapterState, BaseWeights, MergeDirection, TensorSource};
+use crate::adapter::{AdapterState, BaseWeights, MergeDirection, MergeInput, TensorSource};
 use crate::bundle::{self, KEY_PREFIX, TensorFile};
 use crate::error::{PeftError, Result};
 use crate::matching::{self, all_linear_names};
 use crate::method::{BiasMode, PeftMethod, SiteInfo, SiteKind, peft_type_of};
-use crate::nn::{Linear, ModuleCopy, WeightLayout};
+use crate::nn::{BASE_ROW, ForwardContext, Linear, ModuleCopy, RowAdapters, WeightLayout};
 
 /// PEFT's `print_trainable_parameters` numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,9 +99,10 @@ struct SiteRecord {
     path: String,
     kind: SiteKind,
     device: burn::tensor::Device,
+    base: Option<BaseWeights>,
 }
 
-fn site_kind(site: &Site<'_>) -> SiteKind {
+pub(crate) fn site_kind(site: &Site<'_>) -> SiteKind {
     match site {
         Site::Linear(l) => {
             let [d_input, d_output] = l.dims();
@@ -305,10 +306,22 @@ impl<M: Adaptable + Module> PeftModel<M> {
                     Site::Embedding(e) => e.weight.lazy_device(),
                     Site::KvPrefix(_) => model_device.clone().unwrap_or_default(),
                 };
+                let base = match site {
+                    Site::Linear(l) => Some(BaseWeights {
+                        weight: l.weight.val(),
+                        bias: l.bias.as_ref().map(|b| b.val()),
+                    }),
+                    Site::Embedding(e) => Some(BaseWeights {
+                        weight: e.weight.val(),
+                        bias: None,
+                    }),
+                    Site::KvPrefix(_) => None,
+                };
                 out.push(SiteRecord {
                     path: path.to_string(),
                     kind: site_kind(&site),
                     device,
+                    base,
                 });
             });
         out
@@ -376,8 +389,15 @@ impl<M: Adaptable + Module> PeftModel<M> {
                 .filter(|s| matches!(s.kind, SiteKind::Linear { .. }))
                 .map(|s| s.path.clone())
                 .collect();
-            let output_layer = self.model.output_layer();
-            let all_linear = all_linear_names(&linear_paths, output_layer.as_deref());
+            // PEFT leaves out the output embeddings, else (SEQ_CLS only) the classifier head.
+            let excluded: Vec<String> = match self.model.output_layer() {
+                Some(output) => vec![output],
+                None if method.task_type() == Some("SEQ_CLS") => {
+                    self.model.classifier_head().into_iter().collect()
+                }
+                None => Vec::new(),
+            };
+            let all_linear = all_linear_names(&linear_paths, &excluded);
             let mut shielded = HashSet::new();
             for p in &paths {
                 if matching::shielded_by_modules_to_save(&to_save, p)? {
@@ -396,6 +416,7 @@ impl<M: Adaptable + Module> PeftModel<M> {
                 path: s.path.clone(),
                 kind: s.kind.clone(),
                 device: s.device.clone(),
+                base: s.base.clone(),
             })
             .collect();
         let resolved = method.resolve(&infos)?;
@@ -499,6 +520,43 @@ impl<M: Adaptable + Module> PeftModel<M> {
         Ok(())
     }
 
+    /// A forward context that runs a different adapter on each row of a batch (PEFT's
+    /// `adapter_names=[...]`): `names[i]` is row `i`'s adapter, [`BASE_ROW`] (`"__base__"`)
+    /// for the base model alone. Any adapter of the model can be named, active or not. Pass it
+    /// to the model's `forward_with`; every site computes the base once for the whole batch
+    /// and each adapter only on its rows.
+    ///
+    /// Unknown names are [`PeftError::AdapterNotFound`] (PEFT once ignored typos silently);
+    /// merged adapters are refused, as in PEFT, since the base weights then hold them.
+    ///
+    /// ```
+    /// # use burn::tensor::Device;
+    /// # use peft_core::{Adaptable, PeftModel, nn::LinearConfig};
+    /// # #[derive(burn::module::Module, Debug, Adaptable)]
+    /// # struct Net { proj: peft_core::nn::Linear }
+    /// let device = Device::flex();
+    /// let model = PeftModel::new(Net { proj: LinearConfig::new(4, 4).init(&device) });
+    /// assert!(model.adapter_rows(&["__base__", "__base__"], &device).is_ok());
+    /// assert!(model.adapter_rows(&["typo"], &device).is_err());
+    /// ```
+    pub fn adapter_rows(
+        &self,
+        names: &[&str],
+        device: &burn::tensor::Device,
+    ) -> Result<ForwardContext> {
+        for name in names.iter().filter(|n| **n != BASE_ROW) {
+            self.config(name)?;
+        }
+        if self.has_merged() {
+            return Err(PeftError::InvalidState(
+                "adapters are merged into the base weights; unmerge them before a mixed-adapter \
+                 batch (PEFT refuses mixed batches with merged adapters too)"
+                    .into(),
+            ));
+        }
+        Ok(ForwardContext::mixed(RowAdapters::new(names, device)))
+    }
+
     fn has_merged(&self) -> bool {
         let mut merged = false;
         self.model
@@ -536,16 +594,25 @@ impl<M: Adaptable + Module> PeftModel<M> {
         let mut error = None;
         self.for_each_site_mut(|path, mut slots| {
             let Some(weight) = slots.weight else { return };
-            for adapter in slots.adapters.iter_mut().filter(|a| a.active && !a.merged) {
+            for index in 0..slots.adapters.len() {
+                let (earlier, rest) = slots.adapters.split_at_mut(index);
+                let adapter = &mut rest[0];
+                if !adapter.active || adapter.merged {
+                    continue;
+                }
                 if error.is_some() {
                     return;
                 }
                 let bias = slots.bias.as_ref().and_then(|b| b.as_ref());
+                // Kernels merge in f32: a half-precision frozen base (`precision`) is widened
+                // here and rounded once when stored back (`set_base`).
                 let base = BaseWeights {
-                    weight: weight.val().detach(),
+                    weight: weight.val().detach().cast(DType::F32),
                     bias: bias.map(|b| b.val().detach()),
                 };
-                match adapter.kernel.merge(adapter, base, MergeDirection::Merge) {
+                let kernel = adapter.kernel.clone();
+                let input = MergeInput::new(base, earlier);
+                match kernel.merge(adapter, input, MergeDirection::Merge) {
                     Ok(new) => {
                         set_base(weight, slots.bias.as_deref_mut(), new);
                         adapter.merged = true;
@@ -574,13 +641,22 @@ impl<M: Adaptable + Module> PeftModel<M> {
         let mut error = None;
         self.for_each_site_mut(|path, mut slots| {
             let Some(weight) = slots.weight else { return };
-            for adapter in slots.adapters.iter_mut().rev().filter(|a| a.merged) {
+            for index in (0..slots.adapters.len()).rev() {
+                let (earlier, rest) = slots.adapters.split_at_mut(index);
+                let adapter = &mut rest[0];
+                if !adapter.merged {
+                    continue;
+                }
                 let bias = slots.bias.as_ref().and_then(|b| b.as_ref());
+                // Kernels merge in f32: a half-precision frozen base (`precision`) is widened
+                // here and rounded once when stored back (`set_base`).
                 let base = BaseWeights {
-                    weight: weight.val().detach(),
+                    weight: weight.val().detach().cast(DType::F32),
                     bias: bias.map(|b| b.val().detach()),
                 };
-                match adapter.kernel.merge(adapter, base, MergeDirection::Unmerge) {
+                let kernel = adapter.kernel.clone();
+                let input = MergeInput::new(base, earlier);
+                match kernel.merge(adapter, input, MergeDirection::Unmerge) {
                     Ok(new) => {
                         set_base(weight, slots.bias.as_deref_mut(), new);
                         adapter.merged = false;
@@ -928,7 +1004,8 @@ fn set_base(
     bias: Option<&mut Option<Param<Tensor<1>>>>,
     new: BaseWeights,
 ) {
-    *weight = weight.clone().map(|_| new.weight.detach());
+    let dtype = weight.val().dtype();
+    *weight = weight.clone().map(|_| new.weight.detach().cast(dtype));
     if let (Some(Some(b)), Some(nb)) = (bias, new.bias) {
         *b = b.clone().map(|_| nb.detach());
     }
@@ -939,4 +1016,22 @@ fn set_base(
 pub struct LoadReport {
     /// Config keys this version does not know (PEFT's forward-compatibility rule: a warning).
     pub unknown_config_keys: Vec<String>,
+}
+
+impl<M: Adaptable + Module> PeftModel<M> {
+    /// Remove adapter `name`, which was just added and never merged nor trained, leaving merged
+    /// adapters as they are (unlike [`delete_adapter`](Self::delete_adapter)): the rollback of
+    /// a failed [`add_weighted_adapter`](Self::add_weighted_adapter).
+    pub(crate) fn discard_adapter(&mut self, name: &str) {
+        self.for_each_site_mut(|_, slots| {
+            slots.adapters.retain(|a| a.name != name);
+            if let Some(copies) = slots.copies {
+                copies.retain(|c| c.adapter != name);
+            }
+        });
+        self.configs.retain(|(n, _)| n != name);
+        self.bias_owners.retain(|n| n != name);
+        self.active.retain(|n| n != name);
+        self.refresh();
+    }
 }

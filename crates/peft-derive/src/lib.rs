@@ -12,9 +12,12 @@ use syn::{Data, DeriveInput, Fields, LitStr, parse_macro_input};
 ///   (for Hugging Face names that are not Rust identifiers).
 /// - `#[peft(skip)]` and `#[module(skip)]` fields are ignored.
 /// - `#[peft(flatten)]` visits a field without adding a segment.
-/// - On the type, `#[peft(output_layer = "lm_head")]` names the output layer that
-///   `target_modules = "all-linear"` leaves out.
-/// - Enum variants with one field are transparent (no segment).
+/// - On the type, `#[peft(output_layer = "lm_head")]` names the output layer (the output
+///   embeddings) that `target_modules = "all-linear"` always leaves out, and
+///   `#[peft(classifier_head = "score")]` the classification head it leaves out when the method's
+///   `task_type` is `SEQ_CLS` (PEFT's `_maybe_include_all_linear_layers`).
+/// - Enum variants with one field are transparent (no segment); `output_layer` and
+///   `classifier_head` are those of the variant held.
 ///
 /// The generated code refers to `peft_core` when the crate depends on it, else to
 /// `burn_peft::core`; `#[peft(crate = "path")]` overrides this.
@@ -69,6 +72,7 @@ fn field_opts(attrs: &[syn::Attribute]) -> syn::Result<FieldOpts> {
 struct TypeOpts {
     krate: syn::Path,
     output_layer: Option<String>,
+    classifier_head: Option<String>,
 }
 
 /// Where `peft_core` is reachable from the crate being compiled: `peft_core` itself when it is a
@@ -95,6 +99,7 @@ fn default_crate_path() -> syn::Path {
 fn type_opts(attrs: &[syn::Attribute]) -> syn::Result<TypeOpts> {
     let mut krate: syn::Path = default_crate_path();
     let mut output_layer = None;
+    let mut classifier_head = None;
     for attr in attrs.iter().filter(|a| a.path().is_ident("peft")) {
         attr.parse_nested_meta(|meta| {
             if meta.path.is_ident("crate") {
@@ -105,14 +110,21 @@ fn type_opts(attrs: &[syn::Attribute]) -> syn::Result<TypeOpts> {
                 let lit: LitStr = meta.value()?.parse()?;
                 output_layer = Some(lit.value());
                 Ok(())
+            } else if meta.path.is_ident("classifier_head") {
+                let lit: LitStr = meta.value()?.parse()?;
+                classifier_head = Some(lit.value());
+                Ok(())
             } else {
-                Err(meta.error("expected `crate = \"...\"` or `output_layer = \"...\"`"))
+                Err(meta.error(
+                    "expected `crate = \"...\"`, `output_layer = \"...\"` or `classifier_head = \"...\"`",
+                ))
             }
         })?;
     }
     Ok(TypeOpts {
         krate,
         output_layer,
+        classifier_head,
     })
 }
 
@@ -171,8 +183,9 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
     let ident = &input.ident;
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
 
-    let delegated_output: Option<TokenStream2> = None;
-    let (visit, visit_mut) = match &input.data {
+    // For enums, `output_layer` / `classifier_head` delegate to the variant held; without this
+    // an `HfModel` would report no output layer and `all-linear` would adapt `lm_head`.
+    let (visit, visit_mut, delegated) = match &input.data {
         Data::Struct(data) => {
             let access = |mutable: bool| {
                 move |i: usize, field: &syn::Field| {
@@ -193,12 +206,14 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
             (
                 fields_body(krate, &data.fields, false, &access(false))?,
                 fields_body(krate, &data.fields, true, &access(true))?,
+                None,
             )
         }
         Data::Enum(data) => {
             let mut arms = TokenStream2::new();
             let mut arms_mut = TokenStream2::new();
             let mut output_arms = TokenStream2::new();
+            let mut classifier_arms = TokenStream2::new();
             for variant in &data.variants {
                 let vname = &variant.ident;
                 let (pattern, bindings): (TokenStream2, Vec<syn::Ident>) = match &variant.fields {
@@ -236,8 +251,13 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
                 if single && matches!(variant.fields, Fields::Unnamed(_)) {
                     output_arms
                         .extend(quote!(Self::#vname(f0) => #krate::Adaptable::output_layer(f0),));
+                    classifier_arms.extend(
+                        quote!(Self::#vname(f0) => #krate::Adaptable::classifier_head(f0),),
+                    );
                 } else {
-                    output_arms.extend(quote!(#[allow(unused_variables)] #pattern => ::core::option::Option::None,));
+                    let none = quote!(#[allow(unused_variables)] #pattern => ::core::option::Option::None,);
+                    output_arms.extend(none.clone());
+                    classifier_arms.extend(none);
                 }
                 arms.extend(quote!(#[allow(unused_variables)] #pattern => { #b }));
                 arms_mut.extend(quote!(#[allow(unused_variables)] #pattern => { #bm }));
@@ -245,6 +265,10 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
             (
                 quote!(match self { #arms }),
                 quote!(match self { #arms_mut }),
+                Some((
+                    quote!(match self { #output_arms }),
+                    quote!(match self { #classifier_arms }),
+                )),
             )
         }
         Data::Union(u) => {
@@ -255,20 +279,32 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
         }
     };
 
-    let output_layer = match (&opts.output_layer, delegated_output) {
-        (Some(name), _) => quote! {
-            fn output_layer(&self) -> ::core::option::Option<::std::string::String> {
-                ::core::option::Option::Some(::std::string::String::from(#name))
-            }
-        },
-        // Enums delegate to the variant they hold.
-        (None, Some(arms)) => quote! {
-            fn output_layer(&self) -> ::core::option::Option<::std::string::String> {
-                #arms
-            }
-        },
-        (None, None) => quote!(),
-    };
+    let named =
+        |name: &Option<String>, delegate: Option<&TokenStream2>, method: TokenStream2| match (
+            name, delegate,
+        ) {
+            (Some(name), _) => quote! {
+                fn #method(&self) -> ::core::option::Option<::std::string::String> {
+                    ::core::option::Option::Some(::std::string::String::from(#name))
+                }
+            },
+            (None, Some(arms)) => quote! {
+                fn #method(&self) -> ::core::option::Option<::std::string::String> {
+                    #arms
+                }
+            },
+            (None, None) => quote!(),
+        };
+    let output_layer = named(
+        &opts.output_layer,
+        delegated.as_ref().map(|d| &d.0),
+        quote!(output_layer),
+    );
+    let classifier_head = named(
+        &opts.classifier_head,
+        delegated.as_ref().map(|d| &d.1),
+        quote!(classifier_head),
+    );
 
     Ok(quote! {
         impl #impl_generics #krate::Adaptable for #ident #ty_generics #where_clause {
@@ -289,6 +325,8 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
             }
 
             #output_layer
+
+            #classifier_head
         }
     })
 }

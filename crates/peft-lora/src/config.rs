@@ -6,12 +6,13 @@ use burn::tensor::{Distribution, Tensor};
 use indexmap::IndexMap;
 use peft_core::matching::pattern_lookup;
 use peft_core::{
-    AdapterState, BiasMode, LayerIndices, LayersPattern, PeftError, PeftMethod, Result, SiteInfo,
-    SiteKind, TargetModules, TargetSpec,
+    AdapterState, BiasMode, Combination, CombineInput, CombineOptions, LayerIndices, LayersPattern,
+    MethodSummary, PeftError, PeftMethod, Result, SiteInfo, SiteKind, TargetModules, TargetSpec,
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
+use crate::dora::{DoraEmbeddingKernel, DoraLinearKernel};
 use crate::kernel::{LoraEmbeddingKernel, LoraLinearKernel};
 
 /// `init_lora_weights`: `true` (Kaiming-uniform A, zero B), `"gaussian"` (normal A with std
@@ -96,12 +97,13 @@ fn empty_object() -> Value {
 }
 
 /// LoRA (Hu et al., 2021) as Hugging Face PEFT defines it: `y = W x + B A dropout(x) · s`, with
-/// `s = lora_alpha / r` (or `lora_alpha / sqrt(r)` with `use_rslora`).
+/// `s = lora_alpha / r` (or `lora_alpha / sqrt(r)` with `use_rslora`); with `use_dora`, DoRA's
+/// weight decomposition on top (see [`DoraLinearKernel`]).
 ///
 /// Field names, defaults and JSON are PEFT's, so a PEFT `adapter_config.json` deserializes into
 /// this type and ours loads in PEFT. Options that change the math and that we do not implement
-/// (`use_dora`, `lora_bias`, `target_parameters`, `layer_replication`, ...) are kept so they round
-/// trip, and rejected by [`PeftMethod::validate`] when set.
+/// (`lora_bias`, `target_parameters`, `layer_replication`, ...) are kept so they round trip, and
+/// rejected by [`PeftMethod::validate`] when set.
 ///
 /// ```
 /// use peft_lora::LoraConfig;
@@ -159,7 +161,8 @@ pub struct LoraConfig {
 
     // Options PEFT knows and that change the math; we keep them for round trips and refuse
     // them when set (see `validate`).
-    /// DoRA (unsupported when true).
+    /// DoRA: a learned magnitude per output feature rescales `W + ΔW` by its detached column
+    /// norm (`lora_magnitude_vector` in the bundle).
     pub use_dora: bool,
     /// LoRA bias term on B (unsupported when true).
     pub lora_bias: bool,
@@ -294,12 +297,6 @@ impl LoraConfig {
             }
         };
         check(
-            self.use_dora,
-            "use_dora",
-            "true".into(),
-            "DoRA adds a magnitude vector",
-        );
-        check(
             self.lora_bias,
             "lora_bias",
             "true".into(),
@@ -413,6 +410,10 @@ impl PeftMethod for LoraConfig {
         self.modules_to_save.clone().unwrap_or_default()
     }
 
+    fn task_type(&self) -> Option<&str> {
+        self.task_type.as_deref()
+    }
+
     fn bias(&self) -> BiasMode {
         self.bias
     }
@@ -509,6 +510,9 @@ impl PeftMethod for LoraConfig {
                     dropout: self.lora_dropout,
                     r,
                 };
+                if self.use_dora {
+                    return DoraLinearKernel { lora: kernel }.adapter(name, site, a, b);
+                }
                 Ok(AdapterState::new(
                     name,
                     vec![a, b],
@@ -535,6 +539,9 @@ impl PeftMethod for LoraConfig {
                     ),
                 };
                 let kernel = LoraEmbeddingKernel { scaling };
+                if self.use_dora {
+                    return DoraEmbeddingKernel { lora: kernel }.adapter(name, site, a, b);
+                }
                 Ok(AdapterState::new(
                     name,
                     vec![a, b],
@@ -548,6 +555,19 @@ impl PeftMethod for LoraConfig {
                 method: "LORA".into(),
             }),
         }
+    }
+
+    fn describe(&self) -> MethodSummary {
+        crate::describe::summary(self)
+    }
+
+    /// PEFT's `add_weighted_adapter` rules (see [`crate::combine`]).
+    fn combine(
+        &self,
+        inputs: &[CombineInput<'_>],
+        options: &CombineOptions,
+    ) -> Result<Combination> {
+        crate::combine::plan_combination(inputs, options)
     }
 
     fn clone_method(&self) -> Box<dyn PeftMethod> {

@@ -2,13 +2,16 @@
 
 use burn::tensor::module::embedding;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
-use peft_core::{AdapterKernel, AdapterState, BaseWeights, MergeDirection, Result, TensorSource};
+use peft_core::{
+    AdapterKernel, AdapterState, BaseWeights, MergeDirection, MergeInput, Result, TensorSource,
+    WeightSpace,
+};
 
 /// `data` in the file's layout (`[r, in]` / `[out, r]`) transposed to ours. On the host, where
 /// the bundle was read: one pass over `r x d` values, and the parameter stays contiguous (a
 /// transposed view on the device would make every later product read it strided, and differ in
 /// the last bits from an adapter built in place).
-fn transposed(data: TensorData) -> TensorData {
+pub(crate) fn transposed(data: TensorData) -> TensorData {
     let [rows, cols] = [data.shape()[0], data.shape()[1]];
     let values = data
         .try_to_vec::<f32>()
@@ -22,7 +25,8 @@ fn transposed(data: TensorData) -> TensorData {
     TensorData::new(out, [cols, rows])
 }
 
-fn delta(state: &AdapterState, scaling: f64) -> Tensor<2> {
+/// `A·B·scaling` in Burn layout (`[in, out]` / `[vocab, dim]`).
+pub(crate) fn delta(state: &AdapterState, scaling: f64) -> Tensor<2> {
     let a = state.matrices[0].val();
     let b = state.matrices[1].val();
     a.matmul(b).mul_scalar(scaling)
@@ -42,8 +46,61 @@ fn apply(base: BaseWeights, delta: Tensor<2>, direction: MergeDirection) -> Base
     }
 }
 
+/// The weight-space form of LoRA at a linear site with input dropout `p` (shared with DoRA):
+/// exact without dropout; with it, exact in inference only, since dropout acts on the layer
+/// input, which no weight can express (PEFT's own weight-space LoRA, `ParamWrapper` in
+/// peft/tuners/lora/layer.py, refuses `lora_dropout != 0` for the same reason).
+pub(crate) fn linear_weight_space(dropout: f64) -> WeightSpace {
+    if dropout > 0.0 {
+        WeightSpace::InferenceOnly(format!(
+            "lora_dropout = {dropout} drops the layer input, which no weight can express; set lora_dropout to 0 to train in weight space"
+        ))
+    } else {
+        WeightSpace::Exact
+    }
+}
+
 /// LoRA on a linear layer. `A` is stored `[in, r]` and `B` `[r, out]` so the forward is two
-/// plain matmuls on activations, `(x·A)·B`, and never builds the `[in, out]` delta.
+/// plain matmuls on activations, `(x·A)·B`, and never builds the `[in, out]` delta; in weight
+/// space (plain Burn modules, `peft_core::burn_modules`) the weight is `W + A·B·s`.
+///
+/// ```
+/// use burn::module::Module;
+/// use burn::nn::{Linear, LinearConfig};
+/// use burn::tensor::{Device, Distribution, Tensor};
+/// use peft_core::burn_modules::PeftModule;
+/// use peft_lora::{InitLoraWeights, LoraConfig};
+///
+/// #[derive(Module, Debug)]
+/// struct Block {
+///     q_proj: Linear,
+///     v_proj: Linear,
+/// }
+///
+/// let device = Device::flex();
+/// let block = Block {
+///     q_proj: LinearConfig::new(8, 8).init(&device),
+///     v_proj: LinearConfig::new(8, 8).init(&device),
+/// };
+/// let mut model = PeftModule::new(block);
+/// let lora = LoraConfig {
+///     r: 2,
+///     lora_alpha: 4.0,
+///     target_modules: Some(["v_proj"].into()),
+///     init_lora_weights: InitLoraWeights::Bool(false), // non-zero B, to see a difference
+///     ..Default::default()
+/// };
+/// model.add_adapter("default", &lora).unwrap();
+/// let tensors = model.adapter_tensors("default").unwrap();
+/// assert_eq!(tensors["base_model.model.v_proj.lora_A.weight"].shape().to_vec(), [2, 8]);
+/// assert_eq!(tensors["base_model.model.v_proj.lora_B.weight"].shape().to_vec(), [8, 2]);
+///
+/// // burn::nn::Linear's own forward now computes x (W + A B s) + b.
+/// let x = Tensor::<2>::random([3, 8], Distribution::Default, &device);
+/// let adapted = model.model().v_proj.forward(x.clone());
+/// let plain = model.unload();
+/// assert!((adapted - plain.v_proj.forward(x)).abs().max().into_scalar::<f32>() > 1e-3);
+/// ```
 #[derive(Debug)]
 pub struct LoraLinearKernel {
     /// `lora_alpha / r` (or `/ sqrt(r)` with rsLoRA).
@@ -54,8 +111,9 @@ pub struct LoraLinearKernel {
     pub r: usize,
 }
 
-impl AdapterKernel for LoraLinearKernel {
-    fn forward_linear(&self, state: &AdapterState, x: Tensor<2>, y: Tensor<2>) -> Tensor<2> {
+impl LoraLinearKernel {
+    /// `s·(drop(x)·A)·B`.
+    fn delta(&self, state: &AdapterState, x: Tensor<2>) -> Tensor<2> {
         let x = if self.dropout > 0.0 && state.is_training(&x) {
             let keep = 1.0 - self.dropout;
             let mask = x.random_like(Distribution::Bernoulli(keep));
@@ -64,16 +122,50 @@ impl AdapterKernel for LoraLinearKernel {
             x
         };
         let low = x.matmul(state.matrices[0].val());
-        y + low.matmul(state.matrices[1].val()).mul_scalar(self.scaling)
+        low.matmul(state.matrices[1].val()).mul_scalar(self.scaling)
+    }
+}
+
+impl AdapterKernel for LoraLinearKernel {
+    fn forward_linear(
+        &self,
+        state: &AdapterState,
+        _base: &BaseWeights,
+        x: Tensor<2>,
+        y: Tensor<2>,
+    ) -> Tensor<2> {
+        y + self.delta(state, x)
+    }
+
+    fn linear_delta(
+        &self,
+        state: &AdapterState,
+        _base: &BaseWeights,
+        x: Tensor<2>,
+    ) -> Option<Tensor<2>> {
+        Some(self.delta(state, x))
     }
 
     fn merge(
         &self,
-        state: &AdapterState,
-        base: BaseWeights,
+        state: &mut AdapterState,
+        site: MergeInput<'_>,
         direction: MergeDirection,
     ) -> Result<BaseWeights> {
-        Ok(apply(base, delta(state, self.scaling), direction))
+        Ok(apply(site.current, delta(state, self.scaling), direction))
+    }
+
+    fn weight_space(&self) -> WeightSpace {
+        linear_weight_space(self.dropout)
+    }
+
+    fn effective_weight(
+        &self,
+        state: &AdapterState,
+        _base: &Tensor<2>,
+        weight: Tensor<2>,
+    ) -> Tensor<2> {
+        weight + delta(state, self.scaling)
     }
 
     fn export(&self, state: &AdapterState) -> Vec<(String, TensorData)> {
@@ -113,13 +205,10 @@ pub struct LoraEmbeddingKernel {
 }
 
 impl AdapterKernel for LoraEmbeddingKernel {
-    fn forward_linear(&self, _state: &AdapterState, _x: Tensor<2>, y: Tensor<2>) -> Tensor<2> {
-        y
-    }
-
     fn forward_embedding(
         &self,
         state: &AdapterState,
+        _base: &BaseWeights,
         ids: Tensor<2, Int>,
         y: Tensor<3>,
     ) -> Tensor<3> {
@@ -130,11 +219,26 @@ impl AdapterKernel for LoraEmbeddingKernel {
 
     fn merge(
         &self,
-        state: &AdapterState,
-        base: BaseWeights,
+        state: &mut AdapterState,
+        site: MergeInput<'_>,
         direction: MergeDirection,
     ) -> Result<BaseWeights> {
-        Ok(apply(base, delta(state, self.scaling), direction))
+        Ok(apply(site.current, delta(state, self.scaling), direction))
+    }
+
+    /// Exact: an embedding's LoRA has no dropout, and a lookup in `W + A·B·s` is
+    /// `embedding(ids, W) + embedding(ids, A)·B·s`.
+    fn weight_space(&self) -> WeightSpace {
+        WeightSpace::Exact
+    }
+
+    fn effective_weight(
+        &self,
+        state: &AdapterState,
+        _base: &Tensor<2>,
+        weight: Tensor<2>,
+    ) -> Tensor<2> {
+        weight + delta(state, self.scaling)
     }
 
     fn export(&self, state: &AdapterState) -> Vec<(String, TensorData)> {

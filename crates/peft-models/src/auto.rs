@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor};
 use peft_core::Adaptable;
+use peft_core::nn::ForwardContext;
 
 use crate::bert::{BertForSequenceClassification, BertModel};
 use crate::cache::KvCache;
@@ -14,7 +15,7 @@ use crate::gpt2::{Gpt2ForSequenceClassification, Gpt2LMHeadModel};
 use crate::heads::mean_pool_normalize;
 use crate::hub;
 use crate::llama::{LlamaForCausalLM, LlamaForSequenceClassification};
-use crate::load::{load_into, tensor_names, weight_files};
+use crate::load::{load_into, tensor_shapes, total_elements, weight_files};
 use crate::tokenizer::HfTokenizer;
 
 /// Which head to put on the backbone.
@@ -82,13 +83,35 @@ pub struct ModelOutputs {
 }
 
 impl HfModel {
-    /// Run the model.
-    pub fn forward(&self, inputs: &ModelInputs) -> ModelOutputs {
+    /// Run the model. Inputs it cannot take (token ids outside the vocabulary, a sequence
+    /// longer than the position table, masks of another shape, an empty batch) are
+    /// [`ModelError::InputOutOfRange`] naming the input, the limit and what to do; nothing
+    /// panics on user input.
+    pub fn forward(&self, inputs: &ModelInputs) -> Result<ModelOutputs> {
+        self.forward_with(inputs, &ForwardContext::default())
+    }
+
+    /// [`forward`](Self::forward) with a per-call context: with
+    /// [`ForwardContext::mixed`] each row runs its own adapter (PEFT's `adapter_names`), the
+    /// frozen base once for the whole batch. Build the context with
+    /// [`PeftModel::adapter_rows`](peft_core::PeftModel::adapter_rows), which checks the names.
+    pub fn forward_with(&self, inputs: &ModelInputs, fc: &ForwardContext) -> Result<ModelOutputs> {
         let ids = inputs.input_ids.clone();
         let mask = inputs.attention_mask.clone();
-        match self {
+        if let Some(rows) = fc.rows()
+            && rows.batch() != ids.dims()[0]
+        {
+            return Err(ModelError::InputOutOfRange {
+                input: "adapter_names".into(),
+                found: format!("{} names", rows.batch()),
+                limit: format!("the batch has {} rows", ids.dims()[0]),
+                fix: "name one adapter (or `__base__`) per row".into(),
+            });
+        }
+        Ok(match self {
             HfModel::Bert(m) => {
-                let out = m.forward(ids.clone(), mask.clone(), inputs.token_type_ids.clone());
+                let out =
+                    m.forward_with(ids.clone(), mask.clone(), inputs.token_type_ids.clone(), fc)?;
                 let full = mask.unwrap_or_else(|| ids.ones_like());
                 ModelOutputs {
                     sentence_embedding: Some(mean_pool_normalize(
@@ -101,40 +124,134 @@ impl HfModel {
                 }
             }
             HfModel::BertForSequenceClassification(m) => ModelOutputs {
-                class_logits: Some(m.forward(ids, mask, inputs.token_type_ids.clone())),
+                class_logits: Some(m.forward_with(ids, mask, inputs.token_type_ids.clone(), fc)?),
                 ..Default::default()
             },
             HfModel::Gpt2LMHeadModel(m) => ModelOutputs {
-                logits: Some(m.forward(ids, mask, None)),
+                logits: Some(m.forward_with(ids, mask, None, fc)?),
                 ..Default::default()
             },
             HfModel::Gpt2ForSequenceClassification(m) => ModelOutputs {
-                class_logits: Some(m.forward(ids, mask)),
+                class_logits: Some(m.forward_with(ids, mask, fc)?),
                 ..Default::default()
             },
             HfModel::LlamaForCausalLM(m) => ModelOutputs {
-                logits: Some(m.forward(ids, mask, None)),
+                logits: Some(m.forward_with(ids, mask, None, fc)?),
                 ..Default::default()
             },
             HfModel::LlamaForSequenceClassification(m) => ModelOutputs {
-                class_logits: Some(m.forward(ids, mask)),
+                class_logits: Some(m.forward_with(ids, mask, fc)?),
                 ..Default::default()
             },
-        }
+        })
     }
 
-    /// Causal LM logits with a KV cache, or `None` if this is not a causal LM.
+    /// Causal LM logits with a KV cache; [`ModelError::InvalidInput`] if this is not a causal
+    /// LM, and the input errors of [`forward`](Self::forward).
     pub fn forward_lm(
         &self,
         input_ids: Tensor<2, Int>,
         attention_mask: Option<Tensor<2, Int>>,
         cache: Option<&mut KvCache>,
-    ) -> Option<Tensor<3>> {
+    ) -> Result<Tensor<3>> {
+        self.forward_lm_with(input_ids, attention_mask, cache, &ForwardContext::default())
+    }
+
+    /// [`forward_lm`](Self::forward_lm) with a per-call context (see
+    /// [`forward_with`](Self::forward_with)).
+    pub fn forward_lm_with(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        cache: Option<&mut KvCache>,
+        fc: &ForwardContext,
+    ) -> Result<Tensor<3>> {
         match self {
-            HfModel::Gpt2LMHeadModel(m) => Some(m.forward(input_ids, attention_mask, cache)),
-            HfModel::LlamaForCausalLM(m) => Some(m.forward(input_ids, attention_mask, cache)),
-            _ => None,
+            HfModel::Gpt2LMHeadModel(m) => m.forward_with(input_ids, attention_mask, cache, fc),
+            HfModel::LlamaForCausalLM(m) => m.forward_with(input_ids, attention_mask, cache, fc),
+            _ => Err(ModelError::InvalidInput(
+                "next-token logits need a causal LM (GPT-2, Llama, Qwen2, Mistral with an LM head)"
+                    .into(),
+            )),
         }
+    }
+
+    /// Rows of the token embedding table (the ids `input_ids` may hold).
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            HfModel::Bert(m) => m.embeddings.word_embeddings.dims()[0],
+            HfModel::BertForSequenceClassification(m) => {
+                m.bert.embeddings.word_embeddings.dims()[0]
+            }
+            HfModel::Gpt2LMHeadModel(m) => m.transformer.wte.dims()[0],
+            HfModel::Gpt2ForSequenceClassification(m) => m.transformer.wte.dims()[0],
+            HfModel::LlamaForCausalLM(m) => m.model.embed_tokens.dims()[0],
+            HfModel::LlamaForSequenceClassification(m) => m.model.embed_tokens.dims()[0],
+        }
+    }
+
+    /// The number of positions a learned position table allows (BERT's
+    /// `max_position_embeddings`, GPT-2's `n_positions`) and its `config.json` key, prefix
+    /// tokens included; `None` for RoPE models, which have no hard limit.
+    pub fn position_limit(&self) -> Option<(usize, &'static str)> {
+        match self {
+            HfModel::Bert(m) => Some(m.embeddings.position_embeddings.dims()[0]),
+            HfModel::BertForSequenceClassification(m) => {
+                Some(m.bert.embeddings.position_embeddings.dims()[0])
+            }
+            HfModel::Gpt2LMHeadModel(m) => Some(m.transformer.wpe.dims()[0]),
+            HfModel::Gpt2ForSequenceClassification(m) => Some(m.transformer.wpe.dims()[0]),
+            HfModel::LlamaForCausalLM(_) | HfModel::LlamaForSequenceClassification(_) => None,
+        }
+        .map(|n| {
+            let key = match self {
+                HfModel::Bert(_) | HfModel::BertForSequenceClassification(_) => {
+                    "max_position_embeddings"
+                }
+                _ => "n_positions",
+            };
+            (n, key)
+        })
+    }
+
+    /// Positions the active prefix-tuning adapter takes in front of every sequence (0 without
+    /// one).
+    pub fn prefix_len(&self) -> usize {
+        let prefix = match self {
+            HfModel::Bert(m) => &m.prompt_encoder,
+            HfModel::BertForSequenceClassification(m) => &m.bert.prompt_encoder,
+            HfModel::Gpt2LMHeadModel(m) => &m.transformer.prompt_encoder,
+            HfModel::Gpt2ForSequenceClassification(m) => &m.transformer.prompt_encoder,
+            HfModel::LlamaForCausalLM(m) => &m.model.prompt_encoder,
+            HfModel::LlamaForSequenceClassification(m) => &m.model.prompt_encoder,
+        };
+        prefix
+            .past_key_values(1)
+            .and_then(|kv| kv.first().map(|(k, _)| k.dims()[2]))
+            .unwrap_or(0)
+    }
+
+    /// Check that sequences of `tokens` tokens fit this model (with its active prefix):
+    /// [`ModelError::InputOutOfRange`] naming `what` (e.g. `data.max_length`) otherwise.
+    pub fn check_sequence_length(&self, tokens: usize, what: &str) -> Result<()> {
+        let Some((limit, key)) = self.position_limit() else {
+            return Ok(());
+        };
+        let prefix = self.prefix_len();
+        if tokens + prefix <= limit {
+            return Ok(());
+        }
+        let room = limit.saturating_sub(prefix);
+        Err(ModelError::InputOutOfRange {
+            input: what.into(),
+            found: if prefix > 0 {
+                format!("{tokens} tokens plus a prefix of {prefix} virtual tokens")
+            } else {
+                format!("{tokens} tokens")
+            },
+            limit: format!("the model has {limit} positions (`{key}` in config.json)"),
+            fix: format!("use at most {room} tokens"),
+        })
     }
 
     /// Number of transformer layers.
@@ -189,7 +306,25 @@ pub fn from_pretrained(source: &str, task: Task, device: &Device) -> Result<Pret
     let dir = hub::resolve(source)?;
     let config = HfConfig::read(&dir.join("config.json"))?;
     let files = weight_files(&dir)?;
-    let names = tensor_names(&files)?;
+    let shapes = tensor_shapes(&files)?;
+    // Sizes come from config.json; check them against what the weights hold before building
+    // anything of that size.
+    let (needed, held) = (config.min_parameters(), total_elements(&shapes));
+    if needed > held {
+        return Err(ModelError::InvalidConfig {
+            file: config.file.clone(),
+            reason: format!(
+                "describes a model of at least {needed} parameters, but the weights ({}) hold \
+                 {held}; this config.json does not belong to these weights",
+                files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        });
+    }
+    let names: std::collections::BTreeSet<String> = shapes.into_keys().collect();
     let task = choose_task(&config, task);
     let unsupported = |what: &str| ModelError::UnsupportedOption {
         file: config.file.clone(),

@@ -5,11 +5,13 @@ use burn::nn::{LayerNorm, LayerNormConfig};
 use burn::tensor::activation::tanh;
 use burn::tensor::{Device, Int, Tensor};
 use peft_core::Adaptable;
-use peft_core::nn::{Embedding, EmbeddingConfig, KvPrefix, Linear, LinearConfig};
+use peft_core::nn::{Embedding, EmbeddingConfig, ForwardContext, KvPrefix, Linear, LinearConfig};
 
-use crate::cache::KvCache;
+use crate::cache::{KvCache, position_ids};
 use crate::config::BertConfig;
-use crate::ops::{gelu, merge_heads, padding_mask, positions, sdpa, split_heads};
+use crate::error::Result;
+use crate::input_checks;
+use crate::ops::{Activation, merge_heads, padding_mask, sdpa, split_heads};
 
 /// Word, position and token-type embeddings, summed and normalised.
 #[derive(Module, Debug, Adaptable)]
@@ -61,6 +63,9 @@ pub struct BertAttention {
 pub struct BertIntermediate {
     /// Up projection.
     pub dense: Linear,
+    /// `hidden_act`.
+    #[module(skip)]
+    pub act: Activation,
 }
 
 /// One encoder layer.
@@ -103,7 +108,7 @@ pub struct BertModel {
 
 /// `BertForSequenceClassification`: pooler output -> `classifier`.
 #[derive(Module, Debug, Adaptable)]
-#[peft(output_layer = "classifier")]
+#[peft(classifier_head = "classifier")]
 pub struct BertForSequenceClassification {
     /// The encoder.
     pub bert: BertModel,
@@ -155,6 +160,8 @@ impl BertModel {
                         },
                         intermediate: BertIntermediate {
                             dense: linear(d, c.intermediate_size),
+                            // Checked when the config was read.
+                            act: Activation::from_hf(&c.hidden_act).unwrap_or_default(),
                         },
                         output: BertDenseNorm {
                             dense: linear(c.intermediate_size, d),
@@ -177,33 +184,79 @@ impl BertModel {
     }
 
     /// Encode `input_ids` `[b, s]`; `attention_mask` (1 = token) and `token_type_ids` default to
-    /// all ones and all zeros.
+    /// all ones and all zeros. Ids outside the vocabulary or the segment table, a sequence
+    /// longer than the position table (prefix included) and masks of another shape are
+    /// [`ModelError::InputOutOfRange`](crate::ModelError::InputOutOfRange).
     pub fn forward(
         &self,
         input_ids: Tensor<2, Int>,
         attention_mask: Option<Tensor<2, Int>>,
         token_type_ids: Option<Tensor<2, Int>>,
-    ) -> BertOutput {
-        let [b, s] = input_ids.dims();
+    ) -> Result<BertOutput> {
+        self.forward_with(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            &ForwardContext::default(),
+        )
+    }
+
+    /// [`forward`](Self::forward) with a per-call context (e.g. a different adapter per row,
+    /// [`ForwardContext::mixed`]).
+    pub fn forward_with(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        token_type_ids: Option<Tensor<2, Int>>,
+        fc: &ForwardContext,
+    ) -> Result<BertOutput> {
+        let [b, s] = input_checks::ids_dims(&input_ids)?;
+        let e = &self.embeddings;
+        input_checks::check_token_ids(&input_ids, e.word_embeddings.dims()[0])?;
+        input_checks::check_shape(
+            token_type_ids.as_ref(),
+            "token_type_ids",
+            [b, s],
+            "[batch, seq] of input_ids",
+        )?;
+        if let Some(types) = &token_type_ids {
+            input_checks::check_range(
+                types,
+                e.token_type_embeddings.dims()[0],
+                "token_type_ids",
+                "segment ids must be below `type_vocab_size` of config.json",
+            )?;
+        }
         let device = input_ids.device();
         let types = token_type_ids.unwrap_or_else(|| Tensor::zeros([b, s], &device));
         // A prefix enters as a cache of its length (transformers 4.x with PEFT): positions of
         // the real tokens start after it and the mask gains ones in front.
         let mut local = KvCache::new(self.encoder.layer.len());
-        let (mut prefix, attention_mask) =
-            KvCache::with_prefix(&self.prompt_encoder, b, None, &mut local, attention_mask);
+        let (mut prefix, attention_mask) = KvCache::checked_with_prefix(
+            &self.prompt_encoder,
+            [b, s],
+            None,
+            &mut local,
+            attention_mask,
+            fc,
+        )?;
         let offset = prefix.as_ref().map_or(0, |c| c.len());
-        let e = &self.embeddings;
-        let h = e.word_embeddings.forward(input_ids)
-            + e.position_embeddings
-                .forward(positions(b, offset, s, &device))
-            + e.token_type_embeddings.forward(types);
+        input_checks::check_positions(
+            s,
+            offset,
+            e.position_embeddings.dims()[0],
+            "max_position_embeddings",
+        )?;
+        let pos = position_ids(prefix.as_deref(), b, s, &device);
+        let h = e.word_embeddings.forward_in(input_ids, fc)
+            + e.position_embeddings.forward_in(pos, fc)
+            + e.token_type_embeddings.forward_in(types, fc);
         let mut h = e.layer_norm.forward(h);
         for (i, layer) in self.encoder.layer.iter().enumerate() {
             let sa = &layer.attention.self_attn;
-            let q = split_heads(sa.query.forward(h.clone()), sa.heads);
-            let k = split_heads(sa.key.forward(h.clone()), sa.heads);
-            let v = split_heads(sa.value.forward(h.clone()), sa.heads);
+            let q = split_heads(sa.query.forward_in(h.clone(), fc), sa.heads);
+            let k = split_heads(sa.key.forward_in(h.clone(), fc), sa.heads);
+            let v = split_heads(sa.value.forward_in(h.clone(), fc), sa.heads);
             let (k, v) = match prefix.as_deref_mut() {
                 Some(c) => c.append(i, k, v),
                 None => (k, v),
@@ -213,22 +266,25 @@ impl BertModel {
                 .map(|m| padding_mask(m, sa.heads, s));
             let ctx = merge_heads(sdpa(q, k, v, mask, false, None));
             let out = &layer.attention.output;
-            h = out.layer_norm.forward(out.dense.forward(ctx) + h);
-            let up = gelu(layer.intermediate.dense.forward(h.clone()));
+            h = out.layer_norm.forward(out.dense.forward_in(ctx, fc) + h);
+            let up = layer
+                .intermediate
+                .act
+                .apply(layer.intermediate.dense.forward_in(h.clone(), fc));
             h = layer
                 .output
                 .layer_norm
-                .forward(layer.output.dense.forward(up) + h);
+                .forward(layer.output.dense.forward_in(up, fc) + h);
         }
         let pooler_output = self.pooler.as_ref().map(|p| {
             let [b, _, d] = h.dims();
             let first = h.clone().slice([0..b, 0..1, 0..d]).reshape([b, d]);
-            tanh(p.dense.forward(first))
+            tanh(p.dense.forward_in(first, fc))
         });
-        BertOutput {
+        Ok(BertOutput {
             last_hidden_state: h,
             pooler_output,
-        }
+        })
     }
 }
 
@@ -247,11 +303,31 @@ impl BertForSequenceClassification {
         input_ids: Tensor<2, Int>,
         attention_mask: Option<Tensor<2, Int>>,
         token_type_ids: Option<Tensor<2, Int>>,
-    ) -> Tensor<2> {
-        let out = self.bert.forward(input_ids, attention_mask, token_type_ids);
-        let pooled = out
-            .pooler_output
-            .expect("BertForSequenceClassification always has a pooler");
-        self.classifier.forward(pooled)
+    ) -> Result<Tensor<2>> {
+        self.forward_with(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            &ForwardContext::default(),
+        )
+    }
+
+    /// [`forward`](Self::forward) with a per-call context.
+    pub fn forward_with(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        token_type_ids: Option<Tensor<2, Int>>,
+        fc: &ForwardContext,
+    ) -> Result<Tensor<2>> {
+        let out = self
+            .bert
+            .forward_with(input_ids, attention_mask, token_type_ids, fc)?;
+        let pooled = out.pooler_output.ok_or_else(|| {
+            crate::ModelError::InvalidInput(
+                "this BertForSequenceClassification has no pooler (it is built with one)".into(),
+            )
+        })?;
+        Ok(self.classifier.forward_in(pooled, fc))
     }
 }

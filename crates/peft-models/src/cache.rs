@@ -1,14 +1,26 @@
-//! Key/value cache for incremental decoding.
+//! Key/value cache for incremental decoding, and where a prefix-tuning prefix enters a forward:
+//! PEFT passes a prefix to transformers as a cache of that length, so positions of the real
+//! tokens start after it and the attention mask gains ones in front.
 
-use burn::tensor::{Int, Tensor};
-use peft_core::nn::KvPrefix;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use peft_core::nn::{ForwardContext, KvPrefix};
+
+use crate::error::{ModelError, Result};
 
 /// Keys and values of every layer so far, `[batch, kv_heads, past, head_dim]`, stored before
 /// GQA head repetition (and, for Llama, after RoPE).
+///
+/// Rows may be shifted in position: a mixed batch gives rows prefixes of different lengths
+/// (padded to the longest), and batched generation left-pads prompts; row `r`'s tokens then sit
+/// at positions `past + j + shift[r]`, as they would in a forward of that row alone.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
     prefix_len: usize,
+    /// Real prefix length of each row, when rows differ (mixed batches).
+    row_prefix: Option<Vec<usize>>,
+    /// Per-row position shift (see the type's documentation).
+    shift: Option<Vec<i64>>,
 }
 
 impl KvCache {
@@ -16,7 +28,7 @@ impl KvCache {
     pub fn new(layers: usize) -> Self {
         Self {
             layers: vec![None; layers],
-            prefix_len: 0,
+            ..Default::default()
         }
     }
 
@@ -29,7 +41,8 @@ impl KvCache {
             .map_or(0, |(k, _)| k.dims()[2])
     }
 
-    /// Positions at the start of the cache that hold a prefix-tuning prefix.
+    /// Positions at the start of the cache that hold a prefix-tuning prefix (the longest, in a
+    /// mixed batch).
     pub fn prefix_len(&self) -> usize {
         self.prefix_len
     }
@@ -39,23 +52,131 @@ impl KvCache {
         self.len() == 0
     }
 
-    /// The cache and attention mask to run with: `cache` (or `local` when the caller has
-    /// none), with the active prefix of `prefix` placed first when the cache is still empty, as
-    /// PEFT passes a prefix to transformers as a cache of that length; the mask (over the real
-    /// tokens) gains ones for the prefix positions.
-    pub fn with_prefix<'a>(
+    /// Rows of the cached keys, if any are cached.
+    pub fn batch(&self) -> Option<usize> {
+        self.layers
+            .iter()
+            .flatten()
+            .next()
+            .map(|(k, _)| k.dims()[0])
+    }
+
+    /// Shift the positions of each row by `shift[r]` (added to any shift already set), e.g.
+    /// `-pad` for a prompt left-padded with `pad` tokens, as transformers' `generate` derives
+    /// `position_ids` from the attention mask.
+    pub fn shift_rows(&mut self, shift: &[i64]) {
+        let current = self.shift.get_or_insert_with(|| vec![0; shift.len()]);
+        current.resize(shift.len(), 0);
+        for (c, s) in current.iter_mut().zip(shift) {
+            *c += s;
+        }
+    }
+
+    /// Position ids `[batch, seq]` of the next `seq` tokens: `len + j`, shifted per row and
+    /// clamped at 0 (left-padding tokens are masked; transformers gives them position 1).
+    pub fn position_ids(&self, batch: usize, seq: usize, device: &Device) -> Tensor<2, Int> {
+        Tensor::from_data(
+            TensorData::new(self.positions(batch, seq).concat(), [batch, seq]),
+            device,
+        )
+    }
+
+    /// [`position_ids`](Self::position_ids) on the host, one vector per row.
+    pub fn positions(&self, batch: usize, seq: usize) -> Vec<Vec<i64>> {
+        let past = self.len() as i64;
+        (0..batch)
+            .map(|r| {
+                let shift = self
+                    .shift
+                    .as_ref()
+                    .and_then(|s| s.get(r))
+                    .copied()
+                    .unwrap_or(0);
+                (0..seq as i64).map(|j| (past + j + shift).max(0)).collect()
+            })
+            .collect()
+    }
+
+    /// The position of each of the first `keys` key slots of every row: prefix slots keep
+    /// their index (a row's padding slots are masked anyway), token slots their row's shifted
+    /// position.
+    pub fn key_positions(&self, batch: usize, keys: usize) -> Vec<Vec<i64>> {
+        (0..batch)
+            .map(|r| {
+                let shift = self
+                    .shift
+                    .as_ref()
+                    .and_then(|s| s.get(r))
+                    .copied()
+                    .unwrap_or(0);
+                (0..keys as i64)
+                    .map(|k| {
+                        if (k as usize) < self.prefix_len {
+                            k
+                        } else {
+                            (k + shift).max(0)
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Whether rows are shifted in position (so they need per-row position tables).
+    pub fn has_row_shift(&self) -> bool {
+        self.shift
+            .as_ref()
+            .is_some_and(|s| s.iter().any(|v| *v != 0))
+    }
+
+    /// The cache and attention mask to run a forward of `[batch, seq]` ids with: `cache` (or
+    /// `local` when the caller has none), with the prefix of the active prefix adapter (or, in
+    /// a mixed batch, of each row's adapter) placed first when the cache is still empty; the
+    /// mask (over the real tokens) gains the prefix positions in front.
+    ///
+    /// Checks first that `attention_mask` covers the real tokens so far (`[batch, past + seq]`,
+    /// the prefix not included) and that a non-empty `cache` holds the same batch.
+    pub fn checked_with_prefix<'a>(
         prefix: &KvPrefix,
-        batch: usize,
+        [batch, seq]: [usize; 2],
         cache: Option<&'a mut KvCache>,
         local: &'a mut KvCache,
         attention_mask: Option<Tensor<2, Int>>,
-    ) -> (Option<&'a mut KvCache>, Option<Tensor<2, Int>>) {
-        let cache = Self::seeded(prefix, batch, cache, local);
+        ctx: &ForwardContext,
+    ) -> Result<(Option<&'a mut KvCache>, Option<Tensor<2, Int>>)> {
+        let past = cache.as_deref().map_or(0, |c| c.len() - c.prefix_len);
+        if let Some(cached) = cache.as_deref().and_then(KvCache::batch)
+            && cached != batch
+        {
+            return Err(ModelError::InputOutOfRange {
+                input: "input_ids".into(),
+                found: format!("a batch of {batch} rows"),
+                limit: format!("the KV cache holds {cached} rows"),
+                fix: "continue a cached sequence with the same rows, or start a new cache".into(),
+            });
+        }
+        if let Some(rows) = ctx.rows()
+            && rows.batch() != batch
+        {
+            return Err(ModelError::InputOutOfRange {
+                input: "adapter_names".into(),
+                found: format!("{} names", rows.batch()),
+                limit: format!("the batch has {batch} rows"),
+                fix: "name one adapter (or `__base__`) per row".into(),
+            });
+        }
+        crate::input_checks::check_shape(
+            attention_mask.as_ref(),
+            "attention_mask",
+            [batch, past + seq],
+            "[batch, cached tokens + new tokens]",
+        )?;
+        let cache = Self::seeded(prefix, batch, cache, local, ctx);
         let mask = match cache.as_deref() {
-            Some(c) => c.extend_mask(attention_mask),
+            Some(c) => c.extend_mask(attention_mask, batch, past + seq),
             None => attention_mask,
         };
-        (cache, mask)
+        Ok((cache, mask))
     }
 
     fn seeded<'a>(
@@ -63,35 +184,89 @@ impl KvCache {
         batch: usize,
         cache: Option<&'a mut KvCache>,
         local: &'a mut KvCache,
+        ctx: &ForwardContext,
     ) -> Option<&'a mut KvCache> {
-        let Some(kv) = prefix.past_key_values(batch) else {
+        let already = cache.as_deref().is_some_and(|c| !c.is_empty());
+        if already {
             return cache;
+        }
+        let (kv, row_prefix) = match ctx.rows() {
+            Some(rows) => match prefix.row_prefixes(rows) {
+                Some(p) => (p.kv, Some(p.lengths)),
+                None => return cache,
+            },
+            None => match prefix.past_key_values(batch) {
+                Some(kv) => (kv, None),
+                None => return cache,
+            },
         };
         let cache = match cache {
             Some(c) => c,
             None => local,
         };
-        if cache.is_empty() {
-            if cache.layers.len() < kv.len() {
-                cache.layers.resize(kv.len(), None);
-            }
-            cache.prefix_len = kv.first().map_or(0, |(k, _)| k.dims()[2]);
-            for (slot, pair) in cache.layers.iter_mut().zip(kv) {
-                *slot = Some(pair);
-            }
+        if cache.layers.len() < kv.len() {
+            cache.layers.resize(kv.len(), None);
         }
+        cache.prefix_len = kv.first().map_or(0, |(k, _)| k.dims()[2]);
+        for (slot, pair) in cache.layers.iter_mut().zip(kv) {
+            *slot = Some(pair);
+        }
+        if let Some(lengths) = &row_prefix {
+            // A row with a shorter prefix than the longest: its tokens come right after its own
+            // prefix, as in a forward of that row alone.
+            let shift: Vec<i64> = lengths
+                .iter()
+                .map(|&l| l as i64 - cache.prefix_len as i64)
+                .collect();
+            cache.shift_rows(&shift);
+        }
+        cache.row_prefix = row_prefix;
         Some(cache)
     }
 
-    /// `attention_mask` (over real tokens) with ones prepended for the prefix positions.
-    fn extend_mask(&self, attention_mask: Option<Tensor<2, Int>>) -> Option<Tensor<2, Int>> {
-        let mask = attention_mask?;
-        if self.prefix_len == 0 {
-            return Some(mask);
+    /// The mask over the prefix positions: all ones, or per row ones for its real prefix.
+    fn prefix_mask(&self, batch: usize, device: &Device) -> Tensor<2, Int> {
+        match &self.row_prefix {
+            None => Tensor::ones([batch, self.prefix_len], device),
+            Some(lengths) => {
+                let values: Vec<i64> = lengths
+                    .iter()
+                    .flat_map(|&l| (0..self.prefix_len).map(move |j| i64::from(j < l)))
+                    .collect();
+                Tensor::from_data(TensorData::new(values, [batch, self.prefix_len]), device)
+            }
         }
-        let [b, _] = mask.dims();
-        let ones = Tensor::<2, Int>::ones([b, self.prefix_len], &mask.device());
-        Some(Tensor::cat(vec![ones, mask], 1))
+    }
+
+    /// `attention_mask` (over `tokens` real tokens) with the prefix positions prepended; a mask
+    /// is made when padded prefixes need one.
+    fn extend_mask(
+        &self,
+        attention_mask: Option<Tensor<2, Int>>,
+        batch: usize,
+        tokens: usize,
+    ) -> Option<Tensor<2, Int>> {
+        if self.prefix_len == 0 {
+            return attention_mask;
+        }
+        let padded = self
+            .row_prefix
+            .as_ref()
+            .is_some_and(|l| l.iter().any(|&l| l < self.prefix_len));
+        let mask = match attention_mask {
+            Some(m) => m,
+            None if padded => {
+                let device = self.device()?;
+                Tensor::ones([batch, tokens], &device)
+            }
+            None => return None,
+        };
+        let prefix = self.prefix_mask(batch, &mask.device());
+        Some(Tensor::cat(vec![prefix, mask], 1))
+    }
+
+    fn device(&self) -> Option<Device> {
+        self.layers.iter().flatten().next().map(|(k, _)| k.device())
     }
 
     /// Append `k`, `v` for `layer` and return the full keys and values.
@@ -102,5 +277,18 @@ impl KvCache {
         };
         self.layers[layer] = Some((k.clone(), v.clone()));
         (k, v)
+    }
+}
+
+/// Position ids `[batch, seq]` for a forward with `cache` (or none: `0..seq`).
+pub fn position_ids(
+    cache: Option<&KvCache>,
+    batch: usize,
+    seq: usize,
+    device: &Device,
+) -> Tensor<2, Int> {
+    match cache {
+        Some(c) => c.position_ids(batch, seq, device),
+        None => KvCache::default().position_ids(batch, seq, device),
     }
 }

@@ -89,6 +89,28 @@ pub struct Gpt2Config {
     /// `scale_attn_weights` (1/sqrt(d) scaling).
     #[serde(default = "default_true")]
     pub scale_attn_weights: bool,
+    /// `scale_attn_by_inverse_layer_idx` (scores also divided by layer index + 1).
+    #[serde(default)]
+    pub scale_attn_by_inverse_layer_idx: bool,
+}
+
+impl Gpt2Config {
+    /// The attention score scale of layer `layer` (0-based), as transformers' `GPT2Attention`:
+    /// `1/sqrt(head_dim)` when `scale_attn_weights` (the default), else 1, and divided by
+    /// `layer + 1` when `scale_attn_by_inverse_layer_idx`.
+    pub fn attention_scale(&self, layer: usize) -> f64 {
+        let head_dim = (self.n_embd / self.n_head.max(1)).max(1) as f64;
+        let base = if self.scale_attn_weights {
+            1.0 / head_dim.sqrt()
+        } else {
+            1.0
+        };
+        if self.scale_attn_by_inverse_layer_idx {
+            base / (layer + 1) as f64
+        } else {
+            base
+        }
+    }
 }
 
 /// `LlamaConfig` (also Qwen2 and Mistral, which differ only by config).
@@ -297,10 +319,11 @@ impl HfConfig {
 
     /// Parse a config value; `file` names it in errors.
     pub fn from_value(raw: Value, file: &Path) -> Result<Self> {
-        let invalid = |e: serde_json::Error| ModelError::InvalidConfig {
-            file: file.to_path_buf(),
-            reason: e.to_string(),
-        };
+        let invalid =
+            |e: serde_path_to_error::Error<serde_json::Error>| ModelError::InvalidConfig {
+                file: file.to_path_buf(),
+                reason: format!("`{}`: {}", e.path(), e.inner()),
+            };
         let model_type = raw
             .get("model_type")
             .and_then(Value::as_str)
@@ -309,20 +332,25 @@ impl HfConfig {
                 reason: "missing `model_type`".into(),
             })?
             .to_string();
+        // Checked once here (sizes, head counts, activations, options that change the math),
+        // so building and running the model cannot fail on the config later.
         let model = match model_type.as_str() {
-            "bert" => ModelConfig::Bert(serde_json::from_value(raw.clone()).map_err(invalid)?),
-            "gpt2" => ModelConfig::Gpt2(serde_json::from_value(raw.clone()).map_err(invalid)?),
+            "bert" => {
+                let cfg: BertConfig =
+                    serde_path_to_error::deserialize(raw.clone()).map_err(invalid)?;
+                cfg.validate(file, &raw)?;
+                ModelConfig::Bert(cfg)
+            }
+            "gpt2" => {
+                let cfg: Gpt2Config =
+                    serde_path_to_error::deserialize(raw.clone()).map_err(invalid)?;
+                cfg.validate(file, &raw)?;
+                ModelConfig::Gpt2(cfg)
+            }
             "llama" | "qwen2" | "mistral" => {
-                let cfg: LlamaConfig = serde_json::from_value(raw.clone()).map_err(invalid)?;
-                if cfg.hidden_act != "silu" {
-                    return Err(ModelError::UnsupportedOption {
-                        file: file.to_path_buf(),
-                        key: "hidden_act".into(),
-                        found: format!("\"{}\"", cfg.hidden_act),
-                        reason: "Llama-family MLPs are implemented with silu".into(),
-                    });
-                }
-                cfg.scaling(file)?;
+                let cfg: LlamaConfig =
+                    serde_path_to_error::deserialize(raw.clone()).map_err(invalid)?;
+                cfg.validate(file)?;
                 ModelConfig::Llama(cfg)
             }
             other => {
@@ -358,6 +386,16 @@ impl HfConfig {
             model,
             raw,
         })
+    }
+
+    /// The positions of a learned position table and the key that sets it (BERT's
+    /// `max_position_embeddings`, GPT-2's `n_positions`); `None` for RoPE models.
+    pub fn position_limit(&self) -> Option<(usize, &'static str)> {
+        match &self.model {
+            ModelConfig::Bert(c) => Some((c.max_position_embeddings, "max_position_embeddings")),
+            ModelConfig::Gpt2(c) => Some((c.n_positions, "n_positions")),
+            ModelConfig::Llama(_) => None,
+        }
     }
 
     /// Whether `architectures` names a sequence classifier.

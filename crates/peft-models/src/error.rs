@@ -78,6 +78,28 @@ pub enum ModelError {
     /// Inputs have the wrong shape or values.
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// An input is outside what the model accepts (a token id beyond the vocabulary, a
+    /// sequence longer than the position table, a mask of the wrong shape).
+    #[error("invalid input `{input}`: {found}, but {limit}; {fix}")]
+    InputOutOfRange {
+        /// The input (`input_ids`, `attention_mask`, ...).
+        input: String,
+        /// What was given.
+        found: String,
+        /// What the model accepts.
+        limit: String,
+        /// What to do.
+        fix: String,
+    },
+}
+
+impl From<peft_core::atomic::IoAt> for ModelError {
+    fn from(e: peft_core::atomic::IoAt) -> Self {
+        ModelError::Io {
+            file: e.path,
+            source: e.source,
+        }
+    }
 }
 
 /// Result alias for model operations.

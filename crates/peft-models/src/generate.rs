@@ -5,6 +5,8 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use peft_core::nn::ForwardContext;
+
 use crate::auto::HfModel;
 use crate::cache::KvCache;
 use crate::error::{ModelError, Result};
@@ -27,6 +29,8 @@ pub struct GenerationConfig {
     /// Reuse keys/values of earlier positions (the fast path); `false` recomputes everything,
     /// which exists to check the cache.
     pub use_cache: bool,
+    /// The id that left-pads shorter prompts of a batch (and follows a finished row).
+    pub pad_token_id: i64,
 }
 
 impl Default for GenerationConfig {
@@ -39,55 +43,176 @@ impl Default for GenerationConfig {
             seed: 0,
             eos_token_ids: Vec::new(),
             use_cache: true,
+            pad_token_id: 0,
         }
     }
 }
 
-fn ids_tensor(ids: &[i64], device: &Device) -> Tensor<2, Int> {
-    Tensor::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), device)
-}
-
 /// Continue `prompt`; returns prompt + new tokens.
+///
+/// A prompt with ids outside the vocabulary, or a prompt plus `max_new_tokens` beyond a
+/// learned position table (GPT-2's `n_positions`, a prefix included), is an error before any
+/// token is generated.
 pub fn generate(
     model: &HfModel,
     prompt: &[i64],
     config: &GenerationConfig,
     device: &Device,
 ) -> Result<Vec<i64>> {
+    let mut rows = generate_batch(
+        model,
+        &[prompt.to_vec()],
+        &ForwardContext::default(),
+        config,
+        device,
+    )?;
+    Ok(rows.remove(0))
+}
+
+/// Continue several prompts in one batch, each row with the adapter `ctx` names for it (a
+/// mixed batch, [`PeftModel::adapter_rows`](peft_core::PeftModel::adapter_rows); or the
+/// model's active adapters with the default context). Prompts are left-padded to the longest
+/// with `config.pad_token_id`, and each row's positions start at 0 at its first real token, as
+/// transformers' `generate` does with an attention mask, so every row continues exactly as it
+/// would alone. A row stops at an end-of-sequence token (kept); returns each prompt + its new
+/// tokens, without padding.
+pub fn generate_batch(
+    model: &HfModel,
+    prompts: &[Vec<i64>],
+    ctx: &ForwardContext,
+    config: &GenerationConfig,
+    device: &Device,
+) -> Result<Vec<Vec<i64>>> {
     if !model.is_causal_lm() {
         return Err(ModelError::InvalidInput(
             "generation needs a causal LM".into(),
         ));
     }
-    if prompt.is_empty() {
-        return Err(ModelError::InvalidInput("the prompt is empty".into()));
+    if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
+        return Err(ModelError::InvalidInput("a prompt is empty".into()));
     }
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    check_room(model, width, config.max_new_tokens)?;
+    let batch = prompts.len();
+    let pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
+    let mut tokens: Vec<Vec<i64>> = prompts
+        .iter()
+        .zip(&pads)
+        .map(|(p, &pad)| {
+            let mut row = vec![config.pad_token_id; pad];
+            row.extend(p);
+            row
+        })
+        .collect();
+    let mut mask: Vec<Vec<i64>> = pads
+        .iter()
+        .map(|&pad| (0..width).map(|j| i64::from(j >= pad)).collect())
+        .collect();
+    let shift: Vec<i64> = pads.iter().map(|&p| -(p as i64)).collect();
+    let any_pad = pads.iter().any(|&p| p > 0);
+    let fresh_cache = || {
+        let mut cache = KvCache::new(model.num_layers());
+        cache.shift_rows(&shift);
+        cache
+    };
     let mut rng = StdRng::seed_from_u64(config.seed);
-    let mut tokens = prompt.to_vec();
-    let mut cache = KvCache::new(model.num_layers());
+    let mut cache = fresh_cache();
     let mut next_input = tokens.clone();
+    let mut done = vec![false; batch];
     for _ in 0..config.max_new_tokens {
+        let mask_tensor = any_pad.then(|| int_rows(&mask, device));
         let logits = if config.use_cache {
-            model.forward_lm(ids_tensor(&next_input, device), None, Some(&mut cache))
+            model.forward_lm_with(
+                int_rows(&next_input, device),
+                mask_tensor,
+                Some(&mut cache),
+                ctx,
+            )
         } else {
-            model.forward_lm(ids_tensor(&tokens, device), None, None)
-        }
-        .expect("checked causal LM");
+            let mut scratch = fresh_cache();
+            model.forward_lm_with(
+                int_rows(&tokens, device),
+                mask_tensor,
+                Some(&mut scratch),
+                ctx,
+            )
+        }?;
         let [_, s, v] = logits.dims();
         let last: Vec<f32> = logits
-            .slice([0..1, s - 1..s, 0..v])
+            .slice([0..batch, s - 1..s, 0..v])
             .into_data()
             .convert::<f32>()
             .try_to_vec()
             .map_err(|e| ModelError::InvalidInput(format!("{e:?}")))?;
-        let next = pick(&last, config, &mut rng);
-        tokens.push(next);
-        next_input = vec![next];
-        if config.eos_token_ids.contains(&next) {
+        next_input = Vec::with_capacity(batch);
+        for (row, logits) in last.chunks(v).enumerate() {
+            let next = if done[row] {
+                config.pad_token_id
+            } else {
+                pick(logits, config, &mut rng)
+            };
+            done[row] |= config.eos_token_ids.contains(&next);
+            tokens[row].push(next);
+            mask[row].push(1);
+            next_input.push(vec![next]);
+        }
+        if done.iter().all(|d| *d) {
             break;
         }
     }
-    Ok(tokens)
+    Ok(tokens
+        .into_iter()
+        .zip(prompts)
+        .zip(&pads)
+        .map(|((row, prompt), &pad)| {
+            let mut row = row[pad..].to_vec();
+            // Keep the end-of-sequence token, drop the padding generated after it.
+            if let Some(end) = row[prompt.len()..]
+                .iter()
+                .position(|t| config.eos_token_ids.contains(t))
+            {
+                row.truncate(prompt.len() + end + 1);
+            }
+            row
+        })
+        .collect())
+}
+
+/// A prompt of `width` tokens plus `new` tokens must fit a learned position table (a prefix
+/// included): checked before anything is generated.
+fn check_room(model: &HfModel, width: usize, new: usize) -> Result<()> {
+    let Some((limit, key)) = model.position_limit() else {
+        return Ok(());
+    };
+    let prefix = model.prefix_len();
+    let wanted = width + new + prefix;
+    if wanted <= limit {
+        return Ok(());
+    }
+    let room = limit.saturating_sub(prefix + width);
+    Err(ModelError::InputOutOfRange {
+        input: "max_new_tokens".into(),
+        found: format!(
+            "a prompt of {width} tokens{} plus {new} new tokens ({wanted} positions)",
+            if prefix > 0 {
+                format!(" after a prefix of {prefix} virtual tokens")
+            } else {
+                String::new()
+            },
+        ),
+        limit: format!("the model has {limit} positions (`{key}` in config.json)"),
+        fix: if room > 0 {
+            format!("ask for at most {room} new tokens, or shorten the prompt")
+        } else {
+            "shorten the prompt".into()
+        },
+    })
+}
+
+fn int_rows(rows: &[Vec<i64>], device: &Device) -> Tensor<2, Int> {
+    let b = rows.len();
+    let s = rows.first().map_or(0, Vec::len);
+    Tensor::from_data(TensorData::new(rows.concat(), [b, s]), device)
 }
 
 /// Choose the next token from `logits` per `config`.

@@ -4,11 +4,15 @@ use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig};
 use burn::tensor::{Device, Int, Tensor};
 use peft_core::Adaptable;
-use peft_core::nn::{Embedding, EmbeddingConfig, KvPrefix, Linear, LinearConfig, WeightLayout};
+use peft_core::nn::{
+    Embedding, EmbeddingConfig, ForwardContext, KvPrefix, Linear, LinearConfig, WeightLayout,
+};
 
-use crate::cache::KvCache;
+use crate::cache::{KvCache, position_ids};
 use crate::config::Gpt2Config;
-use crate::ops::{gelu_new, merge_heads, padding_mask, positions, sdpa, split_heads};
+use crate::error::Result;
+use crate::input_checks;
+use crate::ops::{Activation, merge_heads, padding_mask, sdpa, split_heads};
 
 /// Attention with the fused q/k/v projection.
 #[derive(Module, Debug, Adaptable)]
@@ -19,6 +23,10 @@ pub struct Gpt2Attention {
     pub c_proj: Linear,
     #[module(skip)]
     heads: usize,
+    /// Attention score scale: `1/sqrt(head_dim)` unless `scale_attn_weights` is false, divided
+    /// by `layer + 1` with `scale_attn_by_inverse_layer_idx` (transformers' `GPT2Attention`).
+    #[module(skip)]
+    scale: f64,
 }
 
 /// MLP.
@@ -28,6 +36,9 @@ pub struct Gpt2Mlp {
     pub c_fc: Linear,
     /// Down projection (`Conv1D`).
     pub c_proj: Linear,
+    /// `activation_function`.
+    #[module(skip)]
+    pub act: Activation,
 }
 
 /// One block.
@@ -67,7 +78,7 @@ pub struct Gpt2LMHeadModel {
 
 /// `GPT2ForSequenceClassification`: `score` at the last non-pad token.
 #[derive(Module, Debug, Adaptable)]
-#[peft(output_layer = "score")]
+#[peft(classifier_head = "score")]
 pub struct Gpt2ForSequenceClassification {
     /// The transformer.
     pub transformer: Gpt2Model,
@@ -97,17 +108,20 @@ impl Gpt2Model {
             wte: EmbeddingConfig::new(c.vocab_size, d).init(device),
             wpe: EmbeddingConfig::new(c.n_positions, d).init(device),
             h: (0..c.n_layer)
-                .map(|_| Gpt2Block {
+                .map(|layer| Gpt2Block {
                     ln_1: norm(),
                     attn: Gpt2Attention {
                         c_attn: conv1d(d, 3 * d, device),
                         c_proj: conv1d(d, d, device),
                         heads: c.n_head,
+                        scale: c.attention_scale(layer),
                     },
                     ln_2: norm(),
                     mlp: Gpt2Mlp {
                         c_fc: conv1d(d, inner, device),
                         c_proj: conv1d(inner, d, device),
+                        // Checked when the config was read.
+                        act: Activation::from_hf(&c.activation_function).unwrap_or_default(),
                     },
                 })
                 .collect(),
@@ -117,23 +131,44 @@ impl Gpt2Model {
     }
 
     /// Final hidden states `[b, s, hidden]`; positions continue from the cache length (prefix
-    /// included); `attention_mask` covers the real tokens so far.
+    /// included); `attention_mask` covers the real tokens so far. Ids outside the vocabulary,
+    /// positions beyond `n_positions` and a mask of another shape are
+    /// [`ModelError::InputOutOfRange`](crate::ModelError::InputOutOfRange).
     pub fn forward(
         &self,
         input_ids: Tensor<2, Int>,
         attention_mask: Option<Tensor<2, Int>>,
         cache: Option<&mut KvCache>,
-    ) -> Tensor<3> {
-        let [b, s] = input_ids.dims();
+    ) -> Result<Tensor<3>> {
+        self.forward_with(input_ids, attention_mask, cache, &ForwardContext::default())
+    }
+
+    /// [`forward`](Self::forward) with a per-call context (e.g. a different adapter per row).
+    pub fn forward_with(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        cache: Option<&mut KvCache>,
+        fc: &ForwardContext,
+    ) -> Result<Tensor<3>> {
+        let [b, s] = input_checks::ids_dims(&input_ids)?;
+        input_checks::check_token_ids(&input_ids, self.wte.dims()[0])?;
         let mut local = KvCache::new(self.h.len());
-        let (mut cache, attention_mask) =
-            KvCache::with_prefix(&self.prompt_encoder, b, cache, &mut local, attention_mask);
+        let (mut cache, attention_mask) = KvCache::checked_with_prefix(
+            &self.prompt_encoder,
+            [b, s],
+            cache,
+            &mut local,
+            attention_mask,
+            fc,
+        )?;
         let past = cache.as_ref().map_or(0, |c| c.len());
-        let pos = positions(b, past, s, &input_ids.device());
-        let mut h = self.wte.forward(input_ids) + self.wpe.forward(pos);
+        input_checks::check_positions(past + s, 0, self.wpe.dims()[0], "n_positions")?;
+        let pos = position_ids(cache.as_deref(), b, s, &input_ids.device());
+        let mut h = self.wte.forward_in(input_ids, fc) + self.wpe.forward_in(pos, fc);
         for (i, block) in self.h.iter().enumerate() {
             let x = block.ln_1.forward(h.clone());
-            let qkv = block.attn.c_attn.forward(x);
+            let qkv = block.attn.c_attn.forward_in(x, fc);
             let d = qkv.dims()[2] / 3;
             let heads = block.attn.heads;
             let q = split_heads(qkv.clone().slice([0..b, 0..s, 0..d]), heads);
@@ -144,15 +179,13 @@ impl Gpt2Model {
                 None => (k, v),
             };
             let mask = attention_mask.as_ref().map(|m| padding_mask(m, heads, s));
-            let attn = sdpa(q, k, v, mask, true, None);
-            h = h + block.attn.c_proj.forward(merge_heads(attn));
+            let attn = sdpa(q, k, v, mask, true, Some(block.attn.scale));
+            h = h + block.attn.c_proj.forward_in(merge_heads(attn), fc);
             let x = block.ln_2.forward(h.clone());
-            h = h + block
-                .mlp
-                .c_proj
-                .forward(gelu_new(block.mlp.c_fc.forward(x)));
+            let up = block.mlp.act.apply(block.mlp.c_fc.forward_in(x, fc));
+            h = h + block.mlp.c_proj.forward_in(up, fc);
         }
-        self.ln_f.forward(h)
+        Ok(self.ln_f.forward(h))
     }
 }
 
@@ -170,9 +203,22 @@ impl Gpt2LMHeadModel {
         input_ids: Tensor<2, Int>,
         attention_mask: Option<Tensor<2, Int>>,
         cache: Option<&mut KvCache>,
-    ) -> Tensor<3> {
-        let h = self.transformer.forward(input_ids, attention_mask, cache);
-        crate::heads::tied_logits(h, &self.transformer.wte)
+    ) -> Result<Tensor<3>> {
+        self.forward_with(input_ids, attention_mask, cache, &ForwardContext::default())
+    }
+
+    /// [`forward`](Self::forward) with a per-call context.
+    pub fn forward_with(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        cache: Option<&mut KvCache>,
+        fc: &ForwardContext,
+    ) -> Result<Tensor<3>> {
+        let h = self
+            .transformer
+            .forward_with(input_ids, attention_mask, cache, fc)?;
+        Ok(crate::heads::tied_logits(h, &self.transformer.wte))
     }
 
     /// Number of layers (for a [`KvCache`]).
@@ -203,10 +249,24 @@ impl Gpt2ForSequenceClassification {
         &self,
         input_ids: Tensor<2, Int>,
         attention_mask: Option<Tensor<2, Int>>,
-    ) -> Tensor<2> {
+    ) -> Result<Tensor<2>> {
+        self.forward_with(input_ids, attention_mask, &ForwardContext::default())
+    }
+
+    /// [`forward`](Self::forward) with a per-call context.
+    pub fn forward_with(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        fc: &ForwardContext,
+    ) -> Result<Tensor<2>> {
         let h = self
             .transformer
-            .forward(input_ids.clone(), attention_mask, None);
-        crate::heads::pool_last_non_pad(self.score.forward(h), &input_ids, self.pad_token_id)
+            .forward_with(input_ids.clone(), attention_mask, None, fc)?;
+        Ok(crate::heads::pool_last_non_pad(
+            self.score.forward_in(h, fc),
+            &input_ids,
+            self.pad_token_id,
+        ))
     }
 }

@@ -8,11 +8,13 @@ mod auto;
 pub mod bert;
 mod cache;
 pub mod config;
+mod config_checks;
 mod error;
 pub mod generate;
 pub mod gpt2;
 pub mod heads;
 pub mod hub;
+mod input_checks;
 pub mod llama;
 pub mod load;
 pub mod ops;
@@ -25,7 +27,7 @@ pub use auto::{
 pub use cache::KvCache;
 pub use config::{HfConfig, ModelConfig};
 pub use error::{ModelError, Result};
-pub use generate::{GenerationConfig, generate};
+pub use generate::{GenerationConfig, generate, generate_batch};
 pub use save::{
     COPIED_FILES, SavedModel, architecture_name, hf_tensors, merged_config, num_labels,
     save_pretrained,

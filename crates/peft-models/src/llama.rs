@@ -3,13 +3,17 @@
 use burn::module::Module;
 use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::tensor::activation::silu;
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use peft_core::Adaptable;
-use peft_core::nn::{Embedding, EmbeddingConfig, KvPrefix, Linear, LinearConfig};
+use peft_core::nn::{Embedding, EmbeddingConfig, ForwardContext, KvPrefix, Linear, LinearConfig};
 
 use crate::cache::KvCache;
 use crate::config::{LlamaConfig, RopeScaling};
-use crate::ops::{RopeCache, apply_rope, merge_heads, padding_mask, repeat_kv, sdpa, split_heads};
+use crate::error::Result;
+use crate::input_checks;
+use crate::ops::{
+    RopeCache, apply_rope, merge_heads, padding_mask, repeat_kv, rope_tables, sdpa, split_heads,
+};
 
 /// Self-attention with q/k/v/o projections.
 #[derive(Module, Debug, Adaptable)]
@@ -26,6 +30,9 @@ pub struct LlamaAttention {
     heads: usize,
     #[module(skip)]
     kv_heads: usize,
+    /// Mistral's attention window (`sliding_window`), `None` for full attention.
+    #[module(skip)]
+    sliding_window: Option<usize>,
 }
 
 /// SwiGLU MLP.
@@ -66,7 +73,7 @@ pub struct LlamaModel {
     #[module(skip)]
     inv_freq: Vec<f64>,
     #[module(skip)]
-    rope: RopeCache,
+    rope_cache: RopeCache,
 }
 
 /// Causal LM (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `MistralForCausalLM`).
@@ -81,7 +88,7 @@ pub struct LlamaForCausalLM {
 
 /// Sequence classifier pooling the last non-pad token (`LlamaForSequenceClassification`).
 #[derive(Module, Debug, Adaptable)]
-#[peft(output_layer = "score")]
+#[peft(classifier_head = "score")]
 pub struct LlamaForSequenceClassification {
     /// The decoder.
     pub model: LlamaModel,
@@ -144,34 +151,54 @@ impl LlamaAttention {
                 .init(device),
             heads: h,
             kv_heads: kv,
+            sliding_window: c.attention_window(),
         }
     }
 
     fn forward(
         &self,
         x: Tensor<3>,
-        rope: &(Tensor<2>, Tensor<2>),
+        rope: &Rope,
         mask: Option<&Tensor<2, Int>>,
         cache: Option<(&mut KvCache, usize)>,
+        fc: &ForwardContext,
     ) -> Tensor<3> {
-        let [_, s, _] = x.dims();
+        let [b, s, _] = x.dims();
         let q = apply_rope(
-            split_heads(self.q_proj.forward(x.clone()), self.heads),
-            &rope.0,
-            &rope.1,
+            split_heads(self.q_proj.forward_in(x.clone(), fc), self.heads),
+            &rope.cos,
+            &rope.sin,
         );
         let k = apply_rope(
-            split_heads(self.k_proj.forward(x.clone()), self.kv_heads),
-            &rope.0,
-            &rope.1,
+            split_heads(self.k_proj.forward_in(x.clone(), fc), self.kv_heads),
+            &rope.cos,
+            &rope.sin,
         );
-        let v = split_heads(self.v_proj.forward(x), self.kv_heads);
+        let v = split_heads(self.v_proj.forward_in(x, fc), self.kv_heads);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
         };
         let groups = self.heads / self.kv_heads;
-        let mask = mask.map(|m| padding_mask(m, self.heads, s));
+        let mut mask = mask.map(|m| padding_mask(m, self.heads, s));
+        let keys = k.dims()[2];
+        if let Some(window) = self.sliding_window.filter(|w| *w < keys) {
+            let outside = match &rope.key_positions {
+                // Rows shifted in position (left padding, prefixes of different lengths):
+                // the window is over each row's own positions.
+                Some(key_positions) => {
+                    window_mask_rows(&rope.query_positions, key_positions, window, &q.device())
+                }
+                None => sliding_window_mask(s, keys, window, &q.device())
+                    .unsqueeze::<4>()
+                    .expand([b, 1, s, keys]),
+            }
+            .expand([b, self.heads, s, keys]);
+            mask = Some(match mask {
+                Some(m) => m.bool_or(outside),
+                None => outside,
+            });
+        }
         let out = sdpa(
             q,
             repeat_kv(k, groups),
@@ -180,8 +207,49 @@ impl LlamaAttention {
             true,
             None,
         );
-        self.o_proj.forward(merge_heads(out))
+        self.o_proj.forward_in(merge_heads(out), fc)
     }
+}
+
+/// RoPE tables for one forward, `[1 or batch, 1, seq, head_dim]`, and, when rows are shifted
+/// in position, each row's query and key positions (for the sliding window).
+struct Rope {
+    cos: Tensor<4>,
+    sin: Tensor<4>,
+    query_positions: Vec<Vec<i64>>,
+    key_positions: Option<Vec<Vec<i64>>>,
+}
+
+/// `[b, 1, q, k]`, true where key `j` of row `r` is outside query `i`'s window:
+/// `query_position - key_position >= window`.
+fn window_mask_rows(
+    query_positions: &[Vec<i64>],
+    key_positions: &[Vec<i64>],
+    window: usize,
+    device: &Device,
+) -> Tensor<4, Bool> {
+    let b = query_positions.len();
+    let q = query_positions.first().map_or(0, Vec::len);
+    let k = key_positions.first().map_or(0, Vec::len);
+    let outside: Vec<bool> = query_positions
+        .iter()
+        .zip(key_positions)
+        .flat_map(|(qp, kp)| {
+            qp.iter()
+                .flat_map(move |&i| kp.iter().map(move |&j| i - j >= window as i64))
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(outside, [b, 1, q, k]), device)
+}
+
+/// `[q, k]`, true where key position `j` is outside the window of query `i` (the queries are
+/// the last `q` of `k` positions): `query - key >= window`.
+fn sliding_window_mask(q: usize, k: usize, window: usize, device: &Device) -> Tensor<2, Bool> {
+    let offset = k - q;
+    let outside: Vec<bool> = (0..q)
+        .flat_map(|i| (0..k).map(move |j| offset + i >= j + window))
+        .collect();
+    Tensor::from_data(TensorData::new(outside, [q, k]), device)
 }
 
 impl LlamaModel {
@@ -222,39 +290,97 @@ impl LlamaModel {
                 c.hidden_size,
             ),
             inv_freq: inv_freq(c.head_size(), c.theta(), scaling),
-            rope: RopeCache::default(),
+            rope_cache: RopeCache::default(),
         }
     }
 
     /// Final hidden states `[b, s, hidden]`. `attention_mask` covers the real tokens so far
     /// (`[b, past + s]`, 1 = attend; a prefix is added in front); positions continue from the
-    /// cache length (prefix included), as transformers' `cache_position`.
+    /// cache length (prefix included), as transformers' `cache_position`. Ids outside the
+    /// vocabulary and a mask of another shape are
+    /// [`ModelError::InputOutOfRange`](crate::ModelError::InputOutOfRange); RoPE has no
+    /// position limit (transformers does not enforce `max_position_embeddings` either).
     pub fn forward(
         &self,
         input_ids: Tensor<2, Int>,
         attention_mask: Option<Tensor<2, Int>>,
         cache: Option<&mut KvCache>,
-    ) -> Tensor<3> {
-        let [b, s] = input_ids.dims();
+    ) -> Result<Tensor<3>> {
+        self.forward_with(input_ids, attention_mask, cache, &ForwardContext::default())
+    }
+
+    /// [`forward`](Self::forward) with a per-call context (e.g. a different adapter per row).
+    pub fn forward_with(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        cache: Option<&mut KvCache>,
+        fc: &ForwardContext,
+    ) -> Result<Tensor<3>> {
+        let [b, s] = input_checks::ids_dims(&input_ids)?;
+        input_checks::check_token_ids(&input_ids, self.embed_tokens.dims()[0])?;
         let device = input_ids.device();
         let mut local = KvCache::new(self.layers.len());
-        let (mut cache, attention_mask) =
-            KvCache::with_prefix(&self.prompt_encoder, b, cache, &mut local, attention_mask);
-        let past = cache.as_ref().map_or(0, |c| c.len());
-        let rope = self.rope.tables(&self.inv_freq, past, s, &device);
-        let mut h = self.embed_tokens.forward(input_ids);
+        let (mut cache, attention_mask) = KvCache::checked_with_prefix(
+            &self.prompt_encoder,
+            [b, s],
+            cache,
+            &mut local,
+            attention_mask,
+            fc,
+        )?;
+        let rope = self.rope(cache.as_deref(), b, s, &device);
+        let mut h = self.embed_tokens.forward_in(input_ids, fc);
         for (i, layer) in self.layers.iter().enumerate() {
             let normed = layer.input_layernorm.forward(h.clone());
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
-            h = h + layer
-                .self_attn
-                .forward(normed, &rope, attention_mask.as_ref(), layer_cache);
+            h = h + layer.self_attn.forward(
+                normed,
+                &rope,
+                attention_mask.as_ref(),
+                layer_cache,
+                fc,
+            );
             let normed = layer.post_attention_layernorm.forward(h.clone());
             let mlp = &layer.mlp;
-            let act = silu(mlp.gate_proj.forward(normed.clone())) * mlp.up_proj.forward(normed);
-            h = h + mlp.down_proj.forward(act);
+            let act = silu(mlp.gate_proj.forward_in(normed.clone(), fc))
+                * mlp.up_proj.forward_in(normed, fc);
+            h = h + mlp.down_proj.forward_in(act, fc);
         }
-        self.norm.forward(h)
+        Ok(self.norm.forward(h))
+    }
+}
+
+impl LlamaModel {
+    /// RoPE tables for the next `seq` tokens of `batch` rows: one table shared by every row, or
+    /// one per row when the cache shifts rows in position.
+    fn rope(&self, cache: Option<&KvCache>, batch: usize, seq: usize, device: &Device) -> Rope {
+        let empty = KvCache::default();
+        let cache = cache.unwrap_or(&empty);
+        let positions = cache.positions(batch, seq);
+        let d = self.inv_freq.len() * 2;
+        if !cache.has_row_shift() {
+            // Every row at positions `len..len + seq`: a slice of the tables kept on the device
+            // (nothing computed or uploaded per call).
+            let (cos, sin) = self
+                .rope_cache
+                .tables(&self.inv_freq, cache.len(), seq, device);
+            return Rope {
+                cos: cos.reshape([1, 1, seq, d]),
+                sin: sin.reshape([1, 1, seq, d]),
+                query_positions: positions,
+                key_positions: None,
+            };
+        }
+        let flat: Vec<i64> = positions.concat();
+        let (cos, sin) = rope_tables(&self.inv_freq, &flat, device);
+        let key_positions = cache.key_positions(batch, cache.len() + seq);
+        Rope {
+            cos: cos.reshape([batch, 1, seq, d]),
+            sin: sin.reshape([batch, 1, seq, d]),
+            query_positions: positions,
+            key_positions: Some(key_positions),
+        }
     }
 }
 
@@ -277,12 +403,25 @@ impl LlamaForCausalLM {
         input_ids: Tensor<2, Int>,
         attention_mask: Option<Tensor<2, Int>>,
         cache: Option<&mut KvCache>,
-    ) -> Tensor<3> {
-        let h = self.model.forward(input_ids, attention_mask, cache);
-        match &self.lm_head {
-            Some(head) => head.forward(h),
+    ) -> Result<Tensor<3>> {
+        self.forward_with(input_ids, attention_mask, cache, &ForwardContext::default())
+    }
+
+    /// [`forward`](Self::forward) with a per-call context.
+    pub fn forward_with(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        cache: Option<&mut KvCache>,
+        fc: &ForwardContext,
+    ) -> Result<Tensor<3>> {
+        let h = self
+            .model
+            .forward_with(input_ids, attention_mask, cache, fc)?;
+        Ok(match &self.lm_head {
+            Some(head) => head.forward_in(h, fc),
             None => crate::heads::tied_logits(h, &self.model.embed_tokens),
-        }
+        })
     }
 
     /// Number of layers (for a [`KvCache`]).
@@ -308,9 +447,25 @@ impl LlamaForSequenceClassification {
         &self,
         input_ids: Tensor<2, Int>,
         attention_mask: Option<Tensor<2, Int>>,
-    ) -> Tensor<2> {
-        let h = self.model.forward(input_ids.clone(), attention_mask, None);
-        let logits = self.score.forward(h);
-        crate::heads::pool_last_non_pad(logits, &input_ids, self.pad_token_id)
+    ) -> Result<Tensor<2>> {
+        self.forward_with(input_ids, attention_mask, &ForwardContext::default())
+    }
+
+    /// [`forward`](Self::forward) with a per-call context.
+    pub fn forward_with(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        fc: &ForwardContext,
+    ) -> Result<Tensor<2>> {
+        let h = self
+            .model
+            .forward_with(input_ids.clone(), attention_mask, None, fc)?;
+        let logits = self.score.forward_in(h, fc);
+        Ok(crate::heads::pool_last_non_pad(
+            logits,
+            &input_ids,
+            self.pad_token_id,
+        ))
     }
 }

@@ -1,7 +1,7 @@
 //! Loading Hugging Face safetensors (single file or shards) into our modules through
 //! burn-store, with Hugging Face names.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
@@ -36,8 +36,13 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// All tensor names in the weight files, read from the safetensors headers only.
 pub fn tensor_names(files: &[PathBuf]) -> Result<BTreeSet<String>> {
+    Ok(tensor_shapes(files)?.into_keys().collect())
+}
+
+/// The shape of every tensor in the weight files, read from the safetensors headers only.
+pub fn tensor_shapes(files: &[PathBuf]) -> Result<BTreeMap<String, Vec<usize>>> {
     use std::io::Read;
-    let mut names = BTreeSet::new();
+    let mut names = BTreeMap::new();
     for file in files {
         let io = |source| ModelError::Io {
             file: file.clone(),
@@ -64,9 +69,28 @@ pub fn tensor_names(files: &[PathBuf]) -> Result<BTreeSet<String>> {
         let map = value
             .as_object()
             .ok_or_else(|| corrupt("the header is not a JSON object".into()))?;
-        names.extend(map.keys().filter(|k| *k != "__metadata__").cloned());
+        for (name, entry) in map.iter().filter(|(k, _)| *k != "__metadata__") {
+            let shape = entry
+                .get("shape")
+                .and_then(serde_json::Value::as_array)
+                .and_then(|dims| {
+                    dims.iter()
+                        .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+                        .collect::<Option<Vec<usize>>>()
+                })
+                .ok_or_else(|| corrupt(format!("tensor `{name}` has no valid `shape`")))?;
+            names.insert(name.clone(), shape);
+        }
     }
     Ok(names)
+}
+
+/// The number of scalars of all tensors of `shapes` (saturating).
+pub fn total_elements(shapes: &BTreeMap<String, Vec<usize>>) -> u128 {
+    shapes
+        .values()
+        .map(|s| s.iter().fold(1u128, |n, d| n.saturating_mul(*d as u128)))
+        .fold(0u128, u128::saturating_add)
 }
 
 /// PyTorch -> Burn conversion (transpose `nn.Linear` weights, norm `weight/bias` ->

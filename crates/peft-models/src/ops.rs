@@ -76,7 +76,7 @@ pub fn sdpa(
 /// the *tanh approximation*, off by up to ~4e-4 (tests/vulkan.rs,
 /// `op_gradients_on_vulkan_match_flex`). Flex implements the exact derivative, so it keeps the
 /// single op; elsewhere the erf composition lets autodiff differentiate erf exactly.
-pub fn gelu(x: Tensor<3>) -> Tensor<3> {
+pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     if x.device().without_autodiff() == Device::flex() {
         return burn::tensor::activation::gelu(x);
     }
@@ -89,24 +89,79 @@ pub fn gelu(x: Tensor<3>) -> Tensor<3> {
     x * cdf
 }
 
+/// An MLP activation, by its name in transformers' `ACT2FN` (`hidden_act`,
+/// `activation_function` in `config.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activation {
+    /// `gelu`: the exact form with `erf` (BERT).
+    #[default]
+    Gelu,
+    /// `gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`: the tanh approximation (GPT-2); the three
+    /// are the same function.
+    GeluTanh,
+    /// `quick_gelu`: `x * sigmoid(1.702 x)`.
+    QuickGelu,
+    /// `relu`.
+    Relu,
+    /// `silu` / `swish`: `x * sigmoid(x)`.
+    Silu,
+}
+
+impl Activation {
+    /// The names [`from_hf`](Self::from_hf) accepts.
+    pub const NAMES: [&'static str; 8] = [
+        "gelu",
+        "gelu_new",
+        "gelu_pytorch_tanh",
+        "gelu_fast",
+        "quick_gelu",
+        "relu",
+        "silu",
+        "swish",
+    ];
+
+    /// The activation transformers' `ACT2FN[name]` computes, if implemented.
+    pub fn from_hf(name: &str) -> Option<Self> {
+        Some(match name {
+            "gelu" => Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "quick_gelu" => Activation::QuickGelu,
+            "relu" => Activation::Relu,
+            "silu" | "swish" => Activation::Silu,
+            _ => return None,
+        })
+    }
+
+    /// Apply it.
+    pub fn apply<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
+        use burn::tensor::activation;
+        match self {
+            Activation::Gelu => gelu(x),
+            Activation::GeluTanh => gelu_new(x),
+            Activation::QuickGelu => x.clone() * activation::sigmoid(x.mul_scalar(1.702)),
+            Activation::Relu => activation::relu(x),
+            Activation::Silu => activation::silu(x),
+        }
+    }
+}
+
 /// GPT-2's `gelu_new` (tanh approximation).
-pub fn gelu_new(x: Tensor<3>) -> Tensor<3> {
+pub fn gelu_new<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     let c = (2.0 / std::f64::consts::PI).sqrt();
     let inner = (x.clone() + x.clone().powf_scalar(3.0).mul_scalar(0.044715)).mul_scalar(c);
     x.clone().mul_scalar(0.5) * (inner.tanh().add_scalar(1.0))
 }
 
 /// Rotate-half RoPE as transformers implements it: `x * cos + rotate_half(x) * sin`, with
-/// `cos`/`sin` `[s, d]` (the frequency table concatenated twice).
-pub fn apply_rope(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<4> {
+/// `cos`/`sin` broadcastable to `x` (`[1 or b, 1, s, d]`: the frequency table concatenated
+/// twice, per position).
+pub fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     let [b, h, s, d] = x.dims();
     let half = d / 2;
     let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
     let x2 = x.clone().slice([0..b, 0..h, 0..s, half..d]);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    let cos = cos.clone().unsqueeze::<4>();
-    let sin = sin.clone().unsqueeze::<4>();
-    x * cos + rotated * sin
+    x * cos.clone() + rotated * sin.clone()
 }
 
 /// RoPE `cos`/`sin` tables `[len, head_dim]` for `positions`, from `inv_freq` `[head_dim/2]`.

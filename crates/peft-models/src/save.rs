@@ -8,9 +8,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use burn::tensor::DType;
 use burn_store::burn_pack::Tensor as PackTensor;
@@ -18,6 +16,8 @@ use burn_store::{
     BurnToPyTorchAdapter, FloatCastAdapter, ModuleAdapter, ModuleContext, ModuleSnapshot,
 };
 use serde_json::{Map, Value};
+
+use peft_core::atomic::{Previous, StagedDir};
 
 use crate::auto::HfModel;
 use crate::config::{HfConfig, ModelConfig};
@@ -263,7 +263,7 @@ fn write_weights(file: &Path, tensors: Vec<(String, PackTensor)>) -> Result<()> 
         )
     }));
     let reason = match result {
-        Ok(Ok(())) => return sync_file(file),
+        Ok(Ok(())) => return Ok(()),
         Ok(Err(e)) => e.to_string(),
         Err(panic) => panic
             .downcast_ref::<String>()
@@ -282,18 +282,6 @@ fn io_error(file: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
         file: file.to_path_buf(),
         source,
     }
-}
-
-fn sync_file(file: &Path) -> Result<()> {
-    fs::File::open(file)
-        .and_then(|f| f.sync_all())
-        .map_err(io_error(file))
-}
-
-fn write_file(file: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = fs::File::create(file).map_err(io_error(file))?;
-    f.write_all(bytes).map_err(io_error(file))?;
-    f.sync_all().map_err(io_error(file))
 }
 
 /// The source `config.json` adjusted for the saved model: `architectures` names the saved
@@ -378,29 +366,6 @@ pub fn merged_config(
     Ok(Value::Object(raw))
 }
 
-/// A name no other process uses at the same time, for staging folders beside the target.
-fn unique_sibling(parent: &Path, name: &str, what: &str) -> PathBuf {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    parent.join(format!(".{name}.{what}-{}-{nanos}", std::process::id()))
-}
-
-/// Removes a staging folder on drop unless disarmed.
-struct StagingDir {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Drop for StagingDir {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
 /// Check that `out_dir` may be (re)placed: absent, an empty folder, or a folder holding a
 /// previous model (`config.json`), and not the source folder itself.
 fn check_target(out_dir: &Path, source_dir: &Path) -> Result<()> {
@@ -455,40 +420,29 @@ pub fn save_pretrained(
     out_dir: &Path,
     labels: Option<&[String]>,
 ) -> Result<SavedModel> {
-    let name = out_dir
-        .file_name()
-        .ok_or_else(|| ModelError::Save {
+    if out_dir.file_name().is_none() {
+        return Err(ModelError::Save {
             file: out_dir.to_path_buf(),
             reason: "not a folder path (it has no final name)".into(),
-        })?
-        .to_string_lossy()
-        .to_string();
-    let parent = match out_dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+        });
+    }
     check_target(out_dir, source_dir)?;
     // Everything that can fail on bad input happens before anything touches the disk.
     let config_json = merged_config(model, config, labels)?;
     let tensors = hf_tensors(model, config, source_dir)?;
     let num_tensors = tensors.len();
 
-    fs::create_dir_all(&parent).map_err(io_error(&parent))?;
-    let mut staging = StagingDir {
-        path: unique_sibling(&parent, &name, "partial"),
-        keep: false,
-    };
-    fs::create_dir(&staging.path).map_err(io_error(&staging.path))?;
+    let staging = StagedDir::create(out_dir)?;
     let mut files = Vec::new();
 
-    let weights = staging.path.join(WEIGHTS_FILE);
+    let weights = staging.path().join(WEIGHTS_FILE);
     write_weights(&weights, tensors)?;
     let weights_bytes = fs::metadata(&weights).map_err(io_error(&weights))?.len();
     files.push(WEIGHTS_FILE.to_string());
 
     let mut text = serde_json::to_string_pretty(&config_json).expect("JSON values render");
     text.push('\n');
-    write_file(&staging.path.join(CONFIG_FILE), text.as_bytes())?;
+    staging.write(CONFIG_FILE, text.as_bytes())?;
     files.push(CONFIG_FILE.to_string());
 
     for file in COPIED_FILES {
@@ -496,45 +450,12 @@ pub fn save_pretrained(
         if !from.is_file() {
             continue;
         }
-        let to = staging.path.join(file);
+        let to = staging.path().join(file);
         fs::copy(&from, &to).map_err(io_error(&from))?;
-        sync_file(&to)?;
         files.push(file.to_string());
     }
-    if let Ok(handle) = fs::File::open(&staging.path) {
-        let _ = handle.sync_all();
-    }
-
-    // Swap into place: the previous folder (if any) moves aside, the new one takes its name,
-    // and the previous one is deleted only after that succeeded.
-    let previous = if fs::symlink_metadata(out_dir).is_ok() {
-        let aside = unique_sibling(&parent, &name, "old");
-        fs::rename(out_dir, &aside).map_err(io_error(out_dir))?;
-        Some(aside)
-    } else {
-        None
-    };
-    if let Err(source) = fs::rename(&staging.path, out_dir) {
-        if let Some(aside) = &previous {
-            let _ = fs::rename(aside, out_dir);
-        }
-        return Err(ModelError::Io {
-            file: out_dir.to_path_buf(),
-            source,
-        });
-    }
-    staging.keep = true;
-    if let Some(aside) = previous
-        && let Err(e) = fs::remove_dir_all(&aside)
-    {
-        log::warn!(
-            "{}: could not remove the previous model folder: {e}",
-            aside.display()
-        );
-    }
-    if let Ok(handle) = fs::File::open(&parent) {
-        let _ = handle.sync_all();
-    }
+    // Everything is fsynced and swapped in by the one atomic-save helper of the project.
+    staging.commit(Previous::Replace)?;
     Ok(SavedModel {
         dir: out_dir.to_path_buf(),
         architecture: architecture_name(model, config),

@@ -3,6 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use tokenizers::utils::truncation::{
+    TruncationDirection, TruncationParams, TruncationStrategy, truncate_encodings,
+};
 
 use crate::error::{ModelError, Result};
 
@@ -81,21 +84,69 @@ impl HfTokenizer {
         self.inner.token_to_id(token)
     }
 
-    /// Token ids of one text (with the tokenizer's special tokens), truncated to `max_len`.
+    /// Token ids of one text, or of a pair, with the tokenizer's special tokens, truncated to
+    /// at most `max_len` ids as transformers' `tokenizer(text, pair, truncation=True,
+    /// max_length=max_len)` does: the special tokens are kept and the text is cut
+    /// (`longest_first` for pairs: the longer part loses a token at a time), so a long text
+    /// still ends with `[SEP]`. This is the tokenizers library's own truncation
+    /// (`TokenizerImpl::post_process`), with the length limit chosen per call.
+    ///
+    /// `max_len` smaller than the number of special tokens is an error.
     pub fn encode(&self, text: &str, pair: Option<&str>, max_len: usize) -> Result<Encoding> {
-        let enc = match pair {
-            Some(p) => self.inner.encode((text, p), true),
-            None => self.inner.encode(text, true),
-        }
-        .map_err(|e| ModelError::Tokenizer {
+        let err = |e: tokenizers::Error| ModelError::Tokenizer {
             file: self.file.clone(),
             reason: e.to_string(),
-        })?;
-        let n = enc.get_ids().len().min(max_len);
+        };
+        let first = self.inner.encode(text, false).map_err(err)?;
+        let second = match pair {
+            Some(p) => {
+                let mut enc = self.inner.encode(p, false).map_err(err)?;
+                // Encoded on its own it gets type id 0; as the second part of a pair it is 1
+                // (tokenizers' `encode_single_sequence(pair, 1, ..)`).
+                enc.set_type_ids(vec![1; enc.get_ids().len()]);
+                Some(enc)
+            }
+            None => None,
+        };
+        let added = self.inner.get_post_processor().map_or(0, |p| {
+            tokenizers::PostProcessor::added_tokens(p, second.is_some())
+        });
+        let budget = max_len.checked_sub(added).ok_or_else(|| ModelError::InvalidInput(format!(
+            "max length {max_len} is shorter than the {added} special tokens this tokenizer adds \
+             ({}); use a max length of at least {}",
+            self.file.display(),
+            added + 1
+        )))?;
+        let total = first.get_ids().len() + second.as_ref().map_or(0, |e| e.get_ids().len());
+        let (first, second) = if total > budget {
+            let params = TruncationParams {
+                max_length: budget,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            };
+            truncate_encodings(first, second, &params).map_err(err)?
+        } else {
+            (first, second)
+        };
+        let enc = self.inner.post_process(first, second, true).map_err(err)?;
         Ok(Encoding {
-            ids: enc.get_ids()[..n].iter().map(|&i| i as i64).collect(),
-            type_ids: enc.get_type_ids()[..n].iter().map(|&i| i as i64).collect(),
+            ids: enc.get_ids().iter().map(|&i| i as i64).collect(),
+            type_ids: enc.get_type_ids().iter().map(|&i| i as i64).collect(),
         })
+    }
+
+    /// How many special tokens the tokenizer adds around one text (`[CLS]`/`[SEP]`: 2,
+    /// Llama's `<s>`: 1, GPT-2: 0), or around a pair.
+    pub fn num_special_tokens(&self, pair: bool) -> usize {
+        self.inner
+            .get_post_processor()
+            .map_or(0, |p| tokenizers::PostProcessor::added_tokens(p, pair))
+    }
+
+    /// Size of the tokenizer's vocabulary, added tokens included (the largest id plus one).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
     }
 
     /// Decode ids to text, skipping special tokens.

@@ -3,7 +3,10 @@
 use std::sync::Arc;
 
 use burn::tensor::{Distribution, Tensor};
-use peft_core::{AdapterState, PeftError, PeftMethod, Result, SiteInfo, SiteKind, TargetSpec};
+use peft_core::{
+    AdapterState, MethodSummary, PeftError, PeftMethod, Result, SiteInfo, SiteKind, TargetSpec,
+    TensorRole,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -107,6 +110,10 @@ impl PeftMethod for PrefixTuningConfig {
 
     fn modules_to_save(&self) -> Vec<String> {
         self.modules_to_save.clone().unwrap_or_default()
+    }
+
+    fn task_type(&self) -> Option<&str> {
+        self.task_type.as_deref()
     }
 
     fn validate(&self) -> Result<()> {
@@ -260,6 +267,27 @@ impl PeftMethod for PrefixTuningConfig {
 
     fn mergeable(&self) -> bool {
         false
+    }
+
+    fn describe(&self) -> MethodSummary {
+        MethodSummary::from_config(
+            self,
+            &[
+                "task_type",
+                "base_model_name_or_path",
+                "modules_to_save",
+                "num_virtual_tokens",
+                "prefix_projection",
+                "encoder_hidden_size",
+                "num_layers",
+                "token_dim",
+                "num_attention_heads",
+            ],
+            vec![TensorRole::new(
+                "prompt_embeddings",
+                "prefix keys/values [num_virtual_tokens, num_layers·2·token_dim]",
+            )],
+        )
     }
 
     fn clone_method(&self) -> Box<dyn PeftMethod> {

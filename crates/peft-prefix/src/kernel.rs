@@ -6,7 +6,8 @@ use std::sync::Arc;
 use burn::tensor::{Tensor, TensorData};
 use peft_core::nn::PrefixKv;
 use peft_core::{
-    AdapterKernel, AdapterState, BaseWeights, MergeDirection, PeftError, Result, TensorSource,
+    AdapterKernel, AdapterState, BaseWeights, MergeDirection, MergeInput, PeftError, Result,
+    TensorSource,
 };
 
 /// Layout of one prefix adapter.
@@ -79,8 +80,8 @@ impl AdapterKernel for PrefixKernel {
 
     fn merge(
         &self,
-        state: &AdapterState,
-        _base: BaseWeights,
+        state: &mut AdapterState,
+        _site: MergeInput<'_>,
         _d: MergeDirection,
     ) -> Result<BaseWeights> {
         Err(PeftError::NotSupportedByMethod {

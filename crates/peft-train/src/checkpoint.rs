@@ -1,7 +1,7 @@
 //! Checkpoints: the adapter bundle in PEFT format plus what resuming needs (every trainable
 //! tensor by module path, including a prefix projection MLP PEFT does not save; optimizer
-//! moments; step, data position, best metric). Written atomically: a temporary folder, fsync,
-//! rename; the last `keep_last` are kept.
+//! moments; step, data position, best metric). Written atomically through
+//! [`peft_core::atomic`]; the last `keep_last` are kept.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -9,12 +9,13 @@ use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{Tensor, TensorData};
+use peft_core::atomic::{Previous, StagedDir};
 use peft_core::bundle::{TensorFile, encode_safetensors};
 use peft_core::{Adaptable, PeftModel};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
-use crate::optim::{AdamW, trainable_paths};
+use crate::optim::{AdamW, trainable_paths, trainable_shapes};
 
 /// Where the run stands; saved as `trainer_state.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -46,19 +47,6 @@ fn io(file: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     }
 }
 
-fn write_synced(file: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let mut f = fs::File::create(file).map_err(io(file))?;
-    f.write_all(bytes).map_err(io(file))?;
-    f.sync_all().map_err(io(file))
-}
-
-fn sync_dir(dir: &Path) {
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-}
-
 /// The folder name of the checkpoint at `step`.
 pub fn checkpoint_name(step: u64) -> String {
     format!("step-{step:08}")
@@ -68,49 +56,35 @@ pub fn checkpoint_name(step: u64) -> String {
 pub fn save<M: Adaptable + Module>(
     root: &Path,
     model: &PeftModel<M>,
-    adapter: &str,
+    adapters: &[String],
     optim: &AdamW,
     state: &TrainerState,
     keep_last: usize,
 ) -> Result<PathBuf> {
-    fs::create_dir_all(root).map_err(io(root))?;
-    let name = checkpoint_name(state.step);
-    let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    let dest = root.join(checkpoint_name(state.step));
+    // One atomic-save helper for the whole project: staged beside `dest`, fsynced, swapped in.
+    let staged = StagedDir::create(&dest)?;
+    let tmp = staged.path();
+    // Full fine-tuning has no adapter: the trainable tensors below are the whole state.
+    for adapter in adapters
+        .iter()
+        .filter(|a| model.adapter_config(a).is_some())
+    {
+        model.save_adapter(tmp, adapter)?;
     }
-    fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    let result = (|| -> Result<()> {
-        // Full fine-tuning has no adapter: the trainable tensors below are the whole state.
-        if model.adapter_config(adapter).is_some() {
-            model.save_adapter(&tmp, adapter)?;
-        }
-        let params: BTreeMap<String, TensorData> =
-            trainable_paths(model.model(), model.trainable_param_ids())
-                .into_iter()
-                .map(|(_, path, _)| path)
-                .zip(trainable_values(model))
-                .collect();
-        write_synced(&tmp.join(ADAPTER_STATE), &encode_safetensors(&params)?)?;
-        let (step, moments) = optim.state();
-        let mut moments = moments;
-        moments.insert("__step".into(), TensorData::new(vec![step as f32], [1]));
-        write_synced(&tmp.join(OPTIMIZER_STATE), &encode_safetensors(&moments)?)?;
-        let json = serde_json::to_vec_pretty(state).expect("state serializes");
-        write_synced(&tmp.join(TRAINER_STATE), &json)?;
-        sync_dir(&tmp);
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    let dest = root.join(&name);
-    if dest.exists() {
-        fs::remove_dir_all(&dest).map_err(io(&dest))?;
-    }
-    fs::rename(&tmp, &dest).map_err(io(&dest))?;
-    sync_dir(root);
+    let params: BTreeMap<String, TensorData> =
+        trainable_paths(model.model(), model.trainable_param_ids())
+            .into_iter()
+            .map(|(_, path, _)| path)
+            .zip(trainable_values(model))
+            .collect();
+    staged.write(ADAPTER_STATE, &encode_safetensors(&params)?)?;
+    let (step, mut moments) = optim.state();
+    moments.insert("__step".into(), TensorData::new(vec![step as f32], [1]));
+    staged.write(OPTIMIZER_STATE, &encode_safetensors(&moments)?)?;
+    let json = serde_json::to_vec_pretty(state).expect("state serializes");
+    staged.write(TRAINER_STATE, &json)?;
+    staged.commit(Previous::Replace)?;
     prune(root, keep_last)?;
     Ok(dest)
 }
@@ -162,7 +136,9 @@ fn prune(root: &Path, keep_last: usize) -> Result<()> {
     let all = list(root);
     let excess = all.len().saturating_sub(keep_last.max(1));
     for old in &all[..excess] {
-        fs::remove_dir_all(old).map_err(io(old))?;
+        // Whole or not at all: a run killed while pruning never leaves a half-deleted
+        // checkpoint that still looks complete.
+        peft_core::atomic::remove_dir(old)?;
     }
     Ok(())
 }
@@ -219,7 +195,9 @@ pub fn load(dir: &Path) -> Result<Loaded> {
 }
 
 /// Overwrite the trainable parameters of `model` with `params` (by module path), keeping ids
-/// and gradient settings. Every trainable parameter must be present with its shape.
+/// and gradient settings. The saved tensors must be exactly the trainable parameters, with
+/// their shapes; anything else (a checkpoint of another rank, other targets or another model)
+/// is [`TrainError::Checkpoint`] naming the tensor, and the model is left unchanged.
 pub fn restore_params<M: Adaptable + Module>(
     model: &mut PeftModel<M>,
     params: &BTreeMap<String, TensorData>,
@@ -230,15 +208,30 @@ pub fn restore_params<M: Adaptable + Module>(
             .into_iter()
             .map(|(id, path, _)| (id, path))
             .collect();
-    for path in wanted.values() {
-        if !params.contains_key(path) {
-            return Err(TrainError::Checkpoint {
-                dir: dir.to_path_buf(),
-                reason: format!(
-                    "no saved value for trainable parameter `{path}`; was the checkpoint made with another adapter config?"
-                ),
-            });
+    let shapes = trainable_shapes(model.model(), model.trainable_param_ids());
+    let bad = |reason: String| TrainError::Checkpoint {
+        dir: dir.to_path_buf(),
+        reason,
+    };
+    for (path, shape) in &shapes {
+        let Some(saved) = params.get(path) else {
+            return Err(bad(format!(
+                "no saved value for trainable parameter `{path}`; was the checkpoint made with another adapter config?"
+            )));
+        };
+        if saved.shape().to_vec() != *shape {
+            return Err(bad(format!(
+                "{ADAPTER_STATE}: `{path}` has shape {:?}, this model's parameter is {shape:?} \
+                 (was the checkpoint written with another rank or model?)",
+                saved.shape()
+            )));
         }
+    }
+    if let Some(extra) = params.keys().find(|k| !shapes.contains_key(*k)) {
+        return Err(bad(format!(
+            "{ADAPTER_STATE}: `{extra}` is not a trainable parameter of this model \
+             (was the checkpoint written with other target_modules or another model?)"
+        )));
     }
     struct Restore<'a> {
         wanted: &'a HashMap<burn::module::ParamId, String>,

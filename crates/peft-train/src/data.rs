@@ -12,7 +12,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -215,8 +214,8 @@ impl LabelMap {
     }
 
     /// Write `{"id2label": {"0": name, …}, "label2id": {name: 0, …}}` (the format of a
-    /// Hugging Face `config.json`) to `path` (usually `<dir>/`[`LABEL_MAP_FILE`]), atomically:
-    /// a temporary file in the same folder renamed over `path`.
+    /// Hugging Face `config.json`) to `path` (usually `<dir>/`[`LABEL_MAP_FILE`]), atomically
+    /// ([`peft_core::atomic::write_file`]).
     pub fn save(&self, path: &Path) -> Result<(), DataError> {
         let io = |source| DataError::Io {
             file: path.to_path_buf(),
@@ -240,15 +239,10 @@ impl LabelMap {
         let json = serde_json::json!({ "id2label": id2label, "label2id": label2id });
         let mut text = serde_json::to_string_pretty(&json).map_err(|e| io(e.into()))?;
         text.push('\n');
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
-        tmp.write_all(text.as_bytes()).map_err(io)?;
-        tmp.as_file().sync_all().map_err(io)?;
-        tmp.persist(path).map_err(|e| io(e.error))?;
-        Ok(())
+        peft_core::atomic::write_file(path, text.as_bytes()).map_err(|e| DataError::Io {
+            file: e.path,
+            source: e.source,
+        })
     }
 
     /// Read a map written by [`LabelMap::save`] (or any `id2label` object with ids `0..n`).
@@ -305,6 +299,9 @@ pub struct Example {
     /// Per-token targets (causal LM), aligned with `input_ids` (not shifted: the loss shifts);
     /// [`IGNORE_INDEX`] where no loss is taken.
     pub labels: Option<Vec<i64>>,
+    /// The 1-based line of the data file the example was read from (0 when it was not read
+    /// from a file), so per-example results can be traced back to their row.
+    pub line: usize,
 }
 
 /// One row of a data file, either format.
@@ -503,6 +500,7 @@ impl Builder<'_> {
                     token_type_ids: enc.type_ids,
                     label: None,
                     labels: None,
+                    line,
                 };
                 self.rows.push((line, example, Some(label)));
             }
@@ -539,6 +537,7 @@ impl Builder<'_> {
                     input_ids: ids,
                     label: None,
                     labels: Some(labels),
+                    line,
                 };
                 self.rows.push((line, example, None));
             }
@@ -1037,7 +1036,8 @@ mod tests {
         };
         let (ex, map) = load_examples(&p, TaskKind::Classification, &cfg, &tok, None).unwrap();
         assert_eq!(map.unwrap().names, ["neg", "pos"]);
-        assert_eq!(ex[0].input_ids, ids("[CLS] the game"));
+        // transformers' truncation: the special tokens stay, the text is cut.
+        assert_eq!(ex[0].input_ids, ids("[CLS] the [SEP]"));
         assert_eq!(ex[0].label, Some(1));
     }
 
@@ -1223,7 +1223,7 @@ mod tests {
         let (ex, _) = load_examples(&p, TaskKind::CausalLm, &cfg, &tok, None).unwrap();
         assert_eq!(ex[0].input_ids.len(), 4);
         assert_eq!(ex[0].labels.as_ref().unwrap(), &[IGNORE_INDEX; 4]);
-        assert_eq!(ex[1].input_ids, ids("[CLS] the game was"));
+        assert_eq!(ex[1].input_ids, ids("[CLS] the game [SEP]"));
 
         // A completion without a prompt is malformed.
         let p = write(dir.path(), "bad.jsonl", "{\"completion\": \"paris\"}\n");
@@ -1260,12 +1260,14 @@ mod tests {
             token_type_ids: vec![0, 0, 1, 1],
             label: Some(1),
             labels: None,
+            line: 0,
         };
         let b = Example {
             input_ids: vec![2, 3],
             token_type_ids: vec![0, 0],
             label: Some(0),
             labels: None,
+            line: 0,
         };
         let c = collate(&[&a, &b], 0, &device);
         assert_eq!(
@@ -1285,6 +1287,7 @@ mod tests {
             input_ids: ids,
             label: None,
             labels: Some(labels),
+            line: 0,
         };
         let x = lm(vec![7, 8], vec![-100, 8]);
         let y = lm(vec![7, 8, 9], vec![7, 8, 9]);

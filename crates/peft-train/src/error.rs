@@ -21,6 +21,9 @@ pub enum TrainError {
     /// Data could not be read.
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
+    /// The model refused its inputs (token ids, lengths) or could not run.
+    #[error(transparent)]
+    Model(peft_models::ModelError),
     /// The loss became NaN or infinite; the last checkpoint on disk is intact.
     #[error("the training loss became {value} at step {step}; stopped. The last good checkpoint is {}. Lower the learning rate or enable clipping (max_grad_norm)", last_checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(none yet)".into()))]
     NonFiniteLoss {
@@ -63,8 +66,21 @@ impl TrainError {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            Self::Peft(_) | Self::Data(_) | Self::Config { .. } | Self::Checkpoint { .. }
+            Self::Peft(_)
+                | Self::Data(_)
+                | Self::Model(_)
+                | Self::Config { .. }
+                | Self::Checkpoint { .. }
         )
+    }
+}
+
+impl From<peft_core::atomic::IoAt> for TrainError {
+    fn from(e: peft_core::atomic::IoAt) -> Self {
+        TrainError::Io {
+            file: e.path,
+            source: e.source,
+        }
     }
 }
 

@@ -17,6 +17,6 @@ mod trainer;
 
 pub use error::{Result, TrainError};
 pub use trainer::{
-    EvalReport, FullExport, Objective, TrainConfig, TrainReport, Trainer, causal_lm_loss,
-    causal_lm_loss_terms, classification_loss, evaluate,
+    EvalReport, ExampleResult, FullExport, Objective, TrainConfig, TrainReport, Trainer,
+    causal_lm_loss, causal_lm_loss_terms, classification_loss, evaluate, objective_loss,
 };

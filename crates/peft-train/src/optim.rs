@@ -87,6 +87,39 @@ pub fn trainable_paths<M: Module>(
     v.out
 }
 
+/// Shape of every parameter of `model` in `ids`, by module path.
+pub fn trainable_shapes<M: Module>(
+    model: &M,
+    ids: &HashSet<ParamId>,
+) -> BTreeMap<String, Vec<usize>> {
+    struct Shapes<'a> {
+        path: Vec<String>,
+        ids: &'a HashSet<ParamId>,
+        out: BTreeMap<String, Vec<usize>>,
+    }
+    impl ModuleVisitor for Shapes<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if self.ids.contains(&param.id) {
+                self.out
+                    .insert(self.path.join("."), param.lazy_shape().to_vec());
+            }
+        }
+    }
+    let mut v = Shapes {
+        path: Vec::new(),
+        ids,
+        out: BTreeMap::new(),
+    };
+    model.visit(&mut v);
+    v.out
+}
+
 fn grad_sq_sum<const D: usize>(grads: &GradientsParams, id: ParamId) -> Option<f64> {
     grads
         .get::<D>(id)
@@ -206,25 +239,64 @@ impl AdamW {
     }
 
     /// Restore a state saved by [`state`](Self::state), onto `device` (the inner device).
+    ///
+    /// `params` maps the path of every trainable parameter to its number of elements. Every
+    /// saved moment must belong to one of them and have its size, and come as a pair
+    /// (`exp_avg` and `exp_avg_sq`); a parameter without saved moments starts from zero ones,
+    /// as it would have in the run that wrote the checkpoint. On error nothing is changed and
+    /// the message names the tensor that disagrees.
     pub fn restore(
         &mut self,
         step: u64,
         tensors: &BTreeMap<String, TensorData>,
+        params: &BTreeMap<String, usize>,
         device: &burn::tensor::Device,
-    ) {
-        self.step = step;
-        self.moments.clear();
+    ) -> Result<(), String> {
+        let mut moments = HashMap::new();
         for (name, data) in tensors {
-            if let Some(key) = name.strip_suffix(".exp_avg") {
-                let sq = &tensors[&format!("{key}.exp_avg_sq")];
-                self.moments.insert(
+            let (key, partner) = if let Some(key) = name.strip_suffix(".exp_avg") {
+                (key, format!("{key}.exp_avg_sq"))
+            } else if let Some(key) = name.strip_suffix(".exp_avg_sq") {
+                (key, format!("{key}.exp_avg"))
+            } else {
+                return Err(format!(
+                    "optimizer tensor `{name}` is neither `<path>.exp_avg` nor `<path>.exp_avg_sq`"
+                ));
+            };
+            let Some(&numel) = params.get(key) else {
+                return Err(format!(
+                    "optimizer state for `{key}`, which is not a trainable parameter of this model \
+                     (was the checkpoint written with another rank, targets or model?)"
+                ));
+            };
+            let Some(other) = tensors.get(&partner) else {
+                return Err(format!(
+                    "optimizer tensor `{partner}` is missing (`{name}` is there)"
+                ));
+            };
+            for (n, d) in [(name.as_str(), data), (partner.as_str(), other)] {
+                let found = d.shape().iter().product::<usize>();
+                if found != numel {
+                    return Err(format!(
+                        "optimizer tensor `{n}` has {found} elements, the parameter `{key}` has \
+                         {numel} (was the checkpoint written with another rank or model?)"
+                    ));
+                }
+            }
+            if name.ends_with(".exp_avg") {
+                let flat =
+                    |d: &TensorData| Tensor::<1>::from_data(d.clone(), device).reshape([numel]);
+                moments.insert(
                     key.to_string(),
                     Moments {
-                        m: Tensor::from_data(data.clone(), device),
-                        v: Tensor::from_data(sq.clone(), device),
+                        m: flat(data),
+                        v: flat(other),
                     },
                 );
             }
         }
+        self.step = step;
+        self.moments = moments;
+        Ok(())
     }
 }

@@ -5,18 +5,18 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::activation::log_softmax;
+use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{Device, Int, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use peft_core::PeftModel;
-use peft_models::{HfModel, ModelInputs};
+use peft_models::{HfModel, ModelInputs, ModelOutputs};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::data::{Collated, Example, collate, epoch_order};
 use crate::error::{Result, TrainError};
 use crate::metrics::{Mean, accuracy, macro_f1, perplexity};
-use crate::optim::{AdamW, AdamWSettings, trainable_paths};
+use crate::optim::{AdamW, AdamWSettings, trainable_paths, trainable_shapes};
 use crate::readout;
 use crate::schedule::{Schedule, lr_at};
 use crate::tensorboard::EventWriter;
@@ -114,6 +114,24 @@ pub struct EvalReport {
     /// Predicted class per example (classification).
     #[serde(skip)]
     pub predictions: Vec<usize>,
+    /// Per-example results, in the order of the examples.
+    #[serde(skip)]
+    pub examples: Vec<ExampleResult>,
+}
+
+/// One example's evaluation result (`burn-peft eval --predictions`).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ExampleResult {
+    /// The gold class (classification).
+    pub gold: Option<usize>,
+    /// The predicted class (classification).
+    pub predicted: Option<usize>,
+    /// Class probabilities (classification).
+    pub probabilities: Vec<f32>,
+    /// This example's loss: cross-entropy of the gold class, or the mean next-token loss.
+    pub loss: Option<f64>,
+    /// Scored tokens (causal LM).
+    pub tokens: Option<usize>,
 }
 
 impl EvalReport {
@@ -154,8 +172,11 @@ pub struct TrainReport {
 pub struct Trainer {
     /// The model (base frozen, adapter trainable).
     pub model: PeftModel<HfModel>,
-    /// The adapter being trained.
-    pub adapter: String,
+    /// The adapters being trained, together (e.g. LoRA and prefix tuning): they are made
+    /// active, each is saved as its own PEFT bundle (`default` at the folder itself, any other
+    /// name in `<folder>/<name>/`, PEFT's layout). Empty (or naming no adapter of the model) with
+    /// [`PeftModel::set_train_base`] for full fine-tuning.
+    pub adapters: Vec<String>,
     /// The objective.
     pub objective: Objective,
     /// Hyper-parameters.
@@ -164,10 +185,6 @@ pub struct Trainer {
     pub output_dir: PathBuf,
     /// The training device (autodiff); parameters and optimizer state live here.
     pub device: Device,
-    /// More devices for data parallelism: each micro-batch is split across `device` and these,
-    /// every device runs a replica (`Module::fork`) on its shard, and the gradients are summed
-    /// on `device` before the step. Empty for single-device training.
-    pub extra_devices: Vec<Device>,
     /// Padding token id.
     pub pad_id: i64,
     /// For full fine-tuning (`PeftModel::set_train_base(true)` and no adapter `adapter`):
@@ -224,8 +241,50 @@ pub fn causal_lm_loss_terms(logits: Tensor<3>, labels: Tensor<2, Int>) -> (Tenso
     ((total / count.clone().clamp_min(1.0)).neg(), count)
 }
 
+/// The loss of `objective` on a forward's outputs: the mean loss and the number of items it
+/// averages (examples for classification, scored tokens for causal LM). One function for the
+/// training step, evaluation and the benchmarks.
+pub fn objective_loss(
+    objective: Objective,
+    out: &ModelOutputs,
+    batch: &Collated,
+) -> Result<(Tensor<1>, usize)> {
+    let mismatch = |what: &str| TrainError::Config {
+        key: "objective".into(),
+        reason: format!(
+            "{what}; train a classifier with a classification model and a causal LM with an LM head"
+        ),
+    };
+    match objective {
+        Objective::Classification { .. } => {
+            let logits = out
+                .class_logits
+                .clone()
+                .ok_or_else(|| mismatch("the model has no classification head"))?;
+            let labels = batch
+                .labels
+                .clone()
+                .ok_or_else(|| mismatch("the batch has no class labels"))?;
+            let rows = labels.dims()[0];
+            Ok((classification_loss(logits, labels), rows))
+        }
+        Objective::CausalLm => {
+            let logits = out
+                .logits
+                .clone()
+                .ok_or_else(|| mismatch("the model has no LM head"))?;
+            let labels = batch
+                .lm_labels
+                .clone()
+                .ok_or_else(|| mismatch("the batch has no token labels"))?;
+            Ok(causal_lm_loss(logits, labels))
+        }
+    }
+}
+
 /// Evaluate `model` on `examples` in batches of `batch_size`, without gradients or dropout:
-/// mean loss, and accuracy / macro-F1 (classification) or perplexity (causal LM).
+/// mean loss, and accuracy / macro-F1 (classification) or perplexity (causal LM), with the
+/// per-example results in [`EvalReport::examples`].
 pub fn evaluate(
     model: &HfModel,
     examples: &[Example],
@@ -233,72 +292,130 @@ pub fn evaluate(
     pad_id: i64,
     batch_size: usize,
     device: &Device,
-) -> EvalReport {
+) -> Result<EvalReport> {
     let model = model.valid();
     let device = device.clone().without_autodiff();
     let mut loss = Mean::default();
     let (mut pred, mut gold) = (Vec::new(), Vec::new());
+    let mut per_example = Vec::with_capacity(examples.len());
     for chunk in examples.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = collate(&refs, pad_id, &device);
-        let out = model.forward(&inputs(&batch));
+        let out = model.forward(&inputs(&batch)).map_err(TrainError::Model)?;
+        let (l, n) = objective_loss(objective, &out, &batch)?;
+        loss.add_weighted(l.into_scalar::<f64>(), n as u64);
         match objective {
             Objective::Classification { .. } => {
-                let logits = out.class_logits.expect("a classification head");
-                let labels = batch.labels.clone().expect("labels");
-                let l = classification_loss(logits.clone(), labels).into_scalar::<f64>();
-                loss.add_weighted(l, chunk.len() as u64);
+                let logits = out.class_logits.expect("checked by objective_loss");
+                let probs = softmax(logits.clone(), 1)
+                    .into_data()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .unwrap_or_default();
+                let lp = log_softmax(logits.clone(), 1)
+                    .into_data()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .unwrap_or_default();
+                let classes = logits.dims()[1];
                 let p = logits.argmax(1).into_data().convert::<i64>();
-                pred.extend(p.iter::<i64>().map(|v| v as usize));
-                gold.extend(chunk.iter().map(|e| e.label.unwrap_or(0)));
+                for (row, (e, predicted)) in chunk.iter().zip(p.iter::<i64>()).enumerate() {
+                    let predicted = predicted as usize;
+                    let probabilities = probs[row * classes..(row + 1) * classes].to_vec();
+                    let example_loss = e.label.map(|g| -f64::from(lp[row * classes + g]));
+                    pred.push(predicted);
+                    gold.push(e.label.unwrap_or(0));
+                    per_example.push(ExampleResult {
+                        gold: e.label,
+                        predicted: Some(predicted),
+                        probabilities,
+                        loss: example_loss,
+                        tokens: None,
+                    });
+                }
             }
             Objective::CausalLm => {
-                let (l, n) = causal_lm_loss(
-                    out.logits.expect("a causal LM head"),
-                    batch.lm_labels.clone().expect("labels"),
-                );
-                loss.add_weighted(l.into_scalar::<f64>(), n as u64);
+                let logits = out.logits.expect("checked by objective_loss");
+                let labels = batch.lm_labels.clone().expect("checked by objective_loss");
+                let (losses, counts) = causal_lm_row_losses(logits, labels);
+                for (l, c) in losses.into_iter().zip(counts) {
+                    per_example.push(ExampleResult {
+                        gold: None,
+                        predicted: None,
+                        probabilities: Vec::new(),
+                        loss: (c > 0).then_some(l),
+                        tokens: Some(c),
+                    });
+                }
             }
         }
     }
     let mean = loss.mean().unwrap_or(f64::NAN);
-    match objective {
+    Ok(match objective {
         Objective::Classification { num_labels } => EvalReport {
             loss: mean,
             accuracy: Some(accuracy(&pred, &gold)),
             macro_f1: Some(macro_f1(&pred, &gold, num_labels)),
             perplexity: None,
             predictions: pred,
+            examples: per_example,
         },
         Objective::CausalLm => EvalReport {
             loss: mean,
             perplexity: Some(perplexity(mean)),
+            examples: per_example,
             ..Default::default()
         },
+    })
+}
+
+/// Per-row mean next-token loss and scored-token count (for per-example reports).
+fn causal_lm_row_losses(logits: Tensor<3>, labels: Tensor<2, Int>) -> (Vec<f64>, Vec<usize>) {
+    let [b, s, v] = logits.dims();
+    if s < 2 {
+        return (vec![0.0; b], vec![0; b]);
     }
+    let lp = log_softmax(logits.slice([0..b, 0..s - 1, 0..v]), 2);
+    let target = labels.slice([0..b, 1..s]);
+    let mask = target.clone().not_equal_elem(-100).float();
+    let picked = lp
+        .gather(2, target.clamp_min(0).reshape([b, s - 1, 1]))
+        .reshape([b, s - 1]);
+    let sums = (picked * mask.clone())
+        .sum_dim(1)
+        .into_data()
+        .convert::<f64>();
+    let counts = mask.sum_dim(1).into_data().convert::<f64>();
+    let sums: Vec<f64> = sums.try_to_vec().unwrap_or_default();
+    let counts: Vec<f64> = counts.try_to_vec().unwrap_or_default();
+    sums.iter()
+        .zip(&counts)
+        .map(|(t, c)| {
+            if *c > 0.0 {
+                (-t / c, *c as usize)
+            } else {
+                (0.0, 0)
+            }
+        })
+        .unzip()
 }
 
 impl Trainer {
-    fn loss(&self, model: &HfModel, batch: &Collated) -> Tensor<1> {
-        let out = model.forward(&inputs(batch));
-        match self.objective {
-            Objective::Classification { .. } => classification_loss(
-                out.class_logits.expect("a classification head"),
-                batch.labels.clone().expect("labels"),
-            ),
-            Objective::CausalLm => {
-                causal_lm_loss_terms(
-                    out.logits.expect("a causal LM head"),
-                    batch.lm_labels.clone().expect("labels"),
-                )
-                .0
-            }
+    fn loss(&self, model: &HfModel, batch: &Collated) -> Result<Tensor<1>> {
+        let out = model.forward(&inputs(batch)).map_err(TrainError::Model)?;
+        // The step reads nothing back while it builds the graph: a causal LM's token count stays
+        // on the device (`causal_lm_loss_terms`), where `objective_loss` would read it.
+        if let (Objective::CausalLm, Some(logits), Some(labels)) =
+            (self.objective, out.logits.clone(), batch.lm_labels.clone())
+        {
+            return Ok(causal_lm_loss_terms(logits, labels).0);
         }
+        Ok(objective_loss(self.objective, &out, batch)?.0)
     }
 
     /// Evaluate on `examples` without gradients or dropout (batches of `eval_batch_size`, else
     /// `batch_size`).
-    pub fn evaluate(&self, examples: &[Example]) -> EvalReport {
+    pub fn evaluate(&self, examples: &[Example]) -> Result<EvalReport> {
         let size = self
             .config
             .eval_batch_size
@@ -311,25 +428,6 @@ impl Trainer {
             size,
             &self.device,
         )
-    }
-
-    /// Split a micro-batch across the training devices (contiguous shards, the first device
-    /// takes the remainder).
-    fn shards<'a>(&self, refs: &[&'a Example]) -> Vec<(Device, Vec<&'a Example>)> {
-        let devices: Vec<Device> = std::iter::once(self.device.clone())
-            .chain(self.extra_devices.iter().cloned())
-            .take(refs.len().max(1))
-            .collect();
-        let per = refs.len() / devices.len();
-        let first = refs.len() - per * (devices.len() - 1);
-        let mut out = Vec::with_capacity(devices.len());
-        let mut start = 0;
-        for (i, device) in devices.into_iter().enumerate() {
-            let len = if i == 0 { first } else { per };
-            out.push((device, refs[start..start + len].to_vec()));
-            start += len;
-        }
-        out
     }
 
     fn metric_name(&self) -> String {
@@ -362,6 +460,11 @@ impl Trainer {
                 key: "data.train".into(),
                 reason: "the training set is empty".into(),
             });
+        }
+        // Every adapter trained here is active (and so trainable), whatever was active before.
+        if !self.is_full_fine_tuning() {
+            let names: Vec<&str> = self.adapters.iter().map(String::as_str).collect();
+            self.model.set_adapters(&names)?;
         }
         let metric = self.metric_name();
         if eval.is_some()
@@ -398,9 +501,22 @@ impl Trainer {
         };
         if let Some(dir) = resume {
             let loaded = checkpoint::load(dir)?;
-            checkpoint::restore_params(&mut self.model, &loaded.params, dir)?;
+            let sizes = trainable_shapes(self.model.model(), self.model.trainable_param_ids())
+                .into_iter()
+                .map(|(path, shape)| (path, shape.iter().product()))
+                .collect();
             let inner = self.device.clone().without_autodiff();
-            optim.restore(loaded.optimizer.0, &loaded.optimizer.1, &inner);
+            // Check the optimizer state before touching the model, so a bad checkpoint changes
+            // nothing.
+            let mut restored = AdamW::new(c.adamw.clone());
+            restored
+                .restore(loaded.optimizer.0, &loaded.optimizer.1, &sizes, &inner)
+                .map_err(|reason| TrainError::Checkpoint {
+                    dir: dir.to_path_buf(),
+                    reason: format!("optimizer.safetensors: {reason}"),
+                })?;
+            checkpoint::restore_params(&mut self.model, &loaded.params, dir)?;
+            optim = restored;
             state = loaded.state;
         }
         let mut last_checkpoint = checkpoint::latest(&ckpt_root);
@@ -440,7 +556,6 @@ impl Trainer {
             let mut micro = 0usize;
             // The step's loss stays on the device until the one read per step (`readout`).
             let mut micro_loss: Option<Tensor<1>> = None;
-            let inner = self.device.clone().without_autodiff();
             for (index, chunk) in batches.iter().enumerate().skip(first) {
                 // A resumed run that already reached `max_steps` has nothing left to do.
                 if c.max_steps.is_some_and(|m| state.step >= m) {
@@ -453,24 +568,12 @@ impl Trainer {
                         .wrapping_add(state.step * 64 + micro as u64),
                 );
                 let refs: Vec<&Example> = chunk.iter().map(|&i| &train[i]).collect();
-                for (device, shard) in self.shards(&refs) {
-                    let weight = shard.len() as f64 / refs.len() as f64;
-                    let batch = collate(&shard, self.pad_id, &device);
-                    tokens += batch.tokens;
-                    let grads = if device == self.device {
-                        let loss = self.loss(self.model.model(), &batch).mul_scalar(weight);
-                        micro_loss = readout::accumulate(micro_loss, loss.clone().inner());
-                        GradientsParams::from_grads(loss.backward(), self.model.model())
-                    } else {
-                        let replica = self.model.model().clone().fork(&device);
-                        let loss = self.loss(&replica, &batch).mul_scalar(weight);
-                        let value = loss.clone().inner().to_device(&inner);
-                        micro_loss = readout::accumulate(micro_loss, value);
-                        GradientsParams::from_grads(loss.backward(), &replica)
-                            .to_device(&self.device, self.model.model())
-                    };
-                    accumulator.accumulate(self.model.model(), grads);
-                }
+                let batch = collate(&refs, self.pad_id, &self.device);
+                tokens += batch.tokens;
+                let loss = self.loss(self.model.model(), &batch)?;
+                micro_loss = readout::accumulate(micro_loss, loss.clone().inner());
+                let grads = GradientsParams::from_grads(loss.backward(), self.model.model());
+                accumulator.accumulate(self.model.model(), grads);
                 micro += 1;
                 let end_of_epoch = index + 1 == batches.len();
                 if micro < c.grad_accum && !end_of_epoch {
@@ -540,7 +643,7 @@ impl Trainer {
                 if let Some(eval) = eval
                     && (at_end || c.eval_every.is_some_and(|n| state.step.is_multiple_of(n)))
                 {
-                    let report = self.evaluate(eval);
+                    let report = self.evaluate(eval)?;
                     if c.progress {
                         let line = format!(
                             "step {}: eval loss {:.4}{}",
@@ -589,7 +692,7 @@ impl Trainer {
                     last_checkpoint = Some(checkpoint::save(
                         &ckpt_root,
                         &self.model,
-                        &self.adapter,
+                        &self.adapters,
                         &optim,
                         &state,
                         c.keep_last,
@@ -620,7 +723,9 @@ impl Trainer {
 
     /// Whether this run fine-tunes the whole model rather than an adapter.
     pub fn is_full_fine_tuning(&self) -> bool {
-        self.model.adapter_config(&self.adapter).is_none()
+        self.adapters
+            .iter()
+            .all(|a| self.model.adapter_config(a).is_none())
     }
 
     /// The folder name of the final result: `adapter` (a PEFT bundle) or `model` (full
@@ -637,16 +742,19 @@ impl Trainer {
     /// Hugging Face folder) to `dir`.
     pub fn save_result(&self, dir: &Path) -> Result<()> {
         if !self.is_full_fine_tuning() {
-            return Ok(self.model.save_adapter(dir, &self.adapter)?);
+            for adapter in &self.adapters {
+                self.model.save_adapter(dir, adapter)?;
+            }
+            return Ok(());
         }
         let export = self
             .full_export
             .as_ref()
             .ok_or_else(|| TrainError::Config {
-                key: "adapter".into(),
+                key: "adapters".into(),
                 reason: format!(
-                    "no adapter `{}` in the model and no `full_export` set for full fine-tuning",
-                    self.adapter
+                    "no adapter {:?} in the model and no `full_export` set for full fine-tuning",
+                    self.adapters
                 ),
             })?;
         peft_models::save_pretrained(

@@ -25,10 +25,7 @@ impl ModuleCopy {
         // Always f32, also when the base is in half precision (`precision`): copies train.
         fn leaf<const D: usize>(t: Tensor<D>) -> Param<Tensor<D>> {
             let device = t.device();
-            Param::from_tensor(Tensor::from_data(
-                t.into_data().convert::<f32>(),
-                &device,
-            ))
+            Param::from_tensor(Tensor::from_data(t.into_data().convert::<f32>(), &device))
         }
         Self {
             weight: leaf(weight.val()),

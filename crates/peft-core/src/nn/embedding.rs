@@ -4,8 +4,8 @@ use burn::nn::Initializer;
 use burn::tensor::module::embedding;
 use burn::tensor::{DType, Device, Int, Tensor};
 
-use crate::adapter::AdapterState;
-use crate::nn::ModuleCopy;
+use crate::adapter::{AdapterState, BaseWeights};
+use crate::nn::{ForwardContext, ModuleCopy};
 
 /// Configuration of an adapter-aware [`Embedding`]; the same fields and builder as
 /// `burn::nn::EmbeddingConfig`.
@@ -77,15 +77,40 @@ impl Embedding {
 
     /// Looks up `input` (`[batch, seq]`) and applies every active, unmerged adapter.
     pub fn forward(&self, input: Tensor<2, Int>) -> Tensor<3> {
+        self.forward_active(input)
+    }
+
+    /// [`forward`](Self::forward) with a per-call context: in a mixed batch each row applies
+    /// the adapter the context names for it (see [`Linear::forward_in`](crate::nn::Linear::forward_in)).
+    pub fn forward_in(&self, input: Tensor<2, Int>, ctx: &ForwardContext) -> Tensor<3> {
+        match ctx.rows() {
+            Some(rows) => self.forward_mixed(input, rows),
+            None => self.forward_active(input),
+        }
+    }
+
+    fn forward_active(&self, input: Tensor<2, Int>) -> Tensor<3> {
         let weight = match self.copies.iter().find(|c| c.active) {
             Some(copy) => copy.weight.val(),
             None => self.weight.val(),
         };
-        // A half-precision frozen table (`precision::cast_frozen_base`) hands on f32 rows.
-        let mut y = embedding(weight, input.clone()).cast(DType::F32);
-        for adapter in self.adapters.iter().filter(|a| a.active && !a.merged) {
-            y = adapter.kernel.forward_embedding(adapter, input.clone(), y);
+        let live = || self.adapters.iter().filter(|a| a.active && !a.merged);
+        if live().next().is_none() {
+            return base_embedding(weight, input);
+        }
+        let base = BaseWeights { weight, bias: None };
+        let mut y = base_embedding(base.weight.clone(), input.clone());
+        for adapter in live() {
+            y = adapter
+                .kernel
+                .forward_embedding(adapter, &base, input.clone(), y);
         }
         y
     }
+}
+
+/// The rows of `weight` for `ids`, in f32: a half-precision frozen table
+/// (`precision::cast_frozen_base`) hands on f32 activations.
+pub(crate) fn base_embedding(weight: Tensor<2>, ids: Tensor<2, Int>) -> Tensor<3> {
+    embedding(weight, ids).cast(DType::F32)
 }

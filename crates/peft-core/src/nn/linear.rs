@@ -4,8 +4,8 @@ use burn::nn::{Initializer, LinearLayout};
 use burn::tensor::module::linear;
 use burn::tensor::{Device, Tensor};
 
-use crate::adapter::AdapterState;
-use crate::nn::ModuleCopy;
+use crate::adapter::{AdapterState, BaseWeights};
+use crate::nn::{ForwardContext, ModuleCopy};
 
 /// How a Hugging Face checkpoint stores this layer's weight; used at the file boundary only
 /// (Burn always keeps `[in, out]` in memory).
@@ -112,17 +112,34 @@ impl Linear {
         self.weight.dims()
     }
 
-    /// Applies the layer and every active, unmerged adapter.
+    /// Applies the layer and every active, unmerged adapter (see
+    /// [`AdapterKernel`](crate::AdapterKernel) for the order of the hooks).
     ///
     /// # Shapes
     /// - input: `[..., d_input]`
     /// - output: `[..., d_output]`
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
+        self.forward_active(input)
+    }
+
+    /// [`forward`](Self::forward) with a per-call context: in a mixed batch
+    /// ([`ForwardContext::mixed`]) row `i` of the input (its first dimension) runs the adapter
+    /// the context names for it, whatever is active; the base GEMM runs once for all rows.
+    ///
+    /// # Panics
+    /// If the context's batch differs from the input's first dimension (the models check it).
+    pub fn forward_in<const D: usize>(&self, input: Tensor<D>, ctx: &ForwardContext) -> Tensor<D> {
+        match ctx.rows() {
+            Some(rows) => self.forward_mixed(input, rows),
+            None => self.forward_active(input),
+        }
+    }
+
+    fn forward_active<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
         let (weight, bias) = match self.copies.iter().find(|c| c.active) {
             Some(copy) => (copy.weight.val(), copy.bias.as_ref().map(|b| b.val())),
             None => (self.weight.val(), self.bias.as_ref().map(|b| b.val())),
         };
-        let live = self.adapters.iter().filter(|a| a.active && !a.merged);
         // Always one 2-D GEMM over all rows: burn's `linear` on a [b, s, in] input runs b
         // separate [s, in] products, 11-20% slower for MiniLM-sized batches (benches/README.md).
         let [d_input, d_output] = weight.dims();
@@ -130,22 +147,32 @@ impl Linear {
         out_shape[D - 1] = d_output;
         let rows = input.shape().num_elements() / d_input;
         let x = input.reshape([rows, d_input]);
-        let mut y = if weight.dtype() == x.dtype() {
-            linear(x.clone(), weight, bias)
-        } else {
-            // A half-precision frozen base (`precision::cast_frozen_base`): the product runs in
-            // the weight's precision, the output (and everything after it) in the input's, as
-            // under PyTorch's autocast. The bias stays in f32.
-            let dtype = x.dtype();
-            let y = x.clone().cast(weight.dtype()).matmul(weight).cast(dtype);
-            match bias {
-                Some(b) => y + b.cast(dtype).unsqueeze::<2>(),
-                None => y,
-            }
-        };
-        for adapter in live {
-            y = adapter.kernel.forward_linear(adapter, x.clone(), y);
+        let live = || self.adapters.iter().filter(|a| a.active && !a.merged);
+        if live().next().is_none() {
+            return base_linear(x, weight, bias).reshape(out_shape);
+        }
+        // Handles, not copies: kernels see the weights the GEMM used.
+        let base = BaseWeights { weight, bias };
+        let x_base = live().fold(x.clone(), |x, a| a.kernel.transform_input(a, x));
+        let mut y = base_linear(x_base, base.weight.clone(), base.bias.clone());
+        for adapter in live() {
+            y = adapter.kernel.forward_linear(adapter, &base, x.clone(), y);
         }
         y.reshape(out_shape)
+    }
+}
+
+/// The base product `x·W + b` of a site. With a half-precision frozen base
+/// (`precision::cast_frozen_base`) the product runs in the weight's precision and the output (and
+/// everything after it) in the input's, as under PyTorch's autocast; the bias stays in f32.
+pub(crate) fn base_linear(x: Tensor<2>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<2> {
+    if weight.dtype() == x.dtype() {
+        return linear(x, weight, bias);
+    }
+    let dtype = x.dtype();
+    let y = x.cast(weight.dtype()).matmul(weight).cast(dtype);
+    match bias {
+        Some(b) => y + b.cast(dtype).unsqueeze::<2>(),
+        None => y,
     }
 }

@@ -3,9 +3,12 @@
 mod copy;
 mod embedding;
 mod linear;
+mod mixed;
 mod prefix;
+mod rows;
 
 pub use copy::ModuleCopy;
 pub use embedding::{Embedding, EmbeddingConfig};
 pub use linear::{Linear, LinearConfig, WeightLayout};
-pub use prefix::{KvPrefix, PrefixKv};
+pub use prefix::{KvPrefix, PrefixKv, RowPrefix};
+pub use rows::{BASE_ROW, ForwardContext, RowAdapters, RowGroup};

@@ -1,0 +1,226 @@
+//! Adding an adapter to a plain Burn module: PEFT's matching on Burn's module paths, then the
+//! method's adapters for the matched layers.
+
+use burn::module::Module;
+use burn::tensor::Tensor;
+
+use super::reparam::{self, Attach};
+use super::scan::{ModuleTree, ValuesAt};
+use super::{AdaptedLayer, PeftModule};
+use crate::adapter::{AdapterState, BaseWeights, WeightSpace};
+use crate::error::{PeftError, Result};
+use crate::matching::{all_linear_names, select_targets};
+use crate::method::{BiasMode, PeftMethod, SiteInfo, peft_type_of};
+use crate::model::InjectionReport;
+
+/// Why the adapter is being added: for training, or loaded from a bundle (where an adapter whose
+/// weight-space form is exact for inference only is accepted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Purpose {
+    Train,
+    Load,
+}
+
+impl<M: Module> PeftModule<M> {
+    /// Add adapter `name` built from `method` to every layer it targets, freeze every base
+    /// parameter and make the adapter trainable. The first adapter added becomes the active one
+    /// (as in PEFT).
+    ///
+    /// Errors: [`PeftError::TargetNotFound`] for a `target_modules` entry that matches no module
+    /// (with the closest names), [`PeftError::UnsupportedSite`] for a target that is no
+    /// `Linear` / `Embedding` (a `LayerNorm`, an attention block, a `Vec`) or a kind the method
+    /// does not adapt, [`PeftError::NotSupportedByMethod`] for a method without a weight-space
+    /// form (or, for training, one exact in inference only, such as LoRA with dropout), and
+    /// [`PeftError::Unsupported`] for `modules_to_save`, a `bias` other than `none` and prefix
+    /// tuning. On any error the model is left as it was.
+    pub fn add_adapter(&mut self, name: &str, method: &dyn PeftMethod) -> Result<InjectionReport> {
+        self.insert_adapter(name, method, Purpose::Train)
+    }
+
+    pub(super) fn insert_adapter(
+        &mut self,
+        name: &str,
+        method: &dyn PeftMethod,
+        purpose: Purpose,
+    ) -> Result<InjectionReport> {
+        if self.configs.iter().any(|(n, _)| n == name) {
+            return Err(PeftError::AdapterExists(name.to_string()));
+        }
+        if name.is_empty() || name.contains(['/', '\\', '.']) {
+            return Err(PeftError::invalid_config(
+                "adapter_name",
+                format!(
+                    "`{name}` cannot name an adapter: it must be non-empty and hold no '/', '\\' or '.'"
+                ),
+            ));
+        }
+        method.validate()?;
+        refuse_unsupported_options(method)?;
+        let mut layers = self.read_layers()?;
+        let tree = ModuleTree::of(&self.model);
+        self.refuse_other_reparameterizations(&tree)?;
+
+        let paths = tree.paths();
+        let excluded: Vec<String> = self.output_layer.iter().cloned().collect();
+        let all_linear = all_linear_names(&tree.linear_paths(), &excluded);
+        let targets = select_targets(&method.targets(), &paths, &all_linear, &|_| false)?;
+        let mut kinds = Vec::with_capacity(targets.len());
+        for path in &targets {
+            let node = tree
+                .get(path)
+                .expect("targets are module paths of the tree");
+            let kind = node
+                .site_kind()
+                .filter(|k| method.supports(k))
+                .ok_or_else(|| PeftError::UnsupportedSite {
+                    path: path.clone(),
+                    kind: node.kind_name(),
+                    method: peft_type_of(method).into(),
+                })?;
+            kinds.push(kind);
+        }
+        let infos = self.site_infos(&targets, kinds);
+        let resolved = method.resolve(&infos)?;
+        let method: &dyn PeftMethod = resolved.as_deref().unwrap_or(method);
+        let mut built = Vec::with_capacity(infos.len());
+        for info in &infos {
+            let state = method.create_adapter(name, info)?;
+            check_weight_space(&state, &info.path, method, purpose)?;
+            built.push((info, state));
+        }
+
+        let mut report = InjectionReport::default();
+        for (info, state) in built {
+            report.adapted.push(info.path.clone());
+            match layers.iter_mut().find(|l| l.path == info.path) {
+                Some(layer) => layer.adapters.push(state),
+                None => layers.push(AdaptedLayer {
+                    path: info.path.clone(),
+                    adapters: vec![state],
+                }),
+            }
+        }
+        self.layers = layers;
+        self.configs.push((name.to_string(), method.clone_method()));
+        if self.active.is_empty() {
+            self.active.push(name.to_string());
+        }
+        self.rebuild(Attach::default());
+        Ok(report)
+    }
+
+    /// Reparameterizations that are not ours (Burn's `apply_lora`), or ours from another
+    /// `PeftModule`, cannot be stacked on (Burn keeps one per parameter).
+    fn refuse_other_reparameterizations(&self, tree: &ModuleTree) -> Result<()> {
+        for (param, reparameterization) in &tree.reparameterized {
+            let ours = reparameterization == reparam::NAME
+                && self.layers.iter().any(|l| &l.weight_path() == param);
+            if !ours {
+                return Err(PeftError::InvalidState(format!(
+                    "parameter `{param}` already carries a `{reparameterization}` reparameterization (Burn's Module::apply_lora, or adapters of another PeftModule); a parameter holds one: fold it first (Module::materialize, PeftModule::merge_and_unload) or add the adapters through that PeftModule"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// What each target looks like, with its base weights (as the unadapted forward sees them).
+    fn site_infos(&self, targets: &[String], kinds: Vec<crate::SiteKind>) -> Vec<SiteInfo> {
+        let params: Vec<String> = targets
+            .iter()
+            .flat_map(|p| [format!("{p}.weight"), format!("{p}.bias")])
+            .collect();
+        let mut values = ValuesAt::of(&self.model, &params);
+        let mut take = |path: String| values.remove(&path);
+        targets
+            .iter()
+            .zip(kinds)
+            .map(|(path, kind)| {
+                let weight = take(format!("{path}.weight"))
+                    .and_then(|w| reparam::ranked::<2>(w.as_ref()))
+                    .expect("a Linear / Embedding site holds a rank-2 weight");
+                let bias =
+                    take(format!("{path}.bias")).and_then(|b| reparam::ranked::<1>(b.as_ref()));
+                let weights = current_base(weight, bias, &self.layers, path);
+                SiteInfo {
+                    path: path.clone(),
+                    kind,
+                    device: weights.weight.device(),
+                    base: Some(weights),
+                }
+            })
+            .collect()
+    }
+}
+
+/// The base weights a new adapter at `path` sees: the stored weights with the adapters already
+/// merged there taken out again (as `MergeInput::unmerged` gives kernels).
+fn current_base(
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+    layers: &[AdaptedLayer],
+    path: &str,
+) -> BaseWeights {
+    let base = BaseWeights { weight, bias };
+    let Some(layer) = layers.iter().find(|l| l.path == path) else {
+        return base;
+    };
+    let input = crate::adapter::MergeInput::new(base.clone(), &layer.adapters);
+    input.unmerged().unwrap_or(base)
+}
+
+fn refuse_unsupported_options(method: &dyn PeftMethod) -> Result<()> {
+    let reason = "the weight-space path for plain Burn modules does not implement it; build the model from peft_core::nn layers and use PeftModel";
+    if method.adapts_attention_prefix() {
+        return Err(PeftError::unsupported(
+            "peft_type",
+            peft_type_of(method),
+            format!("prompt learning needs an attention key/value site: {reason}"),
+        ));
+    }
+    if let Some(first) = method.modules_to_save().first() {
+        return Err(PeftError::unsupported(
+            "modules_to_save",
+            format!("[\"{first}\", ...]"),
+            format!("trainable copies of whole modules: {reason}"),
+        ));
+    }
+    let bias = method.bias();
+    if bias != BiasMode::None {
+        return Err(PeftError::unsupported(
+            "bias",
+            format!("{bias:?}").to_lowercase(),
+            format!("trainable base biases: {reason}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuse adapters whose kernel has no weight-space form (or, for training, one exact in
+/// inference only).
+fn check_weight_space(
+    state: &AdapterState,
+    path: &str,
+    method: &dyn PeftMethod,
+    purpose: Purpose,
+) -> Result<()> {
+    let refuse = |reason: String| PeftError::NotSupportedByMethod {
+        adapter: state.name.clone(),
+        method: peft_type_of(method).into(),
+        reason: format!("cannot adapt the plain Burn layer `{path}` in weight space: {reason}"),
+    };
+    match state.kernel.weight_space() {
+        WeightSpace::Exact => Ok(()),
+        WeightSpace::Unsupported(reason) => Err(refuse(reason)),
+        WeightSpace::InferenceOnly(reason) if purpose == Purpose::Train => Err(refuse(format!(
+            "{reason} (loading such an adapter for inference works: PeftModule::load_adapter)"
+        ))),
+        WeightSpace::InferenceOnly(reason) => {
+            log::warn!(
+                "adapter `{}` at `{path}`: {reason}; its outputs are exact, but training it further would train without it",
+                state.name
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! The forward context: what changes a forward per call rather than per model, passed down
+//! with the input. Today that is the adapter of each row of a mixed batch (PEFT's
+//! `adapter_names=[...]`): one forward serves rows of different adapters, the frozen base GEMM
+//! runs once for the whole batch and each adapter's low-rank part only on its own rows.
+
+use std::sync::Arc;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+/// The name PEFT uses in `adapter_names` for rows that run the base model alone.
+pub const BASE_ROW: &str = "__base__";
+
+/// The rows of one adapter in a mixed batch.
+#[derive(Debug, Clone)]
+pub struct RowGroup {
+    /// The adapter, `None` for the base model.
+    pub adapter: Option<String>,
+    /// The batch rows, ascending.
+    pub rows: Vec<usize>,
+    /// The same rows as a tensor, for `select` / `select_assign` on dimension 0.
+    pub index: Tensor<1, Int>,
+}
+
+/// Which adapter each row of a batch uses; rows grouped by adapter (in order of first
+/// appearance), so a site computes each adapter once over all of its rows.
+///
+/// ```
+/// use burn::tensor::Device;
+/// use peft_core::nn::RowAdapters;
+///
+/// let rows = RowAdapters::new(&["a", "__base__", "a", "b"], &Device::flex());
+/// assert_eq!(rows.batch(), 4);
+/// let groups: Vec<(Option<&str>, &[usize])> = rows
+///     .groups()
+///     .iter()
+///     .map(|g| (g.adapter.as_deref(), g.rows.as_slice()))
+///     .collect();
+/// assert_eq!(groups, [(Some("a"), &[0, 2][..]), (None, &[1][..]), (Some("b"), &[3][..])]);
+/// ```
+#[derive(Debug, Clone)]
+pub struct RowAdapters {
+    names: Vec<Option<String>>,
+    groups: Vec<RowGroup>,
+}
+
+impl RowAdapters {
+    /// Group `names` (one per row; [`BASE_ROW`] for none). The names are not checked here:
+    /// [`PeftModel::adapter_rows`](crate::PeftModel::adapter_rows) checks them against the
+    /// model's adapters.
+    pub fn new(names: &[&str], device: &Device) -> Self {
+        let names: Vec<Option<String>> = names
+            .iter()
+            .map(|n| (*n != BASE_ROW).then(|| n.to_string()))
+            .collect();
+        let mut groups: Vec<(Option<String>, Vec<usize>)> = Vec::new();
+        for (row, name) in names.iter().enumerate() {
+            match groups.iter_mut().find(|(n, _)| n == name) {
+                Some((_, rows)) => rows.push(row),
+                None => groups.push((name.clone(), vec![row])),
+            }
+        }
+        let groups = groups
+            .into_iter()
+            .map(|(adapter, rows)| {
+                let ids: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+                let index = Tensor::from_data(TensorData::new(ids, [rows.len()]), device);
+                RowGroup {
+                    adapter,
+                    rows,
+                    index,
+                }
+            })
+            .collect();
+        Self { names, groups }
+    }
+
+    /// Rows in the batch.
+    pub fn batch(&self) -> usize {
+        self.names.len()
+    }
+
+    /// The adapter of row `row` (`None`: the base model).
+    pub fn adapter_of(&self, row: usize) -> Option<&str> {
+        self.names.get(row).and_then(|n| n.as_deref())
+    }
+
+    /// The groups of rows sharing an adapter.
+    pub fn groups(&self) -> &[RowGroup] {
+        &self.groups
+    }
+
+    /// The groups that use an adapter (not the base model).
+    pub fn adapter_groups(&self) -> impl Iterator<Item = (&str, &RowGroup)> {
+        self.groups
+            .iter()
+            .filter_map(|g| g.adapter.as_deref().map(|a| (a, g)))
+    }
+}
+
+/// Per-call forward settings, passed down from the model's forward to every site.
+///
+/// The default runs the model's active adapters on every row (what `set_adapter` chose).
+/// [`ForwardContext::mixed`] runs a different adapter per row.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardContext {
+    rows: Option<Arc<RowAdapters>>,
+}
+
+impl ForwardContext {
+    /// One adapter per row (see [`RowAdapters`]); the model's active adapters do not apply.
+    pub fn mixed(rows: RowAdapters) -> Self {
+        Self {
+            rows: Some(Arc::new(rows)),
+        }
+    }
+
+    /// The per-row adapters, if this is a mixed batch.
+    pub fn rows(&self) -> Option<&RowAdapters> {
+        self.rows.as_deref()
+    }
+}

@@ -1,0 +1,298 @@
+//! [`Ia3Config`]: PEFT's `IA3Config`, same field names, defaults and JSON.
+
+use std::sync::Arc;
+
+use burn::tensor::{Distribution, Tensor};
+use peft_core::nn::WeightLayout;
+use peft_core::{
+    AdapterState, MethodSummary, PeftError, PeftMethod, Result, SiteInfo, SiteKind, TargetModules,
+    TargetSpec, TensorRole,
+};
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::kernel::{IA3_KEY, Ia3Kernel};
+
+fn default_true() -> bool {
+    true
+}
+
+/// What PEFT fills in for `target_modules` / `feedforward_modules` when they are absent, for the
+/// architectures burn-peft ships (`TRANSFORMERS_MODELS_TO_IA3_*_MAPPING` in
+/// `peft/utils/constants.py`); quoted in our error messages.
+const PEFT_DEFAULTS: &str = "bert: target [\"key\", \"value\", \"output.dense\"], feedforward \
+     [\"output.dense\"]; gpt2: [\"c_attn\", \"mlp.c_proj\"], [\"mlp.c_proj\"]; llama, mistral: \
+     [\"k_proj\", \"v_proj\", \"down_proj\"], [\"down_proj\"]; qwen2: [\"q_proj\", \"v_proj\", \
+     \"down_proj\"], [\"down_proj\"]";
+
+/// (IA)³ as Hugging Face PEFT defines it: at each targeted linear layer a learned vector `l`
+/// rescales the output, `y = (x W + b) ⊙ l`, or, for the layers named by `feedforward_modules`,
+/// the input, `y = (x ⊙ l) W + b`. `l` starts at ones (`init_ia3_weights`), so a fresh adapter
+/// is a no-op. Merging folds `l` into `W` (and into `b` for output scaling).
+///
+/// Field names, defaults and JSON are PEFT's (`peft/tuners/ia3/config.py`), so a PEFT
+/// `adapter_config.json` deserializes into this type and ours loads in PEFT.
+///
+/// ```
+/// use peft_ia3::Ia3Config;
+/// let config = Ia3Config {
+///     target_modules: Some(["key", "value", "output.dense"].into()),
+///     feedforward_modules: Some(["output.dense"].into()),
+///     ..Default::default()
+/// };
+/// assert!(config.is_feedforward("encoder.layer.0.output.dense").unwrap());
+/// assert!(!config.is_feedforward("encoder.layer.0.attention.self.key").unwrap());
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Ia3Config {
+    /// Modules to adapt: names (exact or dot-bounded suffix), a full-match regex, or
+    /// `"all-linear"`.
+    pub target_modules: Option<TargetModules>,
+    /// Modules never to adapt (same forms as `target_modules`).
+    pub exclude_modules: Option<TargetModules>,
+    /// Targets that scale their input instead of their output: a full-match regex, or names
+    /// matched as a plain suffix of the module path (no dot boundary, as PEFT's
+    /// `IA3Model._check_target_module_feedforward`). Must be a subset of a `target_modules` list.
+    pub feedforward_modules: Option<TargetModules>,
+    /// The base layer stores `[in, out]` (GPT-2 `Conv1D`). Only the file layout depends on it.
+    pub fan_in_fan_out: bool,
+    /// Modules that get a trainable, saved copy (a classifier head, ...).
+    pub modules_to_save: Option<Vec<String>>,
+    /// `true`: `l` starts at ones (a no-op); `false`: `l ~ N(0, 1)` (PEFT's `torch.randn`).
+    #[serde(default = "default_true")]
+    pub init_ia3_weights: bool,
+    /// PEFT task type (`SEQ_CLS`, `CAUSAL_LM`, ...), informational.
+    pub task_type: Option<String>,
+    /// Base model hub id or folder.
+    pub base_model_name_or_path: Option<String>,
+    /// Base model revision.
+    pub revision: Option<String>,
+    /// PEFT writes `true` when saving.
+    #[serde(default = "default_true")]
+    pub inference_mode: bool,
+    /// Informational.
+    pub auto_mapping: Option<Value>,
+    /// The PEFT version that wrote the file (informational).
+    pub peft_version: Option<String>,
+}
+
+impl Default for Ia3Config {
+    fn default() -> Self {
+        Self {
+            target_modules: None,
+            exclude_modules: None,
+            feedforward_modules: None,
+            fan_in_fan_out: false,
+            modules_to_save: None,
+            init_ia3_weights: true,
+            task_type: None,
+            base_model_name_or_path: None,
+            revision: None,
+            inference_mode: true,
+            auto_mapping: None,
+            peft_version: None,
+        }
+    }
+}
+
+/// Compile a `feedforward_modules` regex so it must match the whole path (`re.fullmatch`).
+fn full_match(pattern: &str) -> Result<Regex> {
+    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
+        PeftError::invalid_config(
+            "feedforward_modules",
+            format!("`{pattern}` is not a valid regular expression: {e}"),
+        )
+    })
+}
+
+impl Ia3Config {
+    /// Whether the module at `path` scales its input (PEFT's
+    /// `_check_target_module_feedforward`: a string is `re.fullmatch`ed, list entries are plain
+    /// suffixes, so `"dense"` also names `output.xdense`).
+    pub fn is_feedforward(&self, path: &str) -> Result<bool> {
+        Ok(match &self.feedforward_modules {
+            None => false,
+            Some(TargetModules::Regex(pattern)) => full_match(pattern)?.is_match(path),
+            Some(TargetModules::List(names)) => names.iter().any(|n| path.ends_with(n.as_str())),
+        })
+    }
+}
+
+#[typetag::serde(name = "IA3")]
+impl PeftMethod for Ia3Config {
+    fn targets(&self) -> TargetSpec {
+        TargetSpec {
+            target_modules: self.target_modules.clone(),
+            exclude_modules: self.exclude_modules.clone(),
+            ..Default::default()
+        }
+    }
+
+    fn modules_to_save(&self) -> Vec<String> {
+        self.modules_to_save.clone().unwrap_or_default()
+    }
+
+    fn task_type(&self) -> Option<&str> {
+        self.task_type.as_deref()
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.target_modules.is_none() {
+            return Err(PeftError::invalid_config(
+                "target_modules",
+                format!("missing: name the modules to adapt; PEFT's defaults: {PEFT_DEFAULTS}"),
+            ));
+        }
+        match &self.feedforward_modules {
+            None => {
+                return Err(PeftError::invalid_config(
+                    "feedforward_modules",
+                    format!(
+                        "missing: PEFT fills it in from the architecture ({PEFT_DEFAULTS}); name \
+                         the feedforward targets, or [] for none"
+                    ),
+                ));
+            }
+            Some(TargetModules::Regex(pattern)) => {
+                full_match(pattern)?;
+            }
+            Some(TargetModules::List(ff)) => {
+                // PEFT's IA3Config.__post_init__ checks this for two lists.
+                if let Some(TargetModules::List(targets)) = &self.target_modules
+                    && let Some(extra) = ff.iter().find(|f| !targets.contains(f))
+                {
+                    return Err(PeftError::invalid_config(
+                        "feedforward_modules",
+                        format!(
+                            "`{extra}` is not in target_modules: feedforward_modules must be a \
+                             subset of target_modules"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn supports(&self, kind: &SiteKind) -> bool {
+        matches!(kind, SiteKind::Linear { .. })
+    }
+
+    fn create_adapter(&self, name: &str, site: &SiteInfo) -> Result<AdapterState> {
+        let SiteKind::Linear {
+            d_input,
+            d_output,
+            layout,
+            ..
+        } = site.kind
+        else {
+            return Err(PeftError::UnsupportedSite {
+                path: site.path.clone(),
+                kind: site.kind.name().into(),
+                method: "IA3".into(),
+            });
+        };
+        if (layout == WeightLayout::Conv1D) != self.fan_in_fan_out {
+            log::warn!(
+                "`{}`: fan_in_fan_out = {} but the layer is stored as {:?}; the layer's layout is used (PEFT corrects this the same way)",
+                site.path,
+                self.fan_in_fan_out,
+                layout
+            );
+        }
+        let feedforward = self.is_feedforward(&site.path)?;
+        let n = if feedforward { d_input } else { d_output };
+        let l = if self.init_ia3_weights {
+            Tensor::<1>::ones([n], &site.device)
+        } else {
+            Tensor::<1>::random([n], Distribution::Normal(0.0, 1.0), &site.device)
+        };
+        Ok(AdapterState::new(
+            name,
+            vec![],
+            vec![l],
+            Arc::new(Ia3Kernel { feedforward }),
+        ))
+    }
+
+    fn describe(&self) -> MethodSummary {
+        MethodSummary::from_config(
+            self,
+            &[
+                "task_type",
+                "base_model_name_or_path",
+                "target_modules",
+                "exclude_modules",
+                "feedforward_modules",
+                "init_ia3_weights",
+                "modules_to_save",
+            ],
+            vec![TensorRole::new(
+                IA3_KEY,
+                "IA3 scale l: [out, 1] scales outputs, [1, in] scales inputs (feedforward)",
+            )],
+        )
+    }
+
+    fn clone_method(&self) -> Box<dyn PeftMethod> {
+        Box::new(self.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(targets: TargetModules, ff: Option<TargetModules>) -> Ia3Config {
+        Ia3Config {
+            target_modules: Some(targets),
+            feedforward_modules: ff,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn feedforward_lists_match_plain_suffixes_and_strings_fullmatch() {
+        let list = config(["c_proj"].into(), Some(["c_proj"].into()));
+        assert!(list.is_feedforward("transformer.h.0.mlp.c_proj").unwrap());
+        assert!(list.is_feedforward("transformer.h.0.mlp.xc_proj").unwrap());
+        let regex = config(".*_proj".into(), Some(".*mlp\\.c_proj".into()));
+        assert!(regex.is_feedforward("transformer.h.0.mlp.c_proj").unwrap());
+        assert!(!regex.is_feedforward("transformer.h.0.attn.c_proj").unwrap());
+        assert!(
+            !regex
+                .is_feedforward("transformer.h.0.mlp.c_proj.x")
+                .unwrap()
+        );
+    }
+
+    #[test]
+    fn validate_refuses_what_peft_refuses_or_guesses() {
+        let missing = config(["k_proj"].into(), None);
+        let err = missing.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("feedforward_modules") && err.contains("down_proj"),
+            "{err}"
+        );
+        let not_subset = config(["k_proj"].into(), Some(["down_proj"].into()));
+        let err = not_subset.validate().unwrap_err().to_string();
+        assert!(err.contains("subset"), "{err}");
+        let bad_regex = config(["k_proj"].into(), Some("(".into()));
+        assert!(bad_regex.validate().is_err());
+        assert!(
+            config(["k_proj"].into(), Some(TargetModules::List(vec![])))
+                .validate()
+                .is_ok()
+        );
+        let no_targets = Ia3Config::default();
+        assert!(
+            no_targets
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("target_modules")
+        );
+    }
+}
