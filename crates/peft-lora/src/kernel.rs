@@ -1,7 +1,7 @@
 //! LoRA's behaviour at a site: forward on activations, merge, and the bundle layout.
 
 use burn::tensor::module::embedding;
-use burn::tensor::{Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use peft_core::{AdapterKernel, AdapterState, BaseWeights, MergeDirection, Result, TensorSource};
 
 /// `data` in the file's layout (`[r, in]` / `[out, r]`) transposed to ours.
@@ -50,15 +50,21 @@ pub struct LoraLinearKernel {
 
 impl AdapterKernel for LoraLinearKernel {
     fn forward_linear(&self, state: &AdapterState, x: Tensor<2>, y: Tensor<2>) -> Tensor<2> {
-        let x = if self.dropout > 0.0 && state.is_training(&x) {
-            let keep = 1.0 - self.dropout;
-            let mask = x.random_like(Distribution::Bernoulli(keep));
-            (x * mask).div_scalar(keep)
+        // Dropout only while training (PEFT's `lora_dropout` is an `nn.Dropout`); on flex one
+        // fused op whose mask comes from the device RNG's key (bit-exact on resume).
+        let dropout = if state.is_training(&x) {
+            self.dropout
         } else {
-            x
+            0.0
         };
-        let low = x.matmul(state.matrices[0].val());
-        y + low.matmul(state.matrices[1].val()).mul_scalar(self.scaling)
+        peft_ops::lora(
+            x,
+            y,
+            state.matrices[0].val(),
+            state.matrices[1].val(),
+            self.scaling,
+            dropout,
+        )
     }
 
     fn merge(

@@ -2,10 +2,12 @@
 
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig};
-use burn::tensor::activation::{gelu, tanh};
+use burn::tensor::activation::tanh;
 use burn::tensor::{Device, Int, Tensor};
 use peft_core::Adaptable;
 use peft_core::nn::{Embedding, EmbeddingConfig, KvPrefix, Linear, LinearConfig};
+use peft_ops::gelu;
+use peft_ops::nn::layer_norm;
 
 use crate::cache::KvCache;
 use crate::config::BertConfig;
@@ -99,6 +101,9 @@ pub struct BertModel {
     pub pooler: Option<BertPooler>,
     /// Attention key/value prefix site (prefix tuning).
     pub prompt_encoder: KvPrefix,
+    /// `layer_norm_eps` of the config (`burn::nn::LayerNorm` keeps its own private).
+    #[module(skip)]
+    layer_norm_eps: f64,
 }
 
 /// `BertForSequenceClassification`: pooler output -> `classifier`.
@@ -173,6 +178,7 @@ impl BertModel {
                 d / c.num_attention_heads,
                 d,
             ),
+            layer_norm_eps: c.layer_norm_eps,
         }
     }
 
@@ -198,7 +204,8 @@ impl BertModel {
             + e.position_embeddings
                 .forward(positions(b, offset, s, &device))
             + e.token_type_embeddings.forward(types);
-        let mut h = e.layer_norm.forward(h);
+        let eps = self.layer_norm_eps;
+        let mut h = layer_norm(&e.layer_norm, eps, h, None);
         for (i, layer) in self.encoder.layer.iter().enumerate() {
             let sa = &layer.attention.self_attn;
             let q = split_heads(sa.query.forward(h.clone()), sa.heads);
@@ -213,12 +220,10 @@ impl BertModel {
                 .map(|m| padding_mask(m, sa.heads, s));
             let ctx = merge_heads(sdpa(q, k, v, mask, false, None));
             let out = &layer.attention.output;
-            h = out.layer_norm.forward(out.dense.forward(ctx) + h);
+            h = layer_norm(&out.layer_norm, eps, out.dense.forward(ctx), Some(h));
             let up = gelu(layer.intermediate.dense.forward(h.clone()));
-            h = layer
-                .output
-                .layer_norm
-                .forward(layer.output.dense.forward(up) + h);
+            let out = &layer.output;
+            h = layer_norm(&out.layer_norm, eps, out.dense.forward(up), Some(h));
         }
         let pooler_output = self.pooler.as_ref().map(|p| {
             let [b, _, d] = h.dims();

@@ -5,6 +5,7 @@ use burn::nn::{LayerNorm, LayerNormConfig};
 use burn::tensor::{Device, Int, Tensor};
 use peft_core::Adaptable;
 use peft_core::nn::{Embedding, EmbeddingConfig, KvPrefix, Linear, LinearConfig, WeightLayout};
+use peft_ops::nn::layer_norm;
 
 use crate::cache::KvCache;
 use crate::config::Gpt2Config;
@@ -56,6 +57,9 @@ pub struct Gpt2Model {
     pub ln_f: LayerNorm,
     /// Attention key/value prefix site (prefix tuning).
     pub prompt_encoder: KvPrefix,
+    /// `layer_norm_epsilon` of the config (`burn::nn::LayerNorm` keeps its own private).
+    #[module(skip)]
+    layer_norm_epsilon: f64,
 }
 
 /// `GPT2LMHeadModel`: the head is tied to `wte`.
@@ -113,6 +117,7 @@ impl Gpt2Model {
                 .collect(),
             ln_f: norm(),
             prompt_encoder: KvPrefix::new(c.n_layer, c.n_head, c.n_head, d / c.n_head, d),
+            layer_norm_epsilon: c.layer_norm_epsilon,
         }
     }
 
@@ -131,8 +136,9 @@ impl Gpt2Model {
         let past = cache.as_ref().map_or(0, |c| c.len());
         let pos = positions(b, past, s, &input_ids.device());
         let mut h = self.wte.forward(input_ids) + self.wpe.forward(pos);
+        let eps = self.layer_norm_epsilon;
         for (i, block) in self.h.iter().enumerate() {
-            let x = block.ln_1.forward(h.clone());
+            let x = layer_norm(&block.ln_1, eps, h.clone(), None);
             let qkv = block.attn.c_attn.forward(x);
             let d = qkv.dims()[2] / 3;
             let heads = block.attn.heads;
@@ -146,13 +152,13 @@ impl Gpt2Model {
             let mask = attention_mask.as_ref().map(|m| padding_mask(m, heads, s));
             let attn = sdpa(q, k, v, mask, true, None);
             h = h + block.attn.c_proj.forward(merge_heads(attn));
-            let x = block.ln_2.forward(h.clone());
+            let x = layer_norm(&block.ln_2, eps, h.clone(), None);
             h = h + block
                 .mlp
                 .c_proj
                 .forward(gelu_new(block.mlp.c_fc.forward(x)));
         }
-        self.ln_f.forward(h)
+        layer_norm(&self.ln_f, eps, h, None)
     }
 }
 

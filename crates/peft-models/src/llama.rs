@@ -6,12 +6,11 @@ use burn::tensor::activation::silu;
 use burn::tensor::{Device, Int, Tensor};
 use peft_core::Adaptable;
 use peft_core::nn::{Embedding, EmbeddingConfig, KvPrefix, Linear, LinearConfig};
+use peft_ops::nn::rms_norm;
 
 use crate::cache::KvCache;
 use crate::config::{LlamaConfig, RopeScaling};
-use crate::ops::{
-    apply_rope, merge_heads, padding_mask, repeat_kv, rope_tables, sdpa, split_heads,
-};
+use crate::ops::{apply_rope, merge_heads, padding_mask, rope_tables, sdpa, split_heads};
 
 /// Self-attention with q/k/v/o projections.
 #[derive(Module, Debug, Adaptable)]
@@ -170,16 +169,9 @@ impl LlamaAttention {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
         };
-        let groups = self.heads / self.kv_heads;
         let mask = mask.map(|m| padding_mask(m, self.heads, s));
-        let out = sdpa(
-            q,
-            repeat_kv(k, groups),
-            repeat_kv(v, groups),
-            mask,
-            true,
-            None,
-        );
+        // GQA: `sdpa` reads each key/value head for its query heads (transformers' repeat_kv).
+        let out = sdpa(q, k, v, mask, true, None);
         self.o_proj.forward(merge_heads(out))
     }
 }
@@ -244,17 +236,17 @@ impl LlamaModel {
         let rope = rope_tables(&self.inv_freq, &positions, &device);
         let mut h = self.embed_tokens.forward(input_ids);
         for (i, layer) in self.layers.iter().enumerate() {
-            let normed = layer.input_layernorm.forward(h.clone());
+            let normed = rms_norm(&layer.input_layernorm, h.clone());
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
             h = h + layer
                 .self_attn
                 .forward(normed, &rope, attention_mask.as_ref(), layer_cache);
-            let normed = layer.post_attention_layernorm.forward(h.clone());
+            let normed = rms_norm(&layer.post_attention_layernorm, h.clone());
             let mlp = &layer.mlp;
             let act = silu(mlp.gate_proj.forward(normed.clone())) * mlp.up_proj.forward(normed);
             h = h + mlp.down_proj.forward(act);
         }
-        self.norm.forward(h)
+        rms_norm(&self.norm, h)
     }
 }
 

@@ -1,7 +1,5 @@
 //! Pieces shared by the architectures: heads, masks, attention, RoPE, activations.
 
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 /// `[b, s, h*d]` -> `[b, h, s, d]`.
@@ -42,8 +40,10 @@ pub fn padding_mask(
         .expand([b, heads, q_len, k])
 }
 
-/// Scaled dot-product attention through Burn's fused op; `causal` aligns bottom-right, so
-/// queries that are the last `q` of `k` positions (a cache or a prefix) see everything before.
+/// Scaled dot-product attention (peft-ops: fused forward and backward on flex, Burn's
+/// `attention` elsewhere); `causal` aligns bottom-right, so queries that are the last `q` of `k`
+/// positions (a cache or a prefix) see everything before. `k`/`v` may have fewer heads than `q`
+/// (GQA, no `repeat_kv` needed).
 pub fn sdpa(
     q: Tensor<4>,
     k: Tensor<4>,
@@ -52,25 +52,12 @@ pub fn sdpa(
     causal: bool,
     scale: Option<f64>,
 ) -> Tensor<4> {
-    attention(
-        q,
-        k,
-        v,
-        mask,
-        None,
-        AttentionModuleOptions {
-            scale,
-            softcap: None,
-            is_causal: causal,
-        },
-    )
+    peft_ops::attention(q, k, v, mask, causal, scale)
 }
 
 /// GPT-2's `gelu_new` (tanh approximation).
 pub fn gelu_new(x: Tensor<3>) -> Tensor<3> {
-    let c = (2.0 / std::f64::consts::PI).sqrt();
-    let inner = (x.clone() + x.clone().powf_scalar(3.0).mul_scalar(0.044715)).mul_scalar(c);
-    x.clone().mul_scalar(0.5) * (inner.tanh().add_scalar(1.0))
+    peft_ops::gelu_tanh(x)
 }
 
 /// Rotate-half RoPE as transformers implements it: `x * cos + rotate_half(x) * sin`, with

@@ -163,9 +163,12 @@ fn lora_learns_a_classification_task_and_leaves_the_base_untouched() {
         report.tokens_per_sec
     );
     assert_eq!(report.steps, 120);
-    // Learning, not an exact curve: GEMM blocking (AVX-512 vs AVX2 kernels) moves the last
-    // losses by a few hundredths; the accuracy check below carries the rest.
-    assert!(mean(&report.losses[report.losses.len() - 5..]) < 0.7 * mean(&report.losses[..5]));
+    // Learning, not an exact curve: GEMM blocking (AVX-512 vs AVX2 kernels) and the dropout
+    // draws move single batch losses of this 8-row run by tenths (seeds 1-8: last/first 5-step
+    // ratio 0.47-0.94 with either dropout generator), so compare 20-step means; the accuracy
+    // check below carries the rest.
+    let losses = &report.losses;
+    assert!(mean(&losses[losses.len() - 20..]) < 0.7 * mean(&losses[..20]));
     assert!(end.accuracy.unwrap() > start.accuracy.unwrap() + 0.2);
 
     let mut after = Snapshot(HashMap::new());
