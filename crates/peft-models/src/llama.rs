@@ -2,11 +2,11 @@
 
 use burn::module::Module;
 use burn::nn::{RmsNorm, RmsNormConfig};
-use burn::tensor::activation::silu;
 use burn::tensor::{Device, Int, Tensor};
 use peft_core::Adaptable;
 use peft_core::nn::{Embedding, EmbeddingConfig, KvPrefix, Linear, LinearConfig};
 use peft_ops::nn::rms_norm;
+use peft_ops::swiglu;
 
 use crate::cache::KvCache;
 use crate::config::{LlamaConfig, RopeScaling};
@@ -243,7 +243,10 @@ impl LlamaModel {
                 .forward(normed, &rope, attention_mask.as_ref(), layer_cache);
             let normed = rms_norm(&layer.post_attention_layernorm, h.clone());
             let mlp = &layer.mlp;
-            let act = silu(mlp.gate_proj.forward(normed.clone())) * mlp.up_proj.forward(normed);
+            let act = swiglu(
+                mlp.gate_proj.forward(normed.clone()),
+                mlp.up_proj.forward(normed),
+            );
             h = h + mlp.down_proj.forward(act);
         }
         rms_norm(&self.norm, h)

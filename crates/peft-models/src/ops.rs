@@ -61,16 +61,9 @@ pub fn gelu_new(x: Tensor<3>) -> Tensor<3> {
 }
 
 /// Rotate-half RoPE as transformers implements it: `x * cos + rotate_half(x) * sin`, with
-/// `cos`/`sin` `[s, d]` (the frequency table concatenated twice).
+/// `cos`/`sin` `[s, d]` (the frequency table concatenated twice); one fused op on flex.
 pub fn apply_rope(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<4> {
-    let [b, h, s, d] = x.dims();
-    let half = d / 2;
-    let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
-    let x2 = x.clone().slice([0..b, 0..h, 0..s, half..d]);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    let cos = cos.clone().unsqueeze::<4>();
-    let sin = sin.clone().unsqueeze::<4>();
-    x * cos + rotated * sin
+    peft_ops::rope(x, cos.clone(), sin.clone())
 }
 
 /// RoPE `cos`/`sin` tables `[len, head_dim]` for `positions`, from `inv_freq` `[head_dim/2]`.

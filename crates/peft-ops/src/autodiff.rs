@@ -19,7 +19,7 @@ use crate::kernels::dropout::Mask;
 use crate::kernels::elementwise::{self, Gelu};
 use crate::kernels::norm::{self, Norm, Stats};
 use crate::kernels::tensor::{contiguous, dims, from_vec, slice};
-use crate::kernels::{attention, lora, softmax};
+use crate::kernels::{attention, lora, rope, softmax};
 
 type Tracked<C> = FloatTensor<Autodiff<Flex, C>>;
 
@@ -261,6 +261,62 @@ fn norm_op<C: CheckpointStrategy>(
 }
 
 #[derive(Debug)]
+struct RopeGrad;
+
+impl Backward<Flex, 1> for RopeGrad {
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (cos, sin) = ops.state;
+        unary::<Flex, _>(ops.parents, ops.node, grads, |g| {
+            rope::apply(g, &cos, &sin, true)
+        });
+    }
+}
+
+fn rope_op<C: CheckpointStrategy>(x: Tracked<C>, cos: Tracked<C>, sin: Tracked<C>) -> Tracked<C> {
+    // The tables are constants of the positions: no gradient flows to them.
+    let (cos, sin) = (cos.into_primitive(), sin.into_primitive());
+    let (x, guard) = x.into_parts();
+    let out = rope::apply(x, &cos, &sin, false);
+    match RopeGrad.prepare::<C>([guard]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish((cos, sin), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
+#[derive(Debug)]
+struct SwigluGrad;
+
+impl Backward<Flex, 2> for SwigluGrad {
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (a, b) = ops.state;
+        let g = contiguous(grads.consume::<Flex>(&ops.node));
+        let [na, nb] = ops.parents;
+        let (da, db) = elementwise::swiglu_backward(&a, &b, &g);
+        if let Some(node) = na {
+            grads.register::<Flex>(node.id, da);
+        }
+        if let Some(node) = nb {
+            grads.register::<Flex>(node.id, db);
+        }
+    }
+}
+
+fn swiglu<C: CheckpointStrategy>(a: Tracked<C>, b: Tracked<C>) -> Tracked<C> {
+    let (a, ga) = a.into_parts();
+    let (b, gb) = b.into_parts();
+    let (a, b) = (contiguous(a), contiguous(b));
+    let out = elementwise::swiglu(&a, &b);
+    match SwigluGrad.prepare::<C>([ga, gb]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish((a, b), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
+#[derive(Debug)]
 struct LogSoftmaxGrad;
 
 impl Backward<Flex, 1> for LogSoftmaxGrad {
@@ -444,6 +500,14 @@ impl<C: CheckpointStrategy> PeftOps for Autodiff<Flex, C> {
 
     fn fused_rms_norm(x: Tracked<C>, gamma: Tracked<C>, eps: f64) -> Tracked<C> {
         norm_op::<C>(x, None, gamma, None, eps, Norm::Rms)
+    }
+
+    fn fused_rope(x: Tracked<C>, cos: Tracked<C>, sin: Tracked<C>) -> Tracked<C> {
+        rope_op::<C>(x, cos, sin)
+    }
+
+    fn fused_swiglu(a: Tracked<C>, b: Tracked<C>) -> Tracked<C> {
+        swiglu::<C>(a, b)
     }
 
     fn fused_log_softmax(x: Tracked<C>) -> Tracked<C> {

@@ -14,7 +14,7 @@ use crate::kernels::dropout::Mask;
 use crate::kernels::elementwise::{self, Gelu};
 use crate::kernels::norm::{self, Norm};
 use crate::kernels::tensor::{contiguous, dims, from_vec, slice};
-use crate::kernels::{attention, lora, softmax};
+use crate::kernels::{attention, lora, rope, softmax};
 
 /// burn-peft's fused ops. Arguments as in the crate-root functions; `dropout` is
 /// `(probability, key)` with probability 0 meaning none. (Optional tensors get their own
@@ -63,6 +63,14 @@ pub trait PeftOps: Backend {
         gamma: FloatTensor<Self>,
         eps: f64,
     ) -> FloatTensor<Self>;
+    /// Rotate-half RoPE of `x` `[b, h, s, d]` with `cos`, `sin` `[s, d]` (constants).
+    fn fused_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+    /// `silu(a)·b`.
+    fn fused_swiglu(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
     /// Log-softmax over the last dimension.
     fn fused_log_softmax(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// Dropout with a counter-based mask.
@@ -196,6 +204,14 @@ impl PeftOps for Flex {
 
     fn fused_rms_norm(x: FlexTensor, gamma: FlexTensor, eps: f64) -> FlexTensor {
         norm_forward(x, None, &gamma, None, eps, Norm::Rms).0
+    }
+
+    fn fused_rope(x: FlexTensor, cos: FlexTensor, sin: FlexTensor) -> FlexTensor {
+        rope::apply(x, &cos, &sin, false)
+    }
+
+    fn fused_swiglu(a: FlexTensor, b: FlexTensor) -> FlexTensor {
+        elementwise::swiglu(&contiguous(a), &contiguous(b))
     }
 
     fn fused_log_softmax(x: FlexTensor) -> FlexTensor {

@@ -1,6 +1,7 @@
 //! Fused CPU ops for burn-peft: exact and tanh GELU, scaled dot-product attention (padding and
 //! causal masks, keys longer than queries, GQA), LayerNorm (with a residual) and RMSNorm,
-//! log-softmax, dropout from a counter-based RNG, and LoRA on activations as one op.
+//! rotary embeddings, SwiGLU, log-softmax, dropout from a counter-based RNG, and LoRA on
+//! activations as one op.
 //!
 //! Each op is a Burn backend extension ([`PeftOps`]) with a hand-written forward and backward
 //! on flex and on autodiff over flex. On every other backend (cuda, vulkan, ...) and for
@@ -156,6 +157,31 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Ten
         x.into_dispatch(),
         gamma.into_dispatch(),
         eps,
+    ))
+}
+
+/// Rotate-half rotary embedding (transformers' `apply_rotary_pos_emb`):
+/// `x·cos + rotate_half(x)·sin` for `x` `[b, h, s, d]` and `cos`, `sin` `[s, d]` (constants: no
+/// gradient flows to them).
+pub fn rope(x: Tensor<4>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<4> {
+    if !(fused(&x) && cos.dtype() == DType::F32 && sin.dtype() == DType::F32) {
+        return reference::rope(x, cos, sin);
+    }
+    Tensor::from_dispatch(<Dispatch as PeftOps>::fused_rope(
+        x.into_dispatch(),
+        cos.into_dispatch(),
+        sin.into_dispatch(),
+    ))
+}
+
+/// `silu(a)·b`, Llama's SwiGLU (`silu(gate_proj(x)) · up_proj(x)`).
+pub fn swiglu<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
+    if !(fused(&a) && b.dtype() == DType::F32) {
+        return reference::swiglu(a, b);
+    }
+    Tensor::from_dispatch(<Dispatch as PeftOps>::fused_swiglu(
+        a.into_dispatch(),
+        b.into_dispatch(),
     ))
 }
 

@@ -78,6 +78,22 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Ten
     (x / rms) * gamma.unsqueeze()
 }
 
+/// Rotate-half RoPE as transformers' `apply_rotary_pos_emb`: `x·cos + rotate_half(x)·sin`
+/// for `x` `[b, h, s, d]` and tables `[s, d]`.
+pub fn rope(x: Tensor<4>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<4> {
+    let [b, h, s, d] = x.dims();
+    let half = d / 2;
+    let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
+    let x2 = x.clone().slice([0..b, 0..h, 0..s, half..d]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.unsqueeze::<4>() + rotated * sin.unsqueeze::<4>()
+}
+
+/// `silu(a)·b` (SwiGLU).
+pub fn swiglu<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
+    activation::silu(a) * b
+}
+
 /// `burn::tensor::activation::log_softmax` over the last dimension.
 pub fn log_softmax<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     activation::log_softmax(x, D - 1)

@@ -170,3 +170,63 @@ pub fn backward(x: &FlexTensor, grad: FlexTensor, kind: Gelu) -> FlexTensor {
     });
     from_vec(out, &dims(&x))
 }
+
+/// `silu(a)·b` (Llama's SwiGLU: `silu(gate_proj(x)) · up_proj(x)`), `silu(a) = a·σ(a)`.
+#[inline(always)]
+fn swiglu_kernel<const F: bool>(a: &[f32], b: &[f32], out: &mut [f32]) {
+    for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+        *o = x / (1.0 + exp::<F>(-x)) * y;
+    }
+}
+
+/// Gradients of `silu(a)·b`: `da = g·b·σ(a)(1 + a(1 - σ(a)))`, `db = g·silu(a)`.
+#[inline(always)]
+fn swiglu_grad_kernel<const F: bool>(
+    a: &[f32],
+    b: &[f32],
+    g: &[f32],
+    da: &mut [f32],
+    db: &mut [f32],
+) {
+    for ((((da, db), &x), &y), &gv) in da.iter_mut().zip(db.iter_mut()).zip(a).zip(b).zip(g) {
+        let s = 1.0 / (1.0 + exp::<F>(-x));
+        *db = gv * x * s;
+        *da = gv * y * s * fmadd::<F>(x, 1.0 - s, 1.0);
+    }
+}
+
+multiversion!(fn swiglu_chunk(a: &[f32], b: &[f32], out: &mut [f32]) = swiglu_kernel);
+multiversion!(fn swiglu_grad_chunk(a: &[f32], b: &[f32], g: &[f32], da: &mut [f32], db: &mut [f32]) = swiglu_grad_kernel);
+
+/// `silu(a)·b`, elementwise (`a`, `b` contiguous, same shape).
+pub fn swiglu(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
+    let (sa, sb) = (slice(a), slice(b));
+    assert_eq!(sa.len(), sb.len(), "swiglu: shapes differ");
+    let mut out = vec![0f32; sa.len()];
+    chunks_mut(&mut out, CHUNK, |start, c| {
+        let end = start + c.len();
+        swiglu_chunk(&sa[start..end], &sb[start..end], c)
+    });
+    from_vec(out, &dims(a))
+}
+
+/// `(da, db)` of `silu(a)·b` for the incoming gradient `g` (all contiguous).
+pub fn swiglu_backward(a: &FlexTensor, b: &FlexTensor, g: &FlexTensor) -> (FlexTensor, FlexTensor) {
+    let (sa, sb, sg) = (slice(a), slice(b), slice(g));
+    let n = sa.len();
+    let mut da = vec![0f32; n];
+    let mut db = vec![0f32; n];
+    {
+        use rayon::prelude::*;
+        da.par_chunks_mut(CHUNK)
+            .zip(db.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(i, (ca, cb))| {
+                let start = i * CHUNK;
+                let end = start + ca.len();
+                swiglu_grad_chunk(&sa[start..end], &sb[start..end], &sg[start..end], ca, cb)
+            });
+    }
+    let shape = dims(a);
+    (from_vec(da, &shape), from_vec(db, &shape))
+}

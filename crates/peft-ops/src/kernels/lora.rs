@@ -65,8 +65,11 @@ pub fn forward(
         )
     };
     drop(dropped);
-    let y = contiguous(y);
-    let mut out = slice(&y).to_vec();
+    // The base output's buffer becomes the result when nothing else holds it (copied otherwise).
+    let mut out = contiguous(y)
+        .into_data()
+        .try_into_vec::<f32>()
+        .expect("f32 tensor");
     assert_eq!(out.len(), sz.n * sz.d_out, "lora: y must be [n, out]");
     unsafe {
         gemm(

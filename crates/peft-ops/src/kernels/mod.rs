@@ -8,6 +8,7 @@ pub mod math;
 pub mod matmul;
 pub mod norm;
 pub mod par;
+pub mod rope;
 pub mod simd;
 pub mod softmax;
 pub mod tensor;

@@ -146,3 +146,73 @@ fn dropout_key_follows_the_device_seed() {
         "another seed, another key"
     );
 }
+
+#[test]
+fn swiglu_tiny_llama_mlp() {
+    let shape = [16, 64, 96];
+    let mut rng = Rng::new(12);
+    let a = rng.data(&shape, 3.0);
+    let b = rng.data(&shape, 1.0);
+    let w = rng.data(&shape, 1.0);
+    let plain = Device::flex();
+    assert_close(
+        "swiglu forward",
+        peft_ops::swiglu(tensor::<3>(&a, &plain, false), tensor(&b, &plain, false)).into_data(),
+        reference::swiglu(tensor::<3>(&a, &plain, false), tensor(&b, &plain, false)).into_data(),
+    );
+    let device = autodiff();
+    let (fa, fb) = (
+        tensor::<3>(&a, &device, true),
+        tensor::<3>(&b, &device, true),
+    );
+    let (ca, cb) = (
+        tensor::<3>(&a, &device, true),
+        tensor::<3>(&b, &device, true),
+    );
+    let gf = weighted_sum(peft_ops::swiglu(fa.clone(), fb.clone()), &w).backward();
+    let gc = weighted_sum(reference::swiglu(ca.clone(), cb.clone()), &w).backward();
+    assert_close("swiglu da", grad_of(&fa, &gf), grad_of(&ca, &gc));
+    assert_close("swiglu db", grad_of(&fb, &gf), grad_of(&cb, &gc));
+}
+
+#[test]
+fn rope_on_split_heads() {
+    // Llama's q after `split_heads` (a strided view), head size 8, tables for positions 3..67.
+    let (b, s, h, d) = (4, 64, 4, 8);
+    let mut rng = Rng::new(21);
+    let x = rng.data(&[b, s, h * d], 1.0);
+    let w = rng.data(&[b, h, s, d], 1.0);
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for p in 3..3 + s {
+        for _ in 0..2 {
+            for i in 0..d / 2 {
+                let a = p as f32 * 10000f32.powf(-(2.0 * i as f32) / d as f32);
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+    }
+    let (cos, sin) = (TensorData::new(cos, [s, d]), TensorData::new(sin, [s, d]));
+    let split = |t: Tensor<3>| t.reshape([b, s, h, d]).swap_dims(1, 2);
+    let run = |f: fn(Tensor<4>, Tensor<2>, Tensor<2>) -> Tensor<4>, device: &Device, grad: bool| {
+        let leaf = tensor::<3>(&x, device, grad);
+        let y = f(
+            split(leaf.clone()),
+            tensor(&cos, device, false),
+            tensor(&sin, device, false),
+        );
+        (leaf, y)
+    };
+    let plain = Device::flex();
+    assert_close(
+        "rope forward",
+        run(peft_ops::rope, &plain, false).1.into_data(),
+        run(reference::rope, &plain, false).1.into_data(),
+    );
+    let device = autodiff();
+    let (fx, fy) = run(peft_ops::rope, &device, true);
+    let (cx, cy) = run(reference::rope, &device, true);
+    let gf = weighted_sum(fy, &w).backward();
+    let gc = weighted_sum(cy, &w).backward();
+    assert_close("rope dx", grad_of(&fx, &gf), grad_of(&cx, &gc));
+}
