@@ -1,5 +1,5 @@
 """PyTorch's GEMM at the shapes of an all-MiniLM-L6-v2 step, next to the `gemm` crate's
-(`cargo bench -p peft-ops --bench gemm_shapes`). Same operands and layouts: `W` stored
+(`cargo bench --bench gemm_shapes`). Same operands and layouts: `W` stored
 `[in, out]`, transposed operands as strided views.
 
     python3 benches/gemm_shapes.py --threads 2

@@ -3,7 +3,7 @@
 //! `g·Wᵀ` and the weight gradient `xᵀ·g`, as burn-flex calls it (`W` stored `[in, out]`
 //! row-major; the transposed operands are strided views, as Burn's matmul backward passes
 //! them). Prints the median milliseconds per product, for `benches/gemm_shapes.py`'s PyTorch
-//! numbers next to it. Run: `RAYON_NUM_THREADS=2 cargo bench -p peft-ops --bench gemm_shapes`.
+//! numbers next to it. Run: `RAYON_NUM_THREADS=2 cargo bench --bench gemm_shapes`.
 
 use std::time::Instant;
 
