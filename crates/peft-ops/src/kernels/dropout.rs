@@ -54,7 +54,7 @@ impl Mask {
         let h = mix(self
             .key
             .wrapping_add(((i / 2) as u64 + 1).wrapping_mul(GAMMA)));
-        let draw = if i % 2 == 0 {
+        let draw = if i.is_multiple_of(2) {
             h as u32
         } else {
             (h >> 32) as u32

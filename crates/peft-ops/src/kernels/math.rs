@@ -71,7 +71,7 @@ const TAYLOR_BELOW: f32 = 0.75;
 fn erf_taylor<const FMA: bool>(z: f32) -> f32 {
     // 2/√π / (n! (2n+1)) with alternating signs, n = 0..7.
     const C: [f32; 8] = [
-        1.128_379_2,
+        std::f32::consts::FRAC_2_SQRT_PI,
         -0.376_126_4,
         0.112_837_92,
         -0.026_866_17,

@@ -29,6 +29,7 @@ pub struct Stats {
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn forward_rows_kernel<const F: bool>(
     z: &[f32],
     out: &mut [f32],
@@ -192,6 +193,12 @@ pub struct Needs {
     pub beta: bool,
 }
 
+/// `(d input, dγ, dβ)`, each present when asked for.
+pub type NormGrads = (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>);
+
+/// Per-task partial sums of `dγ`, `dβ`.
+type Partial = (Option<Vec<f64>>, Option<Vec<f64>>);
+
 /// Gradients of the input, `γ` and `β` (those in `needs`).
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
@@ -202,14 +209,14 @@ pub fn backward(
     norm: Norm,
     stats: &Stats,
     needs: Needs,
-) -> (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>) {
+) -> NormGrads {
     let rows = z.len() / width;
     let per = rows_per_task(width);
     let tasks = rows.div_ceil(per);
     let mut dz = needs.input.then(|| vec![0f32; z.len()]);
     let dz_ptr = dz.as_mut().map(|d| SendPtr(d.as_mut_ptr()));
     // One partial `dγ`/`dβ` per task, summed after.
-    let partials: Vec<(Option<Vec<f64>>, Option<Vec<f64>>)> = (0..tasks)
+    let partials: Vec<Partial> = (0..tasks)
         .into_par_iter()
         .map(|t| {
             let (r0, r1) = (t * per, ((t + 1) * per).min(rows));
@@ -239,7 +246,6 @@ pub fn backward(
             (dg, db)
         })
         .collect();
-    type Partial = (Option<Vec<f64>>, Option<Vec<f64>>);
     let reduce = |pick: fn(&Partial) -> Option<&Vec<f64>>| {
         let mut total: Option<Vec<f64>> = None;
         for p in &partials {

@@ -27,6 +27,10 @@ fn padding(lengths: &[usize], sk: usize, left: bool, device: &Device) -> Tensor<
         .reshape([b, 1, 1, sk])
 }
 
+/// `peft_ops::attention` or `reference::attention`.
+type AttentionFn =
+    fn(Tensor<4>, Tensor<4>, Tensor<4>, Option<Tensor<4, Bool>>, bool, Option<f64>) -> Tensor<4>;
+
 struct Case {
     batch: usize,
     heads: usize,
@@ -66,16 +70,7 @@ fn run(case: &Case) {
             tensor::<3>(&v, device, grad && case.tracked[2]),
         )
     };
-    let apply = |f: fn(
-        Tensor<4>,
-        Tensor<4>,
-        Tensor<4>,
-        Option<Tensor<4, Bool>>,
-        bool,
-        Option<f64>,
-    ) -> Tensor<4>,
-                 (q, k, v): (Tensor<3>, Tensor<3>, Tensor<3>),
-                 device: &Device| {
+    let apply = |f: AttentionFn, (q, k, v): (Tensor<3>, Tensor<3>, Tensor<3>), device: &Device| {
         f(
             split(q, case.heads),
             split(k, case.kv_heads),
