@@ -159,4 +159,34 @@ fn main() {
         let gflops = 2.0 * (s.m * s.n * s.k) as f64 / ms / 1e6;
         println!("{:<42} {:>8.3} ms {:>7.1} GFLOP/s", s.name, ms, gflops);
     }
+    through_burn(iters);
+}
+
+/// The forward shapes again through Burn's tensor API on flex: `matmul` alone, and `linear`
+/// (matmul + bias, what every `peft_core::nn::Linear` runs), to separate the GEMM from what
+/// Burn adds around it (output allocation, the bias pass).
+fn through_burn(iters: usize) {
+    use burn::tensor::module::linear;
+    use burn::tensor::{Device, Distribution, Tensor};
+    let device = Device::flex();
+    println!("through Burn (flex), median of {iters}");
+    for (m, k, n) in [(1024, 384, 1536), (1024, 1536, 384), (1024, 384, 384)] {
+        let x = Tensor::<2>::random([m, k], Distribution::Default, &device);
+        let w = Tensor::<2>::random([k, n], Distribution::Default, &device);
+        let b = Tensor::<1>::random([n], Distribution::Default, &device);
+        let time = |f: &dyn Fn() -> Tensor<2>| {
+            let mut v = Vec::with_capacity(iters);
+            for i in 0..iters + 3 {
+                let t = Instant::now();
+                std::hint::black_box(f());
+                if i >= 3 {
+                    v.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            median(v)
+        };
+        let mm = time(&|| x.clone().matmul(w.clone()));
+        let lin = time(&|| linear(x.clone(), w.clone(), Some(b.clone())));
+        println!("fwd  [{m},{k}]·[{k},{n}]  matmul {mm:>7.3} ms   linear (+bias) {lin:>7.3} ms");
+    }
 }

@@ -12,12 +12,13 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, Flex};
+use burn::backend::{Autodiff, AutodiffBackend, Flex};
 
 use crate::backend::{PeftOps, mask, norm_forward};
 use crate::kernels::dropout::Mask;
 use crate::kernels::elementwise::{self, Gelu};
 use crate::kernels::norm::{self, Norm, Stats};
+use crate::kernels::optim::AdamWStep;
 use crate::kernels::tensor::{contiguous, dims, from_vec, slice};
 use crate::kernels::{attention, lora, rope, softmax};
 
@@ -516,6 +517,32 @@ impl<C: CheckpointStrategy> PeftOps for Autodiff<Flex, C> {
 
     fn fused_dropout(x: Tracked<C>, prob: f64, key: u64) -> Tracked<C> {
         dropout::<C>(x, prob, key)
+    }
+
+    fn fused_adamw(
+        p: Tracked<C>,
+        g: Tracked<C>,
+        m: Tracked<C>,
+        v: Tracked<C>,
+        step: AdamWStep,
+    ) -> (Tracked<C>, Tracked<C>, Tracked<C>) {
+        // An optimizer update is outside the graph: run it on the inner tensors.
+        let (p, m, v) = <Flex as PeftOps>::fused_adamw(
+            p.into_primitive(),
+            g.into_primitive(),
+            m.into_primitive(),
+            v.into_primitive(),
+            step,
+        );
+        (
+            Self::from_inner(p),
+            Self::from_inner(m),
+            Self::from_inner(v),
+        )
+    }
+
+    fn fused_sum_squares(x: Tracked<C>) -> Tracked<C> {
+        Self::from_inner(<Flex as PeftOps>::fused_sum_squares(x.into_primitive()))
     }
 
     fn fused_lora(

@@ -13,6 +13,7 @@ use burn::backend::{Backend, Flex, backend_extension};
 use crate::kernels::dropout::Mask;
 use crate::kernels::elementwise::{self, Gelu};
 use crate::kernels::norm::{self, Norm};
+use crate::kernels::optim::{self, AdamWStep};
 use crate::kernels::tensor::{contiguous, dims, from_vec, slice};
 use crate::kernels::{attention, lora, rope, softmax};
 
@@ -75,6 +76,17 @@ pub trait PeftOps: Backend {
     fn fused_log_softmax(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// Dropout with a counter-based mask.
     fn fused_dropout(x: FloatTensor<Self>, prob: f64, key: u64) -> FloatTensor<Self>;
+    /// One AdamW update of the flattened parameter `p` with gradient `g` and moments `m`, `v`:
+    /// `(p, m, v)` after the step.
+    fn fused_adamw(
+        p: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        step: AdamWStep,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    /// `Σ x²` as a one-element `f64` tensor.
+    fn fused_sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// `y + scaling·(drop(x)·a)·b`.
     #[allow(clippy::too_many_arguments)]
     fn fused_lora(
@@ -227,6 +239,37 @@ impl PeftOps for Flex {
             }
             None => x,
         }
+    }
+
+    fn fused_adamw(
+        p: FlexTensor,
+        g: FlexTensor,
+        m: FlexTensor,
+        v: FlexTensor,
+        step: AdamWStep,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let shape = dims(&p);
+        let g = contiguous(g);
+        // Each buffer is updated in place when nothing else holds it (copied otherwise).
+        let owned = |t: FlexTensor| {
+            contiguous(t)
+                .into_data()
+                .try_into_vec::<f32>()
+                .expect("f32 tensor")
+        };
+        let (mut p, mut m, mut v) = (owned(p), owned(m), owned(v));
+        optim::adamw(&mut p, slice(&g), &mut m, &mut v, &step);
+        (
+            from_vec(p, &shape),
+            from_vec(m, &shape),
+            from_vec(v, &shape),
+        )
+    }
+
+    fn fused_sum_squares(x: FlexTensor) -> FlexTensor {
+        let x = contiguous(x);
+        let total = optim::sum_squares(slice(&x));
+        FlexTensor::from_data(burn::tensor::TensorData::new(vec![total], [1]))
     }
 
     fn fused_lora(

@@ -32,6 +32,7 @@ use burn::backend::{Dispatch, DispatchDevice};
 use burn::tensor::{Bool, DType, Device, Distribution, Tensor};
 
 pub use backend::PeftOps;
+pub use kernels::optim::AdamWStep;
 
 /// The `f32` math behind the kernels, for callers that need the same approximations.
 pub mod math {
@@ -255,6 +256,55 @@ pub fn lora(
         dropout.max(0.0),
         key,
     ))
+}
+
+/// One AdamW update of a flattened parameter `p` (gradient `g`, moments `m`, `v`, all `[n]`
+/// on a device without autodiff): `(p, m, v)` after the step. On flex one pass over rayon, in
+/// place when the buffers are not shared; elsewhere the composition of `reference::adamw`.
+///
+/// ```
+/// use burn::tensor::{Device, Tensor};
+/// use peft_ops::AdamWStep;
+///
+/// let d = Device::flex();
+/// let (p, g) = (Tensor::<1>::ones([4], &d), Tensor::<1>::ones([4], &d));
+/// let step = AdamWStep { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, step: 1, grad_scale: 1.0 };
+/// let (p, _, _) = peft_ops::adamw(p, g, Tensor::zeros([4], &d), Tensor::zeros([4], &d), &step);
+/// // The first step moves every element by `lr` against the gradient's sign.
+/// assert!((p.into_data().try_to_vec::<f32>().unwrap()[0] - 0.9).abs() < 1e-6);
+/// ```
+pub fn adamw(
+    p: Tensor<1>,
+    g: Tensor<1>,
+    m: Tensor<1>,
+    v: Tensor<1>,
+    step: &AdamWStep,
+) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+    let all_f32 = [&g, &m, &v].iter().all(|t| t.dtype() == DType::F32);
+    if !(fused(&p) && all_f32) {
+        return reference::adamw(p, g, m, v, step);
+    }
+    let (p, m, v) = <Dispatch as PeftOps>::fused_adamw(
+        p.into_dispatch(),
+        g.into_dispatch(),
+        m.into_dispatch(),
+        v.into_dispatch(),
+        *step,
+    );
+    (
+        Tensor::from_dispatch(p),
+        Tensor::from_dispatch(m),
+        Tensor::from_dispatch(v),
+    )
+}
+
+/// `Σ x²` of every element (a gradient's squared L2 norm), accumulated in `f64` on flex.
+pub fn sum_squares<const D: usize>(x: Tensor<D>) -> f64 {
+    if !fused(&x) {
+        return reference::sum_squares(x);
+    }
+    Tensor::<1>::from_dispatch(<Dispatch as PeftOps>::fused_sum_squares(x.into_dispatch()))
+        .into_scalar::<f64>()
 }
 
 /// The dropout mask the fused kernels draw for `key` (1 = kept), `len` elements: for tests and

@@ -113,3 +113,29 @@ pub fn dropout<const D: usize>(x: Tensor<D>, prob: f64) -> Tensor<D> {
 pub fn lora(x: Tensor<2>, y: Tensor<2>, a: Tensor<2>, b: Tensor<2>, scaling: f64) -> Tensor<2> {
     y + x.matmul(a).matmul(b).mul_scalar(scaling)
 }
+
+/// One AdamW update (`torch.optim.AdamW`'s single-tensor path) of the flattened parameter `p`:
+/// `(p, m, v)` after the step.
+pub fn adamw(
+    p: Tensor<1>,
+    g: Tensor<1>,
+    m: Tensor<1>,
+    v: Tensor<1>,
+    s: &crate::AdamWStep,
+) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+    let g = g.mul_scalar(s.grad_scale);
+    let m = m.mul_scalar(s.beta1) + g.clone().mul_scalar(1.0 - s.beta1);
+    let v = v.mul_scalar(s.beta2) + g.powf_scalar(2.0).mul_scalar(1.0 - s.beta2);
+    let t = i32::try_from(s.step).unwrap_or(i32::MAX);
+    let bias1 = 1.0 - s.beta1.powi(t);
+    let bias2 = 1.0 - s.beta2.powi(t);
+    let p = p.mul_scalar(1.0 - s.lr * s.weight_decay);
+    let denom = v.clone().sqrt().div_scalar(bias2.sqrt()).add_scalar(s.eps);
+    let p = p - (m.clone() / denom).mul_scalar(s.lr / bias1);
+    (p, m, v)
+}
+
+/// `Σ x²`.
+pub fn sum_squares<const D: usize>(x: Tensor<D>) -> f64 {
+    x.powf_scalar(2.0).sum().into_scalar::<f64>()
+}

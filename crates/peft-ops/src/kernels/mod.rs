@@ -7,6 +7,7 @@ pub mod lora;
 pub mod math;
 pub mod matmul;
 pub mod norm;
+pub mod optim;
 pub mod par;
 pub mod rope;
 pub mod simd;

@@ -8,6 +8,7 @@ mod common;
 mod elementwise;
 mod lora;
 mod norm;
+mod optim;
 
 /// The comparisons above are only meaningful if the fused path runs: flex, with and without
 /// autodiff, goes to the kernels.
