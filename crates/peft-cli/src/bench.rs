@@ -179,7 +179,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let value = loss.clone().inner();
         let grads = GradientsParams::from_grads(loss.backward(), model.model());
         let [loss_value, grad_sq] =
-            readout::read_scalars([Some(value), readout::grad_sq_sum(&grads, &trainable)]);
+            readout::loss_and_grad_sq(&train_device, Some(value), &grads, &trainable);
         let norm = grad_sq.sqrt();
         let clip = if norm > 1.0 { 1.0 / (norm + 1e-6) } else { 1.0 };
         model.update(|m| optim.step(args.learning_rate, m, grads, clip));

@@ -3,8 +3,6 @@
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 /// `[b, s, h*d]` -> `[b, h, s, d]`.
@@ -45,8 +43,10 @@ pub fn padding_mask(
         .expand([b, heads, q_len, k])
 }
 
-/// Scaled dot-product attention through Burn's fused op; `causal` aligns bottom-right, so
-/// queries that are the last `q` of `k` positions (a cache or a prefix) see everything before.
+/// Scaled dot-product attention (peft-ops: fused forward and backward on flex, Burn's
+/// `attention` elsewhere); `causal` aligns bottom-right, so queries that are the last `q` of `k`
+/// positions (a cache or a prefix) see everything before. `k`/`v` may have fewer heads than `q`
+/// (GQA, no `repeat_kv` needed).
 pub fn sdpa(
     q: Tensor<4>,
     k: Tensor<4>,
@@ -55,38 +55,14 @@ pub fn sdpa(
     causal: bool,
     scale: Option<f64>,
 ) -> Tensor<4> {
-    attention(
-        q,
-        k,
-        v,
-        mask,
-        None,
-        AttentionModuleOptions {
-            scale,
-            softcap: None,
-            is_causal: causal,
-        },
-    )
+    peft_ops::attention(q, k, v, mask, causal, scale)
 }
 
-/// GELU, exact (erf) form as transformers' `gelu`, with an exact gradient on every backend.
-///
-/// Burn's `activation::gelu` computes the erf form, but its backward on backends that keep
-/// burn-backend's default `gelu_backward` (the cubecl ones: Vulkan, CUDA) is the derivative of
-/// the *tanh approximation*, off by up to ~4e-4 (tests/vulkan.rs,
-/// `op_gradients_on_vulkan_match_flex`). Flex implements the exact derivative, so it keeps the
-/// single op; elsewhere the erf composition lets autodiff differentiate erf exactly.
+/// GELU, exact (erf) form as transformers' `gelu`, with an exact gradient on every backend:
+/// peft-ops' fused kernel on flex, elsewhere an erf composition (`peft_ops::reference::gelu`
+/// says why Burn's own `gelu` is not used there).
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    if x.device().without_autodiff() == Device::flex() {
-        return burn::tensor::activation::gelu(x);
-    }
-    let cdf = x
-        .clone()
-        .mul_scalar(std::f64::consts::FRAC_1_SQRT_2)
-        .erf()
-        .add_scalar(1.0)
-        .mul_scalar(0.5);
-    x * cdf
+    peft_ops::gelu(x)
 }
 
 /// An MLP activation, by its name in transformers' `ACT2FN` (`hidden_act`,
@@ -147,15 +123,18 @@ impl Activation {
 
 /// GPT-2's `gelu_new` (tanh approximation).
 pub fn gelu_new<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    let c = (2.0 / std::f64::consts::PI).sqrt();
-    let inner = (x.clone() + x.clone().powf_scalar(3.0).mul_scalar(0.044715)).mul_scalar(c);
-    x.clone().mul_scalar(0.5) * (inner.tanh().add_scalar(1.0))
+    peft_ops::gelu_tanh(x)
 }
 
 /// Rotate-half RoPE as transformers implements it: `x * cos + rotate_half(x) * sin`, with
 /// `cos`/`sin` broadcastable to `x` (`[1 or b, 1, s, d]`: the frequency table concatenated
-/// twice, per position).
+/// twice, per position). One table for the whole batch (`[1, 1, s, d]`) is one fused op on
+/// flex; per-row tables (mixed batches whose rows start at different positions) broadcast.
 pub fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    let [rows, heads, s, d] = cos.dims();
+    if rows == 1 && heads == 1 {
+        return peft_ops::rope(x, cos.clone().reshape([s, d]), sin.clone().reshape([s, d]));
+    }
     let [b, h, s, d] = x.dims();
     let half = d / 2;
     let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);

@@ -10,7 +10,26 @@
 
 use burn::module::ParamId;
 use burn::optim::GradientsParams;
-use burn::tensor::Tensor;
+use burn::tensor::{Device, Tensor};
+
+use crate::optim::global_grad_sq;
+
+/// What an optimizer step needs from the device: `[loss, squared gradient norm]`, with `loss`
+/// the step's summed micro-batch losses. On flex, where a read costs nothing, the gradient
+/// norm is peft-ops' fused one-pass sum per tensor ([`global_grad_sq`]); on any other device
+/// both are summed there and read in one transfer.
+pub fn loss_and_grad_sq(
+    device: &Device,
+    loss: Option<Tensor<1>>,
+    grads: &GradientsParams,
+    params: &[(ParamId, String, usize)],
+) -> [f64; 2] {
+    if peft_ops::is_flex(device) {
+        let [loss] = read_scalars([loss]);
+        return [loss, global_grad_sq(grads, params)];
+    }
+    read_scalars([loss, grad_sq_sum(grads, params)])
+}
 
 /// Sum on the device of the squared gradients of `params` (`(id, path, rank)` as
 /// `optim::trainable_paths` lists them); `None` when none of them has a gradient.
