@@ -180,6 +180,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 })?;
                 adapters.push(name.clone());
             }
+            // All of them active (and trainable) together, as the trainer runs them: the
+            // report below counts every adapter's parameters, not only the first's.
+            let names: Vec<&str> = adapters.iter().map(String::as_str).collect();
+            model.set_adapters(&names)?;
         }
         MethodChoice::Full => model.set_train_base(true),
     }

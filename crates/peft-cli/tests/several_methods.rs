@@ -82,11 +82,31 @@ fn lora_and_prefix_train_together_and_are_saved_as_separate_bundles() {
     };
     assert!(keys("lora").iter().any(|k| k.contains("classifier")));
     assert!(keys("prefix").iter().all(|k| !k.contains("classifier")));
+    // Every adapter's parameters are counted as trainable: the sum of the two bundles' sizes.
+    let numel = |name: &str| {
+        let bytes = std::fs::read(
+            root.join("adapter")
+                .join(name)
+                .join("adapter_model.safetensors"),
+        )
+        .unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.tensors()
+            .iter()
+            .map(|(_, t)| t.shape().iter().product::<usize>())
+            .sum::<usize>()
+    };
 
     // Both adapters active together reproduce the run's held-out score.
     let results: Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("results.json")).unwrap()).unwrap();
     assert_eq!(results["adapters"], json!(["lora", "prefix"]));
+    let trainable = numel("lora") + numel("prefix");
+    assert_eq!(results["trainable_params"], json!(trainable));
+    assert!(
+        stdout.contains(&format!("trainable params: {}", thousands(trainable))),
+        "{stdout}"
+    );
     let accuracy = results["test"]["accuracy"].as_f64().unwrap();
     let best = root.join("best");
     let eval = burn_peft()
@@ -241,4 +261,17 @@ fn forward_and_generate_run_a_different_adapter_per_row() {
         &bad,
         &["--adapter-per-row names 1 adapters for 2 --prompt values"],
     );
+}
+
+/// `12345` as `12,345`, as the trainable-parameter report prints it.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
