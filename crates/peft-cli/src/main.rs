@@ -14,6 +14,7 @@ mod generate;
 mod inspect;
 mod merge;
 mod methods;
+mod serve;
 mod tensors;
 mod train;
 
@@ -44,6 +45,10 @@ enum Command {
     /// Combine several LoRA adapters into one (PEFT's add_weighted_adapter: linear, cat, svd,
     /// ties, dare, magnitude_prune, ...) and write it as a PEFT bundle.
     Combine(combine::CombineArgs),
+    /// Serve a base model and many adapters over HTTP (OpenAI-compatible completions,
+    /// embeddings, classification; the request's `model` names the adapter), batching
+    /// requests for different adapters into one forward.
+    Serve(serve::ServeArgs),
 }
 
 /// A command line that cannot work as given (exit code 2); says what to pass instead.
@@ -72,6 +77,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Forward(args) => forward::run(args),
         Command::Combine(args) => combine::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -80,6 +86,8 @@ fn main() -> ExitCode {
             let bad_input = err.chain().any(|c| {
                 c.downcast_ref::<tensors::InputError>().is_some()
                     || c.downcast_ref::<UsageError>().is_some()
+                    || c.downcast_ref::<peft_serve::ServeError>()
+                        .is_some_and(|e| !matches!(e, peft_serve::ServeError::Io(_)))
                     || c.downcast_ref::<config::ConfigError>().is_some()
                     || c.downcast_ref::<peft_core::PeftError>().is_some()
                     || c.downcast_ref::<peft_models::ModelError>().is_some()
