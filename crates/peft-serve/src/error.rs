@@ -203,8 +203,8 @@ pub enum ServeError {
         name: String,
         /// Its folder.
         dir: PathBuf,
-        /// Why.
-        source: peft_core::PeftError,
+        /// Why (boxed: it is large).
+        source: Box<peft_core::PeftError>,
     },
     /// A setting that cannot work.
     #[error("{0}")]

@@ -184,7 +184,7 @@ impl Server {
                 ServeError::Adapter {
                     name: name.clone(),
                     dir: dir.clone(),
-                    source,
+                    source: Box::new(source),
                 }
             })?;
             registry.insert(info);
