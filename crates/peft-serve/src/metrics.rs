@@ -159,7 +159,7 @@ impl Metrics {
                 "burn_peft_request_errors_total{{endpoint=\"{endpoint}\"}} {n}"
             );
         }
-        out.push_str("# HELP burn_peft_request_duration_seconds Time to answer a request (a stream: until its last event).\n");
+        out.push_str("# HELP burn_peft_request_duration_seconds Time until the response head is ready (a stream: once accepted, before its first token).\n");
         out.push_str("# TYPE burn_peft_request_duration_seconds histogram\n");
         for (endpoint, h) in lock(&self.latency).iter() {
             h.render(
