@@ -873,8 +873,10 @@ fn time_ms(iters: usize, mut f: impl FnMut()) -> f64 {
 fn profile_ops(iters: usize) -> Vec<(String, usize, f64, f64)> {
     use burn::nn::LayerNormConfig;
     use burn::tensor::Distribution;
-    use burn::tensor::activation::gelu;
     use burn_peft::models::ops::{merge_heads, padding_mask, sdpa, split_heads};
+    // The ops the models call (fused on flex; `PEFT_OPS_FUSED=0` times the compositions).
+    use burn_peft::ops::gelu;
+    use burn_peft::ops::nn::layer_norm;
 
     let (b, s, h, inter, heads) = (BATCH, SEQ, 384usize, 1536usize, 12usize);
     let mut rows = Vec::new();
@@ -901,6 +903,7 @@ fn profile_ops(iters: usize) -> Vec<(String, usize, f64, f64)> {
             }
         };
         let x_h = rnd([b, s, h]);
+        let x_i_h = rnd([b, s, h]);
         let x_i = rnd([b, s, inter]);
         let mut out: Vec<(String, usize, f64)> = Vec::new();
 
@@ -968,12 +971,15 @@ fn profile_ops(iters: usize) -> Vec<(String, usize, f64, f64)> {
         let gelu_t = time_ms(iters, || finish(gelu(leaf(&x_i))));
         out.push(("gelu (erf) [16,64,1536]".into(), 6, gelu_t));
 
+        // BERT's post-norm `LayerNorm(dense(x) + residual)` (12 per forward, the residual add
+        // inside the norm op) and the embeddings' norm (1).
         let norm = LayerNormConfig::new(h).init(&device).freeze();
-        let ln = time_ms(iters, || finish(norm.forward(leaf(&x_h))));
-        out.push(("layer norm [16,64,384]".into(), 13, ln));
-
-        let add = time_ms(iters, || finish(leaf(&x_h) + x_h.clone()));
-        out.push(("residual add [16,64,384]".into(), 12, add));
+        let ln_res = time_ms(iters, || {
+            finish(layer_norm(&norm, 1e-12, leaf(&x_h), Some(leaf(&x_i_h))))
+        });
+        out.push(("residual add + layer norm [16,64,384]".into(), 12, ln_res));
+        let ln = time_ms(iters, || finish(layer_norm(&norm, 1e-12, leaf(&x_h), None)));
+        out.push(("layer norm [16,64,384]".into(), 1, ln));
 
         let mask_ids = Tensor::<2, burn::tensor::Int>::ones([b, s], &device);
         let (q0, k0, v0) = (rnd([b, s, h]), rnd([b, s, h]), rnd([b, s, h]));

@@ -71,8 +71,13 @@ def main():
     both("linear 384->384 + LoRA r8 (q,v)", lora, x_h)
     both("gelu (erf) [16,64,1536]", F.gelu, x_i)
     ln_w, ln_b = torch.ones(h), torch.zeros(h)
+    both(
+        "residual add + layer norm [16,64,384]",
+        lambda x, r: F.layer_norm(x + r, (h,), ln_w, ln_b, 1e-12),
+        x_h,
+        torch.randn(b, s, h),
+    )
     both("layer norm [16,64,384]", lambda x: F.layer_norm(x, (h,), ln_w, ln_b, 1e-12), x_h)
-    both("residual add [16,64,384]", lambda x: x + x_h, x_h)
     mask = torch.zeros(b, 1, 1, s)
 
     def attn(q, k, v):

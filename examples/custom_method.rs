@@ -383,7 +383,7 @@ fn main() -> std::result::Result<(), Box<dyn Error>> {
 
     let mut trainer = Trainer {
         model,
-        adapter: "default".into(),
+        adapters: vec!["default".into()],
         objective,
         config: train_config,
         output_dir: out.join(run["output"].as_str().unwrap_or("run")),

@@ -5,6 +5,7 @@ pub use peft_core as core;
 pub use peft_ia3 as ia3;
 pub use peft_lora as lora;
 pub use peft_models as models;
+pub use peft_ops as ops;
 pub use peft_prefix as prefix;
 pub use peft_train as train;
 

@@ -1,7 +1,7 @@
 //! LoRA's behaviour at a site: forward on activations, merge, and the bundle layout.
 
 use burn::tensor::module::embedding;
-use burn::tensor::{Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use peft_core::{
     AdapterKernel, AdapterState, BaseWeights, MergeDirection, MergeInput, Result, TensorSource,
     WeightSpace,
@@ -106,17 +106,14 @@ pub struct LoraLinearKernel {
 }
 
 impl LoraLinearKernel {
-    /// `s·(drop(x)·A)·B`.
-    fn delta(&self, state: &AdapterState, x: Tensor<2>) -> Tensor<2> {
-        let x = if self.dropout > 0.0 && state.is_training(&x) {
-            let keep = 1.0 - self.dropout;
-            let mask = x.random_like(Distribution::Bernoulli(keep));
-            (x * mask).div_scalar(keep)
+    /// The dropout probability for this call: PEFT's `lora_dropout` is an `nn.Dropout`, active
+    /// only while training.
+    fn dropout_for(&self, state: &AdapterState, x: &Tensor<2>) -> f64 {
+        if self.dropout > 0.0 && state.is_training(x) {
+            self.dropout
         } else {
-            x
-        };
-        let low = x.matmul(state.matrices[0].val());
-        low.matmul(state.matrices[1].val()).mul_scalar(self.scaling)
+            0.0
+        }
     }
 }
 
@@ -128,7 +125,17 @@ impl AdapterKernel for LoraLinearKernel {
         x: Tensor<2>,
         y: Tensor<2>,
     ) -> Tensor<2> {
-        y + self.delta(state, x)
+        // `y + s·(drop(x)·A)·B`: on flex one fused op whose dropout mask comes from the device
+        // RNG's key (bit-exact on resume) and whose backward skips `dW`.
+        let dropout = self.dropout_for(state, &x);
+        peft_ops::lora(
+            x,
+            y,
+            state.matrices[0].val(),
+            state.matrices[1].val(),
+            self.scaling,
+            dropout,
+        )
     }
 
     fn linear_delta(
@@ -137,7 +144,10 @@ impl AdapterKernel for LoraLinearKernel {
         _base: &BaseWeights,
         x: Tensor<2>,
     ) -> Option<Tensor<2>> {
-        Some(self.delta(state, x))
+        // `s·(drop(x)·A)·B` alone, for the rows of a mixed-adapter batch.
+        let x = peft_ops::dropout(x.clone(), self.dropout_for(state, &x));
+        let low = x.matmul(state.matrices[0].val());
+        Some(low.matmul(state.matrices[1].val()).mul_scalar(self.scaling))
     }
 
     fn merge(

@@ -6,6 +6,7 @@ use burn::tensor::activation::tanh;
 use burn::tensor::{Device, Int, Tensor};
 use peft_core::Adaptable;
 use peft_core::nn::{Embedding, EmbeddingConfig, ForwardContext, KvPrefix, Linear, LinearConfig};
+use peft_ops::nn::layer_norm;
 
 use crate::cache::{KvCache, position_ids};
 use crate::config::BertConfig;
@@ -104,6 +105,9 @@ pub struct BertModel {
     pub pooler: Option<BertPooler>,
     /// Attention key/value prefix site (prefix tuning).
     pub prompt_encoder: KvPrefix,
+    /// `layer_norm_eps` of the config (`burn::nn::LayerNorm` keeps its own private).
+    #[module(skip)]
+    layer_norm_eps: f64,
 }
 
 /// `BertForSequenceClassification`: pooler output -> `classifier`.
@@ -180,6 +184,7 @@ impl BertModel {
                 d / c.num_attention_heads,
                 d,
             ),
+            layer_norm_eps: c.layer_norm_eps,
         }
     }
 
@@ -251,7 +256,8 @@ impl BertModel {
         let h = e.word_embeddings.forward_in(input_ids, fc)
             + e.position_embeddings.forward_in(pos, fc)
             + e.token_type_embeddings.forward_in(types, fc);
-        let mut h = e.layer_norm.forward(h);
+        let eps = self.layer_norm_eps;
+        let mut h = layer_norm(&e.layer_norm, eps, h, None);
         for (i, layer) in self.encoder.layer.iter().enumerate() {
             let sa = &layer.attention.self_attn;
             let q = split_heads(sa.query.forward_in(h.clone(), fc), sa.heads);
@@ -266,15 +272,13 @@ impl BertModel {
                 .map(|m| padding_mask(m, sa.heads, s));
             let ctx = merge_heads(sdpa(q, k, v, mask, false, None));
             let out = &layer.attention.output;
-            h = out.layer_norm.forward(out.dense.forward_in(ctx, fc) + h);
+            h = layer_norm(&out.layer_norm, eps, out.dense.forward_in(ctx, fc), Some(h));
             let up = layer
                 .intermediate
                 .act
                 .apply(layer.intermediate.dense.forward_in(h.clone(), fc));
-            h = layer
-                .output
-                .layer_norm
-                .forward(layer.output.dense.forward_in(up, fc) + h);
+            let out = &layer.output;
+            h = layer_norm(&out.layer_norm, eps, out.dense.forward_in(up, fc), Some(h));
         }
         let pooler_output = self.pooler.as_ref().map(|p| {
             let [b, _, d] = h.dims();

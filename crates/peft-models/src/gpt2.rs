@@ -7,6 +7,7 @@ use peft_core::Adaptable;
 use peft_core::nn::{
     Embedding, EmbeddingConfig, ForwardContext, KvPrefix, Linear, LinearConfig, WeightLayout,
 };
+use peft_ops::nn::layer_norm;
 
 use crate::cache::{KvCache, position_ids};
 use crate::config::Gpt2Config;
@@ -67,6 +68,9 @@ pub struct Gpt2Model {
     pub ln_f: LayerNorm,
     /// Attention key/value prefix site (prefix tuning).
     pub prompt_encoder: KvPrefix,
+    /// `layer_norm_epsilon` of the config (`burn::nn::LayerNorm` keeps its own private).
+    #[module(skip)]
+    layer_norm_epsilon: f64,
 }
 
 /// `GPT2LMHeadModel`: the head is tied to `wte`.
@@ -127,6 +131,7 @@ impl Gpt2Model {
                 .collect(),
             ln_f: norm(),
             prompt_encoder: KvPrefix::new(c.n_layer, c.n_head, c.n_head, d / c.n_head, d),
+            layer_norm_epsilon: c.layer_norm_epsilon,
         }
     }
 
@@ -166,8 +171,9 @@ impl Gpt2Model {
         input_checks::check_positions(past + s, 0, self.wpe.dims()[0], "n_positions")?;
         let pos = position_ids(cache.as_deref(), b, s, &input_ids.device());
         let mut h = self.wte.forward_in(input_ids, fc) + self.wpe.forward_in(pos, fc);
+        let eps = self.layer_norm_epsilon;
         for (i, block) in self.h.iter().enumerate() {
-            let x = block.ln_1.forward(h.clone());
+            let x = layer_norm(&block.ln_1, eps, h.clone(), None);
             let qkv = block.attn.c_attn.forward_in(x, fc);
             let d = qkv.dims()[2] / 3;
             let heads = block.attn.heads;
@@ -181,11 +187,11 @@ impl Gpt2Model {
             let mask = attention_mask.as_ref().map(|m| padding_mask(m, heads, s));
             let attn = sdpa(q, k, v, mask, true, Some(block.attn.scale));
             h = h + block.attn.c_proj.forward_in(merge_heads(attn), fc);
-            let x = block.ln_2.forward(h.clone());
+            let x = layer_norm(&block.ln_2, eps, h.clone(), None);
             let up = block.mlp.act.apply(block.mlp.c_fc.forward_in(x, fc));
             h = h + block.mlp.c_proj.forward_in(up, fc);
         }
-        Ok(self.ln_f.forward(h))
+        Ok(layer_norm(&self.ln_f, eps, h, None))
     }
 }
 

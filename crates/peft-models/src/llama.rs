@@ -2,18 +2,17 @@
 
 use burn::module::Module;
 use burn::nn::{RmsNorm, RmsNormConfig};
-use burn::tensor::activation::silu;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use peft_core::Adaptable;
 use peft_core::nn::{Embedding, EmbeddingConfig, ForwardContext, KvPrefix, Linear, LinearConfig};
+use peft_ops::nn::rms_norm;
+use peft_ops::swiglu;
 
 use crate::cache::KvCache;
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::Result;
 use crate::input_checks;
-use crate::ops::{
-    apply_rope, merge_heads, padding_mask, repeat_kv, rope_tables, sdpa, split_heads,
-};
+use crate::ops::{apply_rope, merge_heads, padding_mask, rope_tables, sdpa, split_heads};
 
 /// Self-attention with q/k/v/o projections.
 #[derive(Module, Debug, Adaptable)]
@@ -177,7 +176,6 @@ impl LlamaAttention {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
         };
-        let groups = self.heads / self.kv_heads;
         let mut mask = mask.map(|m| padding_mask(m, self.heads, s));
         let keys = k.dims()[2];
         if let Some(window) = self.sliding_window.filter(|w| *w < keys) {
@@ -197,14 +195,8 @@ impl LlamaAttention {
                 None => outside,
             });
         }
-        let out = sdpa(
-            q,
-            repeat_kv(k, groups),
-            repeat_kv(v, groups),
-            mask,
-            true,
-            None,
-        );
+        // GQA: `sdpa` reads each key/value head for its query heads (transformers' repeat_kv).
+        let out = sdpa(q, k, v, mask, true, None);
         self.o_proj.forward_in(merge_heads(out), fc)
     }
 }
@@ -329,7 +321,7 @@ impl LlamaModel {
         let rope = self.rope(cache.as_deref(), b, s, &device);
         let mut h = self.embed_tokens.forward_in(input_ids, fc);
         for (i, layer) in self.layers.iter().enumerate() {
-            let normed = layer.input_layernorm.forward(h.clone());
+            let normed = rms_norm(&layer.input_layernorm, h.clone());
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
             h = h + layer.self_attn.forward(
                 normed,
@@ -338,13 +330,15 @@ impl LlamaModel {
                 layer_cache,
                 fc,
             );
-            let normed = layer.post_attention_layernorm.forward(h.clone());
+            let normed = rms_norm(&layer.post_attention_layernorm, h.clone());
             let mlp = &layer.mlp;
-            let act = silu(mlp.gate_proj.forward_in(normed.clone(), fc))
-                * mlp.up_proj.forward_in(normed, fc);
+            let act = swiglu(
+                mlp.gate_proj.forward_in(normed.clone(), fc),
+                mlp.up_proj.forward_in(normed, fc),
+            );
             h = h + mlp.down_proj.forward_in(act, fc);
         }
-        Ok(self.norm.forward(h))
+        Ok(rms_norm(&self.norm, h))
     }
 }
 

@@ -1,7 +1,5 @@
 //! Pieces shared by the architectures: heads, masks, attention, RoPE, activations.
 
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 /// `[b, s, h*d]` -> `[b, h, s, d]`.
@@ -42,8 +40,10 @@ pub fn padding_mask(
         .expand([b, heads, q_len, k])
 }
 
-/// Scaled dot-product attention through Burn's fused op; `causal` aligns bottom-right, so
-/// queries that are the last `q` of `k` positions (a cache or a prefix) see everything before.
+/// Scaled dot-product attention (peft-ops: fused forward and backward on flex, Burn's
+/// `attention` elsewhere); `causal` aligns bottom-right, so queries that are the last `q` of `k`
+/// positions (a cache or a prefix) see everything before. `k`/`v` may have fewer heads than `q`
+/// (GQA, no `repeat_kv` needed).
 pub fn sdpa(
     q: Tensor<4>,
     k: Tensor<4>,
@@ -52,18 +52,7 @@ pub fn sdpa(
     causal: bool,
     scale: Option<f64>,
 ) -> Tensor<4> {
-    attention(
-        q,
-        k,
-        v,
-        mask,
-        None,
-        AttentionModuleOptions {
-            scale,
-            softcap: None,
-            is_causal: causal,
-        },
-    )
+    peft_ops::attention(q, k, v, mask, causal, scale)
 }
 
 /// An MLP activation, by its name in transformers' `ACT2FN` (`hidden_act`,
@@ -113,7 +102,7 @@ impl Activation {
     pub fn apply<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
         use burn::tensor::activation;
         match self {
-            Activation::Gelu => activation::gelu(x),
+            Activation::Gelu => peft_ops::gelu(x),
             Activation::GeluTanh => gelu_new(x),
             Activation::QuickGelu => x.clone() * activation::sigmoid(x.mul_scalar(1.702)),
             Activation::Relu => activation::relu(x),
@@ -124,15 +113,18 @@ impl Activation {
 
 /// GPT-2's `gelu_new` (tanh approximation).
 pub fn gelu_new<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    let c = (2.0 / std::f64::consts::PI).sqrt();
-    let inner = (x.clone() + x.clone().powf_scalar(3.0).mul_scalar(0.044715)).mul_scalar(c);
-    x.clone().mul_scalar(0.5) * (inner.tanh().add_scalar(1.0))
+    peft_ops::gelu_tanh(x)
 }
 
 /// Rotate-half RoPE as transformers implements it: `x * cos + rotate_half(x) * sin`, with
 /// `cos`/`sin` broadcastable to `x` (`[1 or b, 1, s, d]`: the frequency table concatenated
-/// twice, per position).
+/// twice, per position). One table for the whole batch (`[1, 1, s, d]`) is one fused op on
+/// flex; per-row tables (mixed batches whose rows start at different positions) broadcast.
 pub fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    let [rows, heads, s, d] = cos.dims();
+    if rows == 1 && heads == 1 {
+        return peft_ops::rope(x, cos.clone().reshape([s, d]), sin.clone().reshape([s, d]));
+    }
     let [b, h, s, d] = x.dims();
     let half = d / 2;
     let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);

@@ -121,9 +121,7 @@ pub fn trainable_shapes<M: Module>(
 }
 
 fn grad_sq_sum<const D: usize>(grads: &GradientsParams, id: ParamId) -> Option<f64> {
-    grads
-        .get::<D>(id)
-        .map(|g| g.powf_scalar(2.0).sum().into_scalar::<f64>())
+    grads.get::<D>(id).map(peft_ops::sum_squares)
 }
 
 /// Global L2 norm of the gradients of `params`.
@@ -165,26 +163,26 @@ impl ModuleMapper for Step<'_> {
         let shape = tensor.shape();
         let n = shape.num_elements();
         let p = tensor.inner().reshape([n]);
-        let g = grad.reshape([n]).mul_scalar(self.grad_scale);
         let s = &self.opt.settings;
         let key = self.path.join(".");
-        let moments = self.opt.moments.entry(key).or_insert_with(|| Moments {
+        // Taken out of the map so the update owns the buffers (in place on flex).
+        let moments = self.opt.moments.remove(&key).unwrap_or_else(|| Moments {
             m: p.zeros_like(),
             v: p.zeros_like(),
         });
-        let m = moments.m.clone().mul_scalar(s.beta1) + g.clone().mul_scalar(1.0 - s.beta1);
-        let v =
-            moments.v.clone().mul_scalar(s.beta2) + g.powf_scalar(2.0).mul_scalar(1.0 - s.beta2);
-        let t = self.opt.step as i32;
-        let bias1 = 1.0 - s.beta1.powi(t);
-        let bias2 = 1.0 - s.beta2.powi(t);
-        let decay = if D >= 2 { s.weight_decay } else { 0.0 };
-        // torch.optim.AdamW: p *= 1 - lr*wd; p -= lr/bias1 * m / (sqrt(v)/sqrt(bias2) + eps).
-        let p = p.mul_scalar(1.0 - self.lr * decay);
-        let denom = v.clone().sqrt().div_scalar(bias2.sqrt()).add_scalar(s.eps);
-        let p = p - (m.clone() / denom).mul_scalar(self.lr / bias1);
-        moments.m = m;
-        moments.v = v;
+        // torch.optim.AdamW: p *= 1 - lr*wd; p -= lr/bias1 * m / (sqrt(v)/sqrt(bias2) + eps);
+        // one fused pass on flex (peft-ops).
+        let step = peft_ops::AdamWStep {
+            lr: self.lr,
+            beta1: s.beta1,
+            beta2: s.beta2,
+            eps: s.eps,
+            weight_decay: if D >= 2 { s.weight_decay } else { 0.0 },
+            step: self.opt.step,
+            grad_scale: self.grad_scale,
+        };
+        let (p, m, v) = peft_ops::adamw(p, grad.reshape([n]), moments.m, moments.v, &step);
+        self.opt.moments.insert(key, Moments { m, v });
         let mut updated = Tensor::<D>::from_inner(p.reshape(shape));
         if require_grad {
             updated = updated.require_grad();

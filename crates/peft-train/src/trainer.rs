@@ -5,11 +5,12 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use peft_core::PeftModel;
 use peft_models::{HfModel, ModelInputs, ModelOutputs};
+use peft_ops::log_softmax;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, TrainerState};
@@ -214,7 +215,7 @@ fn inputs(batch: &Collated) -> ModelInputs {
 /// Mean cross-entropy of `logits [b, c]` against `labels [b]`.
 pub fn classification_loss(logits: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
     let [b, _] = logits.dims();
-    let lp = log_softmax(logits, 1);
+    let lp = log_softmax(logits);
     lp.gather(1, labels.reshape([b, 1])).mean().neg()
 }
 
@@ -222,7 +223,7 @@ pub fn classification_loss(logits: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<
 /// shifted as transformers does; returns the mean loss and the number of scored tokens.
 pub fn causal_lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>) -> (Tensor<1>, usize) {
     let [b, s, v] = logits.dims();
-    let lp = log_softmax(logits.slice([0..b, 0..s - 1, 0..v]), 2);
+    let lp = log_softmax(logits.slice([0..b, 0..s - 1, 0..v]));
     let target = labels.slice([0..b, 1..s]);
     let mask = target.clone().not_equal_elem(-100);
     let count = mask.clone().int().sum().into_scalar::<i64>().max(1) as usize;
@@ -304,7 +305,7 @@ pub fn evaluate(
                     .convert::<f32>()
                     .try_to_vec::<f32>()
                     .unwrap_or_default();
-                let lp = log_softmax(logits.clone(), 1)
+                let lp = log_softmax(logits.clone())
                     .into_data()
                     .convert::<f32>()
                     .try_to_vec::<f32>()
@@ -367,7 +368,7 @@ fn causal_lm_row_losses(logits: Tensor<3>, labels: Tensor<2, Int>) -> (Vec<f64>,
     if s < 2 {
         return (vec![0.0; b], vec![0; b]);
     }
-    let lp = log_softmax(logits.slice([0..b, 0..s - 1, 0..v]), 2);
+    let lp = log_softmax(logits.slice([0..b, 0..s - 1, 0..v]));
     let target = labels.slice([0..b, 1..s]);
     let mask = target.clone().not_equal_elem(-100).float();
     let picked = lp

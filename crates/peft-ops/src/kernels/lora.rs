@@ -1,0 +1,185 @@
+//! LoRA on activations as one op: `out = y + s·(drop(x)·A)·B`.
+//!
+//! The forward keeps `x`, the rank-`r` product `low = drop(x)·A` and the dropout key; the
+//! backward regenerates the mask and computes only what is asked for:
+//! `dlow = s·g·Bᵀ`, `dB = s·lowᵀ·g`, `dA = drop(x)ᵀ·dlow`, `dx = drop(dlow·Aᵀ)`, `dy = g`.
+//! No `[n, in]` masked copy of `x` outlives the forward (the composed version keeps it for the
+//! matmul's backward).
+
+use burn::backend::flex::FlexTensor;
+
+use super::dropout::{self, Mask};
+use super::matmul::{Mat, MatMut, gemm};
+use super::tensor::{contiguous, dims, from_vec, slice};
+
+/// Sizes of a LoRA product.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    n: usize,
+    d_in: usize,
+    r: usize,
+    d_out: usize,
+}
+
+fn sizes(x: &FlexTensor, a: &FlexTensor, b: &FlexTensor) -> Sizes {
+    let (xd, ad, bd) = (dims(x), dims(a), dims(b));
+    assert!(
+        xd.len() == 2 && ad.len() == 2 && bd.len() == 2,
+        "lora: x, A and B must be 2-D"
+    );
+    assert!(
+        xd[1] == ad[0] && ad[1] == bd[0],
+        "lora: x {xd:?}, A {ad:?}, B {bd:?} do not chain"
+    );
+    Sizes {
+        n: xd[0],
+        d_in: xd[1],
+        r: ad[1],
+        d_out: bd[1],
+    }
+}
+
+/// The forward: `(out, low)`. `x`, `a`, `b` must be contiguous.
+pub fn forward(
+    x: &FlexTensor,
+    y: FlexTensor,
+    a: &FlexTensor,
+    b: &FlexTensor,
+    scaling: f32,
+    mask: Option<Mask>,
+) -> (FlexTensor, FlexTensor) {
+    let sz = sizes(x, a, b);
+    let xs = slice(x);
+    let dropped = mask.map(|m| dropout::apply(xs, m));
+    let input = dropped.as_deref().unwrap_or(xs);
+    let mut low = vec![0f32; sz.n * sz.r];
+    // SAFETY (both GEMMs): the buffers hold the shapes given; nothing else writes them.
+    unsafe {
+        gemm(
+            MatMut::row_major(&mut low, sz.r),
+            false,
+            Mat::row_major(input, sz.n, sz.d_in),
+            Mat::row_major(slice(a), sz.d_in, sz.r),
+            1.0,
+            true,
+        )
+    };
+    drop(dropped);
+    // The base output's buffer becomes the result when nothing else holds it (copied otherwise).
+    let mut out = contiguous(y)
+        .into_data()
+        .try_into_vec::<f32>()
+        .expect("f32 tensor");
+    assert_eq!(out.len(), sz.n * sz.d_out, "lora: y must be [n, out]");
+    unsafe {
+        gemm(
+            MatMut::row_major(&mut out, sz.d_out),
+            true,
+            Mat::row_major(&low, sz.n, sz.r),
+            Mat::row_major(slice(b), sz.r, sz.d_out),
+            scaling,
+            true,
+        )
+    };
+    (
+        from_vec(out, &[sz.n, sz.d_out]),
+        from_vec(low, &[sz.n, sz.r]),
+    )
+}
+
+/// Which gradients to compute.
+#[derive(Debug, Clone, Copy)]
+pub struct Needs {
+    /// The input `x`.
+    pub x: bool,
+    /// `A`.
+    pub a: bool,
+    /// `B`.
+    pub b: bool,
+}
+
+/// Gradients `(dx, dA, dB)` named in `needs` (`dy` is the incoming gradient itself).
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    x: &FlexTensor,
+    a: &FlexTensor,
+    b: &FlexTensor,
+    low: &FlexTensor,
+    grad: &FlexTensor,
+    scaling: f32,
+    mask: Option<Mask>,
+    needs: Needs,
+) -> (Option<FlexTensor>, Option<FlexTensor>, Option<FlexTensor>) {
+    let sz = sizes(x, a, b);
+    let grad = contiguous(grad.clone());
+    let g = Mat::row_major(slice(&grad), sz.n, sz.d_out);
+    let a_mat = Mat::row_major(slice(a), sz.d_in, sz.r);
+    let b_mat = Mat::row_major(slice(b), sz.r, sz.d_out);
+    // SAFETY (every GEMM below): each destination is a fresh buffer of the product's shape.
+    let db = needs.b.then(|| {
+        let mut db = vec![0f32; sz.r * sz.d_out];
+        let low = Mat::row_major(slice(low), sz.n, sz.r);
+        unsafe {
+            gemm(
+                MatMut::row_major(&mut db, sz.d_out),
+                false,
+                low.t(),
+                g,
+                scaling,
+                true,
+            )
+        };
+        from_vec(db, &[sz.r, sz.d_out])
+    });
+    if !needs.a && !needs.x {
+        return (None, None, db);
+    }
+    let mut dlow = vec![0f32; sz.n * sz.r];
+    unsafe {
+        gemm(
+            MatMut::row_major(&mut dlow, sz.r),
+            false,
+            g,
+            b_mat.t(),
+            scaling,
+            true,
+        )
+    };
+    let dlow_mat = Mat::row_major(&dlow, sz.n, sz.r);
+    let da = needs.a.then(|| {
+        let xs = slice(x);
+        let dropped = mask.map(|m| dropout::apply(xs, m));
+        let input = dropped.as_deref().unwrap_or(xs);
+        let mut da = vec![0f32; sz.d_in * sz.r];
+        unsafe {
+            gemm(
+                MatMut::row_major(&mut da, sz.r),
+                false,
+                Mat::row_major(input, sz.n, sz.d_in).t(),
+                dlow_mat,
+                1.0,
+                true,
+            )
+        };
+        from_vec(da, &[sz.d_in, sz.r])
+    });
+    let dx = needs.x.then(|| {
+        let mut dx = vec![0f32; sz.n * sz.d_in];
+        unsafe {
+            gemm(
+                MatMut::row_major(&mut dx, sz.d_in),
+                false,
+                dlow_mat,
+                a_mat.t(),
+                1.0,
+                true,
+            )
+        };
+        let dx = match mask {
+            Some(m) => dropout::apply(&dx, m),
+            None => dx,
+        };
+        from_vec(dx, &[sz.n, sz.d_in])
+    });
+    (dx, da, db)
+}
