@@ -15,6 +15,7 @@ mod generate;
 mod inspect;
 mod merge;
 mod methods;
+mod serve;
 mod tensors;
 mod train;
 
@@ -50,6 +51,10 @@ enum Command {
     /// Time LoRA training steps of a causal LM on synthetic tokens (weights random when the
     /// folder has only a config.json); prints tokens/s and peak device memory as JSON.
     Bench(bench::BenchArgs),
+    /// Serve a base model and many adapters over HTTP (OpenAI-compatible completions,
+    /// embeddings, classification; the request's `model` names the adapter), batching
+    /// requests for different adapters into one forward.
+    Serve(serve::ServeArgs),
 }
 
 /// A command line that cannot work as given (exit code 2); says what to pass instead.
@@ -80,6 +85,7 @@ fn main() -> ExitCode {
         Command::Combine(args) => combine::run(args),
         Command::Devices(args) => device::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -88,6 +94,8 @@ fn main() -> ExitCode {
             let bad_input = err.chain().any(|c| {
                 c.downcast_ref::<tensors::InputError>().is_some()
                     || c.downcast_ref::<UsageError>().is_some()
+                    || c.downcast_ref::<peft_serve::ServeError>()
+                        .is_some_and(|e| !matches!(e, peft_serve::ServeError::Io(_)))
                     || c.downcast_ref::<config::ConfigError>().is_some()
                     || c.downcast_ref::<peft_core::PeftError>().is_some()
                     || c.downcast_ref::<peft_models::ModelError>().is_some()

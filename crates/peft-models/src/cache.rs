@@ -269,6 +269,202 @@ impl KvCache {
         self.layers.iter().flatten().next().map(|(k, _)| k.device())
     }
 
+    /// Split a batch into one cache per row that holds only the slots the row attends to: its
+    /// own prefix (its real part, in a mixed batch of prefixes of different lengths) and the
+    /// tokens where `attention_mask[row]` is 1 (the mask over the real tokens, as a forward
+    /// takes it: `[batch, len() - prefix_len()]`). Each part is a one-row cache without shift
+    /// or separate prefix, so its next token sits at position `len()`: where the row alone
+    /// would continue when its masked slots are exactly its padding, as after a left-padded
+    /// forward. [`stack`](Self::stack) joins parts again, e.g. with other sequences.
+    ///
+    /// ```
+    /// use burn::tensor::{Device, Tensor};
+    /// use peft_models::KvCache;
+    ///
+    /// let device = Device::flex();
+    /// let mut cache = KvCache::new(1);
+    /// // Two rows of 3 slots; row 0 is left-padded by one.
+    /// let kv = Tensor::<4>::ones([2, 1, 3, 4], &device);
+    /// cache.append(0, kv.clone(), kv);
+    /// let parts = cache.split_rows(&[vec![0, 1, 1], vec![1, 1, 1]]).unwrap();
+    /// assert_eq!(parts.iter().map(KvCache::len).collect::<Vec<_>>(), [2, 3]);
+    /// assert_eq!(parts[0].positions(1, 1), [[2]]);
+    /// ```
+    pub fn split_rows(&self, attention_mask: &[Vec<i64>]) -> Result<Vec<KvCache>> {
+        let batch = self.batch().ok_or_else(|| {
+            ModelError::InvalidInput("split_rows: the cache holds nothing yet".into())
+        })?;
+        let tokens = self.len() - self.prefix_len;
+        if attention_mask.len() != batch || attention_mask.iter().any(|m| m.len() != tokens) {
+            return Err(ModelError::InvalidInput(format!(
+                "split_rows: the mask must be [{batch}, {tokens}] (rows, cached tokens after the \
+                 prefix)"
+            )));
+        }
+        let device = self.device().ok_or_else(|| {
+            ModelError::InvalidInput("split_rows: the cache holds nothing yet".into())
+        })?;
+        let mut parts = Vec::with_capacity(batch);
+        for (row, mask) in attention_mask.iter().enumerate() {
+            let prefix = self
+                .row_prefix
+                .as_ref()
+                .map_or(self.prefix_len, |lengths| lengths[row]);
+            let slots: Vec<i64> = (0..prefix as i64)
+                .chain(
+                    mask.iter()
+                        .enumerate()
+                        .filter(|(_, m)| **m != 0)
+                        .map(|(j, _)| (self.prefix_len + j) as i64),
+                )
+                .collect();
+            if slots.is_empty() {
+                return Err(ModelError::InvalidInput(format!(
+                    "split_rows: row {row} attends to no slot"
+                )));
+            }
+            let every = slots.len() == self.len();
+            let count = slots.len();
+            let index = Tensor::<1, Int>::from_data(TensorData::new(slots, [count]), &device);
+            let take = |t: &Tensor<4>| {
+                let t = t.clone().narrow(0, row, 1);
+                if every { t } else { t.select(2, index.clone()) }
+            };
+            parts.push(KvCache {
+                layers: self
+                    .layers
+                    .iter()
+                    .map(|l| l.as_ref().map(|(k, v)| (take(k), take(v))))
+                    .collect(),
+                ..Default::default()
+            });
+        }
+        Ok(parts)
+    }
+
+    /// Join one-row caches (as [`split_rows`](Self::split_rows) makes them) into one batch:
+    /// each row is left-padded with zeros to the longest and shifted back by its padding, so it
+    /// continues at its own position. Returns the batch and its attention mask (`[rows, len()]`,
+    /// 0 on padding), to extend with a 1 per new token.
+    ///
+    /// ```
+    /// use burn::tensor::{Device, Tensor};
+    /// use peft_models::KvCache;
+    ///
+    /// let device = Device::flex();
+    /// let part = |len: usize| {
+    ///     let mut cache = KvCache::new(1);
+    ///     let kv = Tensor::<4>::ones([1, 1, len, 4], &device);
+    ///     cache.append(0, kv.clone(), kv);
+    ///     cache
+    /// };
+    /// let (batch, mask) = KvCache::stack(&[part(2), part(3)]).unwrap();
+    /// assert_eq!(batch.len(), 3);
+    /// assert_eq!(mask, [vec![0, 1, 1], vec![1, 1, 1]]);
+    /// // Each row's next token continues at its own length.
+    /// assert_eq!(batch.positions(2, 1), [[2], [3]]);
+    /// ```
+    pub fn stack(parts: &[KvCache]) -> Result<(KvCache, Vec<Vec<i64>>)> {
+        let bad = |why: String| ModelError::InvalidInput(format!("stack: {why}"));
+        let first = parts
+            .first()
+            .ok_or_else(|| bad("no cache to join".into()))?;
+        let layers = first.layers.len();
+        for (i, part) in parts.iter().enumerate() {
+            if part.batch() != Some(1)
+                || part.layers.len() != layers
+                || part.layers.iter().any(Option::is_none)
+                || part.prefix_len != 0
+                || part.has_row_shift()
+            {
+                return Err(bad(format!(
+                    "part {i} is not a filled one-row cache of {layers} layers without prefix \
+                     or shift (split a batch with split_rows first)"
+                )));
+            }
+        }
+        let width = parts.iter().map(KvCache::len).max().unwrap_or(0);
+        let pads: Vec<usize> = parts.iter().map(|p| width - p.len()).collect();
+        let pad_left = |t: &Tensor<4>, pad: usize| {
+            if pad == 0 {
+                return t.clone();
+            }
+            let [b, h, _, d] = t.dims();
+            let zeros = Tensor::<4>::zeros([b, h, pad, d], &t.device());
+            Tensor::cat(vec![zeros, t.clone()], 2)
+        };
+        let joined = (0..layers)
+            .map(|layer| {
+                let (ks, vs): (Vec<_>, Vec<_>) = parts
+                    .iter()
+                    .zip(&pads)
+                    .map(|(part, &pad)| {
+                        let (k, v) = part.layers[layer].as_ref().expect("checked above");
+                        (pad_left(k, pad), pad_left(v, pad))
+                    })
+                    .unzip();
+                Some((Tensor::cat(ks, 0), Tensor::cat(vs, 0)))
+            })
+            .collect();
+        let mut cache = KvCache {
+            layers: joined,
+            ..Default::default()
+        };
+        let shift: Vec<i64> = pads.iter().map(|&p| -(p as i64)).collect();
+        cache.shift_rows(&shift);
+        let mask = pads
+            .iter()
+            .map(|&pad| (0..width).map(|j| i64::from(j >= pad)).collect())
+            .collect();
+        Ok((cache, mask))
+    }
+
+    /// Keep `rows` of the batch, in this order (e.g. the sequences still running), with their
+    /// shifts and prefixes.
+    ///
+    /// ```
+    /// use burn::tensor::{Device, Tensor};
+    /// use peft_models::KvCache;
+    ///
+    /// let device = Device::flex();
+    /// let mut cache = KvCache::new(1);
+    /// let kv = Tensor::<4>::ones([3, 1, 2, 4], &device);
+    /// cache.append(0, kv.clone(), kv);
+    /// cache.shift_rows(&[0, -1, 0]);
+    /// let kept = cache.select_rows(&[1]).unwrap();
+    /// assert_eq!(kept.batch(), Some(1));
+    /// assert_eq!(kept.positions(1, 1), [[1]]);
+    /// ```
+    pub fn select_rows(&self, rows: &[usize]) -> Result<KvCache> {
+        let batch = self.batch().unwrap_or(0);
+        if rows.is_empty() || rows.iter().any(|&r| r >= batch) {
+            return Err(ModelError::InvalidInput(format!(
+                "select_rows: rows {rows:?} of a batch of {batch}"
+            )));
+        }
+        let device = self.device().expect("a filled cache has a device");
+        let ids: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        let index = Tensor::<1, Int>::from_data(TensorData::new(ids, [rows.len()]), &device);
+        let pick = |t: &Tensor<4>| t.clone().select(0, index.clone());
+        Ok(KvCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| l.as_ref().map(|(k, v)| (pick(k), pick(v))))
+                .collect(),
+            prefix_len: self.prefix_len,
+            row_prefix: self
+                .row_prefix
+                .as_ref()
+                .map(|l| rows.iter().map(|&r| l[r]).collect()),
+            shift: self.shift.as_ref().map(|s| {
+                rows.iter()
+                    .map(|&r| s.get(r).copied().unwrap_or(0))
+                    .collect()
+            }),
+        })
+    }
+
     /// Append `k`, `v` for `layer` and return the full keys and values.
     pub fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
         let (k, v) = match self.layers[layer].take() {

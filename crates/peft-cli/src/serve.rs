@@ -1,0 +1,91 @@
+//! `burn-peft serve`: an HTTP/JSON server (OpenAI-compatible completions, embeddings,
+//! classification) over one base model and many adapters, batched across adapters.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use peft_serve::ServeConfig;
+
+use crate::adapters::AdapterArg;
+
+/// Arguments of `burn-peft serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Base model: hub id or folder (causal LM, encoder or sequence classifier).
+    #[arg(long)]
+    model: String,
+    /// Adapter to load at start, as `NAME=DIR` (or `DIR`, named `default`); repeatable.
+    /// Requests choose one by its name in `model`.
+    #[arg(long, value_parser = crate::adapters::parse_adapter)]
+    adapter: Vec<AdapterArg>,
+    /// The only folder `POST /v1/adapters` may load from (paths are relative to it); without
+    /// it, adapters load only at start.
+    #[arg(long)]
+    adapters_dir: Option<PathBuf>,
+    /// Address to bind; the default is loopback only.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Port to bind (0: any free port, printed at start).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Backend: `flex` (CPU) or `cuda`.
+    #[arg(long, default_value = "flex")]
+    device: String,
+    /// Sequences in one forward step at most (1: one request at a time).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    max_batch: u64,
+    /// Requests waiting for a batch slot at most; beyond, 503 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Name of an environment variable holding the API key requests must send as
+    /// `Authorization: Bearer KEY` (the key itself never goes on the command line).
+    #[arg(long)]
+    api_key_env: Option<String>,
+    /// Seconds a request may take, waiting included; beyond, 408 and its slot is freed.
+    #[arg(long, default_value_t = 300)]
+    request_timeout: u64,
+    /// Largest request body in bytes; beyond, 413.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body_bytes: usize,
+}
+
+/// Run the subcommand.
+pub fn run(args: ServeArgs) -> Result<()> {
+    let device = crate::device::parse(&args.device)?;
+    let api_key = match &args.api_key_env {
+        Some(var) => {
+            let key = std::env::var(var).map_err(|_| {
+                crate::UsageError(format!(
+                    "--api-key-env {var}: the environment variable `{var}` is not set"
+                ))
+            })?;
+            if key.is_empty() {
+                anyhow::bail!(crate::UsageError(format!(
+                    "--api-key-env {var}: the environment variable `{var}` is empty"
+                )));
+            }
+            Some(key)
+        }
+        None => None,
+    };
+    let config = ServeConfig {
+        adapters: args
+            .adapter
+            .iter()
+            .map(|a| (a.name.clone(), a.dir.clone()))
+            .collect(),
+        adapters_dir: args.adapters_dir,
+        max_batch: args.max_batch as usize,
+        max_queue: args.max_queue,
+        api_key,
+        request_timeout: Duration::from_secs(args.request_timeout.max(1)),
+        max_body_bytes: args.max_body_bytes,
+        ..ServeConfig::new(&args.model)
+    };
+    let addr = SocketAddr::new(args.host, args.port);
+    peft_serve::serve_blocking(&config, &device, addr)
+        .with_context(|| format!("serving `{}` on {addr}", args.model))
+}
