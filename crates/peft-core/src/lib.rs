@@ -18,8 +18,8 @@ mod describe;
 mod error;
 pub mod matching;
 mod method;
-mod model;
 pub mod nn;
+mod peft_model;
 
 pub use adaptable::{Adaptable, Site, SiteMut, SitePath, SiteSummary, list_sites};
 pub use adapter::{
@@ -33,8 +33,8 @@ pub use describe::{MethodSummary, TensorRole};
 pub use error::{PeftError, Result};
 pub use matching::{LayerIndices, LayersPattern, TargetModules, TargetSpec};
 pub use method::{BiasMode, PeftMethod, SiteInfo, SiteKind, peft_type_of};
-pub use model::{InjectionReport, LoadReport, PeftModel, TrainableReport, thousands};
 pub use peft_derive::Adaptable;
+pub use peft_model::{InjectionReport, LoadReport, PeftModel, TrainableReport, thousands};
 
 /// Re-exports for method crates (`typetag` registration).
 #[doc(hidden)]
