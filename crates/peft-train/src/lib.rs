@@ -7,14 +7,16 @@
 pub mod checkpoint;
 pub mod data;
 mod error;
+mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;
+pub mod step;
 pub mod tensorboard;
 mod trainer;
 
 pub use error::{Result, TrainError};
+pub use loss::{causal_lm_loss, classification_loss, objective_loss};
 pub use trainer::{
-    EvalReport, ExampleResult, FullExport, Objective, TrainConfig, TrainReport, Trainer,
-    causal_lm_loss, classification_loss, evaluate, objective_loss,
+    EvalReport, ExampleResult, FullExport, Objective, TrainConfig, TrainReport, Trainer, evaluate,
 };

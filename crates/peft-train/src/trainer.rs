@@ -4,21 +4,23 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::optim::GradientsAccumulator;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use peft_core::PeftModel;
-use peft_models::{HfModel, ModelInputs, ModelOutputs};
+use peft_models::HfModel;
 use peft_ops::log_softmax;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, TrainerState};
-use crate::data::{Collated, Example, collate, epoch_order};
+use crate::data::{Example, collate, epoch_order};
 use crate::error::{Result, TrainError};
+use crate::loss::objective_loss;
 use crate::metrics::{Mean, accuracy, macro_f1, perplexity};
-use crate::optim::{AdamW, AdamWSettings, global_grad_norm, trainable_paths, trainable_shapes};
+use crate::optim::{AdamW, AdamWSettings, trainable_paths, trainable_shapes};
 use crate::schedule::{Schedule, lr_at};
+use crate::step::{accumulate_gradients, forward_loss, gradient_scale, model_inputs};
 use crate::tensorboard::EventWriter;
 
 /// Training hyper-parameters (the `train:` block of a config).
@@ -204,77 +206,6 @@ pub struct FullExport {
     pub labels: Option<Vec<String>>,
 }
 
-fn inputs(batch: &Collated) -> ModelInputs {
-    ModelInputs {
-        input_ids: batch.input_ids.clone(),
-        attention_mask: Some(batch.attention_mask.clone()),
-        token_type_ids: Some(batch.token_type_ids.clone()),
-    }
-}
-
-/// Mean cross-entropy of `logits [b, c]` against `labels [b]`.
-pub fn classification_loss(logits: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
-    let [b, _] = logits.dims();
-    let lp = log_softmax(logits);
-    lp.gather(1, labels.reshape([b, 1])).mean().neg()
-}
-
-/// Next-token cross-entropy of `logits [b, s, v]` against `labels [b, s]` (-100 = ignored),
-/// shifted as transformers does; returns the mean loss and the number of scored tokens.
-pub fn causal_lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>) -> (Tensor<1>, usize) {
-    let [b, s, v] = logits.dims();
-    let lp = log_softmax(logits.slice([0..b, 0..s - 1, 0..v]));
-    let target = labels.slice([0..b, 1..s]);
-    let mask = target.clone().not_equal_elem(-100);
-    let count = mask.clone().int().sum().into_scalar::<i64>().max(1) as usize;
-    let picked = lp
-        .gather(2, target.clamp_min(0).reshape([b, s - 1, 1]))
-        .reshape([b, s - 1]);
-    let total = (picked * mask.float()).sum();
-    (total.div_scalar(count as f64).neg(), count)
-}
-
-/// The loss of `objective` on a forward's outputs: the mean loss and the number of items it
-/// averages (examples for classification, scored tokens for causal LM). One function for the
-/// training step, evaluation and the benchmarks.
-pub fn objective_loss(
-    objective: Objective,
-    out: &ModelOutputs,
-    batch: &Collated,
-) -> Result<(Tensor<1>, usize)> {
-    let mismatch = |what: &str| TrainError::Config {
-        key: "objective".into(),
-        reason: format!(
-            "{what}; train a classifier with a classification model and a causal LM with an LM head"
-        ),
-    };
-    match objective {
-        Objective::Classification { .. } => {
-            let logits = out
-                .class_logits
-                .clone()
-                .ok_or_else(|| mismatch("the model has no classification head"))?;
-            let labels = batch
-                .labels
-                .clone()
-                .ok_or_else(|| mismatch("the batch has no class labels"))?;
-            let rows = labels.dims()[0];
-            Ok((classification_loss(logits, labels), rows))
-        }
-        Objective::CausalLm => {
-            let logits = out
-                .logits
-                .clone()
-                .ok_or_else(|| mismatch("the model has no LM head"))?;
-            let labels = batch
-                .lm_labels
-                .clone()
-                .ok_or_else(|| mismatch("the batch has no token labels"))?;
-            Ok(causal_lm_loss(logits, labels))
-        }
-    }
-}
-
 /// Evaluate `model` on `examples` in batches of `batch_size`, without gradients or dropout:
 /// mean loss, and accuracy / macro-F1 (classification) or perplexity (causal LM), with the
 /// per-example results in [`EvalReport::examples`].
@@ -294,7 +225,9 @@ pub fn evaluate(
     for chunk in examples.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = collate(&refs, pad_id, &device);
-        let out = model.forward(&inputs(&batch)).map_err(TrainError::Model)?;
+        let out = model
+            .forward(&model_inputs(&batch))
+            .map_err(TrainError::Model)?;
         let (l, n) = objective_loss(objective, &out, &batch)?;
         loss.add_weighted(l.into_scalar::<f64>(), n as u64);
         match objective {
@@ -394,11 +327,6 @@ fn causal_lm_row_losses(logits: Tensor<3>, labels: Tensor<2, Int>) -> (Vec<f64>,
 }
 
 impl Trainer {
-    fn loss(&self, model: &HfModel, batch: &Collated) -> Result<Tensor<1>> {
-        let out = model.forward(&inputs(batch)).map_err(TrainError::Model)?;
-        Ok(objective_loss(self.objective, &out, batch)?.0)
-    }
-
     /// Evaluate on `examples` without gradients or dropout (batches of `eval_batch_size`, else
     /// `batch_size`).
     pub fn evaluate(&self, examples: &[Example]) -> Result<EvalReport> {
@@ -555,10 +483,9 @@ impl Trainer {
                 let refs: Vec<&Example> = chunk.iter().map(|&i| &train[i]).collect();
                 let batch = collate(&refs, self.pad_id, &self.device);
                 tokens += batch.tokens;
-                let loss = self.loss(self.model.model(), &batch)?;
+                let loss = forward_loss(self.model.model(), self.objective, &batch)?;
                 let value = loss.clone().into_scalar::<f64>();
-                let grads = GradientsParams::from_grads(loss.backward(), self.model.model());
-                accumulator.accumulate(self.model.model(), grads);
+                accumulate_gradients(loss, self.model.model(), &mut accumulator);
                 if !value.is_finite() {
                     bar.abandon();
                     return Err(TrainError::NonFiniteLoss {
@@ -574,12 +501,7 @@ impl Trainer {
                     continue;
                 }
                 let grads = accumulator.grads();
-                let scale = 1.0 / micro as f64;
-                let norm = global_grad_norm(&grads, &trainable) * scale;
-                let clip = match c.max_grad_norm {
-                    Some(max) if norm > max => max / (norm + 1e-6),
-                    _ => 1.0,
-                };
+                let (norm, scale) = gradient_scale(&grads, &trainable, micro, c.max_grad_norm);
                 let lr = lr_at(
                     c.schedule,
                     c.learning_rate,
@@ -587,8 +509,7 @@ impl Trainer {
                     total as usize,
                     warmup,
                 );
-                self.model
-                    .update(|m| optim.step(lr, m, grads, scale * clip));
+                self.model.update(|m| optim.step(lr, m, grads, scale));
                 let step_loss = micro_loss / micro as f64;
                 state.step += 1;
                 state.epoch = epoch;
