@@ -298,7 +298,10 @@ pub(crate) fn build_subject(row: Row, model: HfModel) -> Res<Subject> {
         lora_dropout,
         target_modules: Some(targets),
         modules_to_save: save.clone(),
-        task_type: task_type.clone(),
+        base: PeftConfigBase {
+            task_type: task_type.clone(),
+            ..Default::default()
+        },
         ..Default::default()
     };
     Ok(match row.method {
@@ -317,7 +320,10 @@ pub(crate) fn build_subject(row: Row, model: HfModel) -> Res<Subject> {
                     &PrefixTuningConfig {
                         num_virtual_tokens: 16,
                         modules_to_save: save.clone(),
-                        task_type: task_type.clone(),
+                        base: PeftConfigBase {
+                            task_type: task_type.clone(),
+                            ..Default::default()
+                        },
                         ..Default::default()
                     },
                 )?,

@@ -11,6 +11,7 @@ extern crate self as peft_core;
 mod adaptable;
 mod adapter;
 pub mod atomic;
+mod base_config;
 pub mod bundle;
 pub mod burn_modules;
 mod combine;
@@ -25,6 +26,7 @@ pub use adaptable::{Adaptable, Site, SiteMut, SitePath, SiteSummary, list_sites}
 pub use adapter::{
     AdapterKernel, AdapterState, BaseWeights, MergeDirection, MergeInput, TensorSource, WeightSpace,
 };
+pub use base_config::PeftConfigBase;
 pub use combine::{
     Combination, CombinationType, CombineInput, CombineOptions, CombinedTensors,
     MajoritySignMethod, SVD_DRIVERS, SiteCombiner, SiteInput,
