@@ -61,7 +61,7 @@ fn forward_parity(case: &str, name: &str) {
         &format!("{case} active"),
     );
     // Disabled is the base model (PEFT asserts the same of its side; the base model against
-    // transformers is tests/models_parity.rs).
+    // transformers is tests/it/models_parity.rs).
     let base = lm_logits(&load(name, &device), name);
     model.disable_adapters().unwrap();
     assert_eq!(lm_logits(&model, name), base, "{case} disabled");
