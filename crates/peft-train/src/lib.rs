@@ -7,6 +7,7 @@
 pub mod checkpoint;
 pub mod data;
 mod error;
+mod eval;
 mod loss;
 pub mod metrics;
 pub mod optim;
@@ -16,7 +17,6 @@ pub mod tensorboard;
 mod trainer;
 
 pub use error::{Result, TrainError};
+pub use eval::{EvalReport, ExampleResult, evaluate};
 pub use loss::{causal_lm_loss, classification_loss, objective_loss};
-pub use trainer::{
-    EvalReport, ExampleResult, FullExport, Objective, TrainConfig, TrainReport, Trainer, evaluate,
-};
+pub use trainer::{FullExport, Objective, TrainConfig, TrainReport, Trainer};
