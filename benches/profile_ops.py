@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch timings of the ops of an all-MiniLM-L6-v2 forward at batch 16 x 64, for the op-level
 profile of `cargo bench --bench method_comparison -- --profile` (it runs this script and prints
-both side by side). Same ops, shapes and measurement as `profile_ops` in method_comparison.rs:
+both side by side). Same ops, shapes and measurement as `profile_ops` in method_comparison/profile.rs:
 best of N, forward only under no_grad, and forward + backward of `y.sum()` with the input requiring a
 gradient and frozen weights. Prints one JSON object {op: {"fwd": ms, "fwd_bwd": ms}}.
 

@@ -12,7 +12,7 @@ pub use peft_train as train;
 /// The types most programs need.
 pub mod prelude {
     pub use peft_core::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
-    pub use peft_core::{Adaptable, PeftMethod, PeftModel, TargetModules};
+    pub use peft_core::{Adaptable, PeftConfigBase, PeftMethod, PeftModel, TargetModules};
     pub use peft_ia3::Ia3Config;
     pub use peft_lora::{InitLoraWeights, LoraConfig};
     pub use peft_prefix::PrefixTuningConfig;

@@ -30,6 +30,10 @@ struct Wide {
 /// A model big enough that a save takes a few milliseconds, with a seeded random adapter of
 /// rank `r` (the child and the parent build the same one).
 fn model(r: usize) -> PeftModel<Wide> {
+    // Burn's RNG is process-wide: tests building models at the same time would interleave
+    // their draws between `seed` and `init`, and the "same" model would differ.
+    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _draws = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let device = Device::flex();
     device.seed(7);
     let wide = Wide {

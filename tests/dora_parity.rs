@@ -11,7 +11,7 @@ use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Tensor, TensorData};
 use burn_peft::core::bundle::{self, TensorFile};
-use burn_peft::core::{PeftMethod, TargetModules};
+use burn_peft::core::{PeftConfigBase, PeftMethod, TargetModules};
 use burn_peft::lora::{InitLoraWeights, LoraConfig};
 use common::hf::{adapter_grads, fixture, floats, inputs, load, max_diff_valid, read_all};
 use serde_json::Value;
@@ -61,7 +61,7 @@ fn forward_parity(case: &str, name: &str) {
         &format!("{case} active"),
     );
     // Disabled is the base model (PEFT asserts the same of its side; the base model against
-    // transformers is tests/models_parity.rs).
+    // transformers is tests/it/models_parity.rs).
     let base = lm_logits(&load(name, &device), name);
     model.disable_adapters().unwrap();
     assert_eq!(lm_logits(&model, name), base, "{case} disabled");
@@ -262,7 +262,7 @@ fn dora_config(targets: &[&str]) -> LoraConfig {
         target_modules: Some(TargetModules::list(targets.iter().copied())),
         init_lora_weights: InitLoraWeights::Bool(false),
         use_dora: true,
-        task_type: Some("CAUSAL_LM".into()),
+        base: PeftConfigBase::for_task("CAUSAL_LM"),
         ..Default::default()
     }
 }

@@ -12,7 +12,9 @@ use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, TensorData};
 use burn_peft::core::bundle;
-use burn_peft::core::{Adaptable, PeftError, PeftModel, Site, SitePath, TargetModules};
+use burn_peft::core::{
+    Adaptable, PeftConfigBase, PeftError, PeftModel, Site, SitePath, TargetModules,
+};
 use burn_peft::ia3::Ia3Config;
 use burn_peft::models::HfModel;
 use common::hf::{fixture, floats, inputs, load, logits, max_diff_valid, model_dir, read_all};
@@ -167,7 +169,7 @@ fn config() -> Ia3Config {
     Ia3Config {
         target_modules: Some(TargetModules::list(["k_proj", "v_proj", "down_proj"])),
         feedforward_modules: Some(TargetModules::list(["down_proj"])),
-        task_type: Some("CAUSAL_LM".into()),
+        base: PeftConfigBase::for_task("CAUSAL_LM"),
         ..Default::default()
     }
 }

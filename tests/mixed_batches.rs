@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use burn_peft::core::{PeftError, PeftModel};
+use burn_peft::core::{PeftConfigBase, PeftError, PeftModel};
 use burn_peft::models::{
     GenerationConfig, HfModel, ModelError, ModelInputs, Task, from_pretrained, generate,
     generate_batch,
@@ -205,7 +205,7 @@ fn rows_with_prefixes_of_different_lengths_equal_each_row_alone() {
         .unwrap();
     let short = PrefixTuningConfig {
         num_virtual_tokens: 2,
-        task_type: Some("CAUSAL_LM".into()),
+        base: PeftConfigBase::for_task("CAUSAL_LM"),
         ..Default::default()
     };
     model.add_adapter("short", &short).unwrap();

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use burn_peft::core::{PeftError, PeftModel, TargetModules};
+use burn_peft::core::{PeftConfigBase, PeftError, PeftModel, TargetModules};
 use burn_peft::lora::LoraConfig;
 use burn_peft::models::{GenerationConfig, HfModel, ModelInputs, Task, from_pretrained, generate};
 use burn_peft::prefix::PrefixTuningConfig;
@@ -223,7 +223,7 @@ fn fresh_prefix_config_resolves_like_peft() {
             num_virtual_tokens: if base_name == "gpt2" { 4 } else { 5 },
             prefix_projection: projection,
             encoder_hidden_size: projection.then_some(16),
-            task_type: Some("CAUSAL_LM".into()),
+            base: PeftConfigBase::for_task("CAUSAL_LM"),
             ..Default::default()
         };
         model.add_adapter("default", &config).unwrap();

@@ -9,7 +9,7 @@
 `train` reads burn-peft's own YAML config (examples/lora-minilm-debian.yaml) and mirrors
 crates/peft-train (data loading, label ids, schedule, AdamW, clipping, best-by-eval) with a plain
 PyTorch loop. `steps` times one training step and inference on a fixed random batch; its JSON is
-read by benches/method_comparison.rs. See benches/peer/README.md.
+read by benches/method_comparison/peer.rs. See benches/peer/README.md.
 
 Runs offline: HF_HUB_OFFLINE=1 is set unless the environment already sets it.
 """

@@ -11,6 +11,7 @@ extern crate self as peft_core;
 mod adaptable;
 mod adapter;
 pub mod atomic;
+mod base_config;
 pub mod bundle;
 pub mod burn_modules;
 mod combine;
@@ -18,14 +19,15 @@ mod describe;
 mod error;
 pub mod matching;
 mod method;
-mod model;
 pub mod nn;
+mod peft_model;
 pub mod precision;
 
 pub use adaptable::{Adaptable, Site, SiteMut, SitePath, SiteSummary, list_sites};
 pub use adapter::{
     AdapterKernel, AdapterState, BaseWeights, MergeDirection, MergeInput, TensorSource, WeightSpace,
 };
+pub use base_config::PeftConfigBase;
 pub use combine::{
     Combination, CombinationType, CombineInput, CombineOptions, CombinedTensors,
     MajoritySignMethod, SVD_DRIVERS, SiteCombiner, SiteInput,
@@ -34,8 +36,8 @@ pub use describe::{MethodSummary, TensorRole};
 pub use error::{PeftError, Result};
 pub use matching::{LayerIndices, LayersPattern, TargetModules, TargetSpec};
 pub use method::{BiasMode, PeftMethod, SiteInfo, SiteKind, peft_type_of};
-pub use model::{InjectionReport, LoadReport, PeftModel, TrainableReport, thousands};
 pub use peft_derive::Adaptable;
+pub use peft_model::{InjectionReport, LoadReport, PeftModel, TrainableReport, thousands};
 
 /// Re-exports for method crates (`typetag` registration).
 #[doc(hidden)]

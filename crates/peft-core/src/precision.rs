@@ -27,7 +27,7 @@ use burn::tensor::{DType, Device, FloatDType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::adaptable::{Adaptable, SiteMut, SitePath};
-use crate::model::PeftModel;
+use crate::peft_model::PeftModel;
 
 /// The precision of the frozen base weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

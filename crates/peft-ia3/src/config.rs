@@ -5,12 +5,11 @@ use std::sync::Arc;
 use burn::tensor::{Distribution, Tensor};
 use peft_core::nn::WeightLayout;
 use peft_core::{
-    AdapterState, MethodSummary, PeftError, PeftMethod, Result, SiteInfo, SiteKind, TargetModules,
-    TargetSpec, TensorRole,
+    AdapterState, MethodSummary, PeftConfigBase, PeftError, PeftMethod, Result, SiteInfo, SiteKind,
+    TargetModules, TargetSpec, TensorRole,
 };
 use regex::Regex;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::kernel::{IA3_KEY, Ia3Kernel};
 
@@ -63,19 +62,10 @@ pub struct Ia3Config {
     /// `true`: `l` starts at ones (a no-op); `false`: `l ~ N(0, 1)` (PEFT's `torch.randn`).
     #[serde(default = "default_true")]
     pub init_ia3_weights: bool,
-    /// PEFT task type (`SEQ_CLS`, `CAUSAL_LM`, ...), informational.
-    pub task_type: Option<String>,
-    /// Base model hub id or folder.
-    pub base_model_name_or_path: Option<String>,
-    /// Base model revision.
-    pub revision: Option<String>,
-    /// PEFT writes `true` when saving.
-    #[serde(default = "default_true")]
-    pub inference_mode: bool,
-    /// Informational.
-    pub auto_mapping: Option<Value>,
-    /// The PEFT version that wrote the file (informational).
-    pub peft_version: Option<String>,
+    /// PEFT's common fields (`task_type`, `base_model_name_or_path`, `revision`,
+    /// `inference_mode`, ...), flattened into the top level of the JSON.
+    #[serde(flatten)]
+    pub base: PeftConfigBase,
 }
 
 impl Default for Ia3Config {
@@ -87,12 +77,7 @@ impl Default for Ia3Config {
             fan_in_fan_out: false,
             modules_to_save: None,
             init_ia3_weights: true,
-            task_type: None,
-            base_model_name_or_path: None,
-            revision: None,
-            inference_mode: true,
-            auto_mapping: None,
-            peft_version: None,
+            base: PeftConfigBase::default(),
         }
     }
 }
@@ -135,7 +120,7 @@ impl PeftMethod for Ia3Config {
     }
 
     fn task_type(&self) -> Option<&str> {
-        self.task_type.as_deref()
+        self.base.task_type.as_deref()
     }
 
     fn validate(&self) -> Result<()> {

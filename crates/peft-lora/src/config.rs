@@ -7,7 +7,8 @@ use indexmap::IndexMap;
 use peft_core::matching::pattern_lookup;
 use peft_core::{
     AdapterState, BiasMode, Combination, CombineInput, CombineOptions, LayerIndices, LayersPattern,
-    MethodSummary, PeftError, PeftMethod, Result, SiteInfo, SiteKind, TargetModules, TargetSpec,
+    MethodSummary, PeftConfigBase, PeftError, PeftMethod, Result, SiteInfo, SiteKind,
+    TargetModules, TargetSpec,
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
@@ -83,9 +84,6 @@ fn default_r() -> usize {
 fn default_alpha() -> f64 {
     8.0
 }
-fn default_true() -> bool {
-    true
-}
 fn default_megatron_core() -> Value {
     Value::String("megatron.core".into())
 }
@@ -145,19 +143,10 @@ pub struct LoraConfig {
     /// Per-module alpha, matched like `rank_pattern`.
     #[serde(serialize_with = "alpha_map")]
     pub alpha_pattern: IndexMap<String, f64>,
-    /// PEFT task type (`SEQ_CLS`, `CAUSAL_LM`, ...), informational.
-    pub task_type: Option<String>,
-    /// Base model hub id or folder.
-    pub base_model_name_or_path: Option<String>,
-    /// Base model revision.
-    pub revision: Option<String>,
-    /// PEFT writes `true` when saving.
-    #[serde(default = "default_true")]
-    pub inference_mode: bool,
-    /// Informational.
-    pub auto_mapping: Option<Value>,
-    /// The PEFT version that wrote the file (informational).
-    pub peft_version: Option<String>,
+    /// PEFT's common fields (`task_type`, `base_model_name_or_path`, `revision`,
+    /// `inference_mode`, ...), flattened into the top level of the JSON.
+    #[serde(flatten)]
+    pub base: PeftConfigBase,
 
     // Options PEFT knows and that change the math; we keep them for round trips and refuse
     // them when set (see `validate`).
@@ -224,12 +213,7 @@ impl Default for LoraConfig {
             layers_pattern: None,
             rank_pattern: IndexMap::new(),
             alpha_pattern: IndexMap::new(),
-            task_type: None,
-            base_model_name_or_path: None,
-            revision: None,
-            inference_mode: true,
-            auto_mapping: None,
-            peft_version: None,
+            base: PeftConfigBase::default(),
             use_dora: false,
             lora_bias: false,
             target_parameters: None,
@@ -411,7 +395,7 @@ impl PeftMethod for LoraConfig {
     }
 
     fn task_type(&self) -> Option<&str> {
-        self.task_type.as_deref()
+        self.base.task_type.as_deref()
     }
 
     fn bias(&self) -> BiasMode {

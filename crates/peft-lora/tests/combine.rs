@@ -1,4 +1,4 @@
-//! LoRA combination rules that the PEFT fixtures (tests/combine_parity.rs) cannot show: DARE's
+//! LoRA combination rules that the PEFT fixtures (tests/it/combine_parity.rs) cannot show: DARE's
 //! randomness (seeded, kept fraction, exact rescaling), rank_pattern sites, `all-linear`,
 //! targets no input covers, rollback.
 

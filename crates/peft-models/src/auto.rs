@@ -16,6 +16,7 @@ use crate::heads::mean_pool_normalize;
 use crate::hub;
 use crate::llama::{LlamaForCausalLM, LlamaForSequenceClassification};
 use crate::load::{load_into, tensor_shapes, total_elements, weight_files};
+use crate::names;
 use crate::tokenizer::HfTokenizer;
 
 /// Which head to put on the backbone.
@@ -332,63 +333,49 @@ pub fn from_pretrained(source: &str, task: Task, device: &Device) -> Result<Pret
         found: what.into(),
         reason: format!("not available for model_type {}", config.model_type),
     };
-    let rename = |a: &str, b: &str| (a.to_string(), b.to_string());
+    let owned = |prefixes: &[&str]| prefixes.iter().map(|p| p.to_string()).collect::<Vec<_>>();
     // Checkpoints of the bare backbone lack the task prefix (`bert.`, `transformer.`); detect it.
     let has_prefix = |p: &str| names.iter().any(|n| n.starts_with(p));
     let model = match (&config.model, task) {
         (ModelConfig::Bert(c), Task::Encoder) => {
-            let mut remap = vec![rename(r"^bert\.", "")];
-            remap.extend(bert_renames());
+            let remap = names::bert::encoder_renames();
             let pooler = names.iter().any(|n| n.contains("pooler.dense"));
             let mut m = BertModel::new(c, pooler, device);
             load_into(&mut m, &files, &remap, false, &[])?;
             HfModel::Bert(m)
         }
         (ModelConfig::Bert(c), Task::SequenceClassification { num_labels }) => {
-            let mut remap = Vec::new();
-            if !has_prefix("bert.") {
-                remap.push(rename(r"^(embeddings|encoder|pooler)\.", "bert.$1."));
-            }
-            remap.extend(bert_renames());
+            let remap = names::bert::classifier_renames(has_prefix(names::bert::PREFIX));
             let mut m = BertForSequenceClassification::new(c, num_labels, device);
-            load_into(
-                &mut m,
-                &files,
-                &remap,
-                false,
-                &["classifier.".into(), "bert.pooler.".into()],
-            )?;
+            let new = owned(names::bert::CLASSIFIER_NEW);
+            load_into(&mut m, &files, &remap, false, &new)?;
             HfModel::BertForSequenceClassification(m)
         }
         (ModelConfig::Gpt2(c), Task::CausalLm) => {
-            let mut remap = Vec::new();
-            if !has_prefix("transformer.") {
-                remap.push(rename(r"^(wte|wpe|h|ln_f)\.", "transformer.$1."));
-            }
+            let remap = names::gpt2::renames(has_prefix(names::gpt2::PREFIX));
             let mut m = Gpt2LMHeadModel::new(c, device);
             load_into(&mut m, &files, &remap, true, &[])?;
             HfModel::Gpt2LMHeadModel(m)
         }
         (ModelConfig::Gpt2(c), Task::SequenceClassification { num_labels }) => {
-            let mut remap = Vec::new();
-            if !has_prefix("transformer.") {
-                remap.push(rename(r"^(wte|wpe|h|ln_f)\.", "transformer.$1."));
-            }
+            let remap = names::gpt2::renames(has_prefix(names::gpt2::PREFIX));
             let pad = config.raw.get("pad_token_id").and_then(|v| v.as_i64());
             let mut m = Gpt2ForSequenceClassification::new(c, num_labels, pad, device);
-            load_into(&mut m, &files, &remap, true, &["score.".into()])?;
+            let new = owned(names::gpt2::CLASSIFIER_NEW);
+            load_into(&mut m, &files, &remap, true, &new)?;
             HfModel::Gpt2ForSequenceClassification(m)
         }
         (ModelConfig::Llama(c), Task::CausalLm) => {
             let scaling = c.scaling(&config.file)?;
             let mut m = LlamaForCausalLM::new(c, &scaling, device);
-            load_into(&mut m, &files, &[], false, &[])?;
+            load_into(&mut m, &files, &names::llama::renames(), false, &[])?;
             HfModel::LlamaForCausalLM(m)
         }
         (ModelConfig::Llama(c), Task::SequenceClassification { num_labels }) => {
             let scaling = c.scaling(&config.file)?;
             let mut m = LlamaForSequenceClassification::new(c, &scaling, num_labels, device);
-            load_into(&mut m, &files, &[], false, &["score.".into()])?;
+            let new = owned(names::llama::CLASSIFIER_NEW);
+            load_into(&mut m, &files, &names::llama::renames(), false, &new)?;
             HfModel::LlamaForSequenceClassification(m)
         }
         (_, Task::Encoder) => return Err(unsupported("encoder")),
@@ -406,16 +393,6 @@ pub fn from_pretrained(source: &str, task: Task, device: &Device) -> Result<Pret
         dir,
         tokenizer,
     })
-}
-
-fn bert_renames() -> Vec<(String, String)> {
-    vec![
-        (r"\.LayerNorm\.".to_string(), ".layer_norm.".to_string()),
-        (
-            r"\.attention\.self\.".to_string(),
-            ".attention.self_attn.".to_string(),
-        ),
-    ]
 }
 
 /// Load just the config of a model folder or hub id.

@@ -47,8 +47,14 @@ fn divides(file: &Path, (key, value): (&str, usize), (by, by_value): (&str, usiz
 }
 
 fn epsilon(file: &Path, key: &str, value: f64) -> Result<()> {
-    if !value.is_finite() || value < 0.0 {
-        return Err(invalid(file, key, value, "must be a finite number >= 0"));
+    // Burn's LayerNorm / RmsNorm refuse (panic on) an epsilon that is not positive.
+    if !value.is_finite() || value <= 0.0 {
+        return Err(invalid(
+            file,
+            key,
+            value,
+            "must be a finite number > 0 (e.g. 1e-5)",
+        ));
     }
     Ok(())
 }

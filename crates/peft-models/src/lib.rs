@@ -17,6 +17,7 @@ pub mod hub;
 mod input_checks;
 pub mod llama;
 pub mod load;
+mod names;
 pub mod ops;
 mod save;
 mod tokenizer;

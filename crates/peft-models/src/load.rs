@@ -13,6 +13,7 @@ use burn_store::{
 
 use crate::error::{ModelError, Result};
 use crate::hub::shard_names;
+use crate::names::gpt2::is_conv1d_weight;
 
 /// The weight files of a model folder: `model.safetensors`, or the shards of
 /// `model.safetensors.index.json`.
@@ -99,12 +100,6 @@ pub fn total_elements(shapes: &BTreeMap<String, Vec<usize>>) -> u128 {
 #[derive(Debug, Clone)]
 struct HfAdapter {
     conv1d: bool,
-}
-
-fn is_conv1d_weight(name: &str) -> bool {
-    [".c_attn.weight", ".c_proj.weight", ".c_fc.weight"]
-        .iter()
-        .any(|s| name.ends_with(s))
 }
 
 impl ModuleAdapter for HfAdapter {

@@ -23,6 +23,8 @@ use crate::auto::HfModel;
 use crate::config::{HfConfig, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::load::{tensor_names, weight_files};
+use crate::names::gpt2::is_conv1d_weight;
+use crate::names::{bert, gpt2};
 
 /// File name of the weights written by [`save_pretrained`].
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -99,12 +101,6 @@ struct HfExportAdapter {
     conv1d: bool,
 }
 
-fn is_conv1d_weight(name: &str) -> bool {
-    [".c_attn.weight", ".c_proj.weight", ".c_fc.weight"]
-        .iter()
-        .any(|s| name.ends_with(s))
-}
-
 impl ModuleAdapter for HfExportAdapter {
     fn adapt(&self, tensor: PackTensor, ctx: ModuleContext<'_>) -> PackTensor {
         if self.conv1d && is_conv1d_weight(&tensor.name) {
@@ -122,25 +118,12 @@ impl ModuleAdapter for HfExportAdapter {
     }
 }
 
-/// Hugging Face name of a BERT module path: `layer_norm` -> `LayerNorm`,
-/// `attention.self_attn` -> `attention.self`.
-fn bert_name(path: &str) -> String {
-    path.split('.')
-        .map(|segment| match segment {
-            "layer_norm" => "LayerNorm",
-            "self_attn" => "self",
-            other => other,
-        })
-        .collect::<Vec<_>>()
-        .join(".")
-}
-
 /// Whether the source checkpoint of an encoder stored its keys under `bert.` (checkpoints of
 /// `BertForMaskedLM` / `BertForPreTraining` do, `BertModel` ones do not).
 fn source_has_bert_prefix(source_dir: &Path) -> bool {
     weight_files(source_dir)
         .and_then(|files| tensor_names(&files))
-        .map(|names| names.iter().any(|n| n.starts_with("bert.")))
+        .map(|names| names.iter().any(|n| n.starts_with(bert::PREFIX)))
         .unwrap_or(false)
 }
 
@@ -187,8 +170,8 @@ pub fn hf_tensors(
             });
         }
         let name = match model {
-            HfModel::Bert(_) if bert_prefix => format!("bert.{}", bert_name(&path)),
-            HfModel::Bert(_) | HfModel::BertForSequenceClassification(_) => bert_name(&path),
+            HfModel::Bert(_) if bert_prefix => format!("{}{}", bert::PREFIX, bert::hf_name(&path)),
+            HfModel::Bert(_) | HfModel::BertForSequenceClassification(_) => bert::hf_name(&path),
             _ => path,
         };
         out.push((name, tensor));
@@ -197,11 +180,11 @@ pub fn hf_tensors(
     // transformers look for `lm_head.weight`, so store the table there too.
     if let (HfModel::Gpt2LMHeadModel(_), ModelConfig::Gpt2(c)) = (model, &config.model)
         && !c.tie_word_embeddings
-        && let Some((_, wte)) = out.iter().find(|(n, _)| n == "transformer.wte.weight")
+        && let Some((_, wte)) = out.iter().find(|(n, _)| n == gpt2::TOKEN_EMBEDDING)
     {
         let mut head = wte.clone();
-        head.name = "lm_head.weight".into();
-        out.push(("lm_head.weight".into(), head));
+        head.name = gpt2::LM_HEAD.into();
+        out.push((gpt2::LM_HEAD.into(), head));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     let mut seen = BTreeSet::new();

@@ -4,17 +4,13 @@ use std::sync::Arc;
 
 use burn::tensor::{Distribution, Tensor};
 use peft_core::{
-    AdapterState, MethodSummary, PeftError, PeftMethod, Result, SiteInfo, SiteKind, TargetSpec,
-    TensorRole,
+    AdapterState, MethodSummary, PeftConfigBase, PeftError, PeftMethod, Result, SiteInfo, SiteKind,
+    TargetSpec, TensorRole,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::kernel::PrefixKernel;
-
-fn default_true() -> bool {
-    true
-}
 
 /// Prefix tuning as Hugging Face PEFT defines it: `num_virtual_tokens` learned keys and values
 /// per attention layer, optionally produced by an MLP (`prefix_projection`).
@@ -50,19 +46,10 @@ pub struct PrefixTuningConfig {
     pub init_weights: Option<Value>,
     /// Modules that get a trainable, saved copy (a classifier head).
     pub modules_to_save: Option<Vec<String>>,
-    /// PEFT task type (informational).
-    pub task_type: Option<String>,
-    /// Base model hub id or folder.
-    pub base_model_name_or_path: Option<String>,
-    /// Base model revision.
-    pub revision: Option<String>,
-    /// PEFT writes `true` when saving.
-    #[serde(default = "default_true")]
-    pub inference_mode: bool,
-    /// Informational.
-    pub auto_mapping: Option<Value>,
-    /// The PEFT version that wrote the file (informational).
-    pub peft_version: Option<String>,
+    /// PEFT's common fields (`task_type`, `base_model_name_or_path`, `revision`,
+    /// `inference_mode`, ...), flattened into the top level of the JSON.
+    #[serde(flatten)]
+    pub base: PeftConfigBase,
 }
 
 impl Default for PrefixTuningConfig {
@@ -77,12 +64,7 @@ impl Default for PrefixTuningConfig {
             prefix_projection: false,
             init_weights: None,
             modules_to_save: None,
-            task_type: None,
-            base_model_name_or_path: None,
-            revision: None,
-            inference_mode: true,
-            auto_mapping: None,
-            peft_version: None,
+            base: PeftConfigBase::default(),
         }
     }
 }
@@ -113,7 +95,7 @@ impl PeftMethod for PrefixTuningConfig {
     }
 
     fn task_type(&self) -> Option<&str> {
-        self.task_type.as_deref()
+        self.base.task_type.as_deref()
     }
 
     fn validate(&self) -> Result<()> {

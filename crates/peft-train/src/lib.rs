@@ -8,15 +8,17 @@ pub mod checkpoint;
 pub mod data;
 pub mod device;
 mod error;
+mod eval;
+mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod readout;
 pub mod schedule;
+pub mod step;
 pub mod tensorboard;
 mod trainer;
 
 pub use error::{Result, TrainError};
-pub use trainer::{
-    EvalReport, ExampleResult, FullExport, Objective, TrainConfig, TrainReport, Trainer,
-    causal_lm_loss, causal_lm_loss_terms, classification_loss, evaluate, objective_loss,
-};
+pub use eval::{EvalReport, ExampleResult, evaluate};
+pub use loss::{causal_lm_loss, causal_lm_loss_terms, classification_loss, objective_loss};
+pub use trainer::{FullExport, Objective, TrainConfig, TrainReport, Trainer};

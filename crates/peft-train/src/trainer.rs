@@ -3,23 +3,21 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::Module;
-use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::activation::softmax;
-use burn::tensor::{Device, Int, Tensor};
+use burn::optim::GradientsAccumulator;
+use burn::tensor::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use peft_core::PeftModel;
-use peft_models::{HfModel, ModelInputs, ModelOutputs};
-use peft_ops::log_softmax;
+use peft_models::HfModel;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, TrainerState};
-use crate::data::{Collated, Example, collate, epoch_order};
+use crate::data::{Example, collate, epoch_order};
 use crate::error::{Result, TrainError};
-use crate::metrics::{Mean, accuracy, macro_f1, perplexity};
+use crate::eval::{EvalReport, evaluate};
 use crate::optim::{AdamW, AdamWSettings, trainable_paths, trainable_shapes};
 use crate::readout;
 use crate::schedule::{Schedule, lr_at};
+use crate::step::{accumulate_gradients, forward_loss};
 use crate::tensorboard::EventWriter;
 
 /// Training hyper-parameters (the `train:` block of a config).
@@ -101,53 +99,6 @@ pub enum Objective {
     CausalLm,
 }
 
-/// Evaluation results.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct EvalReport {
-    /// Mean loss.
-    pub loss: f64,
-    /// Accuracy (classification).
-    pub accuracy: Option<f64>,
-    /// Macro-F1 (classification).
-    pub macro_f1: Option<f64>,
-    /// Perplexity (causal LM).
-    pub perplexity: Option<f64>,
-    /// Predicted class per example (classification).
-    #[serde(skip)]
-    pub predictions: Vec<usize>,
-    /// Per-example results, in the order of the examples.
-    #[serde(skip)]
-    pub examples: Vec<ExampleResult>,
-}
-
-/// One example's evaluation result (`burn-peft eval --predictions`).
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct ExampleResult {
-    /// The gold class (classification).
-    pub gold: Option<usize>,
-    /// The predicted class (classification).
-    pub predicted: Option<usize>,
-    /// Class probabilities (classification).
-    pub probabilities: Vec<f32>,
-    /// This example's loss: cross-entropy of the gold class, or the mean next-token loss.
-    pub loss: Option<f64>,
-    /// Scored tokens (causal LM).
-    pub tokens: Option<usize>,
-}
-
-impl EvalReport {
-    /// The value of `metric` and whether higher is better.
-    pub fn metric(&self, metric: &str) -> Option<(f64, bool)> {
-        match metric {
-            "accuracy" => self.accuracy.map(|v| (v, true)),
-            "macro_f1" => self.macro_f1.map(|v| (v, true)),
-            "perplexity" => self.perplexity.map(|v| (v, false)),
-            "loss" => Some((self.loss, false)),
-            _ => None,
-        }
-    }
-}
-
 /// What a run did.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainReport {
@@ -205,215 +156,7 @@ pub struct FullExport {
     pub labels: Option<Vec<String>>,
 }
 
-fn inputs(batch: &Collated) -> ModelInputs {
-    ModelInputs {
-        input_ids: batch.input_ids.clone(),
-        attention_mask: Some(batch.attention_mask.clone()),
-        token_type_ids: Some(batch.token_type_ids.clone()),
-    }
-}
-
-/// Mean cross-entropy of `logits [b, c]` against `labels [b]`.
-pub fn classification_loss(logits: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
-    let [b, _] = logits.dims();
-    let lp = log_softmax(logits);
-    lp.gather(1, labels.reshape([b, 1])).mean().neg()
-}
-
-/// Next-token cross-entropy of `logits [b, s, v]` against `labels [b, s]` (-100 = ignored),
-/// shifted as transformers does; returns the mean loss and the number of scored tokens.
-pub fn causal_lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>) -> (Tensor<1>, usize) {
-    let (loss, count) = causal_lm_loss_terms(logits, labels);
-    (loss, count.into_scalar::<f64>().max(1.0) as usize)
-}
-
-/// [`causal_lm_loss`] with the count of scored tokens left on the device: the training step
-/// reads nothing back while it builds the graph.
-pub fn causal_lm_loss_terms(logits: Tensor<3>, labels: Tensor<2, Int>) -> (Tensor<1>, Tensor<1>) {
-    let [b, s, v] = logits.dims();
-    let lp = log_softmax(logits.slice([0..b, 0..s - 1, 0..v]));
-    let target = labels.slice([0..b, 1..s]);
-    let mask = target.clone().not_equal_elem(-100).float();
-    let count = mask.clone().sum().detach();
-    let picked = lp
-        .gather(2, target.clamp_min(0).reshape([b, s - 1, 1]))
-        .reshape([b, s - 1]);
-    let total = (picked * mask).sum();
-    ((total / count.clone().clamp_min(1.0)).neg(), count)
-}
-
-/// The loss of `objective` on a forward's outputs: the mean loss and the number of items it
-/// averages (examples for classification, scored tokens for causal LM). One function for the
-/// training step, evaluation and the benchmarks.
-pub fn objective_loss(
-    objective: Objective,
-    out: &ModelOutputs,
-    batch: &Collated,
-) -> Result<(Tensor<1>, usize)> {
-    let mismatch = |what: &str| TrainError::Config {
-        key: "objective".into(),
-        reason: format!(
-            "{what}; train a classifier with a classification model and a causal LM with an LM head"
-        ),
-    };
-    match objective {
-        Objective::Classification { .. } => {
-            let logits = out
-                .class_logits
-                .clone()
-                .ok_or_else(|| mismatch("the model has no classification head"))?;
-            let labels = batch
-                .labels
-                .clone()
-                .ok_or_else(|| mismatch("the batch has no class labels"))?;
-            let rows = labels.dims()[0];
-            Ok((classification_loss(logits, labels), rows))
-        }
-        Objective::CausalLm => {
-            let logits = out
-                .logits
-                .clone()
-                .ok_or_else(|| mismatch("the model has no LM head"))?;
-            let labels = batch
-                .lm_labels
-                .clone()
-                .ok_or_else(|| mismatch("the batch has no token labels"))?;
-            Ok(causal_lm_loss(logits, labels))
-        }
-    }
-}
-
-/// Evaluate `model` on `examples` in batches of `batch_size`, without gradients or dropout:
-/// mean loss, and accuracy / macro-F1 (classification) or perplexity (causal LM), with the
-/// per-example results in [`EvalReport::examples`].
-pub fn evaluate(
-    model: &HfModel,
-    examples: &[Example],
-    objective: Objective,
-    pad_id: i64,
-    batch_size: usize,
-    device: &Device,
-) -> Result<EvalReport> {
-    let model = model.valid();
-    let device = device.clone().without_autodiff();
-    let mut loss = Mean::default();
-    let (mut pred, mut gold) = (Vec::new(), Vec::new());
-    let mut per_example = Vec::with_capacity(examples.len());
-    for chunk in examples.chunks(batch_size.max(1)) {
-        let refs: Vec<&Example> = chunk.iter().collect();
-        let batch = collate(&refs, pad_id, &device);
-        let out = model.forward(&inputs(&batch)).map_err(TrainError::Model)?;
-        let (l, n) = objective_loss(objective, &out, &batch)?;
-        loss.add_weighted(l.into_scalar::<f64>(), n as u64);
-        match objective {
-            Objective::Classification { .. } => {
-                let logits = out.class_logits.expect("checked by objective_loss");
-                let probs = softmax(logits.clone(), 1)
-                    .into_data()
-                    .convert::<f32>()
-                    .try_to_vec::<f32>()
-                    .unwrap_or_default();
-                let lp = log_softmax(logits.clone())
-                    .into_data()
-                    .convert::<f32>()
-                    .try_to_vec::<f32>()
-                    .unwrap_or_default();
-                let classes = logits.dims()[1];
-                let p = logits.argmax(1).into_data().convert::<i64>();
-                for (row, (e, predicted)) in chunk.iter().zip(p.iter::<i64>()).enumerate() {
-                    let predicted = predicted as usize;
-                    let probabilities = probs[row * classes..(row + 1) * classes].to_vec();
-                    let example_loss = e.label.map(|g| -f64::from(lp[row * classes + g]));
-                    pred.push(predicted);
-                    gold.push(e.label.unwrap_or(0));
-                    per_example.push(ExampleResult {
-                        gold: e.label,
-                        predicted: Some(predicted),
-                        probabilities,
-                        loss: example_loss,
-                        tokens: None,
-                    });
-                }
-            }
-            Objective::CausalLm => {
-                let logits = out.logits.expect("checked by objective_loss");
-                let labels = batch.lm_labels.clone().expect("checked by objective_loss");
-                let (losses, counts) = causal_lm_row_losses(logits, labels);
-                for (l, c) in losses.into_iter().zip(counts) {
-                    per_example.push(ExampleResult {
-                        gold: None,
-                        predicted: None,
-                        probabilities: Vec::new(),
-                        loss: (c > 0).then_some(l),
-                        tokens: Some(c),
-                    });
-                }
-            }
-        }
-    }
-    let mean = loss.mean().unwrap_or(f64::NAN);
-    Ok(match objective {
-        Objective::Classification { num_labels } => EvalReport {
-            loss: mean,
-            accuracy: Some(accuracy(&pred, &gold)),
-            macro_f1: Some(macro_f1(&pred, &gold, num_labels)),
-            perplexity: None,
-            predictions: pred,
-            examples: per_example,
-        },
-        Objective::CausalLm => EvalReport {
-            loss: mean,
-            perplexity: Some(perplexity(mean)),
-            examples: per_example,
-            ..Default::default()
-        },
-    })
-}
-
-/// Per-row mean next-token loss and scored-token count (for per-example reports).
-fn causal_lm_row_losses(logits: Tensor<3>, labels: Tensor<2, Int>) -> (Vec<f64>, Vec<usize>) {
-    let [b, s, v] = logits.dims();
-    if s < 2 {
-        return (vec![0.0; b], vec![0; b]);
-    }
-    let lp = log_softmax(logits.slice([0..b, 0..s - 1, 0..v]));
-    let target = labels.slice([0..b, 1..s]);
-    let mask = target.clone().not_equal_elem(-100).float();
-    let picked = lp
-        .gather(2, target.clamp_min(0).reshape([b, s - 1, 1]))
-        .reshape([b, s - 1]);
-    let sums = (picked * mask.clone())
-        .sum_dim(1)
-        .into_data()
-        .convert::<f64>();
-    let counts = mask.sum_dim(1).into_data().convert::<f64>();
-    let sums: Vec<f64> = sums.try_to_vec().unwrap_or_default();
-    let counts: Vec<f64> = counts.try_to_vec().unwrap_or_default();
-    sums.iter()
-        .zip(&counts)
-        .map(|(t, c)| {
-            if *c > 0.0 {
-                (-t / c, *c as usize)
-            } else {
-                (0.0, 0)
-            }
-        })
-        .unzip()
-}
-
 impl Trainer {
-    fn loss(&self, model: &HfModel, batch: &Collated) -> Result<Tensor<1>> {
-        let out = model.forward(&inputs(batch)).map_err(TrainError::Model)?;
-        // The step reads nothing back while it builds the graph: a causal LM's token count stays
-        // on the device (`causal_lm_loss_terms`), where `objective_loss` would read it.
-        if let (Objective::CausalLm, Some(logits), Some(labels)) =
-            (self.objective, out.logits.clone(), batch.lm_labels.clone())
-        {
-            return Ok(causal_lm_loss_terms(logits, labels).0);
-        }
-        Ok(objective_loss(self.objective, &out, batch)?.0)
-    }
-
     /// Evaluate on `examples` without gradients or dropout (batches of `eval_batch_size`, else
     /// `batch_size`).
     pub fn evaluate(&self, examples: &[Example]) -> Result<EvalReport> {
@@ -571,10 +314,9 @@ impl Trainer {
                 let refs: Vec<&Example> = chunk.iter().map(|&i| &train[i]).collect();
                 let batch = collate(&refs, self.pad_id, &self.device);
                 tokens += batch.tokens;
-                let loss = self.loss(self.model.model(), &batch)?;
+                let loss = forward_loss(self.model.model(), self.objective, &batch)?;
                 micro_loss = readout::accumulate(micro_loss, loss.clone().inner());
-                let grads = GradientsParams::from_grads(loss.backward(), self.model.model());
-                accumulator.accumulate(self.model.model(), grads);
+                accumulate_gradients(loss, self.model.model(), &mut accumulator);
                 micro += 1;
                 let end_of_epoch = index + 1 == batches.len();
                 if micro < c.grad_accum && !end_of_epoch {

@@ -11,7 +11,7 @@ use crate::adapter::{AdapterState, BaseWeights, WeightSpace};
 use crate::error::{PeftError, Result};
 use crate::matching::{all_linear_names, select_targets};
 use crate::method::{BiasMode, PeftMethod, SiteInfo, peft_type_of};
-use crate::model::InjectionReport;
+use crate::peft_model::InjectionReport;
 
 /// Why the adapter is being added: for training, or loaded from a bundle (where an adapter whose
 /// weight-space form is exact for inference only is accepted).

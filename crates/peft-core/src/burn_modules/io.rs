@@ -12,7 +12,7 @@ use super::inject::Purpose;
 use super::reparam::Attach;
 use crate::bundle::{self, KEY_PREFIX, TensorFile};
 use crate::error::{PeftError, Result};
-use crate::model::LoadReport;
+use crate::peft_model::LoadReport;
 
 impl<M: Module> PeftModule<M> {
     /// The tensors of adapter `name` as they go into `adapter_model.safetensors`:

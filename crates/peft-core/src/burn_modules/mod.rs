@@ -129,7 +129,7 @@ pub use reparam::WeightAdapters;
 use crate::adapter::AdapterState;
 use crate::error::{PeftError, Result};
 use crate::method::{PeftMethod, SiteKind};
-use crate::model::TrainableReport;
+use crate::peft_model::TrainableReport;
 use scan::{AdapterParams, ModuleTree};
 
 /// One adapted layer: its module path and adapters (their parameters as last read from

@@ -18,7 +18,7 @@ use crate::adaptable::{Adaptable, Site, SiteMut, SitePath};
 use crate::adapter::{AdapterState, BaseWeights};
 use crate::error::{PeftError, Result};
 use crate::method::{PeftMethod, SiteInfo};
-use crate::model::{InjectionReport, PeftModel, site_kind};
+use crate::peft_model::{InjectionReport, PeftModel, site_kind};
 
 mod options;
 

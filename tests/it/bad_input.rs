@@ -1,15 +1,13 @@
 //! Bad bundles and configs give typed errors naming the file and key, never a panic, and leave
 //! the model and previous bundles untouched.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
+use crate::common::{Tiny, fixtures, input_ids, values};
 use burn::tensor::Device;
 use burn_peft::core::bundle::{self, CONFIG_FILE, TensorFile, WEIGHTS_FILE};
 use burn_peft::core::{PeftError, PeftModel, TargetModules};
 use burn_peft::lora::LoraConfig;
-use common::{Tiny, fixtures, input_ids, values};
 use serde_json::Value;
 
 /// A writable copy of the PEFT bundle `main`.

@@ -1,15 +1,13 @@
 //! LoRA parity with Hugging Face PEFT 0.21.2 on the tiny model of
 //! `tests/fixtures/gen/lora_tiny.py`: outputs, trainable counts, and the bundle we write.
 
-mod common;
-
 use std::collections::BTreeMap;
 
+use crate::common::{Tiny, expected, fixtures, input_ids, max_diff, values};
 use burn::tensor::Device;
 use burn_peft::core::bundle::{self, TensorFile};
 use burn_peft::core::{PeftModel, TargetModules};
 use burn_peft::lora::{InitLoraWeights, LoraConfig};
-use common::{Tiny, expected, fixtures, input_ids, max_diff, values};
 use serde_json::Value;
 
 /// Parity tolerance against PEFT's float32 outputs (relative above magnitude 1, see `max_diff`).

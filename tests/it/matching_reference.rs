@@ -1,14 +1,12 @@
 //! Target matching against PEFT 0.21.2's own matcher: `tests/fixtures/lora_tiny/matching.json`
 //! holds, for 44 module keys, what `check_target_module_exists` and `get_pattern_key` decided.
 
-mod common;
-
 use burn_peft::core::matching::{TargetMatcher, pattern_lookup, select_targets};
 use burn_peft::core::{LayerIndices, LayersPattern, PeftError, TargetModules, TargetSpec};
 use serde_json::Value;
 
 fn reference() -> Value {
-    let text = std::fs::read_to_string(common::fixtures().join("matching.json")).unwrap();
+    let text = std::fs::read_to_string(crate::common::fixtures().join("matching.json")).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 

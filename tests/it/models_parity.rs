@@ -2,7 +2,7 @@
 //! `tests/fixtures/gen/models_tiny.py`: padded batches, base and LoRA (active and merged),
 //! greedy generation with and without the KV cache.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

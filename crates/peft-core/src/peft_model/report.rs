@@ -1,0 +1,103 @@
+//! The reports [`PeftModel`]'s jobs return: trainable counts (PEFT's
+//! `print_trainable_parameters`), injection and load summaries.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::tensor::Tensor;
+
+use super::PeftModel;
+use crate::adaptable::Adaptable;
+
+/// PEFT's `print_trainable_parameters` numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrainableReport {
+    /// Parameters that receive gradients.
+    pub trainable: usize,
+    /// All parameters, base and adapters.
+    pub all: usize,
+}
+
+impl TrainableReport {
+    /// `100 * trainable / all`.
+    pub fn percent(&self) -> f64 {
+        if self.all == 0 {
+            0.0
+        } else {
+            100.0 * self.trainable as f64 / self.all as f64
+        }
+    }
+}
+
+/// `n` with a comma every three digits (`22,793,104`), as PEFT prints counts.
+pub fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl fmt::Display for TrainableReport {
+    /// The exact line PEFT prints.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "trainable params: {} || all params: {} || trainable%: {:.4}",
+            thousands(self.trainable),
+            thousands(self.all),
+            self.percent()
+        )
+    }
+}
+
+/// Summary of an injection.
+#[derive(Debug, Clone, Default)]
+pub struct InjectionReport {
+    /// Paths that received the adapter.
+    pub adapted: Vec<String>,
+    /// Paths that received a `modules_to_save` copy.
+    pub saved_copies: Vec<String>,
+}
+
+/// What [`PeftModel::load_adapter`] noticed without failing.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    /// Config keys this version does not know (PEFT's forward-compatibility rule: a warning).
+    pub unknown_config_keys: Vec<String>,
+}
+
+struct CountParams<'a> {
+    trainable_ids: &'a HashSet<ParamId>,
+    report: TrainableReport,
+}
+
+impl ModuleVisitor for CountParams<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let n = param.lazy_shape().num_elements();
+        self.report.all += n;
+        if self.trainable_ids.contains(&param.id) {
+            self.report.trainable += n;
+        }
+    }
+}
+
+impl<M: Adaptable + Module> PeftModel<M> {
+    /// PEFT's `print_trainable_parameters` numbers.
+    pub fn trainable_report(&self) -> TrainableReport {
+        let mut counter = CountParams {
+            trainable_ids: &self.trainable,
+            report: TrainableReport {
+                trainable: 0,
+                all: 0,
+            },
+        };
+        self.model.visit(&mut counter);
+        counter.report
+    }
+}

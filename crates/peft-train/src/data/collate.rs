@@ -1,0 +1,67 @@
+//! Dynamic-padding collation of examples into batch tensors.
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use super::{Example, IGNORE_INDEX};
+
+/// A padded batch of examples.
+#[derive(Debug, Clone)]
+pub struct Collated {
+    /// `[b, s]` token ids, right-padded with the pad id.
+    pub input_ids: Tensor<2, Int>,
+    /// `[b, s]`: 1 for tokens, 0 for padding.
+    pub attention_mask: Tensor<2, Int>,
+    /// `[b, s]` segment ids, 0 on padding.
+    pub token_type_ids: Tensor<2, Int>,
+    /// `[b]` class ids, when every example has one.
+    pub labels: Option<Tensor<1, Int>>,
+    /// `[b, s]` per-token targets padded with [`IGNORE_INDEX`], when every example has them.
+    pub lm_labels: Option<Tensor<2, Int>>,
+    /// The number of real (non-padding) tokens.
+    pub tokens: usize,
+}
+
+/// Right-pad a batch to its longest example (at least one column).
+///
+/// An empty batch gives `[0, 1]` tensors and no labels.
+pub fn collate(batch: &[&Example], pad_id: i64, device: &Device) -> Collated {
+    let b = batch.len();
+    let s = batch
+        .iter()
+        .map(|e| e.input_ids.len())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let mut ids = vec![pad_id; b * s];
+    let mut mask = vec![0i64; b * s];
+    let mut types = vec![0i64; b * s];
+    let all_lm = b > 0 && batch.iter().all(|e| e.labels.is_some());
+    let mut lm = vec![IGNORE_INDEX; if all_lm { b * s } else { 0 }];
+    let mut tokens = 0;
+    for (row, e) in batch.iter().enumerate() {
+        let base = row * s;
+        let n = e.input_ids.len();
+        tokens += n;
+        ids[base..base + n].copy_from_slice(&e.input_ids);
+        mask[base..base + n].fill(1);
+        let t = e.token_type_ids.len().min(n);
+        types[base..base + t].copy_from_slice(&e.token_type_ids[..t]);
+        if let (true, Some(l)) = (all_lm, &e.labels) {
+            let t = l.len().min(n);
+            lm[base..base + t].copy_from_slice(&l[..t]);
+        }
+    }
+    let t2 = |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, [b, s]), device);
+    let labels = (b > 0)
+        .then(|| batch.iter().map(|e| e.label.map(|l| l as i64)).collect())
+        .flatten()
+        .map(|v: Vec<i64>| Tensor::<1, Int>::from_data(TensorData::new(v, [b]), device));
+    Collated {
+        input_ids: t2(ids),
+        attention_mask: t2(mask),
+        token_type_ids: t2(types),
+        labels,
+        lm_labels: all_lm.then(|| t2(lm)),
+        tokens,
+    }
+}

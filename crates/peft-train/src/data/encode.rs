@@ -1,0 +1,210 @@
+//! Rows to examples: tokenization with the tokenizer's special tokens, prompt/completion
+//! joining and loss masking.
+
+use std::path::Path;
+
+use peft_models::HfTokenizer;
+
+use super::read::Row;
+use super::{DataConfig, DataError, IGNORE_INDEX, TaskKind};
+
+/// One tokenized example.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Example {
+    /// Token ids, special tokens included, at most `max_length` of them.
+    pub input_ids: Vec<i64>,
+    /// Segment ids (0 for the first text, 1 for the pair; all 0 for causal LM).
+    pub token_type_ids: Vec<i64>,
+    /// The class id (classification).
+    pub label: Option<usize>,
+    /// Per-token targets (causal LM), aligned with `input_ids` (not shifted: the loss shifts);
+    /// [`IGNORE_INDEX`] where no loss is taken.
+    pub labels: Option<Vec<i64>>,
+    /// The 1-based line of the data file the example was read from (0 when it was not read
+    /// from a file), so per-example results can be traced back to their row.
+    pub line: usize,
+}
+
+/// The special tokens a tokenizer wraps every single text in: `prefix text suffix`.
+pub(super) struct Specials {
+    prefix: Vec<i64>,
+    suffix: Vec<i64>,
+}
+
+impl Specials {
+    /// Found by encoding the empty text (only the special tokens) and a probe text.
+    fn of(tok: &HfTokenizer) -> peft_models::Result<Self> {
+        let empty = tok.encode("", None, usize::MAX)?.ids;
+        for probe in ["a", "hello", "0", "."] {
+            let ids = tok.encode(probe, None, usize::MAX)?.ids;
+            if ids.len() <= empty.len() {
+                continue;
+            }
+            for k in 0..=empty.len() {
+                if ids.starts_with(&empty[..k]) && ids.ends_with(&empty[k..]) {
+                    return Ok(Self {
+                        prefix: empty[..k].to_vec(),
+                        suffix: empty[k..].to_vec(),
+                    });
+                }
+            }
+        }
+        Ok(Self {
+            prefix: empty,
+            suffix: Vec::new(),
+        })
+    }
+
+    /// The tokens of a text without its special tokens.
+    fn strip<'a>(&self, ids: &'a [i64]) -> &'a [i64] {
+        let (p, s) = (self.prefix.len(), self.suffix.len());
+        if ids.len() >= p + s && ids.starts_with(&self.prefix) && ids.ends_with(&self.suffix) {
+            &ids[p..ids.len() - s]
+        } else {
+            ids
+        }
+    }
+}
+
+/// Turns rows into examples; the label stays raw until every row is read.
+pub(super) struct Builder<'a> {
+    pub(super) file: &'a Path,
+    pub(super) task: TaskKind,
+    pub(super) cfg: &'a DataConfig,
+    pub(super) tok: &'a HfTokenizer,
+    pub(super) specials: Option<Specials>,
+    /// `(line, example, raw label)`.
+    pub(super) rows: Vec<(usize, Example, Option<String>)>,
+}
+
+impl Builder<'_> {
+    pub(super) fn malformed(&self, line: usize, reason: String) -> DataError {
+        DataError::Malformed {
+            file: self.file.to_path_buf(),
+            line,
+            reason,
+        }
+    }
+
+    fn tokenizer_error(&self, line: usize, e: peft_models::ModelError) -> DataError {
+        DataError::Tokenizer {
+            file: self.file.to_path_buf(),
+            line,
+            reason: e.to_string(),
+        }
+    }
+
+    fn required_text(&self, row: &Row, line: usize, field: &str) -> Result<String, DataError> {
+        match row.text(field).map_err(|r| self.malformed(line, r))? {
+            None => Err(self.malformed(line, format!("missing field `{field}`"))),
+            Some(s) if s.trim().is_empty() => {
+                Err(self.malformed(line, format!("field `{field}` is empty")))
+            }
+            Some(s) => Ok(s),
+        }
+    }
+
+    pub(super) fn push(&mut self, row: Row, line: usize) -> Result<(), DataError> {
+        let cfg = self.cfg;
+        let max = cfg.max_length;
+        match self.task {
+            TaskKind::Classification => {
+                let text = self.required_text(&row, line, &cfg.text_field)?;
+                let pair = match &cfg.text_pair_field {
+                    Some(f) => row
+                        .text(f)
+                        .map_err(|r| self.malformed(line, r))?
+                        .filter(|s| !s.is_empty()),
+                    None => None,
+                };
+                let label = row
+                    .label(&cfg.label_field)
+                    .map_err(|r| self.malformed(line, r))?
+                    .ok_or_else(|| {
+                        self.malformed(line, format!("missing field `{}`", cfg.label_field))
+                    })?;
+                let enc = self
+                    .tok
+                    .encode(&text, pair.as_deref(), max)
+                    .map_err(|e| self.tokenizer_error(line, e))?;
+                let example = Example {
+                    input_ids: enc.ids,
+                    token_type_ids: enc.type_ids,
+                    label: None,
+                    labels: None,
+                    line,
+                };
+                self.rows.push((line, example, Some(label)));
+            }
+            TaskKind::CausalLm => {
+                let prompt = row
+                    .text(&cfg.prompt_field)
+                    .map_err(|r| self.malformed(line, r))?;
+                let completion = row
+                    .text(&cfg.completion_field)
+                    .map_err(|r| self.malformed(line, r))?;
+                let (ids, labels) = if prompt.is_some() || completion.is_some() {
+                    let prompt = prompt.ok_or_else(|| {
+                        self.malformed(
+                            line,
+                            format!(
+                                "field `{}` without field `{}`",
+                                cfg.completion_field, cfg.prompt_field
+                            ),
+                        )
+                    })?;
+                    let completion = self.required_text(&row, line, &cfg.completion_field)?;
+                    self.prompt_completion(line, &prompt, &completion)?
+                } else {
+                    let text = self.required_text(&row, line, &cfg.text_field)?;
+                    let ids = self
+                        .tok
+                        .encode(&text, None, max)
+                        .map_err(|e| self.tokenizer_error(line, e))?
+                        .ids;
+                    (ids.clone(), ids)
+                };
+                let example = Example {
+                    token_type_ids: vec![0; ids.len()],
+                    input_ids: ids,
+                    label: None,
+                    labels: Some(labels),
+                    line,
+                };
+                self.rows.push((line, example, None));
+            }
+        }
+        Ok(())
+    }
+
+    /// `prefix prompt completion suffix`, the loss on `completion suffix`, truncated.
+    fn prompt_completion(
+        &mut self,
+        line: usize,
+        prompt: &str,
+        completion: &str,
+    ) -> Result<(Vec<i64>, Vec<i64>), DataError> {
+        if self.specials.is_none() {
+            self.specials =
+                Some(Specials::of(self.tok).map_err(|e| self.tokenizer_error(line, e))?);
+        }
+        let encode = |text: &str| {
+            self.tok
+                .encode(text, None, usize::MAX)
+                .map(|e| e.ids)
+                .map_err(|e| self.tokenizer_error(line, e))
+        };
+        let p = encode(prompt)?;
+        let c = encode(completion)?;
+        let sp = self.specials.as_ref().expect("set above");
+        let head: Vec<i64> = sp.prefix.iter().chain(sp.strip(&p)).copied().collect();
+        let tail: Vec<i64> = sp.strip(&c).iter().chain(&sp.suffix).copied().collect();
+        let mut ids = head.clone();
+        ids.extend(&tail);
+        let mut labels = vec![IGNORE_INDEX; head.len()];
+        labels.extend(&tail);
+        ids.truncate(self.cfg.max_length);
+        labels.truncate(self.cfg.max_length);
+        Ok((ids, labels))
+    }
+}

@@ -1,0 +1,105 @@
+//! Training data: JSONL and CSV files of examples, tokenized once, label maps, seeded epoch
+//! order and dynamic-padding collation.
+//!
+//! Two tasks read different fields of a row (names set in [`DataConfig`]):
+//!
+//! - [`TaskKind::Classification`]: `text`, an optional `text_pair` and a `label` (a JSON string
+//!   or non-negative integer; in CSV every cell is a string).
+//! - [`TaskKind::CausalLm`]: either `text` (loss on every token) or `prompt` + `completion`
+//!   (loss on the completion only).
+//!
+//! Errors name the file and the line (`train.jsonl:3: …`).
+//!
+//! The module is split by job: [`config`](DataConfig) (what to read), `labels` ([`LabelMap`]),
+//! `read` (JSONL/CSV rows and [`load_examples`]), `encode` (rows to token ids), `order`
+//! ([`epoch_order`]) and `collate` ([`collate`]).
+
+use std::path::PathBuf;
+
+mod collate;
+mod config;
+mod encode;
+mod labels;
+mod order;
+mod read;
+
+pub use collate::{Collated, collate};
+pub use config::{DataConfig, TaskKind};
+pub use encode::Example;
+pub use labels::LabelMap;
+pub use order::epoch_order;
+pub use read::load_examples;
+
+/// The file name under which a run stores its [`LabelMap`].
+pub const LABEL_MAP_FILE: &str = "label_map.json";
+
+/// The label id of tokens that take no loss (PyTorch's `ignore_index`).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// Errors while reading a data set. Every variant names the file; row errors name the line.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DataError {
+    /// The file could not be read or written.
+    #[error("{}: {source}", file.display())]
+    Io {
+        /// The file.
+        file: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A row is not valid: bad JSON or CSV, a missing field, a value of the wrong type, an
+    /// empty text.
+    #[error("{}:{line}: {reason}", file.display())]
+    Malformed {
+        /// The file.
+        file: PathBuf,
+        /// The line (1-based) where the row starts.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A row's label is not in the label map given (the one of the training set).
+    #[error("{}:{line}: unknown label `{label}`; known labels: {}", file.display(), known.join(", "))]
+    UnknownLabel {
+        /// The file.
+        file: PathBuf,
+        /// The line (1-based).
+        line: usize,
+        /// The label found.
+        label: String,
+        /// The labels of the map, in id order.
+        known: Vec<String>,
+    },
+    /// The tokenizer failed on a row.
+    #[error("{}:{line}: tokenizer error: {reason}", file.display())]
+    Tokenizer {
+        /// The data file.
+        file: PathBuf,
+        /// The line (1-based).
+        line: usize,
+        /// The cause.
+        reason: String,
+    },
+    /// The file holds no examples.
+    #[error("{}: the file holds no examples", file.display())]
+    Empty {
+        /// The file.
+        file: PathBuf,
+    },
+    /// The data format is neither JSONL nor CSV.
+    #[error(
+        "{}: unsupported data format `{format}`; use a .jsonl or .csv file, or set `format` to \"jsonl\" or \"csv\"",
+        file.display()
+    )]
+    UnsupportedFormat {
+        /// The file.
+        file: PathBuf,
+        /// The format asked for, or the file's extension.
+        format: String,
+    },
+}
+
+#[cfg(test)]
+mod tests;

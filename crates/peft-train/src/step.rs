@@ -1,0 +1,77 @@
+//! One training step, in the pieces [`Trainer::train`](crate::Trainer::train) runs them and
+//! the benchmarks time them (`benches/method_comparison`): forward and loss, backward into the
+//! accumulated gradients, and the gradient scale (averaging over micro-batches, clipping) the
+//! optimizer applies. One code path for both, so the benchmarks measure the trainer.
+
+use burn::module::ParamId;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::Tensor;
+use peft_models::{HfModel, ModelInputs};
+
+use crate::data::Collated;
+use crate::error::{Result, TrainError};
+use crate::loss::{causal_lm_loss_terms, objective_loss};
+use crate::optim::global_grad_norm;
+use crate::trainer::Objective;
+
+/// The model inputs of a collated batch (ids, attention mask, segment ids).
+pub fn model_inputs(batch: &Collated) -> ModelInputs {
+    ModelInputs {
+        input_ids: batch.input_ids.clone(),
+        attention_mask: Some(batch.attention_mask.clone()),
+        token_type_ids: Some(batch.token_type_ids.clone()),
+    }
+}
+
+/// Forward `batch` through `model` and take `objective`'s mean loss ([`objective_loss`]).
+pub fn forward_loss(model: &HfModel, objective: Objective, batch: &Collated) -> Result<Tensor<1>> {
+    let out = model
+        .forward(&model_inputs(batch))
+        .map_err(TrainError::Model)?;
+    // The step reads nothing back while it builds the graph: a causal LM's token count stays
+    // on the device (`causal_lm_loss_terms`), where `objective_loss` would read it.
+    if let (Objective::CausalLm, Some(logits), Some(labels)) =
+        (objective, out.logits.clone(), batch.lm_labels.clone())
+    {
+        return Ok(causal_lm_loss_terms(logits, labels).0);
+    }
+    Ok(objective_loss(objective, &out, batch)?.0)
+}
+
+/// Backpropagate `loss` and add the gradients of `model`'s parameters to `accumulator` (one
+/// micro-batch of a step).
+pub fn accumulate_gradients(
+    loss: Tensor<1>,
+    model: &HfModel,
+    accumulator: &mut GradientsAccumulator<HfModel>,
+) {
+    let grads = GradientsParams::from_grads(loss.backward(), model);
+    accumulator.accumulate(model, grads);
+}
+
+/// The global L2 norm of a step's gradients (summed over `micro_batches` micro-batches, then
+/// averaged) and the factor the optimizer multiplies them by: `1 / micro_batches` times the
+/// clip to `max_grad_norm`.
+///
+/// The clip is `torch.nn.utils.clip_grad_norm_`'s, which transformers' `Trainer` applies for
+/// `max_grad_norm`: `max / (norm + 1e-6)` when the norm exceeds `max`, else 1.
+///
+/// ```
+/// let grads = burn::optim::GradientsParams::new();
+/// let (norm, scale) = peft_train::step::gradient_scale(&grads, &[], 2, Some(1.0));
+/// assert_eq!((norm, scale), (0.0, 0.5));
+/// ```
+pub fn gradient_scale(
+    grads: &GradientsParams,
+    trainable: &[(ParamId, String, usize)],
+    micro_batches: usize,
+    max_grad_norm: Option<f64>,
+) -> (f64, f64) {
+    let scale = 1.0 / micro_batches as f64;
+    let norm = global_grad_norm(grads, trainable) * scale;
+    let clip = match max_grad_norm {
+        Some(max) if norm > max => max / (norm + 1e-6),
+        _ => 1.0,
+    };
+    (norm, scale * clip)
+}
