@@ -67,8 +67,9 @@ fn random_adapters(source: &Path, n: usize, dir: &Path) -> Vec<(String, PathBuf)
                 ..Default::default()
             };
             model.add_adapter(&name, &lora).expect("adapter");
+            // PEFT's layout: an adapter not named `default` goes to `dir/<name>/`.
+            model.save_adapter(dir, &name).expect("save adapter");
             let out = dir.join(&name);
-            model.save_adapter(&out, &name).expect("save adapter");
             (name, out)
         })
         .collect()
