@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use burn_peft::core::thousands;
 use serde_json::Value;
 
 use crate::Res;
@@ -31,18 +32,6 @@ pub(crate) fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
 
 pub(crate) fn fmt_ratio(r: Option<f64>) -> String {
     r.map(|r| format!("{r:.2}x")).unwrap_or_else(|| "–".into())
-}
-
-pub(crate) fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 pub(crate) fn bytes_h(n: f64) -> String {
@@ -112,7 +101,7 @@ pub(crate) fn render_markdown(results: &[Value], cold: &Value, meta: &Value) -> 
             r["label"].as_str().unwrap_or("?"),
             ours["trainable_params"]
                 .as_u64()
-                .map(thousands)
+                .map(|n| thousands(n as usize))
                 .unwrap_or("–".into()),
             fmt_opt(step, 1),
             fmt_opt(peer_step, 1),

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use peft_core::thousands;
 use serde_json::{Value, json};
 // The methods the bundles use are registered by linking their crates.
 use peft_lora as _;
@@ -261,17 +262,4 @@ fn forward_and_generate_run_a_different_adapter_per_row() {
         &bad,
         &["--adapter-per-row names 1 adapters for 2 --prompt values"],
     );
-}
-
-/// `12345` as `12,345`, as the trainable-parameter report prints it.
-fn thousands(n: usize) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }

@@ -17,17 +17,9 @@ pub fn merge_heads(x: Tensor<4>) -> Tensor<3> {
     x.swap_dims(1, 2).reshape([b, s, h * d])
 }
 
-/// Repeat each key/value head `groups` times (GQA -> MHA), keeping head order
-/// `(kv0, kv0, kv1, kv1, ...)` as transformers' `repeat_kv`.
-pub fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
-    if groups == 1 {
-        return x;
-    }
-    let [b, h, s, d] = x.dims();
-    x.unsqueeze_dim::<5>(2)
-        .expand([b, h, groups, s, d])
-        .reshape([b, h * groups, s, d])
-}
+/// transformers' `repeat_kv` (GQA -> MHA); the models' attention reads key/value heads in
+/// place, this stays for callers that want the expanded tensors.
+pub use peft_ops::reference::repeat_kv;
 
 /// Boolean mask `[b, heads, q, k]`, true where key `k` is padding (`attention_mask == 0`).
 pub fn padding_mask(
@@ -135,12 +127,7 @@ pub fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     if rows == 1 && heads == 1 {
         return peft_ops::rope(x, cos.clone().reshape([s, d]), sin.clone().reshape([s, d]));
     }
-    let [b, h, s, d] = x.dims();
-    let half = d / 2;
-    let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
-    let x2 = x.clone().slice([0..b, 0..h, 0..s, half..d]);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.clone() + rotated * sin.clone()
+    peft_ops::reference::rope_broadcast(x, cos.clone(), sin.clone())
 }
 
 /// RoPE `cos`/`sin` tables `[len, head_dim]` for `positions`, from `inv_freq` `[head_dim/2]`.

@@ -96,12 +96,18 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Ten
 /// Rotate-half RoPE as transformers' `apply_rotary_pos_emb`: `x·cos + rotate_half(x)·sin`
 /// for `x` `[b, h, s, d]` and tables `[s, d]`.
 pub fn rope(x: Tensor<4>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<4> {
+    rope_broadcast(x, cos.unsqueeze::<4>(), sin.unsqueeze::<4>())
+}
+
+/// [`rope`] with `cos`, `sin` broadcastable to `x` (`[1 or b, 1, s, d]`): a table per row, for
+/// batches whose rows start at different positions.
+pub fn rope_broadcast(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
     let [b, h, s, d] = x.dims();
     let half = d / 2;
     let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
     let x2 = x.clone().slice([0..b, 0..h, 0..s, half..d]);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.unsqueeze::<4>() + rotated * sin.unsqueeze::<4>()
+    x * cos + rotated * sin
 }
 
 /// `silu(a)·b` (SwiGLU).
