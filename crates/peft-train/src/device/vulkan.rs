@@ -61,8 +61,18 @@ fn kind_label(kind: &WgpuDeviceKind) -> &'static str {
 /// layout` (lavapipe has none; NVIDIA, AMD and Intel drivers have it), and lavapipe segfaults
 /// compiling the first matmul. The `wgpu` build (WGSL) runs there.
 fn refuse_software_spirv(index: usize, kind: &WgpuDeviceKind) -> Result<(), DeviceError> {
-    let spirv = cfg!(feature = "vulkan");
     let forced = std::env::var_os("BURN_PEFT_SPIRV_ON_SOFTWARE").is_some();
+    software_spirv_refusal(cfg!(feature = "vulkan"), forced, index, kind)
+}
+
+/// The rule of [`refuse_software_spirv`], apart from the build and the environment so that a
+/// `wgpu` build can test what a `vulkan` build does.
+fn software_spirv_refusal(
+    spirv: bool,
+    forced: bool,
+    index: usize,
+    kind: &WgpuDeviceKind,
+) -> Result<(), DeviceError> {
     if spirv && !forced && *kind == WgpuDeviceKind::Cpu {
         return Err(DeviceError::SoftwareSpirv {
             name: format!("vulkan:{index}"),
@@ -149,4 +159,26 @@ pub(super) fn describe(device: &Device) -> Option<String> {
     let bare = device.clone().without_autodiff();
     let index = adapters().iter().position(|d| *d == bare)?;
     Some(line(index, &bare))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_spirv_on_a_software_adapter_is_refused_with_the_way_out() {
+        let e = software_spirv_refusal(true, false, 1, &WgpuDeviceKind::Cpu).unwrap_err();
+        assert!(matches!(&e, DeviceError::SoftwareSpirv { name } if name == "vulkan:1"));
+        assert!(e.to_string().contains("--features wgpu"), "{e}");
+        // Forced by the environment, a GPU, or WGSL kernels: no refusal.
+        assert!(software_spirv_refusal(true, true, 1, &WgpuDeviceKind::Cpu).is_ok());
+        for kind in [
+            WgpuDeviceKind::DiscreteGpu(0),
+            WgpuDeviceKind::IntegratedGpu(0),
+            WgpuDeviceKind::VirtualGpu(0),
+        ] {
+            assert!(software_spirv_refusal(true, false, 0, &kind).is_ok());
+        }
+        assert!(software_spirv_refusal(false, false, 0, &WgpuDeviceKind::Cpu).is_ok());
+    }
 }
