@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use burn::optim::GradientsParams;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use burn_peft::core::PeftModel;
+use burn_peft::core::nn::{ForwardContext, IdBounds};
 use burn_peft::core::precision::{BaseDType, PrecisionError, cast_frozen_base};
 use burn_peft::lora::LoraConfig;
 use burn_peft::models::{HfModel, ModelInputs, Task, from_pretrained};
@@ -342,6 +343,91 @@ fn half_precision_base_on_vulkan_where_the_device_has_it() {
             Err(e) => panic!("{dtype}: {e}"),
         }
     }
+}
+
+/// The ids of `inputs` with the last id of row 0 replaced by `id`.
+fn with_last_id(inputs: &ModelInputs, id: i64) -> (ModelInputs, IdBounds) {
+    let [b, s] = inputs.input_ids.dims();
+    let mut ids: Vec<i64> = inputs
+        .input_ids
+        .to_data()
+        .convert::<i64>()
+        .try_to_vec::<i64>()
+        .unwrap();
+    ids[s - 1] = id;
+    let bounds = IdBounds::of(ids.iter().copied()).unwrap();
+    let device = inputs.input_ids.device();
+    let mut out = inputs.clone();
+    out.input_ids = Tensor::from_data(TensorData::new(ids, [b, s]), &device);
+    (out, bounds)
+}
+
+/// Host-side id bounds (what the trainer, generation and the server pass so that a GPU forward
+/// need not read the ids back) change no output, and ids out of range are still an error
+/// naming the position: with honest bounds on any device, and on flex even with wrong ones.
+#[test]
+fn host_id_bounds_change_nothing_and_bad_ids_still_fail_on_vulkan_and_flex() {
+    let check = |device: &Device, trust_bounds: bool| {
+        let model = with_lora("llama_gqa", device);
+        let inputs = inputs("llama_gqa", device);
+        let ids: Vec<i64> = inputs
+            .input_ids
+            .to_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .unwrap();
+        let bounds = IdBounds::of(ids).unwrap();
+        let plain = logits(model.model(), &inputs);
+        let fc = ForwardContext::default().with_id_bounds(bounds, None);
+        let out = model
+            .model()
+            .forward_with(&inputs, &fc)
+            .unwrap()
+            .logits
+            .unwrap();
+        assert_eq!(
+            out.into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .unwrap(),
+            plain
+        );
+
+        let vocab = match model.model() {
+            HfModel::LlamaForCausalLM(m) => m.model.embed_tokens.dims()[0] as i64,
+            _ => unreachable!(),
+        };
+        let (bad, honest) = with_last_id(&inputs, vocab);
+        let e = model
+            .model()
+            .forward_with(
+                &bad,
+                &ForwardContext::default().with_id_bounds(honest, None),
+            )
+            .unwrap_err();
+        assert!(
+            e.to_string().contains(&format!("id {vocab} at row 0")),
+            "{e}"
+        );
+        if !trust_bounds {
+            // Flex ignores the bounds and reads: bounds that claim every id is fine cannot make
+            // the CPU look up a row the table does not have.
+            let lying = IdBounds { min: 0, max: 1 };
+            let e = model
+                .model()
+                .forward_with(&bad, &ForwardContext::default().with_id_bounds(lying, None))
+                .unwrap_err();
+            assert!(
+                e.to_string().contains(&format!("id {vocab} at row 0")),
+                "{e}"
+            );
+        }
+    };
+    check(&Device::flex(), false);
+    let Some(vulkan) = common::device_or_skip("vulkan", "host id bounds on Vulkan") else {
+        return;
+    };
+    check(&vulkan, true);
 }
 
 /// One op's input gradient on `device`, for a fixed input and a fixed upstream gradient.

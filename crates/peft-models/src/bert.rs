@@ -217,7 +217,7 @@ impl BertModel {
     ) -> Result<BertOutput> {
         let [b, s] = input_checks::ids_dims(&input_ids)?;
         let e = &self.embeddings;
-        input_checks::check_token_ids(&input_ids, e.word_embeddings.dims()[0])?;
+        input_checks::check_token_ids(&input_ids, e.word_embeddings.dims()[0], fc.id_bounds().0)?;
         input_checks::check_shape(
             token_type_ids.as_ref(),
             "token_type_ids",
@@ -228,6 +228,7 @@ impl BertModel {
             input_checks::check_range(
                 types,
                 e.token_type_embeddings.dims()[0],
+                fc.id_bounds().1,
                 "token_type_ids",
                 "segment ids must be below `type_vocab_size` of config.json",
             )?;

@@ -5,7 +5,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use peft_core::nn::ForwardContext;
+use peft_core::nn::{ForwardContext, IdBounds};
 
 use crate::auto::HfModel;
 use crate::cache::KvCache;
@@ -121,20 +121,30 @@ pub fn generate_batch(
     let mut done = vec![false; batch];
     for _ in 0..config.max_new_tokens {
         let mask_tensor = any_pad.then(|| int_rows(&mask, device));
+        let rows = if config.use_cache {
+            &next_input
+        } else {
+            &tokens
+        };
+        // The ids are host values: their bounds spare the forward a device read per token.
+        let step_ctx = match IdBounds::of(rows.iter().flatten().copied()) {
+            Some(bounds) => ctx.clone().with_id_bounds(bounds, None),
+            None => ctx.clone(),
+        };
         let logits = if config.use_cache {
             model.forward_lm_with(
-                int_rows(&next_input, device),
+                int_rows(rows, device),
                 mask_tensor,
                 Some(&mut cache),
-                ctx,
+                &step_ctx,
             )
         } else {
             let mut scratch = fresh_cache();
             model.forward_lm_with(
-                int_rows(&tokens, device),
+                int_rows(rows, device),
                 mask_tensor,
                 Some(&mut scratch),
-                ctx,
+                &step_ctx,
             )
         }?;
         let [_, s, v] = logits.dims();

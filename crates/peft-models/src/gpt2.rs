@@ -157,7 +157,7 @@ impl Gpt2Model {
         fc: &ForwardContext,
     ) -> Result<Tensor<3>> {
         let [b, s] = input_checks::ids_dims(&input_ids)?;
-        input_checks::check_token_ids(&input_ids, self.wte.dims()[0])?;
+        input_checks::check_token_ids(&input_ids, self.wte.dims()[0], fc.id_bounds().0)?;
         let mut local = KvCache::new(self.h.len());
         let (mut cache, attention_mask) = KvCache::checked_with_prefix(
             &self.prompt_encoder,

@@ -4,6 +4,7 @@
 //! what was found, the limit and what to do.
 
 use burn::tensor::{Int, Tensor};
+use peft_core::nn::IdBounds;
 
 use crate::error::{ModelError, Result};
 
@@ -31,8 +32,19 @@ pub(crate) fn ids_dims(ids: &Tensor<2, Int>) -> Result<[usize; 2]> {
 }
 
 /// Every value of `ids` is in `0..size`. One small device read (the minimum and maximum); the
-/// offending position is looked up only when there is one.
-pub(crate) fn check_range(ids: &Tensor<2, Int>, size: usize, input: &str, fix: &str) -> Result<()> {
+/// offending position is looked up only when there is one. Off flex, bounds the caller saw on
+/// the host (`known`, see [`IdBounds`]) replace the read when they are in range: a read there
+/// waits for the device's queue.
+pub(crate) fn check_range(
+    ids: &Tensor<2, Int>,
+    size: usize,
+    known: Option<IdBounds>,
+    input: &str,
+    fix: &str,
+) -> Result<()> {
+    if known.is_some_and(|b| b.within(size)) && !peft_ops::is_flex(&ids.device()) {
+        return Ok(());
+    }
     let bounds = Tensor::cat(vec![ids.clone().min(), ids.clone().max()], 0).into_data();
     let bounds: Vec<i64> = bounds
         .convert::<i64>()
@@ -66,10 +78,15 @@ pub(crate) fn check_range(ids: &Tensor<2, Int>, size: usize, input: &str, fix: &
 }
 
 /// Token ids inside a vocabulary of `vocab` entries.
-pub(crate) fn check_token_ids(ids: &Tensor<2, Int>, vocab: usize) -> Result<()> {
+pub(crate) fn check_token_ids(
+    ids: &Tensor<2, Int>,
+    vocab: usize,
+    known: Option<IdBounds>,
+) -> Result<()> {
     check_range(
         ids,
         vocab,
+        known,
         "input_ids",
         "encode the text with this model's tokenizer (a tokenizer of another model gives ids \
          the embedding table does not have)",

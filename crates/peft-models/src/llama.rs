@@ -312,7 +312,7 @@ impl LlamaModel {
         fc: &ForwardContext,
     ) -> Result<Tensor<3>> {
         let [b, s] = input_checks::ids_dims(&input_ids)?;
-        input_checks::check_token_ids(&input_ids, self.embed_tokens.dims()[0])?;
+        input_checks::check_token_ids(&input_ids, self.embed_tokens.dims()[0], fc.id_bounds().0)?;
         let device = input_ids.device();
         let mut local = KvCache::new(self.layers.len());
         let (mut cache, attention_mask) = KvCache::checked_with_prefix(

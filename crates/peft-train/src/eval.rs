@@ -12,7 +12,7 @@ use crate::data::{Example, collate};
 use crate::error::{Result, TrainError};
 use crate::loss::objective_loss;
 use crate::metrics::{Mean, accuracy, macro_f1, perplexity};
-use crate::step::model_inputs;
+use crate::step::{forward_context, model_inputs};
 use crate::trainer::Objective;
 
 /// Evaluation results.
@@ -82,7 +82,7 @@ pub fn evaluate(
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = collate(&refs, pad_id, &device);
         let out = model
-            .forward(&model_inputs(&batch))
+            .forward_with(&model_inputs(&batch), &forward_context(&batch))
             .map_err(TrainError::Model)?;
         let (l, n) = objective_loss(objective, &out, &batch)?;
         loss.add_weighted(l.into_scalar::<f64>(), n as u64);

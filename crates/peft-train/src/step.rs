@@ -6,6 +6,7 @@
 use burn::module::ParamId;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::Tensor;
+use peft_core::nn::ForwardContext;
 use peft_models::{HfModel, ModelInputs};
 
 use crate::data::Collated;
@@ -23,10 +24,19 @@ pub fn model_inputs(batch: &Collated) -> ModelInputs {
     }
 }
 
+/// The forward context of a collated batch: the bounds of its ids as collation saw them, so
+/// that the forward does not read the ids back from a GPU to check them ([`IdBounds`](peft_core::nn::IdBounds)).
+pub fn forward_context(batch: &Collated) -> ForwardContext {
+    match batch.id_bounds {
+        Some((ids, types)) => ForwardContext::default().with_id_bounds(ids, Some(types)),
+        None => ForwardContext::default(),
+    }
+}
+
 /// Forward `batch` through `model` and take `objective`'s mean loss ([`objective_loss`]).
 pub fn forward_loss(model: &HfModel, objective: Objective, batch: &Collated) -> Result<Tensor<1>> {
     let out = model
-        .forward(&model_inputs(batch))
+        .forward_with(&model_inputs(batch), &forward_context(batch))
         .map_err(TrainError::Model)?;
     // The step reads nothing back while it builds the graph: a causal LM's token count stays
     // on the device (`causal_lm_loss_terms`), where `objective_loss` would read it.

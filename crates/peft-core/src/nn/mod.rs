@@ -11,4 +11,4 @@ pub use copy::ModuleCopy;
 pub use embedding::{Embedding, EmbeddingConfig};
 pub use linear::{Linear, LinearConfig, WeightLayout};
 pub use prefix::{KvPrefix, PrefixKv, RowPrefix};
-pub use rows::{BASE_ROW, ForwardContext, RowAdapters, RowGroup};
+pub use rows::{BASE_ROW, ForwardContext, IdBounds, RowAdapters, RowGroup};

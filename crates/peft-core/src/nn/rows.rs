@@ -104,6 +104,8 @@ impl RowAdapters {
 #[derive(Debug, Clone, Default)]
 pub struct ForwardContext {
     rows: Option<Arc<RowAdapters>>,
+    id_bounds: Option<IdBounds>,
+    type_id_bounds: Option<IdBounds>,
 }
 
 impl ForwardContext {
@@ -111,11 +113,72 @@ impl ForwardContext {
     pub fn mixed(rows: RowAdapters) -> Self {
         Self {
             rows: Some(Arc::new(rows)),
+            ..Self::default()
         }
     }
 
     /// The per-row adapters, if this is a mixed batch.
     pub fn rows(&self) -> Option<&RowAdapters> {
         self.rows.as_deref()
+    }
+
+    /// The same context, with the bounds of the batch's ids as the caller computed them on the
+    /// host while it built the tensors (see [`IdBounds`]).
+    ///
+    /// ```
+    /// use peft_core::nn::{ForwardContext, IdBounds};
+    ///
+    /// let ids = [[101_i64, 2023, 102], [101, 102, 0]];
+    /// let bounds = IdBounds::of(ids.iter().flatten().copied()).unwrap();
+    /// assert_eq!(bounds, IdBounds { min: 0, max: 2023 });
+    /// let fc = ForwardContext::default().with_id_bounds(bounds, None);
+    /// assert_eq!(fc.id_bounds(), (Some(bounds), None));
+    /// ```
+    pub fn with_id_bounds(mut self, input_ids: IdBounds, token_type_ids: Option<IdBounds>) -> Self {
+        self.id_bounds = Some(input_ids);
+        self.type_id_bounds = token_type_ids;
+        self
+    }
+
+    /// The host-side bounds of `input_ids` and of `token_type_ids`, where the caller gave them.
+    pub fn id_bounds(&self) -> (Option<IdBounds>, Option<IdBounds>) {
+        (self.id_bounds, self.type_id_bounds)
+    }
+}
+
+/// The smallest and largest value of an integer input (token ids, segment ids), known on the
+/// host.
+///
+/// Every forward checks its ids against the vocabulary before a lookup could go out of range.
+/// Without bounds that check reads the minimum and maximum back from the device, which on a GPU
+/// waits for everything queued before it: one stall per forward. A caller that built the tensor
+/// from host values (the trainer's collation) passes the bounds it saw, and on devices other
+/// than flex the forward checks those instead. On flex the forward always reads (it costs
+/// nothing there), so wrong bounds can never turn into an out-of-range lookup on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdBounds {
+    /// The smallest value.
+    pub min: i64,
+    /// The largest value.
+    pub max: i64,
+}
+
+impl IdBounds {
+    /// The bounds of `values`; `None` when there are none.
+    pub fn of(values: impl IntoIterator<Item = i64>) -> Option<Self> {
+        values.into_iter().fold(None, |acc, v| {
+            Some(match acc {
+                None => Self { min: v, max: v },
+                Some(b) => Self {
+                    min: b.min.min(v),
+                    max: b.max.max(v),
+                },
+            })
+        })
+    }
+
+    /// Whether every value lies in `0..size`.
+    pub fn within(&self, size: usize) -> bool {
+        self.min >= 0 && (self.max as u64) < size as u64
     }
 }

@@ -2,6 +2,8 @@
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+use peft_core::nn::IdBounds;
+
 use super::{Example, IGNORE_INDEX};
 
 /// A padded batch of examples.
@@ -19,6 +21,10 @@ pub struct Collated {
     pub lm_labels: Option<Tensor<2, Int>>,
     /// The number of real (non-padding) tokens.
     pub tokens: usize,
+    /// The smallest and largest of `input_ids` and of `token_type_ids`, seen on the host while
+    /// collating: the forward checks these instead of reading the tensors back from a GPU
+    /// ([`IdBounds`]). `None` for an empty batch.
+    pub id_bounds: Option<(IdBounds, IdBounds)>,
 }
 
 /// Right-pad a batch to its longest example (at least one column).
@@ -51,6 +57,7 @@ pub fn collate(batch: &[&Example], pad_id: i64, device: &Device) -> Collated {
             lm[base..base + t].copy_from_slice(&l[..t]);
         }
     }
+    let id_bounds = IdBounds::of(ids.iter().copied()).zip(IdBounds::of(types.iter().copied()));
     let t2 = |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, [b, s]), device);
     let labels = (b > 0)
         .then(|| batch.iter().map(|e| e.label.map(|l| l as i64)).collect())
@@ -63,5 +70,6 @@ pub fn collate(batch: &[&Example], pad_id: i64, device: &Device) -> Collated {
         labels,
         lm_labels: all_lm.then(|| t2(lm)),
         tokens,
+        id_bounds,
     }
 }
