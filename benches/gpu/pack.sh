@@ -14,9 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 out="${1:-target/gpu-bench}"
 features="${FEATURES:-vulkan}"
-# Its own target folder, the one `.ci/vulkan --spirv-build` uses (burn's features differ from
-# the plain build's, and sharing a folder would recompile Burn back and forth).
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/burn-peft-target}-spirv"
+# The usual target folder: cargo keeps each feature set's artifacts apart there.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/burn-peft-target}"
 cargo build --release -p peft-cli --features "$features"
 mkdir -p "$out"
 cp "$CARGO_TARGET_DIR/release/burn-peft" "$out/burn-peft"
