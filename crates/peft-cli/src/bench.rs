@@ -11,8 +11,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use burn::module::{Module, ModuleMapper, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use clap::Args;
 use peft_core::{PeftModel, TargetModules};
 use peft_lora::LoraConfig;
@@ -77,15 +78,47 @@ fn load(args: &BenchArgs, device: &Device) -> Result<HfModel> {
     match &config.model {
         ModelConfig::Llama(c) => {
             let scaling = c.scaling(&config.file)?;
-            Ok(HfModel::LlamaForCausalLM(LlamaForCausalLM::new(
-                c, &scaling, device,
-            )))
+            let std = initializer_range(&config.file);
+            let model = LlamaForCausalLM::new(c, &scaling, device).map(&mut HfInit { std });
+            Ok(HfModel::LlamaForCausalLM(model))
         }
         _ => bail!(crate::UsageError(format!(
             "{}: random initialization is for Llama-family configs; add model.safetensors for {}",
             config.file.display(),
             config.model_type
         ))),
+    }
+}
+
+/// `initializer_range` of config.json (transformers' `LlamaConfig` default, 0.02, without it).
+fn initializer_range(file: &std::path::Path) -> f64 {
+    std::fs::read_to_string(file)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|v| {
+            v.get("initializer_range")
+                .and_then(serde_json::Value::as_f64)
+        })
+        .filter(|std| std.is_finite() && *std > 0.0)
+        .unwrap_or(0.02)
+}
+
+/// transformers' random initialization of a Llama (`LlamaPreTrainedModel._init_weights`):
+/// every linear and embedding weight from N(0, `initializer_range`), as the PyTorch half of
+/// benches/gpu/ gets. Burn's defaults (Kaiming-uniform linears, N(0, 1) embeddings) start a
+/// tied head with logits in the hundreds and a first loss near 250 instead of near
+/// ln(vocab). One-dimensional parameters (norm weights at one, biases) keep Burn's values.
+struct HfInit {
+    std: f64,
+}
+
+impl ModuleMapper for HfInit {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if D < 2 {
+            return param;
+        }
+        let std = self.std;
+        param.map(|t| Tensor::random(t.shape(), Distribution::Normal(0.0, std), &t.device()))
     }
 }
 
