@@ -45,60 +45,41 @@ impl<M: Adaptable + Module> PeftModel<M> {
             }
         }
         let snapshot = self.model.clone();
-        let mut error = None;
-        self.for_each_site_mut(|path, mut slots| {
-            let Some(weight) = slots.weight else { return };
-            for index in 0..slots.adapters.len() {
-                let (earlier, rest) = slots.adapters.split_at_mut(index);
-                let adapter = &mut rest[0];
-                if !adapter.active || adapter.merged {
-                    continue;
-                }
-                if error.is_some() {
-                    return;
-                }
-                let bias = slots.bias.as_ref().and_then(|b| b.as_ref());
-                // Kernels merge in f32: a half-precision frozen base (`precision`) is widened
-                // here and rounded once when stored back (`set_base`).
-                let base = BaseWeights {
-                    weight: weight.val().detach().cast(DType::F32),
-                    bias: bias.map(|b| b.val().detach()),
-                };
-                let kernel = adapter.kernel.clone();
-                let input = MergeInput::new(base, earlier);
-                match kernel.merge(adapter, input, MergeDirection::Merge) {
-                    Ok(new) => {
-                        set_base(weight, slots.bias.as_deref_mut(), new);
-                        adapter.merged = true;
-                    }
-                    Err(e) => {
-                        error = Some(PeftError::InvalidState(format!(
-                            "merging `{}` into `{path}` failed: {e}",
-                            adapter.name
-                        )))
-                    }
-                }
-            }
-        });
-        match error {
-            Some(e) => {
-                // All or nothing: sites merged before the failure are restored.
-                self.model = snapshot;
-                Err(e)
-            }
-            None => Ok(()),
+        let folded = self.fold(MergeDirection::Merge);
+        if folded.is_err() {
+            // All or nothing: sites merged before the failure are restored.
+            self.model = snapshot;
         }
+        folded
     }
 
     /// Take every merged adapter back out of the base weights.
     pub fn unmerge(&mut self) -> Result<()> {
+        self.fold(MergeDirection::Unmerge)
+    }
+
+    /// Merge (in order: active adapters not merged yet) or unmerge (in reverse: merged ones)
+    /// at every site, each adapter seeing the ones before it; the first failure is returned.
+    fn fold(&mut self, direction: MergeDirection) -> Result<()> {
+        let merging = direction == MergeDirection::Merge;
         let mut error = None;
         self.for_each_site_mut(|path, mut slots| {
             let Some(weight) = slots.weight else { return };
-            for index in (0..slots.adapters.len()).rev() {
+            let count = slots.adapters.len();
+            let order: Vec<usize> = if merging {
+                (0..count).collect()
+            } else {
+                (0..count).rev().collect()
+            };
+            for index in order {
                 let (earlier, rest) = slots.adapters.split_at_mut(index);
                 let adapter = &mut rest[0];
-                if !adapter.merged {
+                let due = if merging {
+                    adapter.active && !adapter.merged
+                } else {
+                    adapter.merged
+                };
+                if !due {
                     continue;
                 }
                 let bias = slots.bias.as_ref().and_then(|b| b.as_ref());
@@ -110,14 +91,19 @@ impl<M: Adaptable + Module> PeftModel<M> {
                 };
                 let kernel = adapter.kernel.clone();
                 let input = MergeInput::new(base, earlier);
-                match kernel.merge(adapter, input, MergeDirection::Unmerge) {
+                match kernel.merge(adapter, input, direction) {
                     Ok(new) => {
                         set_base(weight, slots.bias.as_deref_mut(), new);
-                        adapter.merged = false;
+                        adapter.merged = merging;
                     }
                     Err(e) => {
+                        let (verb, preposition) = if merging {
+                            ("merging", "into")
+                        } else {
+                            ("unmerging", "from")
+                        };
                         error.get_or_insert(PeftError::InvalidState(format!(
-                            "unmerging `{}` from `{path}` failed: {e}",
+                            "{verb} `{}` {preposition} `{path}` failed: {e}",
                             adapter.name
                         )));
                     }
