@@ -15,10 +15,10 @@ use burn::module::Module;
 use burn::tensor::TensorData;
 
 use crate::adaptable::{Adaptable, Site, SiteMut, SitePath};
-use crate::adapter::{AdapterState, BaseWeights};
+use crate::adapter::AdapterState;
 use crate::error::{PeftError, Result};
 use crate::method::{PeftMethod, SiteInfo};
-use crate::peft_model::{InjectionReport, PeftModel, site_kind};
+use crate::peft_model::{InjectionReport, PeftModel, site_device_and_base, site_kind};
 
 mod options;
 
@@ -317,22 +317,7 @@ impl<M: Adaptable + Module> PeftModel<M> {
                             .map(|state| (index, state.clone()))
                     })
                     .collect();
-                let device = match site {
-                    Site::Linear(l) => l.weight.lazy_device(),
-                    Site::Embedding(e) => e.weight.lazy_device(),
-                    Site::KvPrefix(_) => model_device.clone(),
-                };
-                let base = match site {
-                    Site::Linear(l) => Some(BaseWeights {
-                        weight: l.weight.val(),
-                        bias: l.bias.as_ref().map(|b| b.val()),
-                    }),
-                    Site::Embedding(e) => Some(BaseWeights {
-                        weight: e.weight.val(),
-                        bias: None,
-                    }),
-                    Site::KvPrefix(_) => None,
-                };
+                let (device, base) = site_device_and_base(&site, model_device.clone());
                 jobs.push(Job {
                     site: SiteInfo {
                         path: path.to_string(),

@@ -84,6 +84,31 @@ pub(crate) fn site_kind(site: &Site<'_>) -> SiteKind {
     }
 }
 
+/// Where a site's weights live (a KV prefix has none: `fallback`, the model's device) and its
+/// base weights (none for a KV prefix), as a method's [`SiteInfo`](crate::SiteInfo) gives them.
+pub(crate) fn site_device_and_base(
+    site: &Site<'_>,
+    fallback: burn::tensor::Device,
+) -> (burn::tensor::Device, Option<BaseWeights>) {
+    match site {
+        Site::Linear(l) => (
+            l.weight.lazy_device(),
+            Some(BaseWeights {
+                weight: l.weight.val(),
+                bias: l.bias.as_ref().map(|b| b.val()),
+            }),
+        ),
+        Site::Embedding(e) => (
+            e.weight.lazy_device(),
+            Some(BaseWeights {
+                weight: e.weight.val(),
+                bias: None,
+            }),
+        ),
+        Site::KvPrefix(_) => (fallback, None),
+    }
+}
+
 struct SlotsMut<'a> {
     adapters: &'a mut Vec<AdapterState>,
     /// `modules_to_save` copies; `None` for sites that have no base weights (KV prefix).
@@ -206,22 +231,8 @@ impl<M: Adaptable + Module> PeftModel<M> {
         let model_device = self.model.devices().into_iter().next();
         self.model
             .visit_sites(&mut SitePath::root(), &mut |path, site| {
-                let device = match site {
-                    Site::Linear(l) => l.weight.lazy_device(),
-                    Site::Embedding(e) => e.weight.lazy_device(),
-                    Site::KvPrefix(_) => model_device.clone().unwrap_or_default(),
-                };
-                let base = match site {
-                    Site::Linear(l) => Some(BaseWeights {
-                        weight: l.weight.val(),
-                        bias: l.bias.as_ref().map(|b| b.val()),
-                    }),
-                    Site::Embedding(e) => Some(BaseWeights {
-                        weight: e.weight.val(),
-                        bias: None,
-                    }),
-                    Site::KvPrefix(_) => None,
-                };
+                let (device, base) =
+                    site_device_and_base(&site, model_device.clone().unwrap_or_default());
                 out.push(SiteRecord {
                     path: path.to_string(),
                     kind: site_kind(&site),
