@@ -126,27 +126,15 @@ pub fn generate_batch(
         } else {
             &tokens
         };
-        // The ids are host values: their bounds spare the forward a device read per token.
-        let step_ctx = match IdBounds::of(rows.iter().flatten().copied()) {
-            Some(bounds) => ctx.clone().with_id_bounds(bounds, None),
-            None => ctx.clone(),
-        };
-        let logits = if config.use_cache {
-            model.forward_lm_with(
-                int_rows(rows, device),
-                mask_tensor,
-                Some(&mut cache),
-                &step_ctx,
-            )
+        let (ids, step_ctx) = host_ids(rows, ctx, device);
+        let mut scratch;
+        let step_cache = if config.use_cache {
+            &mut cache
         } else {
-            let mut scratch = fresh_cache();
-            model.forward_lm_with(
-                int_rows(rows, device),
-                mask_tensor,
-                Some(&mut scratch),
-                &step_ctx,
-            )
-        }?;
+            scratch = fresh_cache();
+            &mut scratch
+        };
+        let logits = model.forward_lm_with(ids, mask_tensor, Some(step_cache), &step_ctx)?;
         let [_, s, v] = logits.dims();
         let last: Vec<f32> = logits
             .slice([0..batch, s - 1..s, 0..v])
@@ -219,7 +207,8 @@ fn check_room(model: &HfModel, width: usize, new: usize) -> Result<()> {
     })
 }
 
-fn int_rows(rows: &[Vec<i64>], device: &Device) -> Tensor<2, Int> {
+/// Equal-length rows of ids (token ids, masks) as an int tensor `[rows, len]`.
+pub fn int_rows(rows: &[Vec<i64>], device: &Device) -> Tensor<2, Int> {
     let b = rows.len();
     let s = rows.first().map_or(0, Vec::len);
     Tensor::from_data(TensorData::new(rows.concat(), [b, s]), device)
@@ -274,4 +263,18 @@ fn argmax(v: &[f32]) -> usize {
             if x > bv { (i, x) } else { (bi, bv) }
         })
         .0
+}
+
+/// Token-id rows known on the host as a tensor, and `ctx` with their bounds, so that the
+/// forward need not read the ids back from a GPU to check them ([`IdBounds`]).
+pub fn host_ids(
+    rows: &[Vec<i64>],
+    ctx: &ForwardContext,
+    device: &Device,
+) -> (Tensor<2, Int>, ForwardContext) {
+    let ctx = match IdBounds::of(rows.iter().flatten().copied()) {
+        Some(bounds) => ctx.clone().with_id_bounds(bounds, None),
+        None => ctx.clone(),
+    };
+    (int_rows(rows, device), ctx)
 }

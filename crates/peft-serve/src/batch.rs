@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::Device;
 use peft_core::PeftModel;
-use peft_core::nn::IdBounds;
+use peft_models::generate::{host_ids, int_rows};
 use peft_models::{GenerationConfig, HfModel, KvCache, ModelError};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -117,16 +117,13 @@ impl Engine {
         adapters: &[&str],
     ) -> Result<Vec<Vec<f32>>, ApiError> {
         let run = || -> Result<Vec<Vec<f32>>, ApiError> {
-            let mut ctx = self
+            let ctx = self
                 .model
                 .adapter_rows(adapters, &self.device)
                 .map_err(|e| ApiError::internal(e.to_string()))?;
-            // Host ids: their bounds spare the forward a device read per step on a GPU.
-            if let Some(bounds) = IdBounds::of(ids.iter().flatten().copied()) {
-                ctx = ctx.with_id_bounds(bounds, None);
-            }
+            let (ids, ctx) = host_ids(ids, &ctx, &self.device);
             let logits = self.model.model().forward_lm_with(
-                int_rows(ids, &self.device),
+                ids,
                 Some(int_rows(mask, &self.device)),
                 Some(cache),
                 &ctx,
@@ -151,13 +148,6 @@ impl Engine {
     }
 }
 
-/// Token ids as an int tensor.
-pub fn int_rows(rows: &[Vec<i64>], device: &Device) -> Tensor<2, Int> {
-    let b = rows.len();
-    let s = rows.first().map_or(0, Vec::len);
-    Tensor::from_data(TensorData::new(rows.concat(), [b, s]), device)
-}
-
 /// The running sequences and their caches, as one batch.
 #[derive(Default)]
 pub struct DecodeBatch {
@@ -166,6 +156,20 @@ pub struct DecodeBatch {
     cache: Option<KvCache>,
     /// The attention mask over the cached slots, one row per sequence.
     mask: Vec<Vec<i64>>,
+}
+
+/// Give each sequence the logits of its row and count the tokens that generated; whether each
+/// sequence goes on.
+fn advance_all(seqs: &mut [Sequence], logits: &[Vec<f32>], metrics: &Metrics) -> Vec<bool> {
+    let going: Vec<bool> = seqs
+        .iter_mut()
+        .zip(logits)
+        .map(|(s, l)| s.advance(l))
+        .collect();
+    metrics
+        .generated_tokens
+        .fetch_add(going.len() as u64, Ordering::Relaxed);
+    going
 }
 
 fn model_error(e: ModelError) -> ApiError {
@@ -258,15 +262,7 @@ impl DecodeBatch {
             mask,
             logits,
         } = prefilled;
-        let going: Vec<bool> = seqs
-            .iter_mut()
-            .zip(&logits)
-            .map(|(s, l)| s.advance(l))
-            .collect();
-        engine
-            .metrics
-            .generated_tokens
-            .fetch_add(seqs.len() as u64, Ordering::Relaxed);
+        let going = advance_all(&mut seqs, &logits, &engine.metrics);
         if !going.iter().any(|g| *g) {
             return;
         }
@@ -321,16 +317,7 @@ impl DecodeBatch {
         engine.metrics.record_batch(ids.len());
         match engine.last_logits(&ids, &self.mask, cache, &adapters) {
             Ok(logits) => {
-                let going: Vec<bool> = self
-                    .seqs
-                    .iter_mut()
-                    .zip(&logits)
-                    .map(|(s, l)| s.advance(l))
-                    .collect();
-                engine
-                    .metrics
-                    .generated_tokens
-                    .fetch_add(going.len() as u64, Ordering::Relaxed);
+                let going = advance_all(&mut self.seqs, &logits, &engine.metrics);
                 if let Err(e) = self.keep(&going) {
                     self.fail_all(e);
                 }
