@@ -11,7 +11,7 @@ use crate::adapter::{AdapterState, BaseWeights, WeightSpace};
 use crate::error::{PeftError, Result};
 use crate::matching::{all_linear_names, select_targets};
 use crate::method::{BiasMode, PeftMethod, SiteInfo, peft_type_of};
-use crate::peft_model::InjectionReport;
+use crate::peft_model::{InjectionReport, check_new_adapter_name};
 
 /// Why the adapter is being added: for training, or loaded from a bundle (where an adapter whose
 /// weight-space form is exact for inference only is accepted).
@@ -43,17 +43,7 @@ impl<M: Module> PeftModule<M> {
         method: &dyn PeftMethod,
         purpose: Purpose,
     ) -> Result<InjectionReport> {
-        if self.configs.iter().any(|(n, _)| n == name) {
-            return Err(PeftError::AdapterExists(name.to_string()));
-        }
-        if name.is_empty() || name.contains(['/', '\\', '.']) {
-            return Err(PeftError::invalid_config(
-                "adapter_name",
-                format!(
-                    "`{name}` cannot name an adapter: it must be non-empty and hold no '/', '\\' or '.'"
-                ),
-            ));
-        }
+        check_new_adapter_name(&self.configs, name)?;
         method.validate()?;
         refuse_unsupported_options(method)?;
         let mut layers = self.read_layers()?;

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use burn::module::Module;
 
-use super::{PeftModel, SiteRecord};
+use super::{PeftModel, SiteRecord, check_new_adapter_name};
 use crate::adaptable::Adaptable;
 use crate::adapter::AdapterState;
 use crate::error::{PeftError, Result};
@@ -19,17 +19,7 @@ impl<M: Adaptable + Module> PeftModel<M> {
     /// Inject adapter `name` built from `method`, freeze every base parameter, and make the
     /// adapter trainable. The first adapter added becomes the active one (as in PEFT).
     pub fn add_adapter(&mut self, name: &str, method: &dyn PeftMethod) -> Result<InjectionReport> {
-        if self.configs.iter().any(|(n, _)| n == name) {
-            return Err(PeftError::AdapterExists(name.to_string()));
-        }
-        if name.is_empty() || name.contains(['/', '\\', '.']) {
-            return Err(PeftError::invalid_config(
-                "adapter_name",
-                format!(
-                    "`{name}` cannot name an adapter: it must be non-empty and hold no '/', '\\' or '.'"
-                ),
-            ));
-        }
+        check_new_adapter_name(&self.configs, name)?;
         method.validate()?;
         let sites = self.sites();
         // Modules named by `target_modules` / `modules_to_save`: linear and embedding sites.

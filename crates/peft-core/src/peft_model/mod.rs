@@ -56,6 +56,26 @@ struct SiteRecord {
     base: Option<BaseWeights>,
 }
 
+/// A name `add_adapter` can take: not in use, non-empty, and without '/', '\\' or '.' (it
+/// becomes a key segment and a folder name in PEFT's format).
+pub(crate) fn check_new_adapter_name(
+    configs: &[(String, Box<dyn PeftMethod>)],
+    name: &str,
+) -> Result<()> {
+    if configs.iter().any(|(n, _)| n == name) {
+        return Err(PeftError::AdapterExists(name.to_string()));
+    }
+    if name.is_empty() || name.contains(['/', '\\', '.']) {
+        return Err(PeftError::invalid_config(
+            "adapter_name",
+            format!(
+                "`{name}` cannot name an adapter: it must be non-empty and hold no '/', '\\' or '.'"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn site_kind(site: &Site<'_>) -> SiteKind {
     match site {
         Site::Linear(l) => {
