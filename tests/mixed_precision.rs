@@ -1,52 +1,19 @@
 //! Mixed precision on flex: the frozen base in f16 / bf16, adapters, gradients, optimizer
 //! state and saved bundles in f32; full fine-tuning refuses a half-precision base.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor};
 use burn_peft::core::PeftModel;
 use burn_peft::core::nn::{BASE_ROW, ForwardContext, RowAdapters};
 use burn_peft::core::precision::{BaseDType, PrecisionError, cast_frozen_base};
 use burn_peft::lora::LoraConfig;
 use burn_peft::models::{HfModel, ModelInputs, Task, from_pretrained};
-use burn_peft::train::data::Example;
 use burn_peft::train::{Objective, TrainConfig, Trainer, checkpoint};
-
-fn dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/models")
-        .join(name)
-}
-
-fn inputs(name: &str, device: &Device) -> ModelInputs {
-    let bytes = std::fs::read(dir(name).join("inputs.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = |key: &str| {
-        st.tensor(key).ok().map(|view| {
-            let v: Vec<i64> = view
-                .data()
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            Tensor::<2, Int>::from_data(TensorData::new(v, view.shape().to_vec()), device)
-        })
-    };
-    ModelInputs {
-        input_ids: t("input_ids").unwrap(),
-        attention_mask: t("attention_mask"),
-        token_type_ids: t("token_type_ids"),
-    }
-}
-
-fn with_lora(name: &str, device: &Device) -> PeftModel<HfModel> {
-    let base = from_pretrained(dir(name).to_str().unwrap(), Task::Auto, device).unwrap();
-    let mut model = PeftModel::new(base.model);
-    model
-        .load_adapter(dir(name).join("lora"), "default")
-        .unwrap();
-    model
-}
+use common::fixture_models::{lm_data, model_dir, model_inputs, with_lora};
 
 fn output(model: &HfModel, inputs: &ModelInputs) -> Vec<f32> {
     let out = model.forward(inputs).unwrap();
@@ -87,7 +54,7 @@ impl ModuleVisitor for Dtypes {
 fn half_precision_base_stays_close_to_f32_on_every_family() {
     let device = Device::flex();
     for name in ["bert", "gpt2", "llama_gqa", "llama_tied"] {
-        let inputs = inputs(name, &device);
+        let inputs = model_inputs(name, &device);
         let reference = output(with_lora(name, &device).model(), &inputs);
         for dtype in [BaseDType::F16, BaseDType::BF16] {
             let mut model = with_lora(name, &device);
@@ -130,7 +97,7 @@ fn dora_ia3_and_mixed_batches_run_over_a_half_precision_base() {
     };
     let base = |name: &str| {
         PeftModel::new(
-            from_pretrained(dir(name).to_str().unwrap(), Task::Auto, &device)
+            from_pretrained(model_dir(name).to_str().unwrap(), Task::Auto, &device)
                 .unwrap()
                 .model,
         )
@@ -142,7 +109,7 @@ fn dora_ia3_and_mixed_batches_run_over_a_half_precision_base() {
         ("ia3", "llama", "llama_gqa"),
         ("ia3", "bert_cls", "bert_cls"),
     ] {
-        let inputs = inputs(name, &device);
+        let inputs = model_inputs(name, &device);
         let mut reference = base(name);
         reference
             .load_adapter(fixture(method).join(case), "default")
@@ -164,7 +131,7 @@ fn dora_ia3_and_mixed_batches_run_over_a_half_precision_base() {
 
     // A mixed batch: rows 0 and 2 with DoRA, row 1 with the base alone.
     let name = "llama_gqa";
-    let inputs = inputs(name, &device);
+    let inputs = model_inputs(name, &device);
     let rows = ["default", BASE_ROW, "default"];
     let run = |half: bool| {
         let mut model = base(name);
@@ -190,7 +157,7 @@ fn dora_ia3_and_mixed_batches_run_over_a_half_precision_base() {
 #[test]
 fn full_fine_tuning_refuses_a_half_precision_base() {
     let device = Device::flex();
-    let base = from_pretrained(dir("gpt2").to_str().unwrap(), Task::Auto, &device).unwrap();
+    let base = from_pretrained(model_dir("gpt2").to_str().unwrap(), Task::Auto, &device).unwrap();
     let mut model = PeftModel::new(base.model);
     model.set_train_base(true);
     let e = cast_frozen_base(&mut model, BaseDType::F16, &device).unwrap_err();
@@ -198,30 +165,18 @@ fn full_fine_tuning_refuses_a_half_precision_base() {
     assert!(e.to_string().contains("dtype f32"), "{e}");
 }
 
-fn lm_data(n: usize) -> Vec<Example> {
-    (0..n)
-        .map(|i| {
-            let start = 1 + (i as i64 % 4) * 20;
-            let ids: Vec<i64> = (0..8).map(|k| start + 3 * k).collect();
-            Example {
-                token_type_ids: vec![0; ids.len()],
-                labels: Some(ids.clone()),
-                input_ids: ids,
-                label: None,
-                line: 0,
-            }
-        })
-        .collect()
-}
-
 #[test]
 fn training_with_an_f16_base_keeps_adapters_and_optimizer_state_in_f32() {
     let device = Device::flex().autodiff();
     device.seed(7);
     let out = tempfile::tempdir().unwrap();
-    let base = from_pretrained(dir("llama_gqa").to_str().unwrap(), Task::CausalLm, &device)
-        .unwrap()
-        .model;
+    let base = from_pretrained(
+        model_dir("llama_gqa").to_str().unwrap(),
+        Task::CausalLm,
+        &device,
+    )
+    .unwrap()
+    .model;
     let mut model = PeftModel::new(base);
     let lora = LoraConfig {
         r: 4,

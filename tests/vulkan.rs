@@ -11,7 +11,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::optim::GradientsParams;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
@@ -20,52 +20,11 @@ use burn_peft::core::nn::{ForwardContext, IdBounds};
 use burn_peft::core::precision::{BaseDType, PrecisionError, cast_frozen_base};
 use burn_peft::lora::LoraConfig;
 use burn_peft::models::{HfModel, ModelInputs, Task, from_pretrained};
-use burn_peft::train::data::Example;
 use burn_peft::train::optim::trainable_paths;
 use burn_peft::train::{
     Objective, TrainConfig, Trainer, causal_lm_loss, checkpoint, classification_loss,
 };
-
-fn dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/models")
-        .join(name)
-}
-
-fn ints(file: &Path, key: &str) -> Option<Tensor<2, Int>> {
-    let bytes = std::fs::read(file).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let view = st.tensor(key).ok()?;
-    let v: Vec<i64> = view
-        .data()
-        .chunks_exact(8)
-        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-        .collect();
-    Some(Tensor::from_data(
-        TensorData::new(v, view.shape().to_vec()),
-        &Device::flex(),
-    ))
-}
-
-fn inputs(name: &str, device: &Device) -> ModelInputs {
-    let file = dir(name).join("inputs.safetensors");
-    let on = |t: Tensor<2, Int>| Tensor::from_data(t.into_data(), device);
-    ModelInputs {
-        input_ids: on(ints(&file, "input_ids").unwrap()),
-        attention_mask: ints(&file, "attention_mask").map(on),
-        token_type_ids: ints(&file, "token_type_ids").map(on),
-    }
-}
-
-/// The fixture model with its PEFT LoRA (non-zero A and B, no dropout), trainable.
-fn with_lora(name: &str, device: &Device) -> PeftModel<HfModel> {
-    let base = from_pretrained(dir(name).to_str().unwrap(), Task::Auto, device).unwrap();
-    let mut model = PeftModel::new(base.model);
-    model
-        .load_adapter(dir(name).join("lora"), "default")
-        .unwrap();
-    model
-}
+use common::fixture_models::{lm_data, model_dir, model_inputs, with_lora};
 
 /// Loss of one batch: next-token cross-entropy on the real tokens (causal LM) or against
 /// label `row % classes` (classifier).
@@ -87,7 +46,7 @@ fn loss(model: &HfModel, inputs: &ModelInputs) -> Tensor<1> {
 fn step_gradients(name: &str, device: &Device) -> (f32, BTreeMap<String, Vec<f32>>) {
     let device = device.clone().autodiff();
     let model = with_lora(name, &device);
-    let inputs = inputs(name, &device);
+    let inputs = model_inputs(name, &device);
     let loss = loss(model.model(), &inputs);
     let value = loss.clone().into_scalar::<f32>();
     let grads = GradientsParams::from_grads(loss.backward(), model.model());
@@ -171,23 +130,6 @@ fn lora_step_gradients_on_vulkan_match_flex_bert_classifier() {
     assert_gradients_match_flex("bert_cls");
 }
 
-/// Four fixed token sequences (a learnable LM task).
-fn lm_data(n: usize) -> Vec<Example> {
-    (0..n)
-        .map(|i| {
-            let start = 1 + (i as i64 % 4) * 20;
-            let ids: Vec<i64> = (0..8).map(|k| start + 3 * k).collect();
-            Example {
-                token_type_ids: vec![0; ids.len()],
-                labels: Some(ids.clone()),
-                input_ids: ids,
-                label: None,
-                line: 0,
-            }
-        })
-        .collect()
-}
-
 fn lm_trainer(device: &Device, out: &Path, max_steps: u64) -> Trainer {
     let device = device.clone().autodiff();
     let config = TrainConfig {
@@ -202,9 +144,13 @@ fn lm_trainer(device: &Device, out: &Path, max_steps: u64) -> Trainer {
         ..Default::default()
     };
     device.seed(config.seed);
-    let base = from_pretrained(dir("llama_gqa").to_str().unwrap(), Task::CausalLm, &device)
-        .unwrap()
-        .model;
+    let base = from_pretrained(
+        model_dir("llama_gqa").to_str().unwrap(),
+        Task::CausalLm,
+        &device,
+    )
+    .unwrap()
+    .model;
     let mut model = PeftModel::new(base);
     let lora = LoraConfig {
         r: 4,
@@ -317,7 +263,7 @@ fn half_precision_base_on_vulkan_where_the_device_has_it() {
     let Some(vulkan) = common::device_or_skip("vulkan", "half precision on Vulkan") else {
         return;
     };
-    let inputs = inputs("llama_gqa", &vulkan);
+    let inputs = model_inputs("llama_gqa", &vulkan);
     let reference = logits(with_lora("llama_gqa", &vulkan).model(), &inputs);
     for dtype in [BaseDType::F16, BaseDType::BF16] {
         let mut model = with_lora("llama_gqa", &vulkan);
@@ -369,7 +315,7 @@ fn with_last_id(inputs: &ModelInputs, id: i64) -> (ModelInputs, IdBounds) {
 fn host_id_bounds_change_nothing_and_bad_ids_still_fail_on_vulkan_and_flex() {
     let check = |device: &Device, trust_bounds: bool| {
         let model = with_lora("llama_gqa", device);
-        let inputs = inputs("llama_gqa", device);
+        let inputs = model_inputs("llama_gqa", device);
         let ids: Vec<i64> = inputs
             .input_ids
             .to_data()
