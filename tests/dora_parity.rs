@@ -186,7 +186,8 @@ fn gradient_parity(case: &str, name: &str) {
     let (inputs, _) = inputs(name, &device);
     let dir = fixture("dora").join(case);
     let mut model = load(name, &device);
-    model.load_adapter(&dir, "default").unwrap();
+    // Trainable, as PEFT's `get_peft_model` adapter the gradients were taken from.
+    model.load_adapter_trainable(&dir, "default").unwrap();
     let expected = read_all(&dir.join("expected.safetensors"));
     let (probe, shape) = expected["probe"].clone();
     let probe = Tensor::<3>::from_data(TensorData::new(probe, shape), &device);
@@ -239,9 +240,13 @@ fn trainable_report_equals_print_trainable_parameters() {
     for (case, name, second) in [("gpt2", "gpt2", false), ("llama", "llama_gqa", true)] {
         let mut model = load(name, &device);
         let dir = fixture("dora").join(case);
-        model.load_adapter(&dir, "default").unwrap();
+        // Trainable, as in PEFT's `get_peft_model` (a bundle loaded for inference trains
+        // nothing: `loaded_adapters_are_frozen_unless_asked_to_train`).
+        model.load_adapter_trainable(&dir, "default").unwrap();
         if second {
-            model.load_adapter(dir.join("second"), "second").unwrap();
+            model
+                .load_adapter_trainable(dir.join("second"), "second")
+                .unwrap();
         }
         let reference: Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("trainable.json")).unwrap())

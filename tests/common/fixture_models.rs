@@ -47,7 +47,7 @@ pub fn with_lora(name: &str, device: &Device) -> PeftModel<HfModel> {
     let base = from_pretrained(model_dir(name).to_str().unwrap(), Task::Auto, device).unwrap();
     let mut model = PeftModel::new(base.model);
     model
-        .load_adapter(model_dir(name).join("lora"), "default")
+        .load_adapter_trainable(model_dir(name).join("lora"), "default")
         .unwrap();
     model
 }

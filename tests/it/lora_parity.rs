@@ -16,7 +16,7 @@ const TOL: f32 = 1e-5;
 fn loaded_main(device: &Device) -> PeftModel<Tiny> {
     let mut model = PeftModel::new(Tiny::load(device));
     model
-        .load_adapter(fixtures().join("main"), "default")
+        .load_adapter_trainable(fixtures().join("main"), "default")
         .unwrap();
     model
 }
@@ -100,10 +100,10 @@ fn two_adapters_switch_combine_and_disable_like_peft() {
     let ids = input_ids(&device);
     let mut model = PeftModel::new(Tiny::load(&device));
     model
-        .load_adapter(fixtures().join("multi"), "default")
+        .load_adapter_trainable(fixtures().join("multi"), "default")
         .unwrap();
     model
-        .load_adapter(fixtures().join("multi/second"), "second")
+        .load_adapter_trainable(fixtures().join("multi/second"), "second")
         .unwrap();
     assert_eq!(model.active_adapters(), ["default"]);
     let reference: Value = serde_json::from_str(
@@ -165,7 +165,7 @@ fn bias_lora_only_trains_targeted_biases_like_peft() {
     let device = Device::flex();
     let mut model = PeftModel::new(Tiny::load(&device));
     model
-        .load_adapter(fixtures().join("multi/second"), "second")
+        .load_adapter_trainable(fixtures().join("multi/second"), "second")
         .unwrap();
     let reference: Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("multi/trainable.json")).unwrap(),

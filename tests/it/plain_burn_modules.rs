@@ -298,7 +298,7 @@ fn pair(
         .unwrap();
     plain.save_adapter(dir, "default").unwrap();
     let mut ours = PeftModel::new(ours::Transformer::new(device));
-    ours.load_adapter(dir, "default").unwrap();
+    ours.load_adapter_trainable(dir, "default").unwrap();
     (plain, ours)
 }
 
@@ -548,7 +548,7 @@ fn named_adapters_switch_disable_and_delete() {
             .add_adapter(name, method(lora(targets)).as_ref())
             .unwrap();
         plain.save_adapter(dir.path(), name).unwrap();
-        ours.load_adapter(bundle::adapter_dir(dir.path(), name), name)
+        ours.load_adapter_trainable(bundle::adapter_dir(dir.path(), name), name)
             .unwrap();
     }
     assert_eq!(plain.active_adapters(), ["qv"]);

@@ -162,8 +162,10 @@ pub fn run(args: InspectArgs) -> Result<()> {
     let pretrained = from_pretrained(model, task, &device)
         .with_context(|| format!("loading base model `{model}`"))?;
     let mut peft = PeftModel::new(pretrained.model);
+    // Trainable, so the report counts what the adapter trains (PEFT's
+    // `print_trainable_parameters` after `get_peft_model`), not a frozen inference load.
     let report = peft
-        .load_adapter(&args.adapter, "default")
+        .load_adapter_trainable(&args.adapter, "default")
         .with_context(|| format!("checking {} against `{model}`", args.adapter.display()))?;
     println!("base model `{model}`: every tensor of the bundle fits its module");
     if !report.unknown_config_keys.is_empty() {

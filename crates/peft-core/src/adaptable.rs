@@ -95,6 +95,45 @@ pub trait Adaptable {
     fn classifier_head(&self) -> Option<String> {
         None
     }
+
+    /// PEFT's default `target_modules` for this model under PEFT's mapping `table` (`"LORA"`,
+    /// `"IA3"`: the `TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING` tables of
+    /// `peft/utils/constants.py`, keyed there by `model_type`), which a method config that names
+    /// no targets takes, as PEFT's `_prepare_adapter_config` does. `None` when the model has no
+    /// entry in that table (then PEFT, and we, ask for `target_modules`).
+    fn default_targets(&self, table: &str) -> Option<DefaultTargets> {
+        let _ = table;
+        None
+    }
+}
+
+/// The modules PEFT adapts by default on a model type (see
+/// [`Adaptable::default_targets`]).
+///
+/// ```
+/// use peft_core::DefaultTargets;
+/// let lora = DefaultTargets::new(&["q_proj", "v_proj"], &[]);
+/// assert_eq!(lora.target_modules, ["q_proj", "v_proj"]);
+/// assert!(lora.feedforward_modules.is_empty());
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DefaultTargets {
+    /// Modules to adapt (`target_modules`).
+    pub target_modules: Vec<String>,
+    /// Those of them that scale their input (IA3's `feedforward_modules`); empty for other
+    /// tables.
+    pub feedforward_modules: Vec<String>,
+}
+
+impl DefaultTargets {
+    /// From string lists.
+    pub fn new(target_modules: &[&str], feedforward_modules: &[&str]) -> Self {
+        let own = |names: &[&str]| names.iter().map(|n| n.to_string()).collect();
+        Self {
+            target_modules: own(target_modules),
+            feedforward_modules: own(feedforward_modules),
+        }
+    }
 }
 
 impl Adaptable for Linear {

@@ -17,6 +17,10 @@ use crate::method::PeftMethod;
 pub const CONFIG_FILE: &str = "adapter_config.json";
 /// File name of the adapter weights.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// File name of the adapter weights as a PyTorch pickle (PEFT's
+/// `save_pretrained(safe_serialization=False)`, still common on the Hub); read when a bundle has
+/// no [`WEIGHTS_FILE`].
+pub const PICKLE_WEIGHTS_FILE: &str = "adapter_model.bin";
 /// Prefix PEFT puts before module paths in the weights file.
 pub const KEY_PREFIX: &str = "base_model.model.";
 
@@ -211,21 +215,10 @@ impl TensorFile {
         })?;
         let mut tensors = HashMap::new();
         for (name, view) in st.tensors() {
-            let shape = view.shape().to_vec();
-            let data = view.data();
-            let values: Vec<f32> = match view.dtype() {
-                Dtype::F32 => data
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-                Dtype::F16 => data
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-                Dtype::BF16 => data
-                    .chunks_exact(2)
-                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
+            let float = match view.dtype() {
+                Dtype::F32 => Float::F32,
+                Dtype::F16 => Float::F16,
+                Dtype::BF16 => Float::BF16,
                 other => {
                     return Err(PeftError::UnsupportedDtype {
                         file: path.to_path_buf(),
@@ -234,7 +227,86 @@ impl TensorFile {
                     });
                 }
             };
-            tensors.insert(name, TensorData::new(values, shape));
+            let values = float.decode(view.data());
+            tensors.insert(name, TensorData::new(values, view.shape().to_vec()));
+        }
+        Ok(Self {
+            file: path.to_path_buf(),
+            tensors,
+            used: HashSet::new(),
+        })
+    }
+
+    /// The weights of the bundle in `dir` and the file they came from:
+    /// `adapter_model.safetensors`, else PEFT's pickled `adapter_model.bin`
+    /// ([`read_pickle`](Self::read_pickle)).
+    pub fn read_bundle_weights(dir: &Path) -> Result<(PathBuf, Self)> {
+        let safetensors = dir.join(WEIGHTS_FILE);
+        let pickle = dir.join(PICKLE_WEIGHTS_FILE);
+        if !safetensors.exists() && pickle.is_file() {
+            let file = Self::read_pickle(&pickle)?;
+            return Ok((pickle, file));
+        }
+        let file = Self::read(&safetensors)?;
+        Ok((safetensors, file))
+    }
+
+    /// Read a PyTorch pickle of tensors (`torch.save(state_dict)`, as PEFT writes
+    /// `adapter_model.bin`) as data, with burn-store's PyTorch reader: nothing in the file is
+    /// executed. The pickle must be a dictionary of float tensors and nothing else; anything
+    /// else (another object, a nested dictionary, an integer tensor) is
+    /// [`PeftError::CorruptFile`] or [`PeftError::UnsupportedDtype`] naming the entry.
+    pub fn read_pickle(path: &Path) -> Result<Self> {
+        use pytorch_reader::{DType as PtDType, PickleValue, PytorchReader};
+        let corrupt = |reason: String| PeftError::CorruptFile {
+            file: path.to_path_buf(),
+            reason,
+        };
+        let not_pickle = |e: pytorch_reader::PytorchError| {
+            corrupt(format!("not a readable PyTorch pickle of tensors: {e}"))
+        };
+        let reader = PytorchReader::new(path).map_err(not_pickle)?;
+        let PickleValue::Dict(entries) =
+            PytorchReader::read_pickle_data(path, None).map_err(not_pickle)?
+        else {
+            return Err(corrupt(
+                "the pickle does not hold a dictionary of tensors".into(),
+            ));
+        };
+        let mut names: Vec<&String> = entries.keys().collect();
+        names.sort();
+        if let Some(other) = names.iter().find(|k| reader.get(k).is_none()) {
+            let kind = match &entries[*other] {
+                PickleValue::Unsupported(t) => t.clone(),
+                PickleValue::Dict(_) => "a dictionary".into(),
+                value => format!("{value:?}"),
+            };
+            return Err(corrupt(format!(
+                "entry `{other}` holds {kind}, not a tensor; an adapter pickle holds only \
+                 tensors"
+            )));
+        }
+        let mut tensors = HashMap::new();
+        for (name, tensor) in reader.into_tensors() {
+            let float = match tensor.dtype() {
+                PtDType::F32 => Float::F32,
+                PtDType::F16 => Float::F16,
+                PtDType::BF16 => Float::BF16,
+                other => {
+                    return Err(PeftError::UnsupportedDtype {
+                        file: path.to_path_buf(),
+                        key: name,
+                        found: format!("{other:?}"),
+                    });
+                }
+            };
+            let shape = tensor.shape().to_vec();
+            // The reader gives native-endian bytes; safetensors files are little-endian.
+            let bytes = tensor
+                .read()
+                .map_err(|e| corrupt(format!("cannot read tensor `{name}`: {e}")))?;
+            let bytes = float.native_to_le(bytes);
+            tensors.insert(name, TensorData::new(float.decode(&bytes), shape));
         }
         Ok(Self {
             file: path.to_path_buf(),
@@ -303,6 +375,46 @@ impl TensorFile {
             format!("{KEY_PREFIX}{path}.")
         };
         SiteTensors { prefix, file: self }
+    }
+}
+
+/// The float types a bundle may store (PEFT saves the adapter's dtype).
+#[derive(Debug, Clone, Copy)]
+enum Float {
+    F32,
+    F16,
+    BF16,
+}
+
+impl Float {
+    /// Little-endian bytes to `f32` values.
+    fn decode(self, data: &[u8]) -> Vec<f32> {
+        match self {
+            Float::F32 => data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Float::F16 => data
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Float::BF16 => data
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+        }
+    }
+
+    /// Native-endian element bytes as little-endian ones.
+    fn native_to_le(self, mut bytes: Vec<u8>) -> Vec<u8> {
+        if cfg!(target_endian = "big") {
+            let width = match self {
+                Float::F32 => 4,
+                Float::F16 | Float::BF16 => 2,
+            };
+            bytes.chunks_exact_mut(width).for_each(<[u8]>::reverse);
+        }
+        bytes
     }
 }
 

@@ -23,7 +23,7 @@ pub mod nn;
 mod peft_model;
 pub mod precision;
 
-pub use adaptable::{Adaptable, Site, SiteMut, SitePath, SiteSummary, list_sites};
+pub use adaptable::{Adaptable, DefaultTargets, Site, SiteMut, SitePath, SiteSummary, list_sites};
 pub use adapter::{
     AdapterKernel, AdapterState, BaseWeights, MergeDirection, MergeInput, TensorSource, WeightSpace,
 };

@@ -99,6 +99,27 @@ pub trait PeftMethod: Debug + Send + Sync {
     /// Which modules to adapt.
     fn targets(&self) -> TargetSpec;
 
+    /// This config with PEFT's default targets for the model filled in where it names none,
+    /// as PEFT's `_prepare_adapter_config` does before injecting: `defaults(table)` gives the
+    /// model's entry of PEFT's mapping `table` (`"LORA"`, `"IA3"`, see
+    /// [`Adaptable::default_targets`](crate::Adaptable::default_targets)). `None` when nothing
+    /// is filled in (the config names its targets, or the model has no defaults: injection then
+    /// asks for `target_modules`). The filled config is the one saved, as PEFT saves it.
+    fn with_default_targets(
+        &self,
+        defaults: &dyn Fn(&str) -> Option<crate::DefaultTargets>,
+    ) -> Option<Box<dyn PeftMethod>> {
+        let _ = defaults;
+        None
+    }
+
+    /// PEFT's `inference_mode`: a bundle whose config says `true` (PEFT writes it so on every
+    /// save) loads frozen unless asked to train, as `PeftModel.from_pretrained(...,
+    /// is_trainable=False)`. Methods without the field train what they load.
+    fn inference_mode(&self) -> bool {
+        false
+    }
+
     /// `modules_to_save`: modules that get a trainable, saved copy.
     fn modules_to_save(&self) -> Vec<String> {
         Vec::new()

@@ -16,8 +16,11 @@ use syn::{Data, DeriveInput, Fields, LitStr, parse_macro_input};
 ///   embeddings) that `target_modules = "all-linear"` always leaves out, and
 ///   `#[peft(classifier_head = "score")]` the classification head it leaves out when the method's
 ///   `task_type` is `SEQ_CLS` (PEFT's `_maybe_include_all_linear_layers`).
-/// - Enum variants with one field are transparent (no segment); `output_layer` and
-///   `classifier_head` are those of the variant held.
+/// - On the type, `#[peft(default_targets = "path::to::fn")]` names a function
+///   `fn(&Self, &str) -> Option<DefaultTargets>` that answers `Adaptable::default_targets`
+///   (PEFT's per-model-type default `target_modules`).
+/// - Enum variants with one field are transparent (no segment); `output_layer`,
+///   `classifier_head` and `default_targets` are those of the variant held.
 ///
 /// The generated code refers to `peft_core` when the crate depends on it, else to
 /// `burn_peft::core`; `#[peft(crate = "path")]` overrides this.
@@ -73,6 +76,7 @@ struct TypeOpts {
     krate: syn::Path,
     output_layer: Option<String>,
     classifier_head: Option<String>,
+    default_targets: Option<syn::Path>,
 }
 
 /// Where `peft_core` is reachable from the crate being compiled: `peft_core` itself when it is a
@@ -100,6 +104,7 @@ fn type_opts(attrs: &[syn::Attribute]) -> syn::Result<TypeOpts> {
     let mut krate: syn::Path = default_crate_path();
     let mut output_layer = None;
     let mut classifier_head = None;
+    let mut default_targets = None;
     for attr in attrs.iter().filter(|a| a.path().is_ident("peft")) {
         attr.parse_nested_meta(|meta| {
             if meta.path.is_ident("crate") {
@@ -114,9 +119,14 @@ fn type_opts(attrs: &[syn::Attribute]) -> syn::Result<TypeOpts> {
                 let lit: LitStr = meta.value()?.parse()?;
                 classifier_head = Some(lit.value());
                 Ok(())
+            } else if meta.path.is_ident("default_targets") {
+                let lit: LitStr = meta.value()?.parse()?;
+                default_targets = Some(lit.parse()?);
+                Ok(())
             } else {
                 Err(meta.error(
-                    "expected `crate = \"...\"`, `output_layer = \"...\"` or `classifier_head = \"...\"`",
+                    "expected `crate = \"...\"`, `output_layer = \"...\"`, \
+                     `classifier_head = \"...\"` or `default_targets = \"...\"`",
                 ))
             }
         })?;
@@ -125,6 +135,7 @@ fn type_opts(attrs: &[syn::Attribute]) -> syn::Result<TypeOpts> {
         krate,
         output_layer,
         classifier_head,
+        default_targets,
     })
 }
 
@@ -214,6 +225,7 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
             let mut arms_mut = TokenStream2::new();
             let mut output_arms = TokenStream2::new();
             let mut classifier_arms = TokenStream2::new();
+            let mut targets_arms = TokenStream2::new();
             for variant in &data.variants {
                 let vname = &variant.ident;
                 let (pattern, bindings): (TokenStream2, Vec<syn::Ident>) = match &variant.fields {
@@ -254,10 +266,14 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
                     classifier_arms.extend(
                         quote!(Self::#vname(f0) => #krate::Adaptable::classifier_head(f0),),
                     );
+                    targets_arms.extend(quote!(
+                        Self::#vname(f0) => #krate::Adaptable::default_targets(f0, table),
+                    ));
                 } else {
                     let none = quote!(#[allow(unused_variables)] #pattern => ::core::option::Option::None,);
                     output_arms.extend(none.clone());
-                    classifier_arms.extend(none);
+                    classifier_arms.extend(none.clone());
+                    targets_arms.extend(none);
                 }
                 arms.extend(quote!(#[allow(unused_variables)] #pattern => { #b }));
                 arms_mut.extend(quote!(#[allow(unused_variables)] #pattern => { #bm }));
@@ -268,6 +284,7 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
                 Some((
                     quote!(match self { #output_arms }),
                     quote!(match self { #classifier_arms }),
+                    quote!(match self { #targets_arms }),
                 )),
             )
         }
@@ -306,6 +323,26 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
         quote!(classifier_head),
     );
 
+    let default_targets = match (&opts.default_targets, delegated.as_ref().map(|d| &d.2)) {
+        (Some(function), _) => quote! {
+            fn default_targets(
+                &self,
+                table: &str,
+            ) -> ::core::option::Option<#krate::DefaultTargets> {
+                #function(self, table)
+            }
+        },
+        (None, Some(arms)) => quote! {
+            fn default_targets(
+                &self,
+                table: &str,
+            ) -> ::core::option::Option<#krate::DefaultTargets> {
+                #arms
+            }
+        },
+        (None, None) => quote!(),
+    };
+
     Ok(quote! {
         impl #impl_generics #krate::Adaptable for #ident #ty_generics #where_clause {
             fn visit_sites(
@@ -327,6 +364,8 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
             #output_layer
 
             #classifier_head
+
+            #default_targets
         }
     })
 }

@@ -17,14 +17,6 @@ fn default_true() -> bool {
     true
 }
 
-/// What PEFT fills in for `target_modules` / `feedforward_modules` when they are absent, for the
-/// architectures burn-peft ships (`TRANSFORMERS_MODELS_TO_IA3_*_MAPPING` in
-/// `peft/utils/constants.py`); quoted in our error messages.
-const PEFT_DEFAULTS: &str = "bert: target [\"key\", \"value\", \"output.dense\"], feedforward \
-     [\"output.dense\"]; gpt2: [\"c_attn\", \"mlp.c_proj\"], [\"mlp.c_proj\"]; llama, mistral: \
-     [\"k_proj\", \"v_proj\", \"down_proj\"], [\"down_proj\"]; qwen2: [\"q_proj\", \"v_proj\", \
-     \"down_proj\"], [\"down_proj\"]";
-
 /// (IA)³ as Hugging Face PEFT defines it: at each targeted linear layer a learned vector `l`
 /// rescales the output, `y = (x W + b) ⊙ l`, or, for the layers named by `feedforward_modules`,
 /// the input, `y = (x ⊙ l) W + b`. `l` starts at ones (`init_ia3_weights`), so a fresh adapter
@@ -123,23 +115,50 @@ impl PeftMethod for Ia3Config {
         self.base.task_type.as_deref()
     }
 
-    fn validate(&self) -> Result<()> {
-        if self.target_modules.is_none() {
+    fn with_default_targets(
+        &self,
+        defaults: &dyn Fn(&str) -> Option<peft_core::DefaultTargets>,
+    ) -> Option<Box<dyn PeftMethod>> {
+        if self.target_modules.is_some() && self.feedforward_modules.is_some() {
+            return None;
+        }
+        // PEFT's `TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING` and
+        // `..._FEEDFORWARD_MODULES_MAPPING`, each filled only where the config has none
+        // (`IA3Model._prepare_adapter_config`).
+        let found = defaults("IA3")?;
+        Some(Box::new(Self {
+            target_modules: self
+                .target_modules
+                .clone()
+                .or(Some(TargetModules::List(found.target_modules))),
+            feedforward_modules: self
+                .feedforward_modules
+                .clone()
+                .or(Some(TargetModules::List(found.feedforward_modules))),
+            ..self.clone()
+        }))
+    }
+
+    fn inference_mode(&self) -> bool {
+        self.base.inference_mode
+    }
+
+    fn resolve(&self, _sites: &[SiteInfo]) -> Result<Option<Box<dyn PeftMethod>>> {
+        // PEFT raises "Please specify `feedforward_modules`" when neither the config nor the
+        // model type's defaults name them.
+        if self.feedforward_modules.is_none() {
             return Err(PeftError::invalid_config(
-                "target_modules",
-                format!("missing: name the modules to adapt; PEFT's defaults: {PEFT_DEFAULTS}"),
+                "feedforward_modules",
+                "missing, and PEFT has no default `feedforward_modules` for this model type; name \
+                 the targets that scale their input (e.g. [\"down_proj\"]), or [] for none",
             ));
         }
+        Ok(None)
+    }
+
+    fn validate(&self) -> Result<()> {
         match &self.feedforward_modules {
-            None => {
-                return Err(PeftError::invalid_config(
-                    "feedforward_modules",
-                    format!(
-                        "missing: PEFT fills it in from the architecture ({PEFT_DEFAULTS}); name \
-                         the feedforward targets, or [] for none"
-                    ),
-                ));
-            }
+            None => {}
             Some(TargetModules::Regex(pattern)) => {
                 full_match(pattern)?;
             }
@@ -255,8 +274,11 @@ mod tests {
 
     #[test]
     fn validate_refuses_what_peft_refuses_or_guesses() {
+        // Missing feedforward modules are filled from the model's defaults at injection; a
+        // model without defaults makes them an error there.
         let missing = config(["k_proj"].into(), None);
-        let err = missing.validate().unwrap_err().to_string();
+        assert!(missing.validate().is_ok());
+        let err = missing.resolve(&[]).unwrap_err().to_string();
         assert!(
             err.contains("feedforward_modules") && err.contains("down_proj"),
             "{err}"
@@ -271,13 +293,37 @@ mod tests {
                 .validate()
                 .is_ok()
         );
-        let no_targets = Ia3Config::default();
-        assert!(
-            no_targets
-                .validate()
-                .unwrap_err()
-                .to_string()
-                .contains("target_modules")
+        assert!(Ia3Config::default().validate().is_ok());
+    }
+
+    #[test]
+    fn missing_targets_take_the_model_defaults_one_field_at_a_time() {
+        let defaults = |table: &str| {
+            (table == "IA3").then(|| {
+                peft_core::DefaultTargets::new(&["k_proj", "v_proj", "down_proj"], &["down_proj"])
+            })
+        };
+        let filled = Ia3Config::default()
+            .with_default_targets(&defaults)
+            .unwrap();
+        let json = serde_json::to_value(&filled).unwrap();
+        assert_eq!(
+            json["target_modules"],
+            serde_json::json!(["k_proj", "v_proj", "down_proj"])
         );
+        assert_eq!(
+            json["feedforward_modules"],
+            serde_json::json!(["down_proj"])
+        );
+        // A field the config names is kept.
+        let own = config(["q_proj", "down_proj"].into(), None);
+        let json = serde_json::to_value(own.with_default_targets(&defaults).unwrap()).unwrap();
+        assert_eq!(
+            json["target_modules"],
+            serde_json::json!(["q_proj", "down_proj"])
+        );
+        assert!(own.with_default_targets(&|_| None).is_none());
+        let complete = config(["q_proj"].into(), Some(TargetModules::List(vec![])));
+        assert!(complete.with_default_targets(&defaults).is_none());
     }
 }

@@ -433,13 +433,26 @@ impl PeftMethod for LoraConfig {
                 "only true, false and \"gaussian\" are implemented",
             ));
         }
-        if self.target_modules.is_none() {
-            return Err(PeftError::invalid_config(
-                "target_modules",
-                "missing: name the modules to adapt (e.g. [\"q_proj\", \"v_proj\"]) or use \"all-linear\"",
-            ));
-        }
         Ok(())
+    }
+
+    fn with_default_targets(
+        &self,
+        defaults: &dyn Fn(&str) -> Option<peft_core::DefaultTargets>,
+    ) -> Option<Box<dyn PeftMethod>> {
+        if self.target_modules.is_some() {
+            return None;
+        }
+        // PEFT's `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING` (DoRA uses it too).
+        let found = defaults("LORA")?;
+        Some(Box::new(Self {
+            target_modules: Some(TargetModules::List(found.target_modules)),
+            ..self.clone()
+        }))
+    }
+
+    fn inference_mode(&self) -> bool {
+        self.base.inference_mode
     }
 
     fn supports(&self, kind: &SiteKind) -> bool {

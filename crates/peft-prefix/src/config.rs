@@ -272,6 +272,10 @@ impl PeftMethod for PrefixTuningConfig {
         )
     }
 
+    fn inference_mode(&self) -> bool {
+        self.base.inference_mode
+    }
+
     fn clone_method(&self) -> Box<dyn PeftMethod> {
         Box::new(self.clone())
     }

@@ -65,8 +65,7 @@ impl<M: Module> PeftModule<M> {
     pub fn load_adapter(&mut self, dir: impl AsRef<Path>, name: &str) -> Result<LoadReport> {
         let dir = dir.as_ref();
         let loaded = bundle::read_config(dir)?;
-        let weights_path = dir.join(bundle::WEIGHTS_FILE);
-        let mut file = TensorFile::read(&weights_path)?;
+        let (weights_path, mut file) = TensorFile::read_bundle_weights(dir)?;
         let snapshot = (
             self.model.clone(),
             self.layers.clone(),

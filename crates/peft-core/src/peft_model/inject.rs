@@ -18,9 +18,22 @@ use super::InjectionReport;
 impl<M: Adaptable + Module> PeftModel<M> {
     /// Inject adapter `name` built from `method`, freeze every base parameter, and make the
     /// adapter trainable. The first adapter added becomes the active one (as in PEFT).
+    ///
+    /// A config that names no `target_modules` takes PEFT's default for the model type
+    /// ([`Adaptable::default_targets`]), and is saved with it, as PEFT does; a model without
+    /// defaults makes that an error asking for `target_modules`.
     pub fn add_adapter(&mut self, name: &str, method: &dyn PeftMethod) -> Result<InjectionReport> {
+        let filled = method.with_default_targets(&|table| self.model.default_targets(table));
+        let method: &dyn PeftMethod = filled.as_deref().unwrap_or(method);
         check_new_adapter_name(&self.configs, name)?;
         method.validate()?;
+        if !method.adapts_attention_prefix() && method.targets().target_modules.is_none() {
+            return Err(PeftError::invalid_config(
+                "target_modules",
+                "missing, and PEFT has no default `target_modules` for this model type; name \
+                 the modules to adapt (e.g. [\"q_proj\", \"v_proj\"]) or use \"all-linear\"",
+            ));
+        }
         let sites = self.sites();
         // Modules named by `target_modules` / `modules_to_save`: linear and embedding sites.
         let module_sites: Vec<&SiteRecord> = sites
@@ -145,6 +158,7 @@ impl<M: Adaptable + Module> PeftModel<M> {
         });
         self.configs.retain(|(n, _)| n != name);
         self.bias_owners.retain(|n| n != name);
+        self.frozen.retain(|n| n != name);
         self.active.retain(|n| n != name);
         if self.active.is_empty()
             && let Some((first, _)) = self.configs.first()
@@ -169,6 +183,7 @@ impl<M: Adaptable + Module> PeftModel<M> {
         });
         self.configs.retain(|(n, _)| n != name);
         self.bias_owners.retain(|n| n != name);
+        self.frozen.retain(|n| n != name);
         self.active.retain(|n| n != name);
         self.refresh();
     }

@@ -105,14 +105,36 @@ impl<M: Adaptable + Module> PeftModel<M> {
         Ok(out)
     }
 
-    /// Load the PEFT bundle in `dir` (`adapter_config.json` + `adapter_model.safetensors`) as
-    /// adapter `name`. Every tensor must be consumed and have the right shape; on any error the
-    /// model is left as it was.
+    /// Load the PEFT bundle in `dir` (`adapter_config.json` + `adapter_model.safetensors`, or
+    /// PEFT's `adapter_model.bin` pickle) as adapter `name`. Every tensor must be consumed and
+    /// have the right shape; on any error the model is left as it was.
+    ///
+    /// As `PeftModel.from_pretrained(..., is_trainable=False)`, an adapter whose config says
+    /// `inference_mode: true` (PEFT writes that on every save) is loaded frozen: it runs but
+    /// does not train. [`load_adapter_trainable`](Self::load_adapter_trainable) loads one to
+    /// train further.
     pub fn load_adapter(&mut self, dir: impl AsRef<Path>, name: &str) -> Result<LoadReport> {
-        let dir = dir.as_ref();
+        self.load_adapter_with(dir.as_ref(), name, None)
+    }
+
+    /// [`load_adapter`](Self::load_adapter) for training: the adapter trains when active,
+    /// whatever its config's `inference_mode` (PEFT's `is_trainable=True`).
+    pub fn load_adapter_trainable(
+        &mut self,
+        dir: impl AsRef<Path>,
+        name: &str,
+    ) -> Result<LoadReport> {
+        self.load_adapter_with(dir.as_ref(), name, Some(true))
+    }
+
+    fn load_adapter_with(
+        &mut self,
+        dir: &Path,
+        name: &str,
+        trainable: Option<bool>,
+    ) -> Result<LoadReport> {
         let loaded = bundle::read_config(dir)?;
-        let weights_path = dir.join(bundle::WEIGHTS_FILE);
-        let mut file = TensorFile::read(&weights_path)?;
+        let (weights_path, mut file) = TensorFile::read_bundle_weights(dir)?;
         let snapshot = self.model.clone();
         let previous = (self.active.clone(), self.disabled);
         self.add_adapter(name, loaded.method.as_ref())
@@ -133,6 +155,9 @@ impl<M: Adaptable + Module> PeftModel<M> {
             (self.active, self.disabled) = previous;
             self.refresh();
             return Err(e);
+        }
+        if !trainable.unwrap_or(!loaded.method.inference_mode()) {
+            self.frozen.push(name.to_string());
         }
         self.refresh();
         Ok(LoadReport {

@@ -43,6 +43,8 @@ pub struct PeftModel<M> {
     /// is active when it is added marks biases trainable.
     bias_owners: Vec<String>,
     active: Vec<String>,
+    /// Adapters loaded for inference (PEFT's `inference_mode`): active, but never trained.
+    frozen: Vec<String>,
     disabled: bool,
     trainable: HashSet<ParamId>,
     train_base: bool,
@@ -183,6 +185,7 @@ impl<M: Adaptable + Module> PeftModel<M> {
             configs: Vec::new(),
             bias_owners: Vec::new(),
             active: Vec::new(),
+            frozen: Vec::new(),
             disabled: false,
             trainable: HashSet::new(),
             train_base: false,

@@ -122,7 +122,12 @@ impl<M: Adaptable + Module> PeftModel<M> {
         } else {
             self.active.clone()
         };
-        let trainable_names: Vec<String> = self.active.clone();
+        let trainable_names: Vec<String> = self
+            .active
+            .iter()
+            .filter(|n| !self.frozen.contains(n))
+            .cloned()
+            .collect();
         let bias_modes: HashMap<String, BiasMode> = self
             .configs
             .iter()
@@ -173,6 +178,36 @@ impl<M: Adaptable + Module> PeftModel<M> {
             self.model = self.model.clone().map(&mut TrainAll { ids: &mut ids });
         }
         self.trainable = ids;
+    }
+
+    /// Let adapter `name` train when active (`true`), or keep it frozen (`false`): PEFT's
+    /// `is_trainable`. Added adapters train; loaded ones whose config says `inference_mode:
+    /// true` start frozen ([`load_adapter`](Self::load_adapter)).
+    ///
+    /// ```
+    /// # use burn::tensor::Device;
+    /// # use peft_core::{Adaptable, PeftModel, nn::LinearConfig};
+    /// # #[derive(burn::module::Module, Debug, Adaptable)]
+    /// # struct Net { proj: peft_core::nn::Linear }
+    /// let device = Device::flex();
+    /// let mut model = PeftModel::new(Net { proj: LinearConfig::new(4, 4).init(&device) });
+    /// assert!(model.set_adapter_trainable("missing", true).is_err());
+    /// assert!(!model.is_adapter_trainable("missing"));
+    /// ```
+    pub fn set_adapter_trainable(&mut self, name: &str, trainable: bool) -> Result<()> {
+        self.config(name)?;
+        self.frozen.retain(|n| n != name);
+        if !trainable {
+            self.frozen.push(name.to_string());
+        }
+        self.refresh();
+        Ok(())
+    }
+
+    /// Whether adapter `name` trains when active (see
+    /// [`set_adapter_trainable`](Self::set_adapter_trainable)).
+    pub fn is_adapter_trainable(&self, name: &str) -> bool {
+        self.adapter_config(name).is_some() && !self.frozen.iter().any(|n| n == name)
     }
 
     /// Train every parameter of the model (full fine-tuning: the baseline PEFT methods are
