@@ -21,8 +21,7 @@ use std::time::{Duration, Instant};
 use burn::tensor::Device;
 use burn_peft::core::PeftModel;
 use burn_peft::lora::{InitLoraWeights, LoraConfig};
-use burn_peft::models::llama::LlamaForCausalLM;
-use burn_peft::models::{HfConfig, HfModel, ModelConfig, Task, from_pretrained, save_pretrained};
+use burn_peft::models::{HfConfig, Task, from_pretrained, save_pretrained};
 use peft_serve::client::Client;
 use peft_serve::{ServeConfig, Server};
 use serde_json::json;
@@ -89,12 +88,8 @@ fn smollm_sized(dir: &Path) -> PathBuf {
     });
     std::fs::write(source.join("config.json"), config.to_string()).unwrap();
     let hf = HfConfig::read(&source.join("config.json")).expect("config");
-    let ModelConfig::Llama(c) = &hf.model else {
-        unreachable!("a llama config")
-    };
     let device = Device::flex();
-    let scaling = c.scaling(&hf.file).expect("rope");
-    let model = HfModel::LlamaForCausalLM(LlamaForCausalLM::new(c, &scaling, &device));
+    let model = hf.build(Task::CausalLm, &device).expect("build");
     let out = dir.join("smollm-random");
     save_pretrained(&model, &hf, &source, &out, None).expect("save");
     out

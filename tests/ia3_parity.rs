@@ -48,7 +48,7 @@ fn check(model: &PeftModel<HfModel>, name: &str, file: &std::path::Path, key: &s
 fn loaded(case: &str, name: &str, device: &Device) -> PeftModel<HfModel> {
     let mut model = load(name, device);
     model
-        .load_adapter(fixture("ia3").join(case), "default")
+        .load_adapter_trainable(fixture("ia3").join(case), "default")
         .unwrap_or_else(|e| panic!("{case}: {e}"));
     model
 }
@@ -220,11 +220,22 @@ fn step(model: &mut PeftModel<HfModel>, name: &str) {
 
 #[test]
 fn configs_peft_refuses_or_completes_are_typed_errors() {
-    let missing_ff = serde_json::json!({ "peft_type": "IA3", "target_modules": ["k_proj"] });
-    match bundle::parse_config_value(missing_ff, None) {
-        Err(PeftError::InvalidConfig { key, .. }) => assert_eq!(key, "feedforward_modules"),
-        other => panic!("expected InvalidConfig, got {other:?}"),
-    }
+    // A missing `feedforward_modules` is completed from the model type's defaults when the
+    // adapter is added (PEFT's `_prepare_adapter_config`), and saved so.
+    let missing_ff =
+        serde_json::json!({ "peft_type": "IA3", "target_modules": ["k_proj", "down_proj"] });
+    let missing_ff = bundle::parse_config_value(missing_ff, None).unwrap().method;
+    let mut llama = load("llama_gqa", &Device::flex());
+    llama.add_adapter("default", missing_ff.as_ref()).unwrap();
+    let saved = bundle::method_to_json(llama.adapter_config("default").unwrap());
+    assert_eq!(
+        saved["feedforward_modules"],
+        serde_json::json!(["down_proj"])
+    );
+    assert_eq!(
+        saved["target_modules"],
+        serde_json::json!(["k_proj", "down_proj"])
+    );
     let not_subset = serde_json::json!({
         "peft_type": "IA3", "target_modules": ["k_proj"], "feedforward_modules": ["down_proj"]
     });

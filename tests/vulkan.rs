@@ -15,9 +15,9 @@ use std::path::Path;
 
 use burn::optim::GradientsParams;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
-use burn_peft::core::PeftModel;
 use burn_peft::core::nn::{ForwardContext, IdBounds};
 use burn_peft::core::precision::{BaseDType, PrecisionError, cast_frozen_base};
+use burn_peft::core::{Adaptable, PeftModel, Site, SitePath};
 use burn_peft::lora::LoraConfig;
 use burn_peft::models::{HfModel, ModelInputs, Task, from_pretrained};
 use burn_peft::train::optim::trainable_paths;
@@ -274,10 +274,17 @@ fn half_precision_base_on_vulkan_where_the_device_has_it() {
                 let diff = common::max_diff(&got, &reference);
                 eprintln!("{dtype} base on Vulkan: max |diff| vs f32 {diff:.2e}");
                 assert!(diff < 5e-2 && diff > 0.0, "{dtype}: {diff}");
-                let head = match model.model() {
-                    HfModel::LlamaForCausalLM(m) => m.model.layers[0].self_attn.q_proj.clone(),
-                    _ => unreachable!(),
-                };
+                let mut head = None;
+                model
+                    .model()
+                    .visit_sites(&mut SitePath::root(), &mut |path, site| {
+                        if let Site::Linear(l) = site
+                            && path.to_string() == "model.layers.0.self_attn.q_proj"
+                        {
+                            head = Some(l.clone());
+                        }
+                    });
+                let head = head.expect("llama_gqa has model.layers.0.self_attn.q_proj");
                 assert_eq!(head.weight.dtype(), DType::from(dtype.float_dtype()));
                 assert_eq!(head.adapters[0].matrices[0].dtype(), DType::F32);
             }
@@ -339,10 +346,7 @@ fn host_id_bounds_change_nothing_and_bad_ids_still_fail_on_vulkan_and_flex() {
             plain
         );
 
-        let vocab = match model.model() {
-            HfModel::LlamaForCausalLM(m) => m.model.embed_tokens.dims()[0] as i64,
-            _ => unreachable!(),
-        };
+        let vocab = model.model().vocab_size() as i64;
         let (bad, honest) = with_last_id(&inputs, vocab);
         let e = model
             .model()

@@ -2,6 +2,7 @@
 //! and helpers to read the fixtures.
 #![allow(dead_code)]
 
+pub mod family;
 pub mod fixture_models;
 pub mod hf;
 

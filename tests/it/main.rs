@@ -14,6 +14,7 @@
 mod common;
 
 mod all_linear_e2e;
+mod architectures;
 mod bad_input;
 mod combine_parity;
 mod config_variants;

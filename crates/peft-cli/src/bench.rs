@@ -17,8 +17,7 @@ use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use clap::Args;
 use peft_core::{PeftModel, TargetModules};
 use peft_lora::LoraConfig;
-use peft_models::llama::LlamaForCausalLM;
-use peft_models::{HfModel, ModelConfig, ModelInputs, Task, from_pretrained, read_config};
+use peft_models::{HfModel, ModelInputs, Task, from_pretrained, read_config};
 use peft_train::optim::{AdamW, AdamWSettings, trainable_paths};
 use peft_train::{causal_lm_loss_terms, readout};
 use serde_json::json;
@@ -26,7 +25,7 @@ use serde_json::json;
 /// Arguments of `burn-peft bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Folder with a Llama-family `config.json` (weights optional: random when absent).
+    /// Folder with a causal LM's `config.json` (weights optional: random when absent).
     #[arg(long)]
     model: PathBuf,
     #[command(flatten)]
@@ -75,22 +74,13 @@ fn load(args: &BenchArgs, device: &Device) -> Result<HfModel> {
         return Ok(from_pretrained(&source, Task::CausalLm, device)?.model);
     }
     let (_, config) = read_config(&source)?;
-    match &config.model {
-        ModelConfig::Llama(c) => {
-            let scaling = c.scaling(&config.file)?;
-            let std = initializer_range(&config.file);
-            let model = LlamaForCausalLM::new(c, &scaling, device).map(&mut HfInit { std });
-            Ok(HfModel::LlamaForCausalLM(model))
-        }
-        _ => bail!(crate::UsageError(format!(
-            "{}: random initialization is for Llama-family configs; add model.safetensors for {}",
-            config.file.display(),
-            config.model_type
-        ))),
-    }
+    let std = initializer_range(&config.file);
+    Ok(config
+        .build(Task::CausalLm, device)?
+        .map(&mut HfInit { std }))
 }
 
-/// `initializer_range` of config.json (transformers' `LlamaConfig` default, 0.02, without it).
+/// `initializer_range` of config.json (transformers' default, 0.02, without it).
 fn initializer_range(file: &std::path::Path) -> f64 {
     std::fs::read_to_string(file)
         .ok()
@@ -103,9 +93,8 @@ fn initializer_range(file: &std::path::Path) -> f64 {
         .unwrap_or(0.02)
 }
 
-/// transformers' random initialization of a Llama (`LlamaPreTrainedModel._init_weights`):
-/// every linear and embedding weight from N(0, `initializer_range`), as the PyTorch half of
-/// benches/gpu/ gets. Burn's defaults (Kaiming-uniform linears, N(0, 1) embeddings) start a
+/// transformers' random initialization (`PreTrainedModel._init_weights`): every linear and
+/// embedding weight from N(0, `initializer_range`), as the PyTorch half of benches/gpu/ gets. Burn's defaults (Kaiming-uniform linears, N(0, 1) embeddings) start a
 /// tied head with logits in the hundreds and a first loss near 250 instead of near
 /// ln(vocab). One-dimensional parameters (norm weights at one, biases) keep Burn's values.
 struct HfInit {
@@ -136,14 +125,6 @@ fn tokens(seed: u64, count: usize, vocab: usize) -> Vec<i64> {
         .collect()
 }
 
-fn vocab_size(model: &HfModel) -> usize {
-    match model {
-        HfModel::LlamaForCausalLM(m) => m.model.embed_tokens.dims()[0],
-        HfModel::Gpt2LMHeadModel(m) => m.transformer.wte.dims()[0],
-        _ => 0,
-    }
-}
-
 /// Run the subcommand.
 pub fn run(args: BenchArgs) -> Result<()> {
     if args.steps == 0 || args.batch_size == 0 || args.seq_len < 2 {
@@ -164,7 +145,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             args.model.display()
         )));
     }
-    let vocab = vocab_size(&base);
+    let vocab = base.vocab_size();
     let mut model = PeftModel::new(base);
     let targets: Vec<&str> = args.target_modules.iter().map(String::as_str).collect();
     let lora = LoraConfig {

@@ -24,12 +24,14 @@ pub enum ModelError {
         reason: String,
     },
     /// The architecture is not one we implement.
-    #[error("{}: unsupported architecture `{found}`; supported model_type values: bert, gpt2, llama, qwen2, mistral", file.display())]
+    #[error("{}: unsupported architecture `{found}`; supported model_type values: {supported}", file.display())]
     UnsupportedArchitecture {
         /// The config file.
         file: PathBuf,
         /// The `model_type` found.
         found: String,
+        /// The `model_type` values of the registered architectures, comma-separated.
+        supported: String,
     },
     /// An option of the config changes the math in a way we do not implement.
     #[error("{}: `{key}` = {found} is not supported ({reason})", file.display())]

@@ -1,32 +1,38 @@
-//! BERT (MiniLM), GPT-2 and Llama-family models built from burn-peft's adapter-aware layers,
-//! loaded from Hugging Face files with Hugging Face module names, so PEFT `target_modules`
-//! lists and bundles apply unchanged.
+//! Model families built from burn-peft's adapter-aware layers, loaded from Hugging Face files
+//! with Hugging Face module names, so PEFT `target_modules` lists and bundles apply unchanged.
+//!
+//! Each family lives in its own module behind the architecture seam ([`arch`]) and is
+//! registered in one place (the `architectures!` invocation at the end of this file); [`HfModel`] holds a model of any of them.
 
 #![warn(missing_docs)]
 
+#[macro_use]
+pub mod registry;
+
+pub mod arch;
 mod auto;
-pub mod bert;
 mod cache;
 pub mod config;
 mod config_checks;
+pub mod decoder;
 mod error;
 pub mod generate;
-pub mod gpt2;
 pub mod heads;
 pub mod hub;
 mod input_checks;
-pub mod llama;
 pub mod load;
-mod names;
 pub mod ops;
+pub mod rope;
 mod save;
 mod tokenizer;
 
+pub use arch::{ArchConfig, ArchModel, Architecture};
 pub use auto::{
-    HfModel, ModelInputs, ModelOutputs, Pretrained, Task, from_pretrained, model_dir, read_config,
+    ModelInputs, ModelOutputs, Pretrained, Task, from_pretrained, model_dir, read_config,
 };
 pub use cache::KvCache;
-pub use config::{HfConfig, ModelConfig};
+pub use config::HfConfig;
+
 pub use error::{ModelError, Result};
 pub use generate::{GenerationConfig, generate, generate_batch};
 pub use save::{
@@ -34,3 +40,15 @@ pub use save::{
     save_pretrained,
 };
 pub use tokenizer::{Batch, Encoding, HfTokenizer, pad_batch};
+
+// The architectures: one line each ("Adding an architecture" in the README). Each line
+// declares the family's module (its own file or folder) and registers its model and
+// `config.json` parser.
+architectures! {
+    /// BERT encoders (all-MiniLM-L6-v2 is one): `bert`.
+    bert: Bert(bert::Bert) => bert::ARCHITECTURE,
+    /// GPT-2: `gpt2`.
+    gpt2: Gpt2(gpt2::Gpt2) => gpt2::ARCHITECTURE,
+    /// The Llama family: `llama` (SmolLM included), `mistral`, `qwen2`.
+    llama: Llama(llama::Llama) => llama::ARCHITECTURE,
+}

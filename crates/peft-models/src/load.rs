@@ -13,7 +13,6 @@ use burn_store::{
 
 use crate::error::{ModelError, Result};
 use crate::hub::shard_names;
-use crate::names::gpt2::is_conv1d_weight;
 
 /// The weight files of a model folder: `model.safetensors`, or the shards of
 /// `model.safetensors.index.json`.
@@ -95,11 +94,17 @@ pub fn total_elements(shapes: &BTreeMap<String, Vec<usize>>) -> u128 {
 }
 
 /// PyTorch -> Burn conversion (transpose `nn.Linear` weights, norm `weight/bias` ->
-/// `gamma/beta`), leaving GPT-2 `Conv1D` weights (`c_attn`, `c_proj`, `c_fc`), already
-/// `[in, out]`, as stored.
-#[derive(Debug, Clone)]
+/// `gamma/beta`), leaving the weights a family stores `[in, out]` already (GPT-2's `Conv1D`)
+/// as stored.
+#[derive(Clone)]
 struct HfAdapter {
-    conv1d: bool,
+    in_out: fn(&str) -> bool,
+}
+
+impl std::fmt::Debug for HfAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HfAdapter")
+    }
 }
 
 impl ModuleAdapter for HfAdapter {
@@ -108,7 +113,7 @@ impl ModuleAdapter for HfAdapter {
         tensor: burn_store::burn_pack::Tensor,
         ctx: ModuleContext<'_>,
     ) -> burn_store::burn_pack::Tensor {
-        if self.conv1d && is_conv1d_weight(&tensor.name) {
+        if (self.in_out)(&tensor.name) {
             return tensor;
         }
         PyTorchToBurnAdapter.adapt(tensor, ctx)
@@ -124,13 +129,14 @@ impl ModuleAdapter for HfAdapter {
 }
 
 /// Load `files` into `model`. `remap` rewrites checkpoint keys to module paths (regex, replacement);
-/// `conv1d` keeps GPT-2 `Conv1D` weights untransposed; `may_be_missing` lists module-path
-/// prefixes that may stay freshly initialized (a new classification head), with a warning.
+/// `in_out` names the tensors stored `[in, out]` (kept untransposed); `may_be_missing` lists
+/// module-path prefixes that may stay freshly initialized (a new classification head), with a
+/// warning.
 pub fn load_into<M: Module>(
     model: &mut M,
     files: &[PathBuf],
     remap: &[(String, String)],
-    conv1d: bool,
+    in_out: fn(&str) -> bool,
     may_be_missing: &[String],
 ) -> Result<()> {
     let remapper = KeyRemapper::from_patterns(remap.to_vec()).map_err(|e| ModelError::Weights {
@@ -140,7 +146,7 @@ pub fn load_into<M: Module>(
     let mut applied = BTreeSet::new();
     let mut missing: Option<BTreeSet<String>> = None;
     for file in files {
-        let adapter = HfAdapter { conv1d }.chain(FloatCastAdapter::to(DType::F32));
+        let adapter = HfAdapter { in_out }.chain(FloatCastAdapter::to(DType::F32));
         let mut store = SafetensorsStore::from_file(file.clone())
             .with_from_adapter(adapter)
             .remap(remapper.clone())

@@ -19,12 +19,9 @@ use serde_json::{Map, Value};
 
 use peft_core::atomic::{Previous, StagedDir};
 
-use crate::auto::HfModel;
-use crate::config::{HfConfig, ModelConfig};
+use crate::auto::{HfModel, Task};
+use crate::config::HfConfig;
 use crate::error::{ModelError, Result};
-use crate::load::{tensor_names, weight_files};
-use crate::names::gpt2::is_conv1d_weight;
-use crate::names::{bert, gpt2};
 
 /// File name of the weights written by [`save_pretrained`].
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -65,45 +62,31 @@ pub struct SavedModel {
     pub weights_bytes: u64,
 }
 
-/// The transformers class that `model` is saved as, for a config of this `model_type`
-/// (`LlamaForCausalLM`, `Qwen2ForSequenceClassification`, `GPT2LMHeadModel`, `BertModel`, ...).
-pub fn architecture_name(model: &HfModel, config: &HfConfig) -> String {
-    let family = match config.model_type.as_str() {
-        "qwen2" => "Qwen2",
-        "mistral" => "Mistral",
-        _ => "Llama",
-    };
-    match model {
-        HfModel::Bert(_) => "BertModel".into(),
-        HfModel::BertForSequenceClassification(_) => "BertForSequenceClassification".into(),
-        HfModel::Gpt2LMHeadModel(_) => "GPT2LMHeadModel".into(),
-        HfModel::Gpt2ForSequenceClassification(_) => "GPT2ForSequenceClassification".into(),
-        HfModel::LlamaForCausalLM(_) => format!("{family}ForCausalLM"),
-        HfModel::LlamaForSequenceClassification(_) => format!("{family}ForSequenceClassification"),
-    }
+/// The transformers class that `model` is saved as (`LlamaForCausalLM`,
+/// `Qwen2ForSequenceClassification`, `GPT2LMHeadModel`, `BertModel`, ...).
+pub fn architecture_name(model: &HfModel) -> String {
+    model.arch().hf_class()
 }
 
 /// The number of outputs of a sequence-classification head, `None` for other models.
 pub fn num_labels(model: &HfModel) -> Option<usize> {
-    match model {
-        HfModel::BertForSequenceClassification(m) => Some(m.classifier.dims()[1]),
-        HfModel::Gpt2ForSequenceClassification(m) => Some(m.score.dims()[1]),
-        HfModel::LlamaForSequenceClassification(m) => Some(m.score.dims()[1]),
+    match model.task() {
+        Task::SequenceClassification { num_labels } => Some(num_labels),
         _ => None,
     }
 }
 
 /// Burn -> PyTorch conversion for the export: `nn.Linear` weights transposed back to
-/// `[out, in]`, norm `gamma/beta` renamed to `weight/bias`, GPT-2 `Conv1D` weights (`c_attn`,
-/// `c_proj`, `c_fc`, `[in, out]` in checkpoints) left as they are.
+/// `[out, in]`, norm `gamma/beta` renamed to `weight/bias`, and the tensors the family stores
+/// `[in, out]` (GPT-2's `Conv1D`) left as they are.
 #[derive(Debug, Clone)]
 struct HfExportAdapter {
-    conv1d: bool,
+    in_out: std::collections::BTreeSet<String>,
 }
 
 impl ModuleAdapter for HfExportAdapter {
     fn adapt(&self, tensor: PackTensor, ctx: ModuleContext<'_>) -> PackTensor {
-        if self.conv1d && is_conv1d_weight(&tensor.name) {
+        if self.in_out.contains(&tensor.name) {
             return tensor;
         }
         BurnToPyTorchAdapter.adapt(tensor, ctx)
@@ -118,35 +101,26 @@ impl ModuleAdapter for HfExportAdapter {
     }
 }
 
-/// Whether the source checkpoint of an encoder stored its keys under `bert.` (checkpoints of
-/// `BertForMaskedLM` / `BertForPreTraining` do, `BertModel` ones do not).
-fn source_has_bert_prefix(source_dir: &Path) -> bool {
-    weight_files(source_dir)
-        .and_then(|files| tensor_names(&files))
-        .map(|names| names.iter().any(|n| n.starts_with(bert::PREFIX)))
-        .unwrap_or(false)
-}
-
 /// The tensors of `model` under their Hugging Face names and in PyTorch layout (float32,
 /// data read lazily), sorted by name: exactly what `transformers` expects in
 /// `model.safetensors` for the class [`architecture_name`] gives. Output heads tied to the
 /// input embedding are not stored (transformers re-ties them), as `save_pretrained` does.
 ///
-/// `source_dir` decides the key style of a bare BERT encoder (with or without `bert.`, as the
-/// source checkpoint had it). Fails if the model still carries adapters: merge and unload them
+/// The family names the checkpoint keys ([`ArchModel::to_checkpoint`]); `source_dir` is the
+/// folder the model came from, for families whose key style follows it (a bare BERT encoder
+/// with or without `bert.`). Fails if the model still carries adapters: merge and unload them
 /// first.
-pub fn hf_tensors(
-    model: &HfModel,
-    config: &HfConfig,
-    source_dir: &Path,
-) -> Result<Vec<(String, PackTensor)>> {
-    let conv1d = matches!(
-        model,
-        HfModel::Gpt2LMHeadModel(_) | HfModel::Gpt2ForSequenceClassification(_)
-    );
-    let adapter = HfExportAdapter { conv1d }.chain(FloatCastAdapter::to(DType::F32));
+pub fn hf_tensors(model: &HfModel, source_dir: &Path) -> Result<Vec<(String, PackTensor)>> {
+    let arch = model.arch();
+    // The module paths whose tensors the family stores `[in, out]`, from a first pass.
+    let in_out = model
+        .collect(None, None, true)
+        .into_iter()
+        .map(|t| t.name)
+        .filter(|name| arch.stored_as_in_out(name))
+        .collect();
+    let adapter = HfExportAdapter { in_out }.chain(FloatCastAdapter::to(DType::F32));
     let collected = model.collect(None, Some(Box::new(adapter)), true);
-    let bert_prefix = matches!(model, HfModel::Bert(_)) && source_has_bert_prefix(source_dir);
     let weights = source_dir.join(WEIGHTS_FILE);
     let mut out: Vec<(String, PackTensor)> = Vec::with_capacity(collected.len() + 1);
     for tensor in collected {
@@ -169,23 +143,9 @@ pub fn hf_tensors(
                 reason: format!("tensor `{path}` has dtype {:?}, expected F32", tensor.dtype),
             });
         }
-        let name = match model {
-            HfModel::Bert(_) if bert_prefix => format!("{}{}", bert::PREFIX, bert::hf_name(&path)),
-            HfModel::Bert(_) | HfModel::BertForSequenceClassification(_) => bert::hf_name(&path),
-            _ => path,
-        };
-        out.push((name, tensor));
+        out.push((path, tensor));
     }
-    // GPT2LMHeadModel always computes with the tied head; a config that unties it makes
-    // transformers look for `lm_head.weight`, so store the table there too.
-    if let (HfModel::Gpt2LMHeadModel(_), ModelConfig::Gpt2(c)) = (model, &config.model)
-        && !c.tie_word_embeddings
-        && let Some((_, wte)) = out.iter().find(|(n, _)| n == gpt2::TOKEN_EMBEDDING)
-    {
-        let mut head = wte.clone();
-        head.name = gpt2::LM_HEAD.into();
-        out.push((gpt2::LM_HEAD.into(), head));
-    }
+    let mut out = arch.to_checkpoint(out, source_dir);
     out.sort_by(|a, b| a.0.cmp(&b.0));
     let mut seen = BTreeSet::new();
     if let Some((dup, _)) = out.iter().find(|(n, _)| !seen.insert(n.clone())) {
@@ -287,7 +247,7 @@ pub fn merged_config(
     };
     raw.insert(
         "architectures".into(),
-        Value::Array(vec![Value::String(architecture_name(model, config))]),
+        Value::Array(vec![Value::String(architecture_name(model))]),
     );
     for key in ["dtype", "torch_dtype"] {
         if raw.contains_key(key) {
@@ -298,7 +258,7 @@ pub fn merged_config(
         if labels.is_some() {
             return Err(ModelError::InvalidInput(format!(
                 "label names were given but a {} has no classification head",
-                architecture_name(model, config)
+                architecture_name(model)
             )));
         }
         return Ok(Value::Object(raw));
@@ -412,7 +372,7 @@ pub fn save_pretrained(
     check_target(out_dir, source_dir)?;
     // Everything that can fail on bad input happens before anything touches the disk.
     let config_json = merged_config(model, config, labels)?;
-    let tensors = hf_tensors(model, config, source_dir)?;
+    let tensors = hf_tensors(model, source_dir)?;
     let num_tensors = tensors.len();
 
     let staging = StagedDir::create(out_dir)?;
@@ -441,7 +401,7 @@ pub fn save_pretrained(
     staging.commit(Previous::Replace)?;
     Ok(SavedModel {
         dir: out_dir.to_path_buf(),
-        architecture: architecture_name(model, config),
+        architecture: architecture_name(model),
         files,
         num_tensors,
         weights_bytes,

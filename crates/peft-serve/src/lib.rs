@@ -110,10 +110,11 @@ pub struct Server {
 }
 
 fn model_kind(model: &HfModel) -> ModelKind {
-    match model {
-        HfModel::Bert(_) => ModelKind::Encoder,
-        HfModel::Gpt2LMHeadModel(_) | HfModel::LlamaForCausalLM(_) => ModelKind::CausalLm,
-        _ => ModelKind::Classifier,
+    match model.task() {
+        Task::CausalLm => ModelKind::CausalLm,
+        Task::SequenceClassification { .. } => ModelKind::Classifier,
+        // `task()` names the head a model carries, never `Auto`.
+        Task::Encoder | Task::Auto => ModelKind::Encoder,
     }
 }
 

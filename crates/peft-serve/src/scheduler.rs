@@ -300,10 +300,7 @@ pub fn load_adapter(
 /// right-padded batch with its mask; decoder classifiers pool the last token, so they batch
 /// only inputs of one length.
 fn run_oneshot_group(engine: &Engine, jobs: Vec<OneShotJob>) {
-    let is_encoder = matches!(
-        engine.model.model(),
-        HfModel::Bert(_) | HfModel::BertForSequenceClassification(_)
-    );
+    let is_encoder = engine.model.model().arch().attends_bidirectionally();
     // Rows: (job, input) in order; grouped by length for decoders.
     let mut rows: Vec<(usize, usize)> = Vec::new();
     for (j, job) in jobs.iter().enumerate() {

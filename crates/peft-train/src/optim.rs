@@ -53,6 +53,21 @@ pub struct AdamW {
     moments: HashMap<String, Moments>,
 }
 
+/// Enter a module on `path`: enum variants (a model's family and head) add no segment, so
+/// parameter paths are the module paths of the Hugging Face names.
+fn enter(path: &mut Vec<String>, name: &str, container: &str) {
+    if !container.starts_with("Enum:") {
+        path.push(name.to_string());
+    }
+}
+
+/// Leave a module entered with [`enter`].
+fn exit(path: &mut Vec<String>, container: &str) {
+    if !container.starts_with("Enum:") {
+        path.pop();
+    }
+}
+
 struct Paths<'a> {
     path: Vec<String>,
     ids: &'a HashSet<ParamId>,
@@ -60,11 +75,11 @@ struct Paths<'a> {
 }
 
 impl ModuleVisitor for Paths<'_> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
+    fn enter_module(&mut self, name: &str, container: &str) {
+        enter(&mut self.path, name, container);
     }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
+    fn exit_module(&mut self, _: &str, container: &str) {
+        exit(&mut self.path, container);
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if self.ids.contains(&param.id) {
@@ -98,11 +113,11 @@ pub fn trainable_shapes<M: Module>(
         out: BTreeMap<String, Vec<usize>>,
     }
     impl ModuleVisitor for Shapes<'_> {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.path.push(name.to_string());
+        fn enter_module(&mut self, name: &str, container: &str) {
+            enter(&mut self.path, name, container);
         }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.pop();
+        fn exit_module(&mut self, _: &str, container: &str) {
+            exit(&mut self.path, container);
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if self.ids.contains(&param.id) {
@@ -153,11 +168,11 @@ struct Step<'a> {
 }
 
 impl ModuleMapper for Step<'_> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
+    fn enter_module(&mut self, name: &str, container: &str) {
+        enter(&mut self.path, name, container);
     }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
+    fn exit_module(&mut self, _: &str, container: &str) {
+        exit(&mut self.path, container);
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let (id, tensor, mapper) = param.consume();

@@ -1,5 +1,12 @@
 //! BERT (covers all-MiniLM-L6-v2): absolute positions, token types, GELU, post-norm.
 
+mod arch;
+mod config;
+mod names;
+
+pub use arch::{ARCHITECTURE, Bert};
+pub use config::BertConfig;
+
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig};
 use burn::tensor::activation::tanh;
@@ -9,7 +16,6 @@ use peft_core::nn::{Embedding, EmbeddingConfig, ForwardContext, KvPrefix, Linear
 use peft_ops::nn::layer_norm;
 
 use crate::cache::{KvCache, position_ids};
-use crate::config::BertConfig;
 use crate::error::Result;
 use crate::input_checks;
 use crate::ops::{Activation, merge_heads, padding_mask, sdpa, split_heads};

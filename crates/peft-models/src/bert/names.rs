@@ -1,6 +1,6 @@
 //! BERT names (transformers' `models/bert/modeling_bert.py`).
 
-use super::{KeyRename, rename};
+use crate::arch::{KeyRename, rename};
 
 /// `(Hugging Face segment, module segment)` pairs: `LayerNorm` is not snake case and `self`
 /// (`BertAttention.self`, the `BertSelfAttention`) is a Rust keyword.

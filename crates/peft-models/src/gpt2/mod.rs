@@ -1,5 +1,12 @@
 //! GPT-2: fused `c_attn` in Conv1D layout, learned positions, tied head.
 
+mod arch;
+mod config;
+mod names;
+
+pub use arch::{ARCHITECTURE, Gpt2};
+pub use config::Gpt2Config;
+
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig};
 use burn::tensor::{Device, Int, Tensor};
@@ -10,7 +17,6 @@ use peft_core::nn::{
 use peft_ops::nn::layer_norm;
 
 use crate::cache::{KvCache, position_ids};
-use crate::config::Gpt2Config;
 use crate::error::Result;
 use crate::input_checks;
 use crate::ops::{Activation, merge_heads, padding_mask, sdpa, split_heads};
@@ -78,6 +84,10 @@ pub struct Gpt2Model {
 pub struct Gpt2LMHeadModel {
     /// The transformer.
     pub transformer: Gpt2Model,
+    /// The config unties the head (`tie_word_embeddings: false`): transformers then looks for
+    /// `lm_head.weight` in the checkpoint, so saving stores the table there too.
+    #[module(skip)]
+    untied_in_checkpoint: bool,
 }
 
 /// `GPT2ForSequenceClassification`: `score` at the last non-pad token.
@@ -200,6 +210,7 @@ impl Gpt2LMHeadModel {
     pub fn new(c: &Gpt2Config, device: &Device) -> Self {
         Self {
             transformer: Gpt2Model::new(c, device),
+            untied_in_checkpoint: !c.tie_word_embeddings,
         }
     }
 
@@ -230,6 +241,11 @@ impl Gpt2LMHeadModel {
     /// Number of layers (for a [`KvCache`]).
     pub fn num_layers(&self) -> usize {
         self.transformer.h.len()
+    }
+
+    /// Whether the config unties the head, so a saved checkpoint stores `lm_head.weight`.
+    pub fn untied_in_checkpoint(&self) -> bool {
+        self.untied_in_checkpoint
     }
 }
 

@@ -1,6 +1,6 @@
 //! GPT-2 names (transformers' `models/gpt2/modeling_gpt2.py`).
 
-use super::{KeyRename, rename};
+use crate::arch::{KeyRename, rename};
 
 /// The layers GPT-2 builds from `Conv1D` (`pytorch_utils.py`), whose checkpoint weights are
 /// `[in, out]`, already our layout: neither loading nor saving transposes them.
