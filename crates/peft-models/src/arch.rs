@@ -122,6 +122,15 @@ pub trait ArchModel: Adaptable {
     /// when the model is saved.
     fn hf_class(&self) -> String;
 
+    /// Whether keys and values cached for `cached` positions cannot serve a forward that
+    /// reaches `total` positions, so generation recomputes the whole sequence instead (Phi-3's
+    /// LongRoPE changes its frequencies once a sequence passes the original context, and
+    /// transformers' `Phi3ForCausalLM.prepare_inputs_for_generation` drops the cache there).
+    fn cache_is_stale(&self, cached: usize, total: usize) -> bool {
+        let _ = (cached, total);
+        false
+    }
+
     /// Whether the checkpoint stores tensor `name` (a module path) as Burn does, `[in, out]`
     /// (GPT-2's `Conv1D`), so neither loading nor saving transposes it.
     fn stored_as_in_out(&self, name: &str) -> bool {

@@ -121,6 +121,13 @@ pub fn generate_batch(
     let mut done = vec![false; batch];
     for _ in 0..config.max_new_tokens {
         let mask_tensor = any_pad.then(|| int_rows(&mask, device));
+        let total = tokens[0].len();
+        if config.use_cache && !cache.is_empty() && model.arch().cache_is_stale(total - 1, total) {
+            // The family's cached keys no longer fit this forward: start over with the whole
+            // sequence, as transformers' generation drops the cache there.
+            cache = fresh_cache();
+            next_input = tokens.clone();
+        }
         let rows = if config.use_cache {
             &next_input
         } else {

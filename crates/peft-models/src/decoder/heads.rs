@@ -46,6 +46,12 @@ pub trait DecoderBackbone: Module + ModuleDisplay + Adaptable {
     /// PEFT's defaults for the model type.
     fn peft_defaults(&self) -> PeftDefaults;
 
+    /// See [`ArchModel::cache_is_stale`].
+    fn cache_is_stale(&self, cached: usize, total: usize) -> bool {
+        let _ = (cached, total);
+        false
+    }
+
     /// `final_logit_softcapping`: next-token logits become `cap * tanh(logits / cap)`
     /// (Gemma); `None` for no capping.
     fn final_logit_softcapping(&self) -> Option<f64> {
@@ -245,6 +251,10 @@ impl<M: Module + DecoderBackbone> ArchModel for DecoderHeads<M> {
 
     fn num_layers(&self) -> usize {
         self.backbone().num_layers()
+    }
+
+    fn cache_is_stale(&self, cached: usize, total: usize) -> bool {
+        self.backbone().cache_is_stale(cached, total)
     }
 
     fn hf_class(&self) -> String {
