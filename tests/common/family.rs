@@ -11,7 +11,7 @@ use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Tensor};
 use burn_peft::core::{PeftModel, bundle};
-use burn_peft::lora::LoraConfig;
+use burn_peft::lora::{InitLoraWeights, LoraConfig};
 use burn_peft::models::{
     GenerationConfig, HfModel, ModelInputs, Task, from_pretrained, generate, save_pretrained,
 };
@@ -246,4 +246,42 @@ pub fn trains(name: &str) {
     let now = logits(&model.model().valid().forward(&plain_inputs).unwrap());
     let before = logits(&before_training.valid().forward(&plain_inputs).unwrap());
     assert_eq!(now, before, "{name}: base weights changed in training");
+}
+
+/// A mixed-adapter batch (PEFT's `adapter_names`): the fixture's LoRA on row 0, the base on
+/// row 1, a second LoRA on row 2 give at their valid positions what each row gives alone.
+pub fn mixed_batch(name: &str) {
+    let device = Device::flex();
+    let (batch, mask) = inputs(name, &device);
+    let mut model = base(name, &device);
+    model
+        .load_adapter(model_dir(name).join("lora"), "a")
+        .unwrap();
+    device.seed(5);
+    let second = LoraConfig {
+        r: 2,
+        lora_alpha: 4.0,
+        init_lora_weights: InitLoraWeights::Bool(false),
+        target_modules: Some("all-linear".into()),
+        ..Default::default()
+    };
+    model.add_adapter("b", &second).unwrap();
+    let names = ["a", "__base__", "b"];
+    let ctx = model.adapter_rows(&names, &device).unwrap();
+    let mixed = logits(&model.model().forward_with(&batch, &ctx).unwrap());
+    let per_row = mixed.len() / names.len();
+    let width = mask.len() / names.len();
+    for (row, adapter) in names.iter().enumerate() {
+        if *adapter == "__base__" {
+            model.disable_adapters().unwrap();
+        } else {
+            model.enable_adapters();
+            model.set_adapter(adapter).unwrap();
+        }
+        let alone = logits(&model.model().forward(&batch).unwrap());
+        let range = row * per_row..(row + 1) * per_row;
+        let row_mask = &mask[row * width..(row + 1) * width];
+        let diff = max_diff_valid(&mixed[range.clone()], &alone[range], Some(row_mask));
+        assert!(diff < 1e-5, "{name}: row {row} ({adapter}) differs by {diff}");
+    }
 }

@@ -256,4 +256,5 @@ fn the_family_harness_checks_the_llama_fixture() {
     assert_eq!(report.diffs.len(), 4, "{report:?}");
     assert_eq!(report.generations, 2);
     family::trains("llama_gqa");
+    family::mixed_batch("llama_gqa");
 }
