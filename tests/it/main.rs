@@ -23,3 +23,4 @@ mod lora_parity;
 mod matching_reference;
 mod models_parity;
 mod plain_burn_modules;
+mod qwen3;

@@ -272,3 +272,9 @@ fn llama_through_the_cli() {
     let bin = fixtures().join("pickle/llama_gqa_lora");
     cli_family("llama_gqa", "LlamaForCausalLM", &bin);
 }
+
+#[test]
+fn qwen3_through_the_cli() {
+    let bin = fixtures().join("models/qwen3/lora_bin");
+    cli_family("qwen3", "Qwen3ForCausalLM", &bin);
+}

@@ -51,4 +51,6 @@ architectures! {
     gpt2: Gpt2(gpt2::Gpt2) => gpt2::ARCHITECTURE,
     /// The Llama family: `llama` (SmolLM included), `mistral`, `qwen2`.
     llama: Llama(llama::Llama) => llama::ARCHITECTURE,
+    /// Qwen3: `qwen3`.
+    qwen3: Qwen3(qwen3::Qwen3) => qwen3::ARCHITECTURE,
 }
