@@ -282,6 +282,9 @@ pub fn mixed_batch(name: &str) {
         let range = row * per_row..(row + 1) * per_row;
         let row_mask = &mask[row * width..(row + 1) * width];
         let diff = max_diff_valid(&mixed[range.clone()], &alone[range], Some(row_mask));
-        assert!(diff < 1e-5, "{name}: row {row} ({adapter}) differs by {diff}");
+        assert!(
+            diff < 1e-5,
+            "{name}: row {row} ({adapter}) differs by {diff}"
+        );
     }
 }
