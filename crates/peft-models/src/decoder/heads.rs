@@ -43,6 +43,13 @@ pub trait DecoderBackbone: Module + ModuleDisplay + Adaptable {
     /// The transformers class prefix (`Qwen3` in `Qwen3ForCausalLM`).
     fn class_prefix(&self) -> &'static str;
 
+    /// The transformers class of this backbone with `head` (`ForCausalLM`,
+    /// `ForSequenceClassification`): the prefix and the head unless the family names its
+    /// classes otherwise.
+    fn hf_class(&self, head: &str) -> String {
+        format!("{}{head}", self.class_prefix())
+    }
+
     /// PEFT's defaults for the model type.
     fn peft_defaults(&self) -> PeftDefaults;
 
@@ -262,6 +269,6 @@ impl<M: Module + DecoderBackbone> ArchModel for DecoderHeads<M> {
             DecoderHeads::CausalLm(_) => "ForCausalLM",
             DecoderHeads::SequenceClassification(_) => "ForSequenceClassification",
         };
-        format!("{}{head}", self.backbone().class_prefix())
+        self.backbone().hf_class(head)
     }
 }
