@@ -19,6 +19,7 @@ mod bad_input;
 mod combine_parity;
 mod config_variants;
 mod fuzz_parsers;
+mod gemma3;
 mod lora_parity;
 mod matching_reference;
 mod models_parity;

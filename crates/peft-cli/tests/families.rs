@@ -278,3 +278,9 @@ fn qwen3_through_the_cli() {
     let bin = fixtures().join("models/qwen3/lora_bin");
     cli_family("qwen3", "Qwen3ForCausalLM", &bin);
 }
+
+#[test]
+fn gemma3_through_the_cli() {
+    let bin = fixtures().join("models/gemma3/lora_bin");
+    cli_family("gemma3", "Gemma3ForCausalLM", &bin);
+}

@@ -53,4 +53,6 @@ architectures! {
     llama: Llama(llama::Llama) => llama::ARCHITECTURE,
     /// Qwen3: `qwen3`.
     qwen3: Qwen3(qwen3::Qwen3) => qwen3::ARCHITECTURE,
+    /// Gemma 3 text: `gemma3_text`.
+    gemma3: Gemma3(gemma3::Gemma3) => gemma3::ARCHITECTURE,
 }
