@@ -23,5 +23,6 @@ mod gemma3;
 mod lora_parity;
 mod matching_reference;
 mod models_parity;
+mod phi3;
 mod plain_burn_modules;
 mod qwen3;

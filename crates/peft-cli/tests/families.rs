@@ -284,3 +284,9 @@ fn gemma3_through_the_cli() {
     let bin = fixtures().join("models/gemma3/lora_bin");
     cli_family("gemma3", "Gemma3ForCausalLM", &bin);
 }
+
+#[test]
+fn phi3_through_the_cli() {
+    let bin = fixtures().join("models/phi3/lora_bin");
+    cli_family("phi3", "Phi3ForCausalLM", &bin);
+}

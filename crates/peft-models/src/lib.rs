@@ -55,4 +55,6 @@ architectures! {
     qwen3: Qwen3(qwen3::Qwen3) => qwen3::ARCHITECTURE,
     /// Gemma 3 text: `gemma3_text`.
     gemma3: Gemma3(gemma3::Gemma3) => gemma3::ARCHITECTURE,
+    /// Phi-3 (3, 3.5, 4-mini): `phi3`.
+    phi3: Phi3(phi3::Phi3) => phi3::ARCHITECTURE,
 }
