@@ -6,6 +6,8 @@
 //! attention its inputs, output and log-sum-exp rows, the norms their (residual-summed) input
 //! and per-row statistics, log-softmax its output, dropout and LoRA their key.
 
+use std::sync::Arc;
+
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -21,6 +23,7 @@ use crate::kernels::norm::{self, Norm, Stats};
 use crate::kernels::optim::AdamWStep;
 use crate::kernels::tensor::{contiguous, dims, from_vec, slice};
 use crate::kernels::{attention, lora, rope, softmax};
+use crate::quant::{QuantMatrix, flex_product};
 
 type Tracked<C> = FloatTensor<Autodiff<Flex, C>>;
 
@@ -450,6 +453,36 @@ fn lora_op<C: CheckpointStrategy>(
     }
 }
 
+/// The backward of a product with a frozen quantized matrix: the other product (`x · Wᵀ` and
+/// `dy · W` are each other's input gradient).
+#[derive(Debug)]
+struct QuantGrad;
+
+impl Backward<Flex, 1> for QuantGrad {
+    type State = (Arc<QuantMatrix>, bool);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (w, transposed) = ops.state;
+        unary::<Flex, _>(ops.parents, ops.node, grads, |g| {
+            flex_product(g, &w, !transposed)
+        });
+    }
+}
+
+fn quant_op<C: CheckpointStrategy>(
+    x: Tracked<C>,
+    w: Arc<QuantMatrix>,
+    transposed: bool,
+) -> Tracked<C> {
+    let (x, guard) = x.into_parts();
+    // The state is only the shared matrix: nothing of the input is kept.
+    let out = flex_product(x, &w, transposed);
+    match QuantGrad.prepare::<C>([guard]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish((w, transposed), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
 impl<C: CheckpointStrategy> PeftOps for Autodiff<Flex, C> {
     fn fused_gelu(x: Tracked<C>) -> Tracked<C> {
         gelu::<C>(x, Gelu::Erf)
@@ -555,5 +588,13 @@ impl<C: CheckpointStrategy> PeftOps for Autodiff<Flex, C> {
         key: u64,
     ) -> Tracked<C> {
         lora_op::<C>(x, y, a, b, scaling, prob, key)
+    }
+
+    fn fused_quant_matmul(x: Tracked<C>, w: Arc<QuantMatrix>) -> Tracked<C> {
+        quant_op::<C>(x, w, false)
+    }
+
+    fn fused_quant_matmul_t(dy: Tracked<C>, w: Arc<QuantMatrix>) -> Tracked<C> {
+        quant_op::<C>(dy, w, true)
     }
 }

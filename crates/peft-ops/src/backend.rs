@@ -6,6 +6,8 @@
 //! call it only for f32 tensors on flex; every other backend gets the standard composition
 //! (`crate::reference`), so the macro's panic for unlisted backends is never reached.
 
+use std::sync::Arc;
+
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::{BoolTensor, FloatTensor};
 use burn::backend::{Backend, Flex, backend_extension};
@@ -16,6 +18,7 @@ use crate::kernels::norm::{self, Norm};
 use crate::kernels::optim::{self, AdamWStep};
 use crate::kernels::tensor::{contiguous, dims, from_vec, slice};
 use crate::kernels::{attention, lora, rope, softmax};
+use crate::quant::QuantMatrix;
 
 /// burn-peft's fused ops. Arguments as in the crate-root functions; `dropout` is
 /// `(probability, key)` with probability 0 meaning none. (Optional tensors get their own
@@ -98,6 +101,12 @@ pub trait PeftOps: Backend {
         prob: f64,
         key: u64,
     ) -> FloatTensor<Self>;
+    /// `x · Wᵀ` for `x` `[n, cols]` and a quantized `W` `[rows, cols]` (frozen: the backward
+    /// gives `dx` only, through [`fused_quant_matmul_t`](PeftOps::fused_quant_matmul_t)).
+    fn fused_quant_matmul(x: FloatTensor<Self>, w: Arc<QuantMatrix>) -> FloatTensor<Self>;
+    /// `dy · W` for `dy` `[n, rows]`: the input gradient of
+    /// [`fused_quant_matmul`](PeftOps::fused_quant_matmul) (its backward is that product).
+    fn fused_quant_matmul_t(dy: FloatTensor<Self>, w: Arc<QuantMatrix>) -> FloatTensor<Self>;
 }
 
 /// The dropout mask of `(prob, key)`, `None` for probability 0.
@@ -283,5 +292,13 @@ impl PeftOps for Flex {
     ) -> FlexTensor {
         let (x, a, b) = (contiguous(x), contiguous(a), contiguous(b));
         lora::forward(&x, y, &a, &b, scaling as f32, mask(prob, key)).0
+    }
+
+    fn fused_quant_matmul(x: FlexTensor, w: Arc<QuantMatrix>) -> FlexTensor {
+        crate::quant::flex_product(x, &w, false)
+    }
+
+    fn fused_quant_matmul_t(dy: FlexTensor, w: Arc<QuantMatrix>) -> FlexTensor {
+        crate::quant::flex_product(dy, &w, true)
     }
 }

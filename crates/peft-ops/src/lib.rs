@@ -1,7 +1,8 @@
 //! Fused CPU ops for burn-peft: exact and tanh GELU, scaled dot-product attention (padding and
 //! causal masks, keys longer than queries, GQA), LayerNorm (with a residual) and RMSNorm,
 //! rotary embeddings, SwiGLU, log-softmax, dropout from a counter-based RNG, and LoRA on
-//! activations as one op.
+//! activations as one op; products with block-quantized frozen weights ([`quant`]: GGUF's
+//! llama.cpp formats and bitsandbytes' NF4).
 //!
 //! Each op is a Burn backend extension ([`PeftOps`]) with a hand-written forward and backward
 //! on flex and on autodiff over flex. On every other backend (cuda, vulkan, ...) and for
@@ -24,6 +25,7 @@ mod autodiff;
 mod backend;
 mod kernels;
 pub mod nn;
+pub mod quant;
 pub mod reference;
 
 use std::sync::atomic::{AtomicU8, Ordering};

@@ -4,7 +4,9 @@
 use burn::tensor::activation;
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Distribution, Tensor};
+use burn::tensor::{Bool, Device, Distribution, Tensor, TensorData};
+
+use crate::quant::QuantMatrix;
 
 /// Exact GELU, `x·Φ(x)`: Burn's `activation::gelu` on flex, an erf composition elsewhere.
 ///
@@ -159,4 +161,23 @@ pub fn adamw(
 /// `Σ x²`.
 pub fn sum_squares<const D: usize>(x: Tensor<D>) -> f64 {
     x.powf_scalar(2.0).sum().into_scalar::<f64>()
+}
+
+/// The whole quantized matrix dequantized, `[rows, cols]` `f32` on `device` (a constant: no
+/// gradient).
+pub fn quant_dense(w: &QuantMatrix, device: &Device) -> Tensor<2> {
+    Tensor::from_data(TensorData::new(w.dequantize(), w.shape()), device)
+}
+
+/// `x · Wᵀ` for a quantized `W` `[rows, cols]`: dequantize, then Burn's matmul (autodiff gives
+/// `dx = dy · W`; the dense weight is a constant).
+pub fn quant_matmul(x: Tensor<2>, w: &QuantMatrix) -> Tensor<2> {
+    let dense = quant_dense(w, &x.device()).cast(x.dtype());
+    x.matmul(dense.transpose())
+}
+
+/// `dy · W` for a quantized `W` `[rows, cols]`.
+pub fn quant_matmul_t(dy: Tensor<2>, w: &QuantMatrix) -> Tensor<2> {
+    let dense = quant_dense(w, &dy.device()).cast(dy.dtype());
+    dy.matmul(dense)
 }
