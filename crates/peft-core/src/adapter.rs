@@ -296,6 +296,15 @@ pub trait AdapterKernel: Debug + Send + Sync {
         y
     }
 
+    /// Whether [`forward_linear`](Self::forward_linear), [`linear_delta`](Self::linear_delta)
+    /// or [`forward_embedding`](Self::forward_embedding) read `base.weight`. A quantized frozen
+    /// base ([`QuantizedBase`](crate::nn::QuantizedBase)) is dequantized on each forward for the
+    /// kernels that do (DoRA's column norms, as PEFT dequantizes there); kernels that never read
+    /// it return `false` so the base stays quantized. The default, `true`, is always correct.
+    fn reads_base_weight(&self) -> bool {
+        true
+    }
+
     /// For additive methods (LoRA): the change this adapter adds to the output,
     /// `forward_linear(state, base, x, y) == y + linear_delta(state, base, x)`. A mixed-adapter
     /// batch then adds it to its rows directly instead of gathering and diffing their outputs.

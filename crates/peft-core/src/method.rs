@@ -120,6 +120,14 @@ pub trait PeftMethod: Debug + Send + Sync {
         false
     }
 
+    /// Whether [`create_adapter`](Self::create_adapter) reads the sites' base weights
+    /// ([`SiteInfo::base`]): a quantized base is then dequantized for it. Methods that never do
+    /// (LoRA, IA3) return `false` so adding an adapter to a quantized model allocates nothing
+    /// dense. The default, `true`, is always correct.
+    fn reads_base_weights(&self) -> bool {
+        true
+    }
+
     /// `modules_to_save`: modules that get a trainable, saved copy.
     fn modules_to_save(&self) -> Vec<String> {
         Vec::new()

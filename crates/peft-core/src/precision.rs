@@ -42,6 +42,14 @@ pub enum BaseDType {
     /// bfloat16.
     #[serde(rename = "bf16", alias = "bfloat16")]
     BF16,
+    /// QLoRA's 4-bit NormalFloat (bitsandbytes' NF4, blocks of 64 with an absmax scale): the
+    /// frozen linear weights stay quantized and multiply through a dequantizing kernel
+    /// ([`quantize_frozen_base`]).
+    #[serde(rename = "nf4")]
+    Nf4,
+    /// 8-bit blocks (llama.cpp's Q8_0: 32 values with an f16 scale), as [`BaseDType::Nf4`].
+    #[serde(rename = "q8", alias = "int8")]
+    Q8,
 }
 
 /// Why a precision cannot be used.
@@ -49,7 +57,7 @@ pub enum BaseDType {
 #[non_exhaustive]
 pub enum PrecisionError {
     /// A name that is no precision we know.
-    #[error("unknown dtype `{0}`; expected f32, f16 or bf16")]
+    #[error("unknown dtype `{0}`; expected f32, f16, bf16, nf4 or q8")]
     Unknown(String),
     /// The device cannot compute in this precision.
     #[error(
@@ -65,21 +73,41 @@ pub enum PrecisionError {
         /// Why, where known.
         hint: String,
     },
-    /// Half precision applies to the frozen base only; full fine-tuning trains the base.
+    /// Half precision or quantization applies to the frozen base only; full fine-tuning trains
+    /// the base.
     #[error(
-        "dtype {0} keeps the frozen base weights in half precision, but full fine-tuning trains them; use dtype f32 for `method: full`"
+        "dtype {0} keeps the frozen base weights in {kind}, but full fine-tuning trains them; use dtype f32 for `method: full`",
+        kind = if .0.is_quantized() { "a quantized format" } else { "half precision" }
     )]
     TrainedBase(BaseDType),
+    /// A quantized dtype given to [`cast_frozen_base`], which casts floats only.
+    #[error("dtype {0} is a quantized format: apply it with quantize_frozen_base")]
+    NotAFloat(BaseDType),
+    /// A weight could not be quantized.
+    #[error("quantizing the frozen weight of `{path}` to {dtype}: {reason}")]
+    Quantize {
+        /// The site.
+        path: String,
+        /// The format.
+        dtype: BaseDType,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl BaseDType {
-    /// Burn's float type.
+    /// Burn's float type the base computes in (quantized formats dequantize to f32).
     pub fn float_dtype(self) -> FloatDType {
         match self {
-            Self::F32 => FloatDType::F32,
+            Self::F32 | Self::Nf4 | Self::Q8 => FloatDType::F32,
             Self::F16 => FloatDType::F16,
             Self::BF16 => FloatDType::BF16,
         }
+    }
+
+    /// Whether the base is kept in a quantized block format.
+    pub fn is_quantized(self) -> bool {
+        matches!(self, Self::Nf4 | Self::Q8)
     }
 
     /// The name used in configs and on the command line.
@@ -88,14 +116,17 @@ impl BaseDType {
             Self::F32 => "f32",
             Self::F16 => "f16",
             Self::BF16 => "bf16",
+            Self::Nf4 => "nf4",
+            Self::Q8 => "q8",
         }
     }
 
-    /// Bytes per element.
+    /// Bytes per element (quantized formats: rounded up; their scales add to it).
     pub fn size(self) -> usize {
         match self {
             Self::F32 => 4,
             Self::F16 | Self::BF16 => 2,
+            Self::Nf4 | Self::Q8 => 1,
         }
     }
 
@@ -138,6 +169,8 @@ impl FromStr for BaseDType {
             "f32" | "float32" | "fp32" => Ok(Self::F32),
             "f16" | "float16" | "fp16" | "half" => Ok(Self::F16),
             "bf16" | "bfloat16" => Ok(Self::BF16),
+            "nf4" => Ok(Self::Nf4),
+            "q8" | "int8" => Ok(Self::Q8),
             _ => Err(PrecisionError::Unknown(s.to_string())),
         }
     }
@@ -150,6 +183,9 @@ pub struct CastReport {
     pub tensors: usize,
     /// Their elements.
     pub elements: usize,
+    /// Weights left as they were because the format cannot hold their shape (a row that is
+    /// not whole blocks of a quantized format).
+    pub skipped: usize,
 }
 
 /// A fresh, untracked tensor in `dtype` with the values of `t` (a frozen weight never needs
@@ -184,6 +220,9 @@ pub fn cast_frozen_base<M: Module + Adaptable>(
     device: &Device,
 ) -> Result<CastReport, PrecisionError> {
     dtype.check_device(device)?;
+    if dtype.is_quantized() {
+        return Err(PrecisionError::NotAFloat(dtype));
+    }
     if dtype == BaseDType::F32 {
         return Ok(CastReport::default());
     }
@@ -208,13 +247,94 @@ pub fn cast_frozen_base<M: Module + Adaptable>(
     Ok(report)
 }
 
+/// How [`quantize_frozen_base`] quantizes one frozen weight: `None` when its format cannot
+/// hold it (the site stays dense), an error message when it fails.
+pub type QuantizeFn<'a> =
+    dyn Fn(&Param<Tensor<2>>) -> Result<Option<crate::nn::QuantizedBase>, String> + 'a;
+
+/// Quantize the frozen weight of every linear site of `model` with `quantize` (QLoRA:
+/// `dtype` [`BaseDType::Nf4`] or [`BaseDType::Q8`]); the sites then multiply through the
+/// quantized kernel and hold no dense weight. As bitsandbytes' `load_in_4bit` (transformers'
+/// `modules_to_not_convert`), the output layer and the classification head stay dense, and so
+/// do embeddings, trainable tensors and sites whose adapters are merged. `quantize` returns
+/// `None` for a weight its format cannot hold (counted in `report.skipped`, left dense).
+/// `report.elements` counts the weights quantized.
+pub fn quantize_frozen_base<M: Module + Adaptable>(
+    model: &mut PeftModel<M>,
+    dtype: BaseDType,
+    quantize: &QuantizeFn<'_>,
+) -> Result<CastReport, PrecisionError> {
+    if !dtype.is_quantized() {
+        return Err(PrecisionError::Unknown(format!(
+            "{dtype} (quantize_frozen_base takes nf4 or q8)"
+        )));
+    }
+    if model.trains_base() {
+        return Err(PrecisionError::TrainedBase(dtype));
+    }
+    let trainable = model.trainable_param_ids().clone();
+    let keep: Vec<String> = [
+        model.model().output_layer(),
+        model.model().classifier_head(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let mut report = CastReport::default();
+    let mut error = None;
+    model.update(|mut m| {
+        m.visit_sites_mut(&mut SitePath::root(), &mut |path, site| {
+            let SiteMut::Linear(linear) = site else {
+                return;
+            };
+            let path = path.to_string();
+            let skip = keep.contains(&path)
+                || linear.quantized.is_some()
+                || trainable.contains(&linear.weight.id)
+                || linear.adapters.iter().any(|a| a.merged)
+                || error.is_some();
+            if skip {
+                return;
+            }
+            let [d_in, d_out] = linear.dims();
+            match quantize(&linear.weight) {
+                Ok(None) => report.skipped += 1,
+                Ok(Some(q)) => {
+                    let device = linear.weight.lazy_device();
+                    linear.set_quantized_base(q, &device);
+                    report.tensors += 1;
+                    report.elements += d_in * d_out;
+                }
+                Err(reason) => {
+                    error = Some(PrecisionError::Quantize {
+                        path,
+                        dtype,
+                        reason,
+                    })
+                }
+            }
+        });
+        m
+    });
+    match error {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn names_round_trip_through_serde_and_from_str() {
-        for d in [BaseDType::F32, BaseDType::F16, BaseDType::BF16] {
+        for d in [
+            BaseDType::F32,
+            BaseDType::F16,
+            BaseDType::BF16,
+            BaseDType::Nf4,
+            BaseDType::Q8,
+        ] {
             let json = serde_json::to_string(&d).unwrap();
             assert_eq!(json, format!("\"{}\"", d.name()));
             assert_eq!(serde_json::from_str::<BaseDType>(&json).unwrap(), d);
@@ -224,7 +344,11 @@ mod tests {
             serde_json::from_str::<BaseDType>("\"bfloat16\"").unwrap(),
             BaseDType::BF16
         );
-        let e = "int8".parse::<BaseDType>().unwrap_err();
-        assert!(e.to_string().contains("expected f32, f16 or bf16"), "{e}");
+        assert_eq!("int8".parse::<BaseDType>().unwrap(), BaseDType::Q8);
+        let e = "int4".parse::<BaseDType>().unwrap_err();
+        assert!(
+            e.to_string().contains("expected f32, f16, bf16, nf4 or q8"),
+            "{e}"
+        );
     }
 }

@@ -143,6 +143,10 @@ impl PeftMethod for Ia3Config {
         self.base.inference_mode
     }
 
+    fn reads_base_weights(&self) -> bool {
+        false
+    }
+
     fn resolve(&self, _sites: &[SiteInfo]) -> Result<Option<Box<dyn PeftMethod>>> {
         // PEFT raises "Please specify `feedforward_modules`" when neither the config nor the
         // model type's defaults name them.

@@ -38,6 +38,11 @@ impl Ia3Kernel {
 }
 
 impl AdapterKernel for Ia3Kernel {
+    fn reads_base_weight(&self) -> bool {
+        // The low-rank / scaling path never reads W: a quantized base stays quantized.
+        false
+    }
+
     fn transform_input(&self, state: &AdapterState, x: Tensor<2>) -> Tensor<2> {
         if self.feedforward {
             x * Self::row(state)

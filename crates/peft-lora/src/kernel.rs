@@ -124,6 +124,11 @@ impl LoraLinearKernel {
 }
 
 impl AdapterKernel for LoraLinearKernel {
+    fn reads_base_weight(&self) -> bool {
+        // The low-rank / scaling path never reads W: a quantized base stays quantized.
+        false
+    }
+
     fn forward_linear(
         &self,
         state: &AdapterState,
@@ -215,6 +220,11 @@ pub struct LoraEmbeddingKernel {
 }
 
 impl AdapterKernel for LoraEmbeddingKernel {
+    fn reads_base_weight(&self) -> bool {
+        // The low-rank / scaling path never reads W: a quantized base stays quantized.
+        false
+    }
+
     fn forward_embedding(
         &self,
         state: &AdapterState,

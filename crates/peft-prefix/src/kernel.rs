@@ -50,6 +50,11 @@ impl PrefixKernel {
 }
 
 impl AdapterKernel for PrefixKernel {
+    fn reads_base_weight(&self) -> bool {
+        // The low-rank / scaling path never reads W: a quantized base stays quantized.
+        false
+    }
+
     fn forward_prefix(&self, state: &AdapterState, batch: usize) -> Option<PrefixKv> {
         let (n, l, h, d) = (
             self.num_virtual_tokens,

@@ -317,7 +317,7 @@ impl<M: Adaptable + Module> PeftModel<M> {
                             .map(|state| (index, state.clone()))
                     })
                     .collect();
-                let (device, base) = site_device_and_base(&site, model_device.clone());
+                let (device, base) = site_device_and_base(&site, model_device.clone(), true);
                 jobs.push(Job {
                     site: SiteInfo {
                         path: path.to_string(),

@@ -5,6 +5,7 @@ use burn::tensor::module::embedding;
 use burn::tensor::{DType, Device, Int, Tensor};
 
 use crate::adapter::{AdapterState, BaseWeights};
+use crate::nn::quantized::{QuantizedBase, placeholder};
 use crate::nn::{ForwardContext, ModuleCopy};
 
 /// Configuration of an adapter-aware [`Embedding`]; the same fields and builder as
@@ -48,6 +49,10 @@ pub struct Embedding {
     pub adapters: Vec<AdapterState>,
     /// Trainable copies for `modules_to_save`.
     pub copies: Vec<ModuleCopy>,
+    /// A quantized frozen table ([`Embedding::quantized`]), one row per token: lookups
+    /// dequantize the rows they read and `weight` is an empty stand-in.
+    #[module(skip)]
+    pub quantized: Option<QuantizedBase>,
 }
 
 impl From<burn::nn::Embedding> for Embedding {
@@ -56,6 +61,7 @@ impl From<burn::nn::Embedding> for Embedding {
             weight: value.weight,
             adapters: Vec::new(),
             copies: Vec::new(),
+            quantized: None,
         }
     }
 }
@@ -67,12 +73,88 @@ impl Embedding {
             weight: Param::from_tensor(weight),
             adapters: Vec::new(),
             copies: Vec::new(),
+            quantized: None,
+        }
+    }
+
+    /// A table that stays quantized (a GGUF base): `table`'s rows are the tokens' vectors
+    /// (`dims()` `[d_model, n_embedding]` in [`QuantizedWeight`](crate::nn::QuantizedWeight)'s
+    /// terms).
+    pub fn quantized(table: QuantizedBase, device: &Device) -> Self {
+        let [d_model, _] = table.dims();
+        Self {
+            weight: Param::from_tensor(placeholder(d_model, device)),
+            adapters: Vec::new(),
+            copies: Vec::new(),
+            quantized: Some(table),
         }
     }
 
     /// Number of rows and row size.
     pub fn dims(&self) -> [usize; 2] {
-        self.weight.dims()
+        match &self.quantized {
+            Some(q) => {
+                let [d_model, n_embedding] = q.dims();
+                [n_embedding, d_model]
+            }
+            // Without initializing a lazy table (a model built to be loaded).
+            None => self.weight.lazy_shape().dims::<2>(),
+        }
+    }
+
+    /// Make the frozen table quantized (`table`'s rows are the tokens' vectors): the dense
+    /// table is dropped for an empty stand-in. The caller checks the shape.
+    pub fn set_quantized_base(&mut self, table: QuantizedBase, device: &Device) {
+        let [d_model, _] = table.dims();
+        self.weight = Param::initialized(self.weight.id, placeholder(d_model, device));
+        self.quantized = Some(table);
+    }
+
+    /// Make a quantized table dense again (f32), as a merged or saved model needs; `false`
+    /// when it was dense already.
+    pub fn dequantize_base(&mut self) -> bool {
+        let Some(q) = self.quantized.take() else {
+            return false;
+        };
+        let dense = q.dequantize(&self.weight.lazy_device());
+        self.weight = Param::initialized(self.weight.id, dense);
+        true
+    }
+
+    /// The table `[n_embedding, d_model]` as kernels read it: the dense one, or the quantized
+    /// one dequantized when `needed` (else the empty stand-in, which such kernels never read).
+    pub(crate) fn base_table(&self, needed: bool) -> Tensor<2> {
+        match &self.quantized {
+            Some(q) if needed => q.dequantize(&self.weight.lazy_device()),
+            _ => self.weight.val(),
+        }
+    }
+
+    /// The rows of the layer's own table for `ids` `[batch, seq]`.
+    pub(crate) fn base_lookup(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        match &self.quantized {
+            Some(q) => {
+                let [b, s] = ids.dims();
+                let d = q.dims()[0];
+                q.rows(ids.reshape([b * s])).reshape([b, s, d])
+            }
+            None => base_embedding(self.weight.val(), ids),
+        }
+    }
+
+    /// `h · Eᵀ` (logits through a head tied to this table) for `h` `[n, d_model]`:
+    /// `[n, n_embedding]`, through the quantized kernel when the table is quantized.
+    pub fn tied_logits(&self, h: Tensor<2>) -> Tensor<2> {
+        match &self.quantized {
+            Some(q) => q.matmul(h),
+            None => {
+                let w = self.weight.val().transpose();
+                // A half-precision frozen table (mixed precision): multiply in its precision
+                // and hand on the activations' precision.
+                let dtype = h.dtype();
+                h.cast(w.dtype()).matmul(w).cast(dtype)
+            }
+        }
     }
 
     /// Looks up `input` (`[batch, seq]`) and applies every active, unmerged adapter.
@@ -90,16 +172,21 @@ impl Embedding {
     }
 
     fn forward_active(&self, input: Tensor<2, Int>) -> Tensor<3> {
-        let weight = match self.copies.iter().find(|c| c.active) {
-            Some(copy) => copy.weight.val(),
-            None => self.weight.val(),
-        };
+        let copy = self.copies.iter().find(|c| c.active);
         let live = || self.adapters.iter().filter(|a| a.active && !a.merged);
+        let lookup = |ids: Tensor<2, Int>| match copy {
+            Some(copy) => base_embedding(copy.weight.val(), ids),
+            None => self.base_lookup(ids),
+        };
         if live().next().is_none() {
-            return base_embedding(weight, input);
+            return lookup(input);
         }
+        let weight = match copy {
+            Some(copy) => copy.weight.val(),
+            None => self.base_table(live().any(|a| a.kernel.reads_base_weight())),
+        };
         let base = BaseWeights { weight, bias: None };
-        let mut y = base_embedding(base.weight.clone(), input.clone());
+        let mut y = lookup(input.clone());
         for adapter in live() {
             y = adapter
                 .kernel

@@ -5,6 +5,7 @@ use burn::tensor::module::linear;
 use burn::tensor::{Device, Tensor};
 
 use crate::adapter::{AdapterState, BaseWeights};
+use crate::nn::quantized::{QuantizedBase, placeholder};
 use crate::nn::{ForwardContext, ModuleCopy};
 
 /// How a Hugging Face checkpoint stores this layer's weight; used at the file boundary only
@@ -75,6 +76,10 @@ pub struct Linear {
     /// The layout of the weight in Hugging Face files.
     #[module(skip)]
     pub layout: WeightLayout,
+    /// A quantized frozen base ([`Linear::quantized`]): the base product runs through it and
+    /// `weight` is an empty stand-in.
+    #[module(skip)]
+    pub quantized: Option<QuantizedBase>,
 }
 
 impl From<burn::nn::Linear> for Linear {
@@ -85,6 +90,7 @@ impl From<burn::nn::Linear> for Linear {
             adapters: Vec::new(),
             copies: Vec::new(),
             layout: WeightLayout::Linear,
+            quantized: None,
         }
     }
 }
@@ -98,6 +104,45 @@ impl Linear {
             adapters: Vec::new(),
             copies: Vec::new(),
             layout: WeightLayout::Linear,
+            quantized: None,
+        }
+    }
+
+    /// A layer whose frozen weight stays quantized (QLoRA, a GGUF base): `weight` holds no
+    /// elements and the base product runs through `weight`'s quantized kernel; adapters attach
+    /// and train as on any layer.
+    pub fn quantized(weight: QuantizedBase, bias: Option<Tensor<1>>, device: &Device) -> Self {
+        let [_, d_output] = weight.dims();
+        Self {
+            weight: Param::from_tensor(placeholder(d_output, device)),
+            bias: bias.map(Param::from_tensor),
+            adapters: Vec::new(),
+            copies: Vec::new(),
+            layout: WeightLayout::Linear,
+            quantized: Some(weight),
+        }
+    }
+
+    /// The base weight `[in, out]` as kernels read it: the dense one, or the quantized one
+    /// dequantized when `needed` (else the empty stand-in, which such kernels never read).
+    pub(crate) fn base_weight(&self, needed: bool) -> Tensor<2> {
+        match &self.quantized {
+            Some(q) if needed => q.dequantize(&self.weight.lazy_device()).transpose(),
+            _ => self.weight.val(),
+        }
+    }
+
+    /// `x·W + b` with the layer's own base (dense or quantized).
+    pub(crate) fn base_product(&self, x: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<2> {
+        match &self.quantized {
+            Some(q) => {
+                let y = q.matmul(x);
+                match bias {
+                    Some(b) => y + b.unsqueeze::<2>(),
+                    None => y,
+                }
+            }
+            None => base_linear(x, self.weight.val(), bias),
         }
     }
 
@@ -109,7 +154,30 @@ impl Linear {
 
     /// Input and output sizes.
     pub fn dims(&self) -> [usize; 2] {
-        self.weight.dims()
+        match &self.quantized {
+            Some(q) => q.dims(),
+            // Without initializing a lazy weight (a model built to be loaded).
+            None => self.weight.lazy_shape().dims::<2>(),
+        }
+    }
+
+    /// Make the frozen base `weight` (a quantized matrix of this layer's shape): the dense
+    /// weight is dropped for an empty stand-in. The caller checks the shape.
+    pub fn set_quantized_base(&mut self, weight: QuantizedBase, device: &Device) {
+        let [_, d_output] = weight.dims();
+        self.weight = Param::initialized(self.weight.id, placeholder(d_output, device));
+        self.quantized = Some(weight);
+    }
+
+    /// Make a quantized base dense again (f32 `[in, out]`), as a merged or saved model needs;
+    /// `false` when the base was dense already.
+    pub fn dequantize_base(&mut self) -> bool {
+        let Some(q) = self.quantized.take() else {
+            return false;
+        };
+        let dense = q.dequantize(&self.weight.lazy_device()).transpose();
+        self.weight = Param::initialized(self.weight.id, dense);
+        true
     }
 
     /// Applies the layer and every active, unmerged adapter (see
@@ -136,25 +204,36 @@ impl Linear {
     }
 
     fn forward_active<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
-        let (weight, bias) = match self.copies.iter().find(|c| c.active) {
-            Some(copy) => (copy.weight.val(), copy.bias.as_ref().map(|b| b.val())),
-            None => (self.weight.val(), self.bias.as_ref().map(|b| b.val())),
-        };
+        let copy = self.copies.iter().find(|c| c.active);
         // Always one 2-D GEMM over all rows: burn's `linear` on a [b, s, in] input runs b
         // separate [s, in] products, 11-20% slower for MiniLM-sized batches (benches/README.md).
-        let [d_input, d_output] = weight.dims();
+        let [d_input, d_output] = self.dims();
         let mut out_shape = input.dims();
         out_shape[D - 1] = d_output;
         let rows = input.shape().num_elements() / d_input;
         let x = input.reshape([rows, d_input]);
         let live = || self.adapters.iter().filter(|a| a.active && !a.merged);
+        let product = |x: Tensor<2>, base: &BaseWeights| match copy {
+            Some(_) => base_linear(x, base.weight.clone(), base.bias.clone()),
+            None => self.base_product(x, base.bias.clone()),
+        };
+        // Handles, not copies: kernels see the weights the GEMM used. A quantized base is
+        // dequantized only for kernels that read it.
+        let base = match copy {
+            Some(copy) => BaseWeights {
+                weight: copy.weight.val(),
+                bias: copy.bias.as_ref().map(|b| b.val()),
+            },
+            None => BaseWeights {
+                weight: self.base_weight(live().any(|a| a.kernel.reads_base_weight())),
+                bias: self.bias.as_ref().map(|b| b.val()),
+            },
+        };
         if live().next().is_none() {
-            return base_linear(x, weight, bias).reshape(out_shape);
+            return product(x, &base).reshape(out_shape);
         }
-        // Handles, not copies: kernels see the weights the GEMM used.
-        let base = BaseWeights { weight, bias };
         let x_base = live().fold(x.clone(), |x, a| a.kernel.transform_input(a, x));
-        let mut y = base_linear(x_base, base.weight.clone(), base.bias.clone());
+        let mut y = product(x_base, &base);
         for adapter in live() {
             y = adapter.kernel.forward_linear(adapter, &base, x.clone(), y);
         }

@@ -29,7 +29,7 @@ impl Linear {
         input: Tensor<D>,
         rows: &RowAdapters,
     ) -> Tensor<D> {
-        let [d_input, d_output] = self.weight.dims();
+        let [d_input, d_output] = self.dims();
         let mut out_shape = input.dims();
         out_shape[D - 1] = d_output;
         let batch = out_shape[0];
@@ -40,17 +40,19 @@ impl Linear {
         );
         let per_row = input.shape().num_elements() / d_input / batch.max(1);
         let x = input.reshape([batch, per_row, d_input]);
+        // A quantized base is dequantized only for the kernels of this batch that read it.
+        let reads = rows
+            .adapter_groups()
+            .filter_map(|(name, _)| live(&self.adapters, name))
+            .any(|a| a.kernel.reads_base_weight());
         let base = BaseWeights {
-            weight: self.weight.val(),
+            weight: self.base_weight(reads),
             bias: self.bias.as_ref().map(|b| b.val()),
         };
         let flat = |t: Tensor<3>, n: usize, d: usize| t.reshape([n * per_row, d]);
-        let mut y = base_linear(
-            flat(x.clone(), batch, d_input),
-            base.weight.clone(),
-            base.bias.clone(),
-        )
-        .reshape([batch, per_row, d_output]);
+        let mut y = self
+            .base_product(flat(x.clone(), batch, d_input), base.bias.clone())
+            .reshape([batch, per_row, d_output]);
         for (name, group) in rows.adapter_groups() {
             let adapter = live(&self.adapters, name);
             let copy = copy_of(&self.copies, name);
@@ -82,7 +84,10 @@ impl Linear {
                     Some(a) => a.kernel.transform_input(a, xg.clone()),
                     None => xg.clone(),
                 };
-                base_linear(x_in, site.weight.clone(), site.bias.clone())
+                match copy {
+                    Some(_) => base_linear(x_in, site.weight.clone(), site.bias.clone()),
+                    None => self.base_product(x_in, site.bias.clone()),
+                }
             } else {
                 yg_base.clone()
             };
@@ -104,11 +109,15 @@ impl Embedding {
             rows.batch(),
             "a mixed batch names one adapter per row of dimension 0"
         );
+        let reads = rows
+            .adapter_groups()
+            .filter_map(|(name, _)| live(&self.adapters, name))
+            .any(|a| a.kernel.reads_base_weight());
         let base = BaseWeights {
-            weight: self.weight.val(),
+            weight: self.base_table(reads),
             bias: None,
         };
-        let mut y = base_embedding(base.weight.clone(), input.clone());
+        let mut y = self.base_lookup(input.clone());
         for (name, group) in rows.adapter_groups() {
             let adapter = live(&self.adapters, name);
             let copy = copy_of(&self.copies, name);

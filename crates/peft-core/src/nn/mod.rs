@@ -5,10 +5,12 @@ mod embedding;
 mod linear;
 mod mixed;
 mod prefix;
+mod quantized;
 mod rows;
 
 pub use copy::ModuleCopy;
 pub use embedding::{Embedding, EmbeddingConfig};
 pub use linear::{Linear, LinearConfig, WeightLayout};
 pub use prefix::{KvPrefix, PrefixKv, RowPrefix};
+pub use quantized::{QuantizedBase, QuantizedWeight, dequantize_sites};
 pub use rows::{BASE_ROW, ForwardContext, IdBounds, RowAdapters, RowGroup};

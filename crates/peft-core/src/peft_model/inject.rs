@@ -34,7 +34,7 @@ impl<M: Adaptable + Module> PeftModel<M> {
                  the modules to adapt (e.g. [\"q_proj\", \"v_proj\"]) or use \"all-linear\"",
             ));
         }
-        let sites = self.sites();
+        let sites = self.sites(method.reads_base_weights());
         // Modules named by `target_modules` / `modules_to_save`: linear and embedding sites.
         let module_sites: Vec<&SiteRecord> = sites
             .iter()
@@ -128,7 +128,25 @@ impl<M: Adaptable + Module> PeftModel<M> {
                 && let (Some(copies), Some(weight)) = (slots.copies, slots.weight)
             {
                 let bias = slots.bias.as_ref().and_then(|b| b.as_ref());
-                copies.push(ModuleCopy::new(name, weight, bias));
+                // The trainable copy of a quantized site starts from its dequantized weight.
+                let dense = match slots.quantized.as_deref().and_then(Option::as_ref) {
+                    Some(q) => {
+                        let device = weight.lazy_device();
+                        let table = q.dequantize(&device);
+                        let value = if slots.layout.is_some() {
+                            table.transpose()
+                        } else {
+                            table
+                        };
+                        Some(burn::module::Param::from_tensor(value))
+                    }
+                    None => None,
+                };
+                copies.push(ModuleCopy::new(
+                    name,
+                    dense.as_ref().unwrap_or(weight),
+                    bias,
+                ));
                 report.saved_copies.push(path.to_string());
             }
         });

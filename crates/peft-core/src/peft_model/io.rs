@@ -135,6 +135,10 @@ impl<M: Adaptable + Module> PeftModel<M> {
     ) -> Result<LoadReport> {
         let loaded = bundle::read_config(dir)?;
         let (weights_path, mut file) = TensorFile::read_bundle_weights(dir)?;
+        // Sizes from the config against the file's tensors before `add_adapter` allocates
+        // adapters of those sizes (a failed allocation aborts the process).
+        bundle::check_bundle_shapes(loaded.method.as_ref(), &file.shapes())
+            .map_err(|e| e.in_file(&dir.join(bundle::CONFIG_FILE)))?;
         let snapshot = self.model.clone();
         let previous = (self.active.clone(), self.disabled);
         self.add_adapter(name, loaded.method.as_ref())
@@ -227,9 +231,13 @@ impl<M: Adaptable + Module> PeftModel<M> {
                 if slots.layout.is_none() {
                     let mut site = file.site(path);
                     if site.contains("base_layer.weight") {
-                        let data = site.take("base_layer.weight", &weight.dims())?;
+                        let data = site.take("base_layer.weight", &slots.dims)?;
                         let t = Tensor::<2>::from_data(data, &device);
                         *weight = weight.clone().map(|_| t);
+                        // The table is dense from now on.
+                        if let Some(q) = slots.quantized.as_deref_mut() {
+                            *q = None;
+                        }
                     }
                 }
                 Ok(())

@@ -66,6 +66,7 @@ impl<M: Adaptable + Module> PeftModel<M> {
         self.for_each_site_mut(|path, mut slots| {
             let Some(weight) = slots.weight else { return };
             let count = slots.adapters.len();
+            let linear = slots.layout.is_some();
             let order: Vec<usize> = if merging {
                 (0..count).collect()
             } else {
@@ -84,9 +85,17 @@ impl<M: Adaptable + Module> PeftModel<M> {
                 }
                 let bias = slots.bias.as_ref().and_then(|b| b.as_ref());
                 // Kernels merge in f32: a half-precision frozen base (`precision`) is widened
-                // here and rounded once when stored back (`set_base`).
+                // here and rounded once when stored back (`set_base`). A quantized base is
+                // dequantized and the site keeps the dense result, as PEFT writes merged
+                // weights in float.
+                let quantized = slots.quantized.as_deref().and_then(Option::as_ref);
+                let dense = match quantized {
+                    Some(q) if linear => q.dequantize(&weight.lazy_device()).transpose(),
+                    Some(q) => q.dequantize(&weight.lazy_device()),
+                    None => weight.val().detach().cast(DType::F32),
+                };
                 let base = BaseWeights {
-                    weight: weight.val().detach().cast(DType::F32),
+                    weight: dense,
                     bias: bias.map(|b| b.val().detach()),
                 };
                 let kernel = adapter.kernel.clone();
@@ -94,6 +103,9 @@ impl<M: Adaptable + Module> PeftModel<M> {
                 match kernel.merge(adapter, input, direction) {
                     Ok(new) => {
                         set_base(weight, slots.bias.as_deref_mut(), new);
+                        if let Some(q) = slots.quantized.as_deref_mut() {
+                            *q = None;
+                        }
                         adapter.merged = merging;
                     }
                     Err(e) => {
@@ -151,6 +163,7 @@ fn set_base(
     bias: Option<&mut Option<Param<Tensor<1>>>>,
     new: BaseWeights,
 ) {
+    // A quantized site's empty stand-in is f32: the merged weight stays f32.
     let dtype = weight.val().dtype();
     *weight = weight.clone().map(|_| new.weight.detach().cast(dtype));
     if let (Some(Some(b)), Some(nb)) = (bias, new.bias) {

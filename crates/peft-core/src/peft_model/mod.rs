@@ -14,7 +14,7 @@ use crate::adaptable::{Adaptable, Site, SiteMut, SitePath};
 use crate::adapter::{AdapterState, BaseWeights};
 use crate::error::{PeftError, Result};
 use crate::method::{PeftMethod, SiteKind};
-use crate::nn::{Linear, ModuleCopy, WeightLayout};
+use crate::nn::{Linear, ModuleCopy, QuantizedBase, WeightLayout};
 
 mod inject;
 mod io;
@@ -108,22 +108,26 @@ pub(crate) fn site_kind(site: &Site<'_>) -> SiteKind {
 
 /// Where a site's weights live (a KV prefix has none: `fallback`, the model's device) and its
 /// base weights (none for a KV prefix), as a method's [`SiteInfo`](crate::SiteInfo) gives them.
+/// A quantized base is dequantized only when `dequantize` (the method reads base weights, see
+/// [`PeftMethod::reads_base_weights`](crate::PeftMethod::reads_base_weights)); otherwise its
+/// empty stand-in is handed on.
 pub(crate) fn site_device_and_base(
     site: &Site<'_>,
     fallback: burn::tensor::Device,
+    dequantize: bool,
 ) -> (burn::tensor::Device, Option<BaseWeights>) {
     match site {
         Site::Linear(l) => (
             l.weight.lazy_device(),
             Some(BaseWeights {
-                weight: l.weight.val(),
+                weight: l.base_weight(dequantize),
                 bias: l.bias.as_ref().map(|b| b.val()),
             }),
         ),
         Site::Embedding(e) => (
             e.weight.lazy_device(),
             Some(BaseWeights {
-                weight: e.weight.val(),
+                weight: e.base_table(dequantize),
                 bias: None,
             }),
         ),
@@ -140,31 +144,44 @@ struct SlotsMut<'a> {
     layout: Option<WeightLayout>,
     /// Bundle keys of this site are bare names (PEFT's `prompt_embeddings`).
     bare_keys: bool,
+    /// A quantized frozen base, when the site has one (`weight` is then an empty stand-in).
+    quantized: Option<&'a mut Option<QuantizedBase>>,
+    /// The base weight's logical dims (`[in, out]`, `[vocab, dim]`), quantized or not.
+    dims: [usize; 2],
 }
 
 fn slots(site: SiteMut<'_>) -> SlotsMut<'_> {
     match site {
-        SiteMut::Linear(Linear {
-            weight,
-            bias,
-            adapters,
-            copies,
-            layout,
-        }) => SlotsMut {
-            adapters,
-            copies: Some(copies),
-            weight: Some(weight),
-            bias: Some(bias),
-            layout: Some(*layout),
-            bare_keys: false,
-        },
+        SiteMut::Linear(l) => {
+            let dims = l.dims();
+            let Linear {
+                weight,
+                bias,
+                adapters,
+                copies,
+                layout,
+                quantized,
+            } = l;
+            SlotsMut {
+                adapters,
+                copies: Some(copies),
+                weight: Some(weight),
+                bias: Some(bias),
+                layout: Some(*layout),
+                bare_keys: false,
+                quantized: Some(quantized),
+                dims,
+            }
+        }
         SiteMut::Embedding(e) => SlotsMut {
+            dims: e.dims(),
             adapters: &mut e.adapters,
             copies: Some(&mut e.copies),
             weight: Some(&mut e.weight),
             bias: None,
             layout: None,
             bare_keys: false,
+            quantized: Some(&mut e.quantized),
         },
         SiteMut::KvPrefix(p) => SlotsMut {
             adapters: &mut p.adapters,
@@ -173,6 +190,8 @@ fn slots(site: SiteMut<'_>) -> SlotsMut<'_> {
             bias: None,
             layout: None,
             bare_keys: true,
+            quantized: None,
+            dims: [0, 0],
         },
     }
 }
@@ -249,13 +268,17 @@ impl<M: Adaptable + Module> PeftModel<M> {
             })
     }
 
-    fn sites(&self) -> Vec<SiteRecord> {
+    /// Every site; `with_base` dequantizes quantized bases for methods that read base weights.
+    fn sites(&self, with_base: bool) -> Vec<SiteRecord> {
         let mut out = Vec::new();
         let model_device = self.model.devices().into_iter().next();
         self.model
             .visit_sites(&mut SitePath::root(), &mut |path, site| {
-                let (device, base) =
-                    site_device_and_base(&site, model_device.clone().unwrap_or_default());
+                let (device, base) = site_device_and_base(
+                    &site,
+                    model_device.clone().unwrap_or_default(),
+                    with_base,
+                );
                 out.push(SiteRecord {
                     path: path.to_string(),
                     kind: site_kind(&site),

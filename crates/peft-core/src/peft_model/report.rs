@@ -8,7 +8,7 @@ use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::tensor::Tensor;
 
 use super::PeftModel;
-use crate::adaptable::Adaptable;
+use crate::adaptable::{Adaptable, Site, SitePath};
 
 /// PEFT's `print_trainable_parameters` numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +98,20 @@ impl<M: Adaptable + Module> PeftModel<M> {
             },
         };
         self.model.visit(&mut counter);
+        // A quantized base holds its elements outside the parameters (an empty stand-in):
+        // count them, as PEFT counts a 4-bit base's elements.
+        self.model
+            .visit_sites(&mut SitePath::root(), &mut |_, site| {
+                let quantized = match site {
+                    Site::Linear(l) => l.quantized.as_ref(),
+                    Site::Embedding(e) => e.quantized.as_ref(),
+                    _ => None,
+                };
+                if let Some(q) = quantized {
+                    let [i, o] = q.dims();
+                    counter.report.all += i * o;
+                }
+            });
         counter.report
     }
 }
