@@ -45,6 +45,51 @@ pub struct Architecture {
     /// errors). Every size and option is checked here, so building and running the model
     /// cannot fail on the config later.
     pub parse: fn(model_type: &str, raw: &Value, file: &Path) -> Result<Arc<dyn ArchConfig>>,
+    /// How llama.cpp's GGUF files of the family read (`None`: the family has none).
+    pub gguf: Option<&'static GgufSpec>,
+}
+
+/// How a family's llama.cpp GGUF files map onto its Hugging Face names, as transformers'
+/// GGUF loader reads them (`modeling_gguf_pytorch_utils.py`, `integrations/ggml.py`'s
+/// `GGUF_CONFIG_MAPPING`, gguf-py's `tensor_mapping.py`).
+#[derive(Debug)]
+pub struct GgufSpec {
+    /// The `general.architecture` values (`llama`, `qwen2`, ...) the family reads. llama.cpp
+    /// calls Mistral `llama`; a file whose `general.name` mentions mistral is read as
+    /// `mistral`, as transformers does.
+    pub architectures: &'static [GgufArch],
+    /// `<arch>.<key>` metadata -> `config.json` key, beyond the ones every family shares
+    /// (context length, block count, widths, heads, RoPE base, RMS epsilon, vocabulary).
+    pub config_keys: &'static [(&'static str, &'static str)],
+    /// Tensors outside the layers: `(gguf name, module path)` without `.weight` / `.bias`.
+    pub globals: &'static [(&'static str, &'static str)],
+    /// Tensors of layer `N` (`blk.N.<gguf>` -> `model.layers.N.<module>`).
+    pub layer: &'static [(&'static str, &'static str)],
+}
+
+/// One `general.architecture` a family reads.
+#[derive(Debug)]
+pub struct GgufArch {
+    /// llama.cpp's name.
+    pub name: &'static str,
+    /// The `model_type` it is read as.
+    pub model_type: &'static str,
+    /// What the converter changed that loading undoes.
+    pub fix: GgufFix,
+}
+
+/// A change llama.cpp's converter makes to tensors, undone when a GGUF is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufFix {
+    /// None.
+    None,
+    /// Llama: `attn_q` / `attn_k` rows are permuted for llama.cpp's interleaved RoPE
+    /// (`convert_hf_to_gguf.py` `LlamaModel.permute`); transformers' `_reverse_permute_weights`
+    /// undoes it.
+    LlamaRopePermute,
+    /// Gemma: every `*norm.weight` is stored as `1 + w`; transformers subtracts 1
+    /// (`Gemma2TensorProcessor`).
+    GemmaNormPlusOne,
 }
 
 /// A parsed, checked `config.json` of one family.

@@ -199,12 +199,30 @@ pub struct Pretrained {
     pub config: HfConfig,
     /// The folder its files came from.
     pub dir: PathBuf,
-    /// The tokenizer, when the folder has `tokenizer.json`.
+    /// The tokenizer, when the folder has `tokenizer.json` (or the GGUF file its metadata).
     pub tokenizer: Option<HfTokenizer>,
+    /// The GGUF file the model came from, when it did.
+    pub gguf: Option<PathBuf>,
+    /// The chat template (`tokenizer_config.json`'s `chat_template`, `chat_template.jinja`,
+    /// or a GGUF file's `tokenizer.chat_template`), when there is one.
+    pub chat_template: Option<String>,
 }
 
 /// Load a model from a folder or hub id (see [`hub::resolve`]) onto `device`.
+///
+/// A path to a `*.gguf` file loads llama.cpp's format ([`gguf::load`](crate::gguf::load)):
+/// the config from its metadata, its weights kept in their block formats.
 pub fn from_pretrained(source: &str, task: Task, device: &Device) -> Result<Pretrained> {
+    if crate::gguf::is_gguf(source) {
+        let path = std::path::Path::new(source);
+        if !path.is_file() {
+            return Err(ModelError::NotFound {
+                id: source.into(),
+                reason: "no such GGUF file".into(),
+            });
+        }
+        return crate::gguf::load(path, task, device);
+    }
     let dir = hub::resolve(source)?;
     let config = HfConfig::read(&dir.join("config.json"))?;
     let files = weight_files(&dir)?;
@@ -237,22 +255,73 @@ pub fn from_pretrained(source: &str, task: Task, device: &Device) -> Result<Pret
     } else {
         None
     };
+    let chat_template = read_chat_template(&dir);
     Ok(Pretrained {
         model,
         config,
         dir,
         tokenizer,
+        gguf: None,
+        chat_template,
     })
 }
 
-/// Load just the config of a model folder or hub id.
+/// The chat template of a model folder: `chat_template.jinja`, else `tokenizer_config.json`'s
+/// `chat_template` (a string, or the `default` of a list of named templates), as transformers
+/// reads it.
+fn read_chat_template(dir: &std::path::Path) -> Option<String> {
+    if let Ok(text) = std::fs::read_to_string(dir.join("chat_template.jinja")) {
+        return Some(text);
+    }
+    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+    match config.get("chat_template")? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(list) => list
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .and_then(|t| t.get("template"))
+            .and_then(|t| t.as_str())
+            .map(str::to_string),
+        _ => None,
+    }
+}
+
+/// Load just the config of a model folder, hub id or GGUF file (its metadata, as
+/// [`from_pretrained`] reads it).
 pub fn read_config(source: &str) -> Result<(PathBuf, HfConfig)> {
+    if crate::gguf::is_gguf(source) {
+        let path = std::path::Path::new(source);
+        let file = crate::gguf::GgufFile::open(path)?;
+        let (json, _, _) = crate::gguf::config_json(&file)?;
+        let dir = path.parent().map(PathBuf::from).unwrap_or_default();
+        return Ok((dir, HfConfig::from_value(json, path)?));
+    }
     let dir = hub::resolve(source)?;
     let config = HfConfig::read(&dir.join("config.json"))?;
     Ok((dir, config))
 }
 
-/// The folder of `source` (resolving hub ids through the cache).
+/// The folder of `source` (resolving hub ids through the cache; a GGUF file's folder).
 pub fn model_dir(source: &str) -> Result<PathBuf> {
+    if crate::gguf::is_gguf(source) {
+        let path = std::path::Path::new(source);
+        if !path.is_file() {
+            return Err(ModelError::NotFound {
+                id: source.into(),
+                reason: "no such GGUF file".into(),
+            });
+        }
+        return Ok(path.parent().map(PathBuf::from).unwrap_or_default());
+    }
     hub::resolve(source)
+}
+
+/// The tokenizer of a model folder, hub id (`tokenizer.json`) or GGUF file (its metadata).
+pub fn load_tokenizer(source: &str) -> Result<HfTokenizer> {
+    if crate::gguf::is_gguf(source) {
+        let file = crate::gguf::GgufFile::open(std::path::Path::new(source))?;
+        return crate::gguf::tokenizer_from_gguf(&file);
+    }
+    HfTokenizer::from_dir(&model_dir(source)?)
 }

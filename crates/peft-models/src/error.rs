@@ -77,6 +77,15 @@ pub enum ModelError {
         /// What went wrong and what to do.
         reason: String,
     },
+    /// A GGUF file is malformed, truncated, or holds something not read here (an unknown
+    /// tensor type, architecture or tokenizer model).
+    #[error("{}: {reason}", file.display())]
+    Gguf {
+        /// The GGUF file.
+        file: PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
     /// Inputs have the wrong shape or values.
     #[error("invalid input: {0}")]
     InvalidInput(String),

@@ -20,7 +20,7 @@ use peft_core::nn::{Embedding, EmbeddingConfig, ForwardContext, KvPrefix, Linear
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::arch::{ArchConfig, Architecture, Checkpoint, PeftDefaults};
+use crate::arch::{ArchConfig, Architecture, Checkpoint, GgufArch, GgufFix, GgufSpec, PeftDefaults};
 use crate::auto::{HfModel, Task};
 use crate::cache::KvCache;
 use crate::config::{HfConfig, parse_json};
@@ -37,6 +37,41 @@ use crate::rope::{Rope, RopeConfig, RopeContext, Rotary};
 pub static ARCHITECTURE: Architecture = Architecture {
     model_types: &["gemma3_text"],
     parse: parse_config,
+    gguf: Some(&GGUF),
+};
+
+/// llama.cpp's `gemma3` files (the text backbone; gguf-py's tensor names; its norms stored as
+/// `1 + w`; transformers' `GGUF_CONFIG_MAPPING` reads the head size and the window).
+static GGUF: GgufSpec = GgufSpec {
+    architectures: &[GgufArch {
+        name: "gemma3",
+        model_type: "gemma3_text",
+        fix: GgufFix::GemmaNormPlusOne,
+    }],
+    config_keys: &[
+        ("gemma3.attention.key_length", "head_dim"),
+        ("gemma3.attention.sliding_window", "sliding_window"),
+    ],
+    globals: &[
+        ("token_embd", "model.embed_tokens"),
+        ("output_norm", "model.norm"),
+        ("output", "lm_head"),
+    ],
+    layer: &[
+        ("attn_norm", "input_layernorm"),
+        ("attn_q", "self_attn.q_proj"),
+        ("attn_k", "self_attn.k_proj"),
+        ("attn_v", "self_attn.v_proj"),
+        ("attn_output", "self_attn.o_proj"),
+        ("ffn_gate", "mlp.gate_proj"),
+        ("ffn_up", "mlp.up_proj"),
+        ("ffn_down", "mlp.down_proj"),
+        ("post_attention_norm", "post_attention_layernorm"),
+        ("ffn_norm", "pre_feedforward_layernorm"),
+        ("post_ffw_norm", "post_feedforward_layernorm"),
+        ("attn_q_norm", "self_attn.q_norm"),
+        ("attn_k_norm", "self_attn.k_norm"),
+    ],
 };
 
 /// PEFT's defaults for `gemma3_text` (`peft/utils/constants.py`).

@@ -190,11 +190,14 @@ fn check_room(model: &HfModel, width: usize, new: usize) -> Result<()> {
         return Ok(());
     };
     let prefix = model.prefix_len();
-    let wanted = width + new + prefix;
-    if wanted <= limit {
+    // `new` comes from the user (`--max-new-tokens`): near `usize::MAX` the sum wrapped in
+    // release builds (and passed the check) and panicked in dev builds, so it is checked.
+    let wanted = width.checked_add(new).and_then(|n| n.checked_add(prefix));
+    if wanted.is_some_and(|wanted| wanted <= limit) {
         return Ok(());
     }
-    let room = limit.saturating_sub(prefix + width);
+    let wanted = wanted.map_or_else(|| "more than usize::MAX".to_string(), |n| n.to_string());
+    let room = limit.saturating_sub(prefix.saturating_add(width));
     Err(ModelError::InputOutOfRange {
         input: "max_new_tokens".into(),
         found: format!(

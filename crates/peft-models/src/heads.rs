@@ -3,13 +3,13 @@
 use burn::tensor::{Int, Tensor};
 use peft_core::nn::Embedding;
 
-/// Logits through an output head tied to `embedding`: `h · Eᵀ`.
+/// Logits through an output head tied to `embedding`: `h · Eᵀ` (through the quantized kernel
+/// when the table is quantized).
 pub fn tied_logits(h: Tensor<3>, embedding: &Embedding) -> Tensor<3> {
-    let w = embedding.weight.val().transpose().unsqueeze::<3>();
-    // A half-precision frozen table (mixed precision): multiply in its precision, as
-    // `nn::Linear` does, and hand on the activations' precision.
-    let dtype = h.dtype();
-    h.cast(w.dtype()).matmul(w).cast(dtype)
+    let [b, s, d] = h.dims();
+    let logits = embedding.tied_logits(h.reshape([b * s, d]));
+    let vocab = logits.dims()[1];
+    logits.reshape([b, s, vocab])
 }
 
 /// Pick, for each row, the logits at its last non-pad token, as transformers'

@@ -17,18 +17,21 @@ mod config_checks;
 pub mod decoder;
 mod error;
 pub mod generate;
+pub mod gguf;
 pub mod heads;
 pub mod hub;
 mod input_checks;
 pub mod load;
 pub mod ops;
+pub mod quantized;
 pub mod rope;
 mod save;
 mod tokenizer;
 
 pub use arch::{ArchConfig, ArchModel, Architecture};
 pub use auto::{
-    ModelInputs, ModelOutputs, Pretrained, Task, from_pretrained, model_dir, read_config,
+    ModelInputs, ModelOutputs, Pretrained, Task, from_pretrained, load_tokenizer, model_dir,
+    read_config,
 };
 pub use cache::KvCache;
 pub use config::HfConfig;
@@ -37,7 +40,7 @@ pub use error::{ModelError, Result};
 pub use generate::{GenerationConfig, generate, generate_batch};
 pub use save::{
     COPIED_FILES, SavedModel, architecture_name, hf_tensors, merged_config, num_labels,
-    save_pretrained,
+    save_pretrained, save_pretrained_with,
 };
 pub use tokenizer::{Batch, Encoding, HfTokenizer, pad_batch};
 

@@ -17,7 +17,7 @@ use peft_ops::nn::rms_norm;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::arch::{ArchConfig, Architecture, Checkpoint, PeftDefaults};
+use crate::arch::{ArchConfig, Architecture, Checkpoint, GgufArch, GgufFix, GgufSpec, PeftDefaults};
 use crate::auto::{HfModel, Task};
 use crate::cache::KvCache;
 use crate::config::{HfConfig, parse_json};
@@ -33,6 +33,30 @@ use crate::rope::{Rope, RopeConfig, RopeContext, RopeScaling, Rotary};
 pub static ARCHITECTURE: Architecture = Architecture {
     model_types: &["phi3"],
     parse: parse_config,
+    gguf: Some(&GGUF),
+};
+
+/// llama.cpp's `phi3` files (gguf-py's tensor names: the fused projections keep theirs).
+static GGUF: GgufSpec = GgufSpec {
+    architectures: &[GgufArch {
+        name: "phi3",
+        model_type: "phi3",
+        fix: GgufFix::None,
+    }],
+    config_keys: &[],
+    globals: &[
+        ("token_embd", "model.embed_tokens"),
+        ("output_norm", "model.norm"),
+        ("output", "lm_head"),
+    ],
+    layer: &[
+        ("attn_norm", "input_layernorm"),
+        ("attn_qkv", "self_attn.qkv_proj"),
+        ("attn_output", "self_attn.o_proj"),
+        ("ffn_norm", "post_attention_layernorm"),
+        ("ffn_up", "mlp.gate_up_proj"),
+        ("ffn_down", "mlp.down_proj"),
+    ],
 };
 
 /// A Phi-3 with its head (`Phi3ForCausalLM`, `Phi3ForSequenceClassification`).

@@ -16,7 +16,7 @@ use peft_ops::nn::rms_norm;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::arch::{ArchConfig, Architecture, Checkpoint, PeftDefaults};
+use crate::arch::{ArchConfig, Architecture, Checkpoint, GgufArch, GgufFix, GgufSpec, PeftDefaults};
 use crate::auto::{HfModel, Task};
 use crate::cache::KvCache;
 use crate::config::{HfConfig, parse_json};
@@ -33,6 +33,35 @@ use crate::rope::{Rope, RopeConfig, RopeContext, Rotary};
 pub static ARCHITECTURE: Architecture = Architecture {
     model_types: &["qwen3"],
     parse: parse_config,
+    gguf: Some(&GGUF),
+};
+
+/// llama.cpp's `qwen3` files (gguf-py's tensor names).
+static GGUF: GgufSpec = GgufSpec {
+    architectures: &[GgufArch {
+        name: "qwen3",
+        model_type: "qwen3",
+        fix: GgufFix::None,
+    }],
+    config_keys: &[],
+    globals: &[
+        ("token_embd", "model.embed_tokens"),
+        ("output_norm", "model.norm"),
+        ("output", "lm_head"),
+    ],
+    layer: &[
+        ("attn_norm", "input_layernorm"),
+        ("attn_q", "self_attn.q_proj"),
+        ("attn_k", "self_attn.k_proj"),
+        ("attn_v", "self_attn.v_proj"),
+        ("attn_output", "self_attn.o_proj"),
+        ("ffn_gate", "mlp.gate_proj"),
+        ("ffn_up", "mlp.up_proj"),
+        ("ffn_down", "mlp.down_proj"),
+        ("ffn_norm", "post_attention_layernorm"),
+        ("attn_q_norm", "self_attn.q_norm"),
+        ("attn_k_norm", "self_attn.k_norm"),
+    ],
 };
 
 /// PEFT's defaults for `qwen3` (`peft/utils/constants.py`).
@@ -89,7 +118,10 @@ pub struct Qwen3Config {
 }
 
 fn parse_config(_: &str, raw: &Value, file: &Path) -> Result<Arc<dyn ArchConfig>> {
-    let shape: DecoderShape = parse_json(raw, file)?;
+    let mut shape: DecoderShape = parse_json(raw, file)?;
+    // `Qwen3Config`'s default where the file names none (a GGUF file's metadata, whose mapping
+    // in transformers reads no head size): 128, not hidden / heads.
+    shape.head_dim.get_or_insert(128);
     shape.validate(file)?;
     let keys: Qwen3Keys = parse_json(raw, file)?;
     if keys.hidden_act != "silu" {

@@ -108,9 +108,17 @@ impl ModuleAdapter for HfExportAdapter {
 ///
 /// The family names the checkpoint keys ([`ArchModel::to_checkpoint`]); `source_dir` is the
 /// folder the model came from, for families whose key style follows it (a bare BERT encoder
-/// with or without `bert.`). Fails if the model still carries adapters: merge and unload them
-/// first.
+/// with or without `bert.`). Quantized bases are written dequantized. Fails if the model still
+/// carries adapters: merge and unload them first.
 pub fn hf_tensors(model: &HfModel, source_dir: &Path) -> Result<Vec<(String, PackTensor)>> {
+    // A quantized base (QLoRA, GGUF) is written in f32, as PEFT's merge writes float weights;
+    // the clone shares every tensor until a site is made dense.
+    let mut dense = model.clone();
+    let model = if peft_core::nn::dequantize_sites(&mut dense) > 0 {
+        &dense
+    } else {
+        model
+    };
     let arch = model.arch();
     // The module paths whose tensors the family stores `[in, out]`, from a first pass.
     let in_out = model
@@ -363,6 +371,20 @@ pub fn save_pretrained(
     out_dir: &Path,
     labels: Option<&[String]>,
 ) -> Result<SavedModel> {
+    save_pretrained_with(model, config, source_dir, out_dir, labels, None)
+}
+
+/// [`save_pretrained`] with the tokenizer and generation files given instead of copied from
+/// `source_dir` (`extra_files`: name and bytes, for a model whose tokenizer came from elsewhere,
+/// such as a GGUF file's metadata, see [`crate::gguf::hf_tokenizer_files`]).
+pub fn save_pretrained_with(
+    model: &HfModel,
+    config: &HfConfig,
+    source_dir: &Path,
+    out_dir: &Path,
+    labels: Option<&[String]>,
+    extra_files: Option<&[(String, Vec<u8>)]>,
+) -> Result<SavedModel> {
     if out_dir.file_name().is_none() {
         return Err(ModelError::Save {
             file: out_dir.to_path_buf(),
@@ -388,7 +410,13 @@ pub fn save_pretrained(
     staging.write(CONFIG_FILE, text.as_bytes())?;
     files.push(CONFIG_FILE.to_string());
 
-    for file in COPIED_FILES {
+    if let Some(extra) = extra_files {
+        for (name, bytes) in extra {
+            staging.write(name, bytes)?;
+            files.push(name.clone());
+        }
+    }
+    for file in COPIED_FILES.iter().filter(|_| extra_files.is_none()) {
         let from = source_dir.join(file);
         if !from.is_file() {
             continue;

@@ -44,11 +44,17 @@ impl HfTokenizer {
 
     /// Load a `tokenizer.json`.
     pub fn from_file(file: &Path) -> Result<Self> {
-        let mut inner =
-            tokenizers::Tokenizer::from_file(file).map_err(|e| ModelError::Tokenizer {
-                file: file.to_path_buf(),
-                reason: e.to_string(),
-            })?;
+        let inner = tokenizers::Tokenizer::from_file(file).map_err(|e| ModelError::Tokenizer {
+            file: file.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Self::from_tokenizer(inner, file)
+    }
+
+    /// A tokenizer built in memory (from a GGUF file's metadata, say); `source` names it in
+    /// errors.
+    pub fn from_tokenizer(mut inner: tokenizers::Tokenizer, source: &Path) -> Result<Self> {
+        let file = source;
         let pad_id = inner
             .get_padding()
             .map(|p| p.pad_id)
@@ -77,6 +83,11 @@ impl HfTokenizer {
     /// The padding id.
     pub fn pad_id(&self) -> u32 {
         self.pad_id
+    }
+
+    /// The `tokenizers` tokenizer (to serialize it as `tokenizer.json`, say).
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
     }
 
     /// The id of a token, if it exists.

@@ -26,6 +26,7 @@ use crate::load::{tensor_names, weight_files};
 pub static ARCHITECTURE: Architecture = Architecture {
     model_types: &["bert"],
     parse: parse_config,
+    gguf: None,
 };
 
 fn parse_config(_: &str, raw: &Value, file: &Path) -> Result<Arc<dyn ArchConfig>> {

@@ -23,6 +23,7 @@ use crate::error::Result;
 pub static ARCHITECTURE: Architecture = Architecture {
     model_types: &["gpt2"],
     parse: parse_config,
+    gguf: None,
 };
 
 fn parse_config(_: &str, raw: &Value, file: &Path) -> Result<Arc<dyn ArchConfig>> {

@@ -1,0 +1,281 @@
+//! The real SmolLM2-135M-Instruct Q4_1 GGUF (`scripts/fetch-smollm2.sh`) with its base kept
+//! quantized against the same weights in f32: batch-1 greedy decode (tokens/s, peak RSS) and LoRA
+//! training steps (tokens/s, peak RSS), next to PyTorch (transformers' GGUF reader, f32) and
+//! llama.cpp (PyPI llama-cpp-python, the same Q4_1 file) on the same threads
+//! (`benches/peer/gguf_decode.py`; a peer that is not installed is reported as missing).
+//!
+//! Each configuration runs in a fresh process (this binary re-executed with `--child`), so a
+//! peak RSS (`VmHWM`) is that configuration's alone. The f32 rows load the same file and make
+//! every quantized site dense (`dequantize_sites`): the same values, as a float32 model holds
+//! them. Writes `benches/results/gguf_llm.{json,md}`.
+//!
+//! ```sh
+//! RAYON_NUM_THREADS=2 cargo bench --profile dev --bench gguf_llm
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn_peft::core::nn::dequantize_sites;
+use burn_peft::core::{PeftModel, TargetModules};
+use burn_peft::lora::LoraConfig;
+use burn_peft::models::{GenerationConfig, HfModel, ModelInputs, Task, from_pretrained, generate};
+use burn_peft::train::causal_lm_loss_terms;
+use burn_peft::train::optim::{AdamW, AdamWSettings};
+use serde_json::{Value, json};
+
+const NEW_TOKENS: usize = 64;
+const TRAIN_BATCH: usize = 4;
+const TRAIN_SEQ: usize = 128;
+const TRAIN_STEPS: usize = 4;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn smollm2() -> PathBuf {
+    let out = Command::new(repo().join("scripts/fetch-smollm2.sh"))
+        .output()
+        .expect("scripts/fetch-smollm2.sh runs");
+    assert!(out.status.success(), "fetch-smollm2.sh failed");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// Peak resident set of this process (`VmHWM`), bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The first chat-templated prompt of the SmolLM2 reference (37 tokens), as the peers use.
+fn prompt_ids() -> Vec<i64> {
+    let bytes = std::fs::read(repo().join("tests/fixtures/gguf/smollm2_reference.safetensors"))
+        .expect("the SmolLM2 reference fixture");
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensor("ids_0")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+fn load(file: &Path, f32_base: bool, device: &Device) -> HfModel {
+    let mut model = from_pretrained(file.to_str().unwrap(), Task::CausalLm, device)
+        .expect("the GGUF loads")
+        .model;
+    if f32_base {
+        dequantize_sites(&mut model);
+    }
+    model
+}
+
+fn child_decode(file: &Path, f32_base: bool) -> Value {
+    let device = Device::flex();
+    let model = load(file, f32_base, &device);
+    let ids = prompt_ids();
+    let config = |n| GenerationConfig {
+        max_new_tokens: n,
+        ..Default::default()
+    };
+    generate(&model, &ids, &config(4), &device).unwrap();
+    let start = Instant::now();
+    let out = generate(&model, &ids, &config(NEW_TOKENS), &device).unwrap();
+    let seconds = start.elapsed().as_secs_f64();
+    let new = out.len();
+    json!({"new_tokens": new, "seconds": seconds, "tokens_per_sec": new as f64 / seconds,
+           "first_ids": &out[..out.len().min(8)], "peak_rss_bytes": peak_rss()})
+}
+
+fn child_train(file: &Path, f32_base: bool) -> Value {
+    let device = Device::flex().autodiff();
+    device.seed(0);
+    let base = load(file, f32_base, &device);
+    let vocab = base.vocab_size();
+    let mut model = PeftModel::new(base);
+    let lora = LoraConfig {
+        r: 16,
+        lora_alpha: 32.0,
+        target_modules: Some(TargetModules::list(["q_proj", "v_proj"])),
+        ..Default::default()
+    };
+    model.add_adapter("default", &lora).unwrap();
+    let mut optim = AdamW::new(AdamWSettings::default());
+    let mut step = |seed: usize| {
+        let ids: Vec<i64> = (0..TRAIN_BATCH * TRAIN_SEQ)
+            .map(|i| ((i * 7919 + seed * 104_729) % vocab) as i64)
+            .collect();
+        let ids =
+            Tensor::<2, Int>::from_data(TensorData::new(ids, [TRAIN_BATCH, TRAIN_SEQ]), &device);
+        let inputs = ModelInputs {
+            input_ids: ids.clone(),
+            attention_mask: Some(ids.ones_like()),
+            token_type_ids: None,
+        };
+        let logits = model.model().forward(&inputs).unwrap().logits.unwrap();
+        let (loss, _) = causal_lm_loss_terms(logits, ids);
+        let value: f32 = loss.clone().into_scalar();
+        let grads = GradientsParams::from_grads(loss.backward(), model.model());
+        model.update(|m| optim.step(1e-4, m, grads, 1.0));
+        value
+    };
+    step(0);
+    let start = Instant::now();
+    let losses: Vec<f32> = (1..=TRAIN_STEPS).map(&mut step).collect();
+    let seconds = start.elapsed().as_secs_f64();
+    let tokens = (TRAIN_BATCH * TRAIN_SEQ * TRAIN_STEPS) as f64;
+    json!({"tokens_per_sec": tokens / seconds, "step_seconds": seconds / TRAIN_STEPS as f64,
+           "losses": losses, "peak_rss_bytes": peak_rss()})
+}
+
+/// This binary again, for one configuration.
+fn run_child(kind: &str, base: &str, file: &Path) -> Value {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--child", kind, base])
+        .arg(file)
+        .output()
+        .expect("re-executing the bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().rev().find(|l| l.starts_with('{'));
+    match (out.status.success(), line) {
+        (true, Some(line)) => serde_json::from_str(line).unwrap(),
+        _ => panic!(
+            "{kind} {base} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+fn run_peer(backend: &str, file: &Path, threads: usize) -> Value {
+    let out = Command::new("python3")
+        .arg(repo().join("benches/peer/gguf_decode.py"))
+        .args(["--backend", backend, "--threads", &threads.to_string()])
+        .args(["--new", &NEW_TOKENS.to_string(), "--gguf"])
+        .arg(file)
+        .output();
+    let Ok(out) = out else {
+        return json!({"missing": "python3 not found"});
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    match stdout.lines().rev().find(|l| l.starts_with('{')) {
+        Some(line) if out.status.success() => serde_json::from_str(line).unwrap(),
+        _ => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let reason = stderr
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
+            json!({"missing": reason})
+        }
+    }
+}
+
+fn mib(v: &Value) -> String {
+    v["peak_rss_bytes"]
+        .as_f64()
+        .map_or("-".into(), |b| format!("{:.0}", b / (1024.0 * 1024.0)))
+}
+
+fn tps(v: &Value) -> String {
+    v["tokens_per_sec"].as_f64().map_or_else(
+        || format!("missing ({})", v["missing"]),
+        |t| format!("{t:.1}"),
+    )
+}
+
+fn ratio(a: &Value, b: &Value, key: &str) -> String {
+    match (a[key].as_f64(), b[key].as_f64()) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "-".into(),
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--child") {
+        let (kind, base, file) = (&args[at + 1], &args[at + 2], PathBuf::from(&args[at + 3]));
+        let f32_base = base == "f32";
+        let result = match kind.as_str() {
+            "decode" => child_decode(&file, f32_base),
+            _ => child_train(&file, f32_base),
+        };
+        println!("{result}");
+        return;
+    }
+    // `cargo bench` passes `--bench`; anything else is ignored.
+    let threads: usize = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let file = smollm2();
+    eprintln!("gguf_llm: {} on {threads} threads", file.display());
+    let mut rows = serde_json::Map::new();
+    for (name, kind, base) in [
+        ("decode_q4", "decode", "q4"),
+        ("decode_f32", "decode", "f32"),
+        ("train_q4", "train", "q4"),
+        ("train_f32", "train", "f32"),
+    ] {
+        eprintln!("  {name} ...");
+        rows.insert(name.into(), run_child(kind, base, &file));
+    }
+    for backend in ["torch", "llamacpp"] {
+        eprintln!("  peer {backend} ...");
+        rows.insert(format!("peer_{backend}"), run_peer(backend, &file, threads));
+    }
+    let r = |k: &str| rows[k].clone();
+    let (dq, df, tq, tf) = (
+        r("decode_q4"),
+        r("decode_f32"),
+        r("train_q4"),
+        r("train_f32"),
+    );
+    let (torch, llama) = (r("peer_torch"), r("peer_llamacpp"));
+    let mut md = String::new();
+    md.push_str(&format!(
+        "# SmolLM2-135M-Instruct Q4_1 GGUF, {threads} threads\n\n\
+         Batch-1 greedy decode of {NEW_TOKENS} tokens after a 37-token chat prompt; LoRA (r 16, \
+         q_proj/v_proj) steps of {TRAIN_BATCH} x {TRAIN_SEQ} tokens. burn-peft rows: this run's \
+         process each; f32 = the same weights dequantized.\n\n\
+         | run | tokens/s | peak RSS (MiB) |\n| --- | --- | --- |\n"
+    ));
+    for (label, v) in [
+        ("decode, burn-peft Q4_1 base", &dq),
+        ("decode, burn-peft f32", &df),
+        ("decode, PyTorch f32 (transformers GGUF)", &torch),
+        ("decode, llama.cpp Q4_1", &llama),
+        ("LoRA step, burn-peft Q4_1 base", &tq),
+        ("LoRA step, burn-peft f32", &tf),
+    ] {
+        md.push_str(&format!("| {label} | {} | {} |\n", tps(v), mib(v)));
+    }
+    md.push_str(&format!(
+        "\nRatios: decode Q4 / PyTorch f32 {} (target >= 2x), Q4 / llama.cpp {}, Q4 / our f32 {}; \
+         peak RSS decode Q4 / f32 {} and LoRA step Q4 / f32 {} (target <= 0.35x); LoRA step \
+         tokens/s Q4 / f32 {}.\n",
+        ratio(&dq, &torch, "tokens_per_sec"),
+        ratio(&dq, &llama, "tokens_per_sec"),
+        ratio(&dq, &df, "tokens_per_sec"),
+        ratio(&dq, &df, "peak_rss_bytes"),
+        ratio(&tq, &tf, "peak_rss_bytes"),
+        ratio(&tq, &tf, "tokens_per_sec"),
+    ));
+    println!("{md}");
+    let dir = repo().join("benches/results");
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = json!({"threads": threads, "rows": rows});
+    std::fs::write(
+        dir.join("gguf_llm.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("gguf_llm.md"), md).unwrap();
+}
