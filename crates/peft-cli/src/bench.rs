@@ -25,7 +25,8 @@ use serde_json::json;
 /// Arguments of `burn-peft bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Folder with a causal LM's `config.json` (weights optional: random when absent).
+    /// Folder with a causal LM's `config.json` (weights optional: random when absent), or a
+    /// GGUF file.
     #[arg(long)]
     model: PathBuf,
     #[command(flatten)]
@@ -68,7 +69,9 @@ pub struct BenchArgs {
 /// A causal LM of the folder's shape: its weights when it has them, else random.
 fn load(args: &BenchArgs, device: &Device) -> Result<HfModel> {
     let source = args.model.to_string_lossy().into_owned();
-    let has_weights = args.model.join("model.safetensors").is_file()
+    // A GGUF file holds its weights (kept in their block formats).
+    let has_weights = peft_models::gguf::is_gguf(&source)
+        || args.model.join("model.safetensors").is_file()
         || args.model.join("model.safetensors.index.json").is_file();
     if has_weights {
         return Ok(from_pretrained(&source, Task::CausalLm, device)?.model);

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use peft_models::{HfTokenizer, Task, from_pretrained, model_dir};
+use peft_models::{Task, from_pretrained, load_tokenizer, model_dir};
 use peft_train::data::{DataConfig, LABEL_MAP_FILE, LabelMap, TaskKind, load_examples};
 use peft_train::{Objective, evaluate};
 
@@ -84,10 +84,12 @@ fn find_labels(args: &EvalArgs) -> Result<Option<LabelMap>> {
 /// Run the subcommand.
 pub fn run(args: EvalArgs) -> Result<()> {
     let device = crate::device::parse(&args.run_on.device)?;
-    let dir =
-        model_dir(&args.model).with_context(|| format!("resolving model `{}`", args.model))?;
-    let tokenizer = HfTokenizer::from_dir(&dir)
-        .with_context(|| format!("model `{}` needs a tokenizer.json", args.model))?;
+    let tokenizer = load_tokenizer(&args.model).with_context(|| {
+        format!(
+            "model `{}` needs a tokenizer (tokenizer.json, or a GGUF file's)",
+            args.model
+        )
+    })?;
     let reader = DataConfig {
         max_length: args.max_length,
         ..Default::default()

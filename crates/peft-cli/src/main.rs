@@ -10,6 +10,7 @@ mod combine;
 mod config;
 mod device;
 mod eval;
+mod export;
 mod forward;
 mod generate;
 mod inspect;
@@ -36,6 +37,9 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Merge an adapter into its base model and write a full Hugging Face model folder.
     Merge(merge::MergeArgs),
+    /// Write a LoRA adapter as llama.cpp's LoRA GGUF, or a merged model as a GGUF file, for a
+    /// GGUF base (`--format gguf`).
+    Export(export::ExportArgs),
     /// Describe an adapter bundle; with `--model`, check it against that base model.
     Inspect(inspect::InspectArgs),
     /// Generate text with a causal LM, optionally with an adapter.
@@ -79,6 +83,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::Export(args) => export::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Forward(args) => forward::run(args),

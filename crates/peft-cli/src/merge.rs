@@ -9,7 +9,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use peft_core::bundle::{self, read_config};
 use peft_core::{PeftError, PeftModel, peft_type_of};
-use peft_models::{Task, from_pretrained, read_config as read_model_config, save_pretrained};
+use peft_models::gguf::hf_tokenizer_files;
+use peft_models::{Task, from_pretrained, read_config as read_model_config, save_pretrained_with};
 use peft_train::data::{LABEL_MAP_FILE, LabelMap};
 use serde_json::Value;
 
@@ -18,7 +19,7 @@ use crate::tensors::InputError;
 /// Arguments of `burn-peft merge`.
 #[derive(Args, Debug)]
 pub struct MergeArgs {
-    /// Base model folder (config.json + safetensors) or Hugging Face hub id.
+    /// Base model folder (config.json + safetensors), GGUF file or Hugging Face hub id.
     #[arg(long)]
     model: String,
     /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors) to merge.
@@ -176,12 +177,20 @@ pub fn run(args: MergeArgs) -> Result<()> {
     let merged = model
         .merge_and_unload()
         .with_context(|| format!("merging {}", args.adapter.display()))?;
-    let saved = save_pretrained(
+    // A GGUF base carries its tokenizer in its metadata: written out as Hugging Face files
+    // (nothing is copied from the folder the .gguf sits in).
+    let gguf_files = match (&pretrained.gguf, &pretrained.tokenizer) {
+        (Some(file), Some(_)) => Some(hf_tokenizer_files(file)?),
+        (Some(_), None) => Some(Vec::new()),
+        (None, _) => None,
+    };
+    let saved = save_pretrained_with(
         &merged,
         &pretrained.config,
         &pretrained.dir,
         &args.output,
         labels.as_deref(),
+        gguf_files.as_deref(),
     )
     .with_context(|| format!("writing the merged model to {}", args.output.display()))?;
 
