@@ -44,12 +44,37 @@ pub struct ServeArgs {
     /// `Authorization: Bearer KEY` (the key itself never goes on the command line).
     #[arg(long)]
     api_key_env: Option<String>,
-    /// Seconds a request may take, waiting included; beyond, 408 and its slot is freed.
-    #[arg(long, default_value_t = 300)]
+    /// Seconds a request may take, waiting included; beyond, 408 and its slot is freed
+    /// (values beyond ten years mean ten years).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     request_timeout: u64,
     /// Largest request body in bytes; beyond, 413.
     #[arg(long, default_value_t = 1 << 20)]
     max_body_bytes: usize,
+    /// Inputs one embeddings or classification request may hold; beyond, 400.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
+    max_inputs: u64,
+    /// Adapters loaded at once (at start and at run time); beyond, 409.
+    #[arg(long, default_value_t = 64)]
+    max_adapters: usize,
+    /// Seconds a client has to send a request's head; beyond, the connection is closed.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    header_timeout: u64,
+    /// Seconds a client has to send a request's body; beyond, 408.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    body_timeout: u64,
+    /// Connections served at once; one more gets 503 and is closed.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
+    /// Seconds the requests in flight get to finish after Ctrl-C (a second Ctrl-C stops at
+    /// once).
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace: u64,
+}
+
+/// `u64` from the command line as `usize`, saturating (on 32-bit targets).
+fn size(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
 }
 
 /// Run the subcommand.
@@ -78,11 +103,17 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .map(|a| (a.name.clone(), a.dir.clone()))
             .collect(),
         adapters_dir: args.adapters_dir,
-        max_batch: args.max_batch as usize,
+        max_batch: size(args.max_batch),
         max_queue: args.max_queue,
         api_key,
-        request_timeout: Duration::from_secs(args.request_timeout.max(1)),
+        request_timeout: Duration::from_secs(args.request_timeout),
         max_body_bytes: args.max_body_bytes,
+        max_inputs: size(args.max_inputs),
+        max_adapters: args.max_adapters,
+        header_timeout: Duration::from_secs(args.header_timeout),
+        body_timeout: Duration::from_secs(args.body_timeout),
+        max_connections: size(args.max_connections),
+        shutdown_grace: Duration::from_secs(args.shutdown_grace),
         ..ServeConfig::new(&args.model)
     };
     let addr = SocketAddr::new(args.host, args.port);

@@ -186,6 +186,35 @@ pub fn parse_config_value(value: Value, file: Option<&Path>) -> Result<LoadedCon
     })
 }
 
+/// Sizes a method's config gives, checked against the tensors of the bundle's weights file
+/// before anything is allocated: an optional second seam of a method plugin.
+///
+/// Loading a bundle builds each adapter at the size its config says, then reads the file's
+/// tensors into it. A config that says more than its file backs (`"r": 1099511627776` next to
+/// rank-8 tensors, a prefix of 2^40 virtual tokens) made that first step allocate terabytes,
+/// and a failed allocation aborts the process (no error, no `catch_unwind`). A method registers
+/// the check under its `peft_type` as it registers itself, in its own crate:
+/// `#[typetag::deserialize(name = "LORA")] impl BundleShapes for LoraConfig`; methods without
+/// one are loaded as before.
+#[typetag::deserialize(tag = "peft_type")]
+pub trait BundleShapes {
+    /// Check the config against `shapes` (every tensor of the weights file, by name): sizes
+    /// the file cannot back are [`PeftError::InvalidConfig`] naming the key.
+    fn check_shapes(&self, shapes: &BTreeMap<String, Vec<usize>>) -> Result<()>;
+}
+
+/// Run the [`BundleShapes`] check registered for `method`'s `peft_type`, if there is one.
+pub fn check_bundle_shapes(
+    method: &dyn PeftMethod,
+    shapes: &BTreeMap<String, Vec<usize>>,
+) -> Result<()> {
+    match serde_json::from_value::<Box<dyn BundleShapes>>(method_to_json(method)) {
+        Ok(check) => check.check_shapes(shapes),
+        // No check registered for this `peft_type`: nothing to compare.
+        Err(_) => Ok(()),
+    }
+}
+
 /// Read and validate `adapter_config.json` in `dir`.
 pub fn read_config(dir: &Path) -> Result<LoadedConfig> {
     let file = dir.join(CONFIG_FILE);
@@ -318,6 +347,14 @@ impl TensorFile {
     /// The file this came from.
     pub fn path(&self) -> &Path {
         &self.file
+    }
+
+    /// Every tensor's name and shape.
+    pub fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
+        self.tensors
+            .iter()
+            .map(|(k, v)| (k.clone(), v.shape().to_vec()))
+            .collect()
     }
 
     /// Take `key` with the `expected` shape.

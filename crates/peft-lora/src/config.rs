@@ -242,6 +242,79 @@ fn is_set(v: &Option<Value>) -> bool {
     !matches!(v, None | Some(Value::Null))
 }
 
+/// A LoRA bundle's ranks against its config, before anything is allocated: no module may get
+/// a larger rank from `r` / `rank_pattern` than its A tensor in the file has, and no rank of
+/// the config may exceed the largest rank the file holds (it would size modules the file has
+/// no tensors for: `"r": 1099511627776` with `all-linear` allocated terabytes). A smaller rank
+/// is left to the load, which names the tensor whose shape differs.
+#[typetag::deserialize(name = "LORA")]
+impl peft_core::bundle::BundleShapes for LoraConfig {
+    fn check_shapes(&self, shapes: &std::collections::BTreeMap<String, Vec<usize>>) -> Result<()> {
+        let ranks: Vec<(String, usize)> = self
+            .rank_pattern
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        let mut largest: Option<usize> = None;
+        for (key, shape) in shapes {
+            let Some(module) = ["lora_A.weight", "lora_embedding_A"]
+                .iter()
+                .find_map(|role| key.strip_suffix(role)?.strip_suffix('.'))
+            else {
+                continue;
+            };
+            let path = module
+                .strip_prefix(peft_core::bundle::KEY_PREFIX)
+                .unwrap_or(module);
+            let Some(&found) = shape.first() else {
+                continue;
+            };
+            largest = largest.max(Some(found));
+            let (expected, _) = self.rank_and_alpha(path)?;
+            // A smaller rank than the file's allocates less than the file holds: the load then
+            // reports the shape mismatch itself. A larger one is what the file cannot back.
+            if expected > found {
+                let from_pattern = pattern_lookup("rank_pattern", &ranks, path)?.is_some();
+                return Err(PeftError::invalid_config(
+                    if from_pattern { "rank_pattern" } else { "r" },
+                    format!(
+                        "gives `{path}` rank {expected}, but its A tensor in the weights file \
+                         has rank {found} (`{key}` {shape:?}): the file cannot back the rank \
+                         the config asks for"
+                    ),
+                ));
+            }
+        }
+        let Some(bound) = largest else {
+            return Err(PeftError::invalid_config(
+                "r",
+                format!(
+                    "is {}, but the weights file holds no LoRA A tensor (`lora_A.weight`) to \
+                     back any rank: is it a LoRA bundle?",
+                    self.r
+                ),
+            ));
+        };
+        let unbacked = std::iter::once(("r".to_string(), self.r)).chain(
+            self.rank_pattern
+                .iter()
+                .map(|(k, &v)| (format!("rank_pattern.{k}"), v)),
+        );
+        for (key, rank) in unbacked {
+            if rank > bound {
+                return Err(PeftError::invalid_config(
+                    key,
+                    format!(
+                        "is {rank}, but no tensor of the weights file has a rank above {bound}: \
+                         the config does not match its weights"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl LoraConfig {
     /// The scaling for a site of rank `r` and alpha `alpha`.
     pub fn scaling_for(&self, r: usize, alpha: f64) -> f64 {
@@ -453,6 +526,11 @@ impl PeftMethod for LoraConfig {
 
     fn inference_mode(&self) -> bool {
         self.base.inference_mode
+    }
+
+    fn reads_base_weights(&self) -> bool {
+        // DoRA's magnitude starts at the column norms of W; plain LoRA never reads it.
+        self.use_dora
     }
 
     fn supports(&self, kind: &SiteKind) -> bool {

@@ -78,6 +78,65 @@ fn mismatch(key: &str, found: usize, model: usize, what: &str) -> PeftError {
     )
 }
 
+/// A prefix bundle's sizes against its config, before anything is allocated: the config may
+/// not ask for more virtual tokens than `prompt_embeddings` has rows (a config of 2^40 virtual
+/// tokens allocated a table that size), and a projection MLP, which the bundle does not hold,
+/// may not be wider than the table it produces.
+#[typetag::deserialize(name = "PREFIX_TUNING")]
+impl peft_core::bundle::BundleShapes for PrefixTuningConfig {
+    fn check_shapes(&self, shapes: &std::collections::BTreeMap<String, Vec<usize>>) -> Result<()> {
+        let n = self.num_virtual_tokens;
+        let [rows, width] = match shapes.get("prompt_embeddings").map(Vec::as_slice) {
+            Some(&[rows, width]) => [rows, width],
+            found => {
+                return Err(PeftError::invalid_config(
+                    "num_virtual_tokens",
+                    format!(
+                        "is {n}, but the weights file holds no `prompt_embeddings` table \
+                         [num_virtual_tokens, num_layers·2·token_dim] to back it (found {found:?})"
+                    ),
+                ));
+            }
+        };
+        // Fewer virtual tokens than rows allocate less than the file holds: the load names the
+        // shape mismatch itself (the table's width comes from the model, checked there too).
+        if n > rows {
+            return Err(PeftError::invalid_config(
+                "num_virtual_tokens",
+                format!(
+                    "is {n}, but `prompt_embeddings` in the weights file has {rows} rows: the \
+                     file cannot back the virtual tokens the config asks for"
+                ),
+            ));
+        }
+        // The bundle holds only the projection's output; building the projection allocates
+        // hidden × width values (its second layer) before the table replaces it. PEFT's default
+        // is token_dim (< width); a wider one is taken only while it stays within a budget of
+        // MAX_PROJECTION_VALUES, so a crafted config cannot allocate terabytes.
+        if self.prefix_projection
+            && let Some(hidden) = self.encoder_hidden_size
+            && hidden > width
+            && hidden
+                .checked_mul(width)
+                .is_none_or(|values| values > MAX_PROJECTION_VALUES)
+        {
+            return Err(PeftError::invalid_config(
+                "encoder_hidden_size",
+                format!(
+                    "is {hidden}: the projection would allocate {hidden} × {width} values only to \
+                     be replaced by the saved table ({rows} × {width}); at most {width} (the \
+                     table's width) or {MAX_PROJECTION_VALUES} values in all are accepted"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The most values a bundle's prefix projection may allocate beyond its table's width
+/// (2^28 f32 values, 1 GiB).
+const MAX_PROJECTION_VALUES: usize = 1 << 28;
+
 impl PrefixTuningConfig {
     fn zero_init(&self) -> bool {
         matches!(&self.init_weights, Some(Value::String(s)) if s == "zero")
@@ -276,7 +335,39 @@ impl PeftMethod for PrefixTuningConfig {
         self.base.inference_mode
     }
 
+    fn reads_base_weights(&self) -> bool {
+        false
+    }
+
     fn clone_method(&self) -> Box<dyn PeftMethod> {
         Box::new(self.clone())
+    }
+}
+
+#[cfg(test)]
+mod shape_tests {
+    use super::*;
+    use peft_core::bundle::BundleShapes;
+
+    /// A projection as wide as the table of a real model (30 layers × 2 × 576) would allocate
+    /// 2^40-odd values before the table replaced it: refused; PEFT's default (token_dim) and a
+    /// projection within the budget load.
+    #[test]
+    fn a_projection_beyond_the_budget_is_refused_before_allocation() {
+        let (rows, width) = (20usize, 30 * 2 * 576);
+        let shapes = [("prompt_embeddings".to_string(), vec![rows, width])].into();
+        let config = |hidden| PrefixTuningConfig {
+            num_virtual_tokens: rows,
+            prefix_projection: true,
+            encoder_hidden_size: Some(hidden),
+            ..PrefixTuningConfig::default()
+        };
+        let e = config(rows * width).check_shapes(&shapes).unwrap_err();
+        assert!(e.to_string().contains("encoder_hidden_size"), "{e}");
+        assert!(config(576).check_shapes(&shapes).is_ok());
+        assert!(config(width).check_shapes(&shapes).is_ok());
+        // A tiny model may take a projection wider than its table (within the budget).
+        let small = [("prompt_embeddings".to_string(), vec![rows, 256])].into();
+        assert!(config(1024).check_shapes(&small).is_ok());
     }
 }

@@ -107,6 +107,13 @@ pub struct CompletionRequest {
     pub n: Option<usize>,
 }
 
+/// Stop strings a request may give (OpenAI's limit).
+pub const MAX_STOP_STRINGS: usize = 4;
+
+/// Longest stop string, in bytes: every generated token checks the text released since the
+/// last one, plus this many bytes before it, for each stop string.
+pub const MAX_STOP_BYTES: usize = 256;
+
 fn default_max_tokens() -> usize {
     16
 }
@@ -181,10 +188,17 @@ impl CompletionRequest {
             Some(Stop::One(s)) => vec![s.clone()],
             Some(Stop::Many(v)) => v.clone(),
         };
-        if stop.len() > 4 || stop.iter().any(String::is_empty) {
+        if stop.len() > MAX_STOP_STRINGS
+            || stop
+                .iter()
+                .any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+        {
             return Err(ApiError::bad_field(
                 "stop",
-                "stop takes at most 4 non-empty strings",
+                format!(
+                    "stop takes at most {MAX_STOP_STRINGS} non-empty strings of at most \
+                     {MAX_STOP_BYTES} bytes each"
+                ),
             ));
         }
         Ok(Sampling {

@@ -137,14 +137,7 @@ impl Engine {
                 .map_err(|e| ApiError::internal(format!("reading logits: {e:?}")))?;
             Ok(values.chunks(v).map(<[f32]>::to_vec).collect())
         };
-        catch_unwind(AssertUnwindSafe(run)).unwrap_or_else(|panic| {
-            let why = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("a panic");
-            Err(ApiError::internal(format!("the forward failed: {why}")))
-        })
+        guarded("the forward", run)
     }
 }
 
@@ -176,6 +169,17 @@ fn model_error(e: ModelError) -> ApiError {
     ApiError::internal(e.to_string())
 }
 
+/// Run `f`, turning a panic inside into an error of the requests concerned: the scheduler
+/// thread that runs every step must never end because one step went wrong.
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, ApiError>) -> Result<T, ApiError> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        Err(ApiError::internal(format!(
+            "{what} failed: {}",
+            crate::adapters::panic_message(panic.as_ref())
+        )))
+    })
+}
+
 impl DecodeBatch {
     /// Sequences running.
     pub fn len(&self) -> usize {
@@ -199,7 +203,9 @@ impl DecodeBatch {
         }
         let rows: Vec<usize> = (0..keep.len()).filter(|&i| keep[i]).collect();
         self.cache = match (&self.cache, rows.is_empty()) {
-            (Some(cache), false) => Some(cache.select_rows(&rows).map_err(model_error)?),
+            (Some(cache), false) => Some(guarded("dropping finished sequences", || {
+                cache.select_rows(&rows).map_err(model_error)
+            })?),
             _ => None,
         };
         let mut i = 0;
@@ -266,7 +272,7 @@ impl DecodeBatch {
         if !going.iter().any(|g| *g) {
             return;
         }
-        let result = (|| -> Result<(KvCache, Vec<Vec<i64>>), ApiError> {
+        let result = guarded("joining the running batch", || {
             let fresh = cache.split_rows(&mask).map_err(model_error)?;
             let mut parts = match &self.cache {
                 Some(running) => running.split_rows(&self.mask).map_err(model_error)?,
@@ -280,7 +286,7 @@ impl DecodeBatch {
                     .map(|(p, _)| p),
             );
             KvCache::stack(&parts).map_err(model_error)
-        })();
+        });
         match result {
             Ok((cache, mask)) => {
                 self.seqs.extend(

@@ -15,7 +15,9 @@ use futures_util::stream::{self, Stream, StreamExt};
 use peft_core::nn::BASE_ROW;
 use tokio::sync::mpsc;
 
-use crate::api::{self, CompletionChoice, CompletionRequest, CompletionResponse, Usage, unix_now};
+use crate::api::{
+    self, CompletionChoice, CompletionRequest, CompletionResponse, Input, Usage, unix_now,
+};
 use crate::error::ApiError;
 use crate::job::{Command, FinishReason, GenEvent, GenJob};
 use crate::state::{AppState, ModelKind};
@@ -28,20 +30,19 @@ pub async fn completions(
     body: Body,
 ) -> Result<Response, ApiError> {
     let body = state.read_body(&headers, body).await?;
-    let request: CompletionRequest = api::parse(&body)?;
+    let mut request: CompletionRequest = api::parse(&body)?;
     let sampling = request.sampling()?;
     state.require(ModelKind::CausalLm, "/v1/completions")?;
     let adapter = state.registry.resolve_model(&request.model)?;
-    let mut prompts = state.encode(&request.prompt, "prompt")?;
-    if prompts.len() != 1 {
+    let found = request.prompt.items().len();
+    if found > 1 {
         return Err(ApiError::bad_field(
             "prompt",
-            format!(
-                "one prompt per request, found {}; send one request per prompt",
-                prompts.len()
-            ),
+            format!("one prompt per request, found {found}; send one request per prompt"),
         ));
     }
+    let prompt = std::mem::replace(&mut request.prompt, Input::Tokens(Vec::new()));
+    let mut prompts = state.encode(prompt, "prompt", 1).await?;
     let prompt = prompts.remove(0).ids;
     if !sampling.stop.is_empty() && state.tokenizer.is_none() {
         return Err(ApiError::bad_field(
@@ -52,7 +53,7 @@ pub async fn completions(
     let prefix = adapter.as_ref().map_or(0, |a| a.prefix_len);
     state.check_length("prompt", prompt.len(), prefix, sampling.max_tokens)?;
     let (events, rx) = mpsc::unbounded_channel();
-    let deadline = Instant::now() + state.timeout;
+    let deadline = state.deadline();
     let prompt_tokens = prompt.len();
     state.scheduler.submit(Command::Generate(GenJob {
         adapter: adapter

@@ -93,6 +93,19 @@ impl ApiError {
         )
     }
 
+    /// 408: the body of the request did not arrive in time (a client trickling its body
+    /// would otherwise hold its connection and a handler forever).
+    pub fn timeout_reading_body(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within the server's limit of {:.1} s; send \
+                 the whole body at once",
+                limit.as_secs_f64()
+            ),
+        )
+    }
+
     /// 409: a name already in use.
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, message)

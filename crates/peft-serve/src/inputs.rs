@@ -13,8 +13,8 @@ use peft_core::nn::BASE_ROW;
 use tokio::sync::oneshot;
 
 use crate::api::{
-    self, Classification, ClassifyResponse, Embedding, EmbeddingResponse, InputRequest, Usage,
-    unix_now,
+    self, Classification, ClassifyResponse, Embedding, EmbeddingResponse, Input, InputRequest,
+    Usage, unix_now,
 };
 use crate::error::ApiError;
 use crate::job::{Command, OneShotJob, OneShotKind};
@@ -22,13 +22,13 @@ use crate::state::{AppState, ModelKind};
 
 /// Check, tokenize and run `kind` over the request's inputs; the vectors and the token count.
 async fn run(
-    state: &AppState,
+    state: &Arc<AppState>,
     headers: &HeaderMap,
     body: Body,
     kind: OneShotKind,
 ) -> Result<(InputRequest, Vec<Vec<f32>>, usize), ApiError> {
     let body = state.read_body(headers, body).await?;
-    let request: InputRequest = api::parse(&body)?;
+    let mut request: InputRequest = api::parse(&body)?;
     let (model_kind, endpoint) = match kind {
         OneShotKind::Embed => (ModelKind::Encoder, "/v1/embeddings"),
         OneShotKind::Classify => (ModelKind::Classifier, "/v1/classify"),
@@ -43,7 +43,8 @@ async fn run(
     }
     state.require(model_kind, endpoint)?;
     let adapter = state.registry.resolve_model(&request.model)?;
-    let inputs = state.encode(&request.input, "input")?;
+    let input = std::mem::replace(&mut request.input, Input::Tokens(Vec::new()));
+    let inputs = state.encode(input, "input", state.max_inputs).await?;
     let prefix = adapter.as_ref().map_or(0, |a| a.prefix_len);
     let many = inputs.len() > 1;
     for (i, input) in inputs.iter().enumerate() {
@@ -56,7 +57,7 @@ async fn run(
     }
     let tokens = inputs.iter().map(|e| e.ids.len()).sum();
     let (reply, rx) = oneshot::channel();
-    let deadline = Instant::now() + state.timeout;
+    let deadline = state.deadline();
     state.scheduler.submit(Command::OneShot(OneShotJob {
         kind,
         adapter: adapter.map_or(BASE_ROW.to_string(), |a| a.name),

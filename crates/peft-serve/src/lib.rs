@@ -23,14 +23,17 @@
 
 #![warn(missing_docs)]
 
+mod adapters;
 pub mod api;
 mod batch;
 pub mod client;
 mod completions;
 pub mod error;
+mod http;
 mod inputs;
 pub mod job;
 pub mod metrics;
+mod oneshot;
 pub mod registry;
 mod routes;
 mod scheduler;
@@ -51,9 +54,10 @@ use peft_models::{HfModel, Task, from_pretrained};
 pub use error::{ApiError, ServeError};
 pub use metrics::Metrics;
 pub use routes::key_matches;
-pub use state::{ModelInfo, ModelKind};
+pub use state::{ModelInfo, ModelKind, RequestLimits};
 
 use crate::batch::Engine;
+use crate::http::ConnectionLimits;
 use crate::job::Command;
 use crate::registry::Registry;
 use crate::scheduler::{Limits, SchedulerHandle};
@@ -83,6 +87,19 @@ pub struct ServeConfig {
     pub request_timeout: Duration,
     /// Largest request body, in bytes; beyond, 413.
     pub max_body_bytes: usize,
+    /// Inputs one embeddings or classification request may hold; beyond, 400.
+    pub max_inputs: usize,
+    /// Adapters loaded at once (start and run time together); beyond, 409.
+    pub max_adapters: usize,
+    /// Time a client has to send the head of a request; beyond, the connection is closed.
+    pub header_timeout: Duration,
+    /// Time a client has to send the body of a request; beyond, 408.
+    pub body_timeout: Duration,
+    /// Connections open at once; beyond, a new connection gets 503 and is closed.
+    pub max_connections: usize,
+    /// After shutdown is asked for, time the requests in flight get to finish; then every
+    /// connection is closed.
+    pub shutdown_grace: Duration,
 }
 
 impl ServeConfig {
@@ -99,6 +116,12 @@ impl ServeConfig {
             api_key: None,
             request_timeout: Duration::from_secs(300),
             max_body_bytes: 1 << 20,
+            max_inputs: 2048,
+            max_adapters: 64,
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -107,6 +130,7 @@ impl ServeConfig {
 pub struct Server {
     state: Arc<AppState>,
     scheduler: SchedulerHandle,
+    connections: ConnectionLimits,
 }
 
 fn model_kind(model: &HfModel) -> ModelKind {
@@ -146,9 +170,18 @@ impl Server {
         if config.max_batch == 0 {
             return Err(ServeError::Config("--max-batch must be at least 1".into()));
         }
+        if config.adapters.len() > config.max_adapters {
+            return Err(ServeError::Config(format!(
+                "{} adapters given with --adapter, but --max-adapters is {}: raise the limit \
+                 or load fewer",
+                config.adapters.len(),
+                config.max_adapters
+            )));
+        }
         let pretrained = from_pretrained(&config.model, config.task, device)?;
         let info = ModelInfo {
             source: config.model.clone(),
+            name: state::shown_model_name(&config.model),
             kind: model_kind(&pretrained.model),
             context_limit: pretrained.model.position_limit().or_else(|| {
                 pretrained
@@ -156,7 +189,8 @@ impl Server {
                     .raw
                     .get("max_position_embeddings")
                     .and_then(|v| v.as_u64())
-                    .map(|n| (n as usize, "max_position_embeddings"))
+                    .and_then(|n| usize::try_from(n).ok())
+                    .map(|n| (n, "max_position_embeddings"))
             }),
             vocab_size: pretrained.model.vocab_size(),
             labels: labels(&pretrained.config.raw),
@@ -175,13 +209,24 @@ impl Server {
         let metrics = Arc::new(Metrics::default());
         let mut model = PeftModel::new(pretrained.model);
         for (name, dir) in &config.adapters {
-            Registry::check_name(name).map_err(|e| ServeError::Config(e.message))?;
+            Registry::check_name(name)
+                .map_err(|e| ServeError::Config(format!("--adapter {name}: {}", e.message)))?;
             if registry.contains(name) {
                 return Err(ServeError::Config(format!(
                     "--adapter: the name `{name}` is used twice"
                 )));
             }
-            let info = scheduler::load_adapter(&mut model, name, dir).map_err(|source| {
+            adapters::check_shared_base(dir).map_err(|why| {
+                ServeError::Config(format!("--adapter {name}={}: {why}", dir.display()))
+            })?;
+            let shown = registry.shown_path(dir);
+            let info = adapters::load(&mut model, name, dir, shown).map_err(|failure| {
+                let source = match failure {
+                    adapters::LoadFailure::Bundle(e) => e,
+                    adapters::LoadFailure::Panic(why) => peft_core::PeftError::InvalidState(
+                        format!("the method's code panicked while loading: {why}"),
+                    ),
+                };
                 ServeError::Adapter {
                     name: name.clone(),
                     dir: dir.clone(),
@@ -189,8 +234,10 @@ impl Server {
                 }
             })?;
             registry.insert(info);
-            metrics.adapters_loaded.fetch_add(1, Ordering::Relaxed);
         }
+        metrics
+            .adapters_loaded
+            .store(registry.len(), Ordering::Relaxed);
         let engine = Engine {
             model,
             device: device.clone(),
@@ -200,6 +247,7 @@ impl Server {
         let limits = Limits {
             max_batch: config.max_batch,
             max_queue: config.max_queue,
+            max_adapters: config.max_adapters,
         };
         let (scheduler, _thread) = scheduler::spawn(engine, registry.clone(), limits)?;
         let state = Arc::new(AppState::new(
@@ -209,13 +257,28 @@ impl Server {
             pretrained.tokenizer.map(Arc::new),
             info,
             config.api_key.clone().map(String::into_bytes),
-            config.request_timeout,
-            config.max_body_bytes,
+            RequestLimits {
+                timeout: config.request_timeout,
+                body_limit: config.max_body_bytes,
+                body_timeout: config.body_timeout,
+                max_inputs: config.max_inputs,
+                max_adapters: config.max_adapters,
+            },
         ));
-        Ok(Self { state, scheduler })
+        let connections = ConnectionLimits {
+            header_timeout: config.header_timeout.min(state::MAX_TIMEOUT),
+            max_connections: config.max_connections,
+            shutdown_grace: config.shutdown_grace.min(state::MAX_TIMEOUT),
+        };
+        Ok(Self {
+            state,
+            scheduler,
+            connections,
+        })
     }
 
-    /// The HTTP routes (for embedding the server in another axum app).
+    /// The HTTP routes (for embedding the server in another axum app, which then owns the
+    /// connection limits).
     pub fn router(&self) -> axum::Router {
         routes::router(self.state.clone())
     }
@@ -230,15 +293,31 @@ impl Server {
         &self.state.info
     }
 
-    /// Serve on `listener` until `shutdown` completes.
+    /// Whether the scheduler thread runs (`/health` answers 503 once it does not).
+    pub fn scheduler_alive(&self) -> bool {
+        self.scheduler.is_alive()
+    }
+
+    /// Serve on `listener` until `shutdown` completes; then the requests in flight get
+    /// `shutdown_grace` before every connection is closed.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        axum::serve(listener, self.router())
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        self.serve_until(listener, shutdown, std::future::pending())
+            .await
+    }
+
+    /// [`serve`](Self::serve), and once shutting down, stop waiting for the requests in
+    /// flight as soon as `force` completes (a second Ctrl-C).
+    pub async fn serve_until(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        force: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        http::serve(self.router(), listener, self.connections, shutdown, force).await?;
         Ok(())
     }
 }
@@ -250,7 +329,38 @@ impl Drop for Server {
     }
 }
 
+/// Count interrupts (Ctrl-C, and SIGTERM on Unix) into `tx`. The handlers are installed
+/// before this returns, so a signal that comes once the server is announced is never the
+/// default action (killing the process without a shutdown).
+fn count_interrupts(tx: tokio::sync::watch::Sender<u32>) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    Some(()) = interrupt.recv() => {}
+                    Some(()) = terminate.recv() => {}
+                    else => break,
+                }
+                tx.send_modify(|n| *n += 1);
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() {
+            tx.send_modify(|n| *n += 1);
+        }
+    });
+    Ok(())
+}
+
 /// Load, bind `addr` and serve until Ctrl-C, on a runtime of its own (the CLI's entry point).
+/// The first Ctrl-C (or SIGTERM) stops accepting and gives the requests in flight
+/// `shutdown_grace`; a second one closes everything at once.
 pub fn serve_blocking(
     config: &ServeConfig,
     device: &Device,
@@ -260,7 +370,10 @@ pub fn serve_blocking(
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let grace = config.shutdown_grace;
     runtime.block_on(async move {
+        let (tx, interrupts) = tokio::sync::watch::channel(0u32);
+        count_interrupts(tx)?;
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
         eprintln!(
@@ -269,10 +382,24 @@ pub fn serve_blocking(
             server.info().kind,
             server.state.registry.serving_names().len()
         );
-        server
-            .serve(listener, async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
+        let mut first = interrupts.clone();
+        let shutdown = async move {
+            if first.wait_for(|n| *n >= 1).await.is_err() {
+                // No signal can come any more: serve on.
+                std::future::pending::<()>().await;
+            }
+            eprintln!(
+                "burn-peft serve: shutting down; requests in flight get up to {:.0} s \
+                 (--shutdown-grace); Ctrl-C again to stop now",
+                grace.as_secs_f64()
+            );
+        };
+        let mut second = interrupts;
+        let force = async move {
+            if second.wait_for(|n| *n >= 2).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        server.serve_until(listener, shutdown, force).await
     })
 }

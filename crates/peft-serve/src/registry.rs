@@ -14,6 +14,9 @@ pub struct AdapterInfo {
     pub name: String,
     /// The folder it was loaded from.
     pub path: PathBuf,
+    /// The folder as clients see it: relative to `--adapters-dir`, else its last component
+    /// (the server's own paths are not the clients' business).
+    pub shown_path: String,
     /// Its `peft_type`.
     pub peft_type: String,
     /// Virtual tokens it puts in front of every sequence (prefix tuning), else 0.
@@ -33,6 +36,14 @@ pub struct Registry {
 
 /// Longest adapter name accepted.
 const MAX_NAME: usize = 128;
+
+/// The characters an adapter name may hold. The core refuses `.`, `/` and backslashes in a name (it
+/// becomes a key segment and a folder name in PEFT's format); this set is inside that rule, so
+/// a name the server accepts is one the core accepts, and a bad name is refused here, naming
+/// `name`, before anything else is looked at.
+fn name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '-')
+}
 
 impl Registry {
     /// A registry whose runtime loads read only from under `adapters_dir` (none: runtime
@@ -94,9 +105,9 @@ impl Registry {
         self.write().push(info);
     }
 
-    pub(crate) fn set_draining(&self, name: &str) {
+    pub(crate) fn set_draining(&self, name: &str, draining: bool) {
         for a in self.write().iter_mut().filter(|a| a.name == name) {
-            a.draining = true;
+            a.draining = draining;
         }
     }
 
@@ -104,16 +115,50 @@ impl Registry {
         self.write().retain(|a| a.name != name);
     }
 
-    /// Check a name for a new adapter: 400 unless it is 1..=128 of `[A-Za-z0-9._-]`, not
-    /// `base` or `__base__`.
+    /// Adapters loaded (draining ones included: they still hold memory).
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    /// Whether no adapter is loaded.
+    pub fn is_empty(&self) -> bool {
+        self.read().is_empty()
+    }
+
+    /// `dir` as clients may see it: relative to `--adapters-dir` when it lies under it, else
+    /// only its last component.
+    pub fn shown_path(&self, dir: &Path) -> String {
+        if let Some(root) = &self.adapters_dir
+            && let Ok(relative) = dir.strip_prefix(root)
+        {
+            return relative.display().to_string();
+        }
+        dir.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// `message` with the server's adapters folder taken out of every path in it, so an
+    /// error about a bundle names its files relative to `--adapters-dir`.
+    pub fn scrub(&self, message: &str) -> String {
+        match &self.adapters_dir {
+            Some(root) => {
+                let root = root.display().to_string();
+                message
+                    .replace(&format!("{root}{}", std::path::MAIN_SEPARATOR), "")
+                    .replace(&root, ".")
+            }
+            None => message.to_string(),
+        }
+    }
+
+    /// Check a name for a new adapter: 400 naming `name` unless it is 1..=128 of
+    /// `[A-Za-z0-9_-]`, not `base` or `__base__`.
     pub fn check_name(name: &str) -> Result<(), ApiError> {
-        let ok_chars = name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if name.is_empty() || name.len() > MAX_NAME || !ok_chars {
+        if name.is_empty() || name.len() > MAX_NAME || !name.chars().all(name_char) {
             return Err(ApiError::bad_field(
                 "name",
-                format!("an adapter name is 1 to {MAX_NAME} of A-Z a-z 0-9 . _ -, found `{name}`"),
+                format!("an adapter name is 1 to {MAX_NAME} of A-Z a-z 0-9 _ -, found `{name}`"),
             ));
         }
         if name == crate::BASE_MODEL || name == peft_core::nn::BASE_ROW {
@@ -199,8 +244,16 @@ mod tests {
 
     #[test]
     fn names() {
-        assert!(Registry::check_name("sql-v2.1_x").is_ok());
-        for bad in ["", "base", "__base__", "a/b", "a b", &"x".repeat(129)] {
+        assert!(Registry::check_name("sql-v2_1").is_ok());
+        for bad in [
+            "",
+            "base",
+            "__base__",
+            "a/b",
+            "a b",
+            "v1.2",
+            &"x".repeat(129),
+        ] {
             assert!(Registry::check_name(bad).is_err(), "{bad}");
         }
     }

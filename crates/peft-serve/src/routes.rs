@@ -8,7 +8,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -55,16 +55,38 @@ fn endpoint(path: &str) -> &'static str {
     }
 }
 
-/// Count every request by endpoint and status, with its time to the response head.
+/// The header that carries a request's id, both ways.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// The client's `X-Request-Id` if it is a usable one (1 to 128 visible ASCII characters, so it
+/// can go back in a header and into logs as it is), else a fresh random id.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    headers
+        .get(REQUEST_ID)
+        .filter(|v| {
+            let bytes = v.as_bytes();
+            !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic())
+        })
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&crate::state::random_id())
+                .unwrap_or(HeaderValue::from_static("unknown"))
+        })
+}
+
+/// Count every request by endpoint and status, with its time to the response head, and give
+/// every response its request's `X-Request-Id`.
 async fn record(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let label = endpoint(request.uri().path());
+    let id = request_id(request.headers());
     let start = Instant::now();
-    let response = next.run(request).await;
+    let mut response = next.run(request).await;
     state.metrics.record_request(
         label,
         response.status().as_u16(),
         start.elapsed().as_secs_f64(),
     );
+    response.headers_mut().insert(REQUEST_ID, id);
     response
 }
 
@@ -108,13 +130,21 @@ async fn not_found(request: Request) -> ApiError {
     ))
 }
 
+/// `ok` while the scheduler runs; 503 `unavailable` once it is gone (every model request
+/// would get 503 then), so an orchestrator's liveness check restarts the server.
 async fn health(State(state): State<Arc<AppState>>) -> Response {
-    axum::Json(json!({
-        "status": "ok",
-        "model": state.info.source,
+    let alive = state.scheduler.is_alive();
+    let body = axum::Json(json!({
+        "status": if alive { "ok" } else { "unavailable" },
+        "model": state.info.name,
         "adapters": state.registry.serving_names().len(),
-    }))
-    .into_response()
+        "scheduler": if alive { "running" } else { "stopped" },
+    }));
+    if alive {
+        body.into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    }
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
@@ -135,7 +165,7 @@ fn card(info: &AdapterInfo) -> ModelCard {
         created: info.loaded_at,
         owned_by: "burn-peft".into(),
         parent: Some(crate::BASE_MODEL.into()),
-        root: info.path.display().to_string(),
+        root: info.shown_path.clone(),
         peft_type: Some(info.peft_type.clone()),
     }
 }
@@ -147,7 +177,7 @@ async fn models(State(state): State<Arc<AppState>>) -> axum::Json<ModelList> {
         created: state.info.created,
         owned_by: "burn-peft".into(),
         parent: None,
-        root: state.info.source.clone(),
+        root: state.info.name.clone(),
         peft_type: None,
     }];
     data.extend(
@@ -190,7 +220,22 @@ async fn load_adapter(
             request.name
         )));
     }
+    crate::scheduler::check_room(&state.registry, state.max_adapters)?;
     let dir = state.registry.resolve_path(&request.path)?;
+    // Reading the bundle to check it is file work: off the runtime and off the scheduler.
+    let checked = dir.clone();
+    let shared = tokio::task::spawn_blocking(move || crate::adapters::check_shared_base(&checked))
+        .await
+        .unwrap_or(Ok(()));
+    if let Err(why) = shared {
+        return Err(ApiError::bad_field(
+            "path",
+            state.registry.scrub(&format!(
+                "`{}` cannot be served next to other adapters: {why}",
+                request.path
+            )),
+        ));
+    }
     let (reply, rx) = oneshot::channel();
     state.scheduler.control(Command::Load {
         name: request.name,

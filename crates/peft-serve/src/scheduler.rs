@@ -1,23 +1,28 @@
 //! The scheduler thread: it owns the model, and between forward steps takes new requests,
-//! loads and unloads adapters, and answers embeddings and classification requests. Every step
-//! runs one forward over all running generations, whatever adapter each uses (continuous
-//! batching over mixed-adapter batches, see [`crate::batch`]).
+//! loads and unloads adapters, and answers embeddings and classification requests in chunks.
+//! Every step runs one forward over all running generations, whatever adapter each uses
+//! (continuous batching over mixed-adapter batches, see [`crate::batch`]).
+//!
+//! Nothing the scheduler runs may end the thread: forwards, loads (a method plugin's code) and
+//! the cache bookkeeping catch panics and fail only the requests concerned, and each round of
+//! the loop is guarded once more. If the thread ends anyway (shutdown, or a bug), it says so
+//! through [`SchedulerHandle::is_alive`], which `/health` reports.
 
 use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 
-use burn::tensor::{Int, Tensor, TensorData};
-use peft_core::{PeftError, peft_type_of};
-use peft_models::{Encoding, HfModel, ModelInputs};
+use peft_core::PeftError;
 
-use crate::api::unix_now;
+use crate::adapters::{LoadFailure, panic_message};
 use crate::batch::{DecodeBatch, Engine};
 use crate::error::ApiError;
-use crate::job::{Command, GenJob, OneShotJob, OneShotKind};
+use crate::job::{Command, GenJob};
 use crate::metrics::Metrics;
+use crate::oneshot::OneShots;
 use crate::registry::{AdapterInfo, Registry};
 
 /// How the HTTP side reaches the scheduler; admission to the bounded queue happens here.
@@ -26,6 +31,7 @@ pub struct SchedulerHandle {
     tx: mpsc::Sender<Command>,
     metrics: Arc<Metrics>,
     max_queue: usize,
+    alive: Arc<AtomicBool>,
 }
 
 impl SchedulerHandle {
@@ -46,15 +52,32 @@ impl SchedulerHandle {
     pub fn control(&self, command: Command) -> Result<(), ApiError> {
         self.tx.send(command).map_err(|_| ApiError::unavailable())
     }
+
+    /// Whether the scheduler thread is still running.
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
 }
 
 /// Settings of the scheduler.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Sequences in one forward at most.
+    /// Sequences (or embedding inputs) in one forward at most.
     pub max_batch: usize,
     /// Requests waiting at most.
     pub max_queue: usize,
+    /// Adapters loaded at most.
+    pub max_adapters: usize,
+}
+
+/// Clears the liveness flag when the thread ends, however it ends (a panic unwinds through
+/// this too).
+struct AliveGuard(Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 /// Start the scheduler thread with `engine`; it runs until [`Command::Shutdown`] or until
@@ -65,26 +88,41 @@ pub fn spawn(
     limits: Limits,
 ) -> std::io::Result<(SchedulerHandle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel();
+    let alive = Arc::new(AtomicBool::new(true));
     let handle = SchedulerHandle {
         tx,
         metrics: engine.metrics.clone(),
         max_queue: limits.max_queue,
+        alive: alive.clone(),
     };
     let thread = std::thread::Builder::new()
         .name("peft-serve-scheduler".into())
         .spawn(move || {
+            let _alive = AliveGuard(alive);
             Scheduler {
                 engine,
                 registry,
                 limits,
                 batch: DecodeBatch::default(),
                 waiting: VecDeque::new(),
-                oneshots: VecDeque::new(),
+                oneshots: OneShots::default(),
                 unloads: Vec::new(),
             }
             .run(rx)
-        })?;
-    Ok((handle, thread))
+        });
+    match thread {
+        Ok(thread) => Ok((handle, thread)),
+        Err(e) => {
+            handle.alive.store(false, Ordering::SeqCst);
+            Err(e)
+        }
+    }
+}
+
+/// An unload waiting for the requests on its adapter; every `DELETE` of it gets the answer.
+struct Unload {
+    name: String,
+    replies: Vec<tokio::sync::oneshot::Sender<Result<(), ApiError>>>,
 }
 
 struct Scheduler {
@@ -93,8 +131,8 @@ struct Scheduler {
     limits: Limits,
     batch: DecodeBatch,
     waiting: VecDeque<GenJob>,
-    oneshots: VecDeque<OneShotJob>,
-    unloads: Vec<(String, tokio::sync::oneshot::Sender<Result<(), ApiError>>)>,
+    oneshots: OneShots,
+    unloads: Vec<Unload>,
 }
 
 impl Scheduler {
@@ -122,36 +160,67 @@ impl Scheduler {
                     return;
                 }
             }
-            self.drop_dead();
-            self.finish_unloads();
-            self.run_oneshots();
-            self.admit();
-            self.batch.step(&self.engine);
+            // The last guard: whatever panics in a round fails the requests in flight, and the
+            // scheduler goes on with the next round.
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| self.round())) {
+                let error = ApiError::internal(format!(
+                    "the scheduler failed while running this request: {}",
+                    panic_message(panic.as_ref())
+                ));
+                self.batch.fail_all(error.clone());
+                self.oneshots.fail_started(&error);
+                self.engine.metrics.running.store(0, Ordering::Relaxed);
+            }
         }
+    }
+
+    /// One round: drop what nobody waits for, finish unloads, one chunk of embedding or
+    /// classification inputs, new generations, one decode step.
+    fn round(&mut self) {
+        self.drop_dead();
+        self.finish_unloads();
+        let started = self.oneshots.run_chunk(&self.engine, self.limits.max_batch);
+        self.queued_leave(started);
+        self.admit();
+        self.batch.step(&self.engine);
     }
 
     /// Take one command; `false` to stop.
     fn handle(&mut self, command: Command) -> bool {
         match command {
             Command::Generate(job) => self.waiting.push_back(job),
-            Command::OneShot(job) => self.oneshots.push_back(job),
+            Command::OneShot(job) => self.oneshots.push(job),
             Command::Load { name, dir, reply } => {
                 let _ = reply.send(self.load(&name, &dir));
             }
             Command::Unload { name, reply } => {
-                if !self.registry.contains(&name) {
+                if let Some(pending) = self.unloads.iter_mut().find(|u| u.name == name) {
+                    // Unloading is idempotent: a second DELETE waits for the same unload.
+                    pending.replies.push(reply);
+                } else if !self.registry.contains(&name) {
                     let _ = reply.send(Err(ApiError::unknown_adapter(
                         &name,
                         &self.registry.serving_names(),
                     )));
                 } else {
-                    self.registry.set_draining(&name);
-                    self.unloads.push((name, reply));
+                    self.registry.set_draining(&name, true);
+                    self.unloads.push(Unload {
+                        name,
+                        replies: vec![reply],
+                    });
                 }
             }
             Command::Shutdown => return false,
         }
         true
+    }
+
+    /// The gauge of loaded adapters, from the registry (a count, so it cannot wrap).
+    fn count_adapters(&self) {
+        self.engine
+            .metrics
+            .adapters_loaded
+            .store(self.registry.len(), Ordering::Relaxed);
     }
 
     /// Load a bundle (between steps: the model is not in use).
@@ -161,64 +230,81 @@ impl Scheduler {
                 "an adapter named `{name}` is loaded already; unload it first or pick another name"
             )));
         }
+        check_room(&self.registry, self.limits.max_adapters)?;
+        let shown = self.registry.shown_path(dir);
         // The folder exists (checked by the registry): whatever fails in it, a missing or
         // unreadable file included, is the bundle's fault, not the server's.
-        let info = load_adapter(&mut self.engine.model, name, dir).map_err(|e| match e {
-            PeftError::AdapterExists(_) => ApiError::conflict(e.to_string()),
-            other => ApiError::bad_field(
-                "path",
-                format!("the bundle `{}` cannot be loaded: {other}", dir.display()),
-            ),
-        })?;
+        let info = crate::adapters::load(&mut self.engine.model, name, dir, shown.clone())
+            .map_err(|failure| match failure {
+                LoadFailure::Bundle(e @ PeftError::AdapterExists(_)) => {
+                    ApiError::conflict(e.to_string())
+                }
+                LoadFailure::Bundle(other) => ApiError::bad_field(
+                    "path",
+                    self.registry
+                        .scrub(&format!("the bundle `{shown}` cannot be loaded: {other}")),
+                ),
+                LoadFailure::Panic(why) => ApiError::internal(self.registry.scrub(&format!(
+                    "loading `{shown}` failed: its method's code panicked ({why}); the server \
+                     goes on without it"
+                ))),
+            })?;
         self.registry.insert(info.clone());
-        self.engine
-            .metrics
-            .adapters_loaded
-            .fetch_add(1, Ordering::Relaxed);
+        self.count_adapters();
         Ok(info)
     }
 
     fn queued_leave(&self, n: usize) {
-        self.engine
-            .metrics
-            .queue_depth
-            .fetch_sub(n, Ordering::SeqCst);
+        if n > 0 {
+            self.engine
+                .metrics
+                .queue_depth
+                .fetch_sub(n, Ordering::SeqCst);
+        }
     }
 
     fn drop_dead(&mut self) {
         let now = Instant::now();
         self.batch.drop_dead(now);
-        let before = self.waiting.len() + self.oneshots.len();
+        let before = self.waiting.len();
         self.waiting
             .retain(|j| !j.events.is_closed() && now < j.deadline);
-        self.oneshots
-            .retain(|j| !j.reply.is_closed() && now < j.deadline);
-        self.queued_leave(before - self.waiting.len() - self.oneshots.len());
+        let queued = before - self.waiting.len() + self.oneshots.drop_dead(now);
+        self.queued_leave(queued);
     }
 
     /// Unload adapters that no running or waiting request uses any more.
     fn finish_unloads(&mut self) {
         let mut still = Vec::new();
-        for (name, reply) in std::mem::take(&mut self.unloads) {
-            let busy = self.batch.uses(&name)
-                || self.waiting.iter().any(|j| j.adapter == name)
-                || self.oneshots.iter().any(|j| j.adapter == name);
+        for unload in std::mem::take(&mut self.unloads) {
+            let name = &unload.name;
+            let busy = self.batch.uses(name)
+                || self.waiting.iter().any(|j| &j.adapter == name)
+                || self.oneshots.uses(name);
             if busy {
                 // Even if the client gave up waiting, the unload goes on once they finish.
-                still.push((name, reply));
+                still.push(unload);
                 continue;
             }
-            let result = self
-                .engine
-                .model
-                .delete_adapter(&name)
-                .map_err(|e| ApiError::internal(e.to_string()));
-            self.registry.remove(&name);
-            self.engine
-                .metrics
-                .adapters_loaded
-                .fetch_sub(1, Ordering::Relaxed);
-            let _ = reply.send(result);
+            let model = &mut self.engine.model;
+            let result = match catch_unwind(AssertUnwindSafe(|| model.delete_adapter(name))) {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(ApiError::internal(e.to_string())),
+                Err(panic) => Err(ApiError::internal(format!(
+                    "unloading `{name}` failed: {}",
+                    panic_message(panic.as_ref())
+                ))),
+            };
+            if result.is_ok() || self.engine.model.adapter_config(name).is_none() {
+                self.registry.remove(name);
+            } else {
+                // Still in the model: it serves again rather than being lost half-way.
+                self.registry.set_draining(name, false);
+            }
+            self.count_adapters();
+            for reply in unload.replies {
+                let _ = reply.send(result.clone());
+            }
         }
         self.unloads = still;
     }
@@ -246,157 +332,15 @@ impl Scheduler {
             .running
             .store(self.batch.len(), Ordering::Relaxed);
     }
-
-    /// Answer waiting embeddings / classification requests, up to `max_batch` inputs per
-    /// forward, all adapters together.
-    fn run_oneshots(&mut self) {
-        while !self.oneshots.is_empty() {
-            let mut jobs = Vec::new();
-            let mut inputs = 0;
-            while let Some(job) = self.oneshots.front() {
-                if !jobs.is_empty() && inputs + job.inputs.len() > self.limits.max_batch {
-                    break;
-                }
-                inputs += job.inputs.len();
-                jobs.extend(self.oneshots.pop_front());
-            }
-            self.queued_leave(jobs.len());
-            run_oneshot_group(&self.engine, jobs);
-        }
-    }
 }
 
-/// Load `dir` as adapter `name` and describe it.
-pub fn load_adapter(
-    model: &mut peft_core::PeftModel<HfModel>,
-    name: &str,
-    dir: &std::path::Path,
-) -> Result<AdapterInfo, PeftError> {
-    model.load_adapter(dir, name)?;
-    let peft_type = model
-        .adapter_config(name)
-        .map_or("unknown", peft_type_of)
-        .to_string();
-    // The prefix length of this adapter alone: make it the active one for a moment (rows of
-    // a mixed batch choose their adapter; the active set is not used while serving).
-    let previous: Vec<String> = model.active_adapters().to_vec();
-    model.set_adapter(name)?;
-    let prefix_len = model.model().prefix_len();
-    let previous: Vec<&str> = previous.iter().map(String::as_str).collect();
-    if !previous.is_empty() {
-        model.set_adapters(&previous)?;
+/// 409 when `registry` already holds `max` adapters (`--max-adapters`).
+pub(crate) fn check_room(registry: &Registry, max: usize) -> Result<(), ApiError> {
+    if registry.len() >= max {
+        return Err(ApiError::conflict(format!(
+            "the server holds {max} adapters, its limit (--max-adapters): unload one first \
+             (DELETE /v1/adapters/NAME)"
+        )));
     }
-    Ok(AdapterInfo {
-        name: name.to_string(),
-        path: dir.to_path_buf(),
-        peft_type,
-        prefix_len,
-        loaded_at: unix_now(),
-        draining: false,
-    })
-}
-
-/// One forward over the inputs of `jobs` (each row with its job's adapter). Encoders take a
-/// right-padded batch with its mask; decoder classifiers pool the last token, so they batch
-/// only inputs of one length.
-fn run_oneshot_group(engine: &Engine, jobs: Vec<OneShotJob>) {
-    let is_encoder = engine.model.model().arch().attends_bidirectionally();
-    // Rows: (job, input) in order; grouped by length for decoders.
-    let mut rows: Vec<(usize, usize)> = Vec::new();
-    for (j, job) in jobs.iter().enumerate() {
-        rows.extend((0..job.inputs.len()).map(|i| (j, i)));
-    }
-    let mut groups: Vec<Vec<(usize, usize)>> = Vec::new();
-    if is_encoder {
-        groups.push(rows);
-    } else {
-        for row in rows {
-            let len = jobs[row.0].inputs[row.1].ids.len();
-            match groups
-                .iter_mut()
-                .find(|g| jobs[g[0].0].inputs[g[0].1].ids.len() == len)
-            {
-                Some(g) => g.push(row),
-                None => groups.push(vec![row]),
-            }
-        }
-    }
-    let mut results: Vec<Vec<Option<Vec<f32>>>> =
-        jobs.iter().map(|j| vec![None; j.inputs.len()]).collect();
-    let mut failures: Vec<Option<ApiError>> = vec![None; jobs.len()];
-    for group in groups {
-        let encodings: Vec<&Encoding> = group.iter().map(|&(j, i)| &jobs[j].inputs[i]).collect();
-        let adapters: Vec<&str> = group
-            .iter()
-            .map(|&(j, _)| jobs[j].adapter.as_str())
-            .collect();
-        engine.metrics.record_batch(group.len());
-        match oneshot_forward(engine, jobs[group[0].0].kind, &encodings, &adapters) {
-            Ok(out) => {
-                for (&(j, i), v) in group.iter().zip(out) {
-                    results[j][i] = Some(v);
-                }
-            }
-            Err(e) => {
-                for &(j, _) in &group {
-                    failures[j] = Some(e.clone());
-                }
-            }
-        }
-    }
-    for ((job, result), failure) in jobs.into_iter().zip(results).zip(failures) {
-        let answer = match failure {
-            Some(e) => Err(e),
-            None => Ok(result.into_iter().map(Option::unwrap_or_default).collect()),
-        };
-        let _ = job.reply.send(answer);
-    }
-}
-
-fn oneshot_forward(
-    engine: &Engine,
-    kind: OneShotKind,
-    encodings: &[&Encoding],
-    adapters: &[&str],
-) -> Result<Vec<Vec<f32>>, ApiError> {
-    let run = || -> Result<Vec<Vec<f32>>, ApiError> {
-        let device = &engine.device;
-        let b = encodings.len();
-        let s = encodings.iter().map(|e| e.ids.len()).max().unwrap_or(1);
-        let mut ids = vec![0i64; b * s];
-        let mut mask = vec![0i64; b * s];
-        let mut types = vec![0i64; b * s];
-        for (r, e) in encodings.iter().enumerate() {
-            for (j, (&id, &t)) in e.ids.iter().zip(&e.type_ids).enumerate() {
-                ids[r * s + j] = id;
-                mask[r * s + j] = 1;
-                types[r * s + j] = t;
-            }
-        }
-        let t = |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, [b, s]), device);
-        let inputs = ModelInputs {
-            input_ids: t(ids),
-            attention_mask: Some(t(mask)),
-            token_type_ids: Some(t(types)),
-        };
-        let ctx = engine
-            .model
-            .adapter_rows(adapters, device)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        let out = engine.model.model().forward_with(&inputs, &ctx)?;
-        let tensor = match kind {
-            OneShotKind::Embed => out.sentence_embedding,
-            OneShotKind::Classify => out.class_logits,
-        }
-        .ok_or_else(|| ApiError::internal("the model gave no output of this kind"))?;
-        let [_, width] = tensor.dims();
-        let values = tensor
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .map_err(|e| ApiError::internal(format!("reading outputs: {e:?}")))?;
-        Ok(values.chunks(width).map(<[f32]>::to_vec).collect())
-    };
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
-        .unwrap_or_else(|_| Err(ApiError::internal("the forward failed (a panic)")))
+    Ok(())
 }

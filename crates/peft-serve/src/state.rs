@@ -2,8 +2,7 @@
 //! and what the model allows; and the checks every request needs (body size, tokens, length).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{HeaderMap, header};
@@ -39,8 +38,11 @@ impl ModelKind {
 /// Facts about the base model the handlers check requests against.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
-    /// `--model` as given.
+    /// `--model` as given (for the operator: logs and the start banner).
     pub source: String,
+    /// The model as clients see it: a hub id as given, a local folder by its last component
+    /// (the server's paths are not the clients' business).
+    pub name: String,
     /// Its task.
     pub kind: ModelKind,
     /// Positions it allows (prefix, prompt and new tokens together) and where that comes from.
@@ -67,16 +69,60 @@ pub struct AppState {
     pub info: ModelInfo,
     /// The API key, when one is required.
     pub api_key: Option<Vec<u8>>,
-    /// Time a request may take.
+    /// Time a request may take (at most [`MAX_TIMEOUT`]).
     pub timeout: Duration,
     /// Largest body accepted, in bytes.
     pub body_limit: usize,
-    next_id: AtomicU64,
+    /// Time a body may take to arrive.
+    pub body_timeout: Duration,
+    /// Inputs one embeddings or classification request may hold.
+    pub max_inputs: usize,
+    /// Adapters loaded at most.
+    pub max_adapters: usize,
+}
+
+/// The longest time limit the server keeps (ten years): `Instant + Duration` panics past
+/// what an `Instant` can hold, so a longer limit (`--request-timeout 18446744073709551615`
+/// used to panic every handler) means this one, which is no limit in practice.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Limits of a request the handlers enforce.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    /// Time a request may take.
+    pub timeout: Duration,
+    /// Largest body, in bytes.
+    pub body_limit: usize,
+    /// Time a body may take to arrive.
+    pub body_timeout: Duration,
+    /// Inputs per embeddings or classification request.
+    pub max_inputs: usize,
+    /// Adapters loaded at most.
+    pub max_adapters: usize,
+}
+
+/// The most tokens one request may generate from a model that states no context limit.
+pub const MAX_TOKENS_WITHOUT_LIMIT: usize = 1 << 16;
+
+/// A fresh random id: 128 bits in hex, unique across requests and restarts.
+pub fn random_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// The client-facing name of a model given as `source`: a local folder or file (a GGUF model)
+/// by its last component, so clients never see server paths; a hub id as it is.
+pub fn shown_model_name(source: &str) -> String {
+    let path = std::path::Path::new(source);
+    if path.exists()
+        && let Some(name) = path.file_name()
+    {
+        return name.to_string_lossy().into_owned();
+    }
+    source.to_string()
 }
 
 impl AppState {
-    /// Shared state from its parts.
-    #[allow(clippy::too_many_arguments)]
+    /// Shared state from its parts; a timeout beyond [`MAX_TIMEOUT`] is that.
     pub fn new(
         scheduler: SchedulerHandle,
         registry: Arc<Registry>,
@@ -84,8 +130,7 @@ impl AppState {
         tokenizer: Option<Arc<HfTokenizer>>,
         info: ModelInfo,
         api_key: Option<Vec<u8>>,
-        timeout: Duration,
-        body_limit: usize,
+        limits: RequestLimits,
     ) -> Self {
         Self {
             scheduler,
@@ -94,15 +139,24 @@ impl AppState {
             tokenizer,
             info,
             api_key,
-            timeout,
-            body_limit,
-            next_id: AtomicU64::new(1),
+            timeout: limits.timeout.min(MAX_TIMEOUT),
+            body_limit: limits.body_limit,
+            body_timeout: limits.body_timeout.min(MAX_TIMEOUT),
+            max_inputs: limits.max_inputs,
+            max_adapters: limits.max_adapters,
         }
     }
 
-    /// A fresh response id, `prefix-N`.
+    /// A fresh response id, `prefix-<32 hex digits>`: unique, also across restarts (a counter
+    /// restarted at 1 with every server).
     pub fn next_id(&self, prefix: &str) -> String {
-        format!("{prefix}-{}", self.next_id.fetch_add(1, Ordering::Relaxed))
+        format!("{prefix}-{}", random_id())
+    }
+
+    /// When a request that starts now must be answered.
+    pub fn deadline(&self) -> Instant {
+        // `timeout` is at most ten years, which an `Instant` holds.
+        Instant::now() + self.timeout
     }
 
     /// 400 unless the model does `kind`, saying which endpoint it serves instead.
@@ -112,7 +166,7 @@ impl AppState {
         }
         Err(ApiError::bad_request(format!(
             "{what} needs a {kind:?} model; this server's model (`{}`) is a {:?}: use {}",
-            self.info.source,
+            self.info.name,
             self.info.kind,
             self.info.kind.endpoint()
         )))
@@ -127,7 +181,14 @@ impl AppState {
         if declared.is_some_and(|n| n > self.body_limit) {
             return Err(ApiError::too_large(self.body_limit));
         }
-        match axum::body::to_bytes(body, self.body_limit).await {
+        let read = tokio::time::timeout(
+            self.body_timeout,
+            axum::body::to_bytes(body, self.body_limit),
+        );
+        let Ok(read) = read.await else {
+            return Err(ApiError::timeout_reading_body(self.body_timeout));
+        };
+        match read {
             Ok(bytes) => Ok(bytes.to_vec()),
             Err(e) => {
                 let mut source: Option<&dyn std::error::Error> = Some(&e);
@@ -144,8 +205,34 @@ impl AppState {
         }
     }
 
-    /// Tokenize each text of `input` (or check the token ids given); `field` names it in errors.
-    pub fn encode(&self, input: &Input, field: &str) -> Result<Vec<Encoding>, ApiError> {
+    /// Tokenize each text of `input` (or check the token ids given) on a blocking thread:
+    /// tokenizing up to a body's worth of text is CPU work that would stall the runtime's
+    /// workers (and every other connection with them). At most `max_inputs` inputs; `field`
+    /// names the input in errors.
+    pub async fn encode(
+        self: &Arc<Self>,
+        input: Input,
+        field: &'static str,
+        max_inputs: usize,
+    ) -> Result<Vec<Encoding>, ApiError> {
+        let count = input.items().len();
+        if count > max_inputs {
+            return Err(ApiError::bad_field(
+                field,
+                format!(
+                    "`{field}` holds {count} inputs; this server takes at most {max_inputs} per \
+                     request (--max-inputs): send them in several requests"
+                ),
+            ));
+        }
+        let state = self.clone();
+        tokio::task::spawn_blocking(move || state.encode_now(&input, field))
+            .await
+            .unwrap_or_else(|e| Err(ApiError::internal(format!("tokenizing failed: {e}"))))
+    }
+
+    /// [`encode`](Self::encode) on this thread.
+    fn encode_now(&self, input: &Input, field: &str) -> Result<Vec<Encoding>, ApiError> {
         let items = input.items();
         if items.is_empty() {
             return Err(ApiError::bad_field(field, format!("`{field}` is empty")));
@@ -167,7 +254,7 @@ impl AppState {
                                 &at,
                                 format!(
                                     "the model `{}` has no tokenizer.json: send token ids",
-                                    self.info.source
+                                    self.info.name
                                 ),
                             )
                         })?;
@@ -196,7 +283,9 @@ impl AppState {
     }
 
     /// 400 unless `tokens` plus a prefix of `prefix` plus `new` generated tokens fit the model;
-    /// names `prompt` (or `field`) when the prompt alone is too long, else `max_tokens`.
+    /// names `prompt` (or `field`) when the prompt alone is too long, else `max_tokens`. The
+    /// sizes come from a request, so no sum is formed that could overflow: `max_tokens` near
+    /// `u64::MAX` used to wrap the sum past the check in release builds.
     pub fn check_length(
         &self,
         field: &str,
@@ -205,6 +294,17 @@ impl AppState {
         new: usize,
     ) -> Result<(), ApiError> {
         let Some((limit, key)) = self.info.context_limit else {
+            // A model without a position limit (RoPE and no max_position_embeddings) still
+            // holds a cache that grows with every token: a request may not ask for more.
+            if new > MAX_TOKENS_WITHOUT_LIMIT {
+                return Err(ApiError::bad_field(
+                    "max_tokens",
+                    format!(
+                        "is {new}; this model states no context limit, and the server generates \
+                         at most {MAX_TOKENS_WITHOUT_LIMIT} tokens per request"
+                    ),
+                ));
+            }
             return Ok(());
         };
         let with_prefix = if prefix > 0 {
@@ -212,7 +312,12 @@ impl AppState {
         } else {
             String::new()
         };
-        if tokens + prefix > limit || (new > 0 && tokens + prefix >= limit) {
+        // Positions left for new tokens, `None` when the prompt (after the prefix) does not
+        // even fit.
+        let room = limit
+            .checked_sub(prefix)
+            .and_then(|left| left.checked_sub(tokens));
+        if room.is_none_or(|room| new > 0 && room == 0) {
             return Err(ApiError::bad_field(
                 field,
                 format!(
@@ -221,15 +326,14 @@ impl AppState {
                 ),
             ));
         }
-        if tokens + prefix + new > limit {
+        let room = room.unwrap_or(0);
+        if new > room {
             return Err(ApiError::bad_field(
                 "max_tokens",
                 format!(
-                    "{tokens} prompt tokens{with_prefix} plus max_tokens = {new} need {} \
-                     positions; the model allows {limit} (`{key}` in config.json): ask for at \
-                     most {} tokens",
-                    tokens + prefix + new,
-                    limit - tokens - prefix
+                    "{tokens} prompt tokens{with_prefix} plus max_tokens = {new} do not fit: the \
+                     model allows {limit} positions (`{key}` in config.json): ask for at most \
+                     {room} tokens"
                 ),
             ));
         }

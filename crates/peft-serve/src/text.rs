@@ -1,5 +1,10 @@
 //! Generated tokens to text, with stop strings: text is released only once no stop string can
 //! still start in it, so a stream never sends what a stop string later cuts off.
+//!
+//! Decoding is incremental, as in TGI and vLLM: each token decodes a short window (the tokens
+//! since the last complete piece of text, one token before them for context), not the whole
+//! text again, and stop strings are looked for only in the text not yet released. Decoding
+//! everything on every token made a long generation quadratic.
 
 use std::sync::Arc;
 
@@ -12,9 +17,19 @@ pub struct TextStream {
     tokenizer: Option<Arc<HfTokenizer>>,
     stop: Vec<String>,
     ids: Vec<i64>,
-    /// Bytes of the decoded text already released.
+    /// Start of the decode window: the token before the ones not yet turned into text, so a
+    /// tokenizer that treats the first token of a sequence apart (a leading space dropped)
+    /// decodes the window's new tokens as it would inside the whole text.
+    prefix_offset: usize,
+    /// Tokens already turned into text.
+    read_offset: usize,
+    /// The text so far.
+    text: String,
+    /// Bytes of `text` already released.
     sent: usize,
     stopped: bool,
+    /// Token ids handed to the tokenizer so far (the decoding work done).
+    decoded: usize,
 }
 
 /// What one more token released.
@@ -26,6 +41,10 @@ pub struct Delta {
     pub stopped: bool,
 }
 
+/// The most tokens decoded together while they make no complete text (a UTF-8 character is at
+/// most 4 byte-level tokens; a run of tokens that decode to nothing is given up on).
+const MAX_PENDING_TOKENS: usize = 8;
+
 impl TextStream {
     /// A stream decoding with `tokenizer` (without one, text stays empty) and stopping before
     /// any of `stop`.
@@ -34,18 +53,74 @@ impl TextStream {
             tokenizer,
             stop,
             ids: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+            text: String::new(),
             sent: 0,
             stopped: false,
+            decoded: 0,
         }
     }
 
-    fn decode(&self) -> Result<String, ApiError> {
-        match &self.tokenizer {
-            Some(t) => t
-                .decode(&self.ids)
-                .map_err(|e| ApiError::internal(e.to_string())),
-            None => Ok(String::new()),
+    fn decode(&mut self, from: usize, to: usize) -> Result<String, ApiError> {
+        let Some(tokenizer) = &self.tokenizer else {
+            return Ok(String::new());
+        };
+        let ids = &self.ids[from..to];
+        self.decoded += ids.len();
+        tokenizer
+            .decode(ids)
+            .map_err(|e| ApiError::internal(e.to_string()))
+    }
+
+    /// Turn the tokens after `read_offset` into text if they make complete characters (or
+    /// whatever they make when `flush`).
+    fn advance_text(&mut self, flush: bool) -> Result<(), ApiError> {
+        if self.tokenizer.is_none() {
+            return Ok(());
         }
+        let before = self.decode(self.prefix_offset, self.read_offset)?;
+        let after = self.decode(self.prefix_offset, self.ids.len())?;
+        // A byte-level token may end inside a character (decoded as U+FFFD until its rest
+        // comes): wait for it, unless nothing more will come. A window that stays incomplete
+        // or empty (special tokens decode to nothing) is cut after MAX_PENDING_TOKENS tokens,
+        // so each token decodes a bounded window and a long generation stays linear.
+        let stuck = self.ids.len() - self.read_offset > MAX_PENDING_TOKENS;
+        let complete = flush || stuck || !after.ends_with('\u{FFFD}');
+        if complete
+            && after.len() > before.len()
+            && let Some(new) = after.get(before.len()..)
+        {
+            self.text.push_str(new);
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+        } else if stuck {
+            self.prefix_offset = self.ids.len();
+            self.read_offset = self.ids.len();
+        }
+        Ok(())
+    }
+
+    /// The first stop string in the text not yet released: where it starts. (Released text
+    /// never holds the start of a stop string, see [`held_back`](Self::held_back).)
+    fn find_stop(&self) -> Option<usize> {
+        let unreleased = self.text.get(self.sent..)?;
+        self.stop
+            .iter()
+            .filter_map(|s| unreleased.find(s.as_str()))
+            .min()
+            .map(|at| self.sent + at)
+    }
+
+    /// Release the text up to `end` (not below what is already released).
+    fn release(&mut self, end: usize) -> String {
+        let delta = self
+            .text
+            .get(self.sent..end)
+            .unwrap_or_default()
+            .to_string();
+        self.sent = end.max(self.sent);
+        delta
     }
 
     /// Add a token; the text it releases.
@@ -57,34 +132,30 @@ impl TextStream {
             });
         }
         self.ids.push(token);
-        let text = self.decode()?;
-        if let Some(at) = self.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+        self.advance_text(false)?;
+        if let Some(at) = self.find_stop() {
             self.stopped = true;
-            let delta = text.get(self.sent..at).unwrap_or_default().to_string();
-            self.sent = at.max(self.sent);
             return Ok(Delta {
-                text: delta,
+                text: self.release(at),
                 stopped: true,
             });
         }
-        let safe = text.len() - self.held_back(&text);
-        let delta = text.get(self.sent..safe).unwrap_or_default().to_string();
-        self.sent = safe.max(self.sent);
+        let safe = self.text.len() - self.held_back(&self.text);
         Ok(Delta {
-            text: delta,
+            text: self.release(safe),
             stopped: false,
         })
     }
 
-    /// The text still held back, when generation ended without a stop string.
+    /// The text still held back, when generation ended without a stop string (cut before a
+    /// stop string the last tokens completed).
     pub fn finish(&mut self) -> Result<String, ApiError> {
         if self.stopped {
             return Ok(String::new());
         }
-        let text = self.decode()?;
-        let rest = text.get(self.sent..).unwrap_or_default().to_string();
-        self.sent = text.len();
-        Ok(rest)
+        self.advance_text(true)?;
+        let end = self.find_stop().unwrap_or(self.text.len());
+        Ok(self.release(end))
     }
 
     /// Bytes at the end of `text` that may still become a stop string, or that end in an
@@ -107,6 +178,88 @@ impl TextStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A word-level tokenizer over `t0` … `t127` that joins words with spaces.
+    fn words() -> Arc<HfTokenizer> {
+        let dir = tempfile::tempdir().unwrap();
+        let vocab: serde_json::Map<String, serde_json::Value> = (0..128)
+            .map(|i| (format!("t{i}"), serde_json::json!(i)))
+            .collect();
+        let tokenizer = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+            "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
+        });
+        std::fs::write(dir.path().join("tokenizer.json"), tokenizer.to_string()).unwrap();
+        Arc::new(HfTokenizer::from_dir(dir.path()).unwrap())
+    }
+
+    /// Decoding is incremental: each token decodes a window of a few tokens, not the whole
+    /// text again (which made a long generation quadratic), and the text is the same.
+    #[test]
+    fn decoding_work_grows_linearly_with_the_tokens() {
+        let n = 600;
+        let ids: Vec<i64> = (0..n).map(|i| 1 + (i * 7) % 120).collect();
+        let mut stream = TextStream::new(Some(words()), vec!["t999".into()]);
+        let mut text = String::new();
+        for &id in &ids {
+            let delta = stream.push(id).unwrap();
+            assert!(!delta.stopped);
+            text.push_str(&delta.text);
+        }
+        text.push_str(&stream.finish().unwrap());
+        assert_eq!(text, words().decode(&ids).unwrap());
+        assert!(
+            stream.decoded <= 8 * ids.len(),
+            "{} token ids decoded for {} tokens",
+            stream.decoded,
+            ids.len()
+        );
+    }
+
+    /// Tokens that decode to nothing (special tokens, skipped when decoding) do not make the
+    /// decode window grow: the work per token stays bounded.
+    #[test]
+    fn tokens_that_decode_to_nothing_keep_the_window_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokenizer = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [{"id": 1, "content": "<s>", "single_word": false, "lstrip": false,
+                              "rstrip": false, "normalized": false, "special": true}],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+            "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
+            "model": {"type": "WordLevel", "vocab": {"a": 0, "<s>": 1}, "unk_token": "a"}
+        });
+        std::fs::write(dir.path().join("tokenizer.json"), tokenizer.to_string()).unwrap();
+        let tokenizer = Arc::new(HfTokenizer::from_dir(dir.path()).unwrap());
+        let mut stream = TextStream::new(Some(tokenizer), Vec::new());
+        let n = 2000;
+        for _ in 0..n {
+            assert_eq!(stream.push(1).unwrap().text, "");
+        }
+        assert_eq!(stream.push(0).unwrap().text, "a");
+        assert!(
+            stream.decoded <= 4 * MAX_PENDING_TOKENS * n,
+            "{} token ids decoded for {n} tokens",
+            stream.decoded
+        );
+    }
+
+    /// A stop string is found across token boundaries, and nothing after it is released.
+    #[test]
+    fn stop_strings_span_tokens() {
+        let mut stream = TextStream::new(Some(words()), vec!["t3 t4".into()]);
+        let mut text = String::new();
+        for id in [1, 2, 3, 4, 5] {
+            let delta = stream.push(id).unwrap();
+            text.push_str(&delta.text);
+            if delta.stopped {
+                break;
+            }
+        }
+        assert_eq!(text, "t1 t2 ");
+    }
 
     #[test]
     fn holds_back_possible_stop_strings() {

@@ -140,3 +140,69 @@ pub async fn bounded<T>(seconds: u64, f: impl std::future::Future<Output = T>) -
         .await
         .expect("the test ran past its time limit")
 }
+
+/// A server started by [`start_joinable`]: its client, metrics, the task serving it and the
+/// trigger of its shutdown.
+pub struct Joinable {
+    /// Talks to it.
+    pub client: Client,
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its counters.
+    pub metrics: Arc<Metrics>,
+    /// Ends when `serve` returns.
+    pub task: tokio::task::JoinHandle<Result<(), peft_serve::ServeError>>,
+    /// Asks for shutdown.
+    pub stop: oneshot::Sender<()>,
+}
+
+/// Load `config` and serve it on a free loopback port, keeping the serving task.
+pub async fn start_joinable(config: ServeConfig) -> Joinable {
+    let server = tokio::task::spawn_blocking(move || Server::load(&config, &Device::flex()))
+        .await
+        .unwrap()
+        .unwrap();
+    let metrics = server.metrics();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.serve(listener, async {
+        let _ = stopped.await;
+    }));
+    Joinable {
+        client: Client::new(addr),
+        addr,
+        metrics,
+        task,
+        stop,
+    }
+}
+
+/// Read from `stream` until the peer closes it (or `limit` bytes came); what was read. An
+/// error (a reset) ends the read like a close.
+pub async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: usize) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while out.len() < limit {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    out
+}
+
+/// Open a raw TCP connection to `addr` and send `bytes` (a request, possibly incomplete).
+pub async fn raw_send(addr: SocketAddr, bytes: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    stream
+}
+
+/// The value of a metric line `name value` (or `name{labels} value`) in Prometheus text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
