@@ -4,8 +4,9 @@
 //! `BURN_PEFT_TEST_DEVICE=vulkan` (`.ci/run`).
 //!
 //! Built without a Vulkan backend (`--features wgpu`, WGSL kernels, runs on lavapipe;
-//! `--features vulkan`, SPIR-V kernels, needs a GPU driver with explicit workgroup layouts), or on
-//! a machine without a Vulkan adapter, every test here prints `SKIPPED ...` and passes, unless
+//! `--features vulkan`, SPIR-V kernels, needs a GPU driver with explicit workgroup layouts),
+//! the GPU tests here are ignored (the test count says they did not run). Built with one, on a
+//! machine without a Vulkan adapter, they print `SKIPPED ...` and pass, unless
 //! `BURN_PEFT_REQUIRE_VULKAN` is set (CI sets it).
 
 mod common;
@@ -121,11 +122,19 @@ fn assert_gradients_match_flex(name: &str) {
 }
 
 #[test]
+#[cfg_attr(
+    not(any(feature = "vulkan", feature = "wgpu")),
+    ignore = "needs a GPU build (--features wgpu or vulkan)"
+)]
 fn lora_step_gradients_on_vulkan_match_flex_llama_gqa() {
     assert_gradients_match_flex("llama_gqa");
 }
 
 #[test]
+#[cfg_attr(
+    not(any(feature = "vulkan", feature = "wgpu")),
+    ignore = "needs a GPU build (--features wgpu or vulkan)"
+)]
 fn lora_step_gradients_on_vulkan_match_flex_bert_classifier() {
     assert_gradients_match_flex("bert_cls");
 }
@@ -196,6 +205,10 @@ fn close(a: &[f64], b: &[f64], what: &str) {
 }
 
 #[test]
+#[cfg_attr(
+    not(any(feature = "vulkan", feature = "wgpu")),
+    ignore = "needs a GPU build (--features wgpu or vulkan)"
+)]
 fn checkpoint_written_on_vulkan_resumes_on_flex_and_back() {
     let Some(vulkan) = common::device_or_skip("vulkan", "checkpoint round trip") else {
         return;
@@ -259,6 +272,10 @@ fn logits(model: &HfModel, inputs: &ModelInputs) -> Vec<f32> {
 }
 
 #[test]
+#[cfg_attr(
+    not(any(feature = "vulkan", feature = "wgpu")),
+    ignore = "needs a GPU build (--features wgpu or vulkan)"
+)]
 fn half_precision_base_on_vulkan_where_the_device_has_it() {
     let Some(vulkan) = common::device_or_skip("vulkan", "half precision on Vulkan") else {
         return;
@@ -318,66 +335,77 @@ fn with_last_id(inputs: &ModelInputs, id: i64) -> (ModelInputs, IdBounds) {
 /// Host-side id bounds (what the trainer, generation and the server pass so that a GPU forward
 /// need not read the ids back) change no output, and ids out of range are still an error
 /// naming the position: with honest bounds on any device, and on flex even with wrong ones.
-#[test]
-fn host_id_bounds_change_nothing_and_bad_ids_still_fail_on_vulkan_and_flex() {
-    let check = |device: &Device, trust_bounds: bool| {
-        let model = with_lora("llama_gqa", device);
-        let inputs = model_inputs("llama_gqa", device);
-        let ids: Vec<i64> = inputs
-            .input_ids
-            .to_data()
-            .convert::<i64>()
-            .try_to_vec::<i64>()
-            .unwrap();
-        let bounds = IdBounds::of(ids).unwrap();
-        let plain = logits(model.model(), &inputs);
-        let fc = ForwardContext::default().with_id_bounds(bounds, None);
-        let out = model
-            .model()
-            .forward_with(&inputs, &fc)
-            .unwrap()
-            .logits
-            .unwrap();
-        assert_eq!(
-            out.into_data()
-                .convert::<f32>()
-                .try_to_vec::<f32>()
-                .unwrap(),
-            plain
-        );
+fn check_host_id_bounds(device: &Device, trust_bounds: bool) {
+    let model = with_lora("llama_gqa", device);
+    let inputs = model_inputs("llama_gqa", device);
+    let ids: Vec<i64> = inputs
+        .input_ids
+        .to_data()
+        .convert::<i64>()
+        .try_to_vec::<i64>()
+        .unwrap();
+    let bounds = IdBounds::of(ids).unwrap();
+    let plain = logits(model.model(), &inputs);
+    let fc = ForwardContext::default().with_id_bounds(bounds, None);
+    let out = model
+        .model()
+        .forward_with(&inputs, &fc)
+        .unwrap()
+        .logits
+        .unwrap();
+    assert_eq!(
+        out.into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap(),
+        plain
+    );
 
-        let vocab = model.model().vocab_size() as i64;
-        let (bad, honest) = with_last_id(&inputs, vocab);
+    let vocab = model.model().vocab_size() as i64;
+    let (bad, honest) = with_last_id(&inputs, vocab);
+    let e = model
+        .model()
+        .forward_with(
+            &bad,
+            &ForwardContext::default().with_id_bounds(honest, None),
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string().contains(&format!("id {vocab} at row 0")),
+        "{e}"
+    );
+    if !trust_bounds {
+        // Flex ignores the bounds and reads: bounds that claim every id is fine cannot make
+        // the CPU look up a row the table does not have.
+        let lying = IdBounds { min: 0, max: 1 };
         let e = model
             .model()
-            .forward_with(
-                &bad,
-                &ForwardContext::default().with_id_bounds(honest, None),
-            )
+            .forward_with(&bad, &ForwardContext::default().with_id_bounds(lying, None))
             .unwrap_err();
         assert!(
             e.to_string().contains(&format!("id {vocab} at row 0")),
             "{e}"
         );
-        if !trust_bounds {
-            // Flex ignores the bounds and reads: bounds that claim every id is fine cannot make
-            // the CPU look up a row the table does not have.
-            let lying = IdBounds { min: 0, max: 1 };
-            let e = model
-                .model()
-                .forward_with(&bad, &ForwardContext::default().with_id_bounds(lying, None))
-                .unwrap_err();
-            assert!(
-                e.to_string().contains(&format!("id {vocab} at row 0")),
-                "{e}"
-            );
-        }
-    };
-    check(&Device::flex(), false);
+    }
+}
+
+/// Host-side id bounds on flex: the forward reads the ids whatever bounds it is given.
+#[test]
+fn host_id_bounds_change_nothing_and_bad_ids_still_fail_on_flex() {
+    check_host_id_bounds(&Device::flex(), false);
+}
+
+/// Host-side id bounds on Vulkan, where honest bounds replace the read.
+#[test]
+#[cfg_attr(
+    not(any(feature = "vulkan", feature = "wgpu")),
+    ignore = "needs a GPU build (--features wgpu or vulkan)"
+)]
+fn host_id_bounds_change_nothing_and_bad_ids_still_fail_on_vulkan() {
     let Some(vulkan) = common::device_or_skip("vulkan", "host id bounds on Vulkan") else {
         return;
     };
-    check(&vulkan, true);
+    check_host_id_bounds(&vulkan, true);
 }
 
 /// One op's input gradient on `device`, for a fixed input and a fixed upstream gradient.
@@ -410,6 +438,10 @@ fn op_gradient(
 }
 
 #[test]
+#[cfg_attr(
+    not(any(feature = "vulkan", feature = "wgpu")),
+    ignore = "needs a GPU build (--features wgpu or vulkan)"
+)]
 fn op_gradients_on_vulkan_match_flex() {
     use burn::tensor::activation::{silu, softmax};
     use burn::tensor::module::attention;
@@ -488,4 +520,43 @@ fn op_gradients_on_vulkan_match_flex() {
         failures.is_empty(),
         "Vulkan differs from flex: {failures:?}"
     );
+}
+
+/// Tests of this file that need no GPU and run in every build.
+const RUNS_ANYWHERE: &[&str] = &["host_id_bounds_change_nothing_and_bad_ids_still_fail_on_flex"];
+
+/// Built without a GPU feature the tests above cannot run (there is no Vulkan device to
+/// open): they are ignored there, so the test count says what ran. They used to print
+/// `SKIPPED` and count as passed.
+#[cfg(not(any(feature = "vulkan", feature = "wgpu")))]
+#[test]
+fn without_a_gpu_feature_the_gpu_tests_are_ignored() {
+    let list = |ignored: bool| -> Vec<String> {
+        let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+        command.args(["--list", "--format", "terse"]);
+        if ignored {
+            command.arg("--ignored");
+        }
+        let out = command.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_suffix(": test"))
+            .map(str::to_string)
+            .collect()
+    };
+    let ignored = list(true);
+    let mut runs_anywhere = RUNS_ANYWHERE.to_vec();
+    runs_anywhere.push("without_a_gpu_feature_the_gpu_tests_are_ignored");
+    let gpu: Vec<String> = list(false)
+        .into_iter()
+        .filter(|t| !runs_anywhere.contains(&t.as_str()))
+        .collect();
+    assert!(!gpu.is_empty());
+    for test in &gpu {
+        assert!(
+            ignored.contains(test),
+            "`{test}` runs (and passes as SKIPPED) in a build without a GPU feature"
+        );
+    }
 }

@@ -6,9 +6,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use peft_core::PeftModel;
-use peft_models::{HfConfig, HfTokenizer, Task, from_pretrained, model_dir};
+use peft_models::{HfTokenizer, Task, from_pretrained, load_tokenizer, read_config};
 use peft_train::data::{DataConfig, Example, LABEL_MAP_FILE, LabelMap, load_examples};
-use peft_train::{EvalReport, FullExport, Objective, Trainer};
+use peft_train::{EvalReport, FullExport, Objective, TrainOptions, Trainer};
 use serde_json::json;
 
 use crate::config::{self, MethodChoice, TaskName};
@@ -36,6 +36,13 @@ pub struct TrainArgs {
     /// Override `dtype`, the precision of the frozen base: `f32`, `f16` or `bf16`.
     #[arg(long, value_parser = crate::device::parse_dtype)]
     dtype: Option<peft_core::precision::BaseDType>,
+    /// Start over in an output folder that holds a run: its checkpoints, bundles and
+    /// TensorBoard files are removed first (without it, such a folder is an error).
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
+    /// Resume a checkpoint written with another config (data, batch size, seed, ...).
+    #[arg(long, requires = "resume")]
+    force_resume: bool,
 }
 
 /// The data of a run, tokenized.
@@ -134,12 +141,18 @@ pub fn run(args: TrainArgs) -> Result<()> {
     train_device.seed(run.train.seed);
 
     let source = &run.model.name_or_path;
-    let dir = model_dir(source).with_context(|| format!("resolving model `{source}`"))?;
-    let tokenizer = HfTokenizer::from_dir(&dir)
-        .with_context(|| format!("model `{source}` needs a tokenizer.json"))?;
+    // A model folder (its tokenizer.json) or a GGUF file (the tokenizer in its metadata).
+    let tokenizer = load_tokenizer(source).with_context(|| {
+        format!(
+            "model `{source}` needs a tokenizer (tokenizer.json, or a GGUF file's tokenizer.ggml.*)"
+        )
+    })?;
     // Without an explicit `data.max_length`, the default never exceeds the model's positions.
     if run.data.max_length.is_none()
-        && let Some((limit, _)) = HfConfig::read(&dir.join("config.json"))?.position_limit()
+        && let Some((limit, _)) = read_config(source)
+            .with_context(|| format!("resolving model `{source}`"))?
+            .1
+            .position_limit()
     {
         run.data.max_length = Some(DataConfig::default().max_length.min(limit));
     }
@@ -169,8 +182,20 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let started = Instant::now();
     let pretrained = from_pretrained(source, task, &train_device)
         .with_context(|| format!("loading model `{source}`"))?;
-    let mut model = PeftModel::new(pretrained.model).with_base_model_name(source.clone());
     let full = matches!(loaded.method, MethodChoice::Full);
+    if full && pretrained.gguf.is_some() {
+        return Err(config::ConfigError {
+            file: args.config.clone(),
+            line: None,
+            message: format!(
+                "`method: full` cannot train `{source}`: a GGUF base stays quantized and frozen; \
+                 train an adapter (lora, dora, ia3, prefix) on it, or fine-tune the f32/f16 \
+                 safetensors model"
+            ),
+        }
+        .into());
+    }
+    let mut model = PeftModel::new(pretrained.model).with_base_model_name(source.clone());
     let mut adapters: Vec<String> = Vec::new();
     match &loaded.method {
         MethodChoice::Peft(methods) => {
@@ -222,8 +247,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
     std::fs::create_dir_all(&run.output)
         .with_context(|| format!("creating the output folder {}", run.output.display()))?;
     let label_names = data.labels.as_ref().map(|l| l.names.clone());
-    if let Some(labels) = &data.labels {
-        labels.save(&run.output.join(LABEL_MAP_FILE))?;
+    let summary_file = run.output.join("results.json");
+    if args.overwrite && summary_file.is_file() {
+        // The old run's summary must not outlive it if this run fails.
+        std::fs::remove_file(&summary_file)
+            .with_context(|| format!("removing {}", summary_file.display()))?;
     }
     let mut trainer = Trainer {
         model,
@@ -251,7 +279,21 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Some(dir) => Some(PathBuf::from(dir)),
         None => None,
     };
-    let result = trainer.train(&data.train, data.eval.as_deref(), resume.as_deref())?;
+    let options = TrainOptions {
+        overwrite: args.overwrite,
+        force_resume: args.force_resume,
+    };
+    let result = trainer.train_with(
+        &data.train,
+        data.eval.as_deref(),
+        resume.as_deref(),
+        options,
+    )?;
+    // Written once the trainer has claimed the folder: a refused run must not touch the label
+    // map of the run that owns it.
+    if let Some(labels) = &data.labels {
+        labels.save(&run.output.join(LABEL_MAP_FILE))?;
+    }
     let train_seconds = started.elapsed().as_secs_f64();
     let result_dir = result.adapter_dir.clone();
     let best_dir = run.output.join("best");
@@ -282,8 +324,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         println!("eval (last step): {}", describe(eval));
     }
 
-    // The held-out score is the one of the best checkpoint, as a user would ship it.
-    let chosen = if best_dir.is_dir() {
+    // The held-out score is the one of the best checkpoint, as a user would ship it; only this
+    // run's `best/` counts (it has one only when it evaluated).
+    let has_best = result.best.is_some() && best_dir.is_dir();
+    let chosen = if has_best {
         best_dir.clone()
     } else {
         result_dir.clone()
@@ -317,9 +361,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         "eval": result.last_eval,
         "test": test_report,
         "result_dir": result_dir,
-        "best_dir": best_dir.is_dir().then_some(best_dir),
+        "best_dir": has_best.then_some(best_dir),
     });
-    let summary_file = run.output.join("results.json");
     peft_core::atomic::write_file(&summary_file, &serde_json::to_vec_pretty(&summary)?)?;
     println!("summary: {}", summary_file.display());
     Ok(())

@@ -3,8 +3,9 @@
 //! and a half precision the device lacks refused with exit code 2.
 //!
 //! Without a Vulkan backend (`--features wgpu`, or `vulkan` on a GPU with explicit workgroup
-//! layouts) or without a Vulkan adapter the tests print `SKIPPED ...` and pass, unless
-//! `BURN_PEFT_REQUIRE_VULKAN` is set (`.ci/run` sets it).
+//! layouts) the tests are ignored (the test count says they did not run); with one but without
+//! a Vulkan adapter they print `SKIPPED ...` and pass, unless `BURN_PEFT_REQUIRE_VULKAN` is set
+//! (`.ci/run` sets it).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -92,6 +93,10 @@ fn lm_data(dir: &Path) -> PathBuf {
 }
 
 #[test]
+#[cfg_attr(
+    not(any(feature = "vulkan", feature = "wgpu")),
+    ignore = "needs a GPU build (--features wgpu or vulkan)"
+)]
 fn devices_lists_the_vulkan_adapter() {
     if !vulkan_ready("burn-peft devices") {
         return;
@@ -104,6 +109,10 @@ fn devices_lists_the_vulkan_adapter() {
 }
 
 #[test]
+#[cfg_attr(
+    not(any(feature = "vulkan", feature = "wgpu")),
+    ignore = "needs a GPU build (--features wgpu or vulkan)"
+)]
 fn train_eval_forward_on_vulkan() {
     if !vulkan_ready("burn-peft train with device: vulkan") {
         return;
@@ -205,6 +214,10 @@ fn train_eval_forward_on_vulkan() {
 }
 
 #[test]
+#[cfg_attr(
+    not(any(feature = "vulkan", feature = "wgpu")),
+    ignore = "needs a GPU build (--features wgpu or vulkan)"
+)]
 fn unsupported_half_precision_on_vulkan_exits_2() {
     if !vulkan_ready("--dtype on Vulkan") {
         return;
@@ -239,6 +252,10 @@ fn unsupported_half_precision_on_vulkan_exits_2() {
 }
 
 #[test]
+#[cfg_attr(
+    not(any(feature = "vulkan", feature = "wgpu")),
+    ignore = "needs a GPU build (--features wgpu or vulkan)"
+)]
 fn a_vulkan_adapter_that_does_not_exist_lists_the_ones_there_are() {
     if !vulkan_ready("vulkan:N past the end") {
         return;
@@ -260,4 +277,43 @@ fn a_vulkan_adapter_that_does_not_exist_lists_the_ones_there_are() {
         stderr.contains("no Vulkan adapter 99") && stderr.contains("vulkan:0 "),
         "{stderr}"
     );
+}
+
+/// Tests of this file that need no GPU and run in every build.
+const RUNS_ANYWHERE: &[&str] = &[];
+
+/// Built without a GPU feature the tests above cannot run (there is no Vulkan device to
+/// open): they are ignored there, so the test count says what ran. They used to print
+/// `SKIPPED` and count as passed.
+#[cfg(not(any(feature = "vulkan", feature = "wgpu")))]
+#[test]
+fn without_a_gpu_feature_the_gpu_tests_are_ignored() {
+    let list = |ignored: bool| -> Vec<String> {
+        let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+        command.args(["--list", "--format", "terse"]);
+        if ignored {
+            command.arg("--ignored");
+        }
+        let out = command.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_suffix(": test"))
+            .map(str::to_string)
+            .collect()
+    };
+    let ignored = list(true);
+    let mut runs_anywhere = RUNS_ANYWHERE.to_vec();
+    runs_anywhere.push("without_a_gpu_feature_the_gpu_tests_are_ignored");
+    let gpu: Vec<String> = list(false)
+        .into_iter()
+        .filter(|t| !runs_anywhere.contains(&t.as_str()))
+        .collect();
+    assert!(!gpu.is_empty());
+    for test in &gpu {
+        assert!(
+            ignored.contains(test),
+            "`{test}` runs (and passes as SKIPPED) in a build without a GPU feature"
+        );
+    }
 }

@@ -34,6 +34,10 @@ pub struct TrainerState {
     pub evals_without_improvement: usize,
     /// Training loss at each optimizer step.
     pub losses: Vec<f64>,
+    /// The run that wrote it ([`crate::run::record`]); absent in checkpoints written before
+    /// runs were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<serde_json::Value>,
 }
 
 const ADAPTER_STATE: &str = "adapter_state.safetensors";
@@ -52,7 +56,38 @@ pub fn checkpoint_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
+/// The first of `tensors` (by name) that holds a value that is not finite.
+fn first_non_finite<'a>(
+    tensors: impl IntoIterator<Item = (&'a String, &'a TensorData)>,
+) -> Option<String> {
+    tensors
+        .into_iter()
+        .find(|(_, data)| data.iter::<f32>().any(|v| !v.is_finite()))
+        .map(|(name, _)| name.clone())
+}
+
+/// The module path of the first trainable parameter of `model` that holds a value that is not
+/// finite (a save refuses such a model).
+pub fn non_finite_parameter<M: Adaptable + Module>(model: &PeftModel<M>) -> Option<String> {
+    let params: BTreeMap<String, TensorData> = trainable_named_values(model);
+    first_non_finite(&params)
+}
+
+fn trainable_named_values<M: Adaptable + Module>(
+    model: &PeftModel<M>,
+) -> BTreeMap<String, TensorData> {
+    trainable_paths(model.model(), model.trainable_param_ids())
+        .into_iter()
+        .map(|(_, path, _)| path)
+        .zip(trainable_values(model))
+        .collect()
+}
+
 /// Save a checkpoint under `root` and prune to the last `keep_last`. Returns its folder.
+///
+/// A parameter or optimizer moment that is not finite is [`TrainError::NonFiniteParameter`]
+/// and nothing is written: no checkpoint ever holds one, so the newest checkpoint is always
+/// one a resume can continue from.
 pub fn save<M: Adaptable + Module>(
     root: &Path,
     model: &PeftModel<M>,
@@ -61,6 +96,15 @@ pub fn save<M: Adaptable + Module>(
     state: &TrainerState,
     keep_last: usize,
 ) -> Result<PathBuf> {
+    let params = trainable_named_values(model);
+    let (step, mut moments) = optim.state();
+    if let Some(parameter) = first_non_finite(&params).or_else(|| first_non_finite(&moments)) {
+        return Err(TrainError::NonFiniteParameter {
+            step: Some(state.step),
+            parameter,
+            last_checkpoint: latest(root),
+        });
+    }
     let dest = root.join(checkpoint_name(state.step));
     // One atomic-save helper for the whole project: staged beside `dest`, fsynced, swapped in.
     let staged = StagedDir::create(&dest)?;
@@ -72,20 +116,13 @@ pub fn save<M: Adaptable + Module>(
     {
         model.save_adapter(tmp, adapter)?;
     }
-    let params: BTreeMap<String, TensorData> =
-        trainable_paths(model.model(), model.trainable_param_ids())
-            .into_iter()
-            .map(|(_, path, _)| path)
-            .zip(trainable_values(model))
-            .collect();
     staged.write(ADAPTER_STATE, &encode_safetensors(&params)?)?;
-    let (step, mut moments) = optim.state();
     moments.insert("__step".into(), TensorData::new(vec![step as f32], [1]));
     staged.write(OPTIMIZER_STATE, &encode_safetensors(&moments)?)?;
     let json = serde_json::to_vec_pretty(state).expect("state serializes");
     staged.write(TRAINER_STATE, &json)?;
     staged.commit(Previous::Replace)?;
-    prune(root, keep_last)?;
+    prune(root, keep_last, &dest)?;
     Ok(dest)
 }
 
@@ -109,21 +146,26 @@ fn trainable_values<M: Adaptable + Module>(model: &PeftModel<M>) -> Vec<TensorDa
     v.out
 }
 
-/// Checkpoint folders under `root`, oldest first.
+/// The step of a checkpoint folder name (`step-00000012`).
+fn step_of(path: &Path) -> Option<u64> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix("step-")?
+        .parse()
+        .ok()
+}
+
+/// Checkpoint folders under `root`, oldest (lowest step) first.
 pub fn list(root: &Path) -> Vec<PathBuf> {
     let mut found: Vec<PathBuf> = fs::read_dir(root)
         .into_iter()
         .flatten()
         .flatten()
         .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("step-"))
-                && p.join(TRAINER_STATE).is_file()
-        })
+        .filter(|p| step_of(p).is_some() && p.join(TRAINER_STATE).is_file())
         .collect();
-    found.sort();
+    // By step, not by name: names stop sorting by step past 8 digits.
+    found.sort_by_key(|p| step_of(p));
     found
 }
 
@@ -132,10 +174,11 @@ pub fn latest(root: &Path) -> Option<PathBuf> {
     list(root).pop()
 }
 
-fn prune(root: &Path, keep_last: usize) -> Result<()> {
-    let all = list(root);
-    let excess = all.len().saturating_sub(keep_last.max(1));
-    for old in &all[..excess] {
+fn prune(root: &Path, keep_last: usize, just_saved: &Path) -> Result<()> {
+    // The checkpoint just written is never pruned, whatever else the folder holds.
+    let all: Vec<PathBuf> = list(root).into_iter().filter(|p| p != just_saved).collect();
+    let excess = (all.len() + 1).saturating_sub(keep_last.max(1));
+    for old in &all[..excess.min(all.len())] {
         // Whole or not at all: a run killed while pruning never leaves a half-deleted
         // checkpoint that still looks complete.
         peft_core::atomic::remove_dir(old)?;
@@ -194,20 +237,13 @@ pub fn load(dir: &Path) -> Result<Loaded> {
     })
 }
 
-/// Overwrite the trainable parameters of `model` with `params` (by module path), keeping ids
-/// and gradient settings. The saved tensors must be exactly the trainable parameters, with
-/// their shapes; anything else (a checkpoint of another rank, other targets or another model)
-/// is [`TrainError::Checkpoint`] naming the tensor, and the model is left unchanged.
-pub fn restore_params<M: Adaptable + Module>(
-    model: &mut PeftModel<M>,
+/// Check that `params` (by module path) are exactly the trainable parameters of `model`,
+/// with their shapes, as [`restore_params`] needs them; nothing is changed.
+pub fn check_params<M: Adaptable + Module>(
+    model: &PeftModel<M>,
     params: &BTreeMap<String, TensorData>,
     dir: &Path,
 ) -> Result<()> {
-    let wanted: HashMap<burn::module::ParamId, String> =
-        trainable_paths(model.model(), model.trainable_param_ids())
-            .into_iter()
-            .map(|(id, path, _)| (id, path))
-            .collect();
     let shapes = trainable_shapes(model.model(), model.trainable_param_ids());
     let bad = |reason: String| TrainError::Checkpoint {
         dir: dir.to_path_buf(),
@@ -233,6 +269,24 @@ pub fn restore_params<M: Adaptable + Module>(
              (was the checkpoint written with other target_modules or another model?)"
         )));
     }
+    Ok(())
+}
+
+/// Overwrite the trainable parameters of `model` with `params` (by module path), keeping ids
+/// and gradient settings. The saved tensors must be exactly the trainable parameters, with
+/// their shapes; anything else (a checkpoint of another rank, other targets or another model)
+/// is [`TrainError::Checkpoint`] naming the tensor, and the model is left unchanged.
+pub fn restore_params<M: Adaptable + Module>(
+    model: &mut PeftModel<M>,
+    params: &BTreeMap<String, TensorData>,
+    dir: &Path,
+) -> Result<()> {
+    check_params(model, params, dir)?;
+    let wanted: HashMap<burn::module::ParamId, String> =
+        trainable_paths(model.model(), model.trainable_param_ids())
+            .into_iter()
+            .map(|(id, path, _)| (id, path))
+            .collect();
     struct Restore<'a> {
         wanted: &'a HashMap<burn::module::ParamId, String>,
         params: &'a BTreeMap<String, TensorData>,

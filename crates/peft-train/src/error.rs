@@ -34,6 +34,40 @@ pub enum TrainError {
         /// The newest checkpoint saved before.
         last_checkpoint: Option<PathBuf>,
     },
+    /// A step's gradient norm was not finite while its loss was (an infinite gradient makes
+    /// the clip factor 0 and the update NaN): the run stopped before the update, and nothing
+    /// of this step was written.
+    #[error("the gradient norm became {norm} at step {step} (the loss, {loss}, was finite); stopped before the update, nothing of this step was written. The last good checkpoint is {}. Lower the learning rate, or look for extreme values in the data", last_checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(none yet)".into()))]
+    NonFiniteGradient {
+        /// Optimizer step at which it happened.
+        step: u64,
+        /// The gradient norm.
+        norm: f64,
+        /// The step's (finite) loss.
+        loss: f64,
+        /// The newest checkpoint saved before.
+        last_checkpoint: Option<PathBuf>,
+    },
+    /// A trainable parameter is not finite at a save: nothing was written (no checkpoint or
+    /// bundle ever holds a non-finite tensor).
+    #[error("trainable parameter `{parameter}` holds a non-finite value{}; not saved. The last good checkpoint is {}. Lower the learning rate or enable clipping (max_grad_norm)", step.map(|s| format!(" at step {s}")).unwrap_or_default(), last_checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(none yet)".into()))]
+    NonFiniteParameter {
+        /// Optimizer step at which it was found, when known.
+        step: Option<u64>,
+        /// The parameter's module path (or optimizer state name).
+        parameter: String,
+        /// The newest checkpoint saved before.
+        last_checkpoint: Option<PathBuf>,
+    },
+    /// The output folder belongs to another run (or holds this run's checkpoints, which a
+    /// fresh start would mix with).
+    #[error("output folder {}: {reason}", dir.display())]
+    OutputInUse {
+        /// The output folder.
+        dir: PathBuf,
+        /// What it holds and what to do.
+        reason: String,
+    },
     /// A checkpoint is unusable.
     #[error("{}: cannot resume: {reason}", dir.display())]
     Checkpoint {
@@ -71,6 +105,7 @@ impl TrainError {
                 | Self::Model(_)
                 | Self::Config { .. }
                 | Self::Checkpoint { .. }
+                | Self::OutputInUse { .. }
         )
     }
 }

@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod checkpoint;
+mod config;
 pub mod data;
 pub mod device;
 mod error;
@@ -13,6 +14,7 @@ mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod readout;
+pub mod run;
 pub mod schedule;
 pub mod step;
 pub mod tensorboard;
@@ -21,4 +23,5 @@ mod trainer;
 pub use error::{Result, TrainError};
 pub use eval::{EvalReport, ExampleResult, evaluate};
 pub use loss::{causal_lm_loss, causal_lm_loss_terms, classification_loss, objective_loss};
+pub use run::TrainOptions;
 pub use trainer::{FullExport, Objective, TrainConfig, TrainReport, Trainer};

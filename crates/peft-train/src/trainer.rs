@@ -8,84 +8,20 @@ use burn::tensor::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use peft_core::PeftModel;
 use peft_models::HfModel;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::checkpoint::{self, TrainerState};
 use crate::data::{Example, collate, epoch_order};
 use crate::error::{Result, TrainError};
 use crate::eval::{EvalReport, evaluate};
-use crate::optim::{AdamW, AdamWSettings, trainable_paths, trainable_shapes};
+use crate::optim::{AdamW, trainable_paths, trainable_shapes};
 use crate::readout;
-use crate::schedule::{Schedule, lr_at};
+use crate::run::{self, TrainOptions};
+use crate::schedule::lr_at;
 use crate::step::{accumulate_gradients, forward_loss};
+
+pub use crate::config::TrainConfig;
 use crate::tensorboard::EventWriter;
-
-/// Training hyper-parameters (the `train:` block of a config).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct TrainConfig {
-    /// Passes over the training data.
-    pub epochs: usize,
-    /// Stop after this many optimizer steps (overrides `epochs` when reached first).
-    pub max_steps: Option<u64>,
-    /// Examples per micro-batch.
-    pub batch_size: usize,
-    /// Micro-batches per optimizer step.
-    pub grad_accum: usize,
-    /// Peak learning rate.
-    pub learning_rate: f64,
-    /// Decay after warmup.
-    pub schedule: Schedule,
-    /// Warmup steps (takes precedence over `warmup_ratio`).
-    pub warmup_steps: Option<usize>,
-    /// Warmup as a fraction of all steps.
-    pub warmup_ratio: f64,
-    /// AdamW settings (PyTorch defaults).
-    pub adamw: AdamWSettings,
-    /// Clip the global gradient norm to this value.
-    pub max_grad_norm: Option<f64>,
-    /// Evaluate every this many steps (and always at epoch end).
-    pub eval_every: Option<u64>,
-    /// Checkpoint every this many steps (and at epoch end).
-    pub save_every: Option<u64>,
-    /// Checkpoints to keep.
-    pub keep_last: usize,
-    /// Metric that picks the best adapter: `accuracy`, `macro_f1`, `loss`, `perplexity`.
-    pub metric: Option<String>,
-    /// Stop after this many evaluations without improvement.
-    pub early_stopping_patience: Option<usize>,
-    /// Seed of data order, dropout and initialization.
-    pub seed: u64,
-    /// Examples per evaluation batch (default: `batch_size`).
-    pub eval_batch_size: Option<usize>,
-    /// Show a progress bar.
-    pub progress: bool,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        Self {
-            epochs: 3,
-            max_steps: None,
-            batch_size: 16,
-            grad_accum: 1,
-            learning_rate: 5e-4,
-            schedule: Schedule::Linear,
-            warmup_steps: None,
-            warmup_ratio: 0.0,
-            adamw: AdamWSettings::default(),
-            max_grad_norm: Some(1.0),
-            eval_every: None,
-            save_every: None,
-            keep_last: 2,
-            metric: None,
-            early_stopping_patience: None,
-            seed: 42,
-            eval_batch_size: None,
-            progress: true,
-        }
-    }
-}
 
 /// What is learned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,20 +121,33 @@ impl Trainer {
     }
 
     /// Train on `train` (evaluating on `eval`), resuming from the checkpoint in `resume` if
-    /// given. Writes `adapter/` (final), `best/` (best by the metric), `checkpoints/`, `runs/`.
+    /// given. Writes `adapter/` (final), `best/` (best by the metric), `checkpoints/`, `runs/`
+    /// and `run.json` (the run record).
+    ///
+    /// A fresh run refuses an output folder that holds a run, and a resume refuses a
+    /// checkpoint of another run config ([`crate::run`]); [`train_with`](Self::train_with)
+    /// can overwrite or force.
     pub fn train(
         &mut self,
         train: &[Example],
         eval: Option<&[Example]>,
         resume: Option<&Path>,
     ) -> Result<TrainReport> {
+        self.train_with(train, eval, resume, TrainOptions::default())
+    }
+
+    /// [`train`](Self::train) with `options` for a used output folder or another run's
+    /// checkpoint.
+    pub fn train_with(
+        &mut self,
+        train: &[Example],
+        eval: Option<&[Example]>,
+        resume: Option<&Path>,
+        options: TrainOptions,
+    ) -> Result<TrainReport> {
         let c = self.config.clone();
-        if c.batch_size == 0 || c.grad_accum == 0 {
-            return Err(TrainError::Config {
-                key: "batch_size / grad_accum".into(),
-                reason: "must be at least 1".into(),
-            });
-        }
+        c.validate()
+            .map_err(|(key, reason)| TrainError::Config { key, reason })?;
         if train.is_empty() {
             return Err(TrainError::Config {
                 key: "data.train".into(),
@@ -242,7 +191,12 @@ impl Trainer {
             best_step: None,
             evals_without_improvement: 0,
             losses: Vec::new(),
+            run: None,
         };
+        let record = self.run_record(train, eval);
+        if resume.is_none() {
+            run::claim_fresh(&self.output_dir, &record, options.overwrite)?;
+        }
         if let Some(dir) = resume {
             let loaded = checkpoint::load(dir)?;
             let sizes = trainable_shapes(self.model.model(), self.model.trainable_param_ids())
@@ -259,10 +213,25 @@ impl Trainer {
                     dir: dir.to_path_buf(),
                     reason: format!("optimizer.safetensors: {reason}"),
                 })?;
+            checkpoint::check_params(&self.model, &loaded.params, dir)?;
+            // Shapes match; the run must be this one too (data, batch size, seed, ...).
+            run::check_resume(
+                dir,
+                loaded.state.run.as_ref(),
+                &self.output_dir,
+                &record,
+                options.force_resume,
+            )?;
             checkpoint::restore_params(&mut self.model, &loaded.params, dir)?;
             optim = restored;
             state = loaded.state;
         }
+        state.run = Some(record.clone());
+        std::fs::create_dir_all(&self.output_dir).map_err(|source| TrainError::Io {
+            file: self.output_dir.clone(),
+            source,
+        })?;
+        run::write(&self.output_dir, &record)?;
         let mut last_checkpoint = checkpoint::latest(&ckpt_root);
         let mut tb =
             EventWriter::new(self.output_dir.join("runs")).map_err(|source| TrainError::Io {
@@ -335,6 +304,18 @@ impl Trainer {
                     });
                 }
                 let norm = grad_sq.sqrt() * scale;
+                // Checked before the update: an infinite gradient with a finite loss made the
+                // clip factor 0 and the parameters NaN, and the checkpoint saved right after
+                // held them while the NaN loss was only seen one step later.
+                if !norm.is_finite() {
+                    bar.abandon();
+                    return Err(TrainError::NonFiniteGradient {
+                        step: state.step,
+                        norm,
+                        loss: loss_sum / micro as f64,
+                        last_checkpoint,
+                    });
+                }
                 let clip = match c.max_grad_norm {
                     Some(max) if norm > max => max / (norm + 1e-6),
                     _ => 1.0,
@@ -462,6 +443,30 @@ impl Trainer {
         })
     }
 
+    /// The record of this run on `train` / `eval` ([`run::record`]).
+    fn run_record(&self, train: &[Example], eval: Option<&[Example]>) -> serde_json::Value {
+        let adapters: Vec<(String, serde_json::Value)> = self
+            .adapters
+            .iter()
+            .map(|a| {
+                let config = self
+                    .model
+                    .adapter_config(a)
+                    .map(peft_core::bundle::method_to_json)
+                    .unwrap_or(serde_json::Value::Null);
+                (a.clone(), config)
+            })
+            .collect();
+        run::record(
+            &self.config,
+            &adapters,
+            self.objective,
+            self.pad_id,
+            train,
+            eval,
+        )
+    }
+
     /// Whether this run fine-tunes the whole model rather than an adapter.
     pub fn is_full_fine_tuning(&self) -> bool {
         self.adapters
@@ -482,6 +487,14 @@ impl Trainer {
     /// Save the trained adapter (a PEFT bundle) or, for full fine-tuning, the whole model (a
     /// Hugging Face folder) to `dir`.
     pub fn save_result(&self, dir: &Path) -> Result<()> {
+        // No bundle or model folder ever holds a non-finite tensor either.
+        if let Some(parameter) = checkpoint::non_finite_parameter(&self.model) {
+            return Err(TrainError::NonFiniteParameter {
+                step: None,
+                parameter,
+                last_checkpoint: checkpoint::latest(&self.output_dir.join("checkpoints")),
+            });
+        }
         if !self.is_full_fine_tuning() {
             for adapter in &self.adapters {
                 self.model.save_adapter(dir, adapter)?;
