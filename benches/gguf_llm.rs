@@ -113,8 +113,7 @@ fn child_train(file: &Path, f32_base: bool, batch: usize) -> Value {
         let ids: Vec<i64> = (0..batch * TRAIN_SEQ)
             .map(|i| ((i * 7919 + seed * 104_729) % vocab) as i64)
             .collect();
-        let ids =
-            Tensor::<2, Int>::from_data(TensorData::new(ids, [batch, TRAIN_SEQ]), &device);
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch, TRAIN_SEQ]), &device);
         let inputs = ModelInputs {
             input_ids: ids.clone(),
             attention_mask: Some(ids.ones_like()),
