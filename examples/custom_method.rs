@@ -33,7 +33,7 @@ use burn_peft::core::{
 };
 use burn_peft::models::{HfModel, HfTokenizer, Task, from_pretrained};
 use burn_peft::train::data::{DataConfig, TaskKind, load_examples};
-use burn_peft::train::{Objective, TrainConfig, Trainer, evaluate};
+use burn_peft::train::{Objective, TrainConfig, TrainOptions, Trainer, evaluate};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -391,7 +391,13 @@ fn main() -> std::result::Result<(), Box<dyn Error>> {
         pad_id,
         full_export: None,
     };
-    let result = trainer.train(&train, Some(&eval), None)?;
+    // The example writes its whole folder afresh on every run, so its run folder is its own
+    // to start over in (`burn-peft train --overwrite`).
+    let options = TrainOptions {
+        overwrite: true,
+        ..TrainOptions::default()
+    };
+    let result = trainer.train_with(&train, Some(&eval), None, options)?;
     let trained = trainer.evaluate(&eval)?;
     let (first, last) = (
         result.losses.first().copied().unwrap_or_default(),

@@ -10,7 +10,7 @@ use burn::tensor::Device;
 use burn_peft::models::{Task, from_pretrained};
 use burn_peft::prelude::*;
 use burn_peft::train::data::{DataConfig, TaskKind, load_examples};
-use burn_peft::train::{Objective, TrainConfig, Trainer};
+use burn_peft::train::{Objective, TrainConfig, TrainOptions, Trainer};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -81,7 +81,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         pad_id: tokenizer.pad_id() as i64,
         full_export: None,
     };
-    let report = trainer.train(&train, Some(&eval), None)?;
+    // A second run of the example starts over in its folder (`burn-peft train --overwrite`).
+    let options = TrainOptions {
+        overwrite: true,
+        ..TrainOptions::default()
+    };
+    let report = trainer.train_with(&train, Some(&eval), None, options)?;
     let eval = report.last_eval.as_ref().ok_or("no evaluation")?;
     println!(
         "{} steps, {:.2} steps/s, {:.0} tokens/s; eval accuracy {:.4}, macro-F1 {:.4}",
