@@ -183,18 +183,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let pretrained = from_pretrained(source, task, &train_device)
         .with_context(|| format!("loading model `{source}`"))?;
     let full = matches!(loaded.method, MethodChoice::Full);
-    if full && pretrained.gguf.is_some() {
-        return Err(config::ConfigError {
-            file: args.config.clone(),
-            line: None,
-            message: format!(
-                "`method: full` cannot train `{source}`: a GGUF base stays quantized and frozen; \
-                 train an adapter (lora, dora, ia3, prefix) on it, or fine-tune the f32/f16 \
-                 safetensors model"
-            ),
-        }
-        .into());
-    }
     let mut model = PeftModel::new(pretrained.model).with_base_model_name(source.clone());
     let mut adapters: Vec<String> = Vec::new();
     match &loaded.method {
@@ -244,8 +232,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
     );
 
-    std::fs::create_dir_all(&run.output)
-        .with_context(|| format!("creating the output folder {}", run.output.display()))?;
+    // The trainer creates the output folder once its checks pass: a refused run writes nothing.
     let label_names = data.labels.as_ref().map(|l| l.names.clone());
     let summary_file = run.output.join("results.json");
     if args.overwrite && summary_file.is_file() {

@@ -148,6 +148,19 @@ impl Trainer {
         let c = self.config.clone();
         c.validate()
             .map_err(|(key, reason)| TrainError::Config { key, reason })?;
+        // A quantized base holds no dense weight to train: full fine-tuning would silently
+        // leave those layers as they are.
+        let quantized = peft_core::nn::quantized_sites(self.model.model());
+        if self.model.trains_base() && quantized > 0 {
+            return Err(TrainError::Config {
+                key: "method".into(),
+                reason: format!(
+                    "full fine-tuning needs dense base weights, but {quantized} layers hold \
+                     theirs quantized (a GGUF base, or dtype nf4 / q8); train an adapter (lora, \
+                     dora, ia3, prefix) on it, or fine-tune the f32 / f16 model"
+                ),
+            });
+        }
         if train.is_empty() {
             return Err(TrainError::Config {
                 key: "data.train".into(),

@@ -12,5 +12,5 @@ pub use copy::ModuleCopy;
 pub use embedding::{Embedding, EmbeddingConfig};
 pub use linear::{Linear, LinearConfig, WeightLayout};
 pub use prefix::{KvPrefix, PrefixKv, RowPrefix};
-pub use quantized::{QuantizedBase, QuantizedWeight, dequantize_sites};
+pub use quantized::{QuantizedBase, QuantizedWeight, dequantize_sites, quantized_sites};
 pub use rows::{BASE_ROW, ForwardContext, IdBounds, RowAdapters, RowGroup};

@@ -69,6 +69,29 @@ pub(crate) fn placeholder(d_output: usize, device: &Device) -> Tensor<2> {
     Tensor::zeros([0, d_output], device)
 }
 
+/// How many sites of `model` hold their frozen base quantized (a GGUF base, or QLoRA's
+/// `nf4` / `q8`): such weights cannot be trained (full fine-tuning needs them dense).
+///
+/// ```
+/// use burn::tensor::Device;
+/// use peft_core::nn::{Linear, LinearConfig, quantized_sites};
+///
+/// let layer: Linear = LinearConfig::new(4, 2).init(&Device::flex());
+/// assert_eq!(quantized_sites(&layer), 0);
+/// ```
+pub fn quantized_sites<M: crate::Adaptable>(model: &M) -> usize {
+    let mut count = 0;
+    model.visit_sites(&mut crate::SitePath::root(), &mut |_, site| {
+        let quantized = match site {
+            crate::Site::Linear(l) => l.quantized.is_some(),
+            crate::Site::Embedding(e) => e.quantized.is_some(),
+            _ => false,
+        };
+        count += usize::from(quantized);
+    });
+    count
+}
+
 /// Make every quantized base of `model` dense (f32), as writing a full model needs (PEFT's
 /// merge writes float weights too); returns how many sites were quantized.
 ///
