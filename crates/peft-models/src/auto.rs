@@ -208,19 +208,28 @@ pub struct Pretrained {
     pub chat_template: Option<String>,
 }
 
+/// `source` as a GGUF file (`*.gguf`): `None` for a folder or hub id, an error when no such
+/// file exists.
+fn gguf_file(source: &str) -> Result<Option<&std::path::Path>> {
+    if !crate::gguf::is_gguf(source) {
+        return Ok(None);
+    }
+    let path = std::path::Path::new(source);
+    if !path.is_file() {
+        return Err(ModelError::NotFound {
+            id: source.into(),
+            reason: "no such GGUF file".into(),
+        });
+    }
+    Ok(Some(path))
+}
+
 /// Load a model from a folder or hub id (see [`hub::resolve`]) onto `device`.
 ///
 /// A path to a `*.gguf` file loads llama.cpp's format ([`gguf::load`](crate::gguf::load)):
 /// the config from its metadata, its weights kept in their block formats.
 pub fn from_pretrained(source: &str, task: Task, device: &Device) -> Result<Pretrained> {
-    if crate::gguf::is_gguf(source) {
-        let path = std::path::Path::new(source);
-        if !path.is_file() {
-            return Err(ModelError::NotFound {
-                id: source.into(),
-                reason: "no such GGUF file".into(),
-            });
-        }
+    if let Some(path) = gguf_file(source)? {
         return crate::gguf::load(path, task, device);
     }
     let dir = hub::resolve(source)?;
@@ -290,8 +299,7 @@ fn read_chat_template(dir: &std::path::Path) -> Option<String> {
 /// Load just the config of a model folder, hub id or GGUF file (its metadata, as
 /// [`from_pretrained`] reads it).
 pub fn read_config(source: &str) -> Result<(PathBuf, HfConfig)> {
-    if crate::gguf::is_gguf(source) {
-        let path = std::path::Path::new(source);
+    if let Some(path) = gguf_file(source)? {
         let file = crate::gguf::GgufFile::open(path)?;
         let (json, _, _) = crate::gguf::config_json(&file)?;
         let dir = path.parent().map(PathBuf::from).unwrap_or_default();
@@ -304,14 +312,7 @@ pub fn read_config(source: &str) -> Result<(PathBuf, HfConfig)> {
 
 /// The folder of `source` (resolving hub ids through the cache; a GGUF file's folder).
 pub fn model_dir(source: &str) -> Result<PathBuf> {
-    if crate::gguf::is_gguf(source) {
-        let path = std::path::Path::new(source);
-        if !path.is_file() {
-            return Err(ModelError::NotFound {
-                id: source.into(),
-                reason: "no such GGUF file".into(),
-            });
-        }
+    if let Some(path) = gguf_file(source)? {
         return Ok(path.parent().map(PathBuf::from).unwrap_or_default());
     }
     hub::resolve(source)
@@ -319,9 +320,8 @@ pub fn model_dir(source: &str) -> Result<PathBuf> {
 
 /// The tokenizer of a model folder, hub id (`tokenizer.json`) or GGUF file (its metadata).
 pub fn load_tokenizer(source: &str) -> Result<HfTokenizer> {
-    if crate::gguf::is_gguf(source) {
-        let file = crate::gguf::GgufFile::open(std::path::Path::new(source))?;
-        return crate::gguf::tokenizer_from_gguf(&file);
+    if let Some(path) = gguf_file(source)? {
+        return crate::gguf::tokenizer_from_gguf(&crate::gguf::GgufFile::open(path)?);
     }
     HfTokenizer::from_dir(&model_dir(source)?)
 }
