@@ -230,37 +230,10 @@ pub fn matmul_t(w: &QuantMatrix, dy: &[f32], n: usize, dx: &mut [f32]) {
     let (bs, bb) = (format.block_size(), format.block_bytes());
     let bytes = w.bytes().as_slice();
     let chunks = column_chunks(cols, bs);
-    if chunks.len() == 1 && n > 1 {
-        // One chunk: the GEMM's own threads over the batch instead.
-        let (c0, width) = chunks[0];
-        let mut buf = Vec::new();
-        let tr = tile_rows(width, rows);
-        for (t, r0) in (0..rows).step_by(tr).enumerate() {
-            let count = tr.min(rows - r0);
-            dequantize_tile(w, bytes, r0, count, c0 / bs * bb, width, &mut buf);
-            let lhs = Mat {
-                ptr: dy[r0..].as_ptr(),
-                rows: n,
-                cols: count,
-                rs: rows as isize,
-                cs: 1,
-            };
-            // SAFETY: as above, one task.
-            unsafe {
-                gemm(
-                    MatMut::row_major(dx, cols),
-                    t > 0,
-                    lhs,
-                    Mat::row_major(&buf, count, width),
-                    1.0,
-                    true,
-                );
-            }
-        }
-        return;
-    }
     let dst = SendPtr(dx.as_mut_ptr());
-    let run = |buf: &mut Vec<f32>, &(c0, width): &(usize, usize)| {
+    // Columns `c0..c0 + width` of `dx`, one tile of `W`'s rows dequantized at a time; the GEMM
+    // runs its own threads when `threads`.
+    let run = |buf: &mut Vec<f32>, &(c0, width): &(usize, usize), threads: bool| {
         let byte_start = c0 / bs * bb;
         if n == 1 {
             // SAFETY: columns `c0..c0 + width` of the single row of `dx`; chunks are disjoint.
@@ -289,11 +262,25 @@ pub fn matmul_t(w: &QuantMatrix, dy: &[f32], n: usize, dx: &mut [f32]) {
                     rs: cols as isize,
                     cs: 1,
                 };
-                gemm(d, t > 0, lhs, Mat::row_major(buf, count, width), 1.0, false);
+                gemm(
+                    d,
+                    t > 0,
+                    lhs,
+                    Mat::row_major(buf, count, width),
+                    1.0,
+                    threads,
+                );
             }
         }
     };
-    chunks.par_iter().for_each_init(Vec::new, run);
+    if chunks.len() == 1 && n > 1 {
+        // One chunk: the GEMM's own threads over the batch instead.
+        run(&mut Vec::new(), &chunks[0], true);
+        return;
+    }
+    chunks
+        .par_iter()
+        .for_each_init(Vec::new, |buf, chunk| run(buf, chunk, false));
 }
 
 #[cfg(test)]

@@ -207,6 +207,40 @@ fn k4_scale_min(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     (sc, mn)
 }
 
+/// `Σ_k m[k] · sums[k]` over the eight groups of a K-quant block: the minimums' share.
+#[inline(always)]
+fn group_mins(mn: &[u8; 8], sums: &[f32]) -> f32 {
+    mn.iter()
+        .zip(sums)
+        .fold(0f32, |m, (&mk, &s)| f32::from(mk).mul_add(s, m))
+}
+
+/// One pair of 32-value groups of a Q4_K / Q5_K block: `lo` (32 unsigned codes) times
+/// `x[0..32]` scaled by `scales.0`, added to `acc.0`; `hi` times `x[32..64]` by `scales.1`, to
+/// `acc.1`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group_pair(
+    lo: __m256i,
+    hi: __m256i,
+    x: *const f32,
+    scales: (f32, f32),
+    acc: (__m256, __m256),
+) -> (__m256, __m256) {
+    let t0 = _mm256_add_ps(
+        dot16_u8(_mm256_castsi256_si128(lo), x),
+        dot16_u8(_mm256_extracti128_si256(lo, 1), x.add(16)),
+    );
+    let t1 = _mm256_add_ps(
+        dot16_u8(_mm256_castsi256_si128(hi), x.add(32)),
+        dot16_u8(_mm256_extracti128_si256(hi, 1), x.add(48)),
+    );
+    (
+        _mm256_fmadd_ps(_mm256_set1_ps(scales.0), t0, acc.0),
+        _mm256_fmadd_ps(_mm256_set1_ps(scales.1), t1, acc.1),
+    )
+}
+
 /// Q4_K: per 144-byte block, `Σ_k d·sc[k]·Σ q·x - dmin·Σ_k m[k]·Σ x` over its eight 32-value
 /// groups (group `2j` the low nibbles of `qs[32j..32j + 32]`, `2j + 1` their high nibbles).
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -220,28 +254,13 @@ unsafe fn q4_k(data: &[u8], rb: usize, x: &[f32], sums: &[f32], out: &mut [f32])
             let xb = x.as_ptr().add(256 * b);
             let (d, dmin) = (half(bp), half(bp.add(2)));
             let (sc, mn) = k4_scale_min(&blk[4..16]);
-            let mut m = 0f32;
-            for (k, &mk) in mn.iter().enumerate() {
-                m = f32::from(mk).mul_add(*sums.get_unchecked(8 * b + k), m);
-            }
-            mins = dmin.mul_add(m, mins);
+            mins = dmin.mul_add(group_mins(&mn, sums.get_unchecked(8 * b..8 * b + 8)), mins);
             for j in 0..4 {
                 let q = _mm256_loadu_si256(bp.add(16 + 32 * j) as *const __m256i);
                 let lo = _mm256_and_si256(q, m4);
                 let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-                let x0 = xb.add(64 * j);
-                let t0 = _mm256_add_ps(
-                    dot16_u8(_mm256_castsi256_si128(lo), x0),
-                    dot16_u8(_mm256_extracti128_si256(lo, 1), x0.add(16)),
-                );
-                let t1 = _mm256_add_ps(
-                    dot16_u8(_mm256_castsi256_si128(hi), x0.add(32)),
-                    dot16_u8(_mm256_extracti128_si256(hi, 1), x0.add(48)),
-                );
-                let d0 = _mm256_set1_ps(d * f32::from(sc[2 * j]));
-                let d1 = _mm256_set1_ps(d * f32::from(sc[2 * j + 1]));
-                acc0 = _mm256_fmadd_ps(d0, t0, acc0);
-                acc1 = _mm256_fmadd_ps(d1, t1, acc1);
+                let scales = (d * f32::from(sc[2 * j]), d * f32::from(sc[2 * j + 1]));
+                (acc0, acc1) = group_pair(lo, hi, xb.add(64 * j), scales, (acc0, acc1));
             }
         }
         *o = hsum(_mm256_add_ps(acc0, acc1)) - mins;
@@ -262,11 +281,7 @@ unsafe fn q5_k(data: &[u8], rb: usize, x: &[f32], sums: &[f32], out: &mut [f32])
             let xb = x.as_ptr().add(256 * b);
             let (d, dmin) = (half(bp), half(bp.add(2)));
             let (sc, mn) = k4_scale_min(&blk[4..16]);
-            let mut m = 0f32;
-            for (k, &mk) in mn.iter().enumerate() {
-                m = f32::from(mk).mul_add(*sums.get_unchecked(8 * b + k), m);
-            }
-            mins = dmin.mul_add(m, mins);
+            mins = dmin.mul_add(group_mins(&mn, sums.get_unchecked(8 * b..8 * b + 8)), mins);
             let qh = _mm256_loadu_si256(bp.add(16) as *const __m256i);
             for j in 0..4 {
                 let q = _mm256_loadu_si256(bp.add(48 + 32 * j) as *const __m256i);
@@ -282,19 +297,8 @@ unsafe fn q5_k(data: &[u8], rb: usize, x: &[f32], sums: &[f32], out: &mut [f32])
                 let h1 = _mm256_slli_epi16(_mm256_and_si256(h1, one), 4);
                 let lo = _mm256_or_si256(_mm256_and_si256(q, m4), h0);
                 let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), h1);
-                let x0 = xb.add(64 * j);
-                let t0 = _mm256_add_ps(
-                    dot16_u8(_mm256_castsi256_si128(lo), x0),
-                    dot16_u8(_mm256_extracti128_si256(lo, 1), x0.add(16)),
-                );
-                let t1 = _mm256_add_ps(
-                    dot16_u8(_mm256_castsi256_si128(hi), x0.add(32)),
-                    dot16_u8(_mm256_extracti128_si256(hi, 1), x0.add(48)),
-                );
-                let d0 = _mm256_set1_ps(d * f32::from(sc[2 * j]));
-                let d1 = _mm256_set1_ps(d * f32::from(sc[2 * j + 1]));
-                acc0 = _mm256_fmadd_ps(d0, t0, acc0);
-                acc1 = _mm256_fmadd_ps(d1, t1, acc1);
+                let scales = (d * f32::from(sc[2 * j]), d * f32::from(sc[2 * j + 1]));
+                (acc0, acc1) = group_pair(lo, hi, xb.add(64 * j), scales, (acc0, acc1));
             }
         }
         *o = hsum(_mm256_add_ps(acc0, acc1)) - mins;
