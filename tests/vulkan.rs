@@ -531,32 +531,5 @@ const RUNS_ANYWHERE: &[&str] = &["host_id_bounds_change_nothing_and_bad_ids_stil
 #[cfg(not(any(feature = "vulkan", feature = "wgpu")))]
 #[test]
 fn without_a_gpu_feature_the_gpu_tests_are_ignored() {
-    let list = |ignored: bool| -> Vec<String> {
-        let mut command = std::process::Command::new(std::env::current_exe().unwrap());
-        command.args(["--list", "--format", "terse"]);
-        if ignored {
-            command.arg("--ignored");
-        }
-        let out = command.output().unwrap();
-        assert!(out.status.success(), "{out:?}");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.strip_suffix(": test"))
-            .map(str::to_string)
-            .collect()
-    };
-    let ignored = list(true);
-    let mut runs_anywhere = RUNS_ANYWHERE.to_vec();
-    runs_anywhere.push("without_a_gpu_feature_the_gpu_tests_are_ignored");
-    let gpu: Vec<String> = list(false)
-        .into_iter()
-        .filter(|t| !runs_anywhere.contains(&t.as_str()))
-        .collect();
-    assert!(!gpu.is_empty());
-    for test in &gpu {
-        assert!(
-            ignored.contains(test),
-            "`{test}` runs (and passes as SKIPPED) in a build without a GPU feature"
-        );
-    }
+    common::gpu_tests::assert_gpu_tests_ignored(RUNS_ANYWHERE);
 }

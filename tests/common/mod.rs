@@ -4,6 +4,7 @@
 
 pub mod family;
 pub mod fixture_models;
+pub mod gpu_tests;
 pub mod hf;
 
 use std::path::{Path, PathBuf};

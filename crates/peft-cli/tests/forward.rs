@@ -1,8 +1,12 @@
 //! `burn-peft forward` end to end: the binary reproduces transformers (+ PEFT) outputs for every
 //! family, and rejects bad input with a clear message and exit code 2.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use common::{f32_tensors, fixture_mask};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models")
@@ -10,34 +14,6 @@ fn fixtures() -> PathBuf {
 
 fn burn_peft() -> Command {
     Command::new(env!("CARGO_BIN_EXE_burn-peft"))
-}
-
-fn read(file: &Path) -> std::collections::HashMap<String, (Vec<f32>, Vec<usize>)> {
-    let bytes = std::fs::read(file).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
-        .map(|(k, v)| {
-            let values = v
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            (k, (values, v.shape().to_vec()))
-        })
-        .collect()
-}
-
-fn mask(name: &str) -> Vec<i64> {
-    let bytes = std::fs::read(fixtures().join(name).join("inputs.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensor("attention_mask")
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-        .collect()
 }
 
 /// Run `forward` and compare every output with `expected` (`prefix`ed keys) on valid tokens.
@@ -60,9 +36,9 @@ fn run_and_compare(name: &str, extra: &[&str], expected: &Path, prefix: &str) {
         "{name}: {}",
         String::from_utf8_lossy(&status.stderr)
     );
-    let ours = read(&output);
-    let theirs = read(expected);
-    let mask = mask(name);
+    let ours = f32_tensors(&output);
+    let theirs = f32_tensors(expected);
+    let mask = fixture_mask(name);
     assert!(!ours.is_empty());
     for (key, (values, shape)) in &ours {
         if key == "pooler_output" && !theirs.contains_key(&format!("{prefix}{key}")) {

@@ -5,22 +5,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::ffi::OsStr;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{bad_input, burn_peft, fixtures, text};
-
-fn smollm2() -> PathBuf {
-    let script = fixtures().join("../../scripts/fetch-smollm2.sh");
-    let out = Command::new(&script)
-        .output()
-        .expect("fetch-smollm2.sh runs");
-    assert!(out.status.success(), "fetch-smollm2.sh: {}", text(&out));
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
+use common::{ServeProcess, bad_input, burn_peft, smollm2, text};
 
 /// The chat template of the file's metadata, applied by transformers to one user turn
 /// (`tests/fixtures/gguf/smollm2_reference.json`).
@@ -129,39 +119,17 @@ fn train_eval_and_serve_a_lora_on_the_gguf_file() {
 /// `burn-peft serve --model FILE.gguf --adapter tuned=DIR`, one `/v1/completions` request for
 /// six tokens with the adapter; the response body.
 fn serve_one_completion(model: &Path, adapter: &Path) -> String {
-    let mut child = burn_peft()
-        .args(["serve", "--port", "0", "--model"])
-        .arg(model)
-        .arg("--adapter")
-        .arg(format!("tuned={}", adapter.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, lines) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut seen = Vec::new();
+    let adapter = format!("tuned={}", adapter.display());
+    let args = ["--port", "0", "--model"].map(OsStr::new);
+    let mut args = args.to_vec();
+    args.extend([
+        model.as_os_str(),
+        OsStr::new("--adapter"),
+        OsStr::new(&adapter),
+    ]);
+    let mut server = ServeProcess::spawn(&args);
     let outcome = (|| -> Result<String, String> {
-        let banner = loop {
-            let line = lines
-                .recv_timeout(Duration::from_secs(120))
-                .map_err(|_| "the server did not start".to_string())?;
-            seen.push(line.clone());
-            if line.contains("on http://") {
-                break line;
-            }
-        };
-        let addr = banner
-            .split("http://")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .ok_or("no address in the banner")?
-            .to_string();
+        let addr = server.address(Duration::from_secs(120))?;
         let body = serde_json::json!({"model": "tuned", "prompt": FRANCE, "max_tokens": 6,
                                       "temperature": 0, "stop": []})
         .to_string();
@@ -173,9 +141,7 @@ fn serve_one_completion(model: &Path, adapter: &Path) -> String {
         }
         Ok(completion)
     })();
-    let _ = child.kill();
-    let _ = child.wait();
-    outcome.unwrap_or_else(|why| panic!("{why}; server stderr:\n{}", seen.join("\n")))
+    outcome.unwrap_or_else(|why| panic!("{why}; server stderr:\n{}", server.seen.join("\n")))
 }
 
 /// One HTTP/1.1 request (`"POST /path"`) with a JSON body; the body of a 200 response.

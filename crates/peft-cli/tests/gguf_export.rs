@@ -12,35 +12,17 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{bad_input, burn_peft, fixtures, text};
-
-fn smollm2() -> PathBuf {
-    let script = fixtures().join("../../scripts/fetch-smollm2.sh");
-    let out = Command::new(&script)
-        .output()
-        .expect("fetch-smollm2.sh runs");
-    assert!(out.status.success(), "fetch-smollm2.sh: {}", text(&out));
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
+use common::{bad_input, burn_peft, f32_tensors, fixtures, smollm2, text};
 
 fn gguf_fixture(name: &str) -> PathBuf {
     fixtures().join("gguf").join(name)
 }
 
+/// The float32 tensors of a safetensors file, by name (values only).
 fn floats(file: &Path) -> HashMap<String, Vec<f32>> {
-    let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
+    f32_tensors(file)
         .into_iter()
-        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
-        .map(|(name, v)| {
-            let values = v
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            (name, values)
-        })
+        .map(|(name, (values, _))| (name, values))
         .collect()
 }
 

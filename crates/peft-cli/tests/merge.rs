@@ -2,9 +2,13 @@
 //! and transformers + PEFT's), names the right transformers class, and bad input is a clear error
 //! with exit code 2.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use common::{f32_tensors, fixture_mask};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models")
@@ -15,34 +19,6 @@ fn burn_peft() -> Command {
 }
 
 type Tensors = HashMap<String, (Vec<f32>, Vec<usize>)>;
-
-fn read(file: &Path) -> Tensors {
-    let bytes = std::fs::read(file).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
-        .map(|(k, v)| {
-            let values = v
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            (k, (values, v.shape().to_vec()))
-        })
-        .collect()
-}
-
-fn mask(name: &str) -> Vec<i64> {
-    let bytes = std::fs::read(fixtures().join(name).join("inputs.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensor("attention_mask")
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-        .collect()
-}
 
 fn check(out: &Output, what: &str) {
     assert!(
@@ -80,7 +56,7 @@ fn forward(name: &str, model: &Path, extra: &[&str], out: &Path) -> Tensors {
         .output()
         .unwrap();
     check(&result, &format!("{name}: forward {extra:?}"));
-    read(out)
+    f32_tensors(out)
 }
 
 /// Max |a - b| over the valid positions (every element of pooled outputs).
@@ -92,7 +68,7 @@ fn max_diff(
 ) -> f32 {
     let ((values, shape), (want, want_shape)) = (ours, theirs);
     assert_eq!(shape, want_shape, "{name}: {key}");
-    let mask = mask(name);
+    let mask = fixture_mask(name);
     let per_pos = if shape.len() == 3 {
         shape[2]
     } else {
@@ -143,7 +119,7 @@ fn merge_family(name: &str, architecture: &str) {
         &tmp.path().join("adapter.safetensors"),
     );
     let alone = forward(name, &merged, &[], &tmp.path().join("merged.safetensors"));
-    let expected = read(&adapter.join("expected.safetensors"));
+    let expected = f32_tensors(&adapter.join("expected.safetensors"));
     assert!(!alone.is_empty());
     for (key, values) in &alone {
         if key == "pooler_output" && !expected.contains_key(key) {

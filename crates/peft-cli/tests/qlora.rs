@@ -5,30 +5,12 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use common::{bad_input, burn_peft, fixtures, text};
+use common::{bad_input, burn_peft, f32_tensors, fixtures, text};
 
 fn qlora() -> PathBuf {
     fixtures().join("quant/qlora_llama")
-}
-
-fn floats(file: &Path) -> HashMap<String, (Vec<f32>, Vec<usize>)> {
-    let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
-        .map(|(name, v)| {
-            let values = v
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            (name, (values, v.shape().to_vec()))
-        })
-        .collect()
 }
 
 /// `burn-peft forward` of the fixture inputs: the logits at valid positions (row 1 has 5).
@@ -48,7 +30,7 @@ fn forward(adapter: &Path, extra: &[&str], tmp: &Path) -> Vec<f32> {
         .output()
         .unwrap();
     assert!(run.status.success(), "{}", text(&run));
-    valid(&floats(&out)["logits"].0)
+    valid(&f32_tensors(&out)["logits"].0)
 }
 
 fn valid(logits: &[f32]) -> Vec<f32> {
@@ -90,13 +72,13 @@ fn run_dir(tmp: &Path, dtype: &str, method: &str) -> PathBuf {
 fn a_qlora_adapter_gives_peft_numbers_on_the_float_base() {
     let tmp = tempfile::tempdir().unwrap();
     let ours = forward(&qlora().join("adapter"), &[], tmp.path());
-    let peft = valid(&floats(&qlora().join("peft_logits.safetensors"))["logits"].0);
+    let peft = valid(&f32_tensors(&qlora().join("peft_logits.safetensors"))["logits"].0);
     let diff = max_diff(&ours, &peft);
     assert!(diff < 1e-5, "f32 base + QLoRA adapter vs PEFT: {diff}");
     // On the NF4 base it was trained on: bitsandbytes' NF4 numbers (NF4 moves these logits by
     // up to 3.4, so this also shows the base really is quantized).
     let nf4 = forward(&qlora().join("adapter"), &["--dtype", "nf4"], tmp.path());
-    let bnb = valid(&floats(&qlora().join("peft_logits.safetensors"))["nf4_logits"].0);
+    let bnb = valid(&f32_tensors(&qlora().join("peft_logits.safetensors"))["nf4_logits"].0);
     let diff = max_diff(&nf4, &bnb);
     assert!(
         diff < 1e-4,
@@ -108,7 +90,7 @@ fn a_qlora_adapter_gives_peft_numbers_on_the_float_base() {
 #[test]
 fn nf4_and_q8_runs_write_plain_peft_bundles() {
     let tmp = tempfile::tempdir().unwrap();
-    let committed = floats(&qlora().join("adapter/adapter_model.safetensors"));
+    let committed = f32_tensors(&qlora().join("adapter/adapter_model.safetensors"));
     for dtype in ["nf4", "q8"] {
         let dir = run_dir(
             tmp.path(),
@@ -124,7 +106,7 @@ fn nf4_and_q8_runs_write_plain_peft_bundles() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("14 linear layers"), "{dtype}: {stderr}");
         let adapter = dir.join("out/adapter");
-        let tensors = floats(&adapter.join("adapter_model.safetensors"));
+        let tensors = f32_tensors(&adapter.join("adapter_model.safetensors"));
         // The same tensors as any LoRA bundle of this model, trained (B moved off zero).
         let mut names: Vec<_> = tensors.keys().collect();
         let mut want: Vec<_> = committed.keys().collect();

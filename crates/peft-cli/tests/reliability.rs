@@ -3,17 +3,16 @@
 //! a server that a second Ctrl-C stops while a client holds a request open. Each bad input is
 //! exit code 2 with the key, the limit and what to do; nothing panics or aborts.
 
-use std::io::{BufRead, BufReader, Write};
+use std::ffi::OsStr;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
 mod common;
 
-use common::{bad_input, burn_peft, fixtures, model_with_tokenizer, sentence, text};
+use common::{ServeProcess, bad_input, burn_peft, fixtures, model_with_tokenizer, sentence, text};
 
 /// Case 1: `--max-new-tokens` near `usize::MAX` overflowed `prompt + new + prefix` (a panic
 /// in dev builds, a wrapped sum that passed the check in release).
@@ -186,65 +185,43 @@ fn runs_never_mix_in_one_output_folder() {
 #[cfg(unix)]
 #[test]
 fn a_second_ctrl_c_stops_the_server_while_a_client_holds_a_request() {
-    let mut child = burn_peft()
-        .args([
-            "serve",
-            "--port",
-            "0",
-            "--shutdown-grace",
-            "3600",
-            // Timeouts beyond the test's bound: only the second Ctrl-C can end the request.
-            "--body-timeout",
-            "3600",
-            "--header-timeout",
-            "3600",
-            "--model",
-        ])
-        .arg(fixtures().join("models/llama_gqa"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, lines) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut seen = Vec::new();
-    let mut wait_for = |needle: &str| -> Option<String> {
-        while let Ok(line) = lines.recv_timeout(Duration::from_secs(60)) {
-            seen.push(line.clone());
-            if line.contains(needle) {
-                return Some(line);
-            }
-        }
-        None
-    };
+    let model = fixtures().join("models/llama_gqa");
+    let args = [
+        "--port",
+        "0",
+        "--shutdown-grace",
+        "3600",
+        // Timeouts beyond the test's bound: only the second Ctrl-C can end the request.
+        "--body-timeout",
+        "3600",
+        "--header-timeout",
+        "3600",
+        "--model",
+    ];
+    let mut args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+    args.push(model.as_os_str());
+    let mut server = ServeProcess::spawn(&args);
+    let wait = Duration::from_secs(60);
     let outcome = (|| -> Result<(), String> {
-        let banner = wait_for("on http://").ok_or("the server did not start")?;
-        let addr = banner
-            .split("http://")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .ok_or("no address in the banner")?
-            .to_string();
+        let addr = server.address(wait)?;
         let mut held = std::net::TcpStream::connect(&addr).map_err(|e| e.to_string())?;
         held.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
             .map_err(|e| e.to_string())?;
+        let pid = server.child.id().to_string();
         let interrupt = || {
             std::process::Command::new("kill")
-                .args(["-INT", &child.id().to_string()])
+                .args(["-INT", &pid])
                 .status()
                 .map(|_| ())
         };
         interrupt().map_err(|e| e.to_string())?;
-        wait_for("Ctrl-C again").ok_or("no message after the first Ctrl-C")?;
+        server
+            .wait_for("Ctrl-C again", wait)
+            .ok_or("no message after the first Ctrl-C")?;
         interrupt().map_err(|e| e.to_string())?;
-        // 10 s for the second Ctrl-C to end it (the client holds its request for an hour).
-        for _ in 0..100 {
-            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+        // The client holds its request for an hour: only the second Ctrl-C can end it.
+        for _ in 0..600 {
+            if let Some(status) = server.child.try_wait().map_err(|e| e.to_string())? {
                 drop(held);
                 return match status.code() {
                     Some(0) => Ok(()),
@@ -255,9 +232,7 @@ fn a_second_ctrl_c_stops_the_server_while_a_client_holds_a_request() {
         }
         Err("still running after the second Ctrl-C".into())
     })();
-    let _ = child.kill();
-    let _ = child.wait();
     if let Err(why) = outcome {
-        panic!("{why}; stderr so far:\n{}", seen.join("\n"));
+        panic!("{why}; stderr so far:\n{}", server.seen.join("\n"));
     }
 }

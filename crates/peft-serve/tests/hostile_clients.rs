@@ -177,7 +177,7 @@ async fn connections_beyond_the_limit_get_503() {
 async fn shutdown_ends_while_a_client_holds_a_request_open() {
     bounded(60, async {
         // Body and header timeouts far beyond the test's bound: the stalled request would
-        // never end by itself, so only the grace period can end the shutdown.
+        // not end by itself within it.
         let config = ServeConfig {
             shutdown_grace: Duration::from_millis(200),
             body_timeout: Duration::from_secs(3600),
@@ -192,14 +192,10 @@ async fn shutdown_ends_while_a_client_holds_a_request_open() {
         .await;
         // The request is being read once an ordinary request on another connection returns.
         assert_eq!(server.client.get("/health").await.unwrap().status, 200);
-        let asked = std::time::Instant::now();
+        // Within the test's bound of 60 s, far below the hour the timeouts allow: only the
+        // grace period can end it.
         let _ = server.stop.send(());
         server.task.await.unwrap().unwrap();
-        assert!(
-            asked.elapsed() < Duration::from_secs(10),
-            "shutdown took {:?} with a grace of 200 ms",
-            asked.elapsed()
-        );
         // The held connection is closed too.
         read_until_closed(&mut stalled, 1 << 16).await;
     })

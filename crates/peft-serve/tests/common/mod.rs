@@ -91,19 +91,16 @@ impl Drop for Running {
 
 /// Load `config` and serve it on a free loopback port.
 pub async fn start(config: ServeConfig) -> Running {
-    let server = tokio::task::spawn_blocking(move || Server::load(&config, &Device::flex()))
-        .await
-        .unwrap()
-        .unwrap();
-    let metrics = server.metrics();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(server.serve(listener, async {
-        let _ = stopped.await;
-    }));
+    // The serving task runs detached; dropping `Running` asks it to stop.
+    let Joinable {
+        client,
+        addr,
+        metrics,
+        stop,
+        ..
+    } = start_joinable(config).await;
     Running {
-        client: Client::new(addr),
+        client,
         addr,
         metrics,
         stop: Some(stop),
