@@ -206,6 +206,29 @@ pub struct Pretrained {
     /// The chat template (`tokenizer_config.json`'s `chat_template`, `chat_template.jinja`,
     /// or a GGUF file's `tokenizer.chat_template`), when there is one.
     pub chat_template: Option<String>,
+    /// The tokenizer's special tokens (`bos_token`, `eos_token`, ...), as the chat template
+    /// sees them.
+    pub special_tokens: Vec<(String, String)>,
+}
+
+impl Pretrained {
+    /// The model's chat template, compiled with its special tokens (`None` when it has none).
+    pub fn chat(&self) -> Result<Option<crate::chat::ChatTemplate>> {
+        let Some(source) = &self.chat_template else {
+            return Ok(None);
+        };
+        let name = match &self.gguf {
+            Some(file) => format!("{}: tokenizer.chat_template", file.display()),
+            None if self.dir.join("chat_template.jinja").is_file() => {
+                self.dir.join("chat_template.jinja").display().to_string()
+            }
+            None => format!(
+                "{}: chat_template",
+                self.dir.join("tokenizer_config.json").display()
+            ),
+        };
+        crate::chat::ChatTemplate::new(name, source, self.special_tokens.clone()).map(Some)
+    }
 }
 
 /// `source` as a GGUF file (`*.gguf`): `None` for a folder or hub id, an error when no such
@@ -265,6 +288,7 @@ pub fn from_pretrained(source: &str, task: Task, device: &Device) -> Result<Pret
         None
     };
     let chat_template = read_chat_template(&dir);
+    let special_tokens = crate::chat::special_tokens_of_folder(&dir);
     Ok(Pretrained {
         model,
         config,
@@ -272,6 +296,7 @@ pub fn from_pretrained(source: &str, task: Task, device: &Device) -> Result<Pret
         tokenizer,
         gguf: None,
         chat_template,
+        special_tokens,
     })
 }
 

@@ -86,6 +86,17 @@ pub enum ModelError {
         /// What is wrong and what to do.
         reason: String,
     },
+    /// A chat template failed to compile or render (a `raise_exception` of the template, an
+    /// undefined value, a syntax error), or cannot be used as asked.
+    #[error("chat template {template}: {}{reason}", message.map(|m| format!("at message {m}: ")).unwrap_or_default())]
+    ChatTemplate {
+        /// Which template: the file and key it came from.
+        template: String,
+        /// The index of the message being rendered when it failed, where one was.
+        message: Option<usize>,
+        /// What went wrong (the template's own message for `raise_exception`) and where.
+        reason: String,
+    },
     /// Inputs have the wrong shape or values.
     #[error("invalid input: {0}")]
     InvalidInput(String),

@@ -12,6 +12,7 @@ pub mod registry;
 pub mod arch;
 mod auto;
 mod cache;
+pub mod chat;
 pub mod config;
 mod config_checks;
 pub mod decoder;

@@ -147,6 +147,21 @@ impl HfTokenizer {
         })
     }
 
+    /// Token ids of `text` with the byte range of `text` each came from, adding no special
+    /// tokens (as `apply_chat_template` tokenizes a rendered conversation: the template
+    /// writes the special tokens itself).
+    pub fn encode_plain(&self, text: &str) -> Result<(Vec<i64>, Vec<(usize, usize)>)> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| ModelError::Tokenizer {
+                file: self.file.clone(),
+                reason: e.to_string(),
+            })?;
+        let ids = enc.get_ids().iter().map(|&i| i64::from(i)).collect();
+        Ok((ids, enc.get_offsets().to_vec()))
+    }
+
     /// How many special tokens the tokenizer adds around one text (`[CLS]`/`[SEP]`: 2,
     /// Llama's `<s>`: 1, GPT-2: 0), or around a pair.
     pub fn num_special_tokens(&self, pair: bool) -> usize {

@@ -18,7 +18,7 @@ use serde_json::{Map, Value, json};
 
 pub use export::{LoraPair, write_lora_adapter, write_merged};
 pub use reader::{GgufFile, GgufTensor, GgufValue};
-pub use tokenizer::{chat_template, tokenizer_from_gguf};
+pub use tokenizer::{chat_template, special_tokens, tokenizer_from_gguf};
 pub use writer::GgufWriter;
 
 use crate::arch::{GgufArch, GgufSpec};
@@ -177,9 +177,9 @@ pub fn load(path: &Path, task: Task, device: &Device) -> Result<Pretrained> {
     weights::fill(&mut model, &file, spec, arch, task, device)?;
     // A file without `tokenizer.*` (weights only) loads without a tokenizer, as a folder
     // without tokenizer.json does.
-    let tokenizer = match file.get("tokenizer.ggml.model") {
-        Some(_) => Some(tokenizer_from_gguf(&file)?),
-        None => None,
+    let (tokenizer, special_tokens) = match file.get("tokenizer.ggml.model") {
+        Some(_) => (Some(tokenizer_from_gguf(&file)?), special_tokens(&file)?),
+        None => (None, Vec::new()),
     };
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     Ok(Pretrained {
@@ -189,6 +189,7 @@ pub fn load(path: &Path, task: Task, device: &Device) -> Result<Pretrained> {
         tokenizer,
         gguf: Some(path.to_path_buf()),
         chat_template: chat_template(&file),
+        special_tokens,
     })
 }
 

@@ -72,6 +72,21 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<HfTokenizer> {
     HfTokenizer::from_tokenizer(tokenizer, &file.path)
 }
 
+/// The special tokens of `file` as a chat template sees them (`bos_token`, `eos_token`,
+/// `unk_token`, `pad_token`: the strings of the `tokenizer.ggml.*_token_id` tokens).
+pub fn special_tokens(file: &GgufFile) -> Result<Vec<(String, String)>> {
+    let meta = Meta::read(file)?;
+    Ok([
+        ("bos_token", meta.bos),
+        ("eos_token", meta.eos),
+        ("unk_token", meta.unk),
+        ("pad_token", meta.pad),
+    ]
+    .into_iter()
+    .filter_map(|(name, token)| Some((name.to_string(), token?)))
+    .collect())
+}
+
 /// `tokenizer.chat_template` of `file`, if it has one.
 pub fn chat_template(file: &GgufFile) -> Option<String> {
     file.get("tokenizer.chat_template")
