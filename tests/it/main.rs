@@ -16,6 +16,7 @@ mod common;
 mod all_linear_e2e;
 mod architectures;
 mod bad_input;
+mod chat_templates;
 mod combine_parity;
 mod config_variants;
 mod fuzz_parsers;

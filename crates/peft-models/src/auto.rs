@@ -219,13 +219,9 @@ impl Pretrained {
         };
         let name = match &self.gguf {
             Some(file) => format!("{}: tokenizer.chat_template", file.display()),
-            None if self.dir.join("chat_template.jinja").is_file() => {
-                self.dir.join("chat_template.jinja").display().to_string()
-            }
-            None => format!(
-                "{}: chat_template",
-                self.dir.join("tokenizer_config.json").display()
-            ),
+            None => crate::chat::template_of_folder(&self.dir)
+                .map(|(name, _)| name)
+                .unwrap_or_default(),
         };
         crate::chat::ChatTemplate::new(name, source, self.special_tokens.clone()).map(Some)
     }
@@ -287,7 +283,7 @@ pub fn from_pretrained(source: &str, task: Task, device: &Device) -> Result<Pret
     } else {
         None
     };
-    let chat_template = read_chat_template(&dir);
+    let chat_template = crate::chat::template_of_folder(&dir).map(|(_, source)| source);
     let special_tokens = crate::chat::special_tokens_of_folder(&dir);
     Ok(Pretrained {
         model,
@@ -298,27 +294,6 @@ pub fn from_pretrained(source: &str, task: Task, device: &Device) -> Result<Pret
         chat_template,
         special_tokens,
     })
-}
-
-/// The chat template of a model folder: `chat_template.jinja`, else `tokenizer_config.json`'s
-/// `chat_template` (a string, or the `default` of a list of named templates), as transformers
-/// reads it.
-fn read_chat_template(dir: &std::path::Path) -> Option<String> {
-    if let Ok(text) = std::fs::read_to_string(dir.join("chat_template.jinja")) {
-        return Some(text);
-    }
-    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
-    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
-    match config.get("chat_template")? {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Array(list) => list
-            .iter()
-            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-            .and_then(|t| t.get("template"))
-            .and_then(|t| t.as_str())
-            .map(str::to_string),
-        _ => None,
-    }
 }
 
 /// Load just the config of a model folder, hub id or GGUF file (its metadata, as

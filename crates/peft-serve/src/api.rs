@@ -105,7 +105,14 @@ pub struct CompletionRequest {
     /// Completions per prompt: only 1 is supported.
     #[serde(default)]
     pub n: Option<usize>,
+    /// Token ids that end the generation as the end-of-sequence token does, left out of the
+    /// text (vLLM's extension).
+    #[serde(default)]
+    pub stop_token_ids: Option<Vec<i64>>,
 }
+
+/// Stop token ids a request may give.
+pub const MAX_STOP_TOKEN_IDS: usize = 64;
 
 /// Stop strings a request may give (OpenAI's limit).
 pub const MAX_STOP_STRINGS: usize = 4;
@@ -137,6 +144,8 @@ pub struct Sampling {
     pub seed: u64,
     /// Stop strings.
     pub stop: Vec<String>,
+    /// Tokens that end the generation besides the model's end-of-sequence ids.
+    pub stop_token_ids: Vec<i64>,
 }
 
 impl CompletionRequest {
@@ -201,6 +210,16 @@ impl CompletionRequest {
                 ),
             ));
         }
+        let stop_token_ids = self.stop_token_ids.clone().unwrap_or_default();
+        if stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+            return Err(ApiError::bad_field(
+                "stop_token_ids",
+                format!(
+                    "stop_token_ids holds {} ids; at most {MAX_STOP_TOKEN_IDS} are taken",
+                    stop_token_ids.len()
+                ),
+            ));
+        }
         Ok(Sampling {
             max_tokens: self.max_tokens,
             temperature: self.temperature,
@@ -208,6 +227,7 @@ impl CompletionRequest {
             top_k,
             seed: self.seed.unwrap_or_else(rand::random),
             stop,
+            stop_token_ids,
         })
     }
 }
@@ -264,7 +284,8 @@ pub struct InputRequest {
     pub model: String,
     /// What to embed or classify.
     pub input: Input,
-    /// `float` only (OpenAI's `encoding_format`).
+    /// `float` (default) or `base64` (OpenAI's `encoding_format`; the OpenAI SDK asks for
+    /// `base64` unless told otherwise).
     #[serde(default)]
     pub encoding_format: Option<String>,
 }
@@ -277,7 +298,30 @@ pub struct Embedding {
     /// Its position in the input.
     pub index: usize,
     /// Mean-pooled, L2-normalised.
-    pub embedding: Vec<f32>,
+    pub embedding: EmbeddingVector,
+}
+
+/// An embedding as `encoding_format` asks: numbers, or base64 of little-endian f32 bytes (as
+/// OpenAI returns it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EmbeddingVector {
+    /// `float`.
+    Float(Vec<f32>),
+    /// `base64`.
+    Base64(String),
+}
+
+impl EmbeddingVector {
+    /// `values` in the format `encoding_format` names (`None`: `float`).
+    pub fn encode(values: Vec<f32>, base64: bool) -> Self {
+        if !base64 {
+            return Self::Float(values);
+        }
+        use base64::Engine as _;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Self::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
 }
 
 /// The `/v1/embeddings` answer.

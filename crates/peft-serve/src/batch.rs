@@ -42,7 +42,7 @@ impl Sequence {
             top_k: s.top_k,
             top_p: s.top_p,
             seed: s.seed,
-            eos_token_ids: eos.to_vec(),
+            eos_token_ids: eos.iter().chain(&s.stop_token_ids).copied().collect(),
             ..Default::default()
         };
         Self {

@@ -15,11 +15,14 @@ use futures_util::stream::{self, Stream, StreamExt};
 use peft_core::nn::BASE_ROW;
 use tokio::sync::mpsc;
 
+use serde_json::{Value, json};
+
 use crate::api::{
-    self, CompletionChoice, CompletionRequest, CompletionResponse, Input, Usage, unix_now,
+    self, CompletionChoice, CompletionRequest, CompletionResponse, Input, Sampling, Usage, unix_now,
 };
 use crate::error::ApiError;
 use crate::job::{Command, FinishReason, GenEvent, GenJob};
+use crate::registry::AdapterInfo;
 use crate::state::{AppState, ModelKind};
 use crate::text::TextStream;
 
@@ -44,39 +47,99 @@ pub async fn completions(
     let prompt = std::mem::replace(&mut request.prompt, Input::Tokens(Vec::new()));
     let mut prompts = state.encode(prompt, "prompt", 1).await?;
     let prompt = prompts.remove(0).ids;
-    if !sampling.stop.is_empty() && state.tokenizer.is_none() {
-        return Err(ApiError::bad_field(
-            "stop",
-            "stop strings need the model's tokenizer.json, which this model lacks",
-        ));
-    }
     let prefix = adapter.as_ref().map_or(0, |a| a.prefix_len);
     state.check_length("prompt", prompt.len(), prefix, sampling.max_tokens)?;
-    let (events, rx) = mpsc::unbounded_channel();
-    let deadline = state.deadline();
-    let prompt_tokens = prompt.len();
-    state.scheduler.submit(Command::Generate(GenJob {
-        adapter: adapter
-            .as_ref()
-            .map_or(BASE_ROW.to_string(), |a| a.name.clone()),
+    let job = Generation {
+        adapter,
         prompt,
-        sampling: sampling.clone(),
-        events,
-        deadline,
-    }))?;
-    let reply = Reply {
-        state: state.clone(),
-        id: state.next_id("cmpl"),
+        sampling,
         model: request.model,
-        created: unix_now(),
-        prompt_tokens,
-        stop: sampling.stop,
-        deadline,
+        stream: request.stream,
+        shape: Shape::Text,
     };
-    if request.stream {
-        Ok(Sse::new(reply.stream(rx)).into_response())
-    } else {
-        Ok(axum::Json(reply.collect(rx).await?).into_response())
+    job.start(&state).await
+}
+
+/// How answers are shaped: `/v1/completions`' text choices or `/v1/chat/completions`'
+/// assistant messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// `text_completion`.
+    Text,
+    /// `chat.completion`; `include_usage` is `stream_options.include_usage` (a last chunk
+    /// with the token counts and no choices).
+    Chat {
+        /// Send the usage chunk at the end of a stream.
+        include_usage: bool,
+    },
+}
+
+/// A checked, tokenized generation request, ready for the scheduler.
+pub struct Generation {
+    /// The adapter (`None`: the base model).
+    pub adapter: Option<AdapterInfo>,
+    /// The prompt's token ids.
+    pub prompt: Vec<i64>,
+    /// How to pick tokens.
+    pub sampling: Sampling,
+    /// The request's `model`, echoed back.
+    pub model: String,
+    /// Answer as server-sent events.
+    pub stream: bool,
+    /// The answer's shape.
+    pub shape: Shape,
+}
+
+impl Generation {
+    /// Submit to the scheduler and answer: one JSON body, or a stream.
+    pub async fn start(self, state: &Arc<AppState>) -> Result<Response, ApiError> {
+        if !self.sampling.stop.is_empty() && state.tokenizer.is_none() {
+            return Err(ApiError::bad_field(
+                "stop",
+                "stop strings need the model's tokenizer.json, which this model lacks",
+            ));
+        }
+        let (events, rx) = mpsc::unbounded_channel();
+        let deadline = state.deadline();
+        let prompt_tokens = self.prompt.len();
+        let end_ids = state
+            .info
+            .eos_token_ids
+            .iter()
+            .chain(&self.sampling.stop_token_ids)
+            .copied()
+            .collect();
+        let stop = self.sampling.stop.clone();
+        state.scheduler.submit(Command::Generate(GenJob {
+            adapter: self
+                .adapter
+                .as_ref()
+                .map_or(BASE_ROW.to_string(), |a| a.name.clone()),
+            prompt: self.prompt,
+            sampling: self.sampling,
+            events,
+            deadline,
+        }))?;
+        let prefix = match self.shape {
+            Shape::Text => "cmpl",
+            Shape::Chat { .. } => "chatcmpl",
+        };
+        let reply = Reply {
+            state: state.clone(),
+            id: state.next_id(prefix),
+            model: self.model,
+            created: unix_now(),
+            prompt_tokens,
+            stop,
+            end_ids,
+            deadline,
+            shape: self.shape,
+        };
+        if self.stream {
+            Ok(Sse::new(reply.stream(rx)).into_response())
+        } else {
+            Ok(axum::Json(reply.collect(rx).await?).into_response())
+        }
     }
 }
 
@@ -88,7 +151,9 @@ struct Reply {
     created: u64,
     prompt_tokens: usize,
     stop: Vec<String>,
+    end_ids: Vec<i64>,
     deadline: Instant,
+    shape: Shape,
 }
 
 /// The next event, or 408 past the deadline; a scheduler gone is 503.
@@ -106,26 +171,110 @@ async fn next_event(
 }
 
 impl Reply {
-    fn response(
+    /// The whole answer, or (`chunk`) one stream chunk with the text `text` adds.
+    fn body(
         &self,
         text: String,
         ids: Vec<i64>,
         finish: Option<FinishReason>,
         usage: Option<Usage>,
-    ) -> CompletionResponse {
-        CompletionResponse {
-            id: self.id.clone(),
-            object: "text_completion".into(),
-            created: self.created,
-            model: self.model.clone(),
-            choices: vec![CompletionChoice {
-                index: 0,
+        chunk: bool,
+    ) -> Value {
+        let finish_reason = finish.map(|f| f.as_str());
+        match self.shape {
+            Shape::Text => json!(CompletionResponse {
+                id: self.id.clone(),
+                object: "text_completion".into(),
+                created: self.created,
+                model: self.model.clone(),
+                choices: vec![CompletionChoice {
+                    index: 0,
+                    text,
+                    token_ids: ids,
+                    logprobs: None,
+                    finish_reason: finish_reason.map(str::to_string),
+                }],
+                usage,
+            }),
+            Shape::Chat { .. } if chunk => {
+                let delta = if text.is_empty() && finish.is_some() {
+                    json!({})
+                } else {
+                    json!({"content": text})
+                };
+                self.chat_chunk(json!([{
+                    "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason,
+                }]))
+            }
+            Shape::Chat { .. } => json!({
+                "id": self.id, "object": "chat.completion", "created": self.created,
+                "model": self.model,
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": null,
+                    "finish_reason": finish_reason,
+                }],
+                "usage": usage,
+            }),
+        }
+    }
+
+    fn chat_chunk(&self, choices: Value) -> Value {
+        json!({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.model, "choices": choices,
+        })
+    }
+
+    /// The events that open a stream: a chat stream's first chunk names the role.
+    fn opening(&self) -> Vec<Event> {
+        match self.shape {
+            Shape::Text => Vec::new(),
+            Shape::Chat { .. } => vec![event(&self.chat_chunk(json!([{
+                "index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null,
+                "finish_reason": null,
+            }])))],
+        }
+    }
+
+    /// The events that end a stream: the last text with the finish reason and, for a chat
+    /// stream with `include_usage`, a chunk with the usage and no choices.
+    fn closing(
+        &self,
+        text: String,
+        ids: Vec<i64>,
+        finish: FinishReason,
+        generated: usize,
+    ) -> Vec<Event> {
+        let usage = self.usage(generated);
+        match self.shape {
+            Shape::Text => vec![event(&self.body(
                 text,
-                token_ids: ids,
-                logprobs: None,
-                finish_reason: finish.map(|f| f.as_str().to_string()),
-            }],
-            usage,
+                ids,
+                Some(finish),
+                Some(usage),
+                true,
+            ))],
+            Shape::Chat { include_usage } => {
+                let mut events = Vec::new();
+                if !text.is_empty() {
+                    events.push(event(&self.body(text, Vec::new(), None, None, true)));
+                }
+                events.push(event(&self.body(
+                    String::new(),
+                    ids,
+                    Some(finish),
+                    None,
+                    true,
+                )));
+                if include_usage {
+                    let mut last = self.chat_chunk(json!([]));
+                    last["usage"] = json!(usage);
+                    events.push(event(&last));
+                }
+                events
+            }
         }
     }
 
@@ -137,13 +286,18 @@ impl Reply {
         }
     }
 
+    fn text_stream(&self) -> TextStream {
+        TextStream::new(
+            self.state.tokenizer.clone(),
+            self.stop.clone(),
+            self.end_ids.clone(),
+        )
+    }
+
     /// Wait for the whole completion. Returning drops `rx`, which frees the sequence's slot
     /// (a stop string reached, a timeout, or the client gone).
-    async fn collect(
-        self,
-        mut rx: mpsc::UnboundedReceiver<GenEvent>,
-    ) -> Result<CompletionResponse, ApiError> {
-        let mut text_stream = TextStream::new(self.state.tokenizer.clone(), self.stop.clone());
+    async fn collect(self, mut rx: mpsc::UnboundedReceiver<GenEvent>) -> Result<Value, ApiError> {
+        let mut text_stream = self.text_stream();
         let mut text = String::new();
         let mut ids = Vec::new();
         let finish = loop {
@@ -164,7 +318,7 @@ impl Reply {
             }
         };
         let usage = self.usage(ids.len());
-        Ok(self.response(text, ids, Some(finish), Some(usage)))
+        Ok(self.body(text, ids, Some(finish), Some(usage), false))
     }
 
     /// The completion as server-sent events; an error after the head is sent as an
@@ -176,68 +330,62 @@ impl Reply {
         struct Progress {
             reply: Reply,
             rx: mpsc::UnboundedReceiver<GenEvent>,
-            ids: Vec<i64>,
+            generated: usize,
             text: TextStream,
             done: bool,
         }
-        let text = TextStream::new(self.state.tokenizer.clone(), self.stop.clone());
+        let opening = self.opening();
+        let text = self.text_stream();
         let progress = Progress {
             reply: self,
             rx,
-            ids: Vec::new(),
+            generated: 0,
             text,
             done: false,
         };
-        stream::unfold(progress, |mut p| async move {
+        let body = stream::unfold(progress, |mut p| async move {
             if p.done {
                 return None;
             }
-            let event = match next_event(&mut p.rx, &p.reply).await {
+            let events = match next_event(&mut p.rx, &p.reply).await {
                 Ok(GenEvent::Token(t)) => {
-                    p.ids.push(t);
+                    p.generated += 1;
                     match p.text.push(t) {
                         Ok(delta) if !delta.stopped => {
-                            chunk(&p.reply.response(delta.text, vec![t], None, None))
+                            vec![event(&p.reply.body(delta.text, vec![t], None, None, true))]
                         }
                         Ok(delta) => {
-                            let usage = p.reply.usage(p.ids.len());
-                            let last = p.reply.response(
-                                delta.text,
-                                vec![t],
-                                Some(FinishReason::Stop),
-                                Some(usage),
-                            );
                             p.done = true;
-                            return Some((Ok(chunk(&last)), p));
+                            p.reply
+                                .closing(delta.text, vec![t], FinishReason::Stop, p.generated)
                         }
                         Err(e) => {
                             p.done = true;
-                            return Some((Ok(error_event(&e)), p));
+                            vec![error_event(&e)]
                         }
                     }
                 }
                 Ok(GenEvent::Finished(reason)) => {
                     let rest = p.text.finish().unwrap_or_default();
-                    let usage = p.reply.usage(p.ids.len());
-                    let last = p
-                        .reply
-                        .response(rest, Vec::new(), Some(reason), Some(usage));
                     p.done = true;
-                    return Some((Ok(chunk(&last)), p));
+                    p.reply.closing(rest, Vec::new(), reason, p.generated)
                 }
                 Ok(GenEvent::Failed(e)) | Err(e) => {
                     p.done = true;
-                    return Some((Ok(error_event(&e)), p));
+                    vec![error_event(&e)]
                 }
             };
-            Some((Ok(event), p))
-        })
-        .chain(stream::once(async { Ok(Event::default().data("[DONE]")) }))
+            Some((events, p))
+        });
+        stream::iter(opening)
+            .chain(body.flat_map(stream::iter))
+            .map(Ok)
+            .chain(stream::once(async { Ok(Event::default().data("[DONE]")) }))
     }
 }
 
-fn chunk(response: &CompletionResponse) -> Event {
-    Event::default().data(serde_json::to_string(response).unwrap_or_default())
+fn event(body: &Value) -> Event {
+    Event::default().data(body.to_string())
 }
 
 fn error_event(error: &ApiError) -> Event {

@@ -45,6 +45,16 @@ impl ApiError {
         }
     }
 
+    /// The same error about field `to` where it said `from` (a request field known by two
+    /// names, as `max_tokens` / `max_completion_tokens`).
+    pub fn renamed(mut self, from: &str, to: &str) -> Self {
+        if from != to && self.param.as_deref() == Some(from) {
+            self.param = Some(to.to_string());
+            self.message = self.message.replace(from, to);
+        }
+        self
+    }
+
     /// 401: a missing or wrong API key.
     pub fn unauthorized() -> Self {
         Self::new(

@@ -13,8 +13,8 @@ use peft_core::nn::BASE_ROW;
 use tokio::sync::oneshot;
 
 use crate::api::{
-    self, Classification, ClassifyResponse, Embedding, EmbeddingResponse, Input, InputRequest,
-    Usage, unix_now,
+    self, Classification, ClassifyResponse, Embedding, EmbeddingResponse, EmbeddingVector, Input,
+    InputRequest, Usage, unix_now,
 };
 use crate::error::ApiError;
 use crate::job::{Command, OneShotJob, OneShotKind};
@@ -34,11 +34,15 @@ async fn run(
         OneShotKind::Classify => (ModelKind::Classifier, "/v1/classify"),
     };
     if let Some(format) = &request.encoding_format
-        && format != "float"
+        && !(format == "float" || format == "base64" && kind == OneShotKind::Embed)
     {
+        let allowed = match kind {
+            OneShotKind::Embed => "`float` or `base64`",
+            OneShotKind::Classify => "`float`",
+        };
         return Err(ApiError::bad_field(
             "encoding_format",
-            format!("only `float` is supported, found `{format}`"),
+            format!("encoding_format must be {allowed}, found `{format}`"),
         ));
     }
     state.require(model_kind, endpoint)?;
@@ -89,13 +93,14 @@ pub async fn embeddings(
     body: Body,
 ) -> Result<Response, ApiError> {
     let (request, vectors, tokens) = run(&state, &headers, body, OneShotKind::Embed).await?;
+    let base64 = request.encoding_format.as_deref() == Some("base64");
     let data = vectors
         .into_iter()
         .enumerate()
         .map(|(index, embedding)| Embedding {
             object: "embedding".into(),
             index,
-            embedding,
+            embedding: EmbeddingVector::encode(embedding, base64),
         })
         .collect();
     Ok(axum::Json(EmbeddingResponse {

@@ -26,6 +26,7 @@
 mod adapters;
 pub mod api;
 mod batch;
+mod chat;
 pub mod client;
 mod completions;
 pub mod error;
@@ -179,6 +180,21 @@ impl Server {
             )));
         }
         let pretrained = from_pretrained(&config.model, config.task, device)?;
+        // A template that does not compile leaves the server up for everything but chat,
+        // which then says why.
+        let chat = match pretrained.chat() {
+            Ok(Some(template)) => Ok(Arc::new(template)),
+            Ok(None) => Err(format!(
+                "the model `{}` has no chat template (no chat_template.jinja, no chat_template \
+                 in tokenizer_config.json or the GGUF metadata): use /v1/completions",
+                state::shown_model_name(&config.model)
+            )),
+            Err(e) => {
+                log::warn!("chat is off: {e}");
+                Err(format!("chat is off: {e}"))
+            }
+        };
+        let special_tokens = pretrained.special_tokens.clone();
         let info = ModelInfo {
             source: config.model.clone(),
             name: state::shown_model_name(&config.model),
@@ -193,6 +209,7 @@ impl Server {
                     .map(|n| (n, "max_position_embeddings"))
             }),
             vocab_size: pretrained.model.vocab_size(),
+            eos_token_ids: eos_ids(&pretrained.config.raw),
             labels: labels(&pretrained.config.raw),
             created: api::unix_now(),
         };
@@ -250,21 +267,24 @@ impl Server {
             max_adapters: config.max_adapters,
         };
         let (scheduler, _thread) = scheduler::spawn(engine, registry.clone(), limits)?;
-        let state = Arc::new(AppState::new(
-            scheduler.clone(),
-            registry,
-            metrics,
-            pretrained.tokenizer.map(Arc::new),
-            info,
-            config.api_key.clone().map(String::into_bytes),
-            RequestLimits {
-                timeout: config.request_timeout,
-                body_limit: config.max_body_bytes,
-                body_timeout: config.body_timeout,
-                max_inputs: config.max_inputs,
-                max_adapters: config.max_adapters,
-            },
-        ));
+        let state = Arc::new(
+            AppState::new(
+                scheduler.clone(),
+                registry,
+                metrics,
+                pretrained.tokenizer.map(Arc::new),
+                info,
+                config.api_key.clone().map(String::into_bytes),
+                RequestLimits {
+                    timeout: config.request_timeout,
+                    body_limit: config.max_body_bytes,
+                    body_timeout: config.body_timeout,
+                    max_inputs: config.max_inputs,
+                    max_adapters: config.max_adapters,
+                },
+            )
+            .with_chat(chat, special_tokens),
+        );
         let connections = ConnectionLimits {
             header_timeout: config.header_timeout.min(state::MAX_TIMEOUT),
             max_connections: config.max_connections,

@@ -26,6 +26,7 @@ use crate::state::AppState;
 pub fn router(state: Arc<AppState>) -> Router {
     let protected = Router::new()
         .route("/v1/completions", post(crate::completions::completions))
+        .route("/v1/chat/completions", post(crate::chat::chat_completions))
         .route("/v1/embeddings", post(crate::inputs::embeddings))
         .route("/v1/classify", post(crate::inputs::classify))
         .route("/v1/models", get(models))
@@ -45,6 +46,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 fn endpoint(path: &str) -> &'static str {
     match path {
         "/v1/completions" => "completions",
+        "/v1/chat/completions" => "chat_completions",
         "/v1/embeddings" => "embeddings",
         "/v1/classify" => "classify",
         "/v1/models" => "models",

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{HeaderMap, header};
+use peft_models::chat::ChatTemplate;
 use peft_models::{Encoding, HfTokenizer};
 
 use crate::api::{Input, InputItem};
@@ -49,6 +50,9 @@ pub struct ModelInfo {
     pub context_limit: Option<(usize, &'static str)>,
     /// Ids a prompt may hold.
     pub vocab_size: usize,
+    /// The end-of-sequence ids (`eos_token_id` of config.json): they end a generation and
+    /// never show in its text.
+    pub eos_token_ids: Vec<i64>,
     /// Label names of a classifier.
     pub labels: Vec<String>,
     /// Unix seconds when the server started.
@@ -65,6 +69,11 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The model's tokenizer, if its folder has one.
     pub tokenizer: Option<Arc<HfTokenizer>>,
+    /// The model's chat template, or why chat is not available (none, or it does not
+    /// compile).
+    pub chat: Result<Arc<ChatTemplate>, String>,
+    /// The tokenizer's special tokens, for adapters' own chat templates.
+    pub special_tokens: Vec<(String, String)>,
     /// Facts about the model.
     pub info: ModelInfo,
     /// The API key, when one is required.
@@ -137,6 +146,8 @@ impl AppState {
             registry,
             metrics,
             tokenizer,
+            chat: Err("the model has no chat template: use /v1/completions".into()),
+            special_tokens: Vec::new(),
             info,
             api_key,
             timeout: limits.timeout.min(MAX_TIMEOUT),
@@ -145,6 +156,18 @@ impl AppState {
             max_inputs: limits.max_inputs,
             max_adapters: limits.max_adapters,
         }
+    }
+
+    /// The model's chat template and special tokens (`template`: the compiled template, or
+    /// why there is none).
+    pub fn with_chat(
+        mut self,
+        template: Result<Arc<ChatTemplate>, String>,
+        special_tokens: Vec<(String, String)>,
+    ) -> Self {
+        self.chat = template;
+        self.special_tokens = special_tokens;
+        self
     }
 
     /// A fresh response id, `prefix-<32 hex digits>`: unique, also across restarts (a counter

@@ -16,6 +16,9 @@ use crate::error::ApiError;
 pub struct TextStream {
     tokenizer: Option<Arc<HfTokenizer>>,
     stop: Vec<String>,
+    /// Tokens that end a generation (end of sequence, stop token ids): never text, even where
+    /// the tokenizer does not mark them special (`</s>` would otherwise show as its literal).
+    end_ids: Vec<i64>,
     ids: Vec<i64>,
     /// Start of the decode window: the token before the ones not yet turned into text, so a
     /// tokenizer that treats the first token of a sequence apart (a leading space dropped)
@@ -46,12 +49,13 @@ pub struct Delta {
 const MAX_PENDING_TOKENS: usize = 8;
 
 impl TextStream {
-    /// A stream decoding with `tokenizer` (without one, text stays empty) and stopping before
-    /// any of `stop`.
-    pub fn new(tokenizer: Option<Arc<HfTokenizer>>, stop: Vec<String>) -> Self {
+    /// A stream decoding with `tokenizer` (without one, text stays empty), stopping before
+    /// any of `stop`, and leaving the tokens `end_ids` out of the text.
+    pub fn new(tokenizer: Option<Arc<HfTokenizer>>, stop: Vec<String>, end_ids: Vec<i64>) -> Self {
         Self {
             tokenizer,
             stop,
+            end_ids,
             ids: Vec::new(),
             prefix_offset: 0,
             read_offset: 0,
@@ -131,6 +135,9 @@ impl TextStream {
                 ..Delta::default()
             });
         }
+        if self.end_ids.contains(&token) {
+            return Ok(Delta::default());
+        }
         self.ids.push(token);
         self.advance_text(false)?;
         if let Some(at) = self.find_stop() {
@@ -201,7 +208,7 @@ mod tests {
     fn decoding_work_grows_linearly_with_the_tokens() {
         let n = 600;
         let ids: Vec<i64> = (0..n).map(|i| 1 + (i * 7) % 120).collect();
-        let mut stream = TextStream::new(Some(words()), vec!["t999".into()]);
+        let mut stream = TextStream::new(Some(words()), vec!["t999".into()], Vec::new());
         let mut text = String::new();
         for &id in &ids {
             let delta = stream.push(id).unwrap();
@@ -233,7 +240,7 @@ mod tests {
         });
         std::fs::write(dir.path().join("tokenizer.json"), tokenizer.to_string()).unwrap();
         let tokenizer = Arc::new(HfTokenizer::from_dir(dir.path()).unwrap());
-        let mut stream = TextStream::new(Some(tokenizer), Vec::new());
+        let mut stream = TextStream::new(Some(tokenizer), Vec::new(), Vec::new());
         let n = 2000;
         for _ in 0..n {
             assert_eq!(stream.push(1).unwrap().text, "");
@@ -249,7 +256,7 @@ mod tests {
     /// A stop string is found across token boundaries, and nothing after it is released.
     #[test]
     fn stop_strings_span_tokens() {
-        let mut stream = TextStream::new(Some(words()), vec!["t3 t4".into()]);
+        let mut stream = TextStream::new(Some(words()), vec!["t3 t4".into()], Vec::new());
         let mut text = String::new();
         for id in [1, 2, 3, 4, 5] {
             let delta = stream.push(id).unwrap();
@@ -261,11 +268,24 @@ mod tests {
         assert_eq!(text, "t1 t2 ");
     }
 
+    /// An end-of-sequence token is never text, even where the tokenizer would decode it to
+    /// its literal.
+    #[test]
+    fn end_tokens_are_not_text() {
+        let mut stream = TextStream::new(Some(words()), Vec::new(), vec![9]);
+        let mut text = String::new();
+        for id in [1, 2, 9] {
+            text.push_str(&stream.push(id).unwrap().text);
+        }
+        text.push_str(&stream.finish().unwrap());
+        assert_eq!(text, "t1 t2");
+    }
+
     #[test]
     fn holds_back_possible_stop_strings() {
-        let stream = TextStream::new(None, Vec::new());
+        let stream = TextStream::new(None, Vec::new(), Vec::new());
         assert_eq!(stream.held_back("abc\u{FFFD}"), 3);
-        let stream = TextStream::new(None, vec!["END".to_string()]);
+        let stream = TextStream::new(None, vec!["END".to_string()], Vec::new());
         assert_eq!(stream.held_back("xxE"), 1);
         assert_eq!(stream.held_back("xxEN"), 2);
         assert_eq!(stream.held_back("xxEND"), 0);

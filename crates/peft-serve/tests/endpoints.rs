@@ -239,6 +239,41 @@ async fn embeddings_and_classification_equal_a_direct_forward() {
             assert!(diff < 1e-5, "embedding {i}: {diff}");
         }
         assert_eq!(reply.json()["usage"]["prompt_tokens"], 8);
+        // `encoding_format: base64` (the OpenAI SDK's default): the same numbers as
+        // little-endian f32 bytes.
+        let request = json!({"model": "lora", "input": inputs, "encoding_format": "base64"});
+        let packed = server
+            .client
+            .post("/v1/embeddings", &request)
+            .await
+            .unwrap();
+        assert_eq!(packed.status, 200, "{}", packed.text());
+        for i in 0..inputs.len() {
+            let text = packed.json()["data"][i]["embedding"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let bytes = base64_decode(&text);
+            let unpacked: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let floats: Vec<f32> = reply.json()["data"][i]["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
+            assert_eq!(unpacked, floats, "embedding {i}");
+        }
+        let request = json!({"model": "lora", "input": inputs, "encoding_format": "int8"});
+        let bad = server
+            .client
+            .post("/v1/embeddings", &request)
+            .await
+            .unwrap();
+        assert_eq!(bad.status, 400);
+        assert_eq!(bad.json()["error"]["param"], "encoding_format");
         // A completion on an encoder is a 400 that says where to go.
         let wrong = server
             .client
@@ -311,4 +346,25 @@ fn peft_serve_softmax(logits: &[f32]) -> Vec<f32> {
     let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
     let total: f32 = exp.iter().sum();
     exp.iter().map(|e| e / total).collect()
+}
+
+/// Standard base64 (RFC 4648, padded), decoded without a dependency.
+fn base64_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let mut out = Vec::new();
+    for chunk in text.trim_end_matches('=').as_bytes().chunks(4) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &c)| n | (u32::from(value(c)) << (18 - 6 * i)));
+        out.extend_from_slice(&n.to_be_bytes()[1..chunk.len()]);
+    }
+    out
 }

@@ -28,8 +28,8 @@ pub struct ChatEncoding {
 /// prompt to the end of the conversation up to and including `i`, so the end-of-turn tokens
 /// are learned and the role header is not. A template whose earlier renders are not a prefix
 /// of later ones (one that rewrites history) is an error that asks for generation blocks.
-/// A token is the assistant's from the one holding the span's first byte to the one holding
-/// its last (`char_to_token` in transformers' `apply_chat_template`).
+/// A token is the assistant's when its text overlaps the assistant's (transformers'
+/// `return_assistant_tokens_mask`: a token that straddles the start counts).
 ///
 /// With `max_len`, a longer conversation is shortened keeping the template's structure: the
 /// longest system / user message loses text from its end (and again, while it is too long),
@@ -74,14 +74,9 @@ fn encode_once(
     let (text, spans) = assistant_spans(template, messages, options)?;
     let (ids, offsets) = tokenizer.encode_plain(&text)?;
     let mut assistant_mask = vec![false; ids.len()];
-    let token_at = |byte: usize| offsets.iter().position(|&(s, e)| s <= byte && byte < e);
     for span in spans.iter().filter(|s| !s.is_empty()) {
-        let Some(first) = token_at(span.start) else {
-            continue;
-        };
-        let last = token_at(span.end - 1).unwrap_or(ids.len().saturating_sub(1));
-        for m in &mut assistant_mask[first..=last.max(first)] {
-            *m = true;
+        for (m, &(start, end)) in assistant_mask.iter_mut().zip(&offsets) {
+            *m |= end > span.start && start < span.end;
         }
     }
     Ok(ChatEncoding {

@@ -66,6 +66,39 @@ impl ChatMessage {
     }
 }
 
+/// Largest chat template file read (the published ones are under 20 KB).
+const MAX_TEMPLATE_BYTES: u64 = 1 << 20;
+
+/// The chat template of a model (or adapter) folder, as transformers finds it:
+/// `chat_template.jinja`, else `tokenizer_config.json`'s `chat_template` (a string, or the
+/// `default` of a list of named templates). With it, where it came from (`file: key`).
+pub fn template_of_folder(dir: &std::path::Path) -> Option<(String, String)> {
+    let read = |name: &str| {
+        let file = dir.join(name);
+        let len = std::fs::metadata(&file).ok()?.len();
+        (len <= MAX_TEMPLATE_BYTES).then(|| std::fs::read_to_string(&file).ok())?
+    };
+    if let Some(text) = read("chat_template.jinja") {
+        return Some((dir.join("chat_template.jinja").display().to_string(), text));
+    }
+    let config: Value = serde_json::from_str(&read("tokenizer_config.json")?).ok()?;
+    let source = match config.get("chat_template")? {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(list) => list
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .and_then(|t| t.get("template"))
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        _ => None,
+    }?;
+    let name = format!(
+        "{}: chat_template",
+        dir.join("tokenizer_config.json").display()
+    );
+    Some((name, source))
+}
+
 /// The special tokens a chat template sees (transformers' `special_tokens_map`), from a model
 /// folder's `tokenizer_config.json` (else `special_tokens_map.json`): each of `bos_token`,
 /// `eos_token`, `unk_token`, `sep_token`, `pad_token`, `cls_token`, `mask_token` that is set,

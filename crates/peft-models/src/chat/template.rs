@@ -192,6 +192,7 @@ impl ChatTemplate {
         variables.insert("tools".into(), Value::Null);
         variables.insert("documents".into(), Value::Null);
         variables.extend(options.variables.clone());
+        let messages: Vec<Value> = messages.iter().map(normalize).collect();
         template.render(context! {
             messages => messages,
             add_generation_prompt => options.add_generation_prompt,
@@ -226,13 +227,41 @@ impl ChatTemplate {
     }
 }
 
-/// A minijinja error as one line: the template's own message (`raise_exception`), else the
-/// error with its line.
+/// A message as transformers hands it to the template (`_normalize_chat_messages` in
+/// `chat_template_utils.py`): fields that are null are left out, and reasoning given as any of
+/// `reasoning_content`, `thinking` or `reasoning` is also under the first two names, since
+/// templates read one or the other.
+fn normalize(message: &ChatMessage) -> Value {
+    let mut map = Map::new();
+    map.insert("role".into(), Value::String(message.role.clone()));
+    if !message.content.is_null() {
+        map.insert("content".into(), message.content.clone());
+    }
+    for (k, v) in &message.extra {
+        if !v.is_null() {
+            map.insert(k.clone(), v.clone());
+        }
+    }
+    let reasoning = ["reasoning_content", "thinking", "reasoning"]
+        .iter()
+        .find_map(|k| map.get(*k).cloned());
+    if let Some(reasoning) = reasoning {
+        let mut aliased = Map::new();
+        aliased.insert("thinking".into(), reasoning.clone());
+        aliased.extend(map);
+        aliased.insert("reasoning_content".into(), reasoning);
+        map = aliased;
+    }
+    Value::Object(map)
+}
+
+/// A minijinja error as one line: the template's own message (`raise_exception`, exactly as
+/// transformers reports it), else the error with its template line.
 fn describe(e: &Error) -> String {
-    let mut text = match (e.kind(), e.detail()) {
-        (ErrorKind::InvalidOperation, Some(detail)) => detail.to_string(),
-        _ => e.to_string(),
-    };
+    if let (ErrorKind::InvalidOperation, Some(detail)) = (e.kind(), e.detail()) {
+        return detail.to_string();
+    }
+    let mut text = e.to_string();
     if let Some(line) = e.line()
         && !text.contains("line ")
     {
