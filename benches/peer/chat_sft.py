@@ -273,6 +273,7 @@ def main(argv=None) -> int:
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                  dtype=torch.float32)
     load_s = time.perf_counter() - t0
+    rss_load = peak_rss_mb()  # GGUF dequantization included
 
     enc = ChatEncoder(tok, args.max_length)
     train_rows = read_jsonl(Path(args.train), args.limit_train)
@@ -303,9 +304,10 @@ def main(argv=None) -> int:
     v = versions()
     log(f"chat peer: PyTorch {v['torch']} + transformers {v['transformers']} + PEFT {v['peft']}, "
         f"{args.threads} thread(s)")
-    log(f"model {gguf.name} (dequantized to f32, loaded in {load_s:.1f} s), LoRA r {args.r} "
-        f"alpha {args.lora_alpha:g} dropout {args.lora_dropout:g} on {','.join(targets)}: "
-        f"{trainable:,} trainable of {all_params:,} parameters")
+    log(f"model {gguf.name} (dequantized to f32, loaded in {load_s:.1f} s, peak RSS "
+        f"{rss_load:.0f} MB), LoRA r {args.r} alpha {args.lora_alpha:g} dropout "
+        f"{args.lora_dropout:g} on {','.join(targets)}: {trainable:,} trainable of "
+        f"{all_params:,} parameters")
     log(f"data: {n} train / {len(test_rows)} test conversations; train tokens min {min(lens)}, "
         f"median {statistics.median(lens):g}, max {max(lens)} (after truncation); "
         f"{enc.truncated} truncated to max_length {args.max_length}, {no_target} left with no "
@@ -410,6 +412,7 @@ def main(argv=None) -> int:
         "after": after,
         "load_seconds": round(load_s, 3),
         "peak_rss_mb": round(rss, 1),
+        "peak_rss_after_load_mb": round(rss_load, 1),
     }
     if args.predictions:
         p = Path(args.predictions)

@@ -129,6 +129,13 @@ pub struct DataSection {
     pub prompt_field: Option<String>,
     /// Field of the completion (causal LM).
     pub completion_field: Option<String>,
+    /// Field of a conversation (causal LM; default `messages`).
+    pub messages_field: Option<String>,
+    /// Conversations: loss on the assistant's tokens only (default true).
+    pub assistant_only_loss: Option<bool>,
+    /// A `messages` test set is also scored by generation (the base model's replies and the
+    /// trained adapter's, exact and contains match): tokens per reply at most (default 32).
+    pub max_new_tokens: Option<usize>,
     /// Most tokens per example.
     pub max_length: Option<usize>,
 }
@@ -144,6 +151,8 @@ impl DataSection {
             label_field: self.label_field.clone().unwrap_or(d.label_field),
             prompt_field: self.prompt_field.clone().unwrap_or(d.prompt_field),
             completion_field: self.completion_field.clone().unwrap_or(d.completion_field),
+            messages_field: self.messages_field.clone().unwrap_or(d.messages_field),
+            assistant_only_loss: self.assistant_only_loss.unwrap_or(d.assistant_only_loss),
             max_length: self.max_length.unwrap_or(d.max_length),
         }
     }
@@ -196,6 +205,12 @@ pub fn load(file: &Path) -> Result<LoadedRun, ConfigError> {
     config.data.eval.as_mut().map(resolve);
     config.data.test.as_mut().map(resolve);
     resolve(&mut config.output);
+    // `~/` is the user's home (the shipped chat demo names the fetched GGUF file so).
+    if let Some(rest) = config.model.name_or_path.strip_prefix("~/")
+        && let Some(home) = std::env::var_os("HOME")
+    {
+        config.model.name_or_path = Path::new(&home).join(rest).to_string_lossy().into_owned();
+    }
     // A local model folder or GGUF file given relative to the config; hub ids stay as they are.
     let local = base.join(&config.model.name_or_path);
     let is_local = local.join("config.json").is_file()

@@ -16,32 +16,38 @@ use crate::config::TaskName;
 pub struct EvalArgs {
     /// Base model: hub id or folder (for full fine-tuning: the saved `model/` folder).
     #[arg(long)]
-    model: String,
+    pub(crate) model: String,
     /// PEFT adapter folder (e.g. `<output>/best`), as `DIR` or `NAME=DIR`; repeat it to
     /// evaluate several adapters active together (LoRA + prefix tuning, ...).
     #[arg(long, value_parser = crate::adapters::parse_adapter)]
-    adapter: Vec<AdapterArg>,
-    /// JSONL or CSV file with `text` and `label` (classification) or `text` (causal LM).
+    pub(crate) adapter: Vec<AdapterArg>,
+    /// JSONL or CSV file with `text` and `label` (classification), or `text` / `prompt` +
+    /// `completion` (causal LM: loss), or `messages` conversations (causal LM: each ending
+    /// with the reference assistant turn; the model's replies are generated and scored by
+    /// exact and contains match).
     #[arg(long)]
-    data: PathBuf,
+    pub(crate) data: PathBuf,
     /// `classification` or `causal-lm`.
     #[arg(long, default_value = "classification", value_parser = parse_task)]
-    task: TaskName,
+    pub(crate) task: TaskName,
     /// Class names: a `label_map.json` (default: the adapter's, else the model folder's).
     #[arg(long)]
     labels: Option<PathBuf>,
     /// Most tokens per example.
     #[arg(long, default_value_t = 128)]
-    max_length: usize,
+    pub(crate) max_length: usize,
     /// Examples per batch.
     #[arg(long, default_value_t = 32)]
-    batch_size: usize,
+    pub(crate) batch_size: usize,
     #[command(flatten)]
-    run_on: crate::device::RunOn,
+    pub(crate) run_on: crate::device::RunOn,
     /// Write one JSON line per example: its line in the data file, gold and predicted label
     /// and the class probabilities (classification), or its loss and token count (causal LM).
     #[arg(long)]
-    predictions: Option<PathBuf>,
+    pub(crate) predictions: Option<PathBuf>,
+    /// Conversations (`messages` rows, causal LM): tokens per generated reply at most.
+    #[arg(long, default_value_t = 32)]
+    pub(crate) max_new_tokens: usize,
 }
 
 fn parse_task(s: &str) -> Result<TaskName, String> {
@@ -84,6 +90,9 @@ fn find_labels(args: &EvalArgs) -> Result<Option<LabelMap>> {
 /// Run the subcommand.
 pub fn run(args: EvalArgs) -> Result<()> {
     let device = crate::device::parse(&args.run_on.device)?;
+    if matches!(args.task, TaskName::CausalLm) && crate::eval_chat::is_conversational(&args.data) {
+        return crate::eval_chat::run(&args, &device);
+    }
     let tokenizer = load_tokenizer(&args.model).with_context(|| {
         format!(
             "model `{}` needs a tokenizer (tokenizer.json, or a GGUF file's)",
@@ -116,7 +125,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
             None,
         ),
     };
-    let (examples, _) = load_examples(&args.data, kind, &reader, &tokenizer, labels.as_ref())?;
+    let (examples, _) =
+        load_examples(&args.data, kind, &reader, &tokenizer, None, labels.as_ref())?;
     let pretrained = from_pretrained(&args.model, task, &device)
         .with_context(|| format!("loading model `{}`", args.model))?;
     let (mut model, _) =

@@ -19,8 +19,22 @@ pub struct GenerateArgs {
     #[arg(long, value_parser = crate::adapters::parse_adapter)]
     adapter: Vec<AdapterArg>,
     /// The text to continue; repeat it to continue several in one batch.
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "chat", conflicts_with = "chat")]
     prompt: Vec<String>,
+    /// Chat: answer a conversation rendered with the model's chat template (from
+    /// `--system` / `--user`, or `--messages`); prints the reply only.
+    #[arg(long)]
+    chat: bool,
+    /// The system message of a `--chat` conversation.
+    #[arg(long, requires = "chat", conflicts_with = "messages")]
+    system: Option<String>,
+    /// The user message of a `--chat` conversation.
+    #[arg(long, requires = "chat", conflicts_with = "messages", required_unless_present_any = ["messages", "prompt"])]
+    user: Option<String>,
+    /// A JSON file with the conversation of `--chat`: `[{"role": ..., "content": ...}, ...]`
+    /// (or an object with `messages`).
+    #[arg(long, requires = "chat")]
+    messages: Option<std::path::PathBuf>,
     /// One adapter name (or `__base__`) per `--prompt`, comma-separated: each prompt is
     /// continued with its own adapter in one batch.
     #[arg(long, value_parser = crate::adapters::parse_rows)]
@@ -61,15 +75,6 @@ fn probability(s: &str) -> Result<f32, String> {
     }
 }
 
-/// `eos_token_id` of config.json: a number or a list.
-fn eos_ids(raw: &serde_json::Value) -> Vec<i64> {
-    match raw.get("eos_token_id") {
-        Some(serde_json::Value::Number(n)) => n.as_i64().into_iter().collect(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_i64()).collect(),
-        _ => Vec::new(),
-    }
-}
-
 /// Run the subcommand.
 pub fn run(args: GenerateArgs) -> Result<()> {
     let device = crate::device::parse(&args.run_on.device)?;
@@ -79,7 +84,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .tokenizer
         .clone()
         .with_context(|| format!("model `{}` has no tokenizer.json", args.model))?;
-    let eos = eos_ids(&pretrained.config.raw);
+    let eos = peft_models::generate::eos_token_ids(&pretrained.config.raw);
+    let template = if args.chat { pretrained.chat()? } else { None };
     if let Some(RowNames(rows)) = &args.adapter_per_row
         && rows.len() != args.prompt.len()
     {
@@ -97,25 +103,83 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         &device,
     )?;
     crate::device::cast_base(&mut model, args.run_on.dtype, &device)?;
-    let prompts = args
-        .prompt
-        .iter()
-        .map(|p| Ok(tokenizer.encode(p, None, usize::MAX)?.ids))
-        .collect::<Result<Vec<_>>>()?;
+    let mut eos = eos;
+    let prompts = if args.chat {
+        let template = template.with_context(|| {
+            crate::UsageError(format!(
+                "model `{}` has no chat template (no chat_template.jinja, no chat_template in \
+                 tokenizer_config.json or the GGUF metadata): use --prompt",
+                args.model
+            ))
+        })?;
+        let messages = conversation(&args)?;
+        let options = peft_models::chat::RenderOptions {
+            add_generation_prompt: true,
+            ..Default::default()
+        };
+        let text = template
+            .render_with(&messages, &options)
+            .map_err(|e| crate::UsageError(e.to_string()))?
+            .text;
+        eos.extend(
+            template
+                .special_token("eos_token")
+                .and_then(|t| tokenizer.token_to_id(t))
+                .map(i64::from),
+        );
+        vec![tokenizer.encode_plain(&text)?.0]
+    } else {
+        args.prompt
+            .iter()
+            .map(|p| Ok(tokenizer.encode(p, None, usize::MAX)?.ids))
+            .collect::<Result<Vec<_>>>()?
+    };
     let config = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
         top_k: args.top_k,
         top_p: args.top_p,
         seed: args.seed,
-        eos_token_ids: eos,
+        eos_token_ids: eos.clone(),
         use_cache: true,
         pad_token_id: tokenizer.pad_id() as i64,
     };
     let rows = peft_models::generate_batch(model.model(), &prompts, &ctx, &config, &device)?;
     let mut out = std::io::stdout().lock();
-    for ids in rows {
-        writeln!(out, "{}", tokenizer.decode(&ids)?)?;
+    for (ids, prompt) in rows.iter().zip(&prompts) {
+        if args.chat {
+            // The reply only, without the end-of-turn token.
+            let reply: Vec<i64> = ids[prompt.len()..]
+                .iter()
+                .copied()
+                .take_while(|t| !eos.contains(t))
+                .collect();
+            writeln!(out, "{}", tokenizer.decode(&reply)?)?;
+        } else {
+            writeln!(out, "{}", tokenizer.decode(ids)?)?;
+        }
     }
     Ok(())
+}
+
+/// The conversation of `--chat`: `--messages FILE`, else `--system` and `--user`.
+fn conversation(args: &GenerateArgs) -> Result<Vec<peft_models::chat::ChatMessage>> {
+    use peft_models::chat::ChatMessage;
+    let Some(file) = &args.messages else {
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(ChatMessage::new("system", system.as_str()));
+        }
+        messages.push(ChatMessage::new(
+            "user",
+            args.user.clone().unwrap_or_default(),
+        ));
+        return Ok(messages);
+    };
+    let bad = |reason: String| crate::UsageError(format!("{}: {reason}", file.display()));
+    let text = std::fs::read_to_string(file).map_err(|e| bad(e.to_string()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    let list = value.get("messages").unwrap_or(&value);
+    Ok(peft_train::data::chat::parse_messages(list, false).map_err(bad)?)
 }

@@ -10,6 +10,7 @@ mod combine;
 mod config;
 mod device;
 mod eval;
+mod eval_chat;
 mod export;
 mod forward;
 mod generate;

@@ -6,7 +6,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use peft_core::PeftModel;
-use peft_models::{HfTokenizer, Task, from_pretrained, load_tokenizer, read_config};
+use peft_models::chat::ChatTemplate;
+use peft_models::{HfTokenizer, Task, from_pretrained, load_tokenizer_and_chat, read_config};
 use peft_train::data::{DataConfig, Example, LABEL_MAP_FILE, LabelMap, load_examples};
 use peft_train::{EvalReport, FullExport, Objective, TrainOptions, Trainer};
 use serde_json::json;
@@ -60,16 +61,24 @@ pub struct RunData {
 fn load_data(
     run: &config::RunConfig,
     tokenizer: &HfTokenizer,
+    chat: Option<&ChatTemplate>,
     fixed_labels: Option<&LabelMap>,
 ) -> Result<RunData> {
     let kind = run.model.task.kind();
     let reader = run.data.reader();
-    let (train, found) = load_examples(&run.data.train, kind, &reader, tokenizer, fixed_labels)?;
+    let (train, found) = load_examples(
+        &run.data.train,
+        kind,
+        &reader,
+        tokenizer,
+        chat,
+        fixed_labels,
+    )?;
     let labels = fixed_labels.cloned().or(found);
     let read = |file: &Option<PathBuf>| -> Result<Option<Vec<Example>>> {
         match file {
             Some(f) => Ok(Some(
-                load_examples(f, kind, &reader, tokenizer, labels.as_ref())?.0,
+                load_examples(f, kind, &reader, tokenizer, chat, labels.as_ref())?.0,
             )),
             None => Ok(None),
         }
@@ -142,7 +151,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
 
     let source = &run.model.name_or_path;
     // A model folder (its tokenizer.json) or a GGUF file (the tokenizer in its metadata).
-    let tokenizer = load_tokenizer(source).with_context(|| {
+    let (tokenizer, chat) = load_tokenizer_and_chat(source).with_context(|| {
         format!(
             "model `{source}` needs a tokenizer (tokenizer.json, or a GGUF file's tokenizer.ggml.*)"
         )
@@ -156,7 +165,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     {
         run.data.max_length = Some(DataConfig::default().max_length.min(limit));
     }
-    let data = load_data(&run, &tokenizer, None)?;
+    let data = load_data(&run, &tokenizer, chat.as_ref(), None)?;
     let (task, objective) = match run.model.task {
         TaskName::Classification => {
             let found = data.labels.as_ref().map_or(0, LabelMap::len);
@@ -333,6 +342,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
         test_report = Some(report);
     }
+    let test_generation = match (&run.data.test, &chat) {
+        (Some(test), Some(template)) if crate::eval_chat::is_conversational(test) => {
+            let tuned = reload(source, task, &chosen, &adapters, full, &device)?;
+            let eos = peft_models::generate::eos_token_ids(&pretrained.config.raw);
+            let scores = generation_scores(&run, test, tuned, template, &tokenizer, eos, &device)?;
+            Some(scores)
+        }
+        _ => None,
+    };
     let summary = json!({
         "config": args.config,
         "model": source,
@@ -347,12 +365,77 @@ pub fn run(args: TrainArgs) -> Result<()> {
         "best": result.best.map(|(value, step)| json!({"value": value, "step": step})),
         "eval": result.last_eval,
         "test": test_report,
+        "test_generation": test_generation,
         "result_dir": result_dir,
         "best_dir": has_best.then_some(best_dir),
     });
     peft_core::atomic::write_file(&summary_file, &serde_json::to_vec_pretty(&summary)?)?;
     println!("summary: {}", summary_file.display());
     Ok(())
+}
+
+/// A conversational test set scored by generation, before training (adapters off) and after:
+/// printed, its per-conversation replies written to `test_predictions.jsonl`.
+fn generation_scores(
+    run: &config::RunConfig,
+    test: &Path,
+    mut model: PeftModel<peft_models::HfModel>,
+    template: &ChatTemplate,
+    tokenizer: &HfTokenizer,
+    eos: Vec<i64>,
+    device: &burn::tensor::Device,
+) -> Result<serde_json::Value> {
+    use peft_train::chat_eval::{ChatEvalConfig, evaluate_chat, load_conversations};
+    crate::device::cast_base(&mut model, run.dtype, device)?;
+    let conversations = load_conversations(test, &run.data.reader().messages_field)?;
+    let config = ChatEvalConfig {
+        max_new_tokens: run.data.max_new_tokens.unwrap_or(32),
+        batch_size: run.train.eval_batch_size.unwrap_or(run.train.batch_size),
+        eos_token_ids: eos,
+        progress: run.train.progress,
+    };
+    let started = Instant::now();
+    model.disable_adapters()?;
+    let before = evaluate_chat(
+        model.model(),
+        template,
+        tokenizer,
+        &conversations,
+        &config,
+        device,
+    )?;
+    model.enable_adapters();
+    let after = evaluate_chat(
+        model.model(),
+        template,
+        tokenizer,
+        &conversations,
+        &config,
+        device,
+    )?;
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "held-out generation ({} conversations, {seconds:.1} s): base model {}; trained {}",
+        conversations.len(),
+        crate::eval_chat::describe(&before),
+        crate::eval_chat::describe(&after)
+    );
+    let predictions: String = after
+        .predictions
+        .iter()
+        .map(|p| serde_json::to_string(p).unwrap_or_default() + "\n")
+        .collect();
+    let file = run.output.join("test_predictions.jsonl");
+    peft_core::atomic::write_file(&file, predictions.as_bytes())?;
+    let scores = |r: &peft_train::chat_eval::ChatEvalReport| json!({"exact_match": r.exact_match, "contains_match": r.contains_match});
+    Ok(json!({
+        "conversations": conversations.len(),
+        "max_new_tokens": config.max_new_tokens,
+        "before": scores(&before),
+        "after": scores(&after),
+        "seconds": seconds,
+        "predictions": file,
+    }))
 }
 
 /// `LORA`, or `LORA + PREFIX_TUNING` for several adapters trained together.

@@ -325,3 +325,35 @@ pub fn load_tokenizer(source: &str) -> Result<HfTokenizer> {
     }
     HfTokenizer::from_dir(&model_dir(source)?)
 }
+
+/// The tokenizer of a model folder, hub id or GGUF file with its chat template (compiled with
+/// the tokenizer's special tokens; `None` when the model has none), without loading the
+/// weights.
+pub fn load_tokenizer_and_chat(
+    source: &str,
+) -> Result<(HfTokenizer, Option<crate::chat::ChatTemplate>)> {
+    if let Some(path) = gguf_file(source)? {
+        let file = crate::gguf::GgufFile::open(path)?;
+        let tokenizer = crate::gguf::tokenizer_from_gguf(&file)?;
+        let chat = match crate::gguf::chat_template(&file) {
+            Some(source) => Some(crate::chat::ChatTemplate::new(
+                format!("{}: tokenizer.chat_template", path.display()),
+                &source,
+                crate::gguf::special_tokens(&file)?,
+            )?),
+            None => None,
+        };
+        return Ok((tokenizer, chat));
+    }
+    let dir = model_dir(source)?;
+    let tokenizer = HfTokenizer::from_dir(&dir)?;
+    let chat = match crate::chat::template_of_folder(&dir) {
+        Some((name, source)) => Some(crate::chat::ChatTemplate::new(
+            name,
+            &source,
+            crate::chat::special_tokens_of_folder(&dir),
+        )?),
+        None => None,
+    };
+    Ok((tokenizer, chat))
+}

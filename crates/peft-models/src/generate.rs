@@ -48,6 +48,15 @@ impl Default for GenerationConfig {
     }
 }
 
+/// The end-of-sequence ids of a `config.json` (`eos_token_id`: a number or a list).
+pub fn eos_token_ids(config: &serde_json::Value) -> Vec<i64> {
+    match config.get("eos_token_id") {
+        Some(serde_json::Value::Number(n)) => n.as_i64().into_iter().collect(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_i64()).collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// Continue `prompt`; returns prompt + new tokens.
 ///
 /// A prompt with ids outside the vocabulary, or a prompt plus `max_new_tokens` beyond a

@@ -31,8 +31,8 @@ mod tokenizer;
 
 pub use arch::{ArchConfig, ArchModel, Architecture};
 pub use auto::{
-    ModelInputs, ModelOutputs, Pretrained, Task, from_pretrained, load_tokenizer, model_dir,
-    read_config,
+    ModelInputs, ModelOutputs, Pretrained, Task, from_pretrained, load_tokenizer,
+    load_tokenizer_and_chat, model_dir, read_config,
 };
 pub use cache::KvCache;
 pub use config::HfConfig;

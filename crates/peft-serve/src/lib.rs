@@ -156,15 +156,6 @@ fn labels(raw: &serde_json::Value) -> Vec<String> {
     pairs.into_iter().map(|(_, l)| l).collect()
 }
 
-/// `eos_token_id` of config.json: a number or a list.
-fn eos_ids(raw: &serde_json::Value) -> Vec<i64> {
-    match raw.get("eos_token_id") {
-        Some(serde_json::Value::Number(n)) => n.as_i64().into_iter().collect(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_i64()).collect(),
-        _ => Vec::new(),
-    }
-}
-
 impl Server {
     /// Load the model and the start adapters on `device` and start the scheduler thread.
     pub fn load(config: &ServeConfig, device: &Device) -> Result<Self, ServeError> {
@@ -209,7 +200,7 @@ impl Server {
                     .map(|n| (n, "max_position_embeddings"))
             }),
             vocab_size: pretrained.model.vocab_size(),
-            eos_token_ids: eos_ids(&pretrained.config.raw),
+            eos_token_ids: peft_models::generate::eos_token_ids(&pretrained.config.raw),
             labels: labels(&pretrained.config.raw),
             created: api::unix_now(),
         };
@@ -258,7 +249,7 @@ impl Server {
         let engine = Engine {
             model,
             device: device.clone(),
-            eos: eos_ids(&pretrained.config.raw),
+            eos: peft_models::generate::eos_token_ids(&pretrained.config.raw),
             metrics: metrics.clone(),
         };
         let limits = Limits {

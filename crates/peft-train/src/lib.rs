@@ -4,6 +4,7 @@
 
 #![warn(missing_docs)]
 
+pub mod chat_eval;
 pub mod checkpoint;
 mod config;
 pub mod data;

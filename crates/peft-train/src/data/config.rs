@@ -19,6 +19,12 @@ pub struct DataConfig {
     pub prompt_field: String,
     /// The field of the completion (causal LM). Default `"completion"`.
     pub completion_field: String,
+    /// The field of a conversation (causal LM): `[{"role", "content"}, ...]` rendered with the
+    /// model's chat template. Default `"messages"`.
+    pub messages_field: String,
+    /// For conversations: take the loss on the assistant's tokens only (TRL's
+    /// `assistant_only_loss`). Default true.
+    pub assistant_only_loss: bool,
     /// The most tokens of an example, special tokens included. Default 128.
     pub max_length: usize,
 }
@@ -32,6 +38,8 @@ impl Default for DataConfig {
             label_field: "label".into(),
             prompt_field: "prompt".into(),
             completion_field: "completion".into(),
+            messages_field: "messages".into(),
+            assistant_only_loss: true,
             max_length: 128,
         }
     }

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use peft_models::HfTokenizer;
+use peft_models::chat::ChatTemplate;
 
 use super::read::Row;
 use super::{DataConfig, DataError, IGNORE_INDEX, TaskKind};
@@ -72,6 +73,10 @@ pub(super) struct Builder<'a> {
     pub(super) task: TaskKind,
     pub(super) cfg: &'a DataConfig,
     pub(super) tok: &'a HfTokenizer,
+    /// The model's chat template, for `messages` rows.
+    pub(super) chat: Option<&'a ChatTemplate>,
+    /// Conversations shortened to fit `max_length`.
+    pub(super) shortened: usize,
     pub(super) specials: Option<Specials>,
     /// `(line, example, raw label)`.
     pub(super) rows: Vec<(usize, Example, Option<String>)>,
@@ -136,6 +141,18 @@ impl Builder<'_> {
                 };
                 self.rows.push((line, example, Some(label)));
             }
+            TaskKind::CausalLm if row.field(&cfg.messages_field).is_some() => {
+                let value = row.field(&cfg.messages_field).expect("checked");
+                let (ids, labels) = self.conversation(line, value)?;
+                let example = Example {
+                    token_type_ids: vec![0; ids.len()],
+                    input_ids: ids,
+                    label: None,
+                    labels: Some(labels),
+                    line,
+                };
+                self.rows.push((line, example, None));
+            }
             TaskKind::CausalLm => {
                 let prompt = row
                     .text(&cfg.prompt_field)
@@ -175,6 +192,38 @@ impl Builder<'_> {
             }
         }
         Ok(())
+    }
+
+    /// A `messages` row: checked, rendered with the chat template, the loss on the assistant's
+    /// tokens (unless `assistant_only_loss` is off).
+    fn conversation(
+        &mut self,
+        line: usize,
+        value: &serde_json::Value,
+    ) -> Result<(Vec<i64>, Vec<i64>), DataError> {
+        let field = &self.cfg.messages_field;
+        let messages = super::chat::parse_messages(value, true)
+            .map_err(|r| self.malformed(line, format!("field `{field}`: {r}")))?;
+        let template = self.chat.ok_or_else(|| {
+            self.malformed(
+                line,
+                format!(
+                    "a `{field}` row needs the model's chat template, and this model has none \
+                     (no chat_template.jinja, no chat_template in tokenizer_config.json or the \
+                     GGUF metadata): add one to the model folder, or use prompt / completion rows"
+                ),
+            )
+        })?;
+        let (ids, labels, shortened) = super::chat::encode_conversation(
+            template,
+            self.tok,
+            &messages,
+            self.cfg.max_length,
+            self.cfg.assistant_only_loss,
+        )
+        .map_err(|e| self.malformed(line, e.to_string()))?;
+        self.shortened += usize::from(shortened);
+        Ok((ids, labels))
     }
 
     /// `prefix prompt completion suffix`, the loss on `completion suffix`, truncated.

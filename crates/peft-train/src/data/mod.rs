@@ -5,8 +5,9 @@
 //!
 //! - [`TaskKind::Classification`]: `text`, an optional `text_pair` and a `label` (a JSON string
 //!   or non-negative integer; in CSV every cell is a string).
-//! - [`TaskKind::CausalLm`]: either `text` (loss on every token) or `prompt` + `completion`
-//!   (loss on the completion only).
+//! - [`TaskKind::CausalLm`]: `text` (loss on every token), `prompt` + `completion` (loss on
+//!   the completion only), or `messages`, a conversation in the OpenAI / TRL format rendered
+//!   with the model's chat template (loss on the assistant's turns only, [`chat`]).
 //!
 //! Errors name the file and the line (`train.jsonl:3: …`).
 //!
@@ -16,6 +17,7 @@
 
 use std::path::PathBuf;
 
+pub mod chat;
 mod collate;
 mod config;
 mod encode;

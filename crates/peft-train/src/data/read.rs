@@ -5,6 +5,7 @@ use std::fs;
 use std::path::Path;
 
 use peft_models::HfTokenizer;
+use peft_models::chat::ChatTemplate;
 use serde_json::Value;
 
 use super::encode::{Builder, Example};
@@ -47,6 +48,14 @@ impl Row<'_> {
                 .and_then(|&i| record.get(i))
                 .filter(|s| !s.is_empty())
                 .map(str::to_string)),
+        }
+    }
+
+    /// A JSON field as it is (`None` when absent or `null`, and in a CSV row).
+    pub(super) fn field(&self, field: &str) -> Option<&Value> {
+        match self {
+            Row::Json(obj) => obj.get(field).filter(|v| !v.is_null()),
+            Row::Csv { .. } => None,
         }
     }
 
@@ -180,11 +189,15 @@ fn read_csv(text: &str, b: &mut Builder) -> Result<(), DataError> {
 /// GPT-2: no special token). The prefix and the prompt take no loss ([`IGNORE_INDEX`]); the
 /// completion and the suffix (e.g. an end-of-sequence token) do. The joined row is truncated
 /// to `max_length`, so a long prompt can leave a row without targets (a warning counts them).
+/// A `messages` row (JSON Lines) is a conversation rendered with `chat`, the model's chat
+/// template, with the loss on the assistant's tokens ([`chat`](super::chat)); without a
+/// template it is an error naming the line.
 pub fn load_examples(
     path: &Path,
     task: TaskKind,
     cfg: &DataConfig,
     tokenizer: &HfTokenizer,
+    chat: Option<&ChatTemplate>,
     labels: Option<&LabelMap>,
 ) -> Result<(Vec<Example>, Option<LabelMap>), DataError> {
     let format = detect_format(path, cfg)?;
@@ -206,12 +219,24 @@ pub fn load_examples(
         task,
         cfg,
         tok: tokenizer,
+        chat,
+        shortened: 0,
         specials: None,
         rows: Vec::new(),
     };
     match format {
         Format::Jsonl => read_jsonl(&text, &mut b)?,
         Format::Csv => read_csv(&text, &mut b)?,
+    }
+    if b.shortened > 0 {
+        log::warn!(
+            "{}: {} of {} conversations were shortened to {} tokens (the longest system / user \
+             message cut at its end; every turn kept)",
+            path.display(),
+            b.shortened,
+            b.rows.len(),
+            cfg.max_length
+        );
     }
     let rows = b.rows;
     if rows.is_empty() {

@@ -95,7 +95,7 @@ fn load(
     tok: &HfTokenizer,
     map: Option<&LabelMap>,
 ) -> Result<(Vec<Example>, Option<LabelMap>), DataError> {
-    load_examples(path, task, &DataConfig::default(), tok, map)
+    load_examples(path, task, &DataConfig::default(), tok, None, map)
 }
 
 #[test]
@@ -194,7 +194,7 @@ fn csv_classification_round_trip() {
         max_length: 3,
         ..DataConfig::default()
     };
-    let (ex, map) = load_examples(&p, TaskKind::Classification, &cfg, &tok, None).unwrap();
+    let (ex, map) = load_examples(&p, TaskKind::Classification, &cfg, &tok, None, None).unwrap();
     assert_eq!(map.unwrap().names, ["neg", "pos"]);
     // transformers' truncation: the special tokens stay, the text is cut.
     assert_eq!(ex[0].input_ids, ids("[CLS] the [SEP]"));
@@ -380,7 +380,7 @@ fn causal_lm_prompt_completion_masks_the_prompt() {
         ..DataConfig::default()
     };
     let tok = tokenizer(dir.path(), bert_post());
-    let (ex, _) = load_examples(&p, TaskKind::CausalLm, &cfg, &tok, None).unwrap();
+    let (ex, _) = load_examples(&p, TaskKind::CausalLm, &cfg, &tok, None, None).unwrap();
     assert_eq!(ex[0].input_ids.len(), 4);
     assert_eq!(ex[0].labels.as_ref().unwrap(), &[IGNORE_INDEX; 4]);
     assert_eq!(ex[1].input_ids, ids("[CLS] the game [SEP]"));
