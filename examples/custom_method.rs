@@ -359,9 +359,9 @@ fn main() -> std::result::Result<(), Box<dyn Error>> {
         ..Default::default()
     };
     let kind = TaskKind::Classification;
-    let (train, labels) = load_examples(&at("train"), kind, &reader, &tokenizer, None)?;
+    let (train, labels) = load_examples(&at("train"), kind, &reader, &tokenizer, None, None)?;
     let labels = labels.ok_or("no labels in the training data")?;
-    let (eval, _) = load_examples(&at("eval"), kind, &reader, &tokenizer, Some(&labels))?;
+    let (eval, _) = load_examples(&at("eval"), kind, &reader, &tokenizer, None, Some(&labels))?;
     let num_labels = labels.len();
     let task = Task::SequenceClassification { num_labels };
     let source = model_dir.to_string_lossy().into_owned();

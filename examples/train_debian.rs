@@ -35,6 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &cfg,
         &tokenizer,
         None,
+        None,
     )?;
     let labels = labels.ok_or("no labels")?;
     let (eval, _) = load_examples(
@@ -42,6 +43,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         TaskKind::Classification,
         &cfg,
         &tokenizer,
+        None,
         Some(&labels),
     )?;
     let model = from_pretrained(

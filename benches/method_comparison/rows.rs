@@ -162,6 +162,7 @@ pub(crate) fn minilm_data() -> Res<Data> {
         &cfg,
         &tokenizer,
         None,
+        None,
     )?;
     let labels = labels.ok_or("no label map")?;
     let (eval, _) = load_examples(
@@ -169,6 +170,7 @@ pub(crate) fn minilm_data() -> Res<Data> {
         TaskKind::Classification,
         &cfg,
         &tokenizer,
+        None,
         Some(&labels),
     )?;
     Ok(Data {

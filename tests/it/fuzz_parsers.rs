@@ -165,6 +165,7 @@ fn tokenizer() -> HfTokenizer {
 }
 
 const JSONL: &str = "{\"text\": \"a small image viewer\", \"label\": \"graphics\"}\n{\"text\": \"a mail client\", \"text_pair\": \"with filters\", \"label\": \"mail\"}\n{\"prompt\": \"viewer:\", \"completion\": \" shows images\"}\n";
+const CHAT: &str = "{\"messages\": [{\"role\": \"system\", \"content\": \"be brief\"}, {\"role\": \"user\", \"content\": \"a viewer?\"}, {\"role\": \"assistant\", \"content\": \"graphics\"}]}\n{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": \"mail\"}]}, {\"role\": \"assistant\", \"content\": \"net\", \"reasoning_content\": \"x\"}]}\n";
 const CSV: &str = "text,label\n\"a small, fast viewer\",graphics\na mail client,mail\n";
 
 proptest! {
@@ -185,6 +186,29 @@ proptest! {
         std::fs::write(&file, &bytes).unwrap();
         let cfg = DataConfig { max_length, ..DataConfig::default() };
         let kind = if causal { TaskKind::CausalLm } else { TaskKind::Classification };
-        let _ = load_examples(&file, kind, &cfg, &tokenizer(), None);
+        let _ = load_examples(&file, kind, &cfg, &tokenizer(), None, None);
+    }
+
+    /// Conversations, mutated: rows, roles, contents and lengths a chat template renders,
+    /// never a panic.
+    #[test]
+    fn conversation_reader_never_panics(
+        m in mutations(),
+        max_length in 0usize..64,
+        assistant_only in any::<bool>(),
+    ) {
+        let bytes = mutate(CHAT.as_bytes(), &m);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("chat.jsonl");
+        std::fs::write(&file, &bytes).unwrap();
+        let cfg = DataConfig { max_length, assistant_only_loss: assistant_only, ..DataConfig::default() };
+        let template = peft_models::chat::ChatTemplate::new(
+            "fuzz",
+            "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}\
+             {% if add_generation_prompt %}<|assistant|>{% endif %}",
+            [("eos_token", "</s>")],
+        )
+        .unwrap();
+        let _ = load_examples(&file, TaskKind::CausalLm, &cfg, &tokenizer(), Some(&template), None);
     }
 }

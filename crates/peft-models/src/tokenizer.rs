@@ -9,6 +9,9 @@ use tokenizers::utils::truncation::{
 
 use crate::error::{ModelError, Result};
 
+/// The byte range `(start, end)` of the text a token came from.
+pub type ByteSpan = (usize, usize);
+
 /// A Hugging Face fast tokenizer.
 #[derive(Clone)]
 pub struct HfTokenizer {
@@ -150,7 +153,7 @@ impl HfTokenizer {
     /// Token ids of `text` with the byte range of `text` each came from, adding no special
     /// tokens (as `apply_chat_template` tokenizes a rendered conversation: the template
     /// writes the special tokens itself).
-    pub fn encode_plain(&self, text: &str) -> Result<(Vec<i64>, Vec<(usize, usize)>)> {
+    pub fn encode_plain(&self, text: &str) -> Result<(Vec<i64>, Vec<ByteSpan>)> {
         let enc = self
             .inner
             .encode(text, false)

@@ -457,3 +457,132 @@ fn collate_pads_right() {
     assert!(c.labels.is_none());
     assert_eq!(c.tokens, 5);
 }
+
+/// `[CLS] role content [SEP]` per message, `[CLS] a` to prompt the assistant ("a" stands
+/// for the assistant's role word).
+fn chat_template() -> peft_models::chat::ChatTemplate {
+    peft_models::chat::ChatTemplate::new(
+        "test",
+        "{% for m in messages %}[CLS] {{ 'a' if m.role == 'assistant' else 'b' }} {{ m.content }} \
+         {{ eos_token }} {% endfor %}{% if add_generation_prompt %}[CLS] a {% endif %}",
+        [("eos_token", "[SEP]")],
+    )
+    .unwrap()
+}
+
+#[test]
+fn conversations_train_on_the_assistant_turns_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path(), Value::Null);
+    let template = chat_template();
+    let p = write(
+        dir.path(),
+        "chat.jsonl",
+        concat!(
+            r#"{"messages": [{"role": "system", "content": "the game"}, {"role": "user", "content": "what is the capital of france ?"}, {"role": "assistant", "content": "paris"}, {"role": "user", "content": "was the game fun ?"}, {"role": "assistant", "content": "good"}]}"#,
+            "\n"
+        ),
+    );
+    let cfg = DataConfig::default();
+    let (ex, _) = load_examples(&p, TaskKind::CausalLm, &cfg, &tok, Some(&template), None).unwrap();
+    assert_eq!(
+        ex[0].input_ids,
+        ids(
+            "[CLS] b the game [SEP] [CLS] b what is the capital of france ? [SEP] \
+             [CLS] a paris [SEP] [CLS] b was the game fun ? [SEP] [CLS] a good [SEP]"
+        )
+    );
+    let trained: Vec<i64> = ex[0]
+        .labels
+        .as_ref()
+        .unwrap()
+        .iter()
+        .copied()
+        .filter(|&l| l != IGNORE_INDEX)
+        .collect();
+    // The replies and their end-of-turn tokens; not the role headers.
+    assert_eq!(trained, ids("paris [SEP] good [SEP]"));
+
+    // Every token when assistant-only loss is off.
+    let all = DataConfig {
+        assistant_only_loss: false,
+        ..DataConfig::default()
+    };
+    let (ex, _) = load_examples(&p, TaskKind::CausalLm, &all, &tok, Some(&template), None).unwrap();
+    assert_eq!(ex[0].labels.as_ref().unwrap(), &ex[0].input_ids);
+
+    // A long conversation is cut in its longest user message; every turn and the answer stay.
+    let short = DataConfig {
+        max_length: 20,
+        ..DataConfig::default()
+    };
+    let (ex, _) =
+        load_examples(&p, TaskKind::CausalLm, &short, &tok, Some(&template), None).unwrap();
+    assert!(ex[0].input_ids.len() <= 20, "{:?}", ex[0].input_ids);
+    assert_eq!(
+        ex[0]
+            .input_ids
+            .iter()
+            .filter(|&&t| t == id("[CLS]"))
+            .count(),
+        5
+    );
+    let trained: Vec<i64> = ex[0]
+        .labels
+        .as_ref()
+        .unwrap()
+        .iter()
+        .copied()
+        .filter(|&l| l != IGNORE_INDEX)
+        .collect();
+    assert_eq!(trained, ids("paris [SEP] good [SEP]"));
+}
+
+#[test]
+fn bad_conversations_name_the_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path(), Value::Null);
+    let template = chat_template();
+    let good = r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}"#;
+    let cases = [
+        (r#"{"messages": []}"#, "empty conversation"),
+        (
+            r#"{"messages": [{"content": "a"}]}"#,
+            "message 0 has no `role`",
+        ),
+        (
+            r#"{"messages": [{"role": "narrator", "content": "a"}]}"#,
+            "unknown role `narrator`",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "a"}]}"#,
+            "no assistant turn",
+        ),
+        (r#"{"messages": [{"role": "user"}]}"#, "has no `content`"),
+        (r#"{"messages": "a b"}"#, "must be an array"),
+    ];
+    for (row, needle) in cases {
+        let p = write(dir.path(), "bad.jsonl", &format!("{good}\n{row}\n"));
+        let msg = load_examples(
+            &p,
+            TaskKind::CausalLm,
+            &DataConfig::default(),
+            &tok,
+            Some(&template),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(msg.contains("bad.jsonl:2: field `messages`"), "{msg}");
+        assert!(msg.contains(needle), "{msg} lacks {needle}");
+    }
+    // Without a chat template: the line, and what to do.
+    let p = write(dir.path(), "plain.jsonl", &format!("{good}\n"));
+    let msg = load(&p, TaskKind::CausalLm, &tok, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("plain.jsonl:1: ") && msg.contains("chat template"),
+        "{msg}"
+    );
+}
