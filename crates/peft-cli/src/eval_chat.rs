@@ -29,7 +29,7 @@ pub fn run(args: &EvalArgs, device: &Device) -> Result<()> {
     let conversations = load_conversations(&args.data, MESSAGES)?;
     let pretrained = from_pretrained(&args.model, Task::CausalLm, device)
         .with_context(|| format!("loading model `{}`", args.model))?;
-    let template = pretrained.chat()?.with_context(|| {
+    let template = pretrained.chat()?.ok_or_else(|| {
         crate::UsageError(format!(
             "{} holds conversations, but model `{}` has no chat template to render them",
             args.data.display(),

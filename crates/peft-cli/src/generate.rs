@@ -105,7 +105,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     crate::device::cast_base(&mut model, args.run_on.dtype, &device)?;
     let mut eos = eos;
     let prompts = if args.chat {
-        let template = template.with_context(|| {
+        let template = template.ok_or_else(|| {
             crate::UsageError(format!(
                 "model `{}` has no chat template (no chat_template.jinja, no chat_template in \
                  tokenizer_config.json or the GGUF metadata): use --prompt",
