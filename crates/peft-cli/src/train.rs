@@ -395,24 +395,20 @@ fn generation_scores(
         progress: run.train.progress,
     };
     let started = Instant::now();
+    let score = |model: &PeftModel<peft_models::HfModel>| {
+        evaluate_chat(
+            model.model(),
+            template,
+            tokenizer,
+            &conversations,
+            &config,
+            device,
+        )
+    };
     model.disable_adapters()?;
-    let before = evaluate_chat(
-        model.model(),
-        template,
-        tokenizer,
-        &conversations,
-        &config,
-        device,
-    )?;
+    let before = score(&model)?;
     model.enable_adapters();
-    let after = evaluate_chat(
-        model.model(),
-        template,
-        tokenizer,
-        &conversations,
-        &config,
-        device,
-    )?;
+    let after = score(&model)?;
     let seconds = started.elapsed().as_secs_f64();
     println!(
         "held-out generation ({} conversations, {seconds:.1} s): base model {}; trained {}",

@@ -5,6 +5,8 @@
 use peft_models::chat::{ChatMessage, ChatTemplate, RenderOptions, encode_chat};
 use serde_json::Value;
 
+use super::read::json_type as kind;
+
 /// Roles a conversation may hold (OpenAI's, as the published templates know them).
 pub const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
@@ -67,17 +69,6 @@ pub fn parse_messages(value: &Value, need_assistant: bool) -> Result<Vec<ChatMes
         return Err("no assistant turn: a training conversation needs one to learn from".into());
     }
     Ok(messages)
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// A conversation as `(input_ids, labels, shortened)`: the template's rendering, tokenized;

@@ -144,14 +144,7 @@ impl Builder<'_> {
             TaskKind::CausalLm if row.field(&cfg.messages_field).is_some() => {
                 let value = row.field(&cfg.messages_field).expect("checked");
                 let (ids, labels) = self.conversation(line, value)?;
-                let example = Example {
-                    token_type_ids: vec![0; ids.len()],
-                    input_ids: ids,
-                    label: None,
-                    labels: Some(labels),
-                    line,
-                };
-                self.rows.push((line, example, None));
+                self.push_lm(line, ids, labels);
             }
             TaskKind::CausalLm => {
                 let prompt = row
@@ -181,17 +174,22 @@ impl Builder<'_> {
                         .ids;
                     (ids.clone(), ids)
                 };
-                let example = Example {
-                    token_type_ids: vec![0; ids.len()],
-                    input_ids: ids,
-                    label: None,
-                    labels: Some(labels),
-                    line,
-                };
-                self.rows.push((line, example, None));
+                self.push_lm(line, ids, labels);
             }
         }
         Ok(())
+    }
+
+    /// A causal-LM example: its ids and per-token targets.
+    fn push_lm(&mut self, line: usize, ids: Vec<i64>, labels: Vec<i64>) {
+        let example = Example {
+            token_type_ids: vec![0; ids.len()],
+            input_ids: ids,
+            label: None,
+            labels: Some(labels),
+            line,
+        };
+        self.rows.push((line, example, None));
     }
 
     /// A `messages` row: checked, rendered with the chat template, the loss on the assistant's

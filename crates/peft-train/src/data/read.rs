@@ -20,7 +20,8 @@ pub(super) enum Row<'a> {
     },
 }
 
-fn json_type(v: &Value) -> &'static str {
+/// How a JSON value is named in errors (`a string`, `an array`, ...).
+pub(super) fn json_type(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -470,6 +470,16 @@ fn chat_template() -> peft_models::chat::ChatTemplate {
     .unwrap()
 }
 
+/// The tokens an example takes the loss on.
+fn targets(example: &Example) -> Vec<i64> {
+    let labels = example.labels.as_ref().unwrap();
+    labels
+        .iter()
+        .copied()
+        .filter(|&l| l != IGNORE_INDEX)
+        .collect()
+}
+
 #[test]
 fn conversations_train_on_the_assistant_turns_only() {
     let dir = tempfile::tempdir().unwrap();
@@ -492,14 +502,7 @@ fn conversations_train_on_the_assistant_turns_only() {
              [CLS] a paris [SEP] [CLS] b was the game fun ? [SEP] [CLS] a good [SEP]"
         )
     );
-    let trained: Vec<i64> = ex[0]
-        .labels
-        .as_ref()
-        .unwrap()
-        .iter()
-        .copied()
-        .filter(|&l| l != IGNORE_INDEX)
-        .collect();
+    let trained = targets(&ex[0]);
     // The replies and their end-of-turn tokens; not the role headers.
     assert_eq!(trained, ids("paris [SEP] good [SEP]"));
 
@@ -527,14 +530,7 @@ fn conversations_train_on_the_assistant_turns_only() {
             .count(),
         5
     );
-    let trained: Vec<i64> = ex[0]
-        .labels
-        .as_ref()
-        .unwrap()
-        .iter()
-        .copied()
-        .filter(|&l| l != IGNORE_INDEX)
-        .collect();
+    let trained = targets(&ex[0]);
     assert_eq!(trained, ids("paris [SEP] good [SEP]"));
 }
 
