@@ -131,6 +131,9 @@ pub struct DataSection {
     pub completion_field: Option<String>,
     /// Field of a conversation (causal LM; default `messages`).
     pub messages_field: Option<String>,
+    /// A Jinja chat template file for the conversations instead of the model's own (TRL's
+    /// `chat_template_path`); it is saved with the adapter, so serving uses it too.
+    pub chat_template: Option<PathBuf>,
     /// Conversations: loss on the assistant's tokens only (default true).
     pub assistant_only_loss: Option<bool>,
     /// A `messages` test set is also scored by generation (the base model's replies and the
@@ -204,6 +207,7 @@ pub fn load(file: &Path) -> Result<LoadedRun, ConfigError> {
     resolve(&mut config.data.train);
     config.data.eval.as_mut().map(resolve);
     config.data.test.as_mut().map(resolve);
+    config.data.chat_template.as_mut().map(resolve);
     resolve(&mut config.output);
     // `~/` is the user's home (the shipped chat demo names the fetched GGUF file so).
     if let Some(rest) = config.model.name_or_path.strip_prefix("~/")

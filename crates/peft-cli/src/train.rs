@@ -151,11 +151,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
 
     let source = &run.model.name_or_path;
     // A model folder (its tokenizer.json) or a GGUF file (the tokenizer in its metadata).
-    let (tokenizer, chat) = load_tokenizer_and_chat(source).with_context(|| {
+    let parts = load_tokenizer_and_chat(source).with_context(|| {
         format!(
             "model `{source}` needs a tokenizer (tokenizer.json, or a GGUF file's tokenizer.ggml.*)"
         )
     })?;
+    let tokenizer = parts.tokenizer;
+    let chat = match &run.data.chat_template {
+        Some(file) => Some(read_chat_template(file, parts.special_tokens)?),
+        None => parts.template,
+    };
     // Without an explicit `data.max_length`, the default never exceeds the model's positions.
     if run.data.max_length.is_none()
         && let Some((limit, _)) = read_config(source)
@@ -292,6 +297,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let train_seconds = started.elapsed().as_secs_f64();
     let result_dir = result.adapter_dir.clone();
+    let trained_on_chat = crate::eval_chat::is_conversational(&run.data.train);
     let best_dir = run.output.join("best");
     for dir in [&result_dir, &best_dir] {
         // Beside every bundle (several adapters each have their own folder), so `eval` and
@@ -306,6 +312,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 && folder.is_dir()
             {
                 labels.save(&folder.join(LABEL_MAP_FILE))?;
+            }
+            // The template the conversations were rendered with travels with the adapter:
+            // `serve` (and transformers) use a bundle's own template, so the model is served
+            // with the prompts it learned.
+            if let Some(template) = chat.as_ref().filter(|_| trained_on_chat)
+                && folder.join("adapter_config.json").is_file()
+            {
+                peft_core::atomic::write_file(
+                    &folder.join("chat_template.jinja"),
+                    template.source().as_bytes(),
+                )?;
             }
         }
     }
@@ -372,6 +389,25 @@ pub fn run(args: TrainArgs) -> Result<()> {
     peft_core::atomic::write_file(&summary_file, &serde_json::to_vec_pretty(&summary)?)?;
     println!("summary: {}", summary_file.display());
     Ok(())
+}
+
+/// `data.chat_template`: a Jinja file (at most 1 MiB) compiled with the model's special tokens.
+fn read_chat_template(file: &Path, special_tokens: Vec<(String, String)>) -> Result<ChatTemplate> {
+    let bad = |reason: String| {
+        crate::UsageError(format!("data.chat_template {}: {reason}", file.display()))
+    };
+    let len = std::fs::metadata(file)
+        .map_err(|e| bad(e.to_string()))?
+        .len();
+    if len > 1 << 20 {
+        return Err(bad(format!("{len} bytes; a chat template is at most 1 MiB")).into());
+    }
+    let source = std::fs::read_to_string(file).map_err(|e| bad(e.to_string()))?;
+    Ok(ChatTemplate::new(
+        file.display().to_string(),
+        &source,
+        special_tokens,
+    )?)
 }
 
 /// A conversational test set scored by generation, before training (adapters off) and after:

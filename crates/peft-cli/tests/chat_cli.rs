@@ -100,6 +100,27 @@ fn chat_errors_are_exit_2_and_say_what_to_do() {
         .output()
         .unwrap();
     bad_input(&out, &["eval.jsonl:2", "no assistant turn"]);
+    // `data.chat_template` that does not compile: the file and the template's error.
+    let template = dir.path().join("broken.jinja");
+    std::fs::write(&template, "{% for m in messages %}").unwrap();
+    let config = dir.path().join("chat.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "model:\n  name_or_path: {}\n  task: causal-lm\nmethod:\n  peft_type: LORA\n  \
+             task_type: CAUSAL_LM\n  target_modules: [q_proj]\ndata:\n  train: {}\n  \
+             chat_template: broken.jinja\noutput: out\n",
+            model.display(),
+            data.display()
+        ),
+    )
+    .unwrap();
+    let out = burn_peft().arg("train").arg(&config).output().unwrap();
+    bad_input(&out, &["chat template", "broken.jinja"]);
+    assert!(
+        !dir.path().join("out").exists(),
+        "a refused run writes nothing"
+    );
 }
 
 #[test]
@@ -145,6 +166,11 @@ fn train_and_eval_on_conversations() {
         let exact = generation[when]["exact_match"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&exact), "{generation}");
     }
+    // The template the conversations were rendered with is saved with the adapter.
+    let saved =
+        std::fs::read_to_string(dir.path().join("out/adapter/chat_template.jinja")).unwrap();
+    let own = std::fs::read_to_string(fixtures().join("chat/templates/smollm2.jinja")).unwrap();
+    assert_eq!(saved, own);
     let predictions =
         std::fs::read_to_string(dir.path().join("out/test_predictions.jsonl")).unwrap();
     assert_eq!(predictions.lines().count(), 4);

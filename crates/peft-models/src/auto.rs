@@ -326,34 +326,45 @@ pub fn load_tokenizer(source: &str) -> Result<HfTokenizer> {
     HfTokenizer::from_dir(&model_dir(source)?)
 }
 
-/// The tokenizer of a model folder, hub id or GGUF file with its chat template (compiled with
-/// the tokenizer's special tokens; `None` when the model has none), without loading the
-/// weights.
-pub fn load_tokenizer_and_chat(
-    source: &str,
-) -> Result<(HfTokenizer, Option<crate::chat::ChatTemplate>)> {
-    if let Some(path) = gguf_file(source)? {
+/// What chat needs of a model besides its weights: the tokenizer, the chat template (compiled
+/// with the special tokens; `None` when the model has none) and the special tokens.
+#[derive(Debug)]
+pub struct ChatParts {
+    /// The tokenizer.
+    pub tokenizer: HfTokenizer,
+    /// The model's chat template.
+    pub template: Option<crate::chat::ChatTemplate>,
+    /// The tokenizer's special tokens (`bos_token`, `eos_token`, ...), for another template.
+    pub special_tokens: Vec<(String, String)>,
+}
+
+/// The tokenizer of a model folder, hub id or GGUF file with its chat template and special
+/// tokens, without loading the weights.
+pub fn load_tokenizer_and_chat(source: &str) -> Result<ChatParts> {
+    let (tokenizer, template, special_tokens, name) = if let Some(path) = gguf_file(source)? {
         let file = crate::gguf::GgufFile::open(path)?;
-        let tokenizer = crate::gguf::tokenizer_from_gguf(&file)?;
-        let chat = match crate::gguf::chat_template(&file) {
-            Some(source) => Some(crate::chat::ChatTemplate::new(
-                format!("{}: tokenizer.chat_template", path.display()),
-                &source,
-                crate::gguf::special_tokens(&file)?,
-            )?),
-            None => None,
-        };
-        return Ok((tokenizer, chat));
-    }
-    let dir = model_dir(source)?;
-    let tokenizer = HfTokenizer::from_dir(&dir)?;
-    let chat = match crate::chat::template_of_folder(&dir) {
-        Some((name, source)) => Some(crate::chat::ChatTemplate::new(
-            name,
-            &source,
+        (
+            crate::gguf::tokenizer_from_gguf(&file)?,
+            crate::gguf::chat_template(&file),
+            crate::gguf::special_tokens(&file)?,
+            format!("{}: tokenizer.chat_template", path.display()),
+        )
+    } else {
+        let dir = model_dir(source)?;
+        let (name, template) = crate::chat::template_of_folder(&dir).unzip();
+        (
+            HfTokenizer::from_dir(&dir)?,
+            template,
             crate::chat::special_tokens_of_folder(&dir),
-        )?),
-        None => None,
+            name.unwrap_or_default(),
+        )
     };
-    Ok((tokenizer, chat))
+    let template = template
+        .map(|t| crate::chat::ChatTemplate::new(name, &t, special_tokens.clone()))
+        .transpose()?;
+    Ok(ChatParts {
+        tokenizer,
+        template,
+        special_tokens,
+    })
 }

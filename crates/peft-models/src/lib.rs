@@ -31,7 +31,7 @@ mod tokenizer;
 
 pub use arch::{ArchConfig, ArchModel, Architecture};
 pub use auto::{
-    ModelInputs, ModelOutputs, Pretrained, Task, from_pretrained, load_tokenizer,
+    ChatParts, ModelInputs, ModelOutputs, Pretrained, Task, from_pretrained, load_tokenizer,
     load_tokenizer_and_chat, model_dir, read_config,
 };
 pub use cache::KvCache;

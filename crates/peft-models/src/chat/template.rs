@@ -68,6 +68,7 @@ pub struct Rendered {
 /// ```
 pub struct ChatTemplate {
     name: String,
+    source: String,
     env: Environment<'static>,
     special_tokens: Map<String, Value>,
     has_generation_blocks: bool,
@@ -92,6 +93,7 @@ impl ChatTemplate {
         special_tokens: impl IntoIterator<Item = (K, V)>,
     ) -> Result<Self> {
         let name = name.into();
+        let original = source.to_string();
         let (source, has_generation_blocks) = rewrite_generation_blocks(source);
         let mut env = Environment::new();
         env.set_trim_blocks(true);
@@ -123,6 +125,7 @@ impl ChatTemplate {
             .collect();
         Ok(Self {
             name,
+            source: original,
             env,
             special_tokens,
             has_generation_blocks,
@@ -132,6 +135,11 @@ impl ChatTemplate {
     /// Where the template came from.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The template's text, as given.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// The special token `name` (`"eos_token"`, ...) the template is rendered with.
