@@ -10,7 +10,7 @@ mod common;
 
 use std::ffi::OsStr;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -33,6 +33,20 @@ fn serve(args: &[&OsStr]) -> (ServeProcess, String) {
     (server, addr)
 }
 
+/// Wait for `child` at most `limit` (then kill it and fail), so a hung client cannot hang CI.
+fn bounded(mut child: Child, limit: Duration) -> Output {
+    let start = std::time::Instant::now();
+    while child.try_wait().expect("waits").is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("collects");
+            panic!("check_sdk.py ran past {limit:?}:\n{}", text(&out));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.wait_with_output().expect("collects")
+}
+
 #[test]
 fn the_openai_sdk_talks_to_burn_peft_serve() {
     let python = openai_python();
@@ -48,7 +62,7 @@ fn the_openai_sdk_talks_to_burn_peft_serve() {
     ]);
     let (_embed, embed_addr) = serve(&["--port", "0", "--model", MINILM].map(OsStr::new));
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = Command::new(&python)
+    let child = Command::new(&python)
         .current_dir(&repo)
         .arg("tests/openai/check_sdk.py")
         .arg("--chat-url")
@@ -59,8 +73,11 @@ fn the_openai_sdk_talks_to_burn_peft_serve() {
         .arg("tuned")
         .arg("--reference")
         .arg("tests/fixtures/chat/smollm2_replies.json")
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("python runs");
+    let out = bounded(child, Duration::from_secs(600));
     let printed = text(&out);
     assert!(out.status.success(), "check_sdk.py failed:\n{printed}");
     assert!(printed.contains("checks passed"), "{printed}");
