@@ -177,6 +177,7 @@ mod checkpoints {
                     label: Some(i as usize % 3),
                     labels: None,
                     line: 0,
+                    segments: Vec::new(),
                 }
             })
             .collect()

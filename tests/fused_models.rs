@@ -40,6 +40,7 @@ fn examples(lm: bool) -> Vec<Example> {
                 token_type_ids: vec![0; len],
                 input_ids: ids,
                 line: 0,
+                segments: Vec::new(),
             }
         })
         .collect()

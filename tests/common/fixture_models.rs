@@ -64,6 +64,7 @@ pub fn lm_data(n: usize) -> Vec<Example> {
                 input_ids: ids,
                 label: None,
                 line: 0,
+                segments: Vec::new(),
             }
         })
         .collect()

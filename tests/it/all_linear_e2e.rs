@@ -60,6 +60,7 @@ fn examples(objective: Objective) -> Vec<Example> {
                 labels: matches!(objective, Objective::CausalLm).then(|| ids.clone()),
                 input_ids: ids,
                 line: 0,
+                segments: Vec::new(),
             }
         })
         .collect()

@@ -27,6 +27,7 @@ mod gguf_tokenizer;
 mod lora_parity;
 mod matching_reference;
 mod models_parity;
+mod packing;
 mod phi3;
 mod plain_burn_modules;
 mod qwen3;

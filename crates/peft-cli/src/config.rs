@@ -141,6 +141,10 @@ pub struct DataSection {
     pub max_new_tokens: Option<usize>,
     /// Most tokens per example.
     pub max_length: Option<usize>,
+    /// Causal LM: pack several short training examples into each row of `max_length` tokens
+    /// (TRL's `packing`, best-fit decreasing), kept apart in attention and positions; default
+    /// false.
+    pub packing: Option<bool>,
 }
 
 impl DataSection {
@@ -228,6 +232,14 @@ pub fn load(file: &Path) -> Result<LoadedRun, ConfigError> {
         return Err(err(
             key_line(&text, Some("train"), leaf).or_else(|| key_line(&text, None, "train")),
             format!("`train.{key}` {reason}"),
+        ));
+    }
+    if config.data.packing == Some(true) && config.model.task != TaskName::CausalLm {
+        return Err(err(
+            key_line(&text, Some("data"), "packing"),
+            "`data.packing` packs causal LM examples; a classifier reads one example per row: \
+             remove it or set `model.task: causal-lm`"
+                .into(),
         ));
     }
     if let Err(e) = config.device.parse::<DeviceName>() {

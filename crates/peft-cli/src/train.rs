@@ -8,7 +8,7 @@ use clap::Args;
 use peft_core::PeftModel;
 use peft_models::chat::ChatTemplate;
 use peft_models::{HfTokenizer, Task, from_pretrained, load_tokenizer_and_chat, read_config};
-use peft_train::data::{DataConfig, Example, LABEL_MAP_FILE, LabelMap, load_examples};
+use peft_train::data::{DataConfig, Example, LABEL_MAP_FILE, LabelMap, load_examples, pack};
 use peft_train::{EvalReport, FullExport, Objective, TrainOptions, Trainer};
 use serde_json::json;
 
@@ -245,6 +245,18 @@ pub fn run(args: TrainArgs) -> Result<()> {
             d => format!(", frozen base in {d}"),
         }
     );
+    let mut data = data;
+    if run.data.packing == Some(true) {
+        let examples = data.train.len();
+        let tokens: usize = data.train.iter().map(|e| e.input_ids.len()).sum();
+        let max_length = run.data.reader().max_length;
+        data.train = pack(&data.train, max_length);
+        let rows = data.train.len();
+        println!(
+            "packing: {examples} training examples in {rows} rows of up to {max_length} tokens ({:.0}% filled)",
+            100.0 * tokens as f64 / (rows.max(1) * max_length) as f64
+        );
+    }
 
     // The trainer creates the output folder once its checks pass: a refused run writes nothing.
     let label_names = data.labels.as_ref().map(|l| l.names.clone());

@@ -135,7 +135,7 @@ fn train_and_eval_on_conversations() {
         format!(
             "model:\n  name_or_path: {}\n  task: causal-lm\nmethod:\n  peft_type: LORA\n  \
              task_type: CAUSAL_LM\n  r: 4\n  target_modules: [q_proj, v_proj]\ndata:\n  train: {}\n  \
-             test: {}\n  max_length: 256\n  max_new_tokens: 4\ntrain:\n  epochs: 1\n  \
+             test: {}\n  max_length: 256\n  max_new_tokens: 4\n  packing: true\ntrain:\n  epochs: 1\n  \
              batch_size: 4\n  learning_rate: 1.0e-3\noutput: {}\n",
             model.display(),
             train.display(),
@@ -151,6 +151,18 @@ fn train_and_eval_on_conversations() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
+    // Eight conversations of about a hundred tokens packed into rows of 256.
+    let packed = text(&out)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("packing: 8 training examples in ")?
+                .split(' ')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no packing line:\n{}", text(&out)));
+    assert!((2..8).contains(&packed), "{packed} rows");
     assert!(
         text(&out).contains("held-out generation (4 conversations"),
         "{}",

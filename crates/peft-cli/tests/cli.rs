@@ -197,6 +197,11 @@ fn train_rejects_bad_configs_with_line_and_hint() {
             "train: missing.jsonl",
             &["missing.jsonl"],
         ),
+        (
+            "max_length: 32",
+            "max_length: 32\n  packing: true",
+            &["run.yaml:16", "data.packing", "causal-lm"],
+        ),
     ];
     for (from, to, needles) in cases {
         std::fs::write(&config, original.replace(from, to)).unwrap();

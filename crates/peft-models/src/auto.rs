@@ -102,6 +102,19 @@ impl HfModel {
                 fix: "name one adapter (or `__base__`) per row".into(),
             });
         }
+        if fc.packed().is_some() && !self.is_causal_lm() {
+            // Packing keeps sequences apart only in the decoders' attention; an encoder or a
+            // classifier head would pool across them.
+            return Err(ModelError::InputOutOfRange {
+                input: "packed rows".into(),
+                found: "a packed batch".into(),
+                limit: format!(
+                    "packing is for causal LM models, and this is {:?}",
+                    self.task()
+                ),
+                fix: "pack only causal LM training data".into(),
+            });
+        }
         self.arch().forward_with(inputs, fc)
     }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use burn::module::Module;
 use burn::nn::{RmsNorm, RmsNormConfig};
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 use peft_core::Adaptable;
 use peft_core::nn::{Embedding, EmbeddingConfig, ForwardContext, KvPrefix, Linear, LinearConfig};
 use serde::Deserialize;
@@ -374,7 +374,7 @@ impl Gemma3Attention {
         &self,
         x: Tensor<3>,
         rope: &Rope,
-        mask: Option<&Tensor<2, Int>>,
+        mask: Option<&Tensor<4, Bool>>,
         cache: Option<(&mut KvCache, usize)>,
         fc: &ForwardContext,
     ) -> Tensor<3> {
@@ -445,6 +445,7 @@ impl DecoderBackbone for Gemma3TextModel {
             dims: [b, s],
             mut cache,
             mask,
+            packed,
         } = decoder::begin(
             &input_ids,
             self.embed_tokens.dims()[0],
@@ -455,8 +456,8 @@ impl DecoderBackbone for Gemma3TextModel {
             fc,
         )?;
         let device = input_ids.device();
-        let global = self.global_rotary.tables(cache.as_deref(), b, s, &device);
-        let local_rope = self.local_rotary.tables(cache.as_deref(), b, s, &device);
+        let global = self.global_rotary.tables(cache.as_deref(), packed.as_ref(), b, s, &device);
+        let local_rope = self.local_rotary.tables(cache.as_deref(), packed.as_ref(), b, s, &device);
         // `Gemma3TextScaledWordEmbedding`: the table times `sqrt(hidden_size)` in its dtype.
         let scale = (self.embed_tokens.dims()[1] as f64).sqrt() as f32;
         let mut h = self

@@ -24,6 +24,7 @@ pub mod hub;
 mod input_checks;
 pub mod load;
 pub mod ops;
+pub mod packing;
 pub mod quantized;
 pub mod rope;
 mod save;

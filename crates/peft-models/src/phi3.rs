@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use burn::module::Module;
 use burn::nn::{RmsNorm, RmsNormConfig};
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 use peft_core::Adaptable;
 use peft_core::nn::{Embedding, EmbeddingConfig, ForwardContext, KvPrefix, Linear, LinearConfig};
 use peft_ops::nn::rms_norm;
@@ -256,7 +256,7 @@ impl Phi3Attention {
         &self,
         x: Tensor<3>,
         rope: &Rope,
-        mask: Option<&Tensor<2, Int>>,
+        mask: Option<&Tensor<4, Bool>>,
         cache: Option<(&mut KvCache, usize)>,
         fc: &ForwardContext,
     ) -> Tensor<3> {
@@ -340,6 +340,7 @@ impl DecoderBackbone for Phi3Model {
             dims: [b, s],
             mut cache,
             mask,
+            packed,
         } = decoder::begin(
             &input_ids,
             self.embed_tokens.dims()[0],
@@ -351,7 +352,7 @@ impl DecoderBackbone for Phi3Model {
         )?;
         let rope = self
             .rotary
-            .tables(cache.as_deref(), b, s, &input_ids.device());
+            .tables(cache.as_deref(), packed.as_ref(), b, s, &input_ids.device());
         let mut h = self.embed_tokens.forward_in(input_ids, fc);
         for (i, layer) in self.layers.iter().enumerate() {
             let normed = rms_norm(&layer.input_layernorm, h.clone());

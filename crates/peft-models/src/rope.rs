@@ -14,6 +14,7 @@ use serde_json::Value;
 use crate::cache::KvCache;
 use crate::config_checks::{invalid, positive_float, unsupported};
 use crate::error::{ModelError, Result};
+use crate::packing::PackedPositions;
 
 /// How the inverse frequencies are built (`rope_type`).
 #[derive(Debug, Clone, PartialEq)]
@@ -307,17 +308,22 @@ impl Rotary {
     }
 
     /// The tables for the next `seq` tokens of `batch` rows after what `cache` holds: one
-    /// table shared by every row, or one per row when the cache shifts rows in position.
+    /// table shared by every row, or one per row when the cache shifts rows in position or
+    /// the rows are packed (`packed`: each sequence's positions start anew).
     pub fn tables(
         &self,
         cache: Option<&KvCache>,
+        packed: Option<&PackedPositions>,
         batch: usize,
         seq: usize,
         device: &Device,
     ) -> Rope {
         let empty = KvCache::default();
         let cache = cache.unwrap_or(&empty);
-        let positions = cache.positions(batch, seq);
+        let positions = match packed {
+            Some(p) => p.query.clone(),
+            None => cache.positions(batch, seq),
+        };
         // LongRoPE: transformers' `longrope_frequency_update` picks the long factors when the
         // forward's last position (`max(position_ids) + 1`) passes the original context.
         let last = positions.iter().flatten().copied().max().unwrap_or(0) as usize + 1;
@@ -326,7 +332,7 @@ impl Rotary {
             _ => (&self.inv_freq, &self.short_tables),
         };
         let d = self.rotary_dim;
-        if !cache.has_row_shift() {
+        if packed.is_none() && !cache.has_row_shift() {
             // Every row at positions `len..len + seq`: a slice of the tables kept on the device.
             let (cos, sin) = tables.tables(freqs, self.scale, cache.len(), seq, device);
             return Rope {
@@ -338,7 +344,10 @@ impl Rotary {
         }
         let flat: Vec<i64> = positions.concat();
         let (cos, sin) = rope_tables(freqs, self.scale, &flat, device);
-        let key_positions = cache.key_positions(batch, cache.len() + seq);
+        let key_positions = match packed {
+            Some(p) => p.keys.clone(),
+            None => cache.key_positions(batch, cache.len() + seq),
+        };
         Rope {
             cos: cos.reshape([batch, 1, seq, d]),
             sin: sin.reshape([batch, 1, seq, d]),

@@ -54,6 +54,14 @@ pub fn data_digest(examples: &[Example]) -> String {
         let labels = e.labels.as_deref().unwrap_or_default();
         fnv1a(&mut h, &(labels.len() as u64).to_le_bytes());
         labels.iter().for_each(|v| fnv1a(&mut h, &v.to_le_bytes()));
+        // Packed rows: where the examples split (absent for plain examples, so their digest
+        // is what it was before packing existed).
+        if !e.segments.is_empty() {
+            fnv1a(&mut h, &(e.segments.len() as u64).to_le_bytes());
+            e.segments
+                .iter()
+                .for_each(|n| fnv1a(&mut h, &(*n as u64).to_le_bytes()));
+        }
     }
     format!("{} examples, fnv1a {h:016x}", examples.len())
 }

@@ -25,11 +25,16 @@ pub fn model_inputs(batch: &Collated) -> ModelInputs {
 }
 
 /// The forward context of a collated batch: the bounds of its ids as collation saw them, so
-/// that the forward does not read the ids back from a GPU to check them ([`IdBounds`](peft_core::nn::IdBounds)).
+/// that the forward does not read the ids back from a GPU to check them ([`IdBounds`](peft_core::nn::IdBounds)),
+/// and the examples of each packed row.
 pub fn forward_context(batch: &Collated) -> ForwardContext {
-    match batch.id_bounds {
+    let fc = match batch.id_bounds {
         Some((ids, types)) => ForwardContext::default().with_id_bounds(ids, Some(types)),
         None => ForwardContext::default(),
+    };
+    match &batch.packed {
+        Some(packed) => fc.with_packed(packed.clone()),
+        None => fc,
     }
 }
 

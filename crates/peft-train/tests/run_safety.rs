@@ -43,6 +43,7 @@ fn data(n: usize, seed: u64) -> Vec<Example> {
                 input_ids: ids,
                 labels: None,
                 line: i + 1,
+                segments: Vec::new(),
             }
         })
         .collect()

@@ -47,6 +47,7 @@ fn classification_data(n: usize, seed: u64) -> Vec<Example> {
                 input_ids: ids,
                 labels: None,
                 line: 0,
+                segments: Vec::new(),
             }
         })
         .collect()
@@ -64,6 +65,7 @@ fn lm_data(n: usize) -> Vec<Example> {
                 input_ids: ids,
                 label: None,
                 line: 0,
+                segments: Vec::new(),
             }
         })
         .collect()

@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+use super::PackedRows;
+
 /// The name PEFT uses in `adapter_names` for rows that run the base model alone.
 pub const BASE_ROW: &str = "__base__";
 
@@ -106,6 +108,7 @@ pub struct ForwardContext {
     rows: Option<Arc<RowAdapters>>,
     id_bounds: Option<IdBounds>,
     type_id_bounds: Option<IdBounds>,
+    packed: Option<Arc<PackedRows>>,
 }
 
 impl ForwardContext {
@@ -143,6 +146,26 @@ impl ForwardContext {
     /// The host-side bounds of `input_ids` and of `token_type_ids`, where the caller gave them.
     pub fn id_bounds(&self) -> (Option<IdBounds>, Option<IdBounds>) {
         (self.id_bounds, self.type_id_bounds)
+    }
+
+    /// The same context for a packed batch: each row holds the sequences `packed` names, kept
+    /// apart in attention and positions by the decoder families ([`PackedRows`]).
+    ///
+    /// ```
+    /// use peft_core::nn::{ForwardContext, PackedRows};
+    ///
+    /// let packed = PackedRows::new(vec![vec![3, 2]]).unwrap();
+    /// let fc = ForwardContext::default().with_packed(packed.clone());
+    /// assert_eq!(fc.packed(), Some(&packed));
+    /// ```
+    pub fn with_packed(mut self, packed: PackedRows) -> Self {
+        self.packed = Some(Arc::new(packed));
+        self
+    }
+
+    /// The sequences of each row, for a packed batch.
+    pub fn packed(&self) -> Option<&PackedRows> {
+        self.packed.as_deref()
     }
 }
 

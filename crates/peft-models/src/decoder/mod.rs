@@ -24,7 +24,8 @@ use crate::cache::KvCache;
 use crate::config_checks::{divides, epsilon, invalid, positive, unsupported};
 use crate::error::Result;
 use crate::input_checks;
-use crate::ops::{Activation, merge_heads, padding_mask, sdpa};
+use crate::ops::{Activation, merge_heads, sdpa};
+use crate::packing::{PackedPositions, key_mask, packed_positions};
 use crate::rope::Rope;
 
 fn default_rms_eps() -> f64 {
@@ -193,13 +194,18 @@ pub struct Begun<'a> {
     pub dims: [usize; 2],
     /// The cache to run with (the caller's, or a local one seeded with a prefix).
     pub cache: Option<&'a mut KvCache>,
-    /// The attention mask over every key (prefix positions included).
-    pub mask: Option<Tensor<2, Int>>,
+    /// `[batch, 1, seq, keys]` over every key (prefix slots included), true where a query must
+    /// not see a key: padding, or another sequence of a packed row. `None`: every key is seen.
+    pub mask: Option<Tensor<4, Bool>>,
+    /// Where the tokens of a packed batch sit ([`ForwardContext::with_packed`]); `None`:
+    /// positions continue from the cache.
+    pub packed: Option<PackedPositions>,
 }
 
 /// The start of a decoder forward: `[batch, seq]` of `input_ids` (non-empty), ids inside a
 /// vocabulary of `vocab` rows, and the cache and mask to run with, the active prefix (or each
-/// row's, in a mixed batch) placed first ([`KvCache::checked_with_prefix`]).
+/// row's, in a mixed batch) placed first ([`KvCache::checked_with_prefix`]); for a packed
+/// batch, the positions and the mask that keep its sequences apart ([`packed_positions`]).
 pub fn begin<'a>(
     input_ids: &Tensor<2, Int>,
     vocab: usize,
@@ -213,10 +219,13 @@ pub fn begin<'a>(
     input_checks::check_token_ids(input_ids, vocab, fc.id_bounds().0)?;
     let (cache, mask) =
         KvCache::checked_with_prefix(prefix, [b, s], cache, local, attention_mask, fc)?;
+    let packed = packed_positions(fc, [b, s], cache.as_deref(), &input_ids.device())?;
+    let mask = key_mask(mask.as_ref(), packed.as_ref(), s);
     Ok(Begun {
         dims: [b, s],
         cache,
         mask,
+        packed,
     })
 }
 
@@ -238,7 +247,7 @@ pub struct CausalAttention {
 impl CausalAttention {
     /// Attend with `q` `[b, heads, s, d]` and `k`, `v` `[b, kv_heads, s, d]` (after any
     /// per-head norm, before RoPE): rotate `q` and `k`, append `k`, `v` to the layer's cache,
-    /// mask padding (`mask` covers every key, prefix included) and the window; returns
+    /// mask what `mask` hides (`[b, 1, s, keys]`, [`Begun::mask`]) and the window; returns
     /// `[b, s, heads * d]`, before the output projection.
     pub fn attend(
         &self,
@@ -246,7 +255,7 @@ impl CausalAttention {
         k: Tensor<4>,
         v: Tensor<4>,
         rope: &Rope,
-        mask: Option<&Tensor<2, Int>>,
+        mask: Option<&Tensor<4, Bool>>,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Tensor<3> {
         let [b, _, s, _] = q.dims();
@@ -256,8 +265,8 @@ impl CausalAttention {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
         };
-        let mut mask = mask.map(|m| padding_mask(m, self.heads, s));
         let keys = k.dims()[2];
+        let mut mask = mask.map(|m| m.clone().expand([b, self.heads, s, keys]));
         if let Some(window) = self.window.filter(|w| *w < keys) {
             let outside = match &rope.key_positions {
                 // Rows shifted in position (left padding, prefixes of different lengths):

@@ -9,7 +9,7 @@ pub use config::Gpt2Config;
 
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig};
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use peft_core::Adaptable;
 use peft_core::nn::{
     Embedding, EmbeddingConfig, ForwardContext, KvPrefix, Linear, LinearConfig, WeightLayout,
@@ -19,7 +19,8 @@ use peft_ops::nn::layer_norm;
 use crate::cache::{KvCache, position_ids};
 use crate::error::Result;
 use crate::input_checks;
-use crate::ops::{Activation, merge_heads, padding_mask, sdpa, split_heads};
+use crate::packing::{key_mask, packed_positions};
+use crate::ops::{Activation, merge_heads, sdpa, split_heads};
 
 /// Attention with the fused q/k/v projection.
 #[derive(Module, Debug, Adaptable)]
@@ -179,7 +180,14 @@ impl Gpt2Model {
         )?;
         let past = cache.as_ref().map_or(0, |c| c.len());
         input_checks::check_positions(past + s, 0, self.wpe.dims()[0], "n_positions")?;
-        let pos = position_ids(cache.as_deref(), b, s, &input_ids.device());
+        let device = input_ids.device();
+        let packed = packed_positions(fc, [b, s], cache.as_deref(), &device)?;
+        let pos = match &packed {
+            // Each packed sequence's learned positions start anew.
+            Some(p) => Tensor::from_data(TensorData::new(p.query.concat(), [b, s]), &device),
+            None => position_ids(cache.as_deref(), b, s, &device),
+        };
+        let mask = key_mask(attention_mask.as_ref(), packed.as_ref(), s);
         let mut h = self.wte.forward_in(input_ids, fc) + self.wpe.forward_in(pos, fc);
         let eps = self.layer_norm_epsilon;
         for (i, block) in self.h.iter().enumerate() {
@@ -194,7 +202,8 @@ impl Gpt2Model {
                 Some(c) => c.append(i, k, v),
                 None => (k, v),
             };
-            let mask = attention_mask.as_ref().map(|m| padding_mask(m, heads, s));
+            let keys = k.dims()[2];
+            let mask = mask.clone().map(|m| m.expand([b, heads, s, keys]));
             let attn = sdpa(q, k, v, mask, true, Some(block.attn.scale));
             h = h + block.attn.c_proj.forward_in(merge_heads(attn), fc);
             let x = layer_norm(&block.ln_2, eps, h.clone(), None);

@@ -8,7 +8,7 @@ pub use config::{FLAVORS, Flavor, LlamaConfig};
 
 use burn::module::Module;
 use burn::nn::{RmsNorm, RmsNormConfig};
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 use peft_core::Adaptable;
 use peft_core::nn::{Embedding, EmbeddingConfig, ForwardContext, KvPrefix, Linear, LinearConfig};
 use peft_ops::nn::rms_norm;
@@ -101,7 +101,7 @@ impl LlamaAttention {
         &self,
         x: Tensor<3>,
         rope: &Rope,
-        mask: Option<&Tensor<2, Int>>,
+        mask: Option<&Tensor<4, Bool>>,
         cache: Option<(&mut KvCache, usize)>,
         fc: &ForwardContext,
     ) -> Tensor<3> {
@@ -181,6 +181,7 @@ impl LlamaModel {
             dims: [b, s],
             mut cache,
             mask: attention_mask,
+            packed,
         } = decoder::begin(
             &input_ids,
             self.embed_tokens.dims()[0],
@@ -192,7 +193,7 @@ impl LlamaModel {
         )?;
         let rope = self
             .rotary
-            .tables(cache.as_deref(), b, s, &input_ids.device());
+            .tables(cache.as_deref(), packed.as_ref(), b, s, &input_ids.device());
         let mut h = self.embed_tokens.forward_in(input_ids, fc);
         for (i, layer) in self.layers.iter().enumerate() {
             let normed = rms_norm(&layer.input_layernorm, h.clone());

@@ -2,7 +2,7 @@
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use peft_core::nn::IdBounds;
+use peft_core::nn::{IdBounds, PackedRows};
 
 use super::{Example, IGNORE_INDEX};
 
@@ -25,6 +25,9 @@ pub struct Collated {
     /// collating: the forward checks these instead of reading the tensors back from a GPU
     /// ([`IdBounds`]). `None` for an empty batch.
     pub id_bounds: Option<(IdBounds, IdBounds)>,
+    /// The examples in each row, when a row of the batch is [`pack`](super::pack)ed: the
+    /// forward keeps them apart.
+    pub packed: Option<PackedRows>,
 }
 
 /// Right-pad a batch to its longest example (at least one column).
@@ -59,6 +62,23 @@ pub fn collate(batch: &[&Example], pad_id: i64, device: &Device) -> Collated {
     }
     let id_bounds = IdBounds::of(ids.iter().copied()).zip(IdBounds::of(types.iter().copied()));
     let t2 = |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, [b, s]), device);
+    let packed = batch
+        .iter()
+        .any(|e| !e.segments.is_empty())
+        .then(|| {
+            PackedRows::new(
+                batch
+                    .iter()
+                    .map(|e| match e.segments.as_slice() {
+                        [] => vec![e.input_ids.len()],
+                        lengths => lengths.to_vec(),
+                    })
+                    .filter(|lengths| lengths.iter().all(|&n| n > 0))
+                    .collect(),
+            )
+        })
+        .flatten()
+        .filter(|p| p.batch() == b);
     let labels = (b > 0)
         .then(|| batch.iter().map(|e| e.label.map(|l| l as i64)).collect())
         .flatten()
@@ -71,5 +91,6 @@ pub fn collate(batch: &[&Example], pad_id: i64, device: &Device) -> Collated {
         lm_labels: all_lm.then(|| t2(lm)),
         tokens,
         id_bounds,
+        packed,
     }
 }

@@ -22,8 +22,12 @@ pub struct Example {
     /// [`IGNORE_INDEX`] where no loss is taken.
     pub labels: Option<Vec<i64>>,
     /// The 1-based line of the data file the example was read from (0 when it was not read
-    /// from a file), so per-example results can be traced back to their row.
+    /// from a file), so per-example results can be traced back to their row; for a packed
+    /// row, the line of its first example.
     pub line: usize,
+    /// For a row built by [`pack`](super::pack): the lengths of the examples in it, in order
+    /// (they are kept apart in the forward). Empty for a single example.
+    pub segments: Vec<usize>,
 }
 
 /// The special tokens a tokenizer wraps every single text in: `prefix text suffix`.
@@ -138,6 +142,7 @@ impl Builder<'_> {
                     label: None,
                     labels: None,
                     line,
+                    segments: Vec::new(),
                 };
                 self.rows.push((line, example, Some(label)));
             }
@@ -188,6 +193,7 @@ impl Builder<'_> {
             label: None,
             labels: Some(labels),
             line,
+            segments: Vec::new(),
         };
         self.rows.push((line, example, None));
     }

@@ -13,7 +13,8 @@
 //!
 //! The module is split by job: [`config`](DataConfig) (what to read), `labels` ([`LabelMap`]),
 //! `read` (JSONL/CSV rows and [`load_examples`]), `encode` (rows to token ids), `order`
-//! ([`epoch_order`]) and `collate` ([`collate`]).
+//! ([`epoch_order`]), `pack` ([`pack`]: several short examples per row) and `collate`
+//! ([`collate`]).
 
 use std::path::PathBuf;
 
@@ -23,6 +24,7 @@ mod config;
 mod encode;
 mod labels;
 mod order;
+mod pack;
 mod read;
 
 pub use collate::{Collated, collate};
@@ -30,6 +32,7 @@ pub use config::{DataConfig, TaskKind};
 pub use encode::Example;
 pub use labels::LabelMap;
 pub use order::epoch_order;
+pub use pack::pack;
 pub use read::load_examples;
 
 /// The file name under which a run stores its [`LabelMap`].

@@ -421,6 +421,7 @@ fn collate_pads_right() {
         label: Some(1),
         labels: None,
         line: 0,
+        segments: Vec::new(),
     };
     let b = Example {
         input_ids: vec![2, 3],
@@ -428,6 +429,7 @@ fn collate_pads_right() {
         label: Some(0),
         labels: None,
         line: 0,
+        segments: Vec::new(),
     };
     let c = collate(&[&a, &b], 0, &device);
     assert_eq!(
@@ -448,6 +450,7 @@ fn collate_pads_right() {
         label: None,
         labels: Some(labels),
         line: 0,
+        segments: Vec::new(),
     };
     let x = lm(vec![7, 8], vec![-100, 8]);
     let y = lm(vec![7, 8, 9], vec![7, 8, 9]);
@@ -581,4 +584,49 @@ fn bad_conversations_name_the_file_and_line() {
         msg.contains("plain.jsonl:1: ") && msg.contains("chat template"),
         "{msg}"
     );
+}
+
+/// Best-fit decreasing: every token kept, no row over the limit (but an example longer than
+/// it, alone), the first label of every later sequence ignored, the same rows every time; a
+/// batch of packed rows carries their sequences for the forward.
+#[test]
+fn pack_fills_rows_best_fit_decreasing() {
+    let lm = |ids: Vec<i64>, line: usize| Example {
+        token_type_ids: vec![0; ids.len()],
+        labels: Some(ids.clone()),
+        input_ids: ids,
+        label: None,
+        line,
+        segments: Vec::new(),
+    };
+    let examples: Vec<Example> = [5usize, 3, 12, 4, 1, 6, 2]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| lm((0..n as i64).map(|k| 10 * i as i64 + k).collect(), i + 1))
+        .collect();
+    let rows = super::pack(&examples, 8);
+    assert_eq!(rows, super::pack(&examples, 8), "deterministic");
+    // 12 alone; 6+2; 5+3; 4+1.
+    let sizes: Vec<Vec<usize>> = rows.iter().map(|r| r.segments.clone()).collect();
+    assert_eq!(sizes, [vec![12], vec![6, 2], vec![5, 3], vec![4, 1]]);
+    let total: usize = rows.iter().map(|r| r.input_ids.len()).sum();
+    assert_eq!(total, 33);
+    let row = &rows[1];
+    assert_eq!(row.input_ids, [50, 51, 52, 53, 54, 55, 60, 61]);
+    assert_eq!(
+        row.labels.as_deref(),
+        Some(&[50, 51, 52, 53, 54, 55, -100, 61][..])
+    );
+    assert_eq!((row.line, row.token_type_ids.len()), (6, 8));
+
+    let device = Device::flex();
+    let refs: Vec<&Example> = rows[1..].iter().collect();
+    let c = collate(&refs, 0, &device);
+    let packed = c.packed.expect("packed rows");
+    assert_eq!(packed.lengths(0), [6, 2]);
+    assert_eq!(packed.lengths(2), [4, 1]);
+    assert_eq!(vec2(c.attention_mask).1[16..], [1, 1, 1, 1, 1, 0, 0, 0]);
+    // Plain examples collate without packing.
+    let plain: Vec<&Example> = examples.iter().collect();
+    assert!(collate(&plain, 0, &device).packed.is_none());
 }
