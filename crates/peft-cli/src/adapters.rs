@@ -20,8 +20,27 @@ pub struct AdapterArg {
     pub dir: PathBuf,
 }
 
-/// clap value parser of `--adapter`.
+/// clap value parser of `--adapter`: the folder must exist (a typo is named at once, before
+/// anything loads).
 pub fn parse_adapter(value: &str) -> Result<AdapterArg, String> {
+    let arg = split_adapter(value)?;
+    if !arg.dir.exists() {
+        return Err(format!(
+            "the adapter folder {} does not exist; pass a PEFT bundle folder (with \
+             adapter_config.json), e.g. <output>/adapter or <output>/best",
+            arg.dir.display()
+        ));
+    }
+    if !arg.dir.is_dir() {
+        return Err(format!(
+            "{} is a file; pass the folder that holds adapter_config.json",
+            arg.dir.display()
+        ));
+    }
+    Ok(arg)
+}
+
+fn split_adapter(value: &str) -> Result<AdapterArg, String> {
     // `NAME=DIR` only when NAME could name an adapter: a path may hold `=` too.
     if let Some((name, dir)) = value.split_once('=')
         && !name.is_empty()
@@ -39,6 +58,13 @@ pub fn parse_adapter(value: &str) -> Result<AdapterArg, String> {
         name: "default".into(),
         dir: PathBuf::from(value),
     })
+}
+
+/// The `task_type` of the bundle in `dir` (`adapter_config.json`), when it names one.
+pub fn task_type(dir: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("adapter_config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+    config.get("task_type")?.as_str().map(str::to_string)
 }
 
 /// The names of `--adapter-per-row`, one per row (a type of its own so clap keeps the list as
@@ -120,19 +146,22 @@ mod tests {
     #[test]
     fn adapter_values() {
         assert_eq!(
-            parse_adapter("sql=out/sql").unwrap(),
+            split_adapter("sql=out/sql").unwrap(),
             AdapterArg {
                 name: "sql".into(),
                 dir: "out/sql".into()
             }
         );
-        assert_eq!(parse_adapter("out/best").unwrap().name, "default");
+        assert_eq!(split_adapter("out/best").unwrap().name, "default");
         // A path holding `=` stays a path.
         assert_eq!(
-            parse_adapter("runs/a=b/best").unwrap().dir,
+            split_adapter("runs/a=b/best").unwrap().dir,
             PathBuf::from("runs/a=b/best")
         );
-        assert!(parse_adapter("sql=").is_err());
+        assert!(split_adapter("sql=").is_err());
+        // A folder that is not there is named before anything loads.
+        let err = parse_adapter("no/such/adapter").unwrap_err();
+        assert!(err.contains("no/such/adapter does not exist"), "{err}");
         assert_eq!(
             parse_rows("a, __base__,b").unwrap().0,
             ["a", "__base__", "b"]

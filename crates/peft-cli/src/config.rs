@@ -58,7 +58,9 @@ pub struct RunConfig {
     /// Training hyper-parameters.
     #[serde(default)]
     pub train: TrainConfig,
-    /// Output folder (adapter, best, checkpoints, TensorBoard runs).
+    /// Output folder (adapter, best, checkpoints, TensorBoard runs); `train --output`
+    /// replaces it (and is enough without it).
+    #[serde(default)]
     pub output: PathBuf,
     /// `flex` (CPU), `cuda[:N]` or `vulkan[:N]`.
     #[serde(default = "default_device")]
@@ -86,14 +88,16 @@ pub struct ModelSection {
     pub num_labels: Option<usize>,
 }
 
-/// The `model.task` values.
+/// The `model.task` values (PEFT's `task_type` names are accepted too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TaskName {
     /// Sequence classification.
     #[default]
+    #[serde(alias = "seq_cls", alias = "SEQ_CLS", alias = "seq-cls")]
     Classification,
     /// Causal language modelling.
+    #[serde(alias = "causal_lm", alias = "CAUSAL_LM")]
     CausalLm,
 }
 
@@ -184,8 +188,118 @@ pub struct LoadedRun {
     pub method: MethodChoice,
 }
 
-/// Read, parse and check `file`.
+/// `path` made absolute (against the working folder) with `.` and `..` removed, as runs print
+/// and record their paths: `examples/../out/run` is `/…/out/run`.
+pub fn normalized(path: &Path) -> PathBuf {
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(path)
+    };
+    let mut out = PathBuf::new();
+    for part in absolute.components() {
+        match part {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Read, parse and check `file` as it is (no command-line overrides).
+#[cfg(test)]
 pub fn load(file: &Path) -> Result<LoadedRun, ConfigError> {
+    load_with(file, None, &[])
+}
+
+/// One `--set KEY=VALUE`: a dotted key of the config (`train.learning_rate`) and a YAML value
+/// (`2e-4`, `true`, `[q_proj, v_proj]`, text).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetValue {
+    /// The dotted key.
+    pub key: String,
+    /// The value as written.
+    pub raw: String,
+}
+
+/// clap value parser of `--set`.
+pub fn parse_set(value: &str) -> Result<SetValue, String> {
+    match value.split_once('=') {
+        Some((key, raw)) if !key.trim().is_empty() && !key.split('.').any(str::is_empty) => {
+            Ok(SetValue {
+                key: key.trim().to_string(),
+                raw: raw.to_string(),
+            })
+        }
+        _ => Err(format!(
+            "`{value}`: expected KEY=VALUE with a dotted key, e.g. train.learning_rate=2e-4"
+        )),
+    }
+}
+
+/// The config text as a JSON tree with every `--set` applied.
+fn apply_sets(file: &Path, text: &str, sets: &[SetValue]) -> Result<RunConfig, ConfigError> {
+    let err = |message: String| ConfigError {
+        file: file.to_path_buf(),
+        line: None,
+        message,
+    };
+    let mut tree: Value = serde_saphyr::from_str(text).map_err(|e| yaml_error(file, text, &e))?;
+    for set in sets {
+        let value: Value = serde_saphyr::from_str(&set.raw)
+            .ok()
+            .filter(|v: &Value| !v.is_null() || set.raw.trim() == "null")
+            .unwrap_or_else(|| Value::String(set.raw.clone()));
+        let mut node = &mut tree;
+        let parts: Vec<&str> = set.key.split('.').collect();
+        for (i, part) in parts.iter().enumerate() {
+            let Value::Object(map) = node else {
+                return Err(err(format!(
+                    "--set {}: `{}` is not a block of keys",
+                    set.key,
+                    parts[..i].join(".")
+                )));
+            };
+            if i + 1 == parts.len() {
+                map.insert(part.to_string(), value.clone());
+                break;
+            }
+            node = map
+                .entry(part.to_string())
+                .or_insert_with(|| Value::Object(Default::default()));
+        }
+    }
+    serde_json::from_value(tree).map_err(|e| {
+        let message = e.to_string();
+        let keys: Vec<&str> = sets.iter().map(|s| s.key.as_str()).collect();
+        let message = match message
+            .strip_prefix("unknown field `")
+            .and_then(|rest| rest.split_once("`, expected one of "))
+        {
+            Some((field, expected)) => {
+                let expected: Vec<String> = expected
+                    .split(", ")
+                    .map(|k| k.trim_matches('`').to_string())
+                    .collect();
+                unknown_key_message(field, &expected)
+            }
+            None => message,
+        };
+        err(format!("with --set {}: {message}", keys.join(", ")))
+    })
+}
+
+/// Read, parse and check `file`; `output` (the command line's `--output`, relative to the
+/// working folder) replaces the config's `output:`, and `--set` overrides apply over the file
+/// (errors in an override name it).
+pub fn load_with(
+    file: &Path,
+    output: Option<&Path>,
+    sets: &[SetValue],
+) -> Result<LoadedRun, ConfigError> {
     let err = |line: Option<u64>, message: String| ConfigError {
         file: file.to_path_buf(),
         line,
@@ -197,7 +311,11 @@ pub fn load(file: &Path) -> Result<LoadedRun, ConfigError> {
             format!("cannot read the config: {e}; pass the path of a YAML file such as examples/lora-minilm-debian.yaml"),
         )
     })?;
-    let mut config: RunConfig = serde_saphyr::from_str(&text).map_err(|e| yaml_error(file, &e))?;
+    let mut config: RunConfig =
+        serde_saphyr::from_str(&text).map_err(|e| yaml_error(file, &text, &e))?;
+    if !sets.is_empty() {
+        config = apply_sets(file, &text, sets)?;
+    }
     let method = parse_methods(file, &text, &config)?;
     let base = file
         .parent()
@@ -208,11 +326,29 @@ pub fn load(file: &Path) -> Result<LoadedRun, ConfigError> {
             *p = base.join(&*p);
         }
     };
+    match output {
+        Some(out) => config.output = out.to_path_buf(),
+        None if config.output.as_os_str().is_empty() => {
+            return Err(err(
+                None,
+                "no output folder: add `output: out/my-run` to the config or pass --output DIR"
+                    .into(),
+            ));
+        }
+        None => resolve(&mut config.output),
+    }
     resolve(&mut config.data.train);
     config.data.eval.as_mut().map(resolve);
     config.data.test.as_mut().map(resolve);
     config.data.chat_template.as_mut().map(resolve);
-    resolve(&mut config.output);
+    for path in [&mut config.data.train, &mut config.output]
+        .into_iter()
+        .chain(config.data.eval.as_mut())
+        .chain(config.data.test.as_mut())
+        .chain(config.data.chat_template.as_mut())
+    {
+        *path = normalized(path);
+    }
     // `~/` is the user's home (the shipped chat demo names the fetched GGUF file so).
     if let Some(rest) = config.model.name_or_path.strip_prefix("~/")
         && let Some(home) = std::env::var_os("HOME")
@@ -224,7 +360,7 @@ pub fn load(file: &Path) -> Result<LoadedRun, ConfigError> {
     let is_local = local.join("config.json").is_file()
         || (peft_models::gguf::is_gguf(&config.model.name_or_path) && local.is_file());
     if Path::new(&config.model.name_or_path).is_relative() && is_local {
-        config.model.name_or_path = local.to_string_lossy().into_owned();
+        config.model.name_or_path = normalized(&local).to_string_lossy().into_owned();
     }
     if let Err((key, reason)) = config.train.validate() {
         // `adamw.eps` is the line of `eps:` inside the `train:` block.
@@ -233,6 +369,39 @@ pub fn load(file: &Path) -> Result<LoadedRun, ConfigError> {
             key_line(&text, Some("train"), leaf).or_else(|| key_line(&text, None, "train")),
             format!("`train.{key}` {reason}"),
         ));
+    }
+    let files = [
+        ("train", Some(&config.data.train)),
+        ("eval", config.data.eval.as_ref()),
+        ("test", config.data.test.as_ref()),
+        ("chat_template", config.data.chat_template.as_ref()),
+    ];
+    for (key, path) in files {
+        if let Some(path) = path.filter(|p| !p.is_file()) {
+            return Err(err(
+                key_line(&text, Some("data"), key),
+                format!(
+                    "`data.{key}`: {} {}; paths are relative to the config's folder",
+                    path.display(),
+                    if path.exists() {
+                        "is not a file"
+                    } else {
+                        "does not exist"
+                    }
+                ),
+            ));
+        }
+    }
+    for (key, value) in [
+        ("max_length", config.data.max_length),
+        ("max_new_tokens", config.data.max_new_tokens),
+    ] {
+        if value == Some(0) {
+            return Err(err(
+                key_line(&text, Some("data"), key),
+                format!("`data.{key}` must be at least 1"),
+            ));
+        }
     }
     if config.data.packing == Some(true) && config.model.task != TaskName::CausalLm {
         return Err(err(
@@ -254,7 +423,7 @@ pub fn load(file: &Path) -> Result<LoadedRun, ConfigError> {
     Ok(LoadedRun { config, method })
 }
 
-fn yaml_error(file: &Path, e: &serde_saphyr::Error) -> ConfigError {
+fn yaml_error(file: &Path, source: &str, e: &serde_saphyr::Error) -> ConfigError {
     let line = e.location().map(|l| l.line()).filter(|l| *l > 0);
     // The library's text starts with "error: line L column C: " and may add a snippet; keep the
     // message itself, and turn serde's unknown-field message into ours (with a suggestion).
@@ -275,7 +444,23 @@ fn yaml_error(file: &Path, e: &serde_saphyr::Error) -> ConfigError {
             let expected: Vec<String> = expected.split(", ").map(str::to_string).collect();
             unknown_key_message(field, &expected)
         }
-        None => message.to_string(),
+        // A value of the wrong type (`batch_size: -4` is "invalid u64"): name the key of the
+        // line it is on.
+        None => match line
+            .and_then(|l| source.lines().nth(l as usize - 1))
+            .and_then(|l| l.trim().trim_start_matches("- ").split_once(':'))
+            .map(|(key, value)| {
+                let value = value.split(" #").next().unwrap_or_default().trim();
+                (key.trim().trim_matches(['"', '\'']), value)
+            })
+            .filter(|(key, _)| !key.is_empty() && !message.contains(&format!("`{key}`")))
+        {
+            Some((key, value)) if !value.is_empty() => {
+                format!("`{key}`: {message} (found `{value}`)")
+            }
+            Some((key, _)) => format!("`{key}`: {message}"),
+            None => message.to_string(),
+        },
     };
     ConfigError {
         file: file.to_path_buf(),
@@ -300,6 +485,13 @@ fn unknown_key_message(found: &str, expected: &[String]) -> String {
         "unknown key `{found}`{hint} Valid keys here: {}",
         expected.join(", ")
     )
+}
+
+/// The 1-based line of `key:` in the `section:` block of the config `file` (for errors found
+/// after loading, e.g. a `target_modules` entry the model lacks).
+pub fn line_in_file(file: &Path, section: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(file).ok()?;
+    key_line(&text, Some(section), key)
 }
 
 /// The 1-based line of `key:` in the top-level `section:` block (or at top level).
@@ -342,6 +534,13 @@ fn with_task_defaults(mut method: Value, task: TaskName, heads: bool) -> Value {
     let Value::Object(map) = &mut method else {
         return method;
     };
+    // PEFT's enum values are upper case (`LORA`, `SEQ_CLS`); a YAML file may spell them
+    // `lora` or `seq_cls`.
+    for key in ["peft_type", "task_type"] {
+        if let Some(Value::String(v)) = map.get_mut(key) {
+            *v = v.to_ascii_uppercase();
+        }
+    }
     if !map.contains_key("task_type") {
         let name = match task {
             TaskName::Classification => "SEQ_CLS",

@@ -5,9 +5,8 @@ use anyhow::{Context, Result};
 use burn::tensor::{Device, FloatDType};
 use clap::Args;
 use peft_core::PeftModel;
-use peft_core::precision::{BaseDType, cast_frozen_base, quantize_frozen_base};
+use peft_core::precision::BaseDType;
 use peft_models::HfModel;
-use peft_models::quantized::QuantFormat;
 use peft_train::device::{self as devices, DEVICE_NAMES};
 
 /// `--device` and `--dtype`, shared by the subcommands that run a model.
@@ -33,51 +32,14 @@ pub fn parse(name: &str) -> Result<Device> {
 }
 
 /// Keep the frozen base weights of `model` in `dtype` (after its adapters are loaded), saying
-/// so on stderr; an error when `device` cannot compute in it.
+/// so on stderr; an error when `device` cannot compute in it
+/// ([`apply_base_dtype`](peft_models::base_dtype::apply_base_dtype), the rule `serve` uses too).
 pub fn cast_base(model: &mut PeftModel<HfModel>, dtype: BaseDType, device: &Device) -> Result<()> {
     let context = || format!("--dtype {dtype} on {}", devices::describe(device));
-    if dtype.is_quantized() {
-        let format = match dtype {
-            BaseDType::Nf4 => QuantFormat::Nf4,
-            _ => QuantFormat::Q8_0,
-        };
-        let report = quantize_frozen_base(model, dtype, &|weight| {
-            // A layer whose rows are not whole blocks stays dense: Burn-layout `[in, out]`, so
-            // a row (one output) holds `in` values.
-            let [d_in, _] = weight.dims();
-            if format.row_bytes(d_in).is_none() {
-                return Ok(None);
-            }
-            peft_models::quantized::quantize_linear(weight, format)
-                .map(Some)
-                .map_err(|e| e.to_string())
-        })
-        .with_context(context)?;
-        eprintln!(
-            "base weights in {dtype} ({}): {} linear layers, {:.1} M weights (embeddings, the \
-             output and classification heads, adapters and optimizer state stay f32)",
-            format.name(),
-            report.tensors,
-            report.elements as f64 / 1e6
-        );
-        if report.skipped > 0 {
-            eprintln!(
-                "  {} linear layers stay f32: their inputs are not a multiple of {}'s {}-value \
-                 blocks",
-                report.skipped,
-                format.name(),
-                format.block_size()
-            );
-        }
-        return Ok(());
-    }
-    let report = cast_frozen_base(model, dtype, device).with_context(context)?;
-    if report.tensors > 0 {
-        eprintln!(
-            "base weights in {dtype}: {} tensors, {:.1} MiB (adapters and optimizer state stay f32)",
-            report.tensors,
-            (report.elements * dtype.size()) as f64 / (1024.0 * 1024.0)
-        );
+    let report =
+        peft_models::base_dtype::apply_base_dtype(model, dtype, device).with_context(context)?;
+    if report.cast.tensors > 0 {
+        eprintln!("{report}");
     }
     Ok(())
 }

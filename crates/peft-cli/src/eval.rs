@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use peft_models::{Task, from_pretrained, load_tokenizer, model_dir};
-use peft_train::data::{DataConfig, LABEL_MAP_FILE, LabelMap, TaskKind, load_examples};
+use peft_train::data::{
+    DATA_CONFIG_FILE, DataConfig, LABEL_MAP_FILE, LabelMap, TaskKind, load_examples,
+};
 use peft_train::{Objective, evaluate};
 
 use crate::adapters::AdapterArg;
@@ -27,15 +29,15 @@ pub struct EvalArgs {
     /// exact and contains match).
     #[arg(long)]
     pub(crate) data: PathBuf,
-    /// `classification` or `causal-lm`.
-    #[arg(long, default_value = "classification", value_parser = parse_task)]
-    pub(crate) task: TaskName,
+    /// `classification` or `causal-lm` (default: the adapter's `task_type`, `SEQ_CLS` or
+    /// `CAUSAL_LM`; else classification).
+    #[arg(long, value_parser = parse_task)]
+    pub(crate) task: Option<TaskName>,
     /// Class names: a `label_map.json` (default: the adapter's, else the model folder's).
     #[arg(long)]
     labels: Option<PathBuf>,
-    /// Most tokens per example.
-    #[arg(long, default_value_t = 128)]
-    pub(crate) max_length: usize,
+    #[command(flatten)]
+    pub(crate) data_flags: DataFlags,
     /// Examples per batch.
     #[arg(long, default_value_t = 32)]
     pub(crate) batch_size: usize,
@@ -48,6 +50,109 @@ pub struct EvalArgs {
     /// Conversations (`messages` rows, causal LM): tokens per generated reply at most.
     #[arg(long, default_value_t = 32)]
     pub(crate) max_new_tokens: usize,
+}
+
+/// The `data:` options of a run config on the command line. Each defaults to what the adapter
+/// was trained with (`data_config.json`, written by `burn-peft train` beside it), else to the
+/// config's default.
+#[derive(Args, Debug, Default)]
+pub struct DataFlags {
+    /// `jsonl` or `csv` (default: by the file's extension).
+    #[arg(long)]
+    format: Option<String>,
+    /// Field of the text (default `text`).
+    #[arg(long)]
+    text_field: Option<String>,
+    /// Field of the second text of a pair (default `text_pair`).
+    #[arg(long)]
+    text_pair_field: Option<String>,
+    /// Field of the label (default `label`).
+    #[arg(long)]
+    label_field: Option<String>,
+    /// Field of the prompt (causal LM; default `prompt`).
+    #[arg(long)]
+    prompt_field: Option<String>,
+    /// Field of the completion (causal LM; default `completion`).
+    #[arg(long)]
+    completion_field: Option<String>,
+    /// Field of a conversation (causal LM; default `messages`).
+    #[arg(long)]
+    messages_field: Option<String>,
+    /// Most tokens per example (default: the adapter's training length, else 128).
+    #[arg(long)]
+    max_length: Option<usize>,
+}
+
+impl DataFlags {
+    /// The reader: these flags over the adapters' recorded data config, over the defaults;
+    /// says where `max_length` came from when the adapter set it.
+    pub(crate) fn reader(&self, adapters: &[AdapterArg]) -> Result<(DataConfig, Option<String>)> {
+        let recorded = adapters
+            .iter()
+            .map(|a| a.dir.join(DATA_CONFIG_FILE))
+            .find(|f| f.is_file());
+        let mut cfg = match &recorded {
+            Some(file) => {
+                let text = std::fs::read_to_string(file)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                serde_json::from_str::<DataConfig>(&text).map_err(|e| {
+                    crate::UsageError(format!(
+                        "{}: not a data config written by `burn-peft train` ({e}); remove it or \
+                         pass the data flags",
+                        file.display()
+                    ))
+                })?
+            }
+            None => DataConfig::default(),
+        };
+        let set = |target: &mut String, flag: &Option<String>| {
+            if let Some(v) = flag {
+                target.clone_from(v);
+            }
+        };
+        if self.format.is_some() {
+            cfg.format.clone_from(&self.format);
+        }
+        set(&mut cfg.text_field, &self.text_field);
+        if self.text_pair_field.is_some() {
+            cfg.text_pair_field.clone_from(&self.text_pair_field);
+        }
+        set(&mut cfg.label_field, &self.label_field);
+        set(&mut cfg.prompt_field, &self.prompt_field);
+        set(&mut cfg.completion_field, &self.completion_field);
+        set(&mut cfg.messages_field, &self.messages_field);
+        let note = match (self.max_length, &recorded) {
+            (Some(n), _) => {
+                cfg.max_length = n;
+                None
+            }
+            (None, Some(file)) => Some(format!(
+                "max length {} (as the adapter was trained, {}; --max-length to change)",
+                cfg.max_length,
+                file.display()
+            )),
+            (None, None) => None,
+        };
+        if cfg.max_length == 0 {
+            bail!(crate::UsageError("--max-length must be at least 1".into()));
+        }
+        Ok((cfg, note))
+    }
+}
+
+/// The task: `--task`, else the first adapter's `task_type`, else classification.
+fn resolve_task(args: &EvalArgs) -> TaskName {
+    if let Some(task) = args.task {
+        return task;
+    }
+    let from_adapter = args
+        .adapter
+        .iter()
+        .find_map(|a| crate::adapters::task_type(&a.dir));
+    match from_adapter.as_deref() {
+        Some("CAUSAL_LM") => TaskName::CausalLm,
+        _ => TaskName::Classification,
+    }
 }
 
 fn parse_task(s: &str) -> Result<TaskName, String> {
@@ -90,8 +195,21 @@ fn find_labels(args: &EvalArgs) -> Result<Option<LabelMap>> {
 /// Run the subcommand.
 pub fn run(args: EvalArgs) -> Result<()> {
     let device = crate::device::parse(&args.run_on.device)?;
-    if matches!(args.task, TaskName::CausalLm) && crate::eval_chat::is_conversational(&args.data) {
-        return crate::eval_chat::run(&args, &device);
+    let task_name = resolve_task(&args);
+    if !args.data.is_file() {
+        bail!(crate::UsageError(format!(
+            "--data {}: no such file; pass a JSONL or CSV file of examples",
+            args.data.display()
+        )));
+    }
+    let (reader, note) = args.data_flags.reader(&args.adapter)?;
+    if matches!(task_name, TaskName::CausalLm)
+        && crate::eval_chat::is_conversational(&args.data, &reader.messages_field)
+    {
+        return crate::eval_chat::run(&args, &reader, &device);
+    }
+    if let Some(note) = note {
+        eprintln!("{note}");
     }
     let tokenizer = load_tokenizer(&args.model).with_context(|| {
         format!(
@@ -99,15 +217,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
             args.model
         )
     })?;
-    let reader = DataConfig {
-        max_length: args.max_length,
-        ..Default::default()
-    };
-    let (task, objective, kind, labels) = match args.task {
+    let (task, objective, kind, labels) = match task_name {
         TaskName::Classification => {
             let Some(labels) = find_labels(&args)? else {
                 bail!(crate::UsageError(
-                    "no label map: pass --labels <label_map.json> (written by `burn-peft train` into its output and adapter folders)".into()
+                    "no label map for classification: pass --labels <label_map.json> (written by `burn-peft train` into its output and adapter folders), or --task causal-lm for a language model".into()
                 ));
             };
             let n = labels.len();
@@ -134,7 +248,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     crate::device::cast_base(&mut model, args.run_on.dtype, &device)?;
     model
         .model()
-        .check_sequence_length(args.max_length, "--max-length")?;
+        .check_sequence_length(reader.max_length, "--max-length")?;
     let report = evaluate(
         model.model(),
         &examples,

@@ -5,31 +5,46 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use burn::tensor::Device;
+use peft_models::chat::{ChatTemplate, template_of_folder};
 use peft_models::{Task, from_pretrained};
 use peft_train::chat_eval::{ChatEvalConfig, ChatEvalReport, evaluate_chat, load_conversations};
+use peft_train::data::DataConfig;
 
 use crate::eval::EvalArgs;
 
-/// The field of a conversation in a data file.
-const MESSAGES: &str = "messages";
-
-/// Whether `data` is a JSON Lines file whose first row holds `messages`.
-pub fn is_conversational(data: &Path) -> bool {
+/// Whether `data` is a JSON Lines file whose first row holds a conversation under `field`.
+pub fn is_conversational(data: &Path, field: &str) -> bool {
     let Ok(text) = std::fs::read_to_string(data) else {
         return false;
     };
     text.lines()
         .find(|l| !l.trim().is_empty())
         .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .is_some_and(|row| row.get(MESSAGES).is_some())
+        .is_some_and(|row| row.get(field).is_some())
 }
 
-/// Generate and score the replies.
-pub fn run(args: &EvalArgs, device: &Device) -> Result<()> {
-    let conversations = load_conversations(&args.data, MESSAGES)?;
+/// Generate and score the replies, with the adapter's own chat template where its folder has
+/// one (training saves it there), else the model's.
+pub fn run(args: &EvalArgs, reader: &DataConfig, device: &Device) -> Result<()> {
+    let conversations = load_conversations(&args.data, &reader.messages_field)?;
     let pretrained = from_pretrained(&args.model, Task::CausalLm, device)
         .with_context(|| format!("loading model `{}`", args.model))?;
-    let template = pretrained.chat()?.ok_or_else(|| {
+    let own = args
+        .adapter
+        .iter()
+        .find_map(|a| template_of_folder(&a.dir).map(|t| (a, t)));
+    let template = match own {
+        Some((adapter, (name, source))) => Some(
+            ChatTemplate::new(
+                format!("of adapter {} ({name})", adapter.dir.display()),
+                &source,
+                pretrained.special_tokens.clone(),
+            )
+            .map_err(|e| crate::UsageError(e.to_string()))?,
+        ),
+        None => pretrained.chat()?,
+    };
+    let template = template.ok_or_else(|| {
         crate::UsageError(format!(
             "{} holds conversations, but model `{}` has no chat template to render them",
             args.data.display(),

@@ -69,7 +69,16 @@ pub fn run(args: ForwardArgs) -> Result<()> {
     if let Some(t) = outputs.pooler_output {
         tensors.insert("pooler_output".to_string(), t.into_data());
     }
+    let summary: Vec<String> = tensors
+        .iter()
+        .map(|(name, data)| format!("{name} {:?}", data.shape().as_slice()))
+        .collect();
     write_outputs(&args.output, tensors)
         .with_context(|| format!("writing {}", args.output.display()))?;
+    println!(
+        "wrote {}: {}",
+        crate::config::normalized(&args.output).display(),
+        summary.join(", ")
+    );
     Ok(())
 }

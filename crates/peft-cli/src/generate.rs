@@ -18,9 +18,16 @@ pub struct GenerateArgs {
     /// several adapters, which run together unless `--adapter-per-row` is given.
     #[arg(long, value_parser = crate::adapters::parse_adapter)]
     adapter: Vec<AdapterArg>,
-    /// The text to continue; repeat it to continue several in one batch.
+    /// The text to continue (`-` reads it from stdin); repeat it to continue several in one
+    /// batch.
     #[arg(long, required_unless_present = "chat", conflicts_with = "chat")]
     prompt: Vec<String>,
+    /// A `tokenizer.json` to use when the model folder has none.
+    #[arg(long)]
+    tokenizer: Option<std::path::PathBuf>,
+    /// Stop at this text (repeatable): the output ends before the first stop found.
+    #[arg(long)]
+    stop: Vec<String>,
     /// Chat: answer a conversation rendered with the model's chat template (from
     /// `--system` / `--user`, or `--messages`); prints the reply only.
     #[arg(long)]
@@ -39,7 +46,8 @@ pub struct GenerateArgs {
     /// continued with its own adapter in one batch.
     #[arg(long, value_parser = crate::adapters::parse_rows)]
     adapter_per_row: Option<RowNames>,
-    /// Tokens to add at most.
+    /// Tokens to add at most; the prompt and these must fit the model's positions (the
+    /// server's rule).
     #[arg(long, default_value_t = 48)]
     max_new_tokens: usize,
     /// 0 = greedy; otherwise sample from logits / temperature.
@@ -80,10 +88,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let device = crate::device::parse(&args.run_on.device)?;
     let pretrained = from_pretrained(&args.model, Task::CausalLm, &device)
         .with_context(|| format!("loading model `{}`", args.model))?;
-    let tokenizer = pretrained
-        .tokenizer
-        .clone()
-        .with_context(|| format!("model `{}` has no tokenizer.json", args.model))?;
+    let tokenizer = match (&args.tokenizer, &pretrained.tokenizer) {
+        (Some(file), _) => peft_models::HfTokenizer::from_file(file)?,
+        (None, Some(tokenizer)) => tokenizer.clone(),
+        (None, None) => anyhow::bail!(crate::UsageError(format!(
+            "model `{}` has no tokenizer.json: pass --tokenizer path/to/tokenizer.json",
+            args.model
+        ))),
+    };
+    let context_limit =
+        peft_models::generate_limits::context_limit(&pretrained.model, &pretrained.config.raw);
     let eos = peft_models::generate::eos_token_ids(&pretrained.config.raw);
     let template = if args.chat { pretrained.chat()? } else { None };
     if let Some(RowNames(rows)) = &args.adapter_per_row
@@ -131,9 +145,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     } else {
         args.prompt
             .iter()
-            .map(|p| Ok(tokenizer.encode(p, None, usize::MAX)?.ids))
+            .map(|p| Ok(tokenizer.encode(&prompt_text(p)?, None, usize::MAX)?.ids))
             .collect::<Result<Vec<_>>>()?
     };
+    let prefix = model.model().prefix_len();
+    for prompt in &prompts {
+        check_room(prompt.len(), prefix, args.max_new_tokens, context_limit)?;
+    }
     let config = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
@@ -154,12 +172,82 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 .copied()
                 .take_while(|t| !eos.contains(t))
                 .collect();
-            writeln!(out, "{}", tokenizer.decode(&reply)?)?;
+            writeln!(
+                out,
+                "{}",
+                cut_at_stop(tokenizer.decode(&reply)?, &args.stop, 0)
+            )?;
         } else {
-            writeln!(out, "{}", tokenizer.decode(ids)?)?;
+            let prompt_text = tokenizer.decode(prompt)?;
+            let text = tokenizer.decode(ids)?;
+            // Stops are looked for in the generated part only.
+            let start = if text.starts_with(&prompt_text) {
+                prompt_text.len()
+            } else {
+                0
+            };
+            writeln!(out, "{}", cut_at_stop(text, &args.stop, start))?;
         }
     }
     Ok(())
+}
+
+/// A `--prompt` value: `-` is the whole of stdin.
+fn prompt_text(value: &str) -> Result<String> {
+    if value != "-" {
+        return Ok(value.to_string());
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+        .context("reading the prompt from stdin")?;
+    Ok(text)
+}
+
+/// `text` up to the first of `stops` found at or after byte `start`.
+fn cut_at_stop(mut text: String, stops: &[String], start: usize) -> String {
+    let first = stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.get(start..)?.find(s.as_str()))
+        .min();
+    if let Some(at) = first {
+        text.truncate(start + at);
+    }
+    text
+}
+
+/// The server's rule ([`room_for`](peft_models::generate_limits::room_for)): the prompt, a
+/// prefix-tuning prefix and the new tokens fit the model's positions.
+fn check_room(
+    prompt: usize,
+    prefix: usize,
+    new: usize,
+    limit: Option<(usize, &'static str)>,
+) -> Result<()> {
+    use peft_models::generate_limits::{MAX_NEW_TOKENS_WITHOUT_LIMIT, Room, room_for};
+    let (limit_n, key) = limit.unwrap_or((0, ""));
+    let with_prefix = if prefix > 0 {
+        format!(" after the adapter's {prefix} virtual tokens")
+    } else {
+        String::new()
+    };
+    let why = match room_for(limit.map(|(n, _)| n), prefix, prompt, new) {
+        Room::Fits => return Ok(()),
+        Room::OverDefaultCap => format!(
+            "--max-new-tokens {new}: the model states no context limit, and at most \
+             {MAX_NEW_TOKENS_WITHOUT_LIMIT} new tokens are generated"
+        ),
+        Room::PromptTooLong => format!(
+            "the prompt has {prompt} tokens{with_prefix} and the model has {limit_n} positions \
+             ({key}): shorten it"
+        ),
+        Room::TooManyNew { room } => format!(
+            "--max-new-tokens {new}: the prompt has {prompt} tokens{with_prefix} and the model \
+             has {limit_n} positions ({key}); at most {room} new tokens fit: pass \
+             --max-new-tokens {room}"
+        ),
+    };
+    Err(crate::UsageError(why).into())
 }
 
 /// The conversation of `--chat`: `--messages FILE`, else `--system` and `--user`.

@@ -68,10 +68,22 @@ pub fn run(args: InspectArgs) -> Result<()> {
     let peft_type = peft_core::peft_type_of(loaded.method.as_ref());
     // Everything method-specific comes from the method itself (`PeftMethod::describe`).
     let summary = loaded.method.describe();
-    println!("adapter:   {}", args.adapter.display());
-    println!("method:    {peft_type}");
+    // One column for every label, however long the method's keys are.
+    let width = summary
+        .entries
+        .iter()
+        .map(|(k, _)| k.len() + 1)
+        .chain([8])
+        .max()
+        .unwrap_or(8)
+        + 1;
+    let field = |label: &str, value: &dyn std::fmt::Display| {
+        println!("{:<width$}{value}", format!("{label}:"));
+    };
+    field("adapter", &args.adapter.display());
+    field("method", &peft_type);
     for (key, value) in &summary.entries {
-        println!("{key:<10} {}", short(value));
+        field(key, &short(value));
     }
     // Modules touched, grouped by the last path segment (`query`, `value`, …), with ranks.
     let mut params = 0usize;
@@ -99,37 +111,50 @@ pub fn run(args: InspectArgs) -> Result<()> {
             *ranks.entry(*rank).or_default() += 1;
         }
     }
-    println!(
-        "tensors:   {} ({} parameters, {:.1} KiB on disk, dtype {})",
-        names.len(),
-        thousands(params),
-        bytes.len() as f64 / 1024.0,
-        names.first().map(|(_, _, d)| d.clone()).unwrap_or_default()
+    field(
+        "tensors",
+        &format!(
+            "{} ({} parameters, {:.1} KiB on disk, dtype {})",
+            names.len(),
+            thousands(params),
+            bytes.len() as f64 / 1024.0,
+            names.first().map(|(_, _, d)| d.clone()).unwrap_or_default()
+        ),
     );
     if !ranks.is_empty() {
         let list: Vec<String> = ranks
             .iter()
             .map(|(r, n)| format!("r={r} on {n} module(s)"))
             .collect();
-        println!("ranks:     {}", list.join(", "));
+        field("ranks", &list.join(", "));
     }
+    let roles: Vec<(&str, &str, usize)> = by_role
+        .iter()
+        .map(|(role, count)| match role {
+            Some(r) => (r.suffix.as_str(), r.description.as_str(), *count),
+            None => (
+                "(other)",
+                "modules_to_save copies, trained biases, saved base tables",
+                *count,
+            ),
+        })
+        .collect();
+    let names_width = by_module
+        .keys()
+        .map(String::len)
+        .chain(roles.iter().map(|(name, _, _)| name.len()))
+        .max()
+        .unwrap_or(0);
     println!("modules:");
     for (module, (count, n)) in &by_module {
         println!(
-            "  {module:<24} {count:>4} tensor(s) {:>12} params",
+            "  {module:<names_width$} {count:>4} tensor(s) {:>12} params",
             thousands(*n)
         );
     }
     println!("roles:");
-    for (role, count) in &by_role {
-        let (name, what) = match role {
-            Some(r) => (r.suffix.as_str(), r.description.as_str()),
-            None => (
-                "(other)",
-                "modules_to_save copies, trained biases, saved base tables",
-            ),
-        };
-        println!("  {name:<24} {count:>4} tensor(s)  {what}");
+    for (name, what, count) in roles {
+        println!("  {name:<names_width$} {count:>4} tensor(s)  {what}");
     }
     let Some(model) = &args.model else {
         return Ok(());

@@ -34,7 +34,8 @@ struct Cli {
 enum Command {
     /// Fine-tune a model as a YAML config says; saves the adapter and prints held-out metrics.
     Train(train::TrainArgs),
-    /// Evaluate a model with an adapter on a labelled data file.
+    /// Evaluate a model with an adapter on a labelled data file (classification, causal LM
+    /// loss, or conversations scored by their generated replies).
     Eval(eval::EvalArgs),
     /// Merge an adapter into its base model and write a full Hugging Face model folder.
     Merge(merge::MergeArgs),
@@ -56,9 +57,9 @@ enum Command {
     /// Time LoRA training steps of a causal LM on synthetic tokens (weights random when the
     /// folder has only a config.json); prints tokens/s and peak device memory as JSON.
     Bench(bench::BenchArgs),
-    /// Serve a base model and many adapters over HTTP (OpenAI-compatible completions,
-    /// embeddings, classification; the request's `model` names the adapter), batching
-    /// requests for different adapters into one forward.
+    /// Serve a base model and many adapters over HTTP (OpenAI-compatible completions, chat
+    /// completions, embeddings, classification; the request's `model` names the adapter),
+    /// batching requests for different adapters into one forward.
     Serve(serve::ServeArgs),
 }
 
@@ -96,7 +97,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", message(&err));
             let bad_input = err.chain().any(|c| {
                 c.downcast_ref::<tensors::InputError>().is_some()
                     || c.downcast_ref::<UsageError>().is_some()
@@ -116,4 +117,22 @@ fn main() -> ExitCode {
             ExitCode::from(if bad_input { EXIT_BAD_INPUT } else { 1 })
         }
     }
+}
+
+/// The error and its causes, `: `-joined as `{:#}` prints them, without a cause whose text the
+/// message already holds (an I/O error that names its file and shows its OS error would
+/// otherwise print that OS error twice).
+fn message(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }

@@ -31,9 +31,8 @@ pub struct ServeArgs {
     /// Port to bind (0: any free port, printed at start).
     #[arg(long, default_value_t = 8000)]
     port: u16,
-    /// Backend: `flex` (CPU) or `cuda`.
-    #[arg(long, default_value = "flex")]
-    device: String,
+    #[command(flatten)]
+    run_on: crate::device::RunOn,
     /// Sequences in one forward step at most (1: one request at a time).
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
     max_batch: u64,
@@ -79,7 +78,7 @@ fn size(n: u64) -> usize {
 
 /// Run the subcommand.
 pub fn run(args: ServeArgs) -> Result<()> {
-    let device = crate::device::parse(&args.device)?;
+    let device = crate::device::parse(&args.run_on.device)?;
     let api_key = match &args.api_key_env {
         Some(var) => {
             let key = std::env::var(var).map_err(|_| {
@@ -114,6 +113,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         body_timeout: Duration::from_secs(args.body_timeout),
         max_connections: size(args.max_connections),
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        dtype: args.run_on.dtype,
         ..ServeConfig::new(&args.model)
     };
     let addr = SocketAddr::new(args.host, args.port);

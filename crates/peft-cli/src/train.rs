@@ -8,7 +8,9 @@ use clap::Args;
 use peft_core::PeftModel;
 use peft_models::chat::ChatTemplate;
 use peft_models::{HfTokenizer, Task, from_pretrained, load_tokenizer_and_chat, read_config};
-use peft_train::data::{DataConfig, Example, LABEL_MAP_FILE, LabelMap, load_examples, pack};
+use peft_train::data::{
+    DATA_CONFIG_FILE, DataConfig, Example, LABEL_MAP_FILE, LabelMap, load_examples, pack,
+};
 use peft_train::{EvalReport, FullExport, Objective, TrainOptions, Trainer};
 use serde_json::json;
 
@@ -28,13 +30,15 @@ pub struct TrainArgs {
     /// Override `output`.
     #[arg(long)]
     output: Option<PathBuf>,
-    /// No progress bar (logs only).
+    /// No progress bar and no step lines: only the run's summary lines and errors.
     #[arg(long)]
     quiet: bool,
-    /// Override `device`: `flex` (CPU), `cuda[:N]` or `vulkan[:N]`.
+    /// Backend: `flex` (CPU), `cuda[:N]` or `vulkan[:N]` (`burn-peft devices` lists them);
+    /// overrides the config's `device`.
     #[arg(long)]
     device: Option<String>,
-    /// Override `dtype`, the precision of the frozen base: `f32`, `f16` or `bf16`.
+    /// Precision of the frozen base weights: `f32`, `f16`, `bf16`, or quantized (QLoRA):
+    /// `nf4`, `q8` (adapters stay f32); overrides the config's `dtype`.
     #[arg(long, value_parser = crate::device::parse_dtype)]
     dtype: Option<peft_core::precision::BaseDType>,
     /// Start over in an output folder that holds a run: its checkpoints, bundles and
@@ -44,6 +48,14 @@ pub struct TrainArgs {
     /// Resume a checkpoint written with another config (data, batch size, seed, ...).
     #[arg(long, requires = "resume")]
     force_resume: bool,
+    /// Override a config key: `--set train.learning_rate=2e-4`, `--set data.max_length=64`,
+    /// `--set method.target_modules=[q_proj,v_proj]` (repeatable; YAML values).
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = config::parse_set)]
+    set: Vec<config::SetValue>,
+    /// Check the config, the data and the model (targets included), print the plan (steps,
+    /// examples, trainable parameters, output) and stop before training; writes nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// The data of a run, tokenized.
@@ -123,13 +135,29 @@ fn check_vocabulary(run: &config::RunConfig, data: &RunData, vocab: usize) -> Re
     Ok(())
 }
 
+/// An adapter the model refuses, as a config error at the line of the key it is about
+/// (`target_modules: [q_proj]` on a BERT model names the line and the model's names).
+fn method_error(file: &Path, name: &str, e: peft_core::PeftError) -> anyhow::Error {
+    let key = match &e {
+        peft_core::PeftError::TargetNotFound { field, .. } => Some(field.as_str()),
+        peft_core::PeftError::InvalidConfig { key, .. } => Some(key.as_str()),
+        _ => None,
+    };
+    let line = key.and_then(|k| {
+        config::line_in_file(file, "method", k).or_else(|| config::line_in_file(file, "methods", k))
+    });
+    config::ConfigError {
+        file: file.to_path_buf(),
+        line,
+        message: format!("in `method` (adapter `{name}`): {e}"),
+    }
+    .into()
+}
+
 /// Run the subcommand.
 pub fn run(args: TrainArgs) -> Result<()> {
-    let loaded = config::load(&args.config)?;
+    let loaded = config::load_with(&args.config, args.output.as_deref(), &args.set)?;
     let mut run = loaded.config;
-    if let Some(out) = args.output {
-        run.output = out;
-    }
     if args.max_steps.is_some() {
         run.train.max_steps = args.max_steps;
     }
@@ -202,9 +230,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     match &loaded.method {
         MethodChoice::Peft(methods) => {
             for (name, method) in methods {
-                model.add_adapter(name, method.as_ref()).with_context(|| {
-                    format!("{}: in `method` (adapter `{name}`)", args.config.display())
-                })?;
+                model
+                    .add_adapter(name, method.as_ref())
+                    .map_err(|e| method_error(&args.config, name, e))?;
                 adapters.push(name.clone());
             }
             // All of them active (and trainable) together, as the trainer runs them: the
@@ -256,6 +284,31 @@ pub fn run(args: TrainArgs) -> Result<()> {
             "packing: {examples} training examples in {rows} rows of up to {max_length} tokens ({:.0}% filled)",
             100.0 * tokens as f64 / (rows.max(1) * max_length) as f64
         );
+    }
+    if args.dry_run {
+        let c = &run.train;
+        println!(
+            "plan: {} steps ({} epoch(s) of {} training rows, batch {} x {} accumulated), \
+             learning rate {:e}, max length {}",
+            c.total_steps(data.train.len()),
+            c.epochs,
+            data.train.len(),
+            c.batch_size,
+            c.grad_accum,
+            c.learning_rate,
+            run.data.reader().max_length,
+        );
+        println!(
+            "output: {} ({})",
+            run.output.display(),
+            if run.output.join("results.json").is_file() {
+                "holds a run: pass --overwrite or --resume"
+            } else {
+                "new"
+            }
+        );
+        println!("dry run: the config, data and model check out; nothing was trained or written");
+        return Ok(());
     }
 
     // The trainer creates the output folder once its checks pass: a refused run writes nothing.
@@ -309,7 +362,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let train_seconds = started.elapsed().as_secs_f64();
     let result_dir = result.adapter_dir.clone();
-    let trained_on_chat = crate::eval_chat::is_conversational(&run.data.train);
+    let trained_on_chat =
+        crate::eval_chat::is_conversational(&run.data.train, &run.data.reader().messages_field);
     let best_dir = run.output.join("best");
     for dir in [&result_dir, &best_dir] {
         // Beside every bundle (several adapters each have their own folder), so `eval` and
@@ -325,6 +379,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
             {
                 labels.save(&folder.join(LABEL_MAP_FILE))?;
             }
+            // How the data was read (`max_length`, field names): `eval` reads it the same way.
+            if folder.join("adapter_config.json").is_file() {
+                peft_core::atomic::write_file(
+                    &folder.join(DATA_CONFIG_FILE),
+                    &serde_json::to_vec_pretty(&run.data.reader())?,
+                )?;
+            }
             // The template the conversations were rendered with travels with the adapter:
             // `serve` (and transformers) use a bundle's own template, so the model is served
             // with the prompts it learned.
@@ -339,10 +400,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
     }
     println!(
-        "trained {} steps in {:.1} s ({:.2} steps/s); saved {}",
+        "trained {} steps: {:.1} s of steps ({:.2} steps/s), {:.1} s with loading, evaluation \
+         and checkpoints; saved {}",
         result.steps,
-        train_seconds,
+        result.step_seconds,
         result.steps_per_sec,
+        train_seconds,
         result_dir.display()
     );
     if let Some(eval) = &result.last_eval {
@@ -372,7 +435,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         test_report = Some(report);
     }
     let test_generation = match (&run.data.test, &chat) {
-        (Some(test), Some(template)) if crate::eval_chat::is_conversational(test) => {
+        (Some(test), Some(template))
+            if crate::eval_chat::is_conversational(test, &run.data.reader().messages_field) =>
+        {
             let tuned = reload(source, task, &chosen, &adapters, full, &device)?;
             let eos = peft_models::generate::eos_token_ids(&pretrained.config.raw);
             let scores = generation_scores(&run, test, tuned, template, &tokenizer, eos, &device)?;
@@ -381,7 +446,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         _ => None,
     };
     let summary = json!({
-        "config": args.config,
+        "config": config::normalized(&args.config),
         "model": source,
         "method": if full { "FULL".to_string() } else { method_name(&trainer.model, &adapters) },
         "adapters": adapters,
@@ -389,6 +454,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         "all_params": report.all,
         "steps": result.steps,
         "train_seconds": train_seconds,
+        "step_seconds": result.step_seconds,
         "steps_per_sec": result.steps_per_sec,
         "tokens_per_sec": result.tokens_per_sec,
         "best": result.best.map(|(value, step)| json!({"value": value, "step": step})),

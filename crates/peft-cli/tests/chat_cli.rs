@@ -187,17 +187,11 @@ fn train_and_eval_on_conversations() {
         std::fs::read_to_string(dir.path().join("out/test_predictions.jsonl")).unwrap();
     assert_eq!(predictions.lines().count(), 4);
 
-    // `eval` scores the same conversations with the trained adapter, one line per reply.
+    // `eval` scores the same conversations with the trained adapter, one line per reply (the
+    // task read from the adapter's `task_type`: no `--task` needed).
     let file = dir.path().join("predictions.jsonl");
     let out = burn_peft()
-        .args([
-            "eval",
-            "--task",
-            "causal-lm",
-            "--max-new-tokens",
-            "4",
-            "--model",
-        ])
+        .args(["eval", "--max-new-tokens", "4", "--model"])
         .arg(&model)
         .arg("--adapter")
         .arg(dir.path().join("out/adapter"))

@@ -114,7 +114,7 @@ fn train_eval_inspect_on_minilm() {
     assert!(out.status.success(), "{}", text(&out));
     let printed = String::from_utf8_lossy(&out.stdout);
     for needle in [
-        "method:    LORA",
+        "LORA",
         "r=4 on 12 module(s)",
         "query",
         "value",
@@ -226,7 +226,16 @@ fn other_subcommands_reject_bad_input() {
         .arg(&missing)
         .output()
         .unwrap();
-    bad_input(&out, &["no label map"]);
+    bad_input(&out, &["nothing-here", "no such file"]);
+    // Classification without a label map: where to get one, or the other task.
+    let rows = dir.path().join("rows.jsonl");
+    std::fs::write(&rows, "{\"text\": \"a\", \"label\": \"x\"}\n").unwrap();
+    let out = burn_peft()
+        .args(["eval", "--model", MINILM, "--data"])
+        .arg(&rows)
+        .output()
+        .unwrap();
+    bad_input(&out, &["no label map", "--labels", "--task causal-lm"]);
     let labels = dir.path().join("label_map.json");
     std::fs::write(&labels, r#"{"id2label": {"0": "a", "1": "b"}}"#).unwrap();
     let out = burn_peft()

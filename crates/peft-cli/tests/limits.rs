@@ -279,8 +279,8 @@ fn generate_refuses_to_run_past_the_position_table_before_generating() {
     bad_input(
         &out,
         &[
-            "max_new_tokens",
-            "a prompt of 10 tokens plus 60 new tokens",
+            "--max-new-tokens 60",
+            "the prompt has 10 tokens",
             "64 positions",
             "at most 54 new tokens",
         ],

@@ -29,7 +29,7 @@ fn generate_with_max_new_tokens_near_the_limit_of_usize_is_bad_input() {
             .unwrap();
         bad_input(
             &out,
-            &["max_new_tokens", "64 positions", "at most 60 new tokens"],
+            &["--max-new-tokens", "64 positions", "at most 60 new tokens"],
         );
     }
 }

@@ -160,8 +160,9 @@ pub fn parse_config_value(value: Value, file: Option<&Path>) -> Result<LoadedCon
             .split('`')
             .nth(1)
             .filter(|_| message.contains("field"))
-            .unwrap_or("<config>")
-            .to_string();
+            .map(str::to_string)
+            .or_else(|| culprit_key(map, &message))
+            .unwrap_or_else(|| "<config>".into());
         with_file(PeftError::invalid_config(key, message))
     })?;
     method.validate().map_err(with_file)?;
@@ -183,6 +184,20 @@ pub fn parse_config_value(value: Value, file: Option<&Path>) -> Result<LoadedCon
     Ok(LoadedConfig {
         method,
         unknown_keys,
+    })
+}
+
+/// The key whose value a type error is about (`"r": "eight"` gives "invalid type: string
+/// \"eight\", expected usize", which names no field): the first key (besides `peft_type`)
+/// without which that error goes away.
+fn culprit_key(map: &serde_json::Map<String, Value>, message: &str) -> Option<String> {
+    map.keys().filter(|k| *k != "peft_type").find_map(|key| {
+        let mut without = map.clone();
+        without.remove(key);
+        let still = serde_json::from_value::<Box<dyn PeftMethod>>(Value::Object(without))
+            .err()
+            .is_some_and(|e| e.to_string() == message);
+        (!still).then(|| key.clone())
     })
 }
 

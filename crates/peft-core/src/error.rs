@@ -112,7 +112,7 @@ pub enum PeftError {
         reason: String,
     },
     /// An entry of `target_modules` (or `modules_to_save`) matches no site of the model.
-    #[error("`{field}` entry `{entry}` matches no {kind} of the model; closest names: {}", if closest.is_empty() { "(none)".to_string() } else { closest.join(", ") })]
+    #[error("`{field}` entry `{entry}` matches no {kind} of the model; {}the model's names: {}", if closest.is_empty() { String::new() } else { format!("closest names: {}; ", closest.join(", ")) }, names.join(", "))]
     TargetNotFound {
         /// `target_modules`, `modules_to_save`, ...
         field: String,
@@ -122,6 +122,9 @@ pub enum PeftError {
         kind: String,
         /// The most similar module names of the model.
         closest: Vec<String>,
+        /// The distinct last names of the model's modules of that kind (`query`, `value`,
+        /// `dense`, ...), what an entry may name.
+        names: Vec<String>,
     },
     /// A target matched a module the method cannot adapt.
     #[error("module `{path}` is a {kind}, which {method} cannot adapt")]

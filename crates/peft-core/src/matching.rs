@@ -265,6 +265,7 @@ pub fn select_targets(
                         entry: entry.clone(),
                         kind: "adaptable layer".into(),
                         closest: closest_names(entry, paths, 3),
+                        names: last_names(paths),
                     });
                 }
             }
@@ -277,6 +278,7 @@ pub fn select_targets(
                 entry: p.clone(),
                 kind: "adaptable layer".into(),
                 closest: closest_names(p, paths, 3),
+                names: last_names(paths),
             });
         }
         _ => {}
@@ -339,6 +341,19 @@ pub fn closest_names(entry: &str, paths: &[String], n: usize) -> Vec<String> {
         .collect();
     scored.sort();
     scored.into_iter().take(n).map(|(_, t)| t).collect()
+}
+
+/// The distinct last path segments of `paths` (`query`, `value`, `dense`, ...), in order of
+/// first appearance: the short names a `target_modules` entry can use.
+pub fn last_names(paths: &[String]) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for p in paths {
+        let last = p.rsplit('.').next().unwrap_or(p);
+        if !names.iter().any(|n| n == last) {
+            names.push(last.to_string());
+        }
+    }
+    names
 }
 
 /// Levenshtein distance on characters.

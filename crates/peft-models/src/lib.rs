@@ -11,6 +11,7 @@ pub mod registry;
 
 pub mod arch;
 mod auto;
+pub mod base_dtype;
 mod cache;
 pub mod chat;
 pub mod config;
@@ -18,6 +19,7 @@ mod config_checks;
 pub mod decoder;
 mod error;
 pub mod generate;
+pub mod generate_limits;
 pub mod gguf;
 pub mod heads;
 pub mod hub;

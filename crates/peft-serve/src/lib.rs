@@ -50,6 +50,7 @@ use std::time::Duration;
 
 use burn::tensor::Device;
 use peft_core::PeftModel;
+use peft_core::precision::BaseDType;
 use peft_models::{HfModel, Task, from_pretrained};
 
 pub use error::{ApiError, ServeError};
@@ -101,6 +102,9 @@ pub struct ServeConfig {
     /// After shutdown is asked for, time the requests in flight get to finish; then every
     /// connection is closed.
     pub shutdown_grace: Duration,
+    /// Precision of the frozen base (`f16`, `bf16`; `nf4`, `q8` quantized), applied after the
+    /// start adapters load, as `burn-peft train` / `generate` apply it; adapters stay f32.
+    pub dtype: BaseDType,
 }
 
 impl ServeConfig {
@@ -123,6 +127,7 @@ impl ServeConfig {
             body_timeout: Duration::from_secs(30),
             max_connections: 1024,
             shutdown_grace: Duration::from_secs(30),
+            dtype: BaseDType::F32,
         }
     }
 }
@@ -190,15 +195,10 @@ impl Server {
             source: config.model.clone(),
             name: state::shown_model_name(&config.model),
             kind: model_kind(&pretrained.model),
-            context_limit: pretrained.model.position_limit().or_else(|| {
-                pretrained
-                    .config
-                    .raw
-                    .get("max_position_embeddings")
-                    .and_then(|v| v.as_u64())
-                    .and_then(|n| usize::try_from(n).ok())
-                    .map(|n| (n, "max_position_embeddings"))
-            }),
+            context_limit: peft_models::generate_limits::context_limit(
+                &pretrained.model,
+                &pretrained.config.raw,
+            ),
             vocab_size: pretrained.model.vocab_size(),
             eos_token_ids: peft_models::generate::eos_token_ids(&pretrained.config.raw),
             labels: labels(&pretrained.config.raw),
@@ -242,6 +242,12 @@ impl Server {
                 }
             })?;
             registry.insert(info);
+        }
+        if config.dtype != BaseDType::F32 {
+            let report =
+                peft_models::base_dtype::apply_base_dtype(&mut model, config.dtype, device)
+                    .map_err(|e| ServeError::Config(format!("--dtype {}: {e}", config.dtype)))?;
+            eprintln!("{report}");
         }
         metrics
             .adapters_loaded
@@ -388,7 +394,7 @@ pub fn serve_blocking(
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
         eprintln!(
-            "burn-peft serve: {} ({:?}) on http://{local} with {} adapter(s)",
+            "burn-peft serve: {} ({}) on http://{local} with {} adapter(s)",
             server.info().source,
             server.info().kind,
             server.state.registry.serving_names().len()

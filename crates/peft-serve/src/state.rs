@@ -14,6 +14,7 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::scheduler::SchedulerHandle;
+use peft_models::generate_limits::{MAX_NEW_TOKENS_WITHOUT_LIMIT, Room, room_for};
 
 /// What the loaded model does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +25,17 @@ pub enum ModelKind {
     Encoder,
     /// Sequence classification: `/v1/classify`.
     Classifier,
+}
+
+impl std::fmt::Display for ModelKind {
+    /// Plain words: "causal LM", "text encoder", "classifier".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ModelKind::CausalLm => "causal LM",
+            ModelKind::Encoder => "text encoder",
+            ModelKind::Classifier => "classifier",
+        })
+    }
 }
 
 impl ModelKind {
@@ -111,7 +123,7 @@ pub struct RequestLimits {
 }
 
 /// The most tokens one request may generate from a model that states no context limit.
-pub const MAX_TOKENS_WITHOUT_LIMIT: usize = 1 << 16;
+pub const MAX_TOKENS_WITHOUT_LIMIT: usize = MAX_NEW_TOKENS_WITHOUT_LIMIT;
 
 /// A fresh random id: 128 bits in hex, unique across requests and restarts.
 pub fn random_id() -> String {
@@ -188,7 +200,7 @@ impl AppState {
             return Ok(());
         }
         Err(ApiError::bad_request(format!(
-            "{what} needs a {kind:?} model; this server's model (`{}`) is a {:?}: use {}",
+            "{what} needs a {kind} model; this server's model (`{}`) is a {}: use {}",
             self.info.name,
             self.info.kind,
             self.info.kind.endpoint()
@@ -316,50 +328,38 @@ impl AppState {
         prefix: usize,
         new: usize,
     ) -> Result<(), ApiError> {
-        let Some((limit, key)) = self.info.context_limit else {
-            // A model without a position limit (RoPE and no max_position_embeddings) still
-            // holds a cache that grows with every token: a request may not ask for more.
-            if new > MAX_TOKENS_WITHOUT_LIMIT {
-                return Err(ApiError::bad_field(
-                    "max_tokens",
-                    format!(
-                        "is {new}; this model states no context limit, and the server generates \
-                         at most {MAX_TOKENS_WITHOUT_LIMIT} tokens per request"
-                    ),
-                ));
-            }
-            return Ok(());
-        };
+        let limit = self.info.context_limit;
         let with_prefix = if prefix > 0 {
             format!(" (after the adapter's {prefix} virtual tokens)")
         } else {
             String::new()
         };
-        // Positions left for new tokens, `None` when the prompt (after the prefix) does not
-        // even fit.
-        let room = limit
-            .checked_sub(prefix)
-            .and_then(|left| left.checked_sub(tokens));
-        if room.is_none_or(|room| new > 0 && room == 0) {
-            return Err(ApiError::bad_field(
+        let (limit_n, key) = limit.unwrap_or((0, ""));
+        // The rule `burn-peft generate` applies too (`peft_models::generate_limits`).
+        match room_for(limit.map(|(n, _)| n), prefix, tokens, new) {
+            Room::Fits => Ok(()),
+            Room::OverDefaultCap => Err(ApiError::bad_field(
+                "max_tokens",
+                format!(
+                    "is {new}; this model states no context limit, and the server generates \
+                     at most {MAX_TOKENS_WITHOUT_LIMIT} tokens per request"
+                ),
+            )),
+            Room::PromptTooLong => Err(ApiError::bad_field(
                 field,
                 format!(
-                    "`{field}` has {tokens} tokens{with_prefix}; the model allows {limit} \
+                    "`{field}` has {tokens} tokens{with_prefix}; the model allows {limit_n} \
                      positions (`{key}` in config.json): shorten it"
                 ),
-            ));
-        }
-        let room = room.unwrap_or(0);
-        if new > room {
-            return Err(ApiError::bad_field(
+            )),
+            Room::TooManyNew { room } => Err(ApiError::bad_field(
                 "max_tokens",
                 format!(
                     "{tokens} prompt tokens{with_prefix} plus max_tokens = {new} do not fit: the \
-                     model allows {limit} positions (`{key}` in config.json): ask for at most \
+                     model allows {limit_n} positions (`{key}` in config.json): ask for at most \
                      {room} tokens"
                 ),
-            ));
+            )),
         }
-        Ok(())
     }
 }

@@ -73,6 +73,23 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The optimizer steps a run of `examples` training examples (rows, when packed) takes:
+    /// `max_steps`, else `epochs` times the batches of an epoch over `grad_accum`; at least 1.
+    ///
+    /// ```
+    /// use peft_train::TrainConfig;
+    ///
+    /// let c = TrainConfig { batch_size: 8, grad_accum: 2, epochs: 3, ..Default::default() };
+    /// assert_eq!(c.total_steps(100), 3 * 7); // 13 batches an epoch, 7 steps
+    /// ```
+    pub fn total_steps(&self, examples: usize) -> u64 {
+        let batches_per_epoch = examples.div_ceil(self.batch_size.max(1));
+        let steps_per_epoch = batches_per_epoch.div_ceil(self.grad_accum.max(1)) as u64;
+        self.max_steps
+            .unwrap_or(steps_per_epoch * self.epochs as u64)
+            .max(1)
+    }
+
     /// Check the settings: `Err((key, reason))` for one that would break the update (NaN,
     /// a flipped sign, a division by zero) or never let the run stop, with the key as the
     /// `train:` block of a run config spells it (`adamw.eps`).

@@ -46,10 +46,13 @@ pub struct TrainReport {
     pub last_eval: Option<EvalReport>,
     /// Best metric and its step.
     pub best: Option<(f64, u64)>,
-    /// Optimizer steps per second (this process).
+    /// Optimizer steps per second (this process; training steps only, not evaluation or
+    /// checkpoint writes).
     pub steps_per_sec: f64,
-    /// Training tokens per second (this process).
+    /// Training tokens per second (as `steps_per_sec`).
     pub tokens_per_sec: f64,
+    /// Seconds spent in training steps (this process), without evaluation and checkpoints.
+    pub step_seconds: f64,
     /// Whether early stopping ended the run.
     pub stopped_early: bool,
     /// The adapter bundle written at the end.
@@ -184,12 +187,7 @@ impl Trainer {
                 ),
             });
         }
-        let batches_per_epoch = train.len().div_ceil(c.batch_size);
-        let steps_per_epoch = batches_per_epoch.div_ceil(c.grad_accum) as u64;
-        let total = c
-            .max_steps
-            .unwrap_or(steps_per_epoch * c.epochs as u64)
-            .max(1);
+        let total = c.total_steps(train.len());
         let warmup = c
             .warmup_steps
             .unwrap_or((c.warmup_ratio * total as f64).round() as usize);
@@ -265,6 +263,8 @@ impl Trainer {
             ProgressBar::hidden()
         };
         let started = Instant::now();
+        // Evaluation and checkpoint writes are not training: the speeds count steps only.
+        let mut overhead = 0.0f64;
         let (start_step, mut tokens) = (state.step, 0usize);
         let mut last_eval = None;
         let mut stopped_early = false;
@@ -348,7 +348,7 @@ impl Trainer {
                 state.batch_in_epoch = index + 1;
                 state.losses.push(step_loss);
                 micro = 0;
-                let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+                let elapsed = (started.elapsed().as_secs_f64() - overhead).max(1e-9);
                 let step = state.step as i64;
                 let log = |tb: &mut EventWriter, tag: &str, v: f64| {
                     tb.scalar(tag, v as f32, step)
@@ -375,6 +375,7 @@ impl Trainer {
                 }
                 bar.set_message(status);
                 let at_end = end_of_epoch || c.max_steps.is_some_and(|m| state.step >= m);
+                let paused = Instant::now();
                 if let Some(eval) = eval
                     && (at_end || c.eval_every.is_some_and(|n| state.step.is_multiple_of(n)))
                 {
@@ -433,6 +434,7 @@ impl Trainer {
                         c.keep_last,
                     )?);
                 }
+                overhead += paused.elapsed().as_secs_f64();
                 if stopped_early || c.max_steps.is_some_and(|m| state.step >= m) {
                     break 'epochs;
                 }
@@ -441,9 +443,9 @@ impl Trainer {
             state.batch_in_epoch = 0;
         }
         bar.finish_and_clear();
+        let elapsed = (started.elapsed().as_secs_f64() - overhead).max(1e-9);
         let adapter_dir = self.output_dir.join(self.result_folder());
         self.save_result(&adapter_dir)?;
-        let elapsed = started.elapsed().as_secs_f64().max(1e-9);
         Ok(TrainReport {
             steps: state.step,
             losses: state.losses.clone(),
@@ -451,6 +453,7 @@ impl Trainer {
             best: state.best_metric.zip(state.best_step),
             steps_per_sec: (state.step - start_step) as f64 / elapsed,
             tokens_per_sec: tokens as f64 / elapsed,
+            step_seconds: elapsed,
             stopped_early,
             adapter_dir,
         })

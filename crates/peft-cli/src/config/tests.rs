@@ -2,8 +2,14 @@
 
 use super::*;
 
+/// Load `yaml` from a folder that holds the data files it may name (`d/train.jsonl`, ...):
+/// a missing data file is an error of its own (`data.train`, its line).
 fn parse(yaml: &str) -> Result<LoadedRun, ConfigError> {
     let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("d")).unwrap();
+    for split in ["train", "eval", "test"] {
+        std::fs::write(dir.path().join(format!("d/{split}.jsonl")), "{}\n").unwrap();
+    }
     let file = dir.path().join("run.yaml");
     std::fs::write(&file, yaml).unwrap();
     load(&file)

@@ -71,6 +71,28 @@ impl Specials {
     }
 }
 
+/// "missing field `x`; the row has: a, b (set the field names in `data`: text_field, ...)".
+fn missing_field(field: &str, row: &Row) -> String {
+    let found = row.field_names();
+    format!(
+        "missing field `{field}`; the row has {}: set the field names (`text_field`, \
+         `label_field`, `prompt_field`, `completion_field`, `messages_field`; on the command \
+         line `--text-field`, ...)",
+        if found.is_empty() {
+            "no fields".to_string()
+        } else {
+            format!(
+                "fields {}",
+                found
+                    .iter()
+                    .map(|f| format!("`{f}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    )
+}
+
 /// Turns rows into examples; the label stays raw until every row is read.
 pub(super) struct Builder<'a> {
     pub(super) file: &'a Path,
@@ -105,7 +127,7 @@ impl Builder<'_> {
 
     fn required_text(&self, row: &Row, line: usize, field: &str) -> Result<String, DataError> {
         match row.text(field).map_err(|r| self.malformed(line, r))? {
-            None => Err(self.malformed(line, format!("missing field `{field}`"))),
+            None => Err(self.malformed(line, missing_field(field, row))),
             Some(s) if s.trim().is_empty() => {
                 Err(self.malformed(line, format!("field `{field}` is empty")))
             }
@@ -129,9 +151,7 @@ impl Builder<'_> {
                 let label = row
                     .label(&cfg.label_field)
                     .map_err(|r| self.malformed(line, r))?
-                    .ok_or_else(|| {
-                        self.malformed(line, format!("missing field `{}`", cfg.label_field))
-                    })?;
+                    .ok_or_else(|| self.malformed(line, missing_field(&cfg.label_field, &row)))?;
                 let enc = self
                     .tok
                     .encode(&text, pair.as_deref(), max)

@@ -38,6 +38,10 @@ pub use read::load_examples;
 /// The file name under which a run stores its [`LabelMap`].
 pub const LABEL_MAP_FILE: &str = "label_map.json";
 
+/// The file name under which a run stores the [`DataConfig`] it read its data with, beside
+/// each adapter it saves, so evaluation reads data as training did (`max_length`, fields).
+pub const DATA_CONFIG_FILE: &str = "data_config.json";
+
 /// The label id of tokens that take no loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
 

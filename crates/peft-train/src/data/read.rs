@@ -52,6 +52,17 @@ impl Row<'_> {
         }
     }
 
+    /// The names of the row's fields (a CSV file's columns), sorted, for "missing field"
+    /// errors.
+    pub(super) fn field_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = match self {
+            Row::Json(obj) => obj.keys().cloned().collect(),
+            Row::Csv { columns, .. } => columns.keys().cloned().collect(),
+        };
+        names.sort();
+        names
+    }
+
     /// A JSON field as it is (`None` when absent or `null`, and in a CSV row).
     pub(super) fn field(&self, field: &str) -> Option<&Value> {
         match self {
@@ -125,7 +136,16 @@ fn read_jsonl(text: &str, b: &mut Builder) -> Result<(), DataError> {
         let Value::Object(obj) = &value else {
             return Err(b.malformed(
                 line_no,
-                format!("expected a JSON object, found {}", json_type(&value)),
+                format!(
+                    "expected a JSON object, found {}: a JSON Lines file holds one object per \
+                     line{}",
+                    json_type(&value),
+                    if value.is_array() {
+                        " (a JSON array file converts with `jq -c '.[]' in.json > out.jsonl`)"
+                    } else {
+                        ""
+                    }
+                ),
             ));
         };
         b.push(Row::Json(obj), line_no)?;
