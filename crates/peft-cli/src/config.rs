@@ -13,13 +13,17 @@ use std::path::{Path, PathBuf};
 
 use peft_core::PeftMethod;
 use peft_core::bundle::{method_to_json, parse_config_value};
-use peft_core::matching::edit_distance;
 use peft_core::precision::BaseDType;
 use peft_train::TrainConfig;
 use peft_train::data::{DataConfig, TaskKind};
 use peft_train::device::DeviceName;
 use serde::Deserialize;
 use serde_json::Value;
+
+pub use lines::line_in_file;
+use lines::{key_line, unknown_key_message, yaml_error};
+use overrides::apply_sets;
+pub use overrides::{SetValue, parse_set};
 
 /// A config file that cannot be used; says where and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -215,83 +219,6 @@ pub fn load(file: &Path) -> Result<LoadedRun, ConfigError> {
     load_with(file, None, &[])
 }
 
-/// One `--set KEY=VALUE`: a dotted key of the config (`train.learning_rate`) and a YAML value
-/// (`2e-4`, `true`, `[q_proj, v_proj]`, text).
-#[derive(Debug, Clone, PartialEq)]
-pub struct SetValue {
-    /// The dotted key.
-    pub key: String,
-    /// The value as written.
-    pub raw: String,
-}
-
-/// clap value parser of `--set`.
-pub fn parse_set(value: &str) -> Result<SetValue, String> {
-    match value.split_once('=') {
-        Some((key, raw)) if !key.trim().is_empty() && !key.split('.').any(str::is_empty) => {
-            Ok(SetValue {
-                key: key.trim().to_string(),
-                raw: raw.to_string(),
-            })
-        }
-        _ => Err(format!(
-            "`{value}`: expected KEY=VALUE with a dotted key, e.g. train.learning_rate=2e-4"
-        )),
-    }
-}
-
-/// The config text as a JSON tree with every `--set` applied.
-fn apply_sets(file: &Path, text: &str, sets: &[SetValue]) -> Result<RunConfig, ConfigError> {
-    let err = |message: String| ConfigError {
-        file: file.to_path_buf(),
-        line: None,
-        message,
-    };
-    let mut tree: Value = serde_saphyr::from_str(text).map_err(|e| yaml_error(file, text, &e))?;
-    for set in sets {
-        let value: Value = serde_saphyr::from_str(&set.raw)
-            .ok()
-            .filter(|v: &Value| !v.is_null() || set.raw.trim() == "null")
-            .unwrap_or_else(|| Value::String(set.raw.clone()));
-        let mut node = &mut tree;
-        let parts: Vec<&str> = set.key.split('.').collect();
-        for (i, part) in parts.iter().enumerate() {
-            let Value::Object(map) = node else {
-                return Err(err(format!(
-                    "--set {}: `{}` is not a block of keys",
-                    set.key,
-                    parts[..i].join(".")
-                )));
-            };
-            if i + 1 == parts.len() {
-                map.insert(part.to_string(), value.clone());
-                break;
-            }
-            node = map
-                .entry(part.to_string())
-                .or_insert_with(|| Value::Object(Default::default()));
-        }
-    }
-    serde_json::from_value(tree).map_err(|e| {
-        let message = e.to_string();
-        let keys: Vec<&str> = sets.iter().map(|s| s.key.as_str()).collect();
-        let message = match message
-            .strip_prefix("unknown field `")
-            .and_then(|rest| rest.split_once("`, expected one of "))
-        {
-            Some((field, expected)) => {
-                let expected: Vec<String> = expected
-                    .split(", ")
-                    .map(|k| k.trim_matches('`').to_string())
-                    .collect();
-                unknown_key_message(field, &expected)
-            }
-            None => message,
-        };
-        err(format!("with --set {}: {message}", keys.join(", ")))
-    })
-}
-
 /// Read, parse and check `file`; `output` (the command line's `--output`, relative to the
 /// working folder) replaces the config's `output:`, and `--set` overrides apply over the file
 /// (errors in an override name it).
@@ -421,107 +348,6 @@ pub fn load_with(
         ));
     }
     Ok(LoadedRun { config, method })
-}
-
-fn yaml_error(file: &Path, source: &str, e: &serde_saphyr::Error) -> ConfigError {
-    let line = e.location().map(|l| l.line()).filter(|l| *l > 0);
-    // The library's text starts with "error: line L column C: " and may add a snippet; keep the
-    // message itself, and turn serde's unknown-field message into ours (with a suggestion).
-    let text = e.to_string();
-    let first = text.lines().next().unwrap_or_default();
-    let message = match first
-        .find("column ")
-        .and_then(|i| first[i..].find(": ").map(|j| i + j + 2))
-    {
-        Some(start) => &first[start..],
-        None => first.trim_start_matches("error: "),
-    };
-    let unknown = message
-        .strip_prefix("unknown field `")
-        .and_then(|rest| rest.split_once("`, expected one of "));
-    let message = match unknown {
-        Some((field, expected)) => {
-            let expected: Vec<String> = expected.split(", ").map(str::to_string).collect();
-            unknown_key_message(field, &expected)
-        }
-        // A value of the wrong type (`batch_size: -4` is "invalid u64"): name the key of the
-        // line it is on.
-        None => match line
-            .and_then(|l| source.lines().nth(l as usize - 1))
-            .and_then(|l| l.trim().trim_start_matches("- ").split_once(':'))
-            .map(|(key, value)| {
-                let value = value.split(" #").next().unwrap_or_default().trim();
-                (key.trim().trim_matches(['"', '\'']), value)
-            })
-            .filter(|(key, _)| !key.is_empty() && !message.contains(&format!("`{key}`")))
-        {
-            Some((key, value)) if !value.is_empty() => {
-                format!("`{key}`: {message} (found `{value}`)")
-            }
-            Some((key, _)) => format!("`{key}`: {message}"),
-            None => message.to_string(),
-        },
-    };
-    ConfigError {
-        file: file.to_path_buf(),
-        line,
-        message,
-    }
-}
-
-/// "unknown key `x`; did you mean `y`? Valid keys: …".
-fn unknown_key_message(found: &str, expected: &[String]) -> String {
-    let mut best: Vec<(usize, &String)> = expected
-        .iter()
-        .map(|k| (edit_distance(found, k), k))
-        .filter(|(d, k)| *d <= (k.len().max(found.len()) / 2).max(2))
-        .collect();
-    best.sort();
-    let hint = best
-        .first()
-        .map(|(_, k)| format!("; did you mean `{k}`?"))
-        .unwrap_or_default();
-    format!(
-        "unknown key `{found}`{hint} Valid keys here: {}",
-        expected.join(", ")
-    )
-}
-
-/// The 1-based line of `key:` in the `section:` block of the config `file` (for errors found
-/// after loading, e.g. a `target_modules` entry the model lacks).
-pub fn line_in_file(file: &Path, section: &str, key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(file).ok()?;
-    key_line(&text, Some(section), key)
-}
-
-/// The 1-based line of `key:` in the top-level `section:` block (or at top level).
-fn key_line(text: &str, section: Option<&str>, key: &str) -> Option<u64> {
-    let mut inside = section.is_none();
-    for (i, line) in text.lines().enumerate() {
-        let indented = line.starts_with(' ') || line.starts_with('\t');
-        let trimmed = line.trim_start();
-        if !indented && !trimmed.is_empty() && !trimmed.starts_with('#') {
-            inside = match section {
-                Some(s) => trimmed.starts_with(&format!("{s}:")),
-                None => true,
-            };
-            if section.is_none() && trimmed.starts_with(&format!("{key}:")) {
-                return Some(i as u64 + 1);
-            }
-            continue;
-        }
-        if inside && section.is_some() && indented {
-            let bare = trimmed.trim_start_matches(['"', '\'']);
-            if bare.starts_with(key)
-                && bare[key.len()..]
-                    .trim_start_matches(['"', '\''])
-                    .starts_with(':')
-            {
-                return Some(i as u64 + 1);
-            }
-        }
-    }
-    None
 }
 
 /// What PEFT's task-specific wrappers do to a config: `task_type` from `model.task` when absent,
@@ -693,5 +519,7 @@ fn parse_method(
     Ok(loaded.method)
 }
 
+mod lines;
+mod overrides;
 #[cfg(test)]
 mod tests;
