@@ -18,13 +18,15 @@ use std::process::Command;
 use std::time::Instant;
 
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::Device;
 use burn_peft::core::nn::dequantize_sites;
 use burn_peft::core::{PeftModel, TargetModules};
 use burn_peft::lora::LoraConfig;
-use burn_peft::models::{GenerationConfig, HfModel, ModelInputs, Task, from_pretrained, generate};
-use burn_peft::train::causal_lm_loss_terms;
+use burn_peft::models::{GenerationConfig, HfModel, Task, from_pretrained, generate};
+use burn_peft::train::Objective;
+use burn_peft::train::data::{Example, collate};
 use burn_peft::train::optim::{AdamW, AdamWSettings};
+use burn_peft::train::step::forward_loss;
 use serde_json::{Value, json};
 
 const NEW_TOKENS: usize = 64;
@@ -113,14 +115,22 @@ fn child_train(file: &Path, f32_base: bool, batch: usize) -> Value {
         let ids: Vec<i64> = (0..batch * TRAIN_SEQ)
             .map(|i| ((i * 7919 + seed * 104_729) % vocab) as i64)
             .collect();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch, TRAIN_SEQ]), &device);
-        let inputs = ModelInputs {
-            input_ids: ids.clone(),
-            attention_mask: Some(ids.ones_like()),
-            token_type_ids: None,
-        };
-        let logits = model.model().forward(&inputs).unwrap().logits.unwrap();
-        let (loss, _) = causal_lm_loss_terms(logits, ids);
+        // The trainer's own step (`forward_loss`: the loss over the vocabulary in chunks of
+        // tokens for a frozen head), on `batch` rows of TRAIN_SEQ tokens.
+        let examples: Vec<Example> = ids
+            .chunks(TRAIN_SEQ)
+            .map(|row| Example {
+                input_ids: row.to_vec(),
+                token_type_ids: vec![0; row.len()],
+                label: None,
+                labels: Some(row.to_vec()),
+                line: 0,
+                segments: Vec::new(),
+            })
+            .collect();
+        let refs: Vec<&Example> = examples.iter().collect();
+        let batch = collate(&refs, 0, &device);
+        let loss = forward_loss(model.model(), Objective::CausalLm, &batch).unwrap();
         let value: f32 = loss.clone().into_scalar();
         let grads = GradientsParams::from_grads(loss.backward(), model.model());
         model.update(|m| optim.step(1e-4, m, grads, 1.0));
@@ -218,6 +228,10 @@ fn main() {
         .unwrap_or(2);
     let file = smollm2();
     eprintln!("gguf_llm: {} on {threads} threads", file.display());
+    if args.iter().any(|a| a == "--train-only") {
+        train_only(&file, threads);
+        return;
+    }
     let mut rows = serde_json::Map::new();
     for (name, kind, base) in [
         ("decode_q4", "decode", "q4"),
@@ -287,4 +301,58 @@ fn main() {
     )
     .unwrap();
     std::fs::write(dir.join("gguf_llm.md"), md).unwrap();
+}
+
+/// `--train-only`: the four LoRA-step rows alone (no decode, no peers), written to
+/// `benches/results/gguf_llm_train.{json,md}`: the step's peak memory with the quantized base
+/// against f32 after a change to the training step, without rerunning the peers.
+fn train_only(file: &Path, threads: usize) {
+    let mut rows = serde_json::Map::new();
+    for (name, kind, base) in [
+        ("train_q4", "train", "q4"),
+        ("train_f32", "train", "f32"),
+        ("train1_q4", "train1", "q4"),
+        ("train1_f32", "train1", "f32"),
+    ] {
+        eprintln!("  {name} ...");
+        rows.insert(name.into(), run_child(kind, base, file));
+    }
+    let r = |k: &str| rows[k].clone();
+    let (tq, tf, t1q, t1f) = (
+        r("train_q4"),
+        r("train_f32"),
+        r("train1_q4"),
+        r("train1_f32"),
+    );
+    let mut md = format!(
+        "# SmolLM2-135M-Instruct Q4_1 GGUF: LoRA steps, {threads} threads\n\n\
+         LoRA (r 16, q_proj/v_proj) steps through the trainer's own step (`forward_loss`: the \
+         loss over the 49,152-token vocabulary in chunks of tokens), this run's process each; \
+         f32 = the same weights dequantized.\n\n| run | tokens/s | peak RSS (MiB) |\n| --- | --- | --- |\n"
+    );
+    for (label, v) in [
+        ("LoRA step 4 x 128, burn-peft Q4_1 base", &tq),
+        ("LoRA step 4 x 128, burn-peft f32", &tf),
+        ("LoRA step 1 x 128, burn-peft Q4_1 base", &t1q),
+        ("LoRA step 1 x 128, burn-peft f32", &t1f),
+    ] {
+        md.push_str(&format!("| {label} | {} | {} |\n", tps(v), mib(v)));
+    }
+    md.push_str(&format!(
+        "\nRatios: peak RSS Q4 / f32 {} at {TRAIN_BATCH} x {TRAIN_SEQ} and {} at 1 x {TRAIN_SEQ} \
+         (target <= 0.35x); tokens/s Q4 / f32 {} and {}.\n",
+        ratio(&tq, &tf, "peak_rss_bytes"),
+        ratio(&t1q, &t1f, "peak_rss_bytes"),
+        ratio(&tq, &tf, "tokens_per_sec"),
+        ratio(&t1q, &t1f, "tokens_per_sec"),
+    ));
+    println!("{md}");
+    let dir = repo().join("benches/results");
+    let json = json!({"threads": threads, "rows": rows});
+    std::fs::write(
+        dir.join("gguf_llm_train.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("gguf_llm_train.md"), md).unwrap();
 }

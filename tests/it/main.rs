@@ -17,6 +17,7 @@ mod all_linear_e2e;
 mod architectures;
 mod bad_input;
 mod chat_templates;
+mod chunked_loss;
 mod combine_parity;
 mod config_variants;
 mod fuzz_parsers;

@@ -140,6 +140,18 @@ pub trait ArchModel: Adaptable {
         fc: &ForwardContext,
     ) -> Result<Tensor<3>>;
 
+    /// The final hidden states `[b, s, hidden]` of a causal LM and its head, for a loss taken
+    /// over the vocabulary in chunks ([`LmHead`](crate::lm_head::LmHead)); `None` for other
+    /// heads.
+    fn lm_hidden_with(
+        &self,
+        inputs: &ModelInputs,
+        fc: &ForwardContext,
+    ) -> Result<Option<(Tensor<3>, crate::lm_head::LmHead<'_>)>> {
+        let _ = (inputs, fc);
+        Ok(None)
+    }
+
     /// The head this model carries (never [`Task::Auto`]).
     fn task(&self) -> Task;
 

@@ -91,6 +91,26 @@ impl HfModel {
     /// frozen base once for the whole batch. Build the context with
     /// [`PeftModel::adapter_rows`](peft_core::PeftModel::adapter_rows), which checks the names.
     pub fn forward_with(&self, inputs: &ModelInputs, fc: &ForwardContext) -> Result<ModelOutputs> {
+        self.check_context(inputs, fc)?;
+        self.arch().forward_with(inputs, fc)
+    }
+
+    /// For a causal LM, the final hidden states `[b, s, hidden]` and the LM head, apart (a
+    /// training step takes the loss over the vocabulary in chunks of tokens through
+    /// [`LmHead::logits`](crate::lm_head::LmHead::logits)); `None` for other heads. The input
+    /// checks of [`forward_with`](Self::forward_with).
+    pub fn lm_hidden_with(
+        &self,
+        inputs: &ModelInputs,
+        fc: &ForwardContext,
+    ) -> Result<Option<(Tensor<3>, crate::lm_head::LmHead<'_>)>> {
+        self.check_context(inputs, fc)?;
+        self.arch().lm_hidden_with(inputs, fc)
+    }
+
+    /// What every forward checks of its context: one adapter name per row, packing only for
+    /// causal LMs.
+    fn check_context(&self, inputs: &ModelInputs, fc: &ForwardContext) -> Result<()> {
         let batch = inputs.input_ids.dims()[0];
         if let Some(rows) = fc.rows()
             && rows.batch() != batch
@@ -115,7 +135,7 @@ impl HfModel {
                 fix: "pack only causal LM training data".into(),
             });
         }
-        self.arch().forward_with(inputs, fc)
+        Ok(())
     }
 
     /// Causal LM logits with a KV cache; [`ModelError::InvalidInput`] if this is not a causal

@@ -24,6 +24,7 @@ pub mod gguf;
 pub mod heads;
 pub mod hub;
 mod input_checks;
+pub mod lm_head;
 pub mod load;
 pub mod ops;
 pub mod packing;

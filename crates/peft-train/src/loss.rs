@@ -2,7 +2,9 @@
 //! training step, evaluation and the benchmarks share.
 
 use burn::tensor::{Int, Tensor};
+use peft_core::nn::ForwardContext;
 use peft_models::ModelOutputs;
+use peft_models::lm_head::LmHead;
 use peft_ops::log_softmax;
 
 use crate::data::Collated;
@@ -36,6 +38,75 @@ pub fn causal_lm_loss_terms(logits: Tensor<3>, labels: Tensor<2, Int>) -> (Tenso
         .reshape([b, s - 1]);
     let total = (picked * mask).sum();
     ((total / count.clone().clamp_min(1.0)).neg(), count)
+}
+
+/// Tokens per chunk of [`chunked_causal_lm_loss`] for a vocabulary of `vocab`: about 8 MiB of
+/// f32 logits a chunk (42 tokens for SmolLM2's 49,152), at least 16.
+pub fn chunk_tokens(vocab: usize) -> usize {
+    ((8usize << 20) / (4 * vocab.max(1))).max(16)
+}
+
+/// [`causal_lm_loss_terms`]'s mean loss from the final hidden states `h` `[b, s, hidden]`
+/// through a frozen LM `head`, `chunk` tokens at a time: the `[tokens, vocab]` logits, their
+/// log-softmax and their gradient never exist for more than one chunk (Liger's and Apple's
+/// "cut cross-entropy" idea), which is most of a small model's step memory at a large
+/// vocabulary. Each chunk's loss is differentiated on its own right away (the head is frozen:
+/// the gradient goes only to `h`), and the returned loss carries the summed gradient into the
+/// model: its value is the loss, its gradient `Σ g ⊙ ∂h/∂θ`. Needs an autodiff device and a
+/// head with nothing trainable ([`LmHead::is_frozen`]).
+pub fn chunked_causal_lm_loss(
+    h: Tensor<3>,
+    head: &LmHead<'_>,
+    labels: Tensor<2, Int>,
+    chunk: usize,
+    fc: &ForwardContext,
+) -> Tensor<1> {
+    let [b, s, d] = h.dims();
+    let n = b * s.saturating_sub(1);
+    let chunk = chunk.max(1);
+    let hs = h.slice([0..b, 0..s - 1, 0..d]).reshape([n, d]);
+    let target = labels.slice([0..b, 1..s]).reshape([n]);
+    let mask = target.clone().not_equal_elem(-100).float();
+    let count = mask.clone().sum().detach().clamp_min(1.0);
+    let values = hs.clone().inner();
+    let mut grads = Vec::with_capacity(n.div_ceil(chunk));
+    let mut total: Option<Tensor<1>> = None;
+    for start in (0..n).step_by(chunk) {
+        let end = (start + chunk).min(n);
+        let rows = end - start;
+        let leaf = Tensor::from_inner(values.clone().slice([start..end, 0..d])).require_grad();
+        let logits = head.logits(leaf.clone().reshape([1, rows, d]), fc);
+        let vocab = logits.dims()[2];
+        let lp = log_softmax(logits.reshape([rows, vocab]));
+        let picked = lp
+            .gather(
+                1,
+                target
+                    .clone()
+                    .narrow(0, start, end - start)
+                    .clamp_min(0)
+                    .reshape([rows, 1]),
+            )
+            .reshape([rows]);
+        let loss = (picked * mask.clone().narrow(0, start, end - start))
+            .sum()
+            .neg()
+            / count.clone();
+        let step = loss.backward();
+        grads.push(
+            leaf.grad(&step)
+                .unwrap_or_else(|| values.zeros_like().slice([start..end, 0..d])),
+        );
+        let value = loss.inner();
+        total = Some(match total {
+            Some(t) => t + value,
+            None => value,
+        });
+    }
+    let total = total.unwrap_or_else(|| count.clone().inner().zeros_like());
+    let surrogate = (hs * Tensor::from_inner(Tensor::cat(grads, 0))).sum();
+    // Value: the loss (the surrogate cancels); gradient: the surrogate's.
+    surrogate.clone() - surrogate.detach() + Tensor::from_inner(total)
 }
 
 /// The loss of `objective` on a forward's outputs: the mean loss and the number of items it

@@ -11,7 +11,7 @@ use peft_models::{HfModel, ModelInputs};
 
 use crate::data::Collated;
 use crate::error::{Result, TrainError};
-use crate::loss::{causal_lm_loss_terms, objective_loss};
+use crate::loss::{causal_lm_loss_terms, chunk_tokens, chunked_causal_lm_loss, objective_loss};
 use crate::optim::global_grad_norm;
 use crate::trainer::Objective;
 
@@ -38,8 +38,26 @@ pub fn forward_context(batch: &Collated) -> ForwardContext {
     }
 }
 
-/// Forward `batch` through `model` and take `objective`'s mean loss ([`objective_loss`]).
+/// Forward `batch` through `model` and take `objective`'s mean loss ([`objective_loss`]). A
+/// causal LM with a frozen head takes it over the vocabulary in chunks of tokens
+/// ([`chunked_causal_lm_loss`]): the same loss and gradients without the whole batch's logits.
 pub fn forward_loss(model: &HfModel, objective: Objective, batch: &Collated) -> Result<Tensor<1>> {
+    if let (Objective::CausalLm, Some(labels)) = (objective, batch.lm_labels.clone())
+        && batch.input_ids.dims()[1] > 1
+        && batch.input_ids.device().is_autodiff()
+    {
+        let fc = forward_context(batch);
+        let hidden = model
+            .lm_hidden_with(&model_inputs(batch), &fc)
+            .map_err(TrainError::Model)?;
+        if let Some((h, head)) = hidden {
+            if head.is_frozen() {
+                let chunk = chunk_tokens(model.vocab_size());
+                return Ok(chunked_causal_lm_loss(h, &head, labels, chunk, &fc));
+            }
+            return Ok(causal_lm_loss_terms(head.logits(h, &fc), labels).0);
+        }
+    }
     let out = model
         .forward_with(&model_inputs(batch), &forward_context(batch))
         .map_err(TrainError::Model)?;

@@ -17,7 +17,8 @@ use crate::auto::{HfModel, ModelInputs, ModelOutputs, Task};
 use crate::cache::KvCache;
 use crate::config::HfConfig;
 use crate::error::Result;
-use crate::heads::{pool_last_non_pad, tied_logits};
+use crate::heads::pool_last_non_pad;
+use crate::lm_head::LmHead;
 
 /// What a decoder family's backbone (`model.` in its checkpoints) says for the shared heads.
 pub trait DecoderBackbone: Module + ModuleDisplay + Adaptable {
@@ -101,14 +102,16 @@ impl<M: Module + DecoderBackbone> DecoderForCausalLM<M> {
         let h = self
             .model
             .hidden_states(input_ids, attention_mask, cache, fc)?;
-        let logits = match &self.lm_head {
-            Some(head) => head.forward_in(h, fc),
-            None => tied_logits(h, self.model.embed_tokens()),
-        };
-        Ok(match self.model.final_logit_softcapping() {
-            Some(cap) => burn::tensor::activation::tanh(logits.div_scalar(cap)).mul_scalar(cap),
-            None => logits,
-        })
+        Ok(self.head().logits(h, fc))
+    }
+
+    /// The LM head (its own layer or the tied table, and the logit soft-capping).
+    pub fn head(&self) -> LmHead<'_> {
+        LmHead {
+            linear: self.lm_head.as_ref(),
+            embedding: self.model.embed_tokens(),
+            softcap: self.model.final_logit_softcapping(),
+        }
     }
 }
 
@@ -237,6 +240,19 @@ impl<M: Module + DecoderBackbone> ArchModel for DecoderHeads<M> {
             DecoderHeads::CausalLm(m) => m.forward_with(input_ids, attention_mask, cache, fc),
             DecoderHeads::SequenceClassification(_) => Err(not_a_causal_lm(&self.hf_class())),
         }
+    }
+
+    fn lm_hidden_with(
+        &self,
+        inputs: &ModelInputs,
+        fc: &ForwardContext,
+    ) -> Result<Option<(Tensor<3>, LmHead<'_>)>> {
+        let DecoderHeads::CausalLm(m) = self else {
+            return Ok(None);
+        };
+        let (ids, mask) = (inputs.input_ids.clone(), inputs.attention_mask.clone());
+        let h = m.model.hidden_states(ids, mask, None, fc)?;
+        Ok(Some((h, m.head())))
     }
 
     fn task(&self) -> Task {

@@ -142,6 +142,19 @@ impl ArchModel for Gpt2 {
         }
     }
 
+    fn lm_hidden_with(
+        &self,
+        inputs: &ModelInputs,
+        fc: &ForwardContext,
+    ) -> Result<Option<(Tensor<3>, crate::lm_head::LmHead<'_>)>> {
+        let Gpt2::CausalLm(m) = self else {
+            return Ok(None);
+        };
+        let (ids, mask) = (inputs.input_ids.clone(), inputs.attention_mask.clone());
+        let h = m.transformer.forward_with(ids, mask, None, fc)?;
+        Ok(Some((h, m.head())))
+    }
+
     fn task(&self) -> Task {
         match self {
             Gpt2::CausalLm(_) => Task::CausalLm,

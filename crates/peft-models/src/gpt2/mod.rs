@@ -244,7 +244,16 @@ impl Gpt2LMHeadModel {
         let h = self
             .transformer
             .forward_with(input_ids, attention_mask, cache, fc)?;
-        Ok(crate::heads::tied_logits(h, &self.transformer.wte))
+        Ok(self.head().logits(h, fc))
+    }
+
+    /// The LM head: tied to `wte`.
+    pub fn head(&self) -> crate::lm_head::LmHead<'_> {
+        crate::lm_head::LmHead {
+            linear: None,
+            embedding: &self.transformer.wte,
+            softcap: None,
+        }
     }
 
     /// Number of layers (for a [`KvCache`]).
