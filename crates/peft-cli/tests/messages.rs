@@ -229,6 +229,13 @@ fn eval_names_a_missing_adapter_and_reads_data_as_training_did() {
     .unwrap();
     let out = eval(&["--adapter", adapter, "--data", "array.jsonl"]);
     bad_input(&out, &["array.jsonl:1", "JSON Lines"]);
+    // A TSV file: the formats read and the flag that picks one.
+    std::fs::write(dir.path().join("rows.tsv"), "text\tlabel\na\tx\n").unwrap();
+    let out = eval(&["--adapter", adapter, "--data", "rows.tsv"]);
+    bad_input(
+        &out,
+        &["rows.tsv", "unsupported data format `tsv`", "--format"],
+    );
     let out = eval(&["--adapter", adapter, "--data", "missing.jsonl"]);
     bad_input(&out, &["--data missing.jsonl", "no such file"]);
 }
@@ -268,6 +275,22 @@ fn generate_takes_a_tokenizer_stdin_and_the_servers_length_rule() {
     // `--prompt -` reads stdin: the same continuation.
     let piped = generate("-", &["--max-new-tokens", "4"]);
     assert_eq!(stdout(&piped), stdout(&out), "{}", text(&piped));
+    // `--stop`: the output ends before the first stop found in the generated text.
+    let full = stdout(&generate("w1 w2 w3", &["--max-new-tokens", "6"]));
+    let words: Vec<&str> = full.split_whitespace().collect();
+    assert!(words.len() >= 6, "{full}");
+    let stop = words[4];
+    let cut = stdout(&generate(
+        "w1 w2 w3",
+        &["--max-new-tokens", "6", "--stop", stop],
+    ));
+    let start = "w1 w2 w3".len();
+    let expected = &full[..start + full[start..].find(stop).unwrap()];
+    assert_eq!(
+        cut.trim_end(),
+        expected.trim_end(),
+        "stop {stop:?} in {full:?}"
+    );
     // More than the 64 positions: refused as the server refuses it, with what fits.
     let out = generate("w1 w2 w3", &["--max-new-tokens", "300"]);
     bad_input(

@@ -99,7 +99,7 @@ pub enum DataError {
     },
     /// The data format is neither JSONL nor CSV.
     #[error(
-        "{}: unsupported data format `{format}`; use a .jsonl or .csv file, or set `format` to \"jsonl\" or \"csv\"",
+        "{}: unsupported data format `{format}`; use a .jsonl (JSON Lines) or .csv file, or set `data.format` (`--format` on the command line) to \"jsonl\" or \"csv\" (a TSV file converts to CSV)",
         file.display()
     )]
     UnsupportedFormat {
