@@ -9,7 +9,7 @@ use burn_peft::core::nn::ForwardContext;
 use burn_peft::models::ModelInputs;
 use burn_peft::train::data::{Example, collate};
 use burn_peft::train::step::forward_loss;
-use burn_peft::train::{Objective, causal_lm_loss_terms, chunked_causal_lm_loss};
+use burn_peft::train::{Objective, causal_lm_loss_terms, chunked_causal_lm_loss, evaluate};
 
 use crate::common::fixture_models::with_lora;
 use crate::common::hf::{adapter_grads, max_rel_diff};
@@ -109,4 +109,65 @@ fn the_training_step_takes_the_same_loss() {
         .0
         .into_scalar();
     assert!((step - whole).abs() < 1e-5, "{step} vs {whole}");
+}
+
+/// Evaluation takes the per-example losses in chunks too: each equals the example's own
+/// whole-logits loss.
+#[test]
+fn evaluation_losses_match_each_example_alone() {
+    let device = Device::flex();
+    for name in ["llama_tied", "gemma3"] {
+        let model = with_lora(name, &device);
+        let examples: Vec<Example> = [7usize, 4, 9, 2]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let ids: Vec<i64> = (0..n as i64)
+                    .map(|k| 1 + (i as i64 * 17 + k * 13) % 120)
+                    .collect();
+                let mut labels = ids.clone();
+                labels[0] = -100;
+                Example {
+                    token_type_ids: vec![0; n],
+                    labels: Some(labels),
+                    input_ids: ids,
+                    label: None,
+                    line: i + 1,
+                    segments: Vec::new(),
+                }
+            })
+            .collect();
+        let report =
+            evaluate(model.model(), &examples, Objective::CausalLm, 0, 3, &device).unwrap();
+        let (mut total, mut tokens) = (0.0f64, 0usize);
+        for (e, got) in examples.iter().zip(&report.examples) {
+            let n = e.input_ids.len();
+            let t = |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, [1, n]), &device);
+            let inputs = ModelInputs {
+                input_ids: t(e.input_ids.clone()),
+                attention_mask: None,
+                token_type_ids: None,
+            };
+            let logits = model.model().forward(&inputs).unwrap().logits.unwrap();
+            let (loss, count) = causal_lm_loss_terms(logits, t(e.labels.clone().unwrap()));
+            let (loss, count) = (
+                loss.into_scalar::<f64>(),
+                count.into_scalar::<f64>() as usize,
+            );
+            assert_eq!(got.tokens, Some(count), "{name}");
+            let ours = got.loss.unwrap();
+            assert!(
+                (ours - loss).abs() < 1e-5 * loss.abs().max(1.0),
+                "{name}: {ours} vs {loss}"
+            );
+            total += loss * count as f64;
+            tokens += count;
+        }
+        let mean = total / tokens as f64;
+        assert!(
+            (report.loss - mean).abs() < 1e-5 * mean.abs().max(1.0),
+            "{name}: {} vs {mean}",
+            report.loss
+        );
+    }
 }

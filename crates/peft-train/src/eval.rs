@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::data::{Example, collate};
 use crate::error::{Result, TrainError};
-use crate::loss::objective_loss;
+use crate::loss::{causal_lm_row_sums_chunked, chunk_tokens, objective_loss};
 use crate::metrics::{Mean, accuracy, macro_f1, perplexity};
 use crate::step::{forward_context, model_inputs};
 use crate::trainer::Objective;
@@ -81,6 +81,30 @@ pub fn evaluate(
     for chunk in examples.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = collate(&refs, pad_id, &device);
+        // A causal LM with a frozen head: the loss over the vocabulary a few tokens at a time,
+        // never the whole batch's `[b, s, vocab]` logits.
+        if let (Objective::CausalLm, Some(labels)) = (objective, batch.lm_labels.clone()) {
+            let fc = forward_context(&batch);
+            let hidden = model
+                .lm_hidden_with(&model_inputs(&batch), &fc)
+                .map_err(TrainError::Model)?;
+            if let Some((h, head)) = hidden.filter(|(_, head)| head.is_frozen()) {
+                let chunk_size = chunk_tokens(model.vocab_size());
+                let (sums, counts) = causal_lm_row_sums_chunked(h, &head, labels, chunk_size, &fc);
+                let (total, scored): (f64, usize) = (sums.iter().sum(), counts.iter().sum());
+                loss.add_weighted(-total / scored.max(1) as f64, scored.max(1) as u64);
+                for (sum, c) in sums.into_iter().zip(counts) {
+                    per_example.push(ExampleResult {
+                        gold: None,
+                        predicted: None,
+                        probabilities: Vec::new(),
+                        loss: (c > 0).then(|| -sum / c as f64),
+                        tokens: Some(c),
+                    });
+                }
+                continue;
+            }
+        }
         let out = model
             .forward_with(&model_inputs(&batch), &forward_context(&batch))
             .map_err(TrainError::Model)?;

@@ -24,8 +24,8 @@ mod trainer;
 pub use error::{Result, TrainError};
 pub use eval::{EvalReport, ExampleResult, evaluate};
 pub use loss::{
-    causal_lm_loss, causal_lm_loss_terms, chunk_tokens, chunked_causal_lm_loss,
-    classification_loss, objective_loss,
+    causal_lm_loss, causal_lm_loss_terms, causal_lm_row_sums_chunked, chunk_tokens,
+    chunked_causal_lm_loss, classification_loss, objective_loss,
 };
 pub use run::TrainOptions;
 pub use trainer::{FullExport, Objective, TrainConfig, TrainReport, Trainer};

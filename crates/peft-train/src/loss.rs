@@ -109,6 +109,64 @@ pub fn chunked_causal_lm_loss(
     surrogate.clone() - surrogate.detach() + Tensor::from_inner(total)
 }
 
+/// Per-row sums of the next-token log-likelihood and scored-token counts of hidden states `h`
+/// `[b, s, hidden]` through a frozen LM `head`, `chunk` tokens at a time and without gradients
+/// (evaluation): the `[b, s, vocab]` logits of a whole evaluation batch never exist at once.
+/// Row `r`'s mean loss is `-sums[r] / counts[r]`.
+pub fn causal_lm_row_sums_chunked(
+    h: Tensor<3>,
+    head: &LmHead<'_>,
+    labels: Tensor<2, Int>,
+    chunk: usize,
+    fc: &ForwardContext,
+) -> (Vec<f64>, Vec<usize>) {
+    let [b, s, d] = h.dims();
+    let per_row = s.saturating_sub(1);
+    let (mut sums, mut counts) = (vec![0.0f64; b], vec![0usize; b]);
+    if per_row == 0 {
+        return (sums, counts);
+    }
+    let n = b * per_row;
+    let hs = h.slice([0..b, 0..per_row, 0..d]).reshape([n, d]);
+    let target = labels.slice([0..b, 1..s]).reshape([n]);
+    let mask = target.clone().not_equal_elem(-100).float();
+    let chunk = chunk.max(1);
+    for start in (0..n).step_by(chunk) {
+        let rows = (start + chunk).min(n) - start;
+        let logits = head.logits(hs.clone().narrow(0, start, rows).reshape([1, rows, d]), fc);
+        let vocab = logits.dims()[2];
+        let lp = log_softmax(logits.reshape([rows, vocab]));
+        let m = mask.clone().narrow(0, start, rows);
+        let picked = lp
+            .gather(
+                1,
+                target
+                    .clone()
+                    .narrow(0, start, rows)
+                    .clamp_min(0)
+                    .reshape([rows, 1]),
+            )
+            .reshape([rows])
+            * m.clone();
+        let picked: Vec<f64> = picked
+            .into_data()
+            .convert::<f64>()
+            .try_to_vec()
+            .unwrap_or_default();
+        let scored: Vec<f64> = m
+            .into_data()
+            .convert::<f64>()
+            .try_to_vec()
+            .unwrap_or_default();
+        for (k, (p, c)) in picked.iter().zip(&scored).enumerate() {
+            let row = (start + k) / per_row;
+            sums[row] += p;
+            counts[row] += *c as usize;
+        }
+    }
+    (sums, counts)
+}
+
 /// The loss of `objective` on a forward's outputs: the mean loss and the number of items it
 /// averages (examples for classification, scored tokens for causal LM). One function for the
 /// training step, evaluation and the benchmarks.
