@@ -46,6 +46,29 @@ pub fn chunk_tokens(vocab: usize) -> usize {
     ((8usize << 20) / (4 * vocab.max(1))).max(16)
 }
 
+/// The positions that predict a next token, flattened: hidden states `[n, hidden]` of positions
+/// `0..s-1` of every row, their targets `[n]` (the labels of `1..s`, transformers' shift) and
+/// which of them are scored (`[n]`, 1 where the label is not -100).
+struct NextTokens {
+    hidden: Tensor<2>,
+    target: Tensor<1, Int>,
+    mask: Tensor<1>,
+}
+
+impl NextTokens {
+    /// `None` when the rows have one position (nothing to predict).
+    fn of(h: Tensor<3>, labels: Tensor<2, Int>) -> Option<Self> {
+        let [b, s, d] = h.dims();
+        let n = b * s.checked_sub(1).filter(|&p| p > 0)?;
+        let target = labels.slice([0..b, 1..s]).reshape([n]);
+        Some(Self {
+            hidden: h.slice([0..b, 0..s - 1, 0..d]).reshape([n, d]),
+            mask: target.clone().not_equal_elem(-100).float(),
+            target,
+        })
+    }
+}
+
 /// [`causal_lm_loss_terms`]'s mean loss from the final hidden states `h` `[b, s, hidden]`
 /// through a frozen LM `head`, `chunk` tokens at a time: the `[tokens, vocab]` logits, their
 /// log-softmax and their gradient never exist for more than one chunk (Liger's and Apple's
@@ -61,12 +84,17 @@ pub fn chunked_causal_lm_loss(
     chunk: usize,
     fc: &ForwardContext,
 ) -> Tensor<1> {
-    let [b, s, d] = h.dims();
-    let n = b * s.saturating_sub(1);
+    let Some(NextTokens {
+        hidden: hs,
+        target,
+        mask,
+    }) = NextTokens::of(h.clone(), labels)
+    else {
+        // One position: no next token to score (a zero loss that still reaches the model).
+        return h.sum().mul_scalar(0.0);
+    };
+    let [n, d] = hs.dims();
     let chunk = chunk.max(1);
-    let hs = h.slice([0..b, 0..s - 1, 0..d]).reshape([n, d]);
-    let target = labels.slice([0..b, 1..s]).reshape([n]);
-    let mask = target.clone().not_equal_elem(-100).float();
     let count = mask.clone().sum().detach().clamp_min(1.0);
     let values = hs.clone().inner();
     let mut grads = Vec::with_capacity(n.div_ceil(chunk));
@@ -120,16 +148,18 @@ pub fn causal_lm_row_sums_chunked(
     chunk: usize,
     fc: &ForwardContext,
 ) -> (Vec<f64>, Vec<usize>) {
-    let [b, s, d] = h.dims();
+    let [b, s, _] = h.dims();
     let per_row = s.saturating_sub(1);
     let (mut sums, mut counts) = (vec![0.0f64; b], vec![0usize; b]);
-    if per_row == 0 {
+    let Some(NextTokens {
+        hidden: hs,
+        target,
+        mask,
+    }) = NextTokens::of(h, labels)
+    else {
         return (sums, counts);
-    }
-    let n = b * per_row;
-    let hs = h.slice([0..b, 0..per_row, 0..d]).reshape([n, d]);
-    let target = labels.slice([0..b, 1..s]).reshape([n]);
-    let mask = target.clone().not_equal_elem(-100).float();
+    };
+    let [n, d] = hs.dims();
     let chunk = chunk.max(1);
     for start in (0..n).step_by(chunk) {
         let rows = (start + chunk).min(n) - start;
