@@ -291,16 +291,7 @@ fn main() {
         ratio(&tq, &tf, "tokens_per_sec"),
         ratio(&t1q, &t1f, "tokens_per_sec"),
     ));
-    println!("{md}");
-    let dir = repo().join("benches/results");
-    std::fs::create_dir_all(&dir).unwrap();
-    let json = json!({"threads": threads, "rows": rows});
-    std::fs::write(
-        dir.join("gguf_llm.json"),
-        serde_json::to_string_pretty(&json).unwrap(),
-    )
-    .unwrap();
-    std::fs::write(dir.join("gguf_llm.md"), md).unwrap();
+    write_results("gguf_llm", threads, rows, &md);
 }
 
 /// `--train-only`: the four LoRA-step rows alone (no decode, no peers), written to
@@ -346,13 +337,19 @@ fn train_only(file: &Path, threads: usize) {
         ratio(&tq, &tf, "tokens_per_sec"),
         ratio(&t1q, &t1f, "tokens_per_sec"),
     ));
+    write_results("gguf_llm_train", threads, rows, &md);
+}
+
+/// Print `md` and write it and the rows to `benches/results/{stem}.{md,json}`.
+fn write_results(stem: &str, threads: usize, rows: serde_json::Map<String, Value>, md: &str) {
     println!("{md}");
     let dir = repo().join("benches/results");
+    std::fs::create_dir_all(&dir).unwrap();
     let json = json!({"threads": threads, "rows": rows});
     std::fs::write(
-        dir.join("gguf_llm_train.json"),
+        dir.join(format!("{stem}.json")),
         serde_json::to_string_pretty(&json).unwrap(),
     )
     .unwrap();
-    std::fs::write(dir.join("gguf_llm_train.md"), md).unwrap();
+    std::fs::write(dir.join(format!("{stem}.md")), md).unwrap();
 }

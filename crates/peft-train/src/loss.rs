@@ -67,6 +67,30 @@ impl NextTokens {
             target,
         })
     }
+
+    /// `log p(target)` of positions `start..start + rows`, 0 where not scored, from their
+    /// hidden states `hidden` `[rows, hidden]` through `head`: one chunk's logits at a time.
+    fn scored_log_probs(
+        &self,
+        hidden: Tensor<2>,
+        start: usize,
+        head: &LmHead<'_>,
+        fc: &ForwardContext,
+    ) -> Tensor<1> {
+        let [rows, d] = hidden.dims();
+        let logits = head.logits(hidden.reshape([1, rows, d]), fc);
+        let vocab = logits.dims()[2];
+        let target = self
+            .target
+            .clone()
+            .narrow(0, start, rows)
+            .clamp_min(0)
+            .reshape([rows, 1]);
+        log_softmax(logits.reshape([rows, vocab]))
+            .gather(1, target)
+            .reshape([rows])
+            * self.mask.clone().narrow(0, start, rows)
+    }
 }
 
 /// [`causal_lm_loss_terms`]'s mean loss from the final hidden states `h` `[b, s, hidden]`
@@ -84,39 +108,21 @@ pub fn chunked_causal_lm_loss(
     chunk: usize,
     fc: &ForwardContext,
 ) -> Tensor<1> {
-    let Some(NextTokens {
-        hidden: hs,
-        target,
-        mask,
-    }) = NextTokens::of(h.clone(), labels)
-    else {
+    let Some(tokens) = NextTokens::of(h.clone(), labels) else {
         // One position: no next token to score (a zero loss that still reaches the model).
         return h.sum().mul_scalar(0.0);
     };
-    let [n, d] = hs.dims();
+    let [n, d] = tokens.hidden.dims();
     let chunk = chunk.max(1);
-    let count = mask.clone().sum().detach().clamp_min(1.0);
-    let values = hs.clone().inner();
+    let count = tokens.mask.clone().sum().detach().clamp_min(1.0);
+    let values = tokens.hidden.clone().inner();
     let mut grads = Vec::with_capacity(n.div_ceil(chunk));
     let mut total: Option<Tensor<1>> = None;
     for start in (0..n).step_by(chunk) {
         let end = (start + chunk).min(n);
-        let rows = end - start;
         let leaf = Tensor::from_inner(values.clone().slice([start..end, 0..d])).require_grad();
-        let logits = head.logits(leaf.clone().reshape([1, rows, d]), fc);
-        let vocab = logits.dims()[2];
-        let lp = log_softmax(logits.reshape([rows, vocab]));
-        let picked = lp
-            .gather(
-                1,
-                target
-                    .clone()
-                    .narrow(0, start, end - start)
-                    .clamp_min(0)
-                    .reshape([rows, 1]),
-            )
-            .reshape([rows]);
-        let loss = (picked * mask.clone().narrow(0, start, end - start))
+        let loss = tokens
+            .scored_log_probs(leaf.clone(), start, head, fc)
             .sum()
             .neg()
             / count.clone();
@@ -132,7 +138,7 @@ pub fn chunked_causal_lm_loss(
         });
     }
     let total = total.unwrap_or_else(|| count.clone().inner().zeros_like());
-    let surrogate = (hs * Tensor::from_inner(Tensor::cat(grads, 0))).sum();
+    let surrogate = (tokens.hidden * Tensor::from_inner(Tensor::cat(grads, 0))).sum();
     // Value: the loss (the surrogate cancels); gradient: the surrogate's.
     surrogate.clone() - surrogate.detach() + Tensor::from_inner(total)
 }
@@ -151,43 +157,22 @@ pub fn causal_lm_row_sums_chunked(
     let [b, s, _] = h.dims();
     let per_row = s.saturating_sub(1);
     let (mut sums, mut counts) = (vec![0.0f64; b], vec![0usize; b]);
-    let Some(NextTokens {
-        hidden: hs,
-        target,
-        mask,
-    }) = NextTokens::of(h, labels)
-    else {
+    let Some(tokens) = NextTokens::of(h, labels) else {
         return (sums, counts);
     };
-    let [n, d] = hs.dims();
+    let n = tokens.hidden.dims()[0];
     let chunk = chunk.max(1);
+    let host = |t: Tensor<1>| -> Vec<f64> {
+        t.into_data()
+            .convert::<f64>()
+            .try_to_vec()
+            .unwrap_or_default()
+    };
     for start in (0..n).step_by(chunk) {
         let rows = (start + chunk).min(n) - start;
-        let logits = head.logits(hs.clone().narrow(0, start, rows).reshape([1, rows, d]), fc);
-        let vocab = logits.dims()[2];
-        let lp = log_softmax(logits.reshape([rows, vocab]));
-        let m = mask.clone().narrow(0, start, rows);
-        let picked = lp
-            .gather(
-                1,
-                target
-                    .clone()
-                    .narrow(0, start, rows)
-                    .clamp_min(0)
-                    .reshape([rows, 1]),
-            )
-            .reshape([rows])
-            * m.clone();
-        let picked: Vec<f64> = picked
-            .into_data()
-            .convert::<f64>()
-            .try_to_vec()
-            .unwrap_or_default();
-        let scored: Vec<f64> = m
-            .into_data()
-            .convert::<f64>()
-            .try_to_vec()
-            .unwrap_or_default();
+        let hidden = tokens.hidden.clone().narrow(0, start, rows);
+        let picked = host(tokens.scored_log_probs(hidden, start, head, fc));
+        let scored = host(tokens.mask.clone().narrow(0, start, rows));
         for (k, (p, c)) in picked.iter().zip(&scored).enumerate() {
             let row = (start + k) / per_row;
             sums[row] += p;
