@@ -331,10 +331,6 @@ impl DecodeBatch {
             // The cache may hold this step for some layers only: no row can go on.
             Err(error) => self.fail_all(error),
         }
-        engine
-            .metrics
-            .running
-            .store(self.seqs.len(), Ordering::Relaxed);
     }
 }
 

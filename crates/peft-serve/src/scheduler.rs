@@ -183,6 +183,13 @@ impl Scheduler {
         self.queued_leave(started);
         self.admit();
         self.batch.step(&self.engine);
+        // Stored here, after every round, rather than in the step: a round whose only
+        // sequences were dropped (their clients left) runs no step, and the gauge would keep
+        // the old count while the scheduler sleeps.
+        self.engine
+            .metrics
+            .running
+            .store(self.batch.len(), Ordering::Relaxed);
     }
 
     /// Take one command; `false` to stop.
@@ -327,10 +334,6 @@ impl Scheduler {
             let _ = job.events.send(crate::job::GenEvent::Failed(error));
         }
         self.batch.admit(&self.engine, jobs);
-        self.engine
-            .metrics
-            .running
-            .store(self.batch.len(), Ordering::Relaxed);
     }
 }
 
