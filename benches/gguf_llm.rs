@@ -13,8 +13,10 @@
 //! RAYON_NUM_THREADS=2 cargo bench --profile dev --bench gguf_llm
 //! ```
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use burn::optim::GradientsParams;
@@ -28,38 +30,17 @@ use burn_peft::train::data::{Example, collate};
 use burn_peft::train::optim::{AdamW, AdamWSettings};
 use burn_peft::train::step::forward_loss;
 use serde_json::{Value, json};
+use support::{mib, ratio, tps, write_results};
 
 const NEW_TOKENS: usize = 64;
 const TRAIN_BATCH: usize = 4;
 const TRAIN_SEQ: usize = 128;
 const TRAIN_STEPS: usize = 4;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn smollm2() -> PathBuf {
-    let out = Command::new(repo().join("scripts/fetch-smollm2.sh"))
-        .output()
-        .expect("scripts/fetch-smollm2.sh runs");
-    assert!(out.status.success(), "fetch-smollm2.sh failed");
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
-
-/// Peak resident set of this process (`VmHWM`), bytes.
-fn peak_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
-/// The first chat-templated prompt of the SmolLM2 reference (37 tokens), as the peers use.
 fn prompt_ids() -> Vec<i64> {
-    let bytes = std::fs::read(repo().join("tests/fixtures/gguf/smollm2_reference.safetensors"))
-        .expect("the SmolLM2 reference fixture");
+    let bytes =
+        std::fs::read(support::repo().join("tests/fixtures/gguf/smollm2_reference.safetensors"))
+            .expect("the SmolLM2 reference fixture");
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     st.tensor("ids_0")
         .unwrap()
@@ -93,7 +74,7 @@ fn child_decode(file: &Path, f32_base: bool) -> Value {
     let seconds = start.elapsed().as_secs_f64();
     let new = out.len();
     json!({"new_tokens": new, "seconds": seconds, "tokens_per_sec": new as f64 / seconds,
-           "first_ids": &out[..out.len().min(8)], "peak_rss_bytes": peak_rss()})
+           "first_ids": &out[..out.len().min(8)], "peak_rss_bytes": support::peak_rss()})
 }
 
 /// LoRA steps of `batch` x [`TRAIN_SEQ`] tokens.
@@ -142,76 +123,27 @@ fn child_train(file: &Path, f32_base: bool, batch: usize) -> Value {
     let seconds = start.elapsed().as_secs_f64();
     let tokens = (batch * TRAIN_SEQ * TRAIN_STEPS) as f64;
     json!({"tokens_per_sec": tokens / seconds, "step_seconds": seconds / TRAIN_STEPS as f64,
-           "losses": losses, "peak_rss_bytes": peak_rss()})
+           "losses": losses, "peak_rss_bytes": support::peak_rss()})
+}
+
+fn run_peer(backend: &str, file: &Path, threads: usize) -> Value {
+    let args = ["--backend", backend, "--threads", &threads.to_string()]
+        .into_iter()
+        .chain(["--new", &NEW_TOKENS.to_string(), "--gguf"])
+        .map(String::from)
+        .chain([file.display().to_string()])
+        .collect::<Vec<_>>();
+    support::run_peer("gguf_decode.py", &args)
 }
 
 /// This binary again, for one configuration.
 fn run_child(kind: &str, base: &str, file: &Path) -> Value {
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--child", kind, base])
-        .arg(file)
-        .output()
-        .expect("re-executing the bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().rev().find(|l| l.starts_with('{'));
-    match (out.status.success(), line) {
-        (true, Some(line)) => serde_json::from_str(line).unwrap(),
-        _ => panic!(
-            "{kind} {base} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    }
-}
-
-fn run_peer(backend: &str, file: &Path, threads: usize) -> Value {
-    let out = Command::new("python3")
-        .arg(repo().join("benches/peer/gguf_decode.py"))
-        .args(["--backend", backend, "--threads", &threads.to_string()])
-        .args(["--new", &NEW_TOKENS.to_string(), "--gguf"])
-        .arg(file)
-        .output();
-    let Ok(out) = out else {
-        return json!({"missing": "python3 not found"});
-    };
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    match stdout.lines().rev().find(|l| l.starts_with('{')) {
-        Some(line) if out.status.success() => serde_json::from_str(line).unwrap(),
-        _ => {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let reason = stderr
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("");
-            json!({"missing": reason})
-        }
-    }
-}
-
-fn mib(v: &Value) -> String {
-    v["peak_rss_bytes"]
-        .as_f64()
-        .map_or("-".into(), |b| format!("{:.0}", b / (1024.0 * 1024.0)))
-}
-
-fn tps(v: &Value) -> String {
-    v["tokens_per_sec"].as_f64().map_or_else(
-        || format!("missing ({})", v["missing"]),
-        |t| format!("{t:.1}"),
-    )
-}
-
-fn ratio(a: &Value, b: &Value, key: &str) -> String {
-    match (a[key].as_f64(), b[key].as_f64()) {
-        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
-        _ => "-".into(),
-    }
+    support::run_child(&[kind, base, &file.display().to_string()])
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(at) = args.iter().position(|a| a == "--child") {
-        let (kind, base, file) = (&args[at + 1], &args[at + 2], PathBuf::from(&args[at + 3]));
+    if let Some(child) = support::child_args() {
+        let (kind, base, file) = (&child[0], &child[1], PathBuf::from(&child[2]));
         let f32_base = base == "f32";
         let result = match kind.as_str() {
             "decode" => child_decode(&file, f32_base),
@@ -222,11 +154,9 @@ fn main() {
         return;
     }
     // `cargo bench` passes `--bench`; anything else is ignored.
-    let threads: usize = std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
-    let file = smollm2();
+    let args: Vec<String> = std::env::args().collect();
+    let threads = support::threads();
+    let file = support::smollm2();
     eprintln!("gguf_llm: {} on {threads} threads", file.display());
     if args.iter().any(|a| a == "--train-only") {
         train_only(&file, threads);
@@ -338,18 +268,4 @@ fn train_only(file: &Path, threads: usize) {
         ratio(&t1q, &t1f, "tokens_per_sec"),
     ));
     write_results("gguf_llm_train", threads, rows, &md);
-}
-
-/// Print `md` and write it and the rows to `benches/results/{stem}.{md,json}`.
-fn write_results(stem: &str, threads: usize, rows: serde_json::Map<String, Value>, md: &str) {
-    println!("{md}");
-    let dir = repo().join("benches/results");
-    std::fs::create_dir_all(&dir).unwrap();
-    let json = json!({"threads": threads, "rows": rows});
-    std::fs::write(
-        dir.join(format!("{stem}.json")),
-        serde_json::to_string_pretty(&json).unwrap(),
-    )
-    .unwrap();
-    std::fs::write(dir.join(format!("{stem}.md")), md).unwrap();
 }

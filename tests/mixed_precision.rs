@@ -233,3 +233,62 @@ fn unknown_dtype_names_are_typed_errors() {
     let e = "int4".parse::<BaseDType>().unwrap_err();
     assert_eq!(e, PrecisionError::Unknown("int4".into()));
 }
+
+/// Rounds every frozen site weight but an untied output head to `dtype` and back to f32: the
+/// values a half-precision base holds, in an f32 model.
+fn rounded_to(model: &mut PeftModel<HfModel>, dtype: DType) {
+    use burn_peft::core::{Adaptable, SiteMut, SitePath};
+    let trainable = model.trainable_param_ids().clone();
+    let head = model.model().output_layer();
+    model.update(|mut m| {
+        m.visit_sites_mut(&mut SitePath::root(), &mut |path, site| {
+            if head.as_deref() == Some(path.to_string().as_str()) {
+                return;
+            }
+            let weight = match site {
+                SiteMut::Linear(l) => &mut l.weight,
+                SiteMut::Embedding(e) => &mut e.weight,
+                _ => return,
+            };
+            if !trainable.contains(&weight.id) {
+                *weight = weight.clone().map(|t| t.cast(dtype).cast(DType::F32));
+            }
+        });
+        m
+    });
+}
+
+/// On flex, `apply_base_dtype` (what train / eval / generate / serve use for `dtype: f16` /
+/// `bf16`) keeps the frozen linear weights and token tables as half-precision rows behind the
+/// CPU kernels, with f32 activations: the output equals the f32 model whose weights are
+/// rounded to the same format, up to the order of the sums, on tied and untied heads.
+#[test]
+fn a_half_precision_base_on_flex_is_the_f32_model_with_rounded_weights() {
+    use burn_peft::models::base_dtype::apply_base_dtype;
+    let device = Device::flex();
+    for name in ["llama_gqa", "llama_tied", "gpt2", "bert"] {
+        let inputs = model_inputs(name, &device);
+        let unrounded = output(with_lora(name, &device).model(), &inputs);
+        for (dtype, burn_dtype) in [(BaseDType::BF16, DType::BF16), (BaseDType::F16, DType::F16)] {
+            let mut reference = with_lora(name, &device);
+            rounded_to(&mut reference, burn_dtype);
+            let expected = output(reference.model(), &inputs);
+            assert!(
+                max_abs_diff(&expected, &unrounded) > 0.0,
+                "{name}: rounding shows"
+            );
+            let mut model = with_lora(name, &device);
+            let report = apply_base_dtype(&mut model, dtype, &device).unwrap();
+            assert!(report.cast.tensors > 0, "{name} {dtype}");
+            assert!(report.to_string().contains("rows"), "{report}");
+            let mut seen = Dtypes::default();
+            model.model().visit(&mut seen);
+            assert_eq!(seen.half, 0, "{name}: no Burn half tensors, rows instead");
+            let got = output(model.model(), &inputs);
+            let scale = expected.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            let diff = max_abs_diff(&got, &expected) / scale;
+            eprintln!("{name} {dtype} rows: max |diff| vs rounded f32 {diff:.2e}");
+            assert!(diff < 1e-5, "{name} {dtype}: {diff}");
+        }
+    }
+}

@@ -253,7 +253,8 @@ pub type QuantizeFn<'a> =
     dyn Fn(&Param<Tensor<2>>) -> Result<Option<crate::nn::QuantizedBase>, String> + 'a;
 
 /// Quantize the frozen weight of every linear site of `model` with `quantize` (QLoRA:
-/// `dtype` [`BaseDType::Nf4`] or [`BaseDType::Q8`]); the sites then multiply through the
+/// `dtype` [`BaseDType::Nf4`] or [`BaseDType::Q8`]; or half-precision rows, `F16` / `BF16`,
+/// that the same kernels read with f32 activations); the sites then multiply through the
 /// quantized kernel and hold no dense weight. As bitsandbytes' `load_in_4bit` (transformers'
 /// `modules_to_not_convert`), the output layer and the classification head stay dense, and so
 /// do embeddings, trainable tensors and sites whose adapters are merged. `quantize` returns
@@ -264,9 +265,9 @@ pub fn quantize_frozen_base<M: Module + Adaptable>(
     dtype: BaseDType,
     quantize: &QuantizeFn<'_>,
 ) -> Result<CastReport, PrecisionError> {
-    if !dtype.is_quantized() {
+    if dtype == BaseDType::F32 {
         return Err(PrecisionError::Unknown(format!(
-            "{dtype} (quantize_frozen_base takes nf4 or q8)"
+            "{dtype} (quantize_frozen_base takes nf4, q8, f16 or bf16)"
         )));
     }
     if model.trains_base() {

