@@ -140,6 +140,22 @@ pub trait ArchModel: Adaptable {
         fc: &ForwardContext,
     ) -> Result<Tensor<3>>;
 
+    /// Next-token logits `[b, 1, vocab]` of the last position only, with a KV cache: what
+    /// generation reads. The default slices [`forward_lm_with`](Self::forward_lm_with)'s; the
+    /// decoders apply the head to the last position alone (a prefill of `s` tokens then skips
+    /// `s - 1` rows of `[hidden x vocab]` products).
+    fn forward_lm_last_with(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        cache: Option<&mut KvCache>,
+        fc: &ForwardContext,
+    ) -> Result<Tensor<3>> {
+        let logits = self.forward_lm_with(input_ids, attention_mask, cache, fc)?;
+        let [b, s, v] = logits.dims();
+        Ok(logits.slice([0..b, s - 1..s, 0..v]))
+    }
+
     /// The final hidden states `[b, s, hidden]` of a causal LM and its head, for a loss taken
     /// over the vocabulary in chunks ([`LmHead`](crate::lm_head::LmHead)); `None` for other
     /// heads.

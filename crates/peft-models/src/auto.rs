@@ -162,6 +162,19 @@ impl HfModel {
             .forward_lm_with(input_ids, attention_mask, cache, fc)
     }
 
+    /// [`forward_lm_with`](Self::forward_lm_with)'s logits of the last position only,
+    /// `[b, 1, vocab]`: what generation reads (the head runs on that position alone).
+    pub fn forward_lm_last_with(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        cache: Option<&mut KvCache>,
+        fc: &ForwardContext,
+    ) -> Result<Tensor<3>> {
+        self.arch()
+            .forward_lm_last_with(input_ids, attention_mask, cache, fc)
+    }
+
     /// Rows of the token embedding table (the ids `input_ids` may hold).
     pub fn vocab_size(&self) -> usize {
         self.arch().vocab_size()

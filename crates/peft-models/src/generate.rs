@@ -150,10 +150,9 @@ pub fn generate_batch(
             scratch = fresh_cache();
             &mut scratch
         };
-        let logits = model.forward_lm_with(ids, mask_tensor, Some(step_cache), &step_ctx)?;
-        let [_, s, v] = logits.dims();
+        let logits = model.forward_lm_last_with(ids, mask_tensor, Some(step_cache), &step_ctx)?;
+        let v = logits.dims()[2];
         let last: Vec<f32> = logits
-            .slice([0..batch, s - 1..s, 0..v])
             .into_data()
             .convert::<f32>()
             .try_to_vec()

@@ -41,6 +41,10 @@ impl QuantizedWeight for BlockWeight {
     fn stored_bytes(&self) -> usize {
         self.0.stored_bytes()
     }
+
+    fn blocks(&self) -> Option<Arc<QuantMatrix>> {
+        Some(self.0.clone())
+    }
 }
 
 /// `matrix` as a site's quantized base.

@@ -14,10 +14,11 @@ use burn::backend::{Backend, Flex, backend_extension};
 
 use crate::kernels::dropout::Mask;
 use crate::kernels::elementwise::{self, Gelu};
+use crate::kernels::matmul::Mat;
 use crate::kernels::norm::{self, Norm};
 use crate::kernels::optim::{self, AdamWStep};
 use crate::kernels::tensor::{contiguous, dims, from_vec, slice};
-use crate::kernels::{attention, lora, rope, softmax};
+use crate::kernels::{attention, few_rows, lora, rope, softmax};
 use crate::quant::QuantMatrix;
 
 /// burn-peft's fused ops. Arguments as in the crate-root functions; `dropout` is
@@ -107,6 +108,16 @@ pub trait PeftOps: Backend {
     /// `dy · W` for `dy` `[n, rows]`: the input gradient of
     /// [`fused_quant_matmul`](PeftOps::fused_quant_matmul) (its backward is that product).
     fn fused_quant_matmul_t(dy: FloatTensor<Self>, w: Arc<QuantMatrix>) -> FloatTensor<Self>;
+    /// `silu(x · Gᵀ) ⊙ (x · Uᵀ)` for frozen quantized `G`, `U` (a gated MLP's gate and up
+    /// projections): the backward recomputes both products from `x` rather than keeping them.
+    fn fused_quant_swiglu(
+        x: FloatTensor<Self>,
+        gate: Arc<QuantMatrix>,
+        up: Arc<QuantMatrix>,
+    ) -> FloatTensor<Self>;
+    /// `x · w` for `x` `[m, k]` with few rows and `w` `[k, n]` (any strides), without packing
+    /// all of `w` first; inference only (`crate::few_rows` sends no tracked operand).
+    fn fused_few_rows_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// The dropout mask of `(prob, key)`, `None` for probability 0.
@@ -301,4 +312,58 @@ impl PeftOps for Flex {
     fn fused_quant_matmul_t(dy: FlexTensor, w: Arc<QuantMatrix>) -> FlexTensor {
         crate::quant::flex_product(dy, &w, true)
     }
+
+    fn fused_quant_swiglu(
+        x: FlexTensor,
+        gate: Arc<QuantMatrix>,
+        up: Arc<QuantMatrix>,
+    ) -> FlexTensor {
+        let a = crate::quant::flex_product(x.clone(), &gate, false);
+        let b = crate::quant::flex_product(x, &up, false);
+        elementwise::swiglu(&a, &b)
+    }
+
+    fn fused_few_rows_matmul(x: FlexTensor, w: FlexTensor) -> FlexTensor {
+        let x = contiguous(x);
+        let [m, k] = two(&x);
+        let [k2, n] = two(&w);
+        assert_eq!(
+            k, k2,
+            "few_rows_matmul: x [{m}, {k}] and w [{k2}, {n}] do not chain"
+        );
+        // A weight with strides the GEMM cannot walk (never the case for a linear layer's
+        // `[in, out]` weight or its transposed `[out, in]` storage) is copied first.
+        let strided = |t: &FlexTensor| {
+            let s = t.layout().strides();
+            (s.len() == 2 && s[0] > 0 && s[1] > 0).then(|| (s[0], s[1]))
+        };
+        let w = if strided(&w).is_some() {
+            w
+        } else {
+            w.to_contiguous()
+        };
+        let (rs, cs) = strided(&w).expect("a contiguous tensor has positive strides");
+        let storage: &[f32] = w.storage();
+        // SAFETY: the layout's start offset lies inside the storage buffer.
+        let ptr = unsafe { storage.as_ptr().add(w.layout().start_offset()) };
+        let view = Mat {
+            ptr,
+            rows: k,
+            cols: n,
+            rs,
+            cs,
+        };
+        let mut out = vec![0f32; m * n];
+        // SAFETY: `view` is `w`'s own layout over its storage, alive for the call; `out` is a
+        // fresh buffer.
+        unsafe { few_rows::matmul(slice(&x), m, view, &mut out) };
+        from_vec(out, &[m, n])
+    }
+}
+
+/// The sizes of a 2-D tensor.
+fn two(t: &FlexTensor) -> [usize; 2] {
+    let d = dims(t);
+    assert_eq!(d.len(), 2, "a 2-D tensor expected, got {d:?}");
+    [d[0], d[1]]
 }

@@ -77,6 +77,40 @@ fn fused<const D: usize>(t: &Tensor<D>) -> bool {
     fused_enabled() && t.dtype() == DType::F32 && is_flex(&t.device())
 }
 
+/// Whether [`few_rows_matmul`] takes `x · w` to its own path: f32 on flex, 2 to
+/// [`kernels::few_rows::MAX_ROWS`] rows (one row is the `gemm` crate's GEMV, which packs
+/// nothing), and neither operand in an autodiff graph.
+pub fn few_rows(x: &Tensor<2>, w: &Tensor<2>) -> bool {
+    fused(x)
+        && w.dtype() == DType::F32
+        && (2..=kernels::few_rows::MAX_ROWS).contains(&x.dims()[0])
+        // Not `is_require_grad`, which is false for an intermediate tensor of a graph.
+        && !x.is_tracked()
+        && !w.is_tracked()
+}
+
+/// `x · w` for `x` `[m, k]` and `w` `[k, n]`. With a few rows ([`few_rows`]; decoding, one row
+/// per sequence) `w` is multiplied in bands that stay in cache, where the `gemm` crate would
+/// first pack all of `w`; otherwise `x.matmul(w)`. The same values up to the order of the sums.
+///
+/// ```
+/// use burn::tensor::{Device, Tensor};
+/// let device = Device::flex();
+/// let x = Tensor::<2>::from_floats([[1.0, 2.0], [3.0, 4.0]], &device);
+/// let w = Tensor::<2>::from_floats([[1.0, 0.0, 2.0], [0.0, 1.0, 1.0]], &device);
+/// let y = peft_ops::few_rows_matmul(x, w);
+/// assert_eq!(y.into_data().to_vec::<f32>().unwrap(), [1.0, 2.0, 4.0, 3.0, 4.0, 10.0]);
+/// ```
+pub fn few_rows_matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    if !few_rows(&x, &w) {
+        return x.matmul(w);
+    }
+    Tensor::from_dispatch(<Dispatch as PeftOps>::fused_few_rows_matmul(
+        x.into_dispatch(),
+        w.into_dispatch(),
+    ))
+}
+
 /// Exact GELU, `x·Φ(x)` (transformers' `gelu`); within 1e-6 of the `f64` reference.
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     if !fused(&x) {

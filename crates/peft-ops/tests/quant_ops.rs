@@ -8,7 +8,7 @@ use std::sync::Arc;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use peft_ops::quant::{
     QuantBytes, QuantError, QuantFormat, QuantMatrix, quant_matmul, quant_matmul_t, quant_rows,
-    try_quant_rows,
+    quant_swiglu, try_quant_rows,
 };
 use peft_ops::reference;
 
@@ -195,6 +195,50 @@ fn gradients_flow_through_both_products() {
     let scale = vec![max(&zr).max(max(&dxr)); z.len()];
     assert_close("z", &z, &zr, &scale);
     assert_close("dx", &dx, &dxr, &scale);
+}
+
+/// SwiGLU over two frozen quantized projections, its backward recomputing both products: the
+/// values and input gradient of `swiglu(quant_matmul(x, G), quant_matmul(x, U))`, for the
+/// formats a QLoRA or GGUF MLP has, tracked and untracked.
+#[test]
+fn quant_swiglu_equals_the_composition_and_recomputes_its_gradient() {
+    let mut rng = Rng(23);
+    for format in [
+        QuantFormat::Q4_1,
+        QuantFormat::Nf4,
+        QuantFormat::Q8_0,
+        QuantFormat::BF16,
+    ] {
+        let gate = Arc::new(random_matrix(format, 96, 128, &mut rng));
+        let up = Arc::new(random_matrix(format, 96, 128, &mut rng));
+        let device = Device::flex().autodiff();
+        let x_data = TensorData::new(rng.values(7 * 128, 1.0), [7, 128]);
+        let g_data = TensorData::new(rng.values(7 * 96, 1.0), [7, 96]);
+        let run = |fused: bool| {
+            let x = Tensor::<2>::from_data(x_data.clone(), &device).require_grad();
+            let z = if fused {
+                quant_swiglu(x.clone(), &gate, &up)
+            } else {
+                peft_ops::swiglu(quant_matmul(x.clone(), &gate), quant_matmul(x.clone(), &up))
+            };
+            let g = Tensor::<2>::from_data(g_data.clone(), &device);
+            let grads = (z.clone() * g).sum().backward();
+            (to_vec(z), to_vec(x.grad(&grads).unwrap()))
+        };
+        let ((z, dx), (zr, dxr)) = (run(true), run(false));
+        let max = |v: &[f32]| v.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let scale = vec![max(&zr).max(max(&dxr)); z.len().max(dx.len())];
+        assert_close(&format!("{format:?} z"), &z, &zr, &scale);
+        assert_close(&format!("{format:?} dx"), &dx, &dxr, &scale);
+        // Untracked (inference): the forward alone.
+        let x = Tensor::<2>::from_data(x_data.clone(), &Device::flex());
+        assert_close(
+            &format!("{format:?} plain"),
+            &to_vec(quant_swiglu(x, &gate, &up)),
+            &zr,
+            &scale,
+        );
+    }
 }
 
 #[test]

@@ -122,15 +122,14 @@ impl Engine {
                 .adapter_rows(adapters, &self.device)
                 .map_err(|e| ApiError::internal(e.to_string()))?;
             let (ids, ctx) = host_ids(ids, &ctx, &self.device);
-            let logits = self.model.model().forward_lm_with(
+            let logits = self.model.model().forward_lm_last_with(
                 ids,
                 Some(int_rows(mask, &self.device)),
                 Some(cache),
                 &ctx,
             )?;
-            let [b, s, v] = logits.dims();
+            let v = logits.dims()[2];
             let values = logits
-                .slice([0..b, s - 1..s, 0..v])
                 .into_data()
                 .convert::<f32>()
                 .try_into_vec::<f32>()

@@ -149,6 +149,10 @@ impl Embedding {
             Some(q) => q.matmul(h),
             None => {
                 let w = self.weight.val().transpose();
+                if peft_ops::few_rows(&h, &w) {
+                    // Decoding: a few rows against the whole table, read in bands.
+                    return peft_ops::few_rows_matmul(h, w);
+                }
                 // A half-precision frozen table (mixed precision): multiply in its precision
                 // and hand on the activations' precision.
                 let dtype = h.dtype();

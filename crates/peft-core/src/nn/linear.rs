@@ -246,6 +246,14 @@ impl Linear {
 /// everything after it) in the input's, as under PyTorch's autocast; the bias stays in f32.
 pub(crate) fn base_linear(x: Tensor<2>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<2> {
     if weight.dtype() == x.dtype() {
+        if peft_ops::few_rows(&x, &weight) {
+            // Decoding: a few rows against the whole weight (see `peft_ops::few_rows_matmul`).
+            let y = peft_ops::few_rows_matmul(x, weight);
+            return match bias {
+                Some(b) => y + b.unsqueeze::<2>(),
+                None => y,
+            };
+        }
         return linear(x, weight, bias);
     }
     let dtype = x.dtype();

@@ -34,6 +34,12 @@ pub trait QuantizedWeight: fmt::Debug + Send + Sync {
 
     /// Bytes held by the quantized storage.
     fn stored_bytes(&self) -> usize;
+
+    /// The matrix as peft-ops' block format, where it is one: fused ops over several frozen
+    /// matrices (`peft_ops::quant::quant_swiglu`) take it directly. `None` by default.
+    fn blocks(&self) -> Option<std::sync::Arc<peft_ops::quant::QuantMatrix>> {
+        None
+    }
 }
 
 /// A shared [`QuantizedWeight`]: what a site holds as its quantized base.

@@ -242,6 +242,23 @@ impl<M: Module + DecoderBackbone> ArchModel for DecoderHeads<M> {
         }
     }
 
+    fn forward_lm_last_with(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        cache: Option<&mut KvCache>,
+        fc: &ForwardContext,
+    ) -> Result<Tensor<3>> {
+        let DecoderHeads::CausalLm(m) = self else {
+            return Err(not_a_causal_lm(&self.hf_class()));
+        };
+        let h = m
+            .model
+            .hidden_states(input_ids, attention_mask, cache, fc)?;
+        let [b, s, d] = h.dims();
+        Ok(m.head().logits(h.slice([0..b, s - 1..s, 0..d]), fc))
+    }
+
     fn lm_hidden_with(
         &self,
         inputs: &ModelInputs,

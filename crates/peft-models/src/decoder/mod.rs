@@ -356,6 +356,17 @@ impl GatedMlp {
 
     /// Apply it to `x` `[b, s, hidden]`.
     pub fn forward_in(&self, x: Tensor<3>, fc: &ForwardContext) -> Tensor<3> {
+        if self.act == Activation::Silu
+            && let (Some(gate), Some(up)) =
+                (plain_blocks(&self.gate_proj), plain_blocks(&self.up_proj))
+        {
+            // A quantized base with nothing attached to gate / up (QLoRA on attention, a GGUF
+            // model): one op whose backward recomputes both products (peft_ops::quant::quant_swiglu).
+            let [b, s, d] = x.dims();
+            let hidden = peft_ops::quant::quant_swiglu(x.reshape([b * s, d]), &gate, &up);
+            let i = hidden.dims()[1];
+            return self.down_proj.forward_in(hidden.reshape([b, s, i]), fc);
+        }
         let gate = self.gate_proj.forward_in(x.clone(), fc);
         let up = self.up_proj.forward_in(x, fc);
         let hidden = match self.act {
@@ -364,4 +375,10 @@ impl GatedMlp {
         };
         self.down_proj.forward_in(hidden, fc)
     }
+}
+
+/// The quantized blocks of `layer` when it is only that: no bias, no adapter, no trainable copy.
+fn plain_blocks(layer: &Linear) -> Option<std::sync::Arc<peft_ops::quant::QuantMatrix>> {
+    let plain = layer.bias.is_none() && layer.adapters.is_empty() && layer.copies.is_empty();
+    plain.then(|| layer.quantized.as_ref()?.blocks()).flatten()
 }

@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod dropout;
 pub mod elementwise;
+pub mod few_rows;
 pub mod lora;
 pub mod math;
 pub mod matmul;

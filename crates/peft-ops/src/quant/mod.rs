@@ -46,7 +46,7 @@ pub use dequant::f16_to_f32;
 pub use format::{NF4_BLOCK, QK_K, QuantFormat};
 pub use matrix::QuantMatrix;
 pub(crate) use ops::flex_product;
-pub use ops::{quant_matmul, quant_matmul_t, quant_rows, try_quant_rows};
+pub use ops::{quant_matmul, quant_matmul_t, quant_rows, quant_swiglu, try_quant_rows};
 pub use quantize::to_bf16;
 
 /// What went wrong building or using a [`QuantMatrix`].

@@ -89,6 +89,41 @@ pub fn quant_matmul_t(dy: Tensor<2>, w: &Arc<QuantMatrix>) -> Tensor<2> {
 /// let rows = quant_rows(&w, ids).into_data().to_vec::<f32>().unwrap();
 /// assert_eq!((rows[0], rows[32]), (3.0, 1.0));
 /// ```
+/// `silu(x · Gᵀ) ⊙ (x · Uᵀ)` for `x` `[n, cols]` and frozen quantized `gate`, `up`
+/// `[rows, cols]` (a gated MLP's front half over a QLoRA or GGUF base): `[n, rows]`. The same
+/// values as [`swiglu`](crate::swiglu) of two [`quant_matmul`]s; on flex its backward
+/// recomputes the two products from `x` instead of keeping them, so a training step holds
+/// `cols` values per token here rather than `2 x rows`.
+///
+/// # Panics
+/// If `x` has other than `cols` features or the matrices differ in shape.
+pub fn quant_swiglu(x: Tensor<2>, gate: &Arc<QuantMatrix>, up: &Arc<QuantMatrix>) -> Tensor<2> {
+    assert!(
+        gate.rows() == up.rows() && gate.cols() == up.cols(),
+        "quant_swiglu: gate [{}, {}] and up [{}, {}] differ",
+        gate.rows(),
+        gate.cols(),
+        up.rows(),
+        up.cols()
+    );
+    if !crate::fused(&x) {
+        let a = reference::quant_matmul(x.clone(), gate);
+        return reference::swiglu(a, reference::quant_matmul(x, up));
+    }
+    let [_, cols] = x.dims();
+    assert_eq!(
+        cols,
+        gate.cols(),
+        "quant_swiglu: x has {cols} features, the matrices {}",
+        gate.cols()
+    );
+    Tensor::from_dispatch(<Dispatch as PeftOps>::fused_quant_swiglu(
+        x.into_dispatch(),
+        gate.clone(),
+        up.clone(),
+    ))
+}
+
 pub fn quant_rows(w: &Arc<QuantMatrix>, ids: Tensor<1, Int>) -> Tensor<2> {
     try_quant_rows(w, ids).unwrap_or_else(|e| panic!("quant_rows: {e}"))
 }
