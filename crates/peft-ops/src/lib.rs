@@ -99,7 +99,7 @@ pub fn few_rows(x: &Tensor<2>, w: &Tensor<2>) -> bool {
 /// let x = Tensor::<2>::from_floats([[1.0, 2.0], [3.0, 4.0]], &device);
 /// let w = Tensor::<2>::from_floats([[1.0, 0.0, 2.0], [0.0, 1.0, 1.0]], &device);
 /// let y = peft_ops::few_rows_matmul(x, w);
-/// assert_eq!(y.into_data().to_vec::<f32>().unwrap(), [1.0, 2.0, 4.0, 3.0, 4.0, 10.0]);
+/// assert_eq!(y.into_data().try_to_vec::<f32>().unwrap(), [1.0, 2.0, 4.0, 3.0, 4.0, 10.0]);
 /// ```
 pub fn few_rows_matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     if !few_rows(&x, &w) {
