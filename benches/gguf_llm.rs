@@ -26,7 +26,6 @@ use burn_peft::core::{PeftModel, TargetModules};
 use burn_peft::lora::LoraConfig;
 use burn_peft::models::{GenerationConfig, HfModel, Task, from_pretrained, generate};
 use burn_peft::train::Objective;
-use burn_peft::train::data::{Example, collate};
 use burn_peft::train::optim::{AdamW, AdamWSettings};
 use burn_peft::train::step::forward_loss;
 use serde_json::{Value, json};
@@ -98,19 +97,8 @@ fn child_train(file: &Path, f32_base: bool, batch: usize) -> Value {
             .collect();
         // The trainer's own step (`forward_loss`: the loss over the vocabulary in chunks of
         // tokens for a frozen head), on `batch` rows of TRAIN_SEQ tokens.
-        let examples: Vec<Example> = ids
-            .chunks(TRAIN_SEQ)
-            .map(|row| Example {
-                input_ids: row.to_vec(),
-                token_type_ids: vec![0; row.len()],
-                label: None,
-                labels: Some(row.to_vec()),
-                line: 0,
-                segments: Vec::new(),
-            })
-            .collect();
-        let refs: Vec<&Example> = examples.iter().collect();
-        let batch = collate(&refs, 0, &device);
+        let rows: Vec<Vec<i64>> = ids.chunks(TRAIN_SEQ).map(<[i64]>::to_vec).collect();
+        let batch = support::lm_batch(&rows, &device);
         let loss = forward_loss(model.model(), Objective::CausalLm, &batch).unwrap();
         let value: f32 = loss.clone().into_scalar();
         let grads = GradientsParams::from_grads(loss.backward(), model.model());

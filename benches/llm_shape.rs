@@ -35,7 +35,6 @@ use burn_peft::lora::LoraConfig;
 use burn_peft::models::base_dtype::apply_base_dtype;
 use burn_peft::models::{GenerationConfig, HfModel, Task, from_pretrained, generate_batch};
 use burn_peft::train::Objective;
-use burn_peft::train::data::{Example, collate};
 use burn_peft::train::optim::{AdamW, AdamWSettings, trainable_paths};
 use burn_peft::train::step::{accumulate_gradients, forward_loss, gradient_scale};
 use serde_json::{Value, json};
@@ -195,23 +194,14 @@ fn child_step(file: &str, batch: usize, seq: usize, targets: &str) -> Value {
     let trainable = trainable_paths(model.model(), model.trainable_param_ids());
     let mut optim = AdamW::new(AdamWSettings::default());
     let mut step = |seed: usize| {
-        let examples: Vec<Example> = (0..batch)
+        let rows: Vec<Vec<i64>> = (0..batch)
             .map(|r| {
-                let row: Vec<i64> = (0..seq)
+                (0..seq)
                     .map(|j| (((r * seq + j) * 7919 + seed * 104_729) % vocab) as i64)
-                    .collect();
-                Example {
-                    input_ids: row.clone(),
-                    token_type_ids: vec![0; seq],
-                    label: None,
-                    labels: Some(row),
-                    line: 0,
-                    segments: Vec::new(),
-                }
+                    .collect()
             })
             .collect();
-        let refs: Vec<&Example> = examples.iter().collect();
-        let batch = collate(&refs, 0, &device);
+        let batch = support::lm_batch(&rows, &device);
         // The trainer's step: forward + loss (over the vocabulary in chunks), backward, the
         // clip to 1.0, AdamW.
         let loss = forward_loss(model.model(), Objective::CausalLm, &batch).unwrap();

@@ -6,6 +6,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use burn::tensor::Device;
+use burn_peft::train::data::{Collated, Example, collate};
 use serde_json::{Value, json};
 
 /// The repository root.
@@ -144,4 +146,22 @@ pub fn median(values: &mut [f64]) -> Option<f64> {
     } else {
         (values[n / 2 - 1] + values[n / 2]) / 2.0
     })
+}
+
+/// A causal-LM training batch of `rows` (token ids; labels = the ids), as the trainer collates
+/// it.
+pub fn lm_batch(rows: &[Vec<i64>], device: &Device) -> Collated {
+    let examples: Vec<Example> = rows
+        .iter()
+        .map(|row| Example {
+            input_ids: row.clone(),
+            token_type_ids: vec![0; row.len()],
+            label: None,
+            labels: Some(row.clone()),
+            line: 0,
+            segments: Vec::new(),
+        })
+        .collect();
+    let refs: Vec<&Example> = examples.iter().collect();
+    collate(&refs, 0, device)
 }
