@@ -23,9 +23,12 @@ use crate::kernels::norm::{self, Norm, Stats};
 use crate::kernels::optim::AdamWStep;
 use crate::kernels::tensor::{contiguous, dims, from_vec, slice};
 use crate::kernels::{attention, lora, rope, softmax};
-use crate::quant::{QuantMatrix, flex_product};
+use crate::quant::QuantMatrix;
 
 type Tracked<C> = FloatTensor<Autodiff<Flex, C>>;
+
+#[path = "autodiff_quant.rs"]
+mod quant;
 
 #[derive(Debug)]
 struct GeluGrad;
@@ -453,82 +456,6 @@ fn lora_op<C: CheckpointStrategy>(
     }
 }
 
-/// The backward of a product with a frozen quantized matrix: the other product (`x · Wᵀ` and
-/// `dy · W` are each other's input gradient).
-#[derive(Debug)]
-struct QuantGrad;
-
-impl Backward<Flex, 1> for QuantGrad {
-    type State = (Arc<QuantMatrix>, bool);
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (w, transposed) = ops.state;
-        unary::<Flex, _>(ops.parents, ops.node, grads, |g| {
-            flex_product(g, &w, !transposed)
-        });
-    }
-}
-
-fn quant_op<C: CheckpointStrategy>(
-    x: Tracked<C>,
-    w: Arc<QuantMatrix>,
-    transposed: bool,
-) -> Tracked<C> {
-    let (x, guard) = x.into_parts();
-    // The state is only the shared matrix: nothing of the input is kept.
-    let out = flex_product(x, &w, transposed);
-    match QuantGrad.prepare::<C>([guard]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish((w, transposed), out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    }
-}
-
-/// The backward of SwiGLU over two frozen quantized projections of `x`: the gate and up
-/// products are recomputed from `x` (two quantized GEMMs) instead of kept from the forward.
-/// For a QLoRA step that is most of a gated MLP's activation memory: `x` is `[n, hidden]`,
-/// the products `2 x [n, intermediate]` (SmolLM2: 576 against 2 x 1,536 values per token).
-#[derive(Debug)]
-struct QuantSwigluGrad;
-
-impl Backward<Flex, 1> for QuantSwigluGrad {
-    type State = (FlexTensor, Arc<QuantMatrix>, Arc<QuantMatrix>);
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (x, gate, up) = ops.state;
-        unary::<Flex, _>(ops.parents, ops.node, grads, |g| {
-            let g = contiguous(g);
-            let a = flex_product(x.clone(), &gate, false);
-            let b = flex_product(x.clone(), &up, false);
-            let (da, db) = elementwise::swiglu_backward(&a, &b, &g);
-            let dx_gate = flex_product(da, &gate, true);
-            let dx_up = flex_product(db, &up, true);
-            let mut dx = slice(&dx_gate).to_vec();
-            for (d, u) in dx.iter_mut().zip(slice(&dx_up)) {
-                *d += u;
-            }
-            from_vec(dx, &dims(&dx_gate))
-        });
-    }
-}
-
-fn quant_swiglu<C: CheckpointStrategy>(
-    x: Tracked<C>,
-    gate: Arc<QuantMatrix>,
-    up: Arc<QuantMatrix>,
-) -> Tracked<C> {
-    let (x, guard) = x.into_parts();
-    let x = contiguous(x);
-    let out = <Flex as PeftOps>::fused_quant_swiglu(x.clone(), gate.clone(), up.clone());
-    match QuantSwigluGrad
-        .prepare::<C>([guard])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish((x, gate, up), out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    }
-}
-
 impl<C: CheckpointStrategy> PeftOps for Autodiff<Flex, C> {
     fn fused_gelu(x: Tracked<C>) -> Tracked<C> {
         gelu::<C>(x, Gelu::Erf)
@@ -637,11 +564,11 @@ impl<C: CheckpointStrategy> PeftOps for Autodiff<Flex, C> {
     }
 
     fn fused_quant_matmul(x: Tracked<C>, w: Arc<QuantMatrix>) -> Tracked<C> {
-        quant_op::<C>(x, w, false)
+        quant::quant_op::<C>(x, w, false)
     }
 
     fn fused_quant_matmul_t(dy: Tracked<C>, w: Arc<QuantMatrix>) -> Tracked<C> {
-        quant_op::<C>(dy, w, true)
+        quant::quant_op::<C>(dy, w, true)
     }
 
     fn fused_quant_swiglu(
@@ -649,7 +576,7 @@ impl<C: CheckpointStrategy> PeftOps for Autodiff<Flex, C> {
         gate: Arc<QuantMatrix>,
         up: Arc<QuantMatrix>,
     ) -> Tracked<C> {
-        quant_swiglu::<C>(x, gate, up)
+        quant::quant_swiglu::<C>(x, gate, up)
     }
 
     fn fused_few_rows_matmul(x: Tracked<C>, w: Tracked<C>) -> Tracked<C> {
