@@ -21,10 +21,9 @@ use std::time::Instant;
 
 use burn::optim::GradientsParams;
 use burn::tensor::Device;
-use burn_peft::core::nn::dequantize_sites;
 use burn_peft::core::{PeftModel, TargetModules};
 use burn_peft::lora::LoraConfig;
-use burn_peft::models::{GenerationConfig, HfModel, Task, from_pretrained, generate};
+use burn_peft::models::{GenerationConfig, generate};
 use burn_peft::train::Objective;
 use burn_peft::train::optim::{AdamW, AdamWSettings};
 use burn_peft::train::step::forward_loss;
@@ -49,19 +48,9 @@ fn prompt_ids() -> Vec<i64> {
         .collect()
 }
 
-fn load(file: &Path, f32_base: bool, device: &Device) -> HfModel {
-    let mut model = from_pretrained(file.to_str().unwrap(), Task::CausalLm, device)
-        .expect("the GGUF loads")
-        .model;
-    if f32_base {
-        dequantize_sites(&mut model);
-    }
-    model
-}
-
 fn child_decode(file: &Path, f32_base: bool) -> Value {
     let device = Device::flex();
-    let model = load(file, f32_base, &device);
+    let model = support::load_gguf(file, f32_base, &device);
     let ids = prompt_ids();
     let config = |n| GenerationConfig {
         max_new_tokens: n,
@@ -80,7 +69,7 @@ fn child_decode(file: &Path, f32_base: bool) -> Value {
 fn child_train(file: &Path, f32_base: bool, batch: usize) -> Value {
     let device = Device::flex().autodiff();
     device.seed(0);
-    let base = load(file, f32_base, &device);
+    let base = support::load_gguf(file, f32_base, &device);
     let vocab = base.vocab_size();
     let mut model = PeftModel::new(base);
     let lora = LoraConfig {

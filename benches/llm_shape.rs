@@ -28,12 +28,11 @@ use std::time::Instant;
 use burn::optim::GradientsAccumulator;
 use burn::tensor::Device;
 use burn_peft::core::nn::ForwardContext;
-use burn_peft::core::nn::dequantize_sites;
 use burn_peft::core::precision::BaseDType;
 use burn_peft::core::{PeftModel, TargetModules};
 use burn_peft::lora::LoraConfig;
 use burn_peft::models::base_dtype::apply_base_dtype;
-use burn_peft::models::{GenerationConfig, HfModel, Task, from_pretrained, generate_batch};
+use burn_peft::models::{GenerationConfig, HfModel, generate_batch};
 use burn_peft::train::Objective;
 use burn_peft::train::optim::{AdamW, AdamWSettings, trainable_paths};
 use burn_peft::train::step::{accumulate_gradients, forward_loss, gradient_scale};
@@ -157,15 +156,6 @@ fn rows(file: &Path, threads: usize) -> Vec<Row> {
     ]
 }
 
-/// The real SmolLM2 weights as an f32 model.
-fn load(file: &str, device: &Device) -> HfModel {
-    let mut model = from_pretrained(file, Task::CausalLm, device)
-        .expect("the GGUF loads")
-        .model;
-    dequantize_sites(&mut model);
-    model
-}
-
 /// Row `row`'s prompt: 32 - (row % 9) tokens (the peer's `prompt_ids`).
 fn prompt_ids(row: usize, vocab: usize) -> Vec<i64> {
     (0..32 - row % 9)
@@ -176,7 +166,7 @@ fn prompt_ids(row: usize, vocab: usize) -> Vec<i64> {
 fn child_step(file: &str, batch: usize, seq: usize, targets: &str) -> Value {
     let device = Device::flex().autodiff();
     device.seed(0);
-    let base = load(file, &device);
+    let base = support::load_gguf(Path::new(file), true, &device);
     let vocab = base.vocab_size();
     let mut model = PeftModel::new(base);
     let targets: Vec<&str> = if targets == "qv" {
@@ -224,7 +214,7 @@ fn child_step(file: &str, batch: usize, seq: usize, targets: &str) -> Value {
 
 fn child_decode(file: &str, batch: usize, new: usize, dtype: &str) -> Value {
     let device = Device::flex();
-    let mut model = PeftModel::new(load(file, &device));
+    let mut model = PeftModel::new(support::load_gguf(Path::new(file), true, &device));
     if dtype == "bf16" {
         apply_base_dtype(&mut model, BaseDType::BF16, &device).expect("a bf16 base on flex");
     }

@@ -3,10 +3,12 @@
 //! SmolLM2-135M-Instruct file, and the result files.
 #![allow(dead_code)] // each bench uses a part
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use burn::tensor::Device;
+use burn_peft::core::nn::dequantize_sites;
+use burn_peft::models::{HfModel, Task, from_pretrained};
 use burn_peft::train::data::{Collated, Example, collate};
 use serde_json::{Value, json};
 
@@ -164,4 +166,16 @@ pub fn lm_batch(rows: &[Vec<i64>], device: &Device) -> Collated {
         .collect();
     let refs: Vec<&Example> = examples.iter().collect();
     collate(&refs, 0, device)
+}
+
+/// The GGUF model at `file` as a causal LM: its base kept in the file's block formats, or with
+/// `f32_base` every quantized site made dense (the same values, as an f32 model holds them).
+pub fn load_gguf(file: &Path, f32_base: bool, device: &Device) -> HfModel {
+    let mut model = from_pretrained(file.to_str().expect("a UTF-8 path"), Task::CausalLm, device)
+        .expect("the GGUF loads")
+        .model;
+    if f32_base {
+        dequantize_sites(&mut model);
+    }
+    model
 }

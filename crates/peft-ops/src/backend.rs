@@ -14,10 +14,9 @@ use burn::backend::{Backend, Flex, backend_extension};
 
 use crate::kernels::dropout::Mask;
 use crate::kernels::elementwise::{self, Gelu};
-use crate::kernels::matmul::Mat;
 use crate::kernels::norm::{self, Norm};
 use crate::kernels::optim::{self, AdamWStep};
-use crate::kernels::tensor::{contiguous, dims, from_vec, slice};
+use crate::kernels::tensor::{contiguous, dims, from_vec, mat_or_copy, slice};
 use crate::kernels::{attention, few_rows, lora, rope, softmax};
 use crate::quant::QuantMatrix;
 
@@ -326,35 +325,17 @@ impl PeftOps for Flex {
     fn fused_few_rows_matmul(x: FlexTensor, w: FlexTensor) -> FlexTensor {
         let x = contiguous(x);
         let [m, k] = two(&x);
-        let [k2, n] = two(&w);
+        // A linear layer's `[in, out]` weight, or the transposed view of its `[out, in]`
+        // storage, is read in place (`_w` keeps it alive for the call).
+        let (_w, view) = mat_or_copy(w);
+        let n = view.cols;
         assert_eq!(
-            k, k2,
-            "few_rows_matmul: x [{m}, {k}] and w [{k2}, {n}] do not chain"
+            k, view.rows,
+            "few_rows_matmul: x [{m}, {k}] and w [{}, {n}] do not chain",
+            view.rows
         );
-        // A weight with strides the GEMM cannot walk (never the case for a linear layer's
-        // `[in, out]` weight or its transposed `[out, in]` storage) is copied first.
-        let strided = |t: &FlexTensor| {
-            let s = t.layout().strides();
-            (s.len() == 2 && s[0] > 0 && s[1] > 0).then(|| (s[0], s[1]))
-        };
-        let w = if strided(&w).is_some() {
-            w
-        } else {
-            w.to_contiguous()
-        };
-        let (rs, cs) = strided(&w).expect("a contiguous tensor has positive strides");
-        let storage: &[f32] = w.storage();
-        // SAFETY: the layout's start offset lies inside the storage buffer.
-        let ptr = unsafe { storage.as_ptr().add(w.layout().start_offset()) };
-        let view = Mat {
-            ptr,
-            rows: k,
-            cols: n,
-            rs,
-            cs,
-        };
         let mut out = vec![0f32; m * n];
-        // SAFETY: `view` is `w`'s own layout over its storage, alive for the call; `out` is a
+        // SAFETY: `view` is `_w`'s own layout over its storage, alive for the call; `out` is a
         // fresh buffer.
         unsafe { few_rows::matmul(slice(&x), m, view, &mut out) };
         from_vec(out, &[m, n])

@@ -105,6 +105,22 @@ impl<M: Module + DecoderBackbone> DecoderForCausalLM<M> {
         Ok(self.head().logits(h, fc))
     }
 
+    /// [`forward_with`](Self::forward_with)'s logits of the last position only,
+    /// `[b, 1, vocab]`: the head runs on that position alone (generation's prefill).
+    pub fn forward_last_with(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        cache: Option<&mut KvCache>,
+        fc: &ForwardContext,
+    ) -> Result<Tensor<3>> {
+        let h = self
+            .model
+            .hidden_states(input_ids, attention_mask, cache, fc)?;
+        let [b, s, d] = h.dims();
+        Ok(self.head().logits(h.slice([0..b, s - 1..s, 0..d]), fc))
+    }
+
     /// The LM head (its own layer or the tied table, and the logit soft-capping).
     pub fn head(&self) -> LmHead<'_> {
         LmHead {
@@ -249,14 +265,10 @@ impl<M: Module + DecoderBackbone> ArchModel for DecoderHeads<M> {
         cache: Option<&mut KvCache>,
         fc: &ForwardContext,
     ) -> Result<Tensor<3>> {
-        let DecoderHeads::CausalLm(m) = self else {
-            return Err(not_a_causal_lm(&self.hf_class()));
-        };
-        let h = m
-            .model
-            .hidden_states(input_ids, attention_mask, cache, fc)?;
-        let [b, s, d] = h.dims();
-        Ok(m.head().logits(h.slice([0..b, s - 1..s, 0..d]), fc))
+        match self {
+            DecoderHeads::CausalLm(m) => m.forward_last_with(input_ids, attention_mask, cache, fc),
+            DecoderHeads::SequenceClassification(_) => Err(not_a_causal_lm(&self.hf_class())),
+        }
     }
 
     fn lm_hidden_with(

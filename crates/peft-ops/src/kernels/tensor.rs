@@ -161,3 +161,36 @@ impl Out4 {
         }
     }
 }
+
+/// A strided 2-D `f32` view of `t` for the GEMM ([`Mat`](super::matmul::Mat)) when its strides
+/// are usable (as [`View4::of`] decides), or of a contiguous copy, returned alongside to keep
+/// it alive (as [`View4::of_or_copy`]).
+pub fn mat_or_copy(t: FlexTensor) -> (FlexTensor, super::matmul::Mat) {
+    let of = |t: &FlexTensor| {
+        let layout = t.layout();
+        let shape = layout.shape();
+        assert_eq!(shape.num_dims(), 2, "expected a 2-D tensor");
+        let (rows, cols) = (shape[0], shape[1]);
+        let s = layout.strides();
+        if (rows > 1 && s[0] <= 0) || (cols > 1 && s[1] <= 0) {
+            return None;
+        }
+        let storage: &[f32] = t.storage();
+        Some(super::matmul::Mat {
+            // SAFETY: the layout's start offset lies inside the storage buffer.
+            ptr: unsafe { storage.as_ptr().add(layout.start_offset()) },
+            rows,
+            cols,
+            rs: s[0],
+            cs: s[1],
+        })
+    };
+    match of(&t) {
+        Some(m) => (t, m),
+        None => {
+            let t = t.to_contiguous();
+            let m = of(&t).expect("a contiguous tensor has positive strides");
+            (t, m)
+        }
+    }
+}

@@ -72,23 +72,6 @@ pub fn quant_matmul_t(dy: Tensor<2>, w: &Arc<QuantMatrix>) -> Tensor<2> {
     ))
 }
 
-/// Rows `ids` dequantized: `[k, cols]` `f32` on `ids`' device (an embedding lookup); no
-/// gradient.
-///
-/// # Panics
-/// On an id out of range (negative or `>= rows`); [`try_quant_rows`] returns the error instead.
-///
-/// ```
-/// use std::sync::Arc;
-/// use burn::tensor::{Device, Int, Tensor};
-/// use peft_ops::quant::{QuantFormat, QuantMatrix, quant_rows};
-///
-/// let table: Vec<f32> = (0..4 * 32).map(|i| (i / 32) as f32).collect(); // row r is all r
-/// let w = Arc::new(QuantMatrix::quantize(QuantFormat::F16, &table, 4, 32).unwrap());
-/// let ids = Tensor::<1, Int>::from_ints([3, 1], &Device::flex());
-/// let rows = quant_rows(&w, ids).into_data().to_vec::<f32>().unwrap();
-/// assert_eq!((rows[0], rows[32]), (3.0, 1.0));
-/// ```
 /// `silu(x · Gᵀ) ⊙ (x · Uᵀ)` for `x` `[n, cols]` and frozen quantized `gate`, `up`
 /// `[rows, cols]` (a gated MLP's front half over a QLoRA or GGUF base): `[n, rows]`. The same
 /// values as [`swiglu`](crate::swiglu) of two [`quant_matmul`]s; on flex its backward
@@ -124,6 +107,23 @@ pub fn quant_swiglu(x: Tensor<2>, gate: &Arc<QuantMatrix>, up: &Arc<QuantMatrix>
     ))
 }
 
+/// Rows `ids` dequantized: `[k, cols]` `f32` on `ids`' device (an embedding lookup); no
+/// gradient.
+///
+/// # Panics
+/// On an id out of range (negative or `>= rows`); [`try_quant_rows`] returns the error instead.
+///
+/// ```
+/// use std::sync::Arc;
+/// use burn::tensor::{Device, Int, Tensor};
+/// use peft_ops::quant::{QuantFormat, QuantMatrix, quant_rows};
+///
+/// let table: Vec<f32> = (0..4 * 32).map(|i| (i / 32) as f32).collect(); // row r is all r
+/// let w = Arc::new(QuantMatrix::quantize(QuantFormat::F16, &table, 4, 32).unwrap());
+/// let ids = Tensor::<1, Int>::from_ints([3, 1], &Device::flex());
+/// let rows = quant_rows(&w, ids).into_data().to_vec::<f32>().unwrap();
+/// assert_eq!((rows[0], rows[32]), (3.0, 1.0));
+/// ```
 pub fn quant_rows(w: &Arc<QuantMatrix>, ids: Tensor<1, Int>) -> Tensor<2> {
     try_quant_rows(w, ids).unwrap_or_else(|e| panic!("quant_rows: {e}"))
 }
