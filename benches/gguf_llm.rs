@@ -60,9 +60,11 @@ fn child_decode(file: &Path, f32_base: bool) -> Value {
     let start = Instant::now();
     let out = generate(&model, &ids, &config(NEW_TOKENS), &device).unwrap();
     let seconds = start.elapsed().as_secs_f64();
-    let new = out.len();
-    json!({"new_tokens": new, "seconds": seconds, "tokens_per_sec": new as f64 / seconds,
-           "first_ids": &out[..out.len().min(8)], "peak_rss_bytes": support::peak_rss()})
+    // `generate` returns the prompt and the new tokens: count the new ones only, as the peers do.
+    let made = &out[ids.len()..];
+    json!({"new_tokens": made.len(), "seconds": seconds,
+           "tokens_per_sec": made.len() as f64 / seconds,
+           "first_ids": &made[..made.len().min(8)], "peak_rss_bytes": support::peak_rss()})
 }
 
 /// LoRA steps of `batch` x [`TRAIN_SEQ`] tokens.
