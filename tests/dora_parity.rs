@@ -65,7 +65,7 @@ fn forward_parity(case: &str, name: &str) {
     let base = lm_logits(&load(name, &device), name);
     model.disable_adapters().unwrap();
     assert_eq!(lm_logits(&model, name), base, "{case} disabled");
-    model.enable_adapters();
+    model.enable_adapters().unwrap();
     model.merge().unwrap();
     let merged = lm_logits(&model, name);
     check(

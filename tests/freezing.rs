@@ -143,7 +143,7 @@ fn dropout_applies_in_training_only_and_only_to_the_adapter_input() {
         q.forward(x.clone()).into_data(),
         q.forward(x.clone()).into_data()
     );
-    model.enable_adapters();
+    model.enable_adapters().unwrap();
 
     // Validation (`valid()` drops autodiff and training flags): deterministic.
     let eval = model.model().valid();

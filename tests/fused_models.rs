@@ -106,7 +106,7 @@ fn check(name: &str, method: Option<&dyn PeftMethod>) {
         Some(m) => {
             model.add_adapter("default", m).unwrap();
         }
-        None => model.set_train_base(true),
+        None => model.set_train_base(true).unwrap(),
     }
     burn_peft::ops::set_fused_enabled(true);
     let (loss_f, fused) = step(model.model(), lm, &device);

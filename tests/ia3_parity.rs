@@ -79,7 +79,7 @@ fn forward_active_merged_unmerged_disabled_match_peft() {
         model.disable_adapters().unwrap();
         let base = model_dir(name).join("expected.safetensors");
         check(&model, name, &base, "logits", &format!("{case} disabled"));
-        model.enable_adapters();
+        model.enable_adapters().unwrap();
         let plain = model.merge_and_unload().unwrap();
         let (inputs, mask) = inputs(name, &device);
         let ours = logits(&plain.forward(&inputs).unwrap());

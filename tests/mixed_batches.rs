@@ -276,3 +276,85 @@ fn mixed_batches_refuse_unknown_names_merged_adapters_and_wrong_counts() {
         .unwrap_err();
     assert!(err.to_string().contains("unmerge"), "{err}");
 }
+
+/// A model that passes the mixed batch's context to one site but calls plain `forward` on
+/// another would run that site with the active adapter on every row, silently. In debug builds
+/// the layer refuses instead, naming `forward_in`; with the context passed down (or once the
+/// mixed context is gone) the same layers run.
+#[test]
+#[cfg(debug_assertions)]
+fn a_plain_forward_during_a_mixed_batch_is_refused() {
+    use burn::module::Module;
+    use burn_peft::core::Adaptable;
+    use burn_peft::core::nn::{ForwardContext, Linear, LinearConfig};
+    use burn_peft::lora::LoraConfig;
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+
+    #[derive(Module, Debug, Adaptable)]
+    struct Net {
+        proj: Linear,
+        head: Linear,
+        plain: Linear,
+    }
+
+    impl Net {
+        /// The mistake: `head` does not get the context.
+        fn forward_with_bug(&self, x: Tensor<2>, ctx: &ForwardContext) -> Tensor<2> {
+            self.head.forward(self.proj.forward_in(x, ctx))
+        }
+
+        fn forward_with(&self, x: Tensor<2>, ctx: &ForwardContext) -> Tensor<2> {
+            self.head.forward_in(self.proj.forward_in(x, ctx), ctx)
+        }
+    }
+
+    let device = Device::flex();
+    let net = Net {
+        proj: LinearConfig::new(4, 4).init(&device),
+        head: LinearConfig::new(4, 3).init(&device),
+        plain: LinearConfig::new(4, 4).init(&device),
+    };
+    let mut model = PeftModel::new(net);
+    for name in ["a", "b"] {
+        let lora = LoraConfig::new(2).targets(["proj", "head"]).init(false);
+        model.add_adapter(name, &lora).unwrap();
+    }
+    let x = Tensor::<2>::ones([2, 4], &device);
+    let ctx = model.adapter_rows(&["a", "b"], &device).unwrap();
+    let panic = catch_unwind(AssertUnwindSafe(|| {
+        model.model().forward_with_bug(x.clone(), &ctx)
+    }))
+    .expect_err("a plain forward under a mixed batch must not run");
+    let message = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .unwrap_or_default();
+    assert!(
+        message.contains("Linear::forward_in(x, ctx)") && message.contains("a, b"),
+        "{message}"
+    );
+    // A layer without adapters has no per-row state to ignore.
+    let _ = model.model().plain.forward(x.clone());
+    // The context passed down: row i runs adapter i.
+    let mixed = model.model().forward_with(x.clone(), &ctx).into_data();
+    // An ordinary batch afterwards (here a default context) clears the mark, as does dropping
+    // the mixed context: plain `forward` runs the active adapter again.
+    let _ = model
+        .model()
+        .forward_with(x.clone(), &ForwardContext::default());
+    let _ = model.model().proj.forward(x.clone());
+    drop(ctx);
+    model.set_adapter("b").unwrap();
+    let alone = model
+        .model()
+        .forward_with_bug(x, &ForwardContext::default());
+    let row = |t: burn::tensor::TensorData, r: usize| {
+        t.try_to_vec::<f32>().unwrap()[r * 3..][..3].to_vec()
+    };
+    let diff = row(mixed, 1)
+        .iter()
+        .zip(row(alone.into_data(), 1))
+        .map(|(m, a)| (m - a).abs())
+        .fold(0.0, f32::max);
+    assert!(diff < 1e-5, "{diff}");
+}

@@ -385,7 +385,7 @@ fn prefix_adapters_switch_disable_delete_refuse_merge_and_combine_with_lora() {
 
     model.disable_adapters().unwrap();
     assert!(diff(&logits(model.model(), &inputs), &plain, &mask) < 1e-6);
-    model.enable_adapters();
+    model.enable_adapters().unwrap();
 
     model.delete_adapter("prefix").unwrap();
     assert_eq!(model.adapter_names(), ["lora"]);

@@ -275,7 +275,7 @@ pub fn mixed_batch(name: &str) {
         if *adapter == "__base__" {
             model.disable_adapters().unwrap();
         } else {
-            model.enable_adapters();
+            model.enable_adapters().unwrap();
             model.set_adapter(adapter).unwrap();
         }
         let alone = logits(&model.model().forward(&batch).unwrap());

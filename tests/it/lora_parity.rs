@@ -60,7 +60,7 @@ fn peft_bundle_active_merged_disabled_match_peft() {
     );
     assert!(diff < TOL, "disabled adapters differ from PEFT by {diff}");
 
-    model.enable_adapters();
+    model.enable_adapters().unwrap();
     let again = values(model.model().forward(ids.clone()));
     // Merge then unmerge leaves float rounding in the base weights (as in PEFT), hence no `==`.
     assert!(
@@ -146,7 +146,7 @@ fn two_adapters_switch_combine_and_disable_like_peft() {
     model.disable_adapters().unwrap();
     let out = values(model.model().forward(ids.clone()));
     assert!(max_diff(&out, &expected(file, "disabled")) < TOL);
-    model.enable_adapters();
+    model.enable_adapters().unwrap();
 
     model.delete_adapter("default").unwrap();
     assert_eq!(model.adapter_names(), ["second"]);

@@ -1,7 +1,9 @@
 //! Core seams of burn-peft: the [`PeftMethod`] plugin trait, PEFT's target matching,
 //! adapter-aware layers ([`nn::Linear`], [`nn::Embedding`]), [`Adaptable`] models,
 //! [`PeftModel`] and bundle I/O in Hugging Face PEFT's format, and
-//! [`burn_modules::PeftModule`] for plain Burn models (adapters in weight space).
+//! [`burn_modules::PeftModule`] for plain Burn models (adapters in weight space); both share one
+//! adapter registry and one set of switch, merge, save and load rules. PEFT's entry points are
+//! [`get_peft_model`] and `from_pretrained` on either wrapper.
 
 #![warn(missing_docs)]
 
@@ -22,6 +24,8 @@ mod method;
 pub mod nn;
 mod peft_model;
 pub mod precision;
+mod registry;
+pub mod unsupported;
 
 pub use adaptable::{Adaptable, DefaultTargets, Site, SiteMut, SitePath, SiteSummary, list_sites};
 pub use adapter::{
@@ -37,7 +41,9 @@ pub use error::{PeftError, Result};
 pub use matching::{LayerIndices, LayersPattern, TargetModules, TargetSpec};
 pub use method::{BiasMode, PeftMethod, SiteInfo, SiteKind, peft_type_of};
 pub use peft_derive::Adaptable;
-pub use peft_model::{InjectionReport, LoadReport, PeftModel, TrainableReport, thousands};
+pub use peft_model::{
+    InjectionReport, LoadReport, PeftModel, TrainableReport, get_peft_model, thousands,
+};
 
 /// Re-exports for method crates (`typetag` registration).
 #[doc(hidden)]

@@ -23,15 +23,17 @@ fn default_true() -> bool {
 /// is a no-op. Merging folds `l` into `W` (and into `b` for output scaling).
 ///
 /// Field names, defaults and JSON are PEFT's (`peft/tuners/ia3/config.py`), so a PEFT
-/// `adapter_config.json` deserializes into this type and ours loads in PEFT.
+/// `adapter_config.json` deserializes into this type and ours loads in PEFT. PEFT's `IA3Config`
+/// has no option we leave unimplemented.
+///
+/// Build one with [`Ia3Config::new`] and its chainable setters, or with the public fields
+/// (`Ia3Config { target_modules: .., ..Default::default() }`):
 ///
 /// ```
 /// use peft_ia3::Ia3Config;
-/// let config = Ia3Config {
-///     target_modules: Some(["key", "value", "output.dense"].into()),
-///     feedforward_modules: Some(["output.dense"].into()),
-///     ..Default::default()
-/// };
+/// let config = Ia3Config::new()
+///     .targets(["key", "value", "output.dense"])
+///     .feedforward(["output.dense"]);
 /// assert!(config.is_feedforward("encoder.layer.0.output.dense").unwrap());
 /// assert!(!config.is_feedforward("encoder.layer.0.attention.self.key").unwrap());
 /// ```
@@ -85,6 +87,95 @@ fn full_match(pattern: &str) -> Result<Regex> {
 }
 
 impl Ia3Config {
+    /// A config at PEFT's defaults (no targets: the model's default targets and feed-forward
+    /// modules are used, as in PEFT).
+    ///
+    /// ```
+    /// use peft_ia3::Ia3Config;
+    /// let config = Ia3Config::new();
+    /// assert!(config.target_modules.is_none() && config.init_ia3_weights);
+    /// ```
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `target_modules`: a list of names (exact or dot-bounded suffix), or one string, a
+    /// full-match regex or `"all-linear"`.
+    ///
+    /// ```
+    /// use peft_ia3::Ia3Config;
+    /// let config = Ia3Config::new().targets(["k_proj", "v_proj", "down_proj"]);
+    /// assert_eq!(config.target_modules, Some(["k_proj", "v_proj", "down_proj"].into()));
+    /// ```
+    pub fn targets(mut self, targets: impl Into<TargetModules>) -> Self {
+        self.target_modules = Some(targets.into());
+        self
+    }
+
+    /// `feedforward_modules`: the targets that scale their input instead of their output (a
+    /// subset of a `target_modules` list, or a full-match regex); `[]` for none.
+    ///
+    /// ```
+    /// use peft_ia3::Ia3Config;
+    /// let config = Ia3Config::new().targets(["k_proj", "down_proj"]).feedforward(["down_proj"]);
+    /// assert!(config.is_feedforward("model.layers.0.mlp.down_proj").unwrap());
+    /// ```
+    pub fn feedforward(mut self, modules: impl Into<TargetModules>) -> Self {
+        self.feedforward_modules = Some(modules.into());
+        self
+    }
+
+    /// `exclude_modules`: modules never to adapt (same forms as [`targets`](Self::targets)).
+    ///
+    /// ```
+    /// use peft_ia3::Ia3Config;
+    /// let config = Ia3Config::new().targets("all-linear").exclude(["lm_head"]);
+    /// assert_eq!(config.exclude_modules, Some(["lm_head"].into()));
+    /// ```
+    pub fn exclude(mut self, modules: impl Into<TargetModules>) -> Self {
+        self.exclude_modules = Some(modules.into());
+        self
+    }
+
+    /// `modules_to_save`: modules that get a trainable, saved copy (a classifier head).
+    ///
+    /// ```
+    /// use peft_ia3::Ia3Config;
+    /// let config = Ia3Config::new().modules_to_save(["classifier"]);
+    /// assert_eq!(config.modules_to_save, Some(vec!["classifier".to_string()]));
+    /// ```
+    pub fn modules_to_save<S: Into<String>>(
+        mut self,
+        modules: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.modules_to_save = Some(modules.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// `init_ia3_weights`: `true` (PEFT's default) starts `l` at ones, a no-op; `false` draws it
+    /// from `N(0, 1)`.
+    ///
+    /// ```
+    /// use peft_ia3::Ia3Config;
+    /// assert!(!Ia3Config::new().init(false).init_ia3_weights);
+    /// ```
+    pub fn init(mut self, ones: bool) -> Self {
+        self.init_ia3_weights = ones;
+        self
+    }
+
+    /// `task_type` (`"CAUSAL_LM"`, `"SEQ_CLS"`, ...).
+    ///
+    /// ```
+    /// use peft_ia3::Ia3Config;
+    /// let config = Ia3Config::new().task_type("SEQ_CLS");
+    /// assert_eq!(config.base.task_type.as_deref(), Some("SEQ_CLS"));
+    /// ```
+    pub fn task_type(mut self, task_type: impl Into<String>) -> Self {
+        self.base.task_type = Some(task_type.into());
+        self
+    }
+
     /// Whether the module at `path` scales its input (PEFT's
     /// `_check_target_module_feedforward`: a string is `re.fullmatch`ed, list entries are plain
     /// suffixes, so `"dense"` also names `output.xdense`).

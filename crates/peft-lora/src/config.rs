@@ -5,6 +5,7 @@ use std::sync::Arc;
 use burn::tensor::{Distribution, Tensor};
 use indexmap::IndexMap;
 use peft_core::matching::pattern_lookup;
+use peft_core::unsupported::{UnsupportedOption, UnsupportedOptions, UnsupportedTable};
 use peft_core::{
     AdapterState, BiasMode, Combination, CombineInput, CombineOptions, LayerIndices, LayersPattern,
     MethodSummary, PeftConfigBase, PeftError, PeftMethod, Result, SiteInfo, SiteKind,
@@ -29,6 +30,18 @@ pub enum InitLoraWeights {
 impl Default for InitLoraWeights {
     fn default() -> Self {
         InitLoraWeights::Bool(true)
+    }
+}
+
+impl From<bool> for InitLoraWeights {
+    fn from(value: bool) -> Self {
+        InitLoraWeights::Bool(value)
+    }
+}
+
+impl From<&str> for InitLoraWeights {
+    fn from(value: &str) -> Self {
+        InitLoraWeights::Named(value.to_string())
     }
 }
 
@@ -84,14 +97,55 @@ fn default_r() -> usize {
 fn default_alpha() -> f64 {
     8.0
 }
-fn default_megatron_core() -> Value {
-    Value::String("megatron.core".into())
-}
-fn default_qalora_group_size() -> Value {
-    Value::from(16)
-}
-fn empty_object() -> Value {
-    Value::Object(Default::default())
+
+/// The options of PEFT's `LoraConfig` (`peft/tuners/lora/config.py`, PEFT 0.21) that burn-peft
+/// carries without implementing: the refused ones change the math (or the set of adapted
+/// tensors), so a file that sets one is refused by name; the inert ones are only read together
+/// with a refused option (or an `init_lora_weights` scheme that is refused itself).
+pub struct LoraUnsupported;
+
+impl UnsupportedTable for LoraUnsupported {
+    const METHOD: &'static str = "LoRA";
+    // Refused first, in the order `validate` has always reported them.
+    const OPTIONS: &'static [UnsupportedOption] = &[
+        UnsupportedOption::refused("lora_bias", "false", "adds a bias to lora_B"),
+        UnsupportedOption::refused("target_parameters", "null", "LoRA on raw parameters"),
+        UnsupportedOption::refused("layer_replication", "null", "duplicates base layers"),
+        UnsupportedOption::refused("use_qalora", "false", "quantization-aware LoRA"),
+        UnsupportedOption::refused(
+            "trainable_token_indices",
+            "null",
+            "trains selected embedding rows",
+        ),
+        UnsupportedOption::refused(
+            "alora_invocation_tokens",
+            "null",
+            "activated LoRA changes which tokens are adapted",
+        ),
+        UnsupportedOption::refused("arrow_config", "null", "Arrow routing between adapters"),
+        UnsupportedOption::refused("megatron_config", "null", "Megatron parallel layers"),
+        UnsupportedOption::refused(
+            "ensure_weight_tying",
+            "false",
+            "ties adapters of tied embeddings",
+        ),
+        UnsupportedOption::refused("kasa_config", "null", "KaSA adapters"),
+        UnsupportedOption::refused("lora_ga_config", "null", "LoRA-GA initialization"),
+        UnsupportedOption::refused("monteclora_config", "null", "MonteCLoRA"),
+        UnsupportedOption::refused("use_bdlora", "null", "block-diagonal LoRA"),
+        UnsupportedOption::refused("velora_config", "null", "VeLoRA"),
+        UnsupportedOption::refused("loftq_config", "{}", "LoftQ initialization"),
+        // PEFT reads these only with `init_lora_weights = "eva"` / `"corda"` (refused by
+        // `validate`), `megatron_config` and `use_qalora` respectively.
+        UnsupportedOption::inert("eva_config", "null", "EVA initialization settings"),
+        UnsupportedOption::inert("corda_config", "null", "CorDA initialization settings"),
+        UnsupportedOption::inert(
+            "megatron_core",
+            "\"megatron.core\"",
+            "the Megatron module to import",
+        ),
+        UnsupportedOption::inert("qalora_group_size", "16", "QA-LoRA's pooling group size"),
+    ];
 }
 
 /// LoRA (Hu et al., 2021) as Hugging Face PEFT defines it: `y = W x + B A dropout(x) · s`, with
@@ -99,14 +153,18 @@ fn empty_object() -> Value {
 /// weight decomposition on top (see [`DoraLinearKernel`]).
 ///
 /// Field names, defaults and JSON are PEFT's, so a PEFT `adapter_config.json` deserializes into
-/// this type and ours loads in PEFT. Options that change the math and that we do not implement
-/// (`lora_bias`, `target_parameters`, `layer_replication`, ...) are kept so they round trip, and
-/// rejected by [`PeftMethod::validate`] when set.
+/// this type and ours loads in PEFT. The PEFT options we do not implement (`lora_bias`,
+/// `target_parameters`, `use_qalora`, ...) live in one field, [`unsupported`](Self::unsupported):
+/// they round trip, and [`PeftMethod::validate`] refuses one that is set.
+///
+/// Build one with [`LoraConfig::new`] and its chainable setters, or with the public fields:
 ///
 /// ```
 /// use peft_lora::LoraConfig;
-/// let config = LoraConfig { r: 8, lora_alpha: 16.0, target_modules: Some(["query", "value"].into()), ..Default::default() };
+/// let config = LoraConfig::new(8).alpha(16.0).targets(["query", "value"]);
 /// assert_eq!(config.scaling_for(8, 16.0), 2.0);
+/// let same = LoraConfig { r: 8, lora_alpha: 16.0, target_modules: Some(["query", "value"].into()), ..Default::default() };
+/// assert_eq!(serde_json::to_value(&config).unwrap(), serde_json::to_value(&same).unwrap());
 /// ```
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -148,52 +206,14 @@ pub struct LoraConfig {
     #[serde(flatten)]
     pub base: PeftConfigBase,
 
-    // Options PEFT knows and that change the math; we keep them for round trips and refuse
-    // them when set (see `validate`).
     /// DoRA: a learned magnitude per output feature rescales `W + ΔW` by its detached column
     /// norm (`lora_magnitude_vector` in the bundle).
     pub use_dora: bool,
-    /// LoRA bias term on B (unsupported when true).
-    pub lora_bias: bool,
-    /// LoRA on raw parameters (unsupported when set).
-    pub target_parameters: Option<Value>,
-    /// Layer replication (unsupported when set).
-    pub layer_replication: Option<Value>,
-    /// QA-LoRA (unsupported when true).
-    pub use_qalora: bool,
-    /// Trainable token indices (unsupported when set).
-    pub trainable_token_indices: Option<Value>,
-    /// aLoRA invocation tokens (unsupported when set).
-    pub alora_invocation_tokens: Option<Value>,
-    /// Arrow routing (unsupported when set).
-    pub arrow_config: Option<Value>,
-    /// LoftQ (unsupported when non-empty).
-    #[serde(default = "empty_object")]
-    pub loftq_config: Value,
-    /// EVA init (unsupported when set).
-    pub eva_config: Option<Value>,
-    /// CorDA init (unsupported when set).
-    pub corda_config: Option<Value>,
-    /// Megatron parallel linear config (unsupported when set).
-    pub megatron_config: Option<Value>,
-    /// Megatron module name (harmless).
-    #[serde(default = "default_megatron_core")]
-    pub megatron_core: Value,
-    /// QA-LoRA group size (harmless unless `use_qalora`).
-    #[serde(default = "default_qalora_group_size")]
-    pub qalora_group_size: Value,
-    /// Weight tying of adapters on tied embeddings (unsupported when true).
-    pub ensure_weight_tying: bool,
-    /// KaSA (unsupported when set).
-    pub kasa_config: Option<Value>,
-    /// LoRA-GA init (unsupported when set).
-    pub lora_ga_config: Option<Value>,
-    /// MonteCLoRA (unsupported when set).
-    pub monteclora_config: Option<Value>,
-    /// Block-diagonal LoRA (unsupported when set).
-    pub use_bdlora: Option<Value>,
-    /// VeLoRA (unsupported when set).
-    pub velora_config: Option<Value>,
+    /// The PEFT options we carry without implementing them (`lora_bias`, `use_qalora`,
+    /// `target_parameters`, ... : [`LoraUnsupported`]), flattened into the top level of the
+    /// JSON with PEFT's defaults; [`PeftMethod::validate`] refuses one that is set.
+    #[serde(flatten)]
+    pub unsupported: UnsupportedOptions<LoraUnsupported>,
 }
 
 impl Default for LoraConfig {
@@ -215,31 +235,9 @@ impl Default for LoraConfig {
             alpha_pattern: IndexMap::new(),
             base: PeftConfigBase::default(),
             use_dora: false,
-            lora_bias: false,
-            target_parameters: None,
-            layer_replication: None,
-            use_qalora: false,
-            trainable_token_indices: None,
-            alora_invocation_tokens: None,
-            arrow_config: None,
-            loftq_config: empty_object(),
-            eva_config: None,
-            corda_config: None,
-            megatron_config: None,
-            megatron_core: default_megatron_core(),
-            qalora_group_size: default_qalora_group_size(),
-            ensure_weight_tying: false,
-            kasa_config: None,
-            lora_ga_config: None,
-            monteclora_config: None,
-            use_bdlora: None,
-            velora_config: None,
+            unsupported: UnsupportedOptions::default(),
         }
     }
-}
-
-fn is_set(v: &Option<Value>) -> bool {
-    !matches!(v, None | Some(Value::Null))
 }
 
 /// A LoRA bundle's ranks against its config, before anything is allocated: no module may get
@@ -345,111 +343,6 @@ impl LoraConfig {
             .unwrap_or(self.lora_alpha);
         Ok((r, alpha))
     }
-
-    fn unsupported_options(&self) -> Vec<(&'static str, String, &'static str)> {
-        let mut out = Vec::new();
-        let mut check = |cond: bool, key: &'static str, found: String, why: &'static str| {
-            if cond {
-                out.push((key, found, why));
-            }
-        };
-        check(
-            self.lora_bias,
-            "lora_bias",
-            "true".into(),
-            "adds a bias to lora_B",
-        );
-        check(
-            is_set(&self.target_parameters),
-            "target_parameters",
-            format!("{:?}", self.target_parameters),
-            "LoRA on raw parameters",
-        );
-        check(
-            is_set(&self.layer_replication),
-            "layer_replication",
-            format!("{:?}", self.layer_replication),
-            "duplicates base layers",
-        );
-        check(
-            self.use_qalora,
-            "use_qalora",
-            "true".into(),
-            "quantization-aware LoRA",
-        );
-        check(
-            is_set(&self.trainable_token_indices),
-            "trainable_token_indices",
-            format!("{:?}", self.trainable_token_indices),
-            "trains selected embedding rows",
-        );
-        check(
-            is_set(&self.alora_invocation_tokens),
-            "alora_invocation_tokens",
-            format!("{:?}", self.alora_invocation_tokens),
-            "activated LoRA changes which tokens are adapted",
-        );
-        check(
-            is_set(&self.arrow_config),
-            "arrow_config",
-            format!("{:?}", self.arrow_config),
-            "Arrow routing between adapters",
-        );
-        check(
-            is_set(&self.megatron_config),
-            "megatron_config",
-            format!("{:?}", self.megatron_config),
-            "Megatron parallel layers",
-        );
-        check(
-            self.ensure_weight_tying,
-            "ensure_weight_tying",
-            "true".into(),
-            "ties adapters of tied embeddings",
-        );
-        check(
-            is_set(&self.kasa_config),
-            "kasa_config",
-            format!("{:?}", self.kasa_config),
-            "KaSA adapters",
-        );
-        check(
-            is_set(&self.lora_ga_config),
-            "lora_ga_config",
-            format!("{:?}", self.lora_ga_config),
-            "LoRA-GA initialization",
-        );
-        check(
-            is_set(&self.monteclora_config),
-            "monteclora_config",
-            format!("{:?}", self.monteclora_config),
-            "MonteCLoRA",
-        );
-        check(
-            !matches!(
-                self.use_bdlora,
-                None | Some(Value::Null) | Some(Value::Bool(false))
-            ),
-            "use_bdlora",
-            format!("{:?}", self.use_bdlora),
-            "block-diagonal LoRA",
-        );
-        check(
-            is_set(&self.velora_config),
-            "velora_config",
-            format!("{:?}", self.velora_config),
-            "VeLoRA",
-        );
-        let loftq_set = !matches!(&self.loftq_config, Value::Null)
-            && self.loftq_config.as_object().is_none_or(|m| !m.is_empty());
-        check(
-            loftq_set,
-            "loftq_config",
-            self.loftq_config.to_string(),
-            "LoftQ initialization",
-        );
-        out
-    }
 }
 
 #[typetag::serde(name = "LORA")]
@@ -476,9 +369,7 @@ impl PeftMethod for LoraConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if let Some((key, found, why)) = self.unsupported_options().into_iter().next() {
-            return Err(PeftError::unsupported(key, found, why));
-        }
+        self.unsupported.check()?;
         if self.r == 0 {
             return Err(PeftError::invalid_config(
                 "r",

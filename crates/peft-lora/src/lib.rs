@@ -5,12 +5,13 @@
 
 #![warn(missing_docs)]
 
+mod builder;
 pub mod combine;
 mod config;
 mod describe;
 mod dora;
 mod kernel;
 
-pub use config::{InitLoraWeights, LoraConfig};
+pub use config::{InitLoraWeights, LoraConfig, LoraUnsupported};
 pub use dora::{DoraEmbeddingKernel, DoraLinearKernel};
 pub use kernel::{LoraEmbeddingKernel, LoraLinearKernel};

@@ -20,10 +20,19 @@ use crate::kernel::PrefixKernel;
 /// config as PEFT does (for GQA models, `token_dim` and `num_attention_heads` are the key/value
 /// ones).
 ///
+/// PEFT's `PrefixTuningConfig` has no option we leave unimplemented; the values of
+/// `num_transformer_submodules` and `init_weights` that we do not implement are refused by
+/// [`PeftMethod::validate`].
+///
+/// Build one with [`PrefixTuningConfig::new`] and its chainable setters, or with the public
+/// fields:
+///
 /// ```
 /// use peft_prefix::PrefixTuningConfig;
-/// let config = PrefixTuningConfig { num_virtual_tokens: 16, ..Default::default() };
+/// let config = PrefixTuningConfig::new(16).task_type("CAUSAL_LM");
 /// assert!(!config.prefix_projection);
+/// let same = PrefixTuningConfig { num_virtual_tokens: 16, ..Default::default() }.task_type("CAUSAL_LM");
+/// assert_eq!(serde_json::to_value(&config).unwrap(), serde_json::to_value(&same).unwrap());
 /// ```
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -138,7 +147,78 @@ impl peft_core::bundle::BundleShapes for PrefixTuningConfig {
 const MAX_PROJECTION_VALUES: usize = 1 << 28;
 
 impl PrefixTuningConfig {
-    fn zero_init(&self) -> bool {
+    /// `num_virtual_tokens` learned keys and values per layer, every other field at PEFT's
+    /// default (a table, no projection; the sizes are derived from the model).
+    ///
+    /// ```
+    /// use peft_prefix::PrefixTuningConfig;
+    /// let config = PrefixTuningConfig::new(8);
+    /// assert_eq!(config.num_virtual_tokens, 8);
+    /// assert!(config.token_dim.is_none());
+    /// ```
+    pub fn new(num_virtual_tokens: usize) -> Self {
+        Self {
+            num_virtual_tokens,
+            ..Self::default()
+        }
+    }
+
+    /// `prefix_projection` with `encoder_hidden_size`: produce the prefix with PEFT's MLP
+    /// (`Embedding -> Linear -> Tanh -> Linear`) of this hidden size (`None`: `token_dim`).
+    ///
+    /// ```
+    /// use peft_prefix::PrefixTuningConfig;
+    /// let config = PrefixTuningConfig::new(8).projection(Some(64));
+    /// assert!(config.prefix_projection);
+    /// assert_eq!(config.encoder_hidden_size, Some(64));
+    /// ```
+    pub fn projection(mut self, hidden_size: Option<usize>) -> Self {
+        self.prefix_projection = true;
+        self.encoder_hidden_size = hidden_size;
+        self
+    }
+
+    /// `init_weights = "zero"` (`true`): the projection's last layer starts at zero; `false`
+    /// leaves PEFT's default (`null`).
+    ///
+    /// ```
+    /// use peft_prefix::PrefixTuningConfig;
+    /// let config = PrefixTuningConfig::new(8).projection(None).zero_init(true);
+    /// assert_eq!(config.init_weights, Some(serde_json::json!("zero")));
+    /// ```
+    pub fn zero_init(mut self, zero: bool) -> Self {
+        self.init_weights = zero.then(|| Value::String("zero".into()));
+        self
+    }
+
+    /// `modules_to_save`: modules that get a trainable, saved copy (a classifier head).
+    ///
+    /// ```
+    /// use peft_prefix::PrefixTuningConfig;
+    /// let config = PrefixTuningConfig::new(8).modules_to_save(["classifier"]);
+    /// assert_eq!(config.modules_to_save, Some(vec!["classifier".to_string()]));
+    /// ```
+    pub fn modules_to_save<S: Into<String>>(
+        mut self,
+        modules: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.modules_to_save = Some(modules.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// `task_type` (`"CAUSAL_LM"`, `"SEQ_CLS"`, ...).
+    ///
+    /// ```
+    /// use peft_prefix::PrefixTuningConfig;
+    /// let config = PrefixTuningConfig::new(8).task_type("CAUSAL_LM");
+    /// assert_eq!(config.base.task_type.as_deref(), Some("CAUSAL_LM"));
+    /// ```
+    pub fn task_type(mut self, task_type: impl Into<String>) -> Self {
+        self.base.task_type = Some(task_type.into());
+        self
+    }
+
+    fn uses_zero_init(&self) -> bool {
         matches!(&self.init_weights, Some(Value::String(s)) if s == "zero")
     }
 }
@@ -274,7 +354,7 @@ impl PeftMethod for PrefixTuningConfig {
         };
         let state = if self.prefix_projection {
             let hidden = self.encoder_hidden_size.unwrap_or(token_dim);
-            let (w2, b2) = if self.zero_init() {
+            let (w2, b2) = if self.uses_zero_init() {
                 (
                     Tensor::zeros([hidden, width], device),
                     Tensor::zeros([width], device),

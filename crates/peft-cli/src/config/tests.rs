@@ -117,9 +117,12 @@ fn classification_runs_get_peft_task_defaults() {
     };
     let json = method_to_json(methods[0].1.as_ref());
     assert_eq!(json["task_type"], "SEQ_CLS");
-    assert_eq!(
-        json["modules_to_save"],
-        serde_json::json!(["classifier", "score"])
+    // The heads `classifier` and `score` are PEFT's SEQ_CLS rule, applied by peft-core when the
+    // adapter is added (tests/several_methods.rs checks the saved bundles).
+    assert!(
+        json["modules_to_save"].is_null(),
+        "{}",
+        json["modules_to_save"]
     );
 }
 
@@ -188,18 +191,11 @@ fn several_methods_from_a_list_or_a_map_train_together() {
     };
     let names: Vec<&str> = methods.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["lora", "prefix_tuning", "lora_2"]);
-    // Only the first block gets the SEQ_CLS heads: one head trains.
-    let saved = |i: usize| method_to_json(methods[i].1.as_ref())["modules_to_save"].clone();
-    assert_eq!(saved(0), serde_json::json!(["classifier", "score"]));
-    assert!(
-        saved(1).is_null() || saved(1) == serde_json::json!([]),
-        "{}",
-        saved(1)
-    );
-    assert_eq!(
-        method_to_json(methods[1].1.as_ref())["task_type"],
-        "SEQ_CLS"
-    );
+    // Every block is SEQ_CLS; peft-core gives the heads to the first adapter added only (one
+    // head trains), which tests/several_methods.rs checks in the saved bundles.
+    for (_, method) in methods {
+        assert_eq!(method_to_json(method.as_ref())["task_type"], "SEQ_CLS");
+    }
 
     let map = GOOD.replace(
         "method:\n  peft_type: LORA\n  r: 4\n  target_modules: [query]\n",

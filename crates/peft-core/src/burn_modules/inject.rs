@@ -9,48 +9,35 @@ use super::scan::{ModuleTree, ValuesAt};
 use super::{AdaptedLayer, PeftModule};
 use crate::adapter::{AdapterState, BaseWeights, WeightSpace};
 use crate::error::{PeftError, Result};
-use crate::matching::{all_linear_names, select_targets};
+use crate::matching::{self, all_linear_names, select_targets};
 use crate::method::{BiasMode, PeftMethod, SiteInfo, peft_type_of};
-use crate::peft_model::{InjectionReport, check_new_adapter_name};
-
-/// Why the adapter is being added: for training, or loaded from a bundle (where an adapter whose
-/// weight-space form is exact for inference only is accepted).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Purpose {
-    Train,
-    Load,
-}
+use crate::peft_model::InjectionReport;
+use crate::registry::{Purpose, SEQ_CLS, rules};
 
 impl<M: Module> PeftModule<M> {
-    /// Add adapter `name` built from `method` to every layer it targets, freeze every base
-    /// parameter and make the adapter trainable. The first adapter added becomes the active one
-    /// (as in PEFT).
+    /// Build adapter `name` from `method` (defaults filled in, validated) on every layer it
+    /// targets and attach it. Returns what was adapted and the config as resolved against the
+    /// layers, when that changed it. Nothing is changed on error.
     ///
     /// Errors: [`PeftError::TargetNotFound`] for a `target_modules` entry that matches no module
     /// (with the closest names), [`PeftError::UnsupportedSite`] for a target that is no
     /// `Linear` / `Embedding` (a `LayerNorm`, an attention block, a `Vec`) or a kind the method
     /// does not adapt, [`PeftError::NotSupportedByMethod`] for a method without a weight-space
     /// form (or, for training, one exact in inference only, such as LoRA with dropout), and
-    /// [`PeftError::Unsupported`] for `modules_to_save`, a `bias` other than `none` and prefix
-    /// tuning. On any error the model is left as it was.
-    pub fn add_adapter(&mut self, name: &str, method: &dyn PeftMethod) -> Result<InjectionReport> {
-        self.insert_adapter(name, method, Purpose::Train)
-    }
-
-    pub(super) fn insert_adapter(
+    /// [`PeftError::Unsupported`] for `modules_to_save` entries naming a module, a `bias` other
+    /// than `none` and prefix tuning.
+    pub(super) fn inject(
         &mut self,
         name: &str,
         method: &dyn PeftMethod,
         purpose: Purpose,
-    ) -> Result<InjectionReport> {
-        check_new_adapter_name(&self.configs, name)?;
-        method.validate()?;
-        refuse_unsupported_options(method)?;
-        let mut layers = self.read_layers()?;
+    ) -> Result<(InjectionReport, Option<Box<dyn PeftMethod>>)> {
         let tree = ModuleTree::of(&self.model);
+        let paths = tree.paths();
+        refuse_unsupported_options(method, &paths)?;
+        let mut layers = self.read_layers()?;
         self.refuse_other_reparameterizations(&tree)?;
 
-        let paths = tree.paths();
         let excluded: Vec<String> = self.output_layer.iter().cloned().collect();
         let all_linear = all_linear_names(&tree.linear_paths(), &excluded);
         let targets = select_targets(&method.targets(), &paths, &all_linear, &|_| false)?;
@@ -91,12 +78,9 @@ impl<M: Module> PeftModule<M> {
             }
         }
         self.layers = layers;
-        self.configs.push((name.to_string(), method.clone_method()));
-        if self.active.is_empty() {
-            self.active.push(name.to_string());
-        }
+        // The new adapters' parameters exist only in `layers` until attached to the model.
         self.rebuild(Attach::default());
-        Ok(report)
+        Ok((report, resolved))
     }
 
     /// Reparameterizations that are not ours (Burn's `apply_lora`), or ours from another
@@ -159,7 +143,9 @@ fn current_base(
     input.unmerged().unwrap_or(base)
 }
 
-fn refuse_unsupported_options(method: &dyn PeftMethod) -> Result<()> {
+/// Options this path does not implement. `modules_to_save` entries that name no module are
+/// warnings, as in `PeftModel` (PEFT's SEQ_CLS rule appends both `classifier` and `score`).
+fn refuse_unsupported_options(method: &dyn PeftMethod, paths: &[String]) -> Result<()> {
     let reason = "the weight-space path for plain Burn modules does not implement it; build the model from peft_core::nn layers and use PeftModel";
     if method.adapts_attention_prefix() {
         return Err(PeftError::unsupported(
@@ -168,11 +154,21 @@ fn refuse_unsupported_options(method: &dyn PeftMethod) -> Result<()> {
             format!("prompt learning needs an attention key/value site: {reason}"),
         ));
     }
-    if let Some(first) = method.modules_to_save().first() {
+    let to_save = method.modules_to_save();
+    rules::warn_unmatched_modules_to_save(&to_save, paths);
+    if let Some(first) = paths
+        .iter()
+        .find(|p| matching::gets_saved_copy(&to_save, p))
+    {
+        let seq_cls = if method.task_type() == Some(SEQ_CLS) {
+            " (task_type SEQ_CLS adds PEFT's heads `classifier` and `score`)"
+        } else {
+            ""
+        };
         return Err(PeftError::unsupported(
             "modules_to_save",
-            format!("[\"{first}\", ...]"),
-            format!("trainable copies of whole modules: {reason}"),
+            format!("{to_save:?}"),
+            format!("trainable copies of whole modules, here `{first}`{seq_cls}: {reason}"),
         ));
     }
     let bias = method.bias();

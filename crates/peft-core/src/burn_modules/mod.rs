@@ -18,14 +18,17 @@
 //!   [`update`](PeftModule::update) around the optimizer step;
 //! - merging, unmerging, named adapters and PEFT bundles (`adapter_config.json` +
 //!   `adapter_model.safetensors`, the keys PEFT writes for the same module paths) work as in
-//!   [`PeftModel`](crate::PeftModel).
+//!   [`PeftModel`](crate::PeftModel): the two share one adapter registry and one set of rules
+//!   (`crate::registry`), and have the same methods with the same signatures.
 //!
 //! A method takes this path when its kernel gives a weight-space form
 //! ([`AdapterKernel::weight_space`](crate::AdapterKernel::weight_space) and
 //! [`effective_weight`](crate::AdapterKernel::effective_weight)); LoRA does (without dropout,
 //! which acts on the layer input and cannot be folded into a weight: PEFT's own weight-space
 //! LoRA, `ParamWrapper` in peft/tuners/lora/layer.py, refuses it too). What the path does not
-//! do: `modules_to_save`, trainable biases (`bias` other than `none`), prefix tuning.
+//! do: `modules_to_save` (entries that name a module of the model are refused, so a `SEQ_CLS`
+//! config whose model has a `classifier` or `score` head is too), trainable biases (`bias` other
+//! than `none`), prefix tuning.
 //!
 //! ```
 //! use burn::module::Module;
@@ -95,7 +98,7 @@
 //! let x = Tensor::<2>::random([3, 4], Distribution::Default, &device);
 //! let before = mlp.forward(x.clone());
 //!
-//! let mut model = PeftModule::new(mlp);
+//! let mut model = PeftModule::new(mlp.clone());
 //! // With peft-lora linked: `&LoraConfig { target_modules: Some(["down_proj"].into()), .. }`.
 //! # let method = Scale { target_modules: Some(["down_proj"].into()) };
 //! let report = model.add_adapter("default", &method).unwrap();
@@ -106,11 +109,17 @@
 //!
 //! // Only the adapter trains; merging folds it into the weights.
 //! assert_eq!(model.trainable_report().trainable, 2);
+//! let dir = tempfile::tempdir().unwrap();
+//! model.save_adapter(dir.path(), "default").unwrap();
 //! model.merge().unwrap();
 //! let merged = model.model().forward(x.clone());
 //! assert!((merged - after.clone()).abs().max().into_scalar::<f32>() < 1e-6);
 //! let plain: Mlp = model.merge_and_unload().unwrap();
-//! assert!((plain.forward(x) - after).abs().max().into_scalar::<f32>() < 1e-6);
+//! assert!((plain.forward(x.clone()) - after.clone()).abs().max().into_scalar::<f32>() < 1e-6);
+//!
+//! // The bundle saved before merging loads onto the base model (PEFT's `from_pretrained`).
+//! let loaded = PeftModule::from_pretrained(mlp, dir.path(), false).unwrap();
+//! assert!((loaded.model().forward(x) - after).abs().max().into_scalar::<f32>() < 1e-6);
 //! ```
 
 mod inject;
@@ -119,23 +128,26 @@ mod reparam;
 mod scan;
 mod switch;
 
-use std::collections::HashSet;
+use std::collections::BTreeMap;
 
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
-use burn::tensor::Tensor;
+use burn::module::{Module, Param, ParamId};
+use burn::tensor::{Tensor, TensorData};
 
 pub use reparam::WeightAdapters;
 
-use crate::adapter::AdapterState;
+use crate::adaptable::DefaultTargets;
+use crate::adapter::{AdapterState, MergeDirection};
+use crate::bundle::TensorFile;
 use crate::error::{PeftError, Result};
 use crate::method::{PeftMethod, SiteKind};
-use crate::peft_model::TrainableReport;
+use crate::peft_model::{InjectionReport, TrainableReport, count_params};
+use crate::registry::{AdapterHost, AdapterRegistry, Purpose, adapter_api};
 use scan::{AdapterParams, ModuleTree};
 
 /// One adapted layer: its module path and adapters (their parameters as last read from
 /// the model).
 #[derive(Debug, Clone)]
-struct AdaptedLayer {
+pub(crate) struct AdaptedLayer {
     path: String,
     adapters: Vec<AdapterState>,
 }
@@ -156,13 +168,9 @@ impl AdaptedLayer {
 #[derive(Debug)]
 pub struct PeftModule<M> {
     model: M,
-    configs: Vec<(String, Box<dyn PeftMethod>)>,
-    active: Vec<String>,
-    disabled: bool,
+    registry: AdapterRegistry,
     layers: Vec<AdaptedLayer>,
-    trainable: HashSet<ParamId>,
     output_layer: Option<String>,
-    base_model_name_or_path: Option<String>,
 }
 
 impl<M: Module> PeftModule<M> {
@@ -170,13 +178,9 @@ impl<M: Module> PeftModule<M> {
     pub fn new(model: M) -> Self {
         Self {
             model,
-            configs: Vec::new(),
-            active: Vec::new(),
-            disabled: false,
+            registry: AdapterRegistry::default(),
             layers: Vec::new(),
-            trainable: HashSet::new(),
             output_layer: None,
-            base_model_name_or_path: None,
         }
     }
 
@@ -186,48 +190,6 @@ impl<M: Module> PeftModule<M> {
     pub fn with_output_layer(mut self, path: impl Into<String>) -> Self {
         self.output_layer = Some(path.into());
         self
-    }
-
-    /// Record the base model's hub id or folder; written as `base_model_name_or_path`.
-    pub fn with_base_model_name(mut self, name: impl Into<String>) -> Self {
-        self.base_model_name_or_path = Some(name.into());
-        self
-    }
-
-    /// The wrapped model; its own forward runs the active adapters.
-    pub fn model(&self) -> &M {
-        &self.model
-    }
-
-    /// Replace the wrapped model by `f(model)`, e.g. an optimizer step:
-    /// `peft.update(|m| optim.step(lr, m, grads))`. Parameter ids must be kept, which Burn's
-    /// optimizers and mappers do.
-    pub fn update(&mut self, f: impl FnOnce(M) -> M) {
-        let model = self.model.clone();
-        self.model = f(model);
-    }
-
-    /// The names of every adapter, in the order they were added.
-    pub fn adapter_names(&self) -> Vec<String> {
-        self.configs.iter().map(|(n, _)| n.clone()).collect()
-    }
-
-    /// The active adapters.
-    pub fn active_adapters(&self) -> &[String] {
-        &self.active
-    }
-
-    /// Whether adapters are disabled (the base model runs alone).
-    pub fn adapters_disabled(&self) -> bool {
-        self.disabled
-    }
-
-    /// The config of adapter `name`.
-    pub fn adapter_config(&self, name: &str) -> Option<&dyn PeftMethod> {
-        self.configs
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, m)| m.as_ref())
     }
 
     /// The layers this path can adapt, with their module paths: every `Linear` and `Embedding`
@@ -250,44 +212,10 @@ impl<M: Module> PeftModule<M> {
             .collect()
     }
 
-    /// Ids of the parameters that train (the active adapters' tensors).
-    pub fn trainable_param_ids(&self) -> &HashSet<ParamId> {
-        &self.trainable
-    }
-
-    /// PEFT's `print_trainable_parameters` numbers: every float parameter of the model (base
-    /// and adapters) and those that train.
-    pub fn trainable_report(&self) -> TrainableReport {
-        struct Count<'a> {
-            trainable: &'a HashSet<ParamId>,
-            report: TrainableReport,
-        }
-        impl ModuleVisitor for Count<'_> {
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-                let n = param.lazy_shape().num_elements();
-                self.report.all += n;
-                if self.trainable.contains(&param.id) {
-                    self.report.trainable += n;
-                }
-            }
-        }
-        let mut count = Count {
-            trainable: &self.trainable,
-            report: TrainableReport {
-                trainable: 0,
-                all: 0,
-            },
-        };
-        self.model.visit(&mut count);
-        count.report
-    }
-
-    fn config(&self, name: &str) -> Result<&dyn PeftMethod> {
-        self.adapter_config(name)
-            .ok_or_else(|| PeftError::AdapterNotFound {
-                name: name.to_string(),
-                available: self.adapter_names(),
-            })
+    /// Drop every adapter without merging and return the model as it is (weights merged before
+    /// stay merged).
+    pub fn unload(self) -> M {
+        reparam::strip(self.model)
     }
 
     /// The adapted layers with their adapters' parameters read from the model now (training
@@ -322,42 +250,120 @@ impl<M: Module> PeftModule<M> {
         Ok(layers)
     }
 
-    /// Put `self.layers` (with the active set and merged flags as they are now) into the model:
-    /// take every adapter off, write `values` (new base weights and biases by parameter path)
-    /// and attach the adapters again; every base parameter is frozen and the active adapters'
-    /// tensors train.
-    fn rebuild(&mut self, values: reparam::Attach) {
-        let forward: Vec<String> = if self.disabled {
-            Vec::new()
-        } else {
-            self.active.clone()
-        };
-        let mut attach = values;
-        let mut trainable = HashSet::new();
+    /// Put `self.layers` (with the registry's active set and the merged flags as they are
+    /// now) into the model: take every adapter off, write `values` (new base weights and biases
+    /// by parameter path) and attach the adapters again; every base parameter is frozen (or
+    /// trains, with `set_train_base`) and the training adapters' tensors train.
+    fn rebuild(&mut self, mut attach: reparam::Attach) {
+        let forward = self.registry.forward_adapters();
+        let training = self.registry.training_adapters();
+        let train_base = self.registry.train_base;
+        let mut trainable = std::collections::HashSet::new();
         for layer in &mut self.layers {
             for adapter in &mut layer.adapters {
-                adapter.active = forward.contains(&adapter.name);
-                // As in `PeftModel`: the active adapters train (also while disabled).
-                let train = self.active.contains(&adapter.name);
-                for p in adapter.matrices.iter_mut() {
-                    *p = p.clone().set_require_grad(train);
-                    if train {
-                        trainable.insert(p.id);
-                    }
-                }
-                for p in adapter.vectors.iter_mut() {
-                    *p = p.clone().set_require_grad(train);
-                    if train {
-                        trainable.insert(p.id);
-                    }
-                }
+                // Full fine-tuning trains every parameter, adapters included, as in `PeftModel`.
+                let train = train_base || training.contains(&adapter.name);
+                let forward = forward.contains(&adapter.name);
+                crate::registry::rules::switch_adapter(adapter, forward, train, &mut trainable);
             }
             attach
                 .adapters
                 .insert(layer.weight_path(), layer.adapters.clone());
         }
+        attach.train_base = train_base;
         let plain = reparam::strip(self.model.clone());
         self.model = plain.apply_reparameterization(attach);
-        self.trainable = trainable;
+        if train_base {
+            trainable.extend(scan::param_ids(&self.model));
+        }
+        self.registry.trainable = trainable;
+    }
+}
+
+adapter_api!(
+    PeftModule,
+    [Module],
+    "# use burn::tensor::Device;
+# use peft_core::burn_modules::PeftModule;
+# let device = Device::flex();
+# let base = burn::nn::LinearConfig::new(4, 4).init(&device);
+# let mut model = PeftModule::new(base.clone());"
+);
+
+/// Burn's parameter reparameterizations hold the adapters; the shared rules drive them.
+impl<M: Module> AdapterHost for PeftModule<M> {
+    type Snapshot = (M, Vec<AdaptedLayer>);
+
+    fn registry(&self) -> &AdapterRegistry {
+        &self.registry
+    }
+
+    fn registry_mut(&mut self) -> &mut AdapterRegistry {
+        &mut self.registry
+    }
+
+    fn default_targets(&self, _table: &str) -> Option<DefaultTargets> {
+        // PEFT's defaults are keyed by transformers' `model_type`, which a plain module lacks.
+        None
+    }
+
+    fn classifier_head(&self) -> Option<String> {
+        None
+    }
+
+    fn attach(
+        &mut self,
+        name: &str,
+        method: &dyn PeftMethod,
+        purpose: Purpose,
+    ) -> Result<(InjectionReport, Option<Box<dyn PeftMethod>>)> {
+        self.inject(name, method, purpose)
+    }
+
+    fn detach(&mut self, name: &str) -> Result<()> {
+        let mut layers = self.read_layers()?;
+        for layer in &mut layers {
+            layer.adapters.retain(|a| a.name != name);
+        }
+        layers.retain(|l| !l.adapters.is_empty());
+        self.layers = layers;
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        self.layers = self.read_layers()?;
+        self.rebuild(reparam::Attach::default());
+        Ok(())
+    }
+
+    fn is_merged(&self) -> bool {
+        self.layers
+            .iter()
+            .any(|l| l.adapters.iter().any(|a| a.merged))
+    }
+
+    fn fold(&mut self, direction: MergeDirection) -> Result<()> {
+        self.fold_layers(direction)
+    }
+
+    fn export(&self, name: &str) -> Result<BTreeMap<String, TensorData>> {
+        self.export_tensors(name)
+    }
+
+    fn import(&mut self, name: &str, file: &mut TensorFile) -> Result<()> {
+        self.import_tensors(name, file)
+    }
+
+    fn param_report(&self) -> TrainableReport {
+        count_params(&self.model, &self.registry.trainable)
+    }
+
+    fn snapshot(&self) -> Self::Snapshot {
+        (self.model.clone(), self.layers.clone())
+    }
+
+    fn restore(&mut self, (model, layers): Self::Snapshot) {
+        self.model = model;
+        self.layers = layers;
     }
 }

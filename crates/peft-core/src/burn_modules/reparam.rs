@@ -83,13 +83,15 @@ pub(crate) fn ranked<const D: usize>(tensor: &dyn Any) -> Option<Tensor<D>> {
 }
 
 /// Attaches adapters to a module without reparameterizations (see [`strip`]), replaces base
-/// values where asked, and freezes every base parameter.
+/// values where asked, and freezes every base parameter (or makes it train: `train_base`).
 #[derive(Default)]
 pub(crate) struct Attach {
     /// The adapters of each weight, by the weight's path (`q_proj.weight`).
     pub adapters: HashMap<String, Vec<AdapterState>>,
     /// New base values (`Tensor<D>` behind `Any`), by parameter path: merged weights and biases.
     pub values: HashMap<String, Box<dyn Any>>,
+    /// Base parameters train (full fine-tuning) instead of being frozen.
+    pub train_base: bool,
 }
 
 impl Reparameterizer for Attach {
@@ -100,7 +102,7 @@ impl Reparameterizer for Attach {
         path: &str,
         param: Param<Tensor<D>>,
     ) -> (Param<Tensor<D>>, Option<WeightAdapters>) {
-        let mut param = param.set_require_grad(false);
+        let mut param = param.set_require_grad(self.train_base);
         if let Some(value) = self.values.remove(path)
             && let Some(value) = ranked::<D>(value.as_ref())
         {

@@ -326,3 +326,17 @@ impl ModuleVisitor for ValuesAt<'_> {
         }
     }
 }
+
+/// The ids of every float parameter of `module`, the adapters' inside our reparameterizations
+/// included.
+pub(crate) fn param_ids<M: burn::module::Module>(module: &M) -> HashSet<ParamId> {
+    struct Ids(HashSet<ParamId>);
+    impl ModuleVisitor for Ids {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0.insert(param.id);
+        }
+    }
+    let mut ids = Ids(HashSet::new());
+    module.visit(&mut ids);
+    ids.0
+}

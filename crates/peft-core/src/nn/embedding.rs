@@ -162,13 +162,23 @@ impl Embedding {
     }
 
     /// Looks up `input` (`[batch, seq]`) and applies every active, unmerged adapter.
+    ///
+    /// # Panics
+    /// In debug builds, if the table holds adapters (or `modules_to_save` copies) while a
+    /// mixed-adapter batch is in flight on this thread: the model must call
+    /// [`forward_in`](Self::forward_in) with the batch's context (see
+    /// [`Linear::forward`](crate::nn::Linear::forward)).
     pub fn forward(&self, input: Tensor<2, Int>) -> Tensor<3> {
+        super::guard::refuse_plain_forward("Embedding", || {
+            !self.adapters.is_empty() || !self.copies.is_empty()
+        });
         self.forward_active(input)
     }
 
     /// [`forward`](Self::forward) with a per-call context: in a mixed batch each row applies
     /// the adapter the context names for it (see [`Linear::forward_in`](crate::nn::Linear::forward_in)).
     pub fn forward_in(&self, input: Tensor<2, Int>, ctx: &ForwardContext) -> Tensor<3> {
+        super::guard::enter(ctx);
         match ctx.rows() {
             Some(rows) => self.forward_mixed(input, rows),
             None => self.forward_active(input),

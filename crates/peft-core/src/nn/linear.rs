@@ -186,7 +186,39 @@ impl Linear {
     /// # Shapes
     /// - input: `[..., d_input]`
     /// - output: `[..., d_output]`
+    ///
+    /// # Panics
+    /// In debug builds, if the layer holds adapters (or `modules_to_save` copies) while a
+    /// mixed-adapter batch ([`ForwardContext::mixed`],
+    /// [`PeftModel::adapter_rows`](crate::PeftModel::adapter_rows)) is in flight on this
+    /// thread: `forward` would run the active adapters on every row and silently ignore the
+    /// rows' own; the model must call [`forward_in`](Self::forward_in) with the batch's
+    /// context. Release builds do not check.
+    ///
+    /// ```should_panic
+    /// # use burn::tensor::{Device, Tensor};
+    /// # use peft_core::nn::{ForwardContext, LinearConfig, RowAdapters};
+    /// # use peft_core::{AdapterKernel, AdapterState, BaseWeights, MergeDirection, MergeInput, Result, TensorSource};
+    /// # #[derive(Debug)]
+    /// # struct Noop;
+    /// # impl AdapterKernel for Noop {
+    /// #     fn merge(&self, _: &mut AdapterState, s: MergeInput<'_>, _: MergeDirection) -> Result<BaseWeights> { Ok(s.current) }
+    /// #     fn export(&self, _: &AdapterState) -> Vec<(String, burn::tensor::TensorData)> { vec![] }
+    /// #     fn import(&self, s: AdapterState, _: &mut dyn TensorSource) -> Result<AdapterState> { Ok(s) }
+    /// # }
+    /// let device = Device::flex();
+    /// let mut layer = LinearConfig::new(4, 4).init(&device);
+    /// layer.adapters.push(AdapterState::new("a", vec![], vec![], std::sync::Arc::new(Noop)));
+    /// let x = Tensor::<2>::zeros([2, 4], &device);
+    /// let ctx = ForwardContext::mixed(RowAdapters::new(&["a", "__base__"], &device));
+    /// let right = layer.forward_in(x.clone(), &ctx); // each row its own adapter
+    /// let wrong = layer.forward(x); // panics (debug builds): the rows' adapters would be ignored
+    /// # assert!(cfg!(debug_assertions));
+    /// ```
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
+        super::guard::refuse_plain_forward("Linear", || {
+            !self.adapters.is_empty() || !self.copies.is_empty()
+        });
         self.forward_active(input)
     }
 
@@ -197,6 +229,7 @@ impl Linear {
     /// # Panics
     /// If the context's batch differs from the input's first dimension (the models check it).
     pub fn forward_in<const D: usize>(&self, input: Tensor<D>, ctx: &ForwardContext) -> Tensor<D> {
+        super::guard::enter(ctx);
         match ctx.rows() {
             Some(rows) => self.forward_mixed(input, rows),
             None => self.forward_active(input),

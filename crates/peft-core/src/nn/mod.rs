@@ -2,6 +2,7 @@
 
 mod copy;
 mod embedding;
+mod guard;
 mod linear;
 mod mixed;
 mod packed;

@@ -113,16 +113,29 @@ pub struct ForwardContext {
 
 impl ForwardContext {
     /// One adapter per row (see [`RowAdapters`]); the model's active adapters do not apply.
+    ///
+    /// While the context lives, an adapted layer's plain `forward` on this thread panics in
+    /// debug builds (it would ignore the rows' adapters; see
+    /// [`Linear::forward`](crate::nn::Linear::forward)), until a `forward_in` with an ordinary
+    /// context runs.
     pub fn mixed(rows: RowAdapters) -> Self {
-        Self {
+        let ctx = Self {
             rows: Some(Arc::new(rows)),
             ..Self::default()
-        }
+        };
+        super::guard::enter(&ctx);
+        ctx
     }
 
     /// The per-row adapters, if this is a mixed batch.
     pub fn rows(&self) -> Option<&RowAdapters> {
         self.rows.as_deref()
+    }
+
+    /// The shared per-row adapters, for the debug guard's weak handle (`nn::guard`).
+    #[cfg_attr(not(debug_assertions), allow(dead_code))]
+    pub(crate) fn rows_arc(&self) -> Option<&Arc<RowAdapters>> {
+        self.rows.as_ref()
     }
 
     /// The same context, with the bounds of the batch's ids as the caller computed them on the

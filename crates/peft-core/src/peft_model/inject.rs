@@ -1,39 +1,31 @@
-//! Adding and removing adapters: target selection under PEFT's matching rules, adapter
+//! Building an adapter at the sites: target selection under PEFT's matching rules, adapter
 //! creation by the method, `modules_to_save` copies.
 
 use std::collections::{HashMap, HashSet};
 
 use burn::module::Module;
 
-use super::{PeftModel, SiteRecord, check_new_adapter_name};
+use super::{PeftModel, SiteRecord};
 use crate::adaptable::Adaptable;
 use crate::adapter::AdapterState;
 use crate::error::{PeftError, Result};
 use crate::matching::{self, all_linear_names};
-use crate::method::{BiasMode, PeftMethod, SiteInfo, SiteKind, peft_type_of};
+use crate::method::{PeftMethod, SiteInfo, SiteKind, peft_type_of};
 use crate::nn::ModuleCopy;
+use crate::registry::rules;
 
 use super::InjectionReport;
 
 impl<M: Adaptable + Module> PeftModel<M> {
-    /// Inject adapter `name` built from `method`, freeze every base parameter, and make the
-    /// adapter trainable. The first adapter added becomes the active one (as in PEFT).
-    ///
-    /// A config that names no `target_modules` takes PEFT's default for the model type
-    /// ([`Adaptable::default_targets`]), and is saved with it, as PEFT does; a model without
-    /// defaults makes that an error asking for `target_modules`.
-    pub fn add_adapter(&mut self, name: &str, method: &dyn PeftMethod) -> Result<InjectionReport> {
-        let filled = method.with_default_targets(&|table| self.model.default_targets(table));
-        let method: &dyn PeftMethod = filled.as_deref().unwrap_or(method);
-        check_new_adapter_name(&self.configs, name)?;
-        method.validate()?;
-        if !method.adapts_attention_prefix() && method.targets().target_modules.is_none() {
-            return Err(PeftError::invalid_config(
-                "target_modules",
-                "missing, and PEFT has no default `target_modules` for this model type; name \
-                 the modules to adapt (e.g. [\"q_proj\", \"v_proj\"]) or use \"all-linear\"",
-            ));
-        }
+    /// Build adapter `name` from `method` (defaults filled in, validated) at every site it
+    /// targets under PEFT's matching rules, and the `modules_to_save` copies. Returns what was
+    /// adapted and the config as resolved against the sites, when that changed it. Nothing is
+    /// changed on error: every adapter is built before any site is touched.
+    pub(super) fn inject(
+        &mut self,
+        name: &str,
+        method: &dyn PeftMethod,
+    ) -> Result<(InjectionReport, Option<Box<dyn PeftMethod>>)> {
         let sites = self.sites(method.reads_base_weights());
         // Modules named by `target_modules` / `modules_to_save`: linear and embedding sites.
         let module_sites: Vec<&SiteRecord> = sites
@@ -42,16 +34,7 @@ impl<M: Adaptable + Module> PeftModel<M> {
             .collect();
         let paths: Vec<String> = module_sites.iter().map(|s| s.path.clone()).collect();
         let to_save = method.modules_to_save();
-        // PEFT itself writes `modules_to_save` entries that match nothing (for SEQ_CLS it appends
-        // both "classifier" and "score"), so these are warnings, not errors.
-        for entry in &to_save {
-            if !paths.iter().any(|p| p.ends_with(entry.as_str())) {
-                log::warn!(
-                    "modules_to_save entry `{entry}` matches no layer of the model (closest: {})",
-                    matching::closest_names(entry, &paths, 3).join(", ")
-                );
-            }
-        }
+        rules::warn_unmatched_modules_to_save(&to_save, &paths);
         let is_saved =
             |p: &str| paths.iter().any(|q| q == p) && matching::gets_saved_copy(&to_save, p);
         let targets: Vec<String> = if method.adapts_attention_prefix() {
@@ -150,59 +133,6 @@ impl<M: Adaptable + Module> PeftModel<M> {
                 report.saved_copies.push(path.to_string());
             }
         });
-        self.configs.push((name.to_string(), method.clone_method()));
-        if self.active.is_empty() {
-            self.active.push(name.to_string());
-            if method.bias() != BiasMode::None {
-                self.bias_owners.push(name.to_string());
-            }
-        }
-        self.refresh();
-        Ok(report)
-    }
-
-    /// Remove adapter `name` everywhere. If it was active, the remaining active adapters stay
-    /// active, or else the first remaining adapter becomes active.
-    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
-        self.config(name)?;
-        if self.has_merged() {
-            self.unmerge()?;
-        }
-        self.for_each_site_mut(|_, slots| {
-            slots.adapters.retain(|a| a.name != name);
-            if let Some(copies) = slots.copies {
-                copies.retain(|c| c.adapter != name);
-            }
-        });
-        self.configs.retain(|(n, _)| n != name);
-        self.bias_owners.retain(|n| n != name);
-        self.frozen.retain(|n| n != name);
-        self.active.retain(|n| n != name);
-        if self.active.is_empty()
-            && let Some((first, _)) = self.configs.first()
-        {
-            self.active.push(first.clone());
-        }
-        self.refresh();
-        Ok(())
-    }
-}
-
-impl<M: Adaptable + Module> PeftModel<M> {
-    /// Remove adapter `name`, which was just added and never merged nor trained, leaving merged
-    /// adapters as they are (unlike [`delete_adapter`](Self::delete_adapter)): the rollback of
-    /// a failed [`add_weighted_adapter`](Self::add_weighted_adapter).
-    pub(crate) fn discard_adapter(&mut self, name: &str) {
-        self.for_each_site_mut(|_, slots| {
-            slots.adapters.retain(|a| a.name != name);
-            if let Some(copies) = slots.copies {
-                copies.retain(|c| c.adapter != name);
-            }
-        });
-        self.configs.retain(|(n, _)| n != name);
-        self.bias_owners.retain(|n| n != name);
-        self.frozen.retain(|n| n != name);
-        self.active.retain(|n| n != name);
-        self.refresh();
+        Ok((report, resolved))
     }
 }

@@ -1,17 +1,17 @@
-//! PEFT bundles: saving an adapter (`adapter_config.json` + `adapter_model.safetensors`) and
-//! loading one, every tensor consumed and shape-checked.
+//! The sites' side of PEFT bundles: an adapter's tensors as `adapter_model.safetensors` keys,
+//! and reading them back, every tensor shape-checked (saving and loading themselves are the
+//! shared rules of `crate::registry::rules`).
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use burn::module::Module;
 use burn::tensor::{Tensor, TensorData};
 
-use super::{LoadReport, PeftModel};
+use super::PeftModel;
 use crate::adaptable::{Adaptable, Site, SitePath};
 use crate::adapter::TensorSource;
-use crate::bundle::{self, KEY_PREFIX, TensorFile};
-use crate::error::{PeftError, Result};
+use crate::bundle::{KEY_PREFIX, TensorFile};
+use crate::error::Result;
 use crate::method::BiasMode;
 use crate::nn::WeightLayout;
 
@@ -24,33 +24,10 @@ fn to_file_layout(weight: Tensor<2>, layout: Option<WeightLayout>) -> TensorData
 }
 
 impl<M: Adaptable + Module> PeftModel<M> {
-    /// Save adapter `name` as a PEFT bundle under `dir` (`dir` itself for `default`, else
-    /// `dir/<name>`), atomically: on any failure the previous bundle is left as it was.
-    pub fn save_adapter(&self, dir: impl AsRef<Path>, name: &str) -> Result<()> {
-        let method = self.config(name)?;
-        let bundle_dir = bundle::adapter_dir(dir.as_ref(), name);
-        let mut config = bundle::method_to_json(method);
-        if let (Some(base), Some(map)) = (&self.base_model_name_or_path, config.as_object_mut()) {
-            map.insert(
-                "base_model_name_or_path".into(),
-                serde_json::Value::String(base.clone()),
-            );
-        }
-        let tensors = self.adapter_tensors(name)?;
-        let weights = bundle::encode_safetensors(&tensors)?;
-        let config_text = bundle::render_config(&config);
-        bundle::write_files_atomically(
-            &bundle_dir,
-            &[
-                (bundle::WEIGHTS_FILE, weights.as_slice()),
-                (bundle::CONFIG_FILE, config_text.as_bytes()),
-            ],
-        )
-    }
-
-    /// The tensors of adapter `name` as they go into `adapter_model.safetensors`.
-    pub fn adapter_tensors(&self, name: &str) -> Result<BTreeMap<String, TensorData>> {
-        let method = self.config(name)?;
+    /// The tensors of adapter `name` as they go into `adapter_model.safetensors`: its own at
+    /// each site, its `modules_to_save` copies and the biases its `bias` setting trains.
+    pub(super) fn export_tensors(&self, name: &str) -> Result<BTreeMap<String, TensorData>> {
+        let method = self.registry.config(name)?;
         let bias_mode = method.bias();
         let copy_prefix = method.module_key_prefix();
         let mut out = BTreeMap::new();
@@ -105,73 +82,11 @@ impl<M: Adaptable + Module> PeftModel<M> {
         Ok(out)
     }
 
-    /// Load the PEFT bundle in `dir` (`adapter_config.json` + `adapter_model.safetensors`, or
-    /// PEFT's `adapter_model.bin` pickle) as adapter `name`. Every tensor must be consumed and
-    /// have the right shape; on any error the model is left as it was.
-    ///
-    /// As `PeftModel.from_pretrained(..., is_trainable=False)`, an adapter whose config says
-    /// `inference_mode: true` (PEFT writes that on every save) is loaded frozen: it runs but
-    /// does not train. [`load_adapter_trainable`](Self::load_adapter_trainable) loads one to
-    /// train further.
-    pub fn load_adapter(&mut self, dir: impl AsRef<Path>, name: &str) -> Result<LoadReport> {
-        self.load_adapter_with(dir.as_ref(), name, None)
-    }
-
-    /// [`load_adapter`](Self::load_adapter) for training: the adapter trains when active,
-    /// whatever its config's `inference_mode` (PEFT's `is_trainable=True`).
-    pub fn load_adapter_trainable(
-        &mut self,
-        dir: impl AsRef<Path>,
-        name: &str,
-    ) -> Result<LoadReport> {
-        self.load_adapter_with(dir.as_ref(), name, Some(true))
-    }
-
-    fn load_adapter_with(
-        &mut self,
-        dir: &Path,
-        name: &str,
-        trainable: Option<bool>,
-    ) -> Result<LoadReport> {
-        let loaded = bundle::read_config(dir)?;
-        let (weights_path, mut file) = TensorFile::read_bundle_weights(dir)?;
-        // Sizes from the config against the file's tensors before `add_adapter` allocates
-        // adapters of those sizes (a failed allocation aborts the process).
-        bundle::check_bundle_shapes(loaded.method.as_ref(), &file.shapes())
-            .map_err(|e| e.in_file(&dir.join(bundle::CONFIG_FILE)))?;
-        let snapshot = self.model.clone();
-        let previous = (self.active.clone(), self.disabled);
-        self.add_adapter(name, loaded.method.as_ref())
-            .map_err(|e| e.in_file(&dir.join(bundle::CONFIG_FILE)))?;
-        let result = self.import_tensors(name, &mut file).and_then(|()| {
-            match file.unused_keys().into_iter().next() {
-                Some(key) => Err(PeftError::UnexpectedTensor {
-                    file: weights_path.clone(),
-                    key,
-                }),
-                None => Ok(()),
-            }
-        });
-        if let Err(e) = result {
-            self.model = snapshot;
-            self.configs.retain(|(n, _)| n != name);
-            self.bias_owners.retain(|n| n != name);
-            (self.active, self.disabled) = previous;
-            self.refresh();
-            return Err(e);
-        }
-        if !trainable.unwrap_or(!loaded.method.inference_mode()) {
-            self.frozen.push(name.to_string());
-        }
-        self.refresh();
-        Ok(LoadReport {
-            unknown_config_keys: loaded.unknown_keys,
-        })
-    }
-
-    fn import_tensors(&mut self, name: &str, file: &mut TensorFile) -> Result<()> {
-        let bias_mode = self.config(name)?.bias();
-        let copy_prefix = self.config(name)?.module_key_prefix();
+    /// Replace the freshly created tensors of adapter `name` (its own, its `modules_to_save`
+    /// copies, trained biases, saved embedding tables) by those of `file`.
+    pub(super) fn import_tensors(&mut self, name: &str, file: &mut TensorFile) -> Result<()> {
+        let method = self.registry.config(name)?;
+        let (bias_mode, copy_prefix) = (method.bias(), method.module_key_prefix());
         let mut error = None;
         self.for_each_site_mut(|path, mut slots| {
             if error.is_some() {

@@ -1,27 +1,35 @@
-//! [`PeftModel`]: a model with named adapters.
+//! [`PeftModel`]: a model with named adapters on adapter-aware layers.
 //!
-//! Split by job: this file holds the type, its accessors and the site plumbing every job
-//! shares; `inject` adds and removes adapters, `switch` activates them (and decides which
-//! parameters train), `merge` folds them into the base weights, `io` saves and loads PEFT
-//! bundles, `report` holds the reports the other jobs return.
+//! The adapter registry and the rules for switching, merging, adding, saving and loading are
+//! shared with [`PeftModule`](crate::burn_modules::PeftModule) (`crate::registry`); this module
+//! holds what is particular to sites of `peft_core::nn` layers. Split by job: this file holds
+//! the type and the site plumbing every job shares; `inject` builds adapters and
+//! `modules_to_save` copies at the sites, `switch` pushes the active set into them (and decides
+//! which parameters train), `merge` folds adapters into the base weights, `io` reads and writes
+//! their tensors, `report` holds the reports, `entry` PEFT's entry point `get_peft_model`.
 
-use std::collections::HashSet;
+use std::collections::BTreeMap;
 
-use burn::module::{Module, Param, ParamId};
-use burn::tensor::Tensor;
+use burn::module::{Module, Param};
+use burn::tensor::{Tensor, TensorData};
 
-use crate::adaptable::{Adaptable, Site, SiteMut, SitePath};
-use crate::adapter::{AdapterState, BaseWeights};
-use crate::error::{PeftError, Result};
+use crate::adaptable::{Adaptable, DefaultTargets, Site, SiteMut, SitePath};
+use crate::adapter::{AdapterState, BaseWeights, MergeDirection};
+use crate::bundle::TensorFile;
+use crate::error::Result;
 use crate::method::{PeftMethod, SiteKind};
 use crate::nn::{Linear, ModuleCopy, QuantizedBase, WeightLayout};
+use crate::registry::{AdapterHost, AdapterRegistry, Purpose, adapter_api, rules};
 
+mod entry;
 mod inject;
 mod io;
 mod merge;
 mod report;
 mod switch;
 
+pub use entry::get_peft_model;
+pub(crate) use report::count_params;
 pub use report::{InjectionReport, LoadReport, TrainableReport, thousands};
 
 /// A model with named adapters: inject, switch, merge, save and load them as PEFT does.
@@ -38,17 +46,7 @@ pub use report::{InjectionReport, LoadReport, TrainableReport, thousands};
 #[derive(Debug)]
 pub struct PeftModel<M> {
     model: M,
-    configs: Vec<(String, Box<dyn PeftMethod>)>,
-    /// Adapters whose `bias` setting made base biases trainable: as in PEFT, only an adapter that
-    /// is active when it is added marks biases trainable.
-    bias_owners: Vec<String>,
-    active: Vec<String>,
-    /// Adapters loaded for inference (PEFT's `inference_mode`): active, but never trained.
-    frozen: Vec<String>,
-    disabled: bool,
-    trainable: HashSet<ParamId>,
-    train_base: bool,
-    base_model_name_or_path: Option<String>,
+    registry: AdapterRegistry,
 }
 
 struct SiteRecord {
@@ -56,26 +54,6 @@ struct SiteRecord {
     kind: SiteKind,
     device: burn::tensor::Device,
     base: Option<BaseWeights>,
-}
-
-/// A name `add_adapter` can take: not in use, non-empty, and without '/', '\\' or '.' (it
-/// becomes a key segment and a folder name in PEFT's format).
-pub(crate) fn check_new_adapter_name(
-    configs: &[(String, Box<dyn PeftMethod>)],
-    name: &str,
-) -> Result<()> {
-    if configs.iter().any(|(n, _)| n == name) {
-        return Err(PeftError::AdapterExists(name.to_string()));
-    }
-    if name.is_empty() || name.contains(['/', '\\', '.']) {
-        return Err(PeftError::invalid_config(
-            "adapter_name",
-            format!(
-                "`{name}` cannot name an adapter: it must be non-empty and hold no '/', '\\' or '.'"
-            ),
-        ));
-    }
-    Ok(())
 }
 
 pub(crate) fn site_kind(site: &Site<'_>) -> SiteKind {
@@ -201,71 +179,8 @@ impl<M: Adaptable + Module> PeftModel<M> {
     pub fn new(model: M) -> Self {
         Self {
             model,
-            configs: Vec::new(),
-            bias_owners: Vec::new(),
-            active: Vec::new(),
-            frozen: Vec::new(),
-            disabled: false,
-            trainable: HashSet::new(),
-            train_base: false,
-            base_model_name_or_path: None,
+            registry: AdapterRegistry::default(),
         }
-    }
-
-    /// Record the base model's hub id or folder; written as `base_model_name_or_path`.
-    pub fn with_base_model_name(mut self, name: impl Into<String>) -> Self {
-        self.base_model_name_or_path = Some(name.into());
-        self
-    }
-
-    /// The wrapped model (forward it as usual: active adapters take part).
-    pub fn model(&self) -> &M {
-        &self.model
-    }
-
-    /// Replace the wrapped model by `f(model)`, e.g. an optimizer step:
-    /// `peft.update(|m| optim.step(lr, m, grads))`. Parameter ids must be kept, which Burn's
-    /// optimizers and mappers do.
-    pub fn update(&mut self, f: impl FnOnce(M) -> M) {
-        let model = self.model.clone();
-        self.model = f(model);
-    }
-
-    /// The names of every adapter, in the order they were added.
-    pub fn adapter_names(&self) -> Vec<String> {
-        self.configs.iter().map(|(n, _)| n.clone()).collect()
-    }
-
-    /// The active adapters.
-    pub fn active_adapters(&self) -> &[String] {
-        &self.active
-    }
-
-    /// Whether adapters are disabled (the base model runs alone).
-    pub fn adapters_disabled(&self) -> bool {
-        self.disabled
-    }
-
-    /// The config of adapter `name`.
-    pub fn adapter_config(&self, name: &str) -> Option<&dyn PeftMethod> {
-        self.configs
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, m)| m.as_ref())
-    }
-
-    /// Ids of the parameters that train (adapters of active adapters, `modules_to_save` copies,
-    /// biases per `bias`); the optimizer sees gradients for these only.
-    pub fn trainable_param_ids(&self) -> &HashSet<ParamId> {
-        &self.trainable
-    }
-
-    fn config(&self, name: &str) -> Result<&dyn PeftMethod> {
-        self.adapter_config(name)
-            .ok_or_else(|| PeftError::AdapterNotFound {
-                name: name.to_string(),
-                available: self.adapter_names(),
-            })
     }
 
     /// Every site; `with_base` dequantizes quantized bases for methods that read base weights.
@@ -294,5 +209,107 @@ impl<M: Adaptable + Module> PeftModel<M> {
             .visit_sites_mut(&mut SitePath::root(), &mut |path, site| {
                 f(&path.to_string(), slots(site))
             });
+    }
+
+    /// Remove adapter `name`, which was just added and never merged nor trained, leaving merged
+    /// adapters as they are (unlike [`delete_adapter`](Self::delete_adapter)): the rollback of
+    /// a failed [`add_weighted_adapter`](Self::add_weighted_adapter).
+    pub(crate) fn discard_adapter(&mut self, name: &str) {
+        // Removing sites' adapters and recomputing what trains cannot fail for this host.
+        if let Err(e) = rules::discard_adapter(self, name) {
+            log::warn!("discarding adapter `{name}`: {e}");
+        }
+    }
+}
+
+adapter_api!(
+    PeftModel,
+    [Adaptable + Module],
+    "# use burn::tensor::Device;
+# use peft_core::{Adaptable, PeftModel, nn::LinearConfig};
+# #[derive(burn::module::Module, Debug, Adaptable)]
+# struct Net { proj: peft_core::nn::Linear }
+# let device = Device::flex();
+# let base = Net { proj: LinearConfig::new(4, 4).init(&device) };
+# let mut model = PeftModel::new(base.clone());"
+);
+
+/// The sites of adapter-aware layers hold the adapters; the shared rules drive them.
+impl<M: Adaptable + Module> AdapterHost for PeftModel<M> {
+    type Snapshot = M;
+
+    fn registry(&self) -> &AdapterRegistry {
+        &self.registry
+    }
+
+    fn registry_mut(&mut self) -> &mut AdapterRegistry {
+        &mut self.registry
+    }
+
+    fn default_targets(&self, table: &str) -> Option<DefaultTargets> {
+        self.model.default_targets(table)
+    }
+
+    fn classifier_head(&self) -> Option<String> {
+        self.model.classifier_head()
+    }
+
+    fn attach(
+        &mut self,
+        name: &str,
+        method: &dyn PeftMethod,
+        _purpose: Purpose,
+    ) -> Result<(InjectionReport, Option<Box<dyn PeftMethod>>)> {
+        // Adapter-aware layers run every adapter's own forward: any purpose is served.
+        self.inject(name, method)
+    }
+
+    fn detach(&mut self, name: &str) -> Result<()> {
+        self.for_each_site_mut(|_, slots| {
+            slots.adapters.retain(|a| a.name != name);
+            if let Some(copies) = slots.copies {
+                copies.retain(|c| c.adapter != name);
+            }
+        });
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        self.refresh();
+        Ok(())
+    }
+
+    fn is_merged(&self) -> bool {
+        self.merged()
+    }
+
+    fn fold(&mut self, direction: MergeDirection) -> Result<()> {
+        // All or nothing: sites folded before a failure are restored.
+        let snapshot = self.model.clone();
+        let folded = self.fold_sites(direction);
+        if folded.is_err() {
+            self.model = snapshot;
+        }
+        folded
+    }
+
+    fn export(&self, name: &str) -> Result<BTreeMap<String, TensorData>> {
+        self.export_tensors(name)
+    }
+
+    fn import(&mut self, name: &str, file: &mut TensorFile) -> Result<()> {
+        self.import_tensors(name, file)
+    }
+
+    fn param_report(&self) -> TrainableReport {
+        self.count_params()
+    }
+
+    fn snapshot(&self) -> M {
+        self.model.clone()
+    }
+
+    fn restore(&mut self, snapshot: M) {
+        self.model = snapshot;
     }
 }

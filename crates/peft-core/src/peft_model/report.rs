@@ -1,4 +1,5 @@
-//! The reports [`PeftModel`]'s jobs return: trainable counts (PEFT's
+//! The reports the adapter jobs of [`PeftModel`] and
+//! [`PeftModule`](crate::burn_modules::PeftModule) return: trainable counts (PEFT's
 //! `print_trainable_parameters`), injection and load summaries.
 
 use std::collections::HashSet;
@@ -65,7 +66,9 @@ pub struct InjectionReport {
     pub saved_copies: Vec<String>,
 }
 
-/// What [`PeftModel::load_adapter`] noticed without failing.
+/// What `load_adapter` ([`PeftModel::load_adapter`],
+/// [`PeftModule::load_adapter`](crate::burn_modules::PeftModule::load_adapter)) noticed without
+/// failing.
 #[derive(Debug, Clone, Default)]
 pub struct LoadReport {
     /// Config keys this version does not know (PEFT's forward-compatibility rule: a warning).
@@ -87,17 +90,27 @@ impl ModuleVisitor for CountParams<'_> {
     }
 }
 
+/// Every float parameter of `model` (without initializing lazy ones), and those of them in
+/// `trainable_ids`.
+pub(crate) fn count_params<M: Module>(
+    model: &M,
+    trainable_ids: &HashSet<ParamId>,
+) -> TrainableReport {
+    let mut counter = CountParams {
+        trainable_ids,
+        report: TrainableReport {
+            trainable: 0,
+            all: 0,
+        },
+    };
+    model.visit(&mut counter);
+    counter.report
+}
+
 impl<M: Adaptable + Module> PeftModel<M> {
     /// PEFT's `print_trainable_parameters` numbers.
-    pub fn trainable_report(&self) -> TrainableReport {
-        let mut counter = CountParams {
-            trainable_ids: &self.trainable,
-            report: TrainableReport {
-                trainable: 0,
-                all: 0,
-            },
-        };
-        self.model.visit(&mut counter);
+    pub(super) fn count_params(&self) -> TrainableReport {
+        let mut report = count_params(&self.model, &self.registry.trainable);
         // A quantized base holds its elements outside the parameters (an empty stand-in):
         // count them, as PEFT counts a 4-bit base's elements.
         self.model
@@ -109,9 +122,9 @@ impl<M: Adaptable + Module> PeftModel<M> {
                 };
                 if let Some(q) = quantized {
                     let [i, o] = q.dims();
-                    counter.report.all += i * o;
+                    report.all += i * o;
                 }
             });
-        counter.report
+        report
     }
 }

@@ -1,7 +1,7 @@
-//! Switching adapters: which are active, disabled, per-row (mixed batches), and which
-//! parameters train as a result.
+//! The active set at the sites: which adapters and `modules_to_save` copies compute, which
+//! parameters train as a result, and per-row adapters (mixed batches).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::tensor::Tensor;
@@ -11,6 +11,7 @@ use crate::adaptable::Adaptable;
 use crate::error::{PeftError, Result};
 use crate::method::BiasMode;
 use crate::nn::{BASE_ROW, ForwardContext, RowAdapters};
+use crate::registry::rules;
 
 struct FreezeAll;
 
@@ -39,43 +40,6 @@ fn train_param<const D: usize>(param: &mut Param<Tensor<D>>, ids: &mut HashSet<P
 }
 
 impl<M: Adaptable + Module> PeftModel<M> {
-    /// Activate exactly `names` (one or several), in this order. Merged adapters are unmerged
-    /// first, as in PEFT. Only active adapters train.
-    pub fn set_adapters(&mut self, names: &[&str]) -> Result<()> {
-        for name in names {
-            self.config(name)?;
-        }
-        if self.has_merged() {
-            log::warn!("adapters are merged; unmerging before switching adapters");
-            self.unmerge()?;
-        }
-        self.active = names.iter().map(|s| s.to_string()).collect();
-        self.refresh();
-        Ok(())
-    }
-
-    /// Activate the single adapter `name`.
-    pub fn set_adapter(&mut self, name: &str) -> Result<()> {
-        self.set_adapters(&[name])
-    }
-
-    /// Run the base model alone (adapters and `modules_to_save` copies are bypassed). Merged
-    /// adapters are unmerged first.
-    pub fn disable_adapters(&mut self) -> Result<()> {
-        if self.has_merged() {
-            self.unmerge()?;
-        }
-        self.disabled = true;
-        self.refresh();
-        Ok(())
-    }
-
-    /// Undo [`disable_adapters`](Self::disable_adapters).
-    pub fn enable_adapters(&mut self) {
-        self.disabled = false;
-        self.refresh();
-    }
-
     /// A forward context that runs a different adapter on each row of a batch (PEFT's
     /// `adapter_names=[...]`): `names[i]` is row `i`'s adapter, [`BASE_ROW`] (`"__base__"`)
     /// for the base model alone. Any adapter of the model can be named, active or not. Pass it
@@ -101,9 +65,9 @@ impl<M: Adaptable + Module> PeftModel<M> {
         device: &burn::tensor::Device,
     ) -> Result<ForwardContext> {
         for name in names.iter().filter(|n| **n != BASE_ROW) {
-            self.config(name)?;
+            self.registry.config(name)?;
         }
-        if self.has_merged() {
+        if self.merged() {
             return Err(PeftError::InvalidState(
                 "adapters are merged into the base weights; unmerge them before a mixed-adapter \
                  batch (PEFT refuses mixed batches with merged adapters too)"
@@ -113,40 +77,22 @@ impl<M: Adaptable + Module> PeftModel<M> {
         Ok(ForwardContext::mixed(RowAdapters::new(names, device)))
     }
 
-    /// Push the active/disabled state into every site and recompute which parameters train.
+    /// Push the registry's active/disabled state into every site and recompute which
+    /// parameters train.
     pub(super) fn refresh(&mut self) {
         let model = self.model.clone().map(&mut FreezeAll);
         self.model = model;
-        let active: Vec<String> = if self.disabled {
-            Vec::new()
-        } else {
-            self.active.clone()
-        };
-        let trainable_names: Vec<String> = self
-            .active
-            .iter()
-            .filter(|n| !self.frozen.contains(n))
-            .cloned()
-            .collect();
-        let bias_modes: HashMap<String, BiasMode> = self
-            .configs
-            .iter()
-            .filter(|(n, _)| self.bias_owners.contains(n) && trainable_names.contains(n))
-            .map(|(n, m)| (n.clone(), m.bias()))
-            .collect();
+        let active = self.registry.forward_adapters();
+        let trainable_names = self.registry.training_adapters();
+        let bias_modes = self.registry.bias_modes();
         let any_all = bias_modes.values().any(|m| *m == BiasMode::All);
         let mut ids = HashSet::new();
         self.for_each_site_mut(|_, slots| {
             let mut train_bias = any_all;
             for adapter in slots.adapters.iter_mut() {
-                adapter.active = active.contains(&adapter.name);
-                if trainable_names.contains(&adapter.name) {
-                    for p in adapter.matrices.iter_mut() {
-                        train_param(p, &mut ids);
-                    }
-                    for p in adapter.vectors.iter_mut() {
-                        train_param(p, &mut ids);
-                    }
+                let train = trainable_names.contains(&adapter.name);
+                rules::switch_adapter(adapter, active.contains(&adapter.name), train, &mut ids);
+                if train {
                     train_bias |= bias_modes.get(&adapter.name) == Some(&BiasMode::LoraOnly);
                 }
             }
@@ -174,62 +120,9 @@ impl<M: Adaptable + Module> PeftModel<M> {
                 train_param(bias, &mut ids);
             }
         });
-        if self.train_base {
+        if self.registry.train_base {
             self.model = self.model.clone().map(&mut TrainAll { ids: &mut ids });
         }
-        self.trainable = ids;
-    }
-
-    /// Let adapter `name` train when active (`true`), or keep it frozen (`false`): PEFT's
-    /// `is_trainable`. Added adapters train; loaded ones whose config says `inference_mode:
-    /// true` start frozen ([`load_adapter`](Self::load_adapter)).
-    ///
-    /// ```
-    /// # use burn::tensor::Device;
-    /// # use peft_core::{Adaptable, PeftModel, nn::LinearConfig};
-    /// # #[derive(burn::module::Module, Debug, Adaptable)]
-    /// # struct Net { proj: peft_core::nn::Linear }
-    /// let device = Device::flex();
-    /// let mut model = PeftModel::new(Net { proj: LinearConfig::new(4, 4).init(&device) });
-    /// assert!(model.set_adapter_trainable("missing", true).is_err());
-    /// assert!(!model.is_adapter_trainable("missing"));
-    /// ```
-    pub fn set_adapter_trainable(&mut self, name: &str, trainable: bool) -> Result<()> {
-        self.config(name)?;
-        self.frozen.retain(|n| n != name);
-        if !trainable {
-            self.frozen.push(name.to_string());
-        }
-        self.refresh();
-        Ok(())
-    }
-
-    /// Whether adapter `name` trains when active (see
-    /// [`set_adapter_trainable`](Self::set_adapter_trainable)).
-    pub fn is_adapter_trainable(&self, name: &str) -> bool {
-        self.adapter_config(name).is_some() && !self.frozen.iter().any(|n| n == name)
-    }
-
-    /// Train every parameter of the model (full fine-tuning: the baseline PEFT methods are
-    /// compared against), with or without adapters; `false` returns to training adapters only.
-    ///
-    /// ```
-    /// # use burn::tensor::Device;
-    /// # use peft_core::{Adaptable, PeftModel, nn::LinearConfig};
-    /// # #[derive(burn::module::Module, Debug, Adaptable)]
-    /// # struct Net { dense: peft_core::nn::Linear }
-    /// let net = Net { dense: LinearConfig::new(4, 2).init(&Device::flex()) };
-    /// let mut model = PeftModel::new(net);
-    /// model.set_train_base(true);
-    /// assert_eq!(model.trainable_report().trainable, 4 * 2 + 2);
-    /// ```
-    pub fn set_train_base(&mut self, train: bool) {
-        self.train_base = train;
-        self.refresh();
-    }
-
-    /// Whether every base parameter trains ([`set_train_base`](Self::set_train_base)).
-    pub fn trains_base(&self) -> bool {
-        self.train_base
+        self.registry.trainable = ids;
     }
 }
