@@ -1,7 +1,7 @@
 //! The CLI reference cannot drift from the binary: `docs/cli.md` is every subcommand's
 //! `--help` as the binary prints it (regenerate with `BURN_PEFT_UPDATE_DOCS=1 cargo test -p
-//! peft-cli --test help_reference`), and every `--flag` the README's command-line section
-//! shows exists on its subcommand.
+//! peft-cli --test help_reference`), and every `--flag` a `burn-peft ...` line of the README or
+//! of a guide in `docs/` shows exists on its subcommand.
 
 mod common;
 
@@ -65,10 +65,21 @@ fn docs_cli_md_is_the_binarys_help() {
 }
 
 #[test]
-fn readme_flags_exist_on_their_subcommands() {
-    let readme = std::fs::read_to_string(fixtures().join("../../README.md")).unwrap();
+fn readme_and_guide_flags_exist_on_their_subcommands() {
+    let mut pages = vec![fixtures().join("../../README.md")];
+    let guides = std::fs::read_dir(fixtures().join("../../docs")).unwrap();
+    pages.extend(
+        guides
+            .map(|entry| entry.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "md") && !p.ends_with("cli.md")),
+    );
+    let text: String = pages
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect::<Vec<_>>()
+        .join("\n");
     let mut checked = 0;
-    for line in readme.lines().filter(|l| l.starts_with("burn-peft ")) {
+    for line in text.lines().filter(|l| l.starts_with("burn-peft ")) {
         // Without the trailing `# comment`.
         let line = line.split(" #").next().unwrap_or(line);
         let mut words = line.split_whitespace().skip(1);
@@ -81,10 +92,13 @@ fn readme_flags_exist_on_their_subcommands() {
             let flag = flag.split('=').next().unwrap();
             assert!(
                 help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")),
-                "README: `{line}` shows {flag}, which `burn-peft {sub} --help` does not have"
+                "README or docs/: `{line}` shows {flag}, which `burn-peft {sub} --help` does not have"
             );
             checked += 1;
         }
     }
-    assert!(checked > 20, "only {checked} flags found in the README");
+    assert!(
+        checked > 50,
+        "only {checked} flags found in the README and docs/"
+    );
 }
