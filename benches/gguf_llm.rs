@@ -24,7 +24,7 @@ use burn::tensor::Device;
 use burn_peft::core::{PeftModel, TargetModules};
 use burn_peft::lora::LoraConfig;
 use burn_peft::models::{GenerationConfig, generate};
-use burn_peft::train::Objective;
+use burn_peft::train::Task;
 use burn_peft::train::optim::{AdamW, AdamWSettings};
 use burn_peft::train::step::forward_loss;
 use serde_json::{Value, json};
@@ -90,7 +90,7 @@ fn child_train(file: &Path, f32_base: bool, batch: usize) -> Value {
         // tokens for a frozen head), on `batch` rows of TRAIN_SEQ tokens.
         let rows: Vec<Vec<i64>> = ids.chunks(TRAIN_SEQ).map(<[i64]>::to_vec).collect();
         let batch = support::lm_batch(&rows, &device);
-        let loss = forward_loss(model.model(), Objective::CausalLm, &batch).unwrap();
+        let loss = forward_loss(model.model(), Task::CausalLm, &batch).unwrap();
         let value: f32 = loss.clone().into_scalar();
         let grads = GradientsParams::from_grads(loss.backward(), model.model());
         model.update(|m| optim.step(1e-4, m, grads, 1.0));

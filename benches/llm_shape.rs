@@ -33,7 +33,7 @@ use burn_peft::core::{PeftModel, TargetModules};
 use burn_peft::lora::LoraConfig;
 use burn_peft::models::base_dtype::apply_base_dtype;
 use burn_peft::models::{GenerationConfig, HfModel, generate_batch};
-use burn_peft::train::Objective;
+use burn_peft::train::Task;
 use burn_peft::train::optim::{AdamW, AdamWSettings, trainable_paths};
 use burn_peft::train::step::{accumulate_gradients, forward_loss, gradient_scale};
 use serde_json::{Value, json};
@@ -194,7 +194,7 @@ fn child_step(file: &str, batch: usize, seq: usize, targets: &str) -> Value {
         let batch = support::lm_batch(&rows, &device);
         // The trainer's step: forward + loss (over the vocabulary in chunks), backward, the
         // clip to 1.0, AdamW.
-        let loss = forward_loss(model.model(), Objective::CausalLm, &batch).unwrap();
+        let loss = forward_loss(model.model(), Task::CausalLm, &batch).unwrap();
         let value: f32 = loss.clone().into_scalar();
         let mut accumulator = GradientsAccumulator::<HfModel>::new();
         accumulate_gradients(loss, model.model(), &mut accumulator);

@@ -17,7 +17,7 @@
 //! 4. `describe()`, the summary `burn-peft inspect` shows.
 //!
 //! `cargo run --example custom_method [-- OUT_DIR]` (default `out/custom_method`; about 10 s in
-//! the dev profile). See "Writing a method" in README.md.
+//! the dev profile). See docs/custom-method.md.
 
 use std::error::Error;
 use std::fs;
@@ -33,7 +33,7 @@ use burn_peft::core::{
 };
 use burn_peft::models::{HfModel, HfTokenizer, Task, from_pretrained};
 use burn_peft::train::data::{DataConfig, TaskKind, load_examples};
-use burn_peft::train::{Objective, TrainConfig, TrainOptions, Trainer, evaluate};
+use burn_peft::train::{TrainConfig, TrainOptions, Trainer, evaluate};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -286,22 +286,13 @@ fn run_config() -> Value {
     })
 }
 
-/// What `burn-peft train` does to a `method:` block before parsing it (PEFT's task wrappers):
-/// `task_type` from `model.task`, and for `SEQ_CLS` the heads `classifier` and `score` appended
-/// to `modules_to_save`, so the new classification head trains and is saved with the adapter.
+/// What `burn-peft train` does to a `method:` block before parsing it: `task_type` from
+/// `model.task`. For `SEQ_CLS`, `PeftModel::add_adapter` then appends the heads `classifier`
+/// and `score` to `modules_to_save` (PEFT's rule, in peft-core), so the new classification head
+/// trains and is saved with the adapter.
 fn with_task_defaults(mut method: Value) -> Value {
     if let Value::Object(map) = &mut method {
         map.entry("task_type").or_insert(json!("SEQ_CLS"));
-        let mut heads: Vec<Value> = match map.get("modules_to_save") {
-            Some(Value::Array(a)) => a.clone(),
-            _ => Vec::new(),
-        };
-        for head in ["classifier", "score"] {
-            if !heads.iter().any(|h| h == head) {
-                heads.push(json!(head));
-            }
-        }
-        map.insert("modules_to_save".into(), Value::Array(heads));
     }
     method
 }
@@ -375,22 +366,19 @@ fn main() -> std::result::Result<(), Box<dyn Error>> {
         report.saved_copies.len(),
         model.trainable_report()
     );
-    let objective = Objective::Classification { num_labels };
+    let objective = Task::SequenceClassification { num_labels };
     let pad_id = i64::from(tokenizer.pad_id());
     let score =
         |model: &PeftModel<HfModel>| evaluate(model.model(), &eval, objective, pad_id, 32, &device);
     let before = score(&model)?;
 
-    let mut trainer = Trainer {
-        model,
-        adapters: vec!["default".into()],
-        objective,
-        config: train_config,
-        output_dir: out.join(run["output"].as_str().unwrap_or("run")),
-        device: device.clone(),
-        pad_id,
-        full_export: None,
-    };
+    let mut trainer = Trainer::builder(model, objective)
+        .adapters(["default"])
+        .config(train_config)
+        .output_dir(out.join(run["output"].as_str().unwrap_or("run")))
+        .device(device.clone())
+        .pad_id(pad_id)
+        .build()?;
     // The example writes its whole folder afresh on every run, so its run folder is its own
     // to start over in (`burn-peft train --overwrite`).
     let options = TrainOptions {

@@ -10,7 +10,7 @@ use burn::tensor::Device;
 use burn_peft::models::{Task, from_pretrained};
 use burn_peft::prelude::*;
 use burn_peft::train::data::{DataConfig, TaskKind, load_examples};
-use burn_peft::train::{Objective, TrainConfig, TrainOptions, Trainer};
+use burn_peft::train::{TrainConfig, TrainOptions, Trainer};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -64,25 +64,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     peft.add_adapter("default", &lora)?;
     println!("{}", peft.trainable_report());
-    let mut trainer = Trainer {
-        model: peft,
-        adapters: vec!["default".into()],
-        objective: Objective::Classification {
+    let mut trainer = Trainer::builder(
+        peft,
+        Task::SequenceClassification {
             num_labels: labels.len(),
         },
-        config: TrainConfig {
-            epochs,
-            max_steps,
-            batch_size: 16,
-            learning_rate: 1e-3,
-            warmup_ratio: 0.06,
-            ..Default::default()
-        },
-        output_dir: "out/train_debian".into(),
-        device,
-        pad_id: tokenizer.pad_id() as i64,
-        full_export: None,
-    };
+    )
+    .adapters(["default"])
+    .config(TrainConfig {
+        epochs,
+        max_steps,
+        batch_size: 16,
+        learning_rate: 1e-3,
+        warmup_ratio: 0.06,
+        ..Default::default()
+    })
+    .output_dir("out/train_debian")
+    .device(device)
+    .pad_id(tokenizer.pad_id() as i64)
+    .build()?;
     // A second run of the example starts over in its folder (`burn-peft train --overwrite`).
     let options = TrainOptions {
         overwrite: true,

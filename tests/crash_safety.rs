@@ -161,11 +161,11 @@ fn killed_bundle_saves_leave_one_complete_bundle() {
 
 mod checkpoints {
     use super::*;
-    use burn_peft::models::{Task, from_pretrained};
+    use burn_peft::models::{HfModel, Task, from_pretrained};
     use burn_peft::train::checkpoint;
     use burn_peft::train::data::Example;
     use burn_peft::train::schedule::Schedule;
-    use burn_peft::train::{Objective, TrainConfig, Trainer};
+    use burn_peft::train::{TrainConfig, Trainer};
 
     fn examples() -> Vec<Example> {
         (0..16)
@@ -183,7 +183,7 @@ mod checkpoints {
             .collect()
     }
 
-    fn trainer(out: &Path, max_steps: u64) -> Trainer {
+    fn trainer(out: &Path, max_steps: u64) -> Trainer<HfModel> {
         let device = Device::flex().autodiff();
         let model_dir =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/bert_cls");
@@ -201,11 +201,9 @@ mod checkpoints {
             ..Default::default()
         };
         model.add_adapter("default", &lora).unwrap();
-        Trainer {
-            model,
-            adapters: vec!["default".into()],
-            objective: Objective::Classification { num_labels: 3 },
-            config: TrainConfig {
+        Trainer::builder(model, Task::SequenceClassification { num_labels: 3 })
+            .adapters(["default"])
+            .config(TrainConfig {
                 epochs: 1_000_000,
                 max_steps: Some(max_steps),
                 batch_size: 4,
@@ -215,12 +213,11 @@ mod checkpoints {
                 schedule: Schedule::Constant,
                 progress: false,
                 ..Default::default()
-            },
-            output_dir: out.to_path_buf(),
-            device,
-            pad_id: 0,
-            full_export: None,
-        }
+            })
+            .output_dir(out.to_path_buf())
+            .device(device)
+            .build()
+            .unwrap()
     }
 
     #[test]

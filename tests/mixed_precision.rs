@@ -12,7 +12,7 @@ use burn_peft::core::nn::{BASE_ROW, ForwardContext, RowAdapters};
 use burn_peft::core::precision::{BaseDType, PrecisionError, cast_frozen_base};
 use burn_peft::lora::LoraConfig;
 use burn_peft::models::{HfModel, ModelInputs, Task, from_pretrained};
-use burn_peft::train::{Objective, TrainConfig, Trainer, checkpoint};
+use burn_peft::train::{TrainConfig, Trainer, checkpoint};
 use common::fixture_models::{lm_data, model_dir, model_inputs, with_lora};
 
 fn output(model: &HfModel, inputs: &ModelInputs) -> Vec<f32> {
@@ -159,7 +159,7 @@ fn full_fine_tuning_refuses_a_half_precision_base() {
     let device = Device::flex();
     let base = from_pretrained(model_dir("gpt2").to_str().unwrap(), Task::Auto, &device).unwrap();
     let mut model = PeftModel::new(base.model);
-    model.set_train_base(true);
+    model.set_train_base(true).unwrap();
     let e = cast_frozen_base(&mut model, BaseDType::F16, &device).unwrap_err();
     assert_eq!(e, PrecisionError::TrainedBase(BaseDType::F16));
     assert!(e.to_string().contains("dtype f32"), "{e}");
@@ -187,11 +187,9 @@ fn training_with_an_f16_base_keeps_adapters_and_optimizer_state_in_f32() {
     };
     model.add_adapter("default", &lora).unwrap();
     cast_frozen_base(&mut model, BaseDType::F16, &device).unwrap();
-    let mut trainer = Trainer {
-        model,
-        adapters: vec!["default".into()],
-        objective: Objective::CausalLm,
-        config: TrainConfig {
+    let mut trainer = Trainer::builder(model, Task::CausalLm)
+        .adapters(["default"])
+        .config(TrainConfig {
             epochs: 100,
             max_steps: Some(30),
             batch_size: 8,
@@ -199,12 +197,11 @@ fn training_with_an_f16_base_keeps_adapters_and_optimizer_state_in_f32() {
             schedule: burn_peft::train::schedule::Schedule::Constant,
             progress: false,
             ..Default::default()
-        },
-        output_dir: out.path().to_path_buf(),
-        device,
-        pad_id: 0,
-        full_export: None,
-    };
+        })
+        .output_dir(out.path().to_path_buf())
+        .device(device)
+        .build()
+        .unwrap();
     let report = trainer.train(&lm_data(32), None, None).unwrap();
     let (first, last) = (report.losses[0], *report.losses.last().unwrap());
     eprintln!("f16 base: loss {first:.3} -> {last:.3}");

@@ -22,9 +22,7 @@ use burn_peft::core::{Adaptable, PeftModel, Site, SitePath};
 use burn_peft::lora::LoraConfig;
 use burn_peft::models::{HfModel, ModelInputs, Task, from_pretrained};
 use burn_peft::train::optim::trainable_paths;
-use burn_peft::train::{
-    Objective, TrainConfig, Trainer, causal_lm_loss, checkpoint, classification_loss,
-};
+use burn_peft::train::{TrainConfig, Trainer, causal_lm_loss, checkpoint, classification_loss};
 use common::fixture_models::{lm_data, model_dir, model_inputs, with_lora};
 
 /// Loss of one batch: next-token cross-entropy on the real tokens (causal LM) or against
@@ -139,7 +137,7 @@ fn lora_step_gradients_on_vulkan_match_flex_bert_classifier() {
     assert_gradients_match_flex("bert_cls");
 }
 
-fn lm_trainer(device: &Device, out: &Path, max_steps: u64) -> Trainer {
+fn lm_trainer(device: &Device, out: &Path, max_steps: u64) -> Trainer<HfModel> {
     let device = device.clone().autodiff();
     let config = TrainConfig {
         epochs: 100,
@@ -168,16 +166,13 @@ fn lm_trainer(device: &Device, out: &Path, max_steps: u64) -> Trainer {
         ..Default::default()
     };
     model.add_adapter("default", &lora).unwrap();
-    Trainer {
-        model,
-        adapters: vec!["default".into()],
-        objective: Objective::CausalLm,
-        config,
-        output_dir: out.to_path_buf(),
-        device,
-        pad_id: 0,
-        full_export: None,
-    }
+    Trainer::builder(model, Task::CausalLm)
+        .adapters(["default"])
+        .config(config)
+        .output_dir(out.to_path_buf())
+        .device(device)
+        .build()
+        .unwrap()
 }
 
 fn adapter_tensors(dir: &Path) -> BTreeMap<String, Vec<f32>> {

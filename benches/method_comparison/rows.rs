@@ -7,7 +7,6 @@ use burn::module::{Lora, Module, ModuleVisitor, Param, ParamGroup, ParamId};
 use burn::tensor::{Device, Tensor};
 use burn_peft::models::{HfModel, HfTokenizer, Task, from_pretrained, model_dir};
 use burn_peft::prelude::*;
-use burn_peft::train::Objective;
 use burn_peft::train::data::{DataConfig, Example, TaskKind, load_examples};
 
 use crate::{LLAMA_DIR, MINILM, Res, SEQ, repo_root};
@@ -145,7 +144,7 @@ pub(crate) struct Data {
     pub(crate) eval: Vec<Example>,
     pub(crate) num_labels: usize,
     pub(crate) pad_id: i64,
-    pub(crate) objective: Objective,
+    pub(crate) objective: Task,
 }
 
 pub(crate) fn minilm_data() -> Res<Data> {
@@ -178,7 +177,7 @@ pub(crate) fn minilm_data() -> Res<Data> {
         eval,
         num_labels: labels.len(),
         pad_id: tokenizer.pad_id() as i64,
-        objective: Objective::Classification {
+        objective: Task::SequenceClassification {
             num_labels: labels.len(),
         },
     })
@@ -220,7 +219,7 @@ pub(crate) fn llama_data(vocab: usize) -> Data {
         eval,
         num_labels: 0,
         pad_id: 0,
-        objective: Objective::CausalLm,
+        objective: Task::CausalLm,
     }
 }
 
@@ -335,7 +334,7 @@ pub(crate) fn build_subject(row: Row, model: HfModel) -> Res<Subject> {
         }
         Method::Full => {
             let mut peft = PeftModel::new(model);
-            peft.set_train_base(true);
+            peft.set_train_base(true)?;
             Subject::Peft(peft)
         }
         Method::BurnLora => {

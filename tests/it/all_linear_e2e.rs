@@ -11,7 +11,7 @@ use burn_peft::core::{PeftMethod, PeftModel, bundle};
 use burn_peft::models::{Task, from_pretrained};
 use burn_peft::train::data::Example;
 use burn_peft::train::schedule::Schedule;
-use burn_peft::train::{Objective, TrainConfig, Trainer};
+use burn_peft::train::{TrainConfig, Trainer};
 use serde_json::{Value, json};
 
 fn root() -> PathBuf {
@@ -38,26 +38,26 @@ fn method(case: &Value) -> Box<dyn PeftMethod> {
     bundle::parse_config_value(config, None).unwrap().method
 }
 
-fn task(case: &Value) -> (Task, Option<Objective>) {
+fn task(case: &Value) -> (Task, Option<Task>) {
     match case["class"].as_str().unwrap() {
         "BertModel" => (Task::Encoder, None),
         c if c.ends_with("ForSequenceClassification") => (
             Task::SequenceClassification { num_labels: 3 },
-            Some(Objective::Classification { num_labels: 3 }),
+            Some(Task::SequenceClassification { num_labels: 3 }),
         ),
-        _ => (Task::CausalLm, Some(Objective::CausalLm)),
+        _ => (Task::CausalLm, Some(Task::CausalLm)),
     }
 }
 
-fn examples(objective: Objective) -> Vec<Example> {
+fn examples(objective: Task) -> Vec<Example> {
     (0..8)
         .map(|i| {
             let ids: Vec<i64> = (0..6).map(|k| 1 + (i * 7 + k * 3) % 120).collect();
             Example {
                 token_type_ids: vec![0; ids.len()],
-                label: matches!(objective, Objective::Classification { .. })
+                label: matches!(objective, Task::SequenceClassification { .. })
                     .then_some(i as usize % 3),
-                labels: matches!(objective, Objective::CausalLm).then(|| ids.clone()),
+                labels: matches!(objective, Task::CausalLm).then(|| ids.clone()),
                 input_ids: ids,
                 line: 0,
                 segments: Vec::new(),
@@ -117,11 +117,9 @@ fn all_linear_through_the_trainer_gives_peft_keys_and_counts_on_every_family() {
                 out.path().to_path_buf()
             }
             Some(objective) => {
-                let mut trainer = Trainer {
-                    model,
-                    adapters: vec!["default".into()],
-                    objective,
-                    config: TrainConfig {
+                let mut trainer = Trainer::builder(model, objective)
+                    .adapters(["default"])
+                    .config(TrainConfig {
                         epochs: 1,
                         max_steps: Some(2),
                         batch_size: 4,
@@ -129,12 +127,11 @@ fn all_linear_through_the_trainer_gives_peft_keys_and_counts_on_every_family() {
                         schedule: Schedule::Constant,
                         progress: false,
                         ..Default::default()
-                    },
-                    output_dir: out.path().to_path_buf(),
-                    device,
-                    pad_id: 0,
-                    full_export: None,
-                };
+                    })
+                    .output_dir(out.path().to_path_buf())
+                    .device(device)
+                    .build()
+                    .unwrap();
                 let result = trainer.train(&examples(objective), None, None).unwrap();
                 assert_eq!(result.steps, 2, "{name}");
                 result.adapter_dir

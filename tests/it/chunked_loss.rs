@@ -9,7 +9,7 @@ use burn_peft::core::nn::ForwardContext;
 use burn_peft::models::ModelInputs;
 use burn_peft::train::data::{Example, collate};
 use burn_peft::train::step::forward_loss;
-use burn_peft::train::{Objective, causal_lm_loss_terms, chunked_causal_lm_loss, evaluate};
+use burn_peft::train::{Task, causal_lm_loss_terms, chunked_causal_lm_loss, evaluate};
 
 use crate::common::fixture_models::with_lora;
 use crate::common::hf::{adapter_grads, max_rel_diff};
@@ -96,7 +96,7 @@ fn the_training_step_takes_the_same_loss() {
     let refs: Vec<&Example> = examples.iter().collect();
     let batch = collate(&refs, 0, &device);
     let model = with_lora("llama_tied", &device);
-    let step: f32 = forward_loss(model.model(), Objective::CausalLm, &batch)
+    let step: f32 = forward_loss(model.model(), Task::CausalLm, &batch)
         .unwrap()
         .into_scalar();
     let inputs = ModelInputs {
@@ -137,8 +137,7 @@ fn evaluation_losses_match_each_example_alone() {
                 }
             })
             .collect();
-        let report =
-            evaluate(model.model(), &examples, Objective::CausalLm, 0, 3, &device).unwrap();
+        let report = evaluate(model.model(), &examples, Task::CausalLm, 0, 3, &device).unwrap();
         let (mut total, mut tokens) = (0.0f64, 0usize);
         for (e, got) in examples.iter().zip(&report.examples) {
             let n = e.input_ids.len();

@@ -8,7 +8,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_peft::core::nn::{ForwardContext, PackedRows};
 use burn_peft::models::{ModelError, ModelInputs};
 
-use burn_peft::train::Objective;
+use burn_peft::train::Task;
 use burn_peft::train::data::{Example, collate, pack};
 use burn_peft::train::step::forward_loss;
 
@@ -170,7 +170,7 @@ fn packed_batch_trains_as_the_examples_apart() {
             batch.packed.is_some(),
             rows.iter().any(|e| !e.segments.is_empty())
         );
-        let loss = forward_loss(model.model(), Objective::CausalLm, &batch).unwrap();
+        let loss = forward_loss(model.model(), Task::CausalLm, &batch).unwrap();
         let value = loss.clone().into_scalar::<f32>();
         let grads = loss.backward();
         (value, adapter_grads(&model, "default", &grads))
@@ -182,7 +182,7 @@ fn packed_batch_trains_as_the_examples_apart() {
     let refs: Vec<&Example> = packed.iter().collect();
     let mut leaking = collate(&refs, 0, &device);
     leaking.packed = None;
-    let leaked = forward_loss(model.model(), Objective::CausalLm, &leaking)
+    let leaked = forward_loss(model.model(), Task::CausalLm, &leaking)
         .unwrap()
         .into_scalar::<f32>();
     assert!(

@@ -87,32 +87,9 @@ pub struct ModelSection {
     pub name_or_path: String,
     /// What the model learns.
     #[serde(default)]
-    pub task: TaskName,
+    pub task: TaskKind,
     /// Classes (classification); default: the number of labels in `data.train`.
     pub num_labels: Option<usize>,
-}
-
-/// The `model.task` values (PEFT's `task_type` names are accepted too).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum TaskName {
-    /// Sequence classification.
-    #[default]
-    #[serde(alias = "seq_cls", alias = "SEQ_CLS", alias = "seq-cls")]
-    Classification,
-    /// Causal language modelling.
-    #[serde(alias = "causal_lm", alias = "CAUSAL_LM")]
-    CausalLm,
-}
-
-impl TaskName {
-    /// The data reader's task.
-    pub fn kind(self) -> TaskKind {
-        match self {
-            Self::Classification => TaskKind::Classification,
-            Self::CausalLm => TaskKind::CausalLm,
-        }
-    }
 }
 
 /// The `data:` block.
@@ -330,7 +307,7 @@ pub fn load_with(
             ));
         }
     }
-    if config.data.packing == Some(true) && config.model.task != TaskName::CausalLm {
+    if config.data.packing == Some(true) && config.model.task != TaskKind::CausalLm {
         return Err(err(
             key_line(&text, Some("data"), "packing"),
             "`data.packing` packs causal LM examples; a classifier reads one example per row: \
@@ -350,13 +327,12 @@ pub fn load_with(
     Ok(LoadedRun { config, method })
 }
 
-/// What PEFT's task-specific wrappers do to a config: `task_type` from `model.task` when absent,
-/// and for `SEQ_CLS` the heads `classifier` and `score` appended to `modules_to_save` (PEFT's
-/// `PeftModelForSequenceClassification`), so the new head trains and is saved with the adapter.
-///
-/// With several methods only the first gets the heads: one classification head trains, saved
-/// with the first adapter (two copies of one head would each see only part of the training).
-fn with_task_defaults(mut method: Value, task: TaskName, heads: bool) -> Value {
+/// What PEFT's task-specific wrappers do to a config before it is parsed: `task_type` from
+/// `model.task` when absent. PEFT's rule for `SEQ_CLS` (the heads `classifier` and `score`
+/// appended to `modules_to_save`, so the new head trains and is saved with the adapter) is
+/// peft-core's, applied by `PeftModel::add_adapter`; with several methods only the first gets
+/// the heads there (one classification head trains, saved with the first adapter).
+fn with_task_defaults(mut method: Value, task: TaskKind) -> Value {
     let Value::Object(map) = &mut method else {
         return method;
     };
@@ -368,23 +344,11 @@ fn with_task_defaults(mut method: Value, task: TaskName, heads: bool) -> Value {
         }
     }
     if !map.contains_key("task_type") {
-        let name = match task {
-            TaskName::Classification => "SEQ_CLS",
-            TaskName::CausalLm => "CAUSAL_LM",
-        };
-        map.insert("task_type".into(), Value::String(name.into()));
+        map.insert("task_type".into(), task.peft_task_type().into());
     }
-    if heads && map.get("task_type").and_then(Value::as_str) == Some("SEQ_CLS") {
-        let mut list: Vec<Value> = match map.get("modules_to_save") {
-            Some(Value::Array(a)) => a.clone(),
-            Some(Value::String(s)) => vec![Value::String(s.clone())],
-            _ => Vec::new(),
-        };
-        for head in ["classifier", "score"] {
-            if !list.iter().any(|v| v.as_str() == Some(head)) {
-                list.push(Value::String(head.into()));
-            }
-        }
+    // A YAML file may name a single module to save as a string.
+    if let Some(Value::String(one)) = map.get("modules_to_save") {
+        let list = vec![Value::String(one.clone())];
         map.insert("modules_to_save".into(), Value::Array(list));
     }
     method
@@ -457,8 +421,8 @@ fn parse_methods(file: &Path, text: &str, config: &RunConfig) -> Result<MethodCh
         }
     };
     let mut out = Vec::with_capacity(blocks.len());
-    for (i, (name, block, section)) in blocks.into_iter().enumerate() {
-        let block = with_task_defaults(block, task, i == 0);
+    for (name, block, section) in blocks {
+        let block = with_task_defaults(block, task);
         out.push((name, parse_method(file, text, section, &block)?));
     }
     Ok(MethodChoice::Peft(out))

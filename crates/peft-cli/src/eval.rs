@@ -8,10 +8,9 @@ use peft_models::{Task, from_pretrained, load_tokenizer, model_dir};
 use peft_train::data::{
     DATA_CONFIG_FILE, DataConfig, LABEL_MAP_FILE, LabelMap, TaskKind, load_examples,
 };
-use peft_train::{Objective, evaluate};
+use peft_train::evaluate;
 
 use crate::adapters::AdapterArg;
-use crate::config::TaskName;
 
 /// Arguments of `burn-peft eval`.
 #[derive(Args, Debug)]
@@ -32,7 +31,7 @@ pub struct EvalArgs {
     /// `classification` or `causal-lm` (default: the adapter's `task_type`, `SEQ_CLS` or
     /// `CAUSAL_LM`; else classification).
     #[arg(long, value_parser = parse_task)]
-    pub(crate) task: Option<TaskName>,
+    pub(crate) task: Option<TaskKind>,
     /// Class names: a `label_map.json` (default: the adapter's, else the model folder's).
     #[arg(long)]
     labels: Option<PathBuf>,
@@ -141,7 +140,7 @@ impl DataFlags {
 }
 
 /// The task: `--task`, else the first adapter's `task_type`, else classification.
-fn resolve_task(args: &EvalArgs) -> TaskName {
+fn resolve_task(args: &EvalArgs) -> TaskKind {
     if let Some(task) = args.task {
         return task;
     }
@@ -150,15 +149,15 @@ fn resolve_task(args: &EvalArgs) -> TaskName {
         .iter()
         .find_map(|a| crate::adapters::task_type(&a.dir));
     match from_adapter.as_deref() {
-        Some("CAUSAL_LM") => TaskName::CausalLm,
-        _ => TaskName::Classification,
+        Some("CAUSAL_LM") => TaskKind::CausalLm,
+        _ => TaskKind::Classification,
     }
 }
 
-fn parse_task(s: &str) -> Result<TaskName, String> {
+fn parse_task(s: &str) -> Result<TaskKind, String> {
     match s {
-        "classification" => Ok(TaskName::Classification),
-        "causal-lm" => Ok(TaskName::CausalLm),
+        "classification" => Ok(TaskKind::Classification),
+        "causal-lm" => Ok(TaskKind::CausalLm),
         other => Err(format!(
             "unknown task `{other}`; expected `classification` or `causal-lm`"
         )),
@@ -203,7 +202,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         )));
     }
     let (reader, note) = args.data_flags.reader(&args.adapter)?;
-    if matches!(task_name, TaskName::CausalLm)
+    if matches!(task_name, TaskKind::CausalLm)
         && crate::eval_chat::is_conversational(&args.data, &reader.messages_field)
     {
         return crate::eval_chat::run(&args, &reader, &device);
@@ -217,28 +216,19 @@ pub fn run(args: EvalArgs) -> Result<()> {
             args.model
         )
     })?;
-    let (task, objective, kind, labels) = match task_name {
-        TaskName::Classification => {
+    let (task, labels) = match task_name {
+        TaskKind::Classification => {
             let Some(labels) = find_labels(&args)? else {
                 bail!(crate::UsageError(
                     "no label map for classification: pass --labels <label_map.json> (written by `burn-peft train` into its output and adapter folders), or --task causal-lm for a language model".into()
                 ));
             };
             let n = labels.len();
-            (
-                Task::SequenceClassification { num_labels: n },
-                Objective::Classification { num_labels: n },
-                TaskKind::Classification,
-                Some(labels),
-            )
+            (Task::SequenceClassification { num_labels: n }, Some(labels))
         }
-        TaskName::CausalLm => (
-            Task::CausalLm,
-            Objective::CausalLm,
-            TaskKind::CausalLm,
-            None,
-        ),
+        TaskKind::CausalLm => (Task::CausalLm, None),
     };
+    let kind = task_name;
     let (examples, _) =
         load_examples(&args.data, kind, &reader, &tokenizer, None, labels.as_ref())?;
     let pretrained = from_pretrained(&args.model, task, &device)
@@ -252,7 +242,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let report = evaluate(
         model.model(),
         &examples,
-        objective,
+        task,
         tokenizer.pad_id() as i64,
         args.batch_size,
         &device,

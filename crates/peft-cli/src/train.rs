@@ -9,12 +9,12 @@ use peft_core::PeftModel;
 use peft_models::chat::ChatTemplate;
 use peft_models::{HfTokenizer, Task, from_pretrained, load_tokenizer_and_chat, read_config};
 use peft_train::data::{
-    DATA_CONFIG_FILE, DataConfig, Example, LABEL_MAP_FILE, LabelMap, load_examples, pack,
+    DATA_CONFIG_FILE, DataConfig, Example, LabelMap, TaskKind, load_examples, pack,
 };
-use peft_train::{EvalReport, FullExport, Objective, TrainOptions, Trainer};
+use peft_train::{Datasets, EvalReport, FullExport, TrainOptions, Trainer};
 use serde_json::json;
 
-use crate::config::{self, MethodChoice, TaskName};
+use crate::config::{self, MethodChoice};
 
 /// Arguments of `burn-peft train`.
 #[derive(Args, Debug)]
@@ -58,25 +58,13 @@ pub struct TrainArgs {
     dry_run: bool,
 }
 
-/// The data of a run, tokenized.
-pub struct RunData {
-    /// Training examples.
-    pub train: Vec<Example>,
-    /// Evaluation examples.
-    pub eval: Option<Vec<Example>>,
-    /// Held-out test examples.
-    pub test: Option<Vec<Example>>,
-    /// The classes (classification).
-    pub labels: Option<LabelMap>,
-}
-
 fn load_data(
     run: &config::RunConfig,
     tokenizer: &HfTokenizer,
     chat: Option<&ChatTemplate>,
     fixed_labels: Option<&LabelMap>,
-) -> Result<RunData> {
-    let kind = run.model.task.kind();
+) -> Result<Datasets> {
+    let kind = run.model.task;
     let reader = run.data.reader();
     let (train, found) = load_examples(
         &run.data.train,
@@ -95,7 +83,7 @@ fn load_data(
             None => Ok(None),
         }
     };
-    Ok(RunData {
+    Ok(Datasets {
         eval: read(&run.data.eval)?,
         test: read(&run.data.test)?,
         train,
@@ -105,7 +93,7 @@ fn load_data(
 
 /// Every token id of the data is inside the model's vocabulary (a tokenizer of another model
 /// gives ids the embedding table does not have): else the file and line of the first one.
-fn check_vocabulary(run: &config::RunConfig, data: &RunData, vocab: usize) -> Result<()> {
+fn check_vocabulary(run: &config::RunConfig, data: &Datasets, vocab: usize) -> Result<()> {
     let splits = [
         (Some(&data.train), Some(&run.data.train)),
         (data.eval.as_ref(), run.data.eval.as_ref()),
@@ -199,8 +187,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         run.data.max_length = Some(DataConfig::default().max_length.min(limit));
     }
     let data = load_data(&run, &tokenizer, chat.as_ref(), None)?;
-    let (task, objective) = match run.model.task {
-        TaskName::Classification => {
+    let task = match run.model.task {
+        TaskKind::Classification => {
             let found = data.labels.as_ref().map_or(0, LabelMap::len);
             let num_labels = run.model.num_labels.unwrap_or(found);
             if num_labels < found {
@@ -214,12 +202,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 }
                 .into());
             }
-            (
-                Task::SequenceClassification { num_labels },
-                Objective::Classification { num_labels },
-            )
+            Task::SequenceClassification { num_labels }
         }
-        TaskName::CausalLm => (Task::CausalLm, Objective::CausalLm),
+        TaskKind::CausalLm => Task::CausalLm,
     };
     let started = Instant::now();
     let pretrained = from_pretrained(source, task, &train_device)
@@ -240,7 +225,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             let names: Vec<&str> = adapters.iter().map(String::as_str).collect();
             model.set_adapters(&names)?;
         }
-        MethodChoice::Full => model.set_train_base(true),
+        MethodChoice::Full => model.set_train_base(true)?,
     }
     crate::device::cast_base(&mut model, run.dtype, &train_device)?;
     // Refuse inputs the model cannot take before any step runs: examples longer than its
@@ -312,27 +297,43 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
 
     // The trainer creates the output folder once its checks pass: a refused run writes nothing.
-    let label_names = data.labels.as_ref().map(|l| l.names.clone());
-    let summary_file = run.output.join("results.json");
-    if args.overwrite && summary_file.is_file() {
-        // The old run's summary must not outlive it if this run fails.
-        std::fs::remove_file(&summary_file)
-            .with_context(|| format!("removing {}", summary_file.display()))?;
+    let trained_on_chat =
+        crate::eval_chat::is_conversational(&run.data.train, &run.data.reader().messages_field);
+    // results.json: which config and model, before what the run did.
+    let summary_fields = vec![
+        (
+            "config".to_string(),
+            json!(config::normalized(&args.config)),
+        ),
+        ("model".to_string(), json!(source)),
+    ];
+    let mut builder = Trainer::builder(model, task)
+        .adapters(adapters.clone())
+        .config(run.train.clone())
+        .output_dir(run.output.clone())
+        .device(train_device)
+        .pad_id(tokenizer.pad_id() as i64)
+        // How the data was read (`max_length`, field names): `eval` reads it the same way.
+        .bundle_file(
+            DATA_CONFIG_FILE,
+            serde_json::to_vec_pretty(&run.data.reader())?,
+        )
+        .summary_field(summary_fields[0].0.clone(), summary_fields[0].1.clone())
+        .summary_field(summary_fields[1].0.clone(), summary_fields[1].1.clone());
+    // The template the conversations were rendered with travels with the adapter: `serve`
+    // (and transformers) use a bundle's own template, so the model is served with the
+    // prompts it learned.
+    if let Some(template) = chat.as_ref().filter(|_| trained_on_chat) {
+        builder = builder.bundle_file("chat_template.jinja", template.source());
     }
-    let mut trainer = Trainer {
-        model,
-        adapters: adapters.clone(),
-        objective,
-        config: run.train.clone(),
-        output_dir: run.output.clone(),
-        device: train_device,
-        pad_id: tokenizer.pad_id() as i64,
-        full_export: full.then(|| FullExport {
+    if full {
+        builder = builder.full_export(FullExport {
             config: pretrained.config.clone(),
             source_dir: pretrained.dir.clone(),
-            labels: label_names.clone(),
-        }),
-    };
+            labels: data.labels.as_ref().map(|l| l.names.clone()),
+        });
+    }
+    let mut trainer = builder.build()?;
     let resume = match args.resume.as_deref() {
         Some("latest") => Some(
             peft_train::checkpoint::latest(&run.output.join("checkpoints")).ok_or_else(|| {
@@ -349,90 +350,33 @@ pub fn run(args: TrainArgs) -> Result<()> {
         overwrite: args.overwrite,
         force_resume: args.force_resume,
     };
-    let result = trainer.train_with(
-        &data.train,
-        data.eval.as_deref(),
-        resume.as_deref(),
-        options,
-    )?;
-    // Written once the trainer has claimed the folder: a refused run must not touch the label
-    // map of the run that owns it.
-    if let Some(labels) = &data.labels {
-        labels.save(&run.output.join(LABEL_MAP_FILE))?;
-    }
+    // Training, the label map, the held-out test with the best adapter and results.json.
+    let summary = trainer.fit(&data, resume.as_deref(), options)?;
     let train_seconds = started.elapsed().as_secs_f64();
-    let result_dir = result.adapter_dir.clone();
-    let trained_on_chat =
-        crate::eval_chat::is_conversational(&run.data.train, &run.data.reader().messages_field);
-    let best_dir = run.output.join("best");
-    for dir in [&result_dir, &best_dir] {
-        // Beside every bundle (several adapters each have their own folder), so `eval` and
-        // `merge` find the class names from any of them.
-        let bundles = std::iter::once(dir.clone()).chain(
-            adapters
-                .iter()
-                .map(|a| peft_core::bundle::adapter_dir(dir, a)),
-        );
-        for folder in bundles {
-            if let Some(labels) = &data.labels
-                && folder.is_dir()
-            {
-                labels.save(&folder.join(LABEL_MAP_FILE))?;
-            }
-            // How the data was read (`max_length`, field names): `eval` reads it the same way.
-            if folder.join("adapter_config.json").is_file() {
-                peft_core::atomic::write_file(
-                    &folder.join(DATA_CONFIG_FILE),
-                    &serde_json::to_vec_pretty(&run.data.reader())?,
-                )?;
-            }
-            // The template the conversations were rendered with travels with the adapter:
-            // `serve` (and transformers) use a bundle's own template, so the model is served
-            // with the prompts it learned.
-            if let Some(template) = chat.as_ref().filter(|_| trained_on_chat)
-                && folder.join("adapter_config.json").is_file()
-            {
-                peft_core::atomic::write_file(
-                    &folder.join("chat_template.jinja"),
-                    template.source().as_bytes(),
-                )?;
-            }
-        }
-    }
+    let result_dir = summary.result_dir.clone();
     println!(
         "trained {} steps: {:.1} s of steps ({:.2} steps/s), {:.1} s with loading, evaluation \
          and checkpoints; saved {}",
-        result.steps,
-        result.step_seconds,
-        result.steps_per_sec,
+        summary.steps,
+        summary.step_seconds,
+        summary.steps_per_sec,
         train_seconds,
         result_dir.display()
     );
-    if let Some(eval) = &result.last_eval {
+    if let Some(eval) = &summary.eval {
         println!("eval (last step): {}", describe(eval));
     }
-
-    // The held-out score is the one of the best checkpoint, as a user would ship it; only this
-    // run's `best/` counts (it has one only when it evaluated).
-    let has_best = result.best.is_some() && best_dir.is_dir();
-    let chosen = if has_best {
-        best_dir.clone()
-    } else {
-        result_dir.clone()
-    };
-    let mut test_report = None;
-    if let Some(test) = &data.test {
-        let eval_device = trainer.device.clone();
-        trainer.model = reload(source, task, &chosen, &adapters, full, &eval_device)?;
-        crate::device::cast_base(&mut trainer.model, run.dtype, &eval_device)?;
-        let report = trainer.evaluate(test)?;
+    let chosen = summary
+        .best_dir
+        .clone()
+        .unwrap_or_else(|| result_dir.clone());
+    if let (Some(test), Some(report)) = (&data.test, &summary.test) {
         println!(
             "held-out test ({} examples, {}): {}",
             test.len(),
             chosen.display(),
-            describe(&report)
+            describe(report)
         );
-        test_report = Some(report);
     }
     let test_generation = match (&run.data.test, &chat) {
         (Some(test), Some(template))
@@ -445,27 +389,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
         _ => None,
     };
-    let summary = json!({
-        "config": config::normalized(&args.config),
-        "model": source,
-        "method": if full { "FULL".to_string() } else { method_name(&trainer.model, &adapters) },
-        "adapters": adapters,
-        "trainable_params": report.trainable,
-        "all_params": report.all,
-        "steps": result.steps,
-        "train_seconds": train_seconds,
-        "step_seconds": result.step_seconds,
-        "steps_per_sec": result.steps_per_sec,
-        "tokens_per_sec": result.tokens_per_sec,
-        "best": result.best.map(|(value, step)| json!({"value": value, "step": step})),
-        "eval": result.last_eval,
-        "test": test_report,
-        "test_generation": test_generation,
-        "result_dir": result_dir,
-        "best_dir": has_best.then_some(best_dir),
-    });
-    peft_core::atomic::write_file(&summary_file, &serde_json::to_vec_pretty(&summary)?)?;
-    println!("summary: {}", summary_file.display());
+    // Scored by generation after `fit` wrote results.json: written again with the scores.
+    let mut fields = summary_fields;
+    fields.push(("test_generation".into(), json!(test_generation)));
+    let file = summary.write(&run.output, &fields)?;
+    println!("summary: {}", file.display());
     Ok(())
 }
 
@@ -521,7 +449,7 @@ fn generation_scores(
     };
     model.disable_adapters()?;
     let before = score(&model)?;
-    model.enable_adapters();
+    model.enable_adapters()?;
     let after = score(&model)?;
     let seconds = started.elapsed().as_secs_f64();
     println!(

@@ -16,7 +16,7 @@
 //! against. Nothing outside this crate names a family: the trainer, the server and the CLI
 //! see [`HfModel`] through [`ArchModel`]'s methods.
 //!
-//! The README's "Adding an architecture" section walks through a new family.
+//! docs/architectures.md walks through a new family.
 
 use std::collections::BTreeSet;
 use std::fmt::Debug;

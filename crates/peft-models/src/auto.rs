@@ -33,6 +33,33 @@ pub enum Task {
     },
 }
 
+impl Task {
+    /// Whether `self` and `other` put the same kind of head on the backbone, whatever their
+    /// class counts.
+    ///
+    /// ```
+    /// use peft_models::Task;
+    /// let two = Task::SequenceClassification { num_labels: 2 };
+    /// assert!(two.same_head(&Task::SequenceClassification { num_labels: 5 }));
+    /// assert!(!two.same_head(&Task::CausalLm));
+    /// ```
+    pub fn same_head(&self, other: &Task) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+    }
+}
+
+impl std::fmt::Display for Task {
+    /// Plain words: "causal LM", "text encoder", "classifier", "model of any head".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Task::CausalLm => "causal LM",
+            Task::Encoder => "text encoder",
+            Task::SequenceClassification { .. } => "classifier",
+            Task::Auto => "model of any head",
+        })
+    }
+}
+
 /// Model inputs: int64 `[batch, seq]` tensors.
 #[derive(Debug, Clone)]
 pub struct ModelInputs {

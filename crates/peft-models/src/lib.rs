@@ -49,7 +49,7 @@ pub use save::{
 };
 pub use tokenizer::{Batch, Encoding, HfTokenizer, pad_batch};
 
-// The architectures: one line each ("Adding an architecture" in the README). Each line
+// The architectures: one line each (docs/architectures.md). Each line
 // declares the family's module (its own file or folder) and registers its model and
 // `config.json` parser.
 architectures! {

@@ -18,7 +18,8 @@ use crate::api::{self, CompletionRequest, Input, Stop};
 use crate::completions::{Generation, Shape};
 use crate::error::ApiError;
 use crate::registry::AdapterInfo;
-use crate::state::{AppState, ModelKind};
+use crate::state::AppState;
+use peft_models::Task;
 
 /// `POST /v1/chat/completions`.
 #[derive(Debug, Clone, Deserialize)]
@@ -84,7 +85,7 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let body = state.read_body(&headers, body).await?;
     let request: ChatCompletionRequest = api::parse(&body)?;
-    state.require(ModelKind::CausalLm, "/v1/chat/completions")?;
+    state.require(Task::CausalLm, "/v1/chat/completions")?;
     let adapter = state.registry.resolve_model(&request.model)?;
     if request.messages.is_empty() {
         return Err(ApiError::bad_field("messages", "`messages` is empty"));

@@ -23,8 +23,9 @@ use crate::api::{
 use crate::error::ApiError;
 use crate::job::{Command, FinishReason, GenEvent, GenJob};
 use crate::registry::AdapterInfo;
-use crate::state::{AppState, ModelKind};
+use crate::state::AppState;
 use crate::text::TextStream;
+use peft_models::Task;
 
 /// The handler.
 pub async fn completions(
@@ -35,7 +36,7 @@ pub async fn completions(
     let body = state.read_body(&headers, body).await?;
     let mut request: CompletionRequest = api::parse(&body)?;
     let sampling = request.sampling()?;
-    state.require(ModelKind::CausalLm, "/v1/completions")?;
+    state.require(Task::CausalLm, "/v1/completions")?;
     let adapter = state.registry.resolve_model(&request.model)?;
     let found = request.prompt.items().len();
     if found > 1 {

@@ -18,7 +18,8 @@ use crate::api::{
 };
 use crate::error::ApiError;
 use crate::job::{Command, OneShotJob, OneShotKind};
-use crate::state::{AppState, ModelKind};
+use crate::state::AppState;
+use peft_models::Task;
 
 /// Check, tokenize and run `kind` over the request's inputs; the vectors and the token count.
 async fn run(
@@ -30,8 +31,11 @@ async fn run(
     let body = state.read_body(headers, body).await?;
     let mut request: InputRequest = api::parse(&body)?;
     let (model_kind, endpoint) = match kind {
-        OneShotKind::Embed => (ModelKind::Encoder, "/v1/embeddings"),
-        OneShotKind::Classify => (ModelKind::Classifier, "/v1/classify"),
+        OneShotKind::Embed => (Task::Encoder, "/v1/embeddings"),
+        OneShotKind::Classify => (
+            Task::SequenceClassification { num_labels: 0 },
+            "/v1/classify",
+        ),
     };
     if let Some(format) = &request.encoding_format
         && !(format == "float" || format == "base64" && kind == OneShotKind::Embed)

@@ -51,12 +51,12 @@ use std::time::Duration;
 use burn::tensor::Device;
 use peft_core::PeftModel;
 use peft_core::precision::BaseDType;
-use peft_models::{HfModel, Task, from_pretrained};
+use peft_models::{Task, from_pretrained};
 
 pub use error::{ApiError, ServeError};
 pub use metrics::Metrics;
 pub use routes::key_matches;
-pub use state::{ModelInfo, ModelKind, RequestLimits};
+pub use state::{ModelInfo, RequestLimits};
 
 use crate::batch::Engine;
 use crate::http::ConnectionLimits;
@@ -139,15 +139,6 @@ pub struct Server {
     connections: ConnectionLimits,
 }
 
-fn model_kind(model: &HfModel) -> ModelKind {
-    match model.task() {
-        Task::CausalLm => ModelKind::CausalLm,
-        Task::SequenceClassification { .. } => ModelKind::Classifier,
-        // `task()` names the head a model carries, never `Auto`.
-        Task::Encoder | Task::Auto => ModelKind::Encoder,
-    }
-}
-
 /// `id2label` of config.json in id order.
 fn labels(raw: &serde_json::Value) -> Vec<String> {
     let Some(map) = raw.get("id2label").and_then(|v| v.as_object()) else {
@@ -194,7 +185,7 @@ impl Server {
         let info = ModelInfo {
             source: config.model.clone(),
             name: state::shown_model_name(&config.model),
-            kind: model_kind(&pretrained.model),
+            task: pretrained.model.task(),
             context_limit: peft_models::generate_limits::context_limit(
                 &pretrained.model,
                 &pretrained.config.raw,
@@ -396,7 +387,7 @@ pub fn serve_blocking(
         eprintln!(
             "burn-peft serve: {} ({}) on http://{local} with {} adapter(s)",
             server.info().source,
-            server.info().kind,
+            server.info().task,
             server.state.registry.serving_names().len()
         );
         let mut first = interrupts.clone();

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::{HeaderMap, header};
 use peft_models::chat::ChatTemplate;
-use peft_models::{Encoding, HfTokenizer};
+use peft_models::{Encoding, HfTokenizer, Task};
 
 use crate::api::{Input, InputItem};
 use crate::error::ApiError;
@@ -16,35 +16,12 @@ use crate::registry::Registry;
 use crate::scheduler::SchedulerHandle;
 use peft_models::generate_limits::{MAX_NEW_TOKENS_WITHOUT_LIMIT, Room, room_for};
 
-/// What the loaded model does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ModelKind {
-    /// Next-token logits: `/v1/completions`.
-    CausalLm,
-    /// Sentence embeddings: `/v1/embeddings`.
-    Encoder,
-    /// Sequence classification: `/v1/classify`.
-    Classifier,
-}
-
-impl std::fmt::Display for ModelKind {
-    /// Plain words: "causal LM", "text encoder", "classifier".
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ModelKind::CausalLm => "causal LM",
-            ModelKind::Encoder => "text encoder",
-            ModelKind::Classifier => "classifier",
-        })
-    }
-}
-
-impl ModelKind {
-    fn endpoint(self) -> &'static str {
-        match self {
-            ModelKind::CausalLm => "/v1/completions",
-            ModelKind::Encoder => "/v1/embeddings",
-            ModelKind::Classifier => "/v1/classify",
-        }
+/// The endpoint that serves a model of `task`'s head.
+fn endpoint(task: Task) -> &'static str {
+    match task {
+        Task::CausalLm => "/v1/completions",
+        Task::SequenceClassification { .. } => "/v1/classify",
+        Task::Encoder | Task::Auto => "/v1/embeddings",
     }
 }
 
@@ -56,8 +33,8 @@ pub struct ModelInfo {
     /// The model as clients see it: a hub id as given, a local folder by its last component
     /// (the server's paths are not the clients' business).
     pub name: String,
-    /// Its task.
-    pub kind: ModelKind,
+    /// Its head (never `Task::Auto`: the loaded model's own, [`HfModel::task`](peft_models::HfModel::task)).
+    pub task: Task,
     /// Positions it allows (prefix, prompt and new tokens together) and where that comes from.
     pub context_limit: Option<(usize, &'static str)>,
     /// Ids a prompt may hold.
@@ -194,16 +171,17 @@ impl AppState {
         Instant::now() + self.timeout
     }
 
-    /// 400 unless the model does `kind`, saying which endpoint it serves instead.
-    pub fn require(&self, kind: ModelKind, what: &str) -> Result<(), ApiError> {
-        if self.info.kind == kind {
+    /// 400 unless the model has `head`'s kind of head ([`Task::same_head`]: class counts do
+    /// not matter), saying which endpoint it serves instead.
+    pub fn require(&self, head: Task, what: &str) -> Result<(), ApiError> {
+        if self.info.task.same_head(&head) {
             return Ok(());
         }
         Err(ApiError::bad_request(format!(
-            "{what} needs a {kind} model; this server's model (`{}`) is a {}: use {}",
+            "{what} needs a {head} model; this server's model (`{}`) is a {}: use {}",
             self.info.name,
-            self.info.kind,
-            self.info.kind.endpoint()
+            self.info.task,
+            endpoint(self.info.task)
         )))
     }
 

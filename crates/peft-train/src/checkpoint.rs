@@ -73,7 +73,8 @@ pub fn non_finite_parameter<M: Adaptable + Module>(model: &PeftModel<M>) -> Opti
     first_non_finite(&params)
 }
 
-fn trainable_named_values<M: Adaptable + Module>(
+/// The trainable parameters of `model` by module path.
+pub fn trainable_named_values<M: Adaptable + Module>(
     model: &PeftModel<M>,
 ) -> BTreeMap<String, TensorData> {
     trainable_paths(model.model(), model.trainable_param_ids())

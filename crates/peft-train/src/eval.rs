@@ -4,7 +4,7 @@
 use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor};
-use peft_models::HfModel;
+use peft_models::{HfModel, Task};
 use peft_ops::log_softmax;
 use serde::Serialize;
 
@@ -13,7 +13,6 @@ use crate::error::{Result, TrainError};
 use crate::loss::{causal_lm_row_sums_chunked, chunk_tokens, objective_loss};
 use crate::metrics::{Mean, accuracy, macro_f1, perplexity};
 use crate::step::{forward_context, model_inputs};
-use crate::trainer::Objective;
 
 /// Evaluation results.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -68,11 +67,12 @@ impl EvalReport {
 pub fn evaluate(
     model: &HfModel,
     examples: &[Example],
-    objective: Objective,
+    objective: Task,
     pad_id: i64,
     batch_size: usize,
     device: &Device,
 ) -> Result<EvalReport> {
+    crate::objective::trainable_task(objective)?;
     let model = model.valid();
     let device = device.clone().without_autodiff();
     let mut loss = Mean::default();
@@ -83,7 +83,7 @@ pub fn evaluate(
         let batch = collate(&refs, pad_id, &device);
         // A causal LM with a frozen head: the loss over the vocabulary a few tokens at a time,
         // never the whole batch's `[b, s, vocab]` logits.
-        if let (Objective::CausalLm, Some(labels)) = (objective, batch.lm_labels.clone()) {
+        if let (Task::CausalLm, Some(labels)) = (objective, batch.lm_labels.clone()) {
             let fc = forward_context(&batch);
             let hidden = model
                 .lm_hidden_with(&model_inputs(&batch), &fc)
@@ -111,7 +111,7 @@ pub fn evaluate(
         let (l, n) = objective_loss(objective, &out, &batch)?;
         loss.add_weighted(l.into_scalar::<f64>(), n as u64);
         match objective {
-            Objective::Classification { .. } => {
+            Task::SequenceClassification { .. } => {
                 let logits = out.class_logits.expect("checked by objective_loss");
                 let probs = softmax(logits.clone(), 1)
                     .into_data()
@@ -140,7 +140,7 @@ pub fn evaluate(
                     });
                 }
             }
-            Objective::CausalLm => {
+            _ => {
                 let logits = out.logits.expect("checked by objective_loss");
                 let labels = batch.lm_labels.clone().expect("checked by objective_loss");
                 let (losses, counts) = causal_lm_row_losses(logits, labels);
@@ -158,7 +158,7 @@ pub fn evaluate(
     }
     let mean = loss.mean().unwrap_or(f64::NAN);
     Ok(match objective {
-        Objective::Classification { num_labels } => EvalReport {
+        Task::SequenceClassification { num_labels } => EvalReport {
             loss: mean,
             accuracy: Some(accuracy(&pred, &gold)),
             macro_f1: Some(macro_f1(&pred, &gold, num_labels)),
@@ -166,7 +166,7 @@ pub fn evaluate(
             predictions: pred,
             examples: per_example,
         },
-        Objective::CausalLm => EvalReport {
+        _ => EvalReport {
             loss: mean,
             perplexity: Some(perplexity(mean)),
             examples: per_example,

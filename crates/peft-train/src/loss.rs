@@ -3,13 +3,12 @@
 
 use burn::tensor::{Int, Tensor};
 use peft_core::nn::ForwardContext;
-use peft_models::ModelOutputs;
 use peft_models::lm_head::LmHead;
+use peft_models::{ModelOutputs, Task};
 use peft_ops::log_softmax;
 
 use crate::data::Collated;
 use crate::error::{Result, TrainError};
-use crate::trainer::Objective;
 
 /// Mean cross-entropy of `logits [b, c]` against `labels [b]`.
 pub fn classification_loss(logits: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
@@ -186,7 +185,7 @@ pub fn causal_lm_row_sums_chunked(
 /// averages (examples for classification, scored tokens for causal LM). One function for the
 /// training step, evaluation and the benchmarks.
 pub fn objective_loss(
-    objective: Objective,
+    objective: Task,
     out: &ModelOutputs,
     batch: &Collated,
 ) -> Result<(Tensor<1>, usize)> {
@@ -197,7 +196,7 @@ pub fn objective_loss(
         ),
     };
     match objective {
-        Objective::Classification { .. } => {
+        Task::SequenceClassification { .. } => {
             let logits = out
                 .class_logits
                 .clone()
@@ -209,7 +208,7 @@ pub fn objective_loss(
             let rows = labels.dims()[0];
             Ok((classification_loss(logits, labels), rows))
         }
-        Objective::CausalLm => {
+        Task::CausalLm => {
             let logits = out
                 .logits
                 .clone()
@@ -220,5 +219,6 @@ pub fn objective_loss(
                 .ok_or_else(|| mismatch("the batch has no token labels"))?;
             Ok(causal_lm_loss(logits, labels))
         }
+        other => Err(mismatch(&format!("the task {other:?} has no loss"))),
     }
 }

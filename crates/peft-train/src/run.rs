@@ -17,7 +17,7 @@ use serde_json::{Map, Value, json};
 
 use crate::data::Example;
 use crate::error::{Result, TrainError};
-use crate::trainer::{Objective, TrainConfig};
+use crate::trainer::TrainConfig;
 
 /// The file in the output folder that names the run writing into it.
 pub const RUN_FILE: &str = "run.json";
@@ -71,7 +71,7 @@ pub fn data_digest(examples: &[Example]) -> String {
 pub fn record(
     config: &TrainConfig,
     adapters: &[(String, Value)],
-    objective: Objective,
+    objective: &str,
     pad_id: i64,
     train: &[Example],
     eval: Option<&[Example]>,
@@ -81,7 +81,7 @@ pub fn record(
         out.insert(k.to_string(), v);
     };
     put("adapters", json!(adapters));
-    put("objective", json!(format!("{objective:?}")));
+    put("objective", json!(objective));
     put("pad_id", json!(pad_id));
     put("batch_size", json!(config.batch_size));
     put("grad_accum", json!(config.grad_accum));

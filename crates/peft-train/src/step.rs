@@ -3,17 +3,16 @@
 //! accumulated gradients, and the gradient scale (averaging over micro-batches, clipping) the
 //! optimizer applies. One code path for both, so the benchmarks measure the trainer.
 
-use burn::module::ParamId;
+use burn::module::{Module, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::Tensor;
 use peft_core::nn::ForwardContext;
-use peft_models::{HfModel, ModelInputs};
+use peft_models::{HfModel, ModelInputs, Task};
 
 use crate::data::Collated;
 use crate::error::{Result, TrainError};
 use crate::loss::{causal_lm_loss_terms, chunk_tokens, chunked_causal_lm_loss, objective_loss};
 use crate::optim::global_grad_norm;
-use crate::trainer::Objective;
 
 /// The model inputs of a collated batch (ids, attention mask, segment ids).
 pub fn model_inputs(batch: &Collated) -> ModelInputs {
@@ -41,8 +40,9 @@ pub fn forward_context(batch: &Collated) -> ForwardContext {
 /// Forward `batch` through `model` and take `objective`'s mean loss ([`objective_loss`]). A
 /// causal LM with a frozen head takes it over the vocabulary in chunks of tokens
 /// ([`chunked_causal_lm_loss`]): the same loss and gradients without the whole batch's logits.
-pub fn forward_loss(model: &HfModel, objective: Objective, batch: &Collated) -> Result<Tensor<1>> {
-    if let (Objective::CausalLm, Some(labels)) = (objective, batch.lm_labels.clone())
+pub fn forward_loss(model: &HfModel, objective: Task, batch: &Collated) -> Result<Tensor<1>> {
+    crate::objective::trainable_task(objective)?;
+    if let (Task::CausalLm, Some(labels)) = (objective, batch.lm_labels.clone())
         && batch.input_ids.dims()[1] > 1
         && batch.input_ids.device().is_autodiff()
     {
@@ -63,7 +63,7 @@ pub fn forward_loss(model: &HfModel, objective: Objective, batch: &Collated) -> 
         .map_err(TrainError::Model)?;
     // The step reads nothing back while it builds the graph: a causal LM's token count stays
     // on the device (`causal_lm_loss_terms`), where `objective_loss` would read it.
-    if let (Objective::CausalLm, Some(logits), Some(labels)) =
+    if let (Task::CausalLm, Some(logits), Some(labels)) =
         (objective, out.logits.clone(), batch.lm_labels.clone())
     {
         return Ok(causal_lm_loss_terms(logits, labels).0);
@@ -73,10 +73,10 @@ pub fn forward_loss(model: &HfModel, objective: Objective, batch: &Collated) -> 
 
 /// Backpropagate `loss` and add the gradients of `model`'s parameters to `accumulator` (one
 /// micro-batch of a step).
-pub fn accumulate_gradients(
+pub fn accumulate_gradients<M: Module>(
     loss: Tensor<1>,
-    model: &HfModel,
-    accumulator: &mut GradientsAccumulator<HfModel>,
+    model: &M,
+    accumulator: &mut GradientsAccumulator<M>,
 ) {
     let grads = GradientsParams::from_grads(loss.backward(), model);
     accumulator.accumulate(model, grads);

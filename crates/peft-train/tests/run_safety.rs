@@ -12,10 +12,10 @@ use peft_core::{
     PeftModel, SiteInfo, SiteKind, TargetModules, TargetSpec, TensorSource,
 };
 use peft_lora::LoraConfig;
-use peft_models::{Task, from_pretrained};
+use peft_models::{HfModel, Task, from_pretrained};
 use peft_train::data::Example;
 use peft_train::optim::AdamWSettings;
-use peft_train::{Objective, TrainConfig, TrainError, Trainer, checkpoint};
+use peft_train::{TrainConfig, TrainError, Trainer, checkpoint};
 
 /// Burn's random generator is shared by the process: runs whose results are compared must
 /// not interleave.
@@ -70,23 +70,28 @@ fn lora() -> LoraConfig {
     }
 }
 
-fn trainer(method: &dyn PeftMethod, config: TrainConfig, out: &Path) -> Trainer {
+fn trainer(method: &dyn PeftMethod, config: TrainConfig, out: &Path) -> Trainer<HfModel> {
+    try_trainer(method, config, out).unwrap()
+}
+
+/// The trainer, or the builder's refusal of its settings.
+fn try_trainer(
+    method: &dyn PeftMethod,
+    config: TrainConfig,
+    out: &Path,
+) -> Result<Trainer<HfModel>, TrainError> {
     let device = Device::flex().autodiff();
     device.seed(config.seed);
     let task = Task::SequenceClassification { num_labels: 3 };
     let pretrained = from_pretrained(bert_cls().to_str().unwrap(), task, &device).unwrap();
     let mut model = PeftModel::new(pretrained.model);
     model.add_adapter("default", method).unwrap();
-    Trainer {
-        model,
-        adapters: vec!["default".into()],
-        objective: Objective::Classification { num_labels: 3 },
-        config,
-        output_dir: out.to_path_buf(),
-        device,
-        pad_id: 0,
-        full_export: None,
-    }
+    Trainer::builder(model, Task::SequenceClassification { num_labels: 3 })
+        .adapters(["default"])
+        .config(config)
+        .output_dir(out.to_path_buf())
+        .device(device)
+        .build()
 }
 
 /// Every float in the saved tensors of each checkpoint under `out` (parameters and optimizer
@@ -239,12 +244,12 @@ fn a_checkpoint_of_non_finite_parameters_is_refused() {
     poisoned[0] = f32::NAN;
     *value = TensorData::new(poisoned, shape);
     let path = path.clone();
-    checkpoint::restore_params(&mut t.model, &loaded.params, &ckpt).unwrap();
+    checkpoint::restore_params(t.model_mut(), &loaded.params, &ckpt).unwrap();
     let mut state = loaded.state.clone();
     state.step += 1;
     let optim = peft_train::optim::AdamW::new(AdamWSettings::default());
     let root = out.path().join("checkpoints");
-    let err = checkpoint::save(&root, &t.model, &t.adapters, &optim, &state, 5)
+    let err = checkpoint::save(&root, t.model(), t.adapters(), &optim, &state, 5)
         .expect_err("a NaN parameter cannot be checkpointed");
     assert!(err.to_string().contains(&path), "{err}");
     assert!(!root.join(checkpoint::checkpoint_name(state.step)).exists());
@@ -335,10 +340,8 @@ fn out_of_range_settings_are_refused_before_the_run() {
     ];
     for (key, config) in cases {
         let out = tempfile::tempdir().unwrap();
-        let mut t = trainer(&lora(), config, out.path());
-        let err = t
-            .train(&data(8, 0), Some(&data(4, 1)), None)
-            .expect_err(key);
+        // Refused when the trainer is built, before any run can start.
+        let err = try_trainer(&lora(), config, out.path()).err().expect(key);
         assert!(
             matches!(&err, TrainError::Config { key: k, .. } if k.ends_with(key)),
             "{key}: {err:?}"

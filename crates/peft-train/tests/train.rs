@@ -8,10 +8,10 @@ use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Device, Tensor, TensorData};
 use peft_core::{PeftMethod, PeftModel};
 use peft_lora::LoraConfig;
-use peft_models::{Task, from_pretrained};
+use peft_models::{HfModel, Task, from_pretrained};
 use peft_prefix::PrefixTuningConfig;
 use peft_train::data::Example;
-use peft_train::{Objective, TrainConfig, TrainError, Trainer, checkpoint, tensorboard};
+use peft_train::{TrainConfig, TrainError, Trainer, checkpoint, tensorboard};
 
 /// Burn's random generator is shared by the process: tests that check bit-exact dropout draws
 /// must not interleave.
@@ -74,29 +74,22 @@ fn lm_data(n: usize) -> Vec<Example> {
 fn trainer(
     name: &str,
     method: &dyn PeftMethod,
-    objective: Objective,
+    task: Task,
     config: TrainConfig,
     out: &Path,
-) -> Trainer {
+) -> Trainer<HfModel> {
     let device = Device::flex().autodiff();
     device.seed(config.seed);
-    let task = match objective {
-        Objective::Classification { num_labels } => Task::SequenceClassification { num_labels },
-        Objective::CausalLm => Task::CausalLm,
-    };
     let pretrained = from_pretrained(model_dir(name).to_str().unwrap(), task, &device).unwrap();
     let mut model = PeftModel::new(pretrained.model);
     model.add_adapter("default", method).unwrap();
-    Trainer {
-        model,
-        adapters: vec!["default".into()],
-        objective,
-        config,
-        output_dir: out.to_path_buf(),
-        device,
-        pad_id: 0,
-        full_export: None,
-    }
+    Trainer::builder(model, task)
+        .adapters(["default"])
+        .config(config)
+        .output_dir(out.to_path_buf())
+        .device(device)
+        .build()
+        .unwrap()
 }
 
 fn lora() -> LoraConfig {
@@ -144,13 +137,13 @@ fn lora_learns_a_classification_task_and_leaves_the_base_untouched() {
     let mut t = trainer(
         "bert_cls",
         &lora(),
-        Objective::Classification { num_labels: 3 },
+        Task::SequenceClassification { num_labels: 3 },
         config,
         out.path(),
     );
     let mut before = Snapshot(HashMap::new());
-    t.model.model().visit(&mut before);
-    let trainable = t.model.trainable_param_ids().clone();
+    t.model().model().visit(&mut before);
+    let trainable = t.model().trainable_param_ids().clone();
     let train = classification_data(240, 1);
     let eval = classification_data(60, 2);
     let start = t.evaluate(&eval).unwrap();
@@ -178,7 +171,7 @@ fn lora_learns_a_classification_task_and_leaves_the_base_untouched() {
     assert!(end.accuracy.unwrap() > start.accuracy.unwrap());
 
     let mut after = Snapshot(HashMap::new());
-    t.model.model().visit(&mut after);
+    t.model().model().visit(&mut after);
     for (id, old) in &before.0 {
         if trainable.contains(id) {
             assert_ne!(old, &after.0[id], "trainable param {id} did not move");
@@ -226,7 +219,7 @@ fn causal_lm_and_prefix_tuning_train_through_the_same_api() {
     };
     for (method, label) in [(&lm_lora as &dyn PeftMethod, "lora"), (&prefix, "prefix")] {
         let dir = out.path().join(label);
-        let mut t = trainer("llama_gqa", method, Objective::CausalLm, quick(80), &dir);
+        let mut t = trainer("llama_gqa", method, Task::CausalLm, quick(80), &dir);
         let data = lm_data(64);
         let report = t.train(&data, Some(&data[..16]), None).unwrap();
         let (first, last) = (
@@ -261,7 +254,7 @@ fn resume_from_a_checkpoint_equals_the_uninterrupted_run() {
     let mut full = trainer(
         "bert_cls",
         &lora(),
-        Objective::Classification { num_labels: 3 },
+        Task::SequenceClassification { num_labels: 3 },
         config.clone(),
         &full_dir,
     );
@@ -275,7 +268,7 @@ fn resume_from_a_checkpoint_equals_the_uninterrupted_run() {
     let mut resumed = trainer(
         "bert_cls",
         &lora(),
-        Objective::Classification { num_labels: 3 },
+        Task::SequenceClassification { num_labels: 3 },
         config,
         &resumed_dir,
     );
@@ -307,7 +300,7 @@ fn a_non_finite_loss_stops_with_the_documented_error() {
     let mut t = trainer(
         "bert_cls",
         &lora(),
-        Objective::Classification { num_labels: 3 },
+        Task::SequenceClassification { num_labels: 3 },
         config,
         out.path(),
     );
@@ -334,7 +327,7 @@ fn resuming_a_checkpoint_of_another_rank_targets_or_optimizer_is_a_clear_error()
     let mut t = trainer(
         "bert_cls",
         &lora(),
-        Objective::Classification { num_labels: 3 },
+        Task::SequenceClassification { num_labels: 3 },
         quick(2),
         out.path(),
     );
@@ -345,7 +338,7 @@ fn resuming_a_checkpoint_of_another_rank_targets_or_optimizer_is_a_clear_error()
         let mut t = trainer(
             "bert_cls",
             method,
-            Objective::Classification { num_labels: 3 },
+            Task::SequenceClassification { num_labels: 3 },
             quick(3),
             other.path(),
         );
@@ -354,10 +347,10 @@ fn resuming_a_checkpoint_of_another_rank_targets_or_optimizer_is_a_clear_error()
             m.visit(&mut s);
             s.0
         };
-        let before = snapshot(t.model.model());
+        let before = snapshot(t.model().model());
         let err = t.train(&train, None, Some(&ckpt)).unwrap_err();
         // Nothing was restored into the model.
-        assert_eq!(snapshot(t.model.model()), before);
+        assert_eq!(snapshot(t.model().model()), before);
         assert!(matches!(err, TrainError::Checkpoint { .. }), "{err:?}");
         assert!(err.is_bad_input());
         err.to_string()

@@ -45,12 +45,37 @@ impl Default for DataConfig {
     }
 }
 
-/// What the examples are for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// What the examples are for: the task a run config names (`model.task`), the data reader
+/// reads for, and PEFT's `task_type` says. The model head that learns it, with its class count,
+/// is [`peft_models::Task`].
+///
+/// Read from `classification` / `causal_lm`, the command line's `causal-lm`, or PEFT's
+/// `SEQ_CLS` / `CAUSAL_LM`:
+///
+/// ```
+/// use peft_train::data::TaskKind;
+/// let kind: TaskKind = serde_json::from_str("\"CAUSAL_LM\"").unwrap();
+/// assert_eq!(kind, TaskKind::CausalLm);
+/// assert_eq!(TaskKind::default().peft_task_type(), "SEQ_CLS");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskKind {
     /// Sequence classification: one label per example.
+    #[default]
+    #[serde(alias = "seq_cls", alias = "SEQ_CLS", alias = "seq-cls")]
     Classification,
     /// Causal language modelling: next-token loss on (part of) the tokens.
+    #[serde(alias = "causal-lm", alias = "CAUSAL_LM")]
     CausalLm,
+}
+
+impl TaskKind {
+    /// PEFT's `task_type` for it: `SEQ_CLS` or `CAUSAL_LM`.
+    pub fn peft_task_type(self) -> &'static str {
+        match self {
+            TaskKind::Classification => "SEQ_CLS",
+            TaskKind::CausalLm => "CAUSAL_LM",
+        }
+    }
 }

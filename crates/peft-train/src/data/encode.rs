@@ -30,6 +30,42 @@ pub struct Example {
     pub segments: Vec<usize>,
 }
 
+impl Example {
+    /// A classification example: `input_ids` (one segment) with class `label`.
+    ///
+    /// ```
+    /// let e = peft_train::data::Example::classification(vec![5, 9, 2], 1);
+    /// assert_eq!((e.label, e.token_type_ids.len()), (Some(1), 3));
+    /// ```
+    pub fn classification(input_ids: Vec<i64>, label: usize) -> Self {
+        Self {
+            token_type_ids: vec![0; input_ids.len()],
+            input_ids,
+            label: Some(label),
+            labels: None,
+            line: 0,
+            segments: Vec::new(),
+        }
+    }
+
+    /// A causal-LM example that learns every token of `input_ids` (the loss shifts them).
+    ///
+    /// ```
+    /// let e = peft_train::data::Example::causal_lm(vec![5, 9, 2]);
+    /// assert_eq!(e.labels.as_deref(), Some(&[5, 9, 2][..]));
+    /// ```
+    pub fn causal_lm(input_ids: Vec<i64>) -> Self {
+        Self {
+            token_type_ids: vec![0; input_ids.len()],
+            labels: Some(input_ids.clone()),
+            input_ids,
+            label: None,
+            line: 0,
+            segments: Vec::new(),
+        }
+    }
+}
+
 /// The special tokens a tokenizer wraps every single text in: `prefix text suffix`.
 pub(super) struct Specials {
     prefix: Vec<i64>,

@@ -85,14 +85,9 @@ impl LabelMap {
         self.names.is_empty()
     }
 
-    /// Write `{"id2label": {"0": name, …}, "label2id": {name: 0, …}}` (the format of a
-    /// Hugging Face `config.json`) to `path` (usually `<dir>/`[`LABEL_MAP_FILE`]), atomically
-    /// ([`peft_core::atomic::write_file`]).
-    pub fn save(&self, path: &Path) -> Result<(), DataError> {
-        let io = |source| DataError::Io {
-            file: path.to_path_buf(),
-            source,
-        };
+    /// `{"id2label": {"0": name, …}, "label2id": {name: 0, …}}` (the format of a Hugging Face
+    /// `config.json`), pretty-printed, with a final newline.
+    pub fn to_json_bytes(&self) -> Vec<u8> {
         let ids: Vec<usize> = (0..self.names.len()).collect();
         let id2label = OrderedMap(
             self.names
@@ -109,9 +104,15 @@ impl LabelMap {
                 .collect(),
         );
         let json = serde_json::json!({ "id2label": id2label, "label2id": label2id });
-        let mut text = serde_json::to_string_pretty(&json).map_err(|e| io(e.into()))?;
+        let mut text = serde_json::to_string_pretty(&json).expect("strings serialize");
         text.push('\n');
-        peft_core::atomic::write_file(path, text.as_bytes()).map_err(|e| DataError::Io {
+        text.into_bytes()
+    }
+
+    /// Write [`to_json_bytes`](Self::to_json_bytes) to `path` (usually
+    /// `<dir>/`[`LABEL_MAP_FILE`]), atomically ([`peft_core::atomic::write_file`]).
+    pub fn save(&self, path: &Path) -> Result<(), DataError> {
+        peft_core::atomic::write_file(path, &self.to_json_bytes()).map_err(|e| DataError::Io {
             file: e.path,
             source: e.source,
         })

@@ -145,7 +145,7 @@ fn cuda(_index: usize) -> Result<Device, DeviceError> {
     Err(DeviceError::NotBuilt {
         backend: "CUDA",
         feature: "cuda",
-        how: " on a machine with internet access (README: GPU backends)",
+        how: " on a machine with internet access (docs/gpu.md)",
     })
 }
 
@@ -178,7 +178,7 @@ mod vulkan {
         Err(DeviceError::NotBuilt {
             backend: "Vulkan",
             feature: "vulkan",
-            how: " (or `--features wgpu` for software Vulkan such as lavapipe; README: GPU backends)",
+            how: " (or `--features wgpu` for software Vulkan such as lavapipe; docs/gpu.md)",
         })
     }
 
