@@ -15,6 +15,7 @@ mod common;
 
 mod all_linear_e2e;
 mod architectures;
+mod auto_peft;
 mod bad_input;
 mod chat_templates;
 mod chunked_loss;

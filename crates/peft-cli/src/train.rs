@@ -242,7 +242,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         if full {
             "full fine-tuning".to_string()
         } else {
-            method_name(&model, &adapters)
+            peft_train::method_name(&model, &adapters)
         },
         source,
         data.train.len(),
@@ -474,20 +474,6 @@ fn generation_scores(
         "seconds": seconds,
         "predictions": file,
     }))
-}
-
-/// `LORA`, or `LORA + PREFIX_TUNING` for several adapters trained together.
-fn method_name(model: &PeftModel<peft_models::HfModel>, adapters: &[String]) -> String {
-    let names: Vec<&str> = adapters
-        .iter()
-        .filter_map(|a| model.adapter_config(a))
-        .map(peft_core::peft_type_of)
-        .collect();
-    if names.is_empty() {
-        "FULL".into()
-    } else {
-        names.join(" + ")
-    }
 }
 
 /// A fresh model with the chosen result: the base + the saved bundle, or the saved full model.

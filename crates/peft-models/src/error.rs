@@ -113,6 +113,15 @@ pub enum ModelError {
         /// What to do.
         fix: String,
     },
+    /// A PEFT bundle could not be loaded onto its base model.
+    #[error("{}: {source}", dir.display())]
+    Adapter {
+        /// The bundle's folder.
+        dir: PathBuf,
+        /// The cause (boxed: `PeftError` is large and this is a rare path).
+        #[source]
+        source: Box<peft_core::PeftError>,
+    },
 }
 
 impl From<peft_core::atomic::IoAt> for ModelError {

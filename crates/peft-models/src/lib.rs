@@ -11,6 +11,7 @@ pub mod registry;
 
 pub mod arch;
 mod auto;
+mod auto_peft;
 pub mod base_dtype;
 mod cache;
 pub mod chat;
@@ -38,6 +39,7 @@ pub use auto::{
     ChatParts, ModelInputs, ModelOutputs, Pretrained, Task, from_pretrained, load_tokenizer,
     load_tokenizer_and_chat, model_dir, read_config,
 };
+pub use auto_peft::AutoPeftModel;
 pub use cache::KvCache;
 pub use config::HfConfig;
 

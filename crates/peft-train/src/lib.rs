@@ -35,5 +35,5 @@ pub use peft_models::Task;
 pub use run::TrainOptions;
 pub use trainer::{
     BestMetric, Datasets, FullExport, ModelExport, RESULTS_FILE, RunSummary, TrainConfig,
-    TrainReport, Trainer, TrainerBuilder,
+    TrainReport, Trainer, TrainerBuilder, method_name,
 };

@@ -35,11 +35,8 @@ pub trait Objective<M: Module>: Send + Sync {
         device: &Device,
     ) -> Result<EvalReport> {
         let model = model.valid();
-        let device = device.clone().without_autodiff();
         let mut loss = Mean::default();
-        for chunk in examples.chunks(batch_size.max(1)) {
-            let refs: Vec<&Example> = chunk.iter().collect();
-            let batch = collate(&refs, pad_id, &device);
+        for (chunk, batch) in eval_batches(examples, pad_id, batch_size, device) {
             let value = self.loss(&model, &batch)?.into_scalar::<f64>();
             loss.add_weighted(value, chunk.len() as u64);
         }
@@ -57,6 +54,21 @@ pub trait Objective<M: Module>: Send + Sync {
 
     /// What it is, for the run record (`run.json`): a resumed run must use the same objective.
     fn describe(&self) -> String;
+}
+
+/// `examples` in collated batches of `batch_size` on `device` without autodiff, each with its
+/// examples: the loop of every evaluation.
+pub fn eval_batches<'a>(
+    examples: &'a [Example],
+    pad_id: i64,
+    batch_size: usize,
+    device: &Device,
+) -> impl Iterator<Item = (&'a [Example], Collated)> + 'a {
+    let device = device.clone().without_autodiff();
+    examples.chunks(batch_size.max(1)).map(move |chunk| {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        (chunk, collate(&refs, pad_id, &device))
+    })
 }
 
 /// The zoo's objectives: sequence classification and causal LM on [`HfModel`] (an encoder or
@@ -202,12 +214,9 @@ where
         device: &Device,
     ) -> Result<EvalReport> {
         let model = model.valid();
-        let device = device.clone().without_autodiff();
         let (mut loss, mut pred, mut gold) = (Mean::default(), Vec::new(), Vec::new());
         let (mut classes, mut per_example) = (0, Vec::with_capacity(examples.len()));
-        for chunk in examples.chunks(batch_size.max(1)) {
-            let refs: Vec<&Example> = chunk.iter().collect();
-            let batch = collate(&refs, pad_id, &device);
+        for (chunk, batch) in eval_batches(examples, pad_id, batch_size, device) {
             let logits = (self.logits)(&model, &batch);
             classes = logits.dims()[1];
             let lp: Vec<f32> = log_softmax(logits.clone())
@@ -282,11 +291,8 @@ where
         device: &Device,
     ) -> Result<EvalReport> {
         let model = model.valid();
-        let device = device.clone().without_autodiff();
         let mut loss = Mean::default();
-        for chunk in examples.chunks(batch_size.max(1)) {
-            let refs: Vec<&Example> = chunk.iter().collect();
-            let batch = collate(&refs, pad_id, &device);
+        for (_, batch) in eval_batches(examples, pad_id, batch_size, device) {
             let labels = batch
                 .lm_labels
                 .clone()

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::Module;
-use peft_core::Adaptable;
+use peft_core::{Adaptable, PeftModel};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -171,18 +171,23 @@ impl<M: Adaptable + Module> Trainer<M> {
     }
 
     /// `LORA`, `LORA + PREFIX_TUNING` for several adapters trained together, `FULL` for full
-    /// fine-tuning.
+    /// fine-tuning ([`method_name`]).
     pub fn method_name(&self) -> String {
-        let names: Vec<&str> = self
-            .adapters
-            .iter()
-            .filter_map(|a| self.model.adapter_config(a))
-            .map(peft_core::peft_type_of)
-            .collect();
-        if names.is_empty() {
-            "FULL".into()
-        } else {
-            names.join(" + ")
-        }
+        method_name(&self.model, &self.adapters)
+    }
+}
+
+/// `LORA`, or `LORA + PREFIX_TUNING` for the `adapters` of `model` trained together; `FULL` when
+/// none of them is an adapter of the model (full fine-tuning).
+pub fn method_name<M: Adaptable + Module>(model: &PeftModel<M>, adapters: &[String]) -> String {
+    let names: Vec<&str> = adapters
+        .iter()
+        .filter_map(|a| model.adapter_config(a))
+        .map(peft_core::peft_type_of)
+        .collect();
+    if names.is_empty() {
+        "FULL".into()
+    } else {
+        names.join(" + ")
     }
 }

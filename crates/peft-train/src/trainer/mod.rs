@@ -22,7 +22,7 @@ use crate::objective::Objective;
 
 pub use crate::config::TrainConfig;
 pub use builder::TrainerBuilder;
-pub use fit::{BestMetric, Datasets, RESULTS_FILE, RunSummary};
+pub use fit::{BestMetric, Datasets, RESULTS_FILE, RunSummary, method_name};
 pub use save::{FullExport, ModelExport};
 
 /// What a run did.
