@@ -1,4 +1,5 @@
-//! `burn-peft inspect`: what an adapter bundle holds, and whether it fits a base model.
+//! `burn-peft inspect`: what an adapter bundle holds, and whether it fits a base model; or what
+//! a kohya / diffusers Stable Diffusion LoRA `.safetensors` file holds.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -8,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use peft_core::bundle::{self, read_config};
 use peft_core::{PeftModel, TensorRole, thousands};
+use peft_lora::kohya::{KohyaError, LoraFile, LoraModule, ModuleKind};
 use peft_models::{Task, from_pretrained};
 use peft_train::data::{LABEL_MAP_FILE, LabelMap};
 use serde_json::Value;
@@ -15,7 +17,8 @@ use serde_json::Value;
 /// Arguments of `burn-peft inspect`.
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors), or a kohya /
+    /// diffusers Stable Diffusion LoRA `.safetensors` file.
     adapter: PathBuf,
     /// Check the bundle against this base model (hub id or folder): every tensor must find its
     /// module with the right shape.
@@ -53,6 +56,14 @@ fn short(v: &Value) -> String {
 
 /// Run the subcommand.
 pub fn run(args: InspectArgs) -> Result<()> {
+    if args.adapter.is_file()
+        && args
+            .adapter
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+    {
+        return describe_lora_file(&args);
+    }
     let loaded = read_config(&args.adapter)?;
     let config_file = args.adapter.join(bundle::CONFIG_FILE);
     let raw: Value = serde_json::from_str(&fs::read_to_string(&config_file)?)
@@ -216,4 +227,146 @@ fn classifier_rows(tensors: &safetensors::SafeTensors<'_>) -> Option<usize> {
         let head = name.contains("classifier") || name.contains("score");
         (head && name.ends_with("weight") && view.shape().len() == 2).then(|| view.shape()[0])
     })
+}
+
+/// Describe a kohya / diffusers Stable Diffusion LoRA file (`peft_lora::kohya`): format,
+/// networks, modules, ranks, alphas, convolutions (LoCon), DoRA magnitudes, then one line per
+/// module with its diffusers path.
+fn describe_lora_file(args: &InspectArgs) -> Result<()> {
+    if args.model.is_some() {
+        return Err(crate::UsageError(format!(
+            "--model checks PEFT adapter folders; {} is a single LoRA file",
+            args.adapter.display()
+        ))
+        .into());
+    }
+    // A file that cannot be read is a failure (exit 1); one that reads but is not a valid LoRA
+    // file is bad input (exit 2).
+    let lora = LoraFile::read(&args.adapter).map_err(|e| match e {
+        KohyaError::Io { .. } => anyhow::Error::new(e),
+        other => crate::UsageError(other.to_string()).into(),
+    })?;
+    let field = |label: &str, value: &dyn std::fmt::Display| {
+        println!("{:<10}{value}", format!("{label}:"));
+    };
+    let counted = |counts: Vec<(String, usize)>| {
+        counts
+            .iter()
+            .map(|(value, n)| format!("{value} on {n} module(s)"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    field("file", &args.adapter.display());
+    field("format", &lora.format);
+    let networks: Vec<String> = lora
+        .networks()
+        .iter()
+        .map(|net| {
+            let n = lora.modules.iter().filter(|m| m.network == *net).count();
+            format!("{net} ({n} module(s))")
+        })
+        .collect();
+    field("networks", &networks.join(", "));
+    let conv: Vec<&LoraModule> = lora
+        .modules
+        .iter()
+        .filter(|m| matches!(m.kind, ModuleKind::Conv { .. }))
+        .collect();
+    field(
+        "modules",
+        &format!(
+            "{} ({} linear, {} conv)",
+            lora.modules.len(),
+            lora.modules.len() - conv.len(),
+            conv.len()
+        ),
+    );
+    let mut ranks: BTreeMap<usize, usize> = BTreeMap::new();
+    for m in &lora.modules {
+        *ranks.entry(m.rank).or_default() += 1;
+    }
+    field(
+        "ranks",
+        &counted(ranks.iter().map(|(r, n)| (format!("r={r}"), *n)).collect()),
+    );
+    // Stored alphas by value (in numeric order), then the modules whose alpha is their rank.
+    let mut alphas: Vec<(f64, usize)> = Vec::new();
+    for m in lora.modules.iter().filter(|m| m.alpha_stored) {
+        match alphas.iter_mut().find(|(a, _)| *a == m.alpha) {
+            Some((_, n)) => *n += 1,
+            None => alphas.push((m.alpha, 1)),
+        }
+    }
+    alphas.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut alpha_counts: Vec<(String, usize)> =
+        alphas.iter().map(|(a, n)| (format!("{a}"), *n)).collect();
+    let defaulted = lora.modules.iter().filter(|m| !m.alpha_stored).count();
+    if defaulted > 0 {
+        alpha_counts.push(("= rank (none stored)".into(), defaulted));
+    }
+    field("alphas", &counted(alpha_counts));
+    let mut kernels: BTreeMap<[usize; 2], usize> = BTreeMap::new();
+    for m in &conv {
+        if let ModuleKind::Conv { kernel } = m.kind {
+            *kernels.entry(kernel).or_default() += 1;
+        }
+    }
+    let kernels: Vec<(String, usize)> = kernels
+        .iter()
+        .map(|(k, n)| (format!("{}x{}", k[0], k[1]), *n))
+        .collect();
+    field(
+        "conv",
+        &if conv.is_empty() {
+            "none".to_string()
+        } else {
+            counted(kernels)
+        },
+    );
+    let dora = lora.modules.iter().filter(|m| m.has_dora_scale).count();
+    field(
+        "dora",
+        &if dora == 0 {
+            "none".to_string()
+        } else {
+            format!("magnitude vector on {dora} module(s)")
+        },
+    );
+    let unmapped = lora
+        .modules
+        .iter()
+        .filter(|m| m.diffusers_path.is_none())
+        .count();
+    if unmapped > 0 {
+        field(
+            "unmapped",
+            &format!(
+                "{unmapped} module(s) without a diffusers path (SD 1.x original-checkpoint names such as input_blocks are not mapped)"
+            ),
+        );
+    }
+    let width = lora.modules.iter().map(|m| m.name.len()).max().unwrap_or(0);
+    println!("per module:");
+    for m in &lora.modules {
+        let kind = match m.kind {
+            ModuleKind::Linear => "linear".to_string(),
+            ModuleKind::Conv { kernel } => format!("conv{}x{}", kernel[0], kernel[1]),
+        };
+        let path = match &m.diffusers_path {
+            Some(p) if *p == m.name => String::new(),
+            Some(p) => format!("  -> {p}"),
+            None => "  -> (no diffusers path)".to_string(),
+        };
+        println!(
+            "  {:<width$}  {kind:<8} {:>5}->{:<5} r={:<3} alpha={:<5} scale={}{}{path}",
+            m.name,
+            m.in_features,
+            m.out_features,
+            m.rank,
+            m.alpha,
+            m.scale(),
+            if m.has_dora_scale { "  dora" } else { "" },
+        );
+    }
+    Ok(())
 }

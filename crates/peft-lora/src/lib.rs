@@ -11,6 +11,7 @@ mod config;
 mod describe;
 mod dora;
 mod kernel;
+pub mod kohya;
 
 pub use config::{InitLoraWeights, LoraConfig, LoraUnsupported};
 pub use dora::{DoraEmbeddingKernel, DoraLinearKernel};
