@@ -37,7 +37,9 @@ enum Command {
     /// Evaluate a model with an adapter on a labelled data file (classification, causal LM
     /// loss, or conversations scored by their generated replies).
     Eval(eval::EvalArgs),
-    /// Merge an adapter into its base model and write a full Hugging Face model folder.
+    /// Merge an adapter into its base model and write a full Hugging Face model folder; or fuse
+    /// Stable Diffusion LoRA files (kohya / diffusers), each with a weight, into a diffusers
+    /// pipeline folder.
     Merge(merge::MergeArgs),
     /// Write a LoRA adapter as llama.cpp's LoRA GGUF, or a merged model as a GGUF file, for a
     /// GGUF base (`--format gguf`).
@@ -104,6 +106,8 @@ fn main() -> ExitCode {
                     || c.downcast_ref::<peft_serve::ServeError>()
                         .is_some_and(|e| !matches!(e, peft_serve::ServeError::Io(_)))
                     || c.downcast_ref::<config::ConfigError>().is_some()
+                    || c.downcast_ref::<peft_lora::kohya::FuseError>()
+                        .is_some_and(|e| e.is_bad_input())
                     || c.downcast_ref::<peft_core::PeftError>().is_some()
                     || c.downcast_ref::<peft_models::ModelError>().is_some()
                     || c.downcast_ref::<peft_train::data::DataError>().is_some()

@@ -1,5 +1,7 @@
 //! `burn-peft merge`: fold an adapter into its base model and write a full Hugging Face model
-//! folder (`config.json`, `model.safetensors`, tokenizer files) that transformers loads alone.
+//! folder (`config.json`, `model.safetensors`, tokenizer files) that transformers loads alone;
+//! or, for a diffusers pipeline folder (`model_index.json`), fuse kohya / diffusers Stable
+//! Diffusion LoRA files into its UNet and text encoders ([`peft_lora::kohya::fuse`]).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -9,22 +11,28 @@ use anyhow::{Context, Result};
 use clap::Args;
 use peft_core::bundle::{self, read_config};
 use peft_core::{PeftError, PeftModel, peft_type_of};
+use peft_lora::kohya;
 use peft_models::gguf::hf_tokenizer_files;
 use peft_models::{Task, from_pretrained, read_config as read_model_config, save_pretrained_with};
 use peft_train::data::{LABEL_MAP_FILE, LabelMap};
 use serde_json::Value;
 
+use crate::UsageError;
 use crate::tensors::InputError;
 
 /// Arguments of `burn-peft merge`.
 #[derive(Args, Debug)]
 pub struct MergeArgs {
-    /// Base model folder (config.json + safetensors), GGUF file or Hugging Face hub id.
+    /// Base model folder (config.json + safetensors), GGUF file or Hugging Face hub id; or a
+    /// diffusers pipeline folder (model_index.json), into which Stable Diffusion LoRA files are
+    /// fused as diffusers' set_adapters + fuse_lora does.
     #[arg(long)]
     model: String,
-    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors) to merge.
-    #[arg(long)]
-    adapter: PathBuf,
+    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors) to merge. For a
+    /// diffusers --model: a kohya / diffusers LoRA file, `FILE.safetensors[:WEIGHT]` (weight
+    /// 1 by default); repeat the flag to fuse several.
+    #[arg(long, required = true)]
+    adapter: Vec<PathBuf>,
     /// Folder to write the merged model to; a previous model there is replaced atomically.
     #[arg(long)]
     output: PathBuf,
@@ -69,8 +77,12 @@ pub(crate) fn saved_head_rows(weights: &Path) -> Result<Option<usize>> {
 }
 
 /// The head to build, from the adapter's `task_type`, and the label names when known.
-fn choose_task(args: &MergeArgs, raw: &Value) -> Result<(Task, Option<Vec<String>>)> {
-    let config_file = args.adapter.join(bundle::CONFIG_FILE);
+fn choose_task(
+    args: &MergeArgs,
+    adapter: &Path,
+    raw: &Value,
+) -> Result<(Task, Option<Vec<String>>)> {
+    let config_file = adapter.join(bundle::CONFIG_FILE);
     let task_type = raw.get("task_type").and_then(Value::as_str);
     match task_type {
         Some("SEQ_CLS") => {}
@@ -87,7 +99,7 @@ fn choose_task(args: &MergeArgs, raw: &Value) -> Result<(Task, Option<Vec<String
             .into());
         }
     }
-    let label_file = args.adapter.join(LABEL_MAP_FILE);
+    let label_file = adapter.join(LABEL_MAP_FILE);
     let labels = if label_file.is_file() {
         Some(LabelMap::load(&label_file)?.names)
     } else {
@@ -106,7 +118,7 @@ fn choose_task(args: &MergeArgs, raw: &Value) -> Result<(Task, Option<Vec<String
         }
         (Some(n), _) => n,
         (None, Some(names)) => names.len(),
-        (None, None) => match saved_head_rows(&args.adapter.join(bundle::WEIGHTS_FILE))? {
+        (None, None) => match saved_head_rows(&adapter.join(bundle::WEIGHTS_FILE))? {
             Some(n) => n,
             None => {
                 let (_, base) = read_model_config(&args.model)
@@ -134,13 +146,28 @@ fn choose_task(args: &MergeArgs, raw: &Value) -> Result<(Task, Option<Vec<String
 
 /// Run the subcommand.
 pub fn run(args: MergeArgs) -> Result<()> {
+    if Path::new(&args.model).join("model_index.json").is_file() {
+        return run_diffusers(&args);
+    }
     let start = Instant::now();
+    let adapter = match args.adapter.as_slice() {
+        [one] => one.clone(),
+        several => {
+            return Err(UsageError(format!(
+                "--adapter is given {} times: a PEFT adapter is merged alone (several LoRA files \
+                 are fused only into a diffusers folder with model_index.json); combine PEFT \
+                 adapters first with `burn-peft combine`",
+                several.len()
+            ))
+            .into());
+        }
+    };
     // Everything about the adapter is checked before the (possibly large) base model loads.
-    let loaded = read_config(&args.adapter)?;
+    let loaded = read_config(&adapter)?;
     let method = peft_type_of(loaded.method.as_ref());
     if !loaded.method.mergeable() {
         return Err(PeftError::NotSupportedByMethod {
-            adapter: args.adapter.display().to_string(),
+            adapter: adapter.display().to_string(),
             method: method.into(),
             reason: "this method has no weight delta to merge (prefix tuning adds virtual \
                      tokens at run time); use the adapter with `--adapter` instead"
@@ -148,7 +175,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
         }
         .into());
     }
-    let config_file = args.adapter.join(bundle::CONFIG_FILE);
+    let config_file = adapter.join(bundle::CONFIG_FILE);
     let raw: Value = serde_json::from_str(&fs::read_to_string(&config_file).map_err(|source| {
         PeftError::Io {
             file: config_file.clone(),
@@ -159,15 +186,15 @@ pub fn run(args: MergeArgs) -> Result<()> {
         file: config_file.clone(),
         reason: format!("not valid JSON: {e}"),
     })?;
-    let (task, labels) = choose_task(&args, &raw)?;
+    let (task, labels) = choose_task(&args, &adapter, &raw)?;
     let device = crate::device::parse(&args.device)?;
 
     let pretrained = from_pretrained(&args.model, task, &device)
         .with_context(|| format!("loading model `{}`", args.model))?;
     let mut model = PeftModel::new(pretrained.model);
     let report = model
-        .load_adapter(&args.adapter, "default")
-        .with_context(|| format!("loading adapter {}", args.adapter.display()))?;
+        .load_adapter(&adapter, "default")
+        .with_context(|| format!("loading adapter {}", adapter.display()))?;
     for key in &report.unknown_config_keys {
         eprintln!(
             "warning: {}: unknown key `{key}` ignored",
@@ -176,7 +203,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
     }
     let merged = model
         .merge_and_unload()
-        .with_context(|| format!("merging {}", args.adapter.display()))?;
+        .with_context(|| format!("merging {}", adapter.display()))?;
     // A GGUF base carries its tokenizer in its metadata: written out as Hugging Face files
     // (nothing is copied from the folder the .gguf sits in).
     let gguf_files = match (&pretrained.gguf, &pretrained.tokenizer) {
@@ -196,7 +223,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
 
     println!(
         "merged {method} adapter {} into `{}` as {} ({:.1} s)",
-        args.adapter.display(),
+        adapter.display(),
         args.model,
         saved.architecture,
         start.elapsed().as_secs_f64()
@@ -212,6 +239,100 @@ pub fn run(args: MergeArgs) -> Result<()> {
         } else {
             println!("  {file}");
         }
+    }
+    Ok(())
+}
+
+/// `FILE[:WEIGHT]`: the suffix after the last `:` is a weight when it parses as a number and
+/// the whole argument is not an existing file (a path may hold `:`); else the weight is 1.
+fn weighted_lora(arg: &Path) -> Result<(PathBuf, f64)> {
+    let Some(text) = arg.to_str() else {
+        return Ok((arg.to_path_buf(), 1.0));
+    };
+    if arg.exists() {
+        return Ok((arg.to_path_buf(), 1.0));
+    }
+    match text.rsplit_once(':') {
+        Some((file, weight)) if !file.is_empty() => match weight.trim().parse::<f64>() {
+            Ok(w) if w.is_finite() => Ok((PathBuf::from(file), w)),
+            Ok(w) => Err(UsageError(format!(
+                "--adapter {text}: weight {w} is not a finite number"
+            ))
+            .into()),
+            Err(_) => Ok((arg.to_path_buf(), 1.0)),
+        },
+        _ => Ok((arg.to_path_buf(), 1.0)),
+    }
+}
+
+/// Fuse kohya / diffusers Stable Diffusion LoRA files into a diffusers pipeline folder.
+fn run_diffusers(args: &MergeArgs) -> Result<()> {
+    let start = Instant::now();
+    if args.num_labels.is_some() {
+        return Err(UsageError(format!(
+            "--num-labels is for PEFT classifier adapters; {} is a diffusers pipeline folder",
+            args.model
+        ))
+        .into());
+    }
+    let loras = args
+        .adapter
+        .iter()
+        .map(|a| weighted_lora(a.as_path()))
+        .collect::<Result<Vec<_>>>()?;
+    let model = Path::new(&args.model);
+    let report = kohya::fuse(model, &loras, &args.output).with_context(|| {
+        format!(
+            "fusing {} LoRA file(s) into {}",
+            loras.len(),
+            model.display()
+        )
+    })?;
+    for lora in &report.loras {
+        if !lora.skipped.is_empty() {
+            let shown: Vec<&str> = lora.skipped.iter().take(5).map(String::as_str).collect();
+            eprintln!(
+                "warning: {}: {} module(s) match no weight of the model and were skipped: {}{}",
+                lora.file.display(),
+                lora.skipped.len(),
+                shown.join(", "),
+                if lora.skipped.len() > shown.len() {
+                    ", ..."
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    println!(
+        "fused {} LoRA file(s) into diffusers model `{}` ({:.1} s)",
+        report.loras.len(),
+        args.model,
+        start.elapsed().as_secs_f64()
+    );
+    for lora in &report.loras {
+        println!(
+            "  {} (weight {}): {} module(s)",
+            lora.file.display(),
+            lora.weight,
+            lora.fused
+        );
+    }
+    println!("wrote {}:", report.output.display());
+    for c in &report.components {
+        println!(
+            "  {} ({} weight(s) fused, {})",
+            c.file.display(),
+            c.tensors,
+            c.dtypes.join(", ")
+        );
+    }
+    println!("  {} other file(s) copied unchanged", report.copied_files);
+    for file in &report.dropped_files {
+        println!(
+            "  left out {} (other weights of a fused component, still unfused)",
+            file.display()
+        );
     }
     Ok(())
 }

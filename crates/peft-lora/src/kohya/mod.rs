@@ -6,7 +6,8 @@
 //!
 //! [`LoraFile::read`] reads the safetensors header, checks every tensor's size and shape
 //! against it, and reads only the `alpha` scalars, never the weights: describing a 200 MB file
-//! costs its header. Merging or applying such a file is not part of this module.
+//! costs its header. [`fuse`] adds the deltas of such files, each with a weight, into a
+//! diffusers pipeline folder's weights, as diffusers' `fuse_lora` does.
 //!
 //! ```
 //! use peft_lora::kohya::{LoraFile, LoraFormat};
@@ -32,9 +33,13 @@ use safetensors::Dtype;
 use safetensors::tensor::{Metadata, TensorInfo};
 
 mod error;
+mod fuse;
+mod fuse_types;
 mod names;
 
 pub use error::KohyaError;
+pub use fuse::fuse;
+pub use fuse_types::{FUSE_COMPONENTS, FuseError, FuseReport, FusedComponent, FusedLora};
 pub use names::kohya_to_diffusers;
 use names::{Role, classify, diffusers_module_path};
 

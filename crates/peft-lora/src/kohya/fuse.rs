@@ -1,0 +1,562 @@
+//! Fusing kohya / diffusers Stable Diffusion LoRA files into a diffusers pipeline folder, as
+//! diffusers' `pipe.load_lora_weights(file, adapter_name=..)` for each file, then
+//! `pipe.set_adapters([..], adapter_weights=[..])` and `pipe.fuse_lora()` do: each adapted
+//! weight becomes `W + Σ weight · (alpha / r) · up @ down` (PEFT `LoraLayer.merge` /
+//! `get_delta_weight`, with the scale `set_adapters` sets: `weight · lora_alpha / r`). For a
+//! LoCon convolution, down is `[r, in, kh, kw]` and up `[out, r, 1, 1]`, and the delta is
+//! `(up.reshape(out, r) @ down.reshape(r, in·kh·kw)).reshape(out, in, kh, kw)`.
+//!
+//! The component files (`unet/diffusion_pytorch_model.safetensors`,
+//! `text_encoder/model.safetensors`, `text_encoder_2/model.safetensors`) are written back with
+//! the same header (tensor names, order, dtypes, metadata) and the fused weights rewritten in
+//! place, in their own dtype (the sum is formed in f32 and rounded once); every other file of
+//! the folder is copied unchanged. The output folder appears whole or not at all
+//! ([`peft_core::atomic::StagedDir`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{bf16, f16};
+use peft_core::atomic::{Previous, StagedDir};
+use safetensors::Dtype;
+use safetensors::tensor::{Metadata, TensorInfo};
+
+use super::fuse_types::{FUSE_COMPONENTS, FuseError, FuseReport, FusedComponent, FusedLora};
+use super::{KohyaError, LoraFile, LoraFormat, LoraModule, ModuleKind, check_extent};
+
+/// A safetensors header: tensors and where the data section starts.
+struct Header {
+    tensors: HashMap<String, TensorInfo>,
+    data_start: u64,
+}
+
+/// Read and check a safetensors header (sizes and offsets against the file's length, before
+/// anything is allocated from them).
+fn read_header(
+    path: &Path,
+    corrupt: &dyn Fn(String) -> FuseError,
+    io: &dyn Fn(std::io::Error) -> FuseError,
+) -> Result<Header, FuseError> {
+    let mut file = File::open(path).map_err(io)?;
+    let file_len = file.metadata().map_err(io)?.len();
+    let mut n = [0u8; 8];
+    file.read_exact(&mut n).map_err(|_| {
+        corrupt(format!(
+            "{file_len} bytes, shorter than the 8-byte header size"
+        ))
+    })?;
+    let n = u64::from_le_bytes(n);
+    if n > 100_000_000 || n + 8 > file_len {
+        return Err(corrupt(format!(
+            "header size {n} does not fit the file ({file_len} bytes)"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header).map_err(io)?;
+    let metadata: Metadata =
+        serde_json::from_slice(&header).map_err(|e| corrupt(format!("header: {e}")))?;
+    let data_start = 8 + n;
+    let tensors: HashMap<String, TensorInfo> = metadata
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.clone()))
+        .collect();
+    for (key, info) in &tensors {
+        check_extent(key, info, file_len - data_start).map_err(corrupt)?;
+    }
+    Ok(Header {
+        tensors,
+        data_start,
+    })
+}
+
+/// A component weights file of the model folder.
+struct Component {
+    name: &'static str,
+    relative: PathBuf,
+    path: PathBuf,
+    header: Header,
+}
+
+/// One module of one LoRA file to add onto one weight.
+struct Op {
+    lora: usize,
+    down: TensorInfo,
+    up: TensorInfo,
+    rank: usize,
+    out: usize,
+    /// `in · kh · kw`.
+    inner: usize,
+    /// `weight · alpha / rank`.
+    scale: f32,
+}
+
+/// The LoRA file's keys of a module's down and up projections.
+fn pair_keys(
+    format: LoraFormat,
+    name: &str,
+    tensors: &HashMap<String, TensorInfo>,
+) -> Option<(String, String)> {
+    let candidates: &[(&str, &str)] = match format {
+        LoraFormat::Kohya => &[(".lora_down.weight", ".lora_up.weight")],
+        LoraFormat::PeftLike => &[(".lora_A.weight", ".lora_B.weight")],
+        LoraFormat::Diffusers => &[
+            (".lora.down.weight", ".lora.up.weight"),
+            (
+                ".lora_linear_layer.down.weight",
+                ".lora_linear_layer.up.weight",
+            ),
+            ("_lora.down.weight", "_lora.up.weight"),
+        ],
+    };
+    candidates.iter().find_map(|(down, up)| {
+        let (down, up) = (format!("{name}{down}"), format!("{name}{up}"));
+        (tensors.contains_key(&down) && tensors.contains_key(&up)).then_some((down, up))
+    })
+}
+
+/// The tensor a module adapts in `component`: `<path>.weight`, where a text encoder saved by
+/// transformers 5 has no `text_model.` wrapper in its names.
+fn target_tensor(component: &Component, path: &str) -> Option<String> {
+    let direct = format!("{path}.weight");
+    if component.header.tensors.contains_key(&direct) {
+        return Some(direct);
+    }
+    let flat = path.strip_prefix("text_model.")?;
+    let flat = format!("{flat}.weight");
+    (component.name != "unet" && component.header.tensors.contains_key(&flat)).then_some(flat)
+}
+
+fn float_dtype(dtype: Dtype, lora: bool) -> bool {
+    matches!(dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32) || (lora && dtype == Dtype::F64)
+}
+
+/// Little-endian bytes of `dtype` -> f32.
+fn to_f32(bytes: &[u8], dtype: Dtype) -> Vec<f32> {
+    match dtype {
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
+            .collect(),
+        _ => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect(),
+    }
+}
+
+/// f32 -> little-endian bytes of `dtype` (F16 / BF16 / F32).
+fn from_f32(values: &[f32], dtype: Dtype) -> Vec<u8> {
+    match dtype {
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
+/// Read one tensor's bytes (its extent was checked against the file's length).
+fn read_bytes(file: &mut File, data_start: u64, info: &TensorInfo) -> std::io::Result<Vec<u8>> {
+    let (start, end) = info.data_offsets;
+    let mut bytes = vec![0u8; end - start];
+    file.seek(SeekFrom::Start(data_start + start as u64))?;
+    file.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// A path made absolute without requiring it to exist (its parent is resolved if it exists).
+fn resolved(path: &Path) -> PathBuf {
+    if let Ok(p) = fs::canonicalize(path) {
+        return p;
+    }
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    match (absolute.parent(), absolute.file_name()) {
+        (Some(parent), Some(name)) => fs::canonicalize(parent)
+            .map(|p| p.join(name))
+            .unwrap_or(absolute),
+        _ => absolute,
+    }
+}
+
+/// Extensions of weights files: beside a fused component file, another one (a `fp16` variant, a
+/// `.bin` copy) would hold the unfused weights, so it is left out of the output.
+const WEIGHT_EXTENSIONS: [&str; 6] = ["safetensors", "bin", "ckpt", "pt", "pth", "msgpack"];
+
+/// Copy every file under `from` to `to` (following symbolic links, as a Hugging Face cache
+/// snapshot's are), except the fused component files `fused` (relative paths) and the other
+/// weights files in their folders, which are listed in `dropped`; returns how many were copied.
+fn copy_tree(
+    from: &Path,
+    to: &Path,
+    relative: &Path,
+    fused: &[PathBuf],
+    dropped: &mut Vec<PathBuf>,
+) -> Result<usize, FuseError> {
+    let io = |file: &Path| {
+        let file = file.to_path_buf();
+        move |source| FuseError::Io { file, source }
+    };
+    let dir = from.join(relative);
+    fs::create_dir_all(to.join(relative)).map_err(io(&to.join(relative)))?;
+    let mut entries: Vec<_> = fs::read_dir(&dir)
+        .map_err(io(&dir))?
+        .collect::<Result<_, _>>()
+        .map_err(io(&dir))?;
+    entries.sort_by_key(|e| e.file_name());
+    let mut copied = 0;
+    for entry in entries {
+        let rel = relative.join(entry.file_name());
+        let meta = fs::metadata(entry.path()).map_err(io(&entry.path()))?;
+        let stale_weights = fused.iter().any(|f| f.parent() == Some(relative))
+            && rel
+                .extension()
+                .is_some_and(|e| WEIGHT_EXTENSIONS.iter().any(|w| e == *w));
+        if meta.is_dir() {
+            copied += copy_tree(from, to, &rel, fused, dropped)?;
+        } else if !fused.contains(&rel) {
+            if stale_weights {
+                dropped.push(rel);
+            } else {
+                fs::copy(entry.path(), to.join(&rel)).map_err(io(&entry.path()))?;
+                copied += 1;
+            }
+        }
+    }
+    Ok(copied)
+}
+
+/// Fuse LoRA files, each with its weight, into the diffusers pipeline folder `model` and write
+/// the result to `output` (replaced whole if it holds a diffusers model already).
+///
+/// Every LoRA file is read and every module checked against the model (DoRA modules refused,
+/// shapes compared, a file that matches nothing refused) before anything is written. Modules
+/// that match no weight are skipped and listed in the report, as diffusers skips them.
+///
+/// ```no_run
+/// use std::path::{Path, PathBuf};
+/// let report = peft_lora::kohya::fuse(
+///     Path::new("sd15"),
+///     &[(PathBuf::from("style.safetensors"), 0.7), (PathBuf::from("detail.safetensors"), 0.5)],
+///     Path::new("sd15-fused"),
+/// )?;
+/// println!("{} weights changed", report.components.iter().map(|c| c.tensors).sum::<usize>());
+/// # Ok::<(), peft_lora::kohya::FuseError>(())
+/// ```
+pub fn fuse(
+    model: &Path,
+    loras: &[(PathBuf, f64)],
+    output: &Path,
+) -> Result<FuseReport, FuseError> {
+    let model_abs = resolved(model);
+    let output_abs = resolved(output);
+    if output_abs.starts_with(&model_abs) || model_abs.starts_with(&output_abs) {
+        return Err(FuseError::OutputInsideModel {
+            output: output.to_path_buf(),
+            model: model.to_path_buf(),
+        });
+    }
+    if let Ok(meta) = fs::metadata(output) {
+        let empty = meta.is_dir()
+            && fs::read_dir(output)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false);
+        if !meta.is_dir() || !(empty || output.join("model_index.json").is_file()) {
+            return Err(FuseError::OutputNotAModel {
+                output: output.to_path_buf(),
+            });
+        }
+    }
+
+    let mut components = Vec::new();
+    for (name, file) in FUSE_COMPONENTS {
+        let relative = Path::new(name).join(file);
+        let path = model.join(&relative);
+        if !path.is_file() {
+            continue;
+        }
+        let header = read_header(
+            &path,
+            &|reason| FuseError::CorruptModel {
+                file: path.clone(),
+                reason,
+            },
+            &|source| FuseError::Io {
+                file: path.clone(),
+                source,
+            },
+        )?;
+        components.push(Component {
+            name,
+            relative,
+            path,
+            header,
+        });
+    }
+    if components.is_empty() {
+        return Err(FuseError::NoComponents {
+            dir: model.to_path_buf(),
+        });
+    }
+
+    // Plan: per component, per weight, the modules to add (in the order of the LoRA files).
+    let mut plan: Vec<BTreeMap<String, Vec<Op>>> =
+        components.iter().map(|_| BTreeMap::new()).collect();
+    let mut reports = Vec::with_capacity(loras.len());
+    let mut lora_headers = Vec::with_capacity(loras.len());
+    for (index, (path, weight)) in loras.iter().enumerate() {
+        if !weight.is_finite() {
+            return Err(FuseError::BadWeight {
+                file: path.clone(),
+                weight: *weight,
+            });
+        }
+        let lora = LoraFile::read(path)?;
+        if let Some(m) = lora.modules.iter().find(|m| m.has_dora_scale) {
+            return Err(FuseError::Dora {
+                file: path.clone(),
+                module: m.name.clone(),
+            });
+        }
+        let header = read_header(
+            path,
+            &|reason| {
+                FuseError::from(KohyaError::Corrupt {
+                    file: path.clone(),
+                    reason,
+                })
+            },
+            &|source| {
+                FuseError::from(KohyaError::Io {
+                    file: path.clone(),
+                    source,
+                })
+            },
+        )?;
+        let mut report = FusedLora {
+            file: path.clone(),
+            weight: *weight,
+            fused: 0,
+            skipped: Vec::new(),
+        };
+        let mut example = None;
+        for module in &lora.modules {
+            let found = locate(&components, module);
+            let Some((c, tensor)) = found else {
+                if example.is_none() {
+                    example = Some(format!(
+                        "{} -> {}",
+                        module.name,
+                        module
+                            .diffusers_path
+                            .as_deref()
+                            .map(|p| format!("{p}.weight"))
+                            .unwrap_or_else(|| "no diffusers name".into())
+                    ));
+                }
+                report.skipped.push(module.name.clone());
+                continue;
+            };
+            let component = &components[c];
+            let info = &component.header.tensors[&tensor];
+            if !float_dtype(info.dtype, false) {
+                return Err(FuseError::ModelDtype {
+                    file: component.path.clone(),
+                    tensor,
+                    dtype: format!("{:?}", info.dtype),
+                });
+            }
+            let delta_shape = match module.kind {
+                ModuleKind::Linear => vec![module.out_features, module.in_features],
+                ModuleKind::Conv { kernel } => vec![
+                    module.out_features,
+                    module.in_features,
+                    kernel[0],
+                    kernel[1],
+                ],
+            };
+            if info.shape != delta_shape {
+                return Err(FuseError::ShapeMismatch {
+                    file: path.clone(),
+                    module: module.name.clone(),
+                    component: component.name,
+                    tensor,
+                    expected: info.shape.clone().into(),
+                    found: delta_shape.into(),
+                });
+            }
+            let (down_key, up_key) = pair_keys(lora.format, &module.name, &header.tensors)
+                .ok_or_else(|| KohyaError::Corrupt {
+                    file: path.clone(),
+                    reason: format!("module `{}`: down / up tensors not found", module.name),
+                })?;
+            for key in [&down_key, &up_key] {
+                let dtype = header.tensors[key].dtype;
+                if !float_dtype(dtype, true) {
+                    return Err(FuseError::LoraDtype {
+                        file: path.clone(),
+                        key: key.clone(),
+                        dtype: format!("{dtype:?}"),
+                    });
+                }
+            }
+            let inner = delta_shape[1..].iter().product();
+            plan[c].entry(tensor).or_default().push(Op {
+                lora: index,
+                down: header.tensors[&down_key].clone(),
+                up: header.tensors[&up_key].clone(),
+                rank: module.rank,
+                out: module.out_features,
+                inner,
+                scale: (weight * module.scale()) as f32,
+            });
+            report.fused += 1;
+        }
+        if report.fused == 0 {
+            return Err(FuseError::NoMatch {
+                file: path.clone(),
+                model: model.to_path_buf(),
+                modules: lora.modules.len(),
+                example: example.unwrap_or_default(),
+            });
+        }
+        reports.push(report);
+        lora_headers.push(header.data_start);
+    }
+
+    let staged = StagedDir::create(output)?;
+    let skip: Vec<PathBuf> = components
+        .iter()
+        .zip(&plan)
+        .filter(|(_, p)| !p.is_empty())
+        .map(|(c, _)| c.relative.clone())
+        .collect();
+    let mut dropped_files = Vec::new();
+    let copied_files = copy_tree(
+        model,
+        staged.path(),
+        Path::new(""),
+        &skip,
+        &mut dropped_files,
+    )?;
+    let mut lora_files = Vec::with_capacity(loras.len());
+    for (path, _) in loras {
+        lora_files.push(File::open(path).map_err(|source| KohyaError::Io {
+            file: path.clone(),
+            source,
+        })?);
+    }
+    let mut written = Vec::new();
+    for (component, ops) in components.iter().zip(&plan) {
+        if ops.is_empty() {
+            continue;
+        }
+        let dest = staged.path().join(&component.relative);
+        let dest_io = |source| FuseError::Io {
+            file: dest.clone(),
+            source,
+        };
+        fs::copy(&component.path, &dest).map_err(|source| FuseError::Io {
+            file: component.path.clone(),
+            source,
+        })?;
+        let mut out = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dest)
+            .map_err(dest_io)?;
+        let mut dtypes: Vec<String> = Vec::new();
+        for (tensor, tensor_ops) in ops {
+            let info = &component.header.tensors[tensor];
+            let mut weights = to_f32(
+                &read_bytes(&mut out, component.header.data_start, info).map_err(dest_io)?,
+                info.dtype,
+            );
+            for op in tensor_ops {
+                let (path, _) = &loras[op.lora];
+                let lora_io = |source| {
+                    FuseError::from(KohyaError::Io {
+                        file: path.clone(),
+                        source,
+                    })
+                };
+                let file = &mut lora_files[op.lora];
+                let start = lora_headers[op.lora];
+                let down = to_f32(
+                    &read_bytes(file, start, &op.down).map_err(lora_io)?,
+                    op.down.dtype,
+                );
+                let up = to_f32(
+                    &read_bytes(file, start, &op.up).map_err(lora_io)?,
+                    op.up.dtype,
+                );
+                add_delta(&mut weights, &up, &down, op);
+            }
+            out.seek(SeekFrom::Start(
+                component.header.data_start + info.data_offsets.0 as u64,
+            ))
+            .and_then(|_| out.write_all(&from_f32(&weights, info.dtype)))
+            .map_err(dest_io)?;
+            let dtype = format!("{:?}", info.dtype);
+            if !dtypes.contains(&dtype) {
+                dtypes.push(dtype);
+            }
+        }
+        written.push(FusedComponent {
+            component: component.name.to_string(),
+            file: component.relative.clone(),
+            tensors: ops.len(),
+            dtypes,
+        });
+    }
+    staged.commit(Previous::Replace)?;
+    Ok(FuseReport {
+        output: output.to_path_buf(),
+        loras: reports,
+        components: written,
+        copied_files,
+        dropped_files,
+    })
+}
+
+/// The component and tensor a module adapts, if the model has it.
+fn locate(components: &[Component], module: &LoraModule) -> Option<(usize, String)> {
+    let path = module.diffusers_path.as_deref()?;
+    let name = module.network.component();
+    let path = path.strip_prefix(name)?.strip_prefix('.')?;
+    let c = components.iter().position(|c| c.name == name)?;
+    target_tensor(&components[c], path).map(|t| (c, t))
+}
+
+/// `weights += scale · (up [out, r] @ down [r, inner])`, the product formed first as PEFT's
+/// `get_delta_weight` forms it.
+fn add_delta(weights: &mut [f32], up: &[f32], down: &[f32], op: &Op) {
+    let (r, k) = (op.rank, op.inner);
+    let mut row = vec![0f32; k];
+    for o in 0..op.out {
+        row.fill(0.0);
+        for j in 0..r {
+            let u = up[o * r + j];
+            for (acc, d) in row.iter_mut().zip(&down[j * k..(j + 1) * k]) {
+                *acc += u * d;
+            }
+        }
+        for (w, d) in weights[o * k..(o + 1) * k].iter_mut().zip(&row) {
+            *w += d * op.scale;
+        }
+    }
+}
