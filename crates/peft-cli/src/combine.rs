@@ -1,5 +1,6 @@
 //! `burn-peft combine`: build one LoRA adapter from several (PEFT's `add_weighted_adapter`) and
-//! write it as a PEFT bundle.
+//! write it as a PEFT bundle, or combine kohya Stable Diffusion LoRA files into one file by
+//! concatenating their ranks ([`peft_lora::kohya::combine`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -24,17 +25,21 @@ const COMBINED: &str = "default";
 /// Arguments of `burn-peft combine`.
 #[derive(Args, Debug)]
 pub struct CombineArgs {
-    /// Base model folder (config.json + safetensors) or Hugging Face hub id.
+    /// Base model folder (config.json + safetensors) or Hugging Face hub id (required for PEFT
+    /// bundles; not used for .safetensors LoRA files).
     #[arg(long)]
-    model: String,
+    model: Option<String>,
     /// An input adapter as NAME=DIR:WEIGHT (e.g. `a=out/adapter:0.7`; weights may be negative);
-    /// repeat for each adapter. The first one's config is the template of the result.
+    /// repeat for each adapter. The first one's config is the template of the result. Or, to
+    /// combine kohya Stable Diffusion LoRA files into one, FILE.safetensors[:WEIGHT] (weight 1
+    /// if none) for every input.
     #[arg(long = "adapter", value_name = "NAME=DIR:WEIGHT", required = true)]
     adapters: Vec<String>,
     /// Combination type: linear, cat, svd, ties, ties_svd, dare_linear, dare_ties,
-    /// dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd.
-    #[arg(long = "type", default_value = "svd", value_parser = parse_type)]
-    combination_type: CombinationType,
+    /// dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd [default: svd for
+    /// PEFT bundles; cat, the only one allowed, for .safetensors LoRA files].
+    #[arg(long = "type", value_parser = parse_type)]
+    combination_type: Option<CombinationType>,
     /// Fraction of values kept by pruning, in [0, 1] (ties*, dare*, magnitude_prune*).
     #[arg(long)]
     density: Option<f64>,
@@ -51,7 +56,7 @@ pub struct CombineArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Folder to write the combined PEFT bundle to; a previous bundle there is replaced
-    /// atomically.
+    /// atomically. For .safetensors LoRA inputs: the combined file (ending in .safetensors).
     #[arg(long)]
     output: PathBuf,
     /// Backend: `flex` (CPU), `cuda[:N]` or `vulkan[:N]`.
@@ -149,8 +154,106 @@ fn read_json(file: &Path) -> Result<Value> {
     )
 }
 
+/// One `--adapter FILE[:WEIGHT]` naming a `.safetensors` LoRA file, or `None` if the value does
+/// not name one: the weight follows the last ':' when it parses as a finite number and the
+/// whole value is not an existing file.
+fn parse_lora_file(spec: &str) -> Option<(PathBuf, f64)> {
+    let is_safetensors = |p: &str| p.to_ascii_lowercase().ends_with(".safetensors");
+    if Path::new(spec).is_file() {
+        return is_safetensors(spec).then(|| (PathBuf::from(spec), 1.0));
+    }
+    let (file, weight) = match spec.rsplit_once(':') {
+        Some((file, w)) => match w.trim().parse::<f64>() {
+            Ok(w) if w.is_finite() => (file, w),
+            _ => (spec, 1.0),
+        },
+        None => (spec, 1.0),
+    };
+    is_safetensors(file).then(|| (PathBuf::from(file), weight))
+}
+
+/// `burn-peft combine` on kohya `.safetensors` LoRA files: concatenate their ranks into one
+/// file (exact).
+fn run_lora_files(args: &CombineArgs, inputs: Vec<(PathBuf, f64)>) -> Result<()> {
+    let start = Instant::now();
+    if let Some(t) = args.combination_type
+        && t != CombinationType::Cat
+    {
+        return Err(UsageError(format!(
+            "--type {t}: only `cat` (concatenating the ranks) is exact for LoRA files; drop              --type or pass --type cat"
+        ))
+        .into());
+    }
+    if args.model.is_some() {
+        return Err(UsageError(
+            "--model is not used when combining .safetensors LoRA files; drop it".into(),
+        )
+        .into());
+    }
+    for (flag, given) in [
+        ("--density", args.density.is_some()),
+        ("--svd-rank", args.svd_rank.is_some()),
+        ("--svd-clamp", args.svd_clamp.is_some()),
+    ] {
+        if given {
+            return Err(UsageError(format!(
+                "{flag} does not apply to `cat`, the only type for .safetensors LoRA files"
+            ))
+            .into());
+        }
+    }
+    if !args
+        .output
+        .to_string_lossy()
+        .to_ascii_lowercase()
+        .ends_with(".safetensors")
+    {
+        return Err(UsageError(format!(
+            "--output {}: combining .safetensors LoRA files writes one file; give a path              ending in .safetensors",
+            args.output.display()
+        ))
+        .into());
+    }
+    let report = peft_lora::kohya::combine(&inputs, &args.output)
+        .with_context(|| format!("combining into {}", args.output.display()))?;
+    println!(
+        "combined {} with `cat` into {} modules, rank up to {}, {} ({:.1} s)",
+        report
+            .loras
+            .iter()
+            .map(|l| format!("{}×{}", l.weight, l.file.display()))
+            .collect::<Vec<_>>()
+            .join(" + "),
+        report.modules,
+        report.max_rank,
+        report.dtype,
+        start.elapsed().as_secs_f64()
+    );
+    println!("wrote {}", report.output.display());
+    Ok(())
+}
+
 /// Run the subcommand.
 pub fn run(args: CombineArgs) -> Result<()> {
+    let files: Vec<Option<(PathBuf, f64)>> =
+        args.adapters.iter().map(|s| parse_lora_file(s)).collect();
+    if files.iter().all(Option::is_some) {
+        return run_lora_files(&args, files.into_iter().flatten().collect());
+    }
+    if files.iter().any(Option::is_some) {
+        return Err(UsageError(
+            "--adapter: some inputs are .safetensors LoRA files and some PEFT bundles              (NAME=DIR:WEIGHT); combine one kind at a time"
+                .into(),
+        )
+        .into());
+    }
+    let Some(model_id) = args.model.clone() else {
+        return Err(UsageError(
+            "--model is required to combine PEFT bundles (NAME=DIR:WEIGHT)".into(),
+        )
+        .into());
+    };
+    let combination_type = args.combination_type.unwrap_or(CombinationType::Svd);
     let start = Instant::now();
     let inputs: Vec<AdapterArg> = args
         .adapters
@@ -169,7 +272,7 @@ pub fn run(args: CombineArgs) -> Result<()> {
         .into());
     }
     let options = CombineOptions {
-        combination_type: args.combination_type,
+        combination_type,
         density: args.density,
         majority_sign_method: args.majority_sign_method,
         svd_rank: args.svd_rank,
@@ -201,11 +304,11 @@ pub fn run(args: CombineArgs) -> Result<()> {
         })?;
     }
     let raw = read_json(&inputs[0].dir.join(bundle::CONFIG_FILE))?;
-    let task = choose_task(&args.model, &inputs[0], &raw)?;
+    let task = choose_task(&model_id, &inputs[0], &raw)?;
     let device = crate::device::parse(&args.device)?;
-    let pretrained = from_pretrained(&args.model, task, &device)
-        .with_context(|| format!("loading model `{}`", args.model))?;
-    let mut model = PeftModel::new(pretrained.model).with_base_model_name(args.model.clone());
+    let pretrained = from_pretrained(&model_id, task, &device)
+        .with_context(|| format!("loading model `{model_id}`"))?;
+    let mut model = PeftModel::new(pretrained.model).with_base_model_name(model_id.clone());
     for input in &inputs {
         model
             .load_adapter(&input.dir, &input.name)
@@ -216,7 +319,7 @@ pub fn run(args: CombineArgs) -> Result<()> {
     let weighted: Vec<(&str, f64)> = inputs.iter().map(|a| (a.name.as_str(), a.weight)).collect();
     let report = model
         .add_weighted_adapter(&weighted, COMBINED, &options)
-        .with_context(|| format!("combining with --type {}", args.combination_type))?;
+        .with_context(|| format!("combining with --type {}", combination_type))?;
     model
         .save_adapter(&args.output, COMBINED)
         .with_context(|| format!("writing the bundle to {}", args.output.display()))?;
@@ -233,8 +336,8 @@ pub fn run(args: CombineArgs) -> Result<()> {
             .map(|a| format!("{}×{}", a.weight, a.name))
             .collect::<Vec<_>>()
             .join(" + "),
-        args.model,
-        args.combination_type,
+        model_id,
+        combination_type,
         config["r"],
         config["lora_alpha"],
         report.adapted.len(),
@@ -248,6 +351,22 @@ pub fn run(args: CombineArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lora_file_specs_parse_with_an_optional_weight() {
+        assert_eq!(
+            parse_lora_file("runs/a:b/style.safetensors:-0.5"),
+            Some(("runs/a:b/style.safetensors".into(), -0.5))
+        );
+        assert_eq!(
+            parse_lora_file("style.SAFETENSORS"),
+            Some(("style.SAFETENSORS".into(), 1.0))
+        );
+        // Not a number or not finite: part of the name.
+        assert_eq!(parse_lora_file("style.safetensors:inf"), None);
+        assert_eq!(parse_lora_file("a=out/adapter:0.7"), None);
+        assert_eq!(parse_lora_file("a=out/adapter"), None);
+    }
 
     #[test]
     fn adapter_specs_parse_and_bad_ones_say_how_to_fix_them() {

@@ -108,6 +108,8 @@ fn main() -> ExitCode {
                     || c.downcast_ref::<config::ConfigError>().is_some()
                     || c.downcast_ref::<peft_lora::kohya::FuseError>()
                         .is_some_and(|e| e.is_bad_input())
+                    || c.downcast_ref::<peft_lora::kohya::CombineError>()
+                        .is_some_and(|e| e.is_bad_input())
                     || c.downcast_ref::<peft_core::PeftError>().is_some()
                     || c.downcast_ref::<peft_models::ModelError>().is_some()
                     || c.downcast_ref::<peft_train::data::DataError>().is_some()

@@ -24,7 +24,9 @@ use safetensors::Dtype;
 use safetensors::tensor::{Metadata, TensorInfo};
 
 use super::fuse_types::{FUSE_COMPONENTS, FuseError, FuseReport, FusedComponent, FusedLora};
-use super::{KohyaError, LoraFile, LoraFormat, LoraModule, ModuleKind, check_extent};
+use super::{
+    KohyaError, LoraFile, LoraFormat, LoraModule, ModuleKind, Network, UnetConfig, check_extent,
+};
 
 /// A safetensors header: tensors and where the data section starts.
 struct Header {
@@ -246,6 +248,9 @@ fn copy_tree(
 /// Every LoRA file is read and every module checked against the model (DoRA modules refused,
 /// shapes compared, a file that matches nothing refused) before anything is written. Modules
 /// that match no weight are skipped and listed in the report, as diffusers skips them.
+/// SGM-named kohya UNet modules (`lora_unet_input_blocks_...`, SDXL files) are placed with the
+/// model's `unet/config.json` ([`LoraFile::with_unet_config`]); without that file they match
+/// nothing.
 ///
 /// ```no_run
 /// use std::path::{Path, PathBuf};
@@ -313,6 +318,14 @@ pub fn fuse(
         });
     }
 
+    // SGM-named kohya UNet modules (`lora_unet_input_blocks_...`) need the UNet's
+    // `layers_per_block`, as diffusers' `load_lora_weights` reads it from `unet.config`; a
+    // config that does not give it is an error only for a file with such modules.
+    let unet_config_path = model.join("unet").join("config.json");
+    let unet_config = unet_config_path
+        .is_file()
+        .then(|| UnetConfig::read(&unet_config_path));
+
     // Plan: per component, per weight, the modules to add (in the order of the LoRA files).
     let mut plan: Vec<BTreeMap<String, Vec<Op>>> =
         components.iter().map(|_| BTreeMap::new()).collect();
@@ -325,7 +338,21 @@ pub fn fuse(
                 weight: *weight,
             });
         }
-        let lora = LoraFile::read(path)?;
+        let mut lora = LoraFile::read(path)?;
+        let unplaced_unet = lora
+            .modules
+            .iter()
+            .any(|m| m.network == Network::Unet && m.diffusers_path.is_none());
+        match &unet_config {
+            Some(Ok(config)) => lora = lora.with_unet_config(config),
+            Some(Err(reason)) if unplaced_unet => {
+                return Err(FuseError::CorruptModel {
+                    file: unet_config_path.clone(),
+                    reason: reason.clone(),
+                });
+            }
+            _ => {}
+        }
         if let Some(m) = lora.modules.iter().find(|m| m.has_dora_scale) {
             return Err(FuseError::Dora {
                 file: path.clone(),

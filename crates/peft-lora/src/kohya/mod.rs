@@ -32,16 +32,20 @@ use burn::tensor::{bf16, f16};
 use safetensors::Dtype;
 use safetensors::tensor::{Metadata, TensorInfo};
 
+mod combine;
 mod error;
 mod fuse;
 mod fuse_types;
 mod names;
+mod sgm;
 
+pub use combine::{CombineError, CombineReport, CombinedLora, combine};
 pub use error::KohyaError;
 pub use fuse::fuse;
 pub use fuse_types::{FUSE_COMPONENTS, FuseError, FuseReport, FusedComponent, FusedLora};
 pub use names::kohya_to_diffusers;
 use names::{Role, classify, diffusers_module_path};
+pub use sgm::{UnetConfig, sgm_to_diffusers};
 
 /// Which tool's naming a file uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -144,8 +148,9 @@ pub struct LoraModule {
     /// Output features (channels) of the adapted layer.
     pub out_features: usize,
     /// The diffusers module path (`unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`),
-    /// or `None` for a kohya name this module cannot map (SD 1.x original-checkpoint names
-    /// such as `lora_unet_input_blocks_1_1_proj_in`, or segments it does not know).
+    /// or `None` for a kohya name this module cannot map (SGM / original-checkpoint names
+    /// such as `lora_unet_input_blocks_1_1_proj_in`, which need the UNet's config:
+    /// [`LoraFile::with_unet_config`]; or segments it does not know).
     pub diffusers_path: Option<String>,
 }
 

@@ -180,7 +180,8 @@ const WORDS: &[&str] = &[
 /// `unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`,
 /// `lora_te_text_model_encoder_layers_0_self_attn_q_proj` ->
 /// `text_encoder.text_model.encoder.layers.0.self_attn.q_proj`. `None` for a name with a
-/// segment outside diffusers' UNet / CLIP vocabulary (SD 1.x `input_blocks`-style names).
+/// segment outside diffusers' UNet / CLIP vocabulary (SGM `input_blocks`-style names, which
+/// need the UNet's config: [`sgm_to_diffusers`](super::sgm_to_diffusers)).
 ///
 /// ```
 /// use peft_lora::kohya::{Network, kohya_to_diffusers};
