@@ -10,15 +10,14 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{bf16, f16};
 use peft_core::atomic::{IoAt, write_file};
 use safetensors::Dtype;
-use safetensors::tensor::{Metadata, TensorInfo, TensorView};
+use safetensors::tensor::{TensorInfo, TensorView};
 
-use super::{KohyaError, LoraFile, LoraFormat, ModuleKind, check_extent};
+use super::header::{read_f32, read_header};
+use super::{KohyaError, LoraFile, LoraFormat, ModuleKind};
 
 /// Why a combine failed; every variant names the file(s) involved.
 #[derive(Debug, thiserror::Error)]
@@ -181,67 +180,23 @@ fn describe(kind: ModuleKind, in_features: usize, out_features: usize) -> String
     }
 }
 
-/// The header of a safetensors file `LoraFile::read` accepted (extents checked again).
+/// The header of a safetensors file `LoraFile::read` accepted (read and checked again).
 fn tensors_of(path: &Path) -> Result<(BTreeMap<String, TensorInfo>, u64), CombineError> {
-    let io = |source| CombineError::Io {
-        file: path.to_path_buf(),
-        source,
-    };
-    let corrupt = |reason: String| {
-        CombineError::Lora(KohyaError::Corrupt {
-            file: path.to_path_buf(),
-            reason,
-        })
-    };
-    let mut file = File::open(path).map_err(io)?;
-    let file_len = file.metadata().map_err(io)?.len();
-    let mut n = [0u8; 8];
-    file.read_exact(&mut n).map_err(io)?;
-    let n = u64::from_le_bytes(n);
-    if n > 100_000_000 || n + 8 > file_len {
-        return Err(corrupt(format!(
-            "header size {n} does not fit the file ({file_len} bytes)"
-        )));
-    }
-    let mut header = vec![0u8; n as usize];
-    file.read_exact(&mut header).map_err(io)?;
-    let metadata: Metadata =
-        serde_json::from_slice(&header).map_err(|e| corrupt(format!("header: {e}")))?;
-    let tensors: BTreeMap<String, TensorInfo> = metadata
-        .tensors()
-        .into_iter()
-        .map(|(k, v)| (k, v.clone()))
-        .collect();
-    for (key, info) in &tensors {
-        check_extent(key, info, file_len - 8 - n).map_err(corrupt)?;
-    }
-    Ok((tensors, 8 + n))
-}
-
-/// Read one tensor as f32 (its extent was checked against the file's length).
-fn read_f32(file: &mut File, data_start: u64, info: &TensorInfo) -> std::io::Result<Vec<f32>> {
-    let (start, end) = info.data_offsets;
-    let mut bytes = vec![0u8; end - start];
-    file.seek(SeekFrom::Start(data_start + start as u64))?;
-    file.read_exact(&mut bytes)?;
-    Ok(match info.dtype {
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::F64 => bytes
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
-            .collect(),
-        _ => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-            .collect(),
-    })
+    let (_, header) = read_header(path).map_err(|e| {
+        e.into(
+            |source| CombineError::Io {
+                file: path.to_path_buf(),
+                source,
+            },
+            |reason| {
+                CombineError::Lora(KohyaError::Corrupt {
+                    file: path.to_path_buf(),
+                    reason,
+                })
+            },
+        )
+    })?;
+    Ok((header.tensors, header.data_start))
 }
 
 /// Combine kohya LoRA files, each with its weight, into one kohya LoRA file at `output`

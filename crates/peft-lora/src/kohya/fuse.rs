@@ -13,65 +13,30 @@
 //! the folder is copied unchanged. The output folder appears whole or not at all
 //! ([`peft_core::atomic::StagedDir`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{bf16, f16};
 use peft_core::atomic::{Previous, StagedDir};
 use safetensors::Dtype;
-use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::tensor::TensorInfo;
 
 use super::fuse_types::{FUSE_COMPONENTS, FuseError, FuseReport, FusedComponent, FusedLora};
-use super::{
-    KohyaError, LoraFile, LoraFormat, LoraModule, ModuleKind, Network, UnetConfig, check_extent,
-};
+use super::header::{self, Header, read_bytes, to_f32};
+use super::{KohyaError, LoraFile, LoraFormat, LoraModule, ModuleKind, Network, UnetConfig};
 
-/// A safetensors header: tensors and where the data section starts.
-struct Header {
-    tensors: HashMap<String, TensorInfo>,
-    data_start: u64,
-}
-
-/// Read and check a safetensors header (sizes and offsets against the file's length, before
-/// anything is allocated from them).
+/// Read and check a safetensors header ([`header::read_header`](super::header::read_header)),
+/// its failures as the caller's errors.
 fn read_header(
     path: &Path,
     corrupt: &dyn Fn(String) -> FuseError,
     io: &dyn Fn(std::io::Error) -> FuseError,
 ) -> Result<Header, FuseError> {
-    let mut file = File::open(path).map_err(io)?;
-    let file_len = file.metadata().map_err(io)?.len();
-    let mut n = [0u8; 8];
-    file.read_exact(&mut n).map_err(|_| {
-        corrupt(format!(
-            "{file_len} bytes, shorter than the 8-byte header size"
-        ))
-    })?;
-    let n = u64::from_le_bytes(n);
-    if n > 100_000_000 || n + 8 > file_len {
-        return Err(corrupt(format!(
-            "header size {n} does not fit the file ({file_len} bytes)"
-        )));
-    }
-    let mut header = vec![0u8; n as usize];
-    file.read_exact(&mut header).map_err(io)?;
-    let metadata: Metadata =
-        serde_json::from_slice(&header).map_err(|e| corrupt(format!("header: {e}")))?;
-    let data_start = 8 + n;
-    let tensors: HashMap<String, TensorInfo> = metadata
-        .tensors()
-        .into_iter()
-        .map(|(k, v)| (k, v.clone()))
-        .collect();
-    for (key, info) in &tensors {
-        check_extent(key, info, file_len - data_start).map_err(corrupt)?;
-    }
-    Ok(Header {
-        tensors,
-        data_start,
-    })
+    header::read_header(path)
+        .map(|(_, header)| header)
+        .map_err(|e| e.into(io, corrupt))
 }
 
 /// A component weights file of the model folder.
@@ -99,7 +64,7 @@ struct Op {
 fn pair_keys(
     format: LoraFormat,
     name: &str,
-    tensors: &HashMap<String, TensorInfo>,
+    tensors: &BTreeMap<String, TensorInfo>,
 ) -> Option<(String, String)> {
     let candidates: &[(&str, &str)] = match format {
         LoraFormat::Kohya => &[(".lora_down.weight", ".lora_up.weight")],
@@ -135,28 +100,6 @@ fn float_dtype(dtype: Dtype, lora: bool) -> bool {
     matches!(dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32) || (lora && dtype == Dtype::F64)
 }
 
-/// Little-endian bytes of `dtype` -> f32.
-fn to_f32(bytes: &[u8], dtype: Dtype) -> Vec<f32> {
-    match dtype {
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::F64 => bytes
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
-            .collect(),
-        _ => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-            .collect(),
-    }
-}
-
 /// f32 -> little-endian bytes of `dtype` (F16 / BF16 / F32).
 fn from_f32(values: &[f32], dtype: Dtype) -> Vec<u8> {
     match dtype {
@@ -170,15 +113,6 @@ fn from_f32(values: &[f32], dtype: Dtype) -> Vec<u8> {
             .collect(),
         _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
     }
-}
-
-/// Read one tensor's bytes (its extent was checked against the file's length).
-fn read_bytes(file: &mut File, data_start: u64, info: &TensorInfo) -> std::io::Result<Vec<u8>> {
-    let (start, end) = info.data_offsets;
-    let mut bytes = vec![0u8; end - start];
-    file.seek(SeekFrom::Start(data_start + start as u64))?;
-    file.read_exact(&mut bytes)?;
-    Ok(bytes)
 }
 
 /// A path made absolute without requiring it to exist (its parent is resolved if it exists).

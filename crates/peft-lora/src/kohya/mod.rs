@@ -30,12 +30,13 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{bf16, f16};
 use safetensors::Dtype;
-use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::tensor::TensorInfo;
 
 mod combine;
 mod error;
 mod fuse;
 mod fuse_types;
+mod header;
 mod names;
 mod sgm;
 
@@ -43,6 +44,7 @@ pub use combine::{CombineError, CombineReport, CombinedLora, combine};
 pub use error::KohyaError;
 pub use fuse::fuse;
 pub use fuse_types::{FUSE_COMPONENTS, FuseError, FuseReport, FusedComponent, FusedLora};
+use header::{Header, read_header};
 pub use names::kohya_to_diffusers;
 use names::{Role, classify, diffusers_module_path};
 pub use sgm::{UnetConfig, sgm_to_diffusers};
@@ -200,32 +202,13 @@ impl LoraFile {
             file: path.clone(),
             reason,
         };
-        let mut file = File::open(&path).map_err(io)?;
-        let file_len = file.metadata().map_err(io)?.len();
-        let mut n = [0u8; 8];
-        file.read_exact(&mut n).map_err(|_| {
-            corrupt(format!(
-                "{file_len} bytes, shorter than the 8-byte header size"
-            ))
-        })?;
-        let n = u64::from_le_bytes(n);
-        // The safetensors crate refuses headers over 100 MB (tensor.rs MAX_HEADER_SIZE); so do
-        // we, before allocating them.
-        if n > 100_000_000 || n + 8 > file_len {
-            return Err(corrupt(format!(
-                "header size {n} does not fit the file ({file_len} bytes)"
-            )));
-        }
-        let mut header = vec![0u8; n as usize];
-        file.read_exact(&mut header).map_err(io)?;
-        let metadata: Metadata =
-            serde_json::from_slice(&header).map_err(|e| corrupt(format!("header: {e}")))?;
-        let data_start = 8 + n;
-        let data_len = file_len - data_start;
-        let tensors = metadata.tensors();
-        for (key, info) in &tensors {
-            check_extent(key, info, data_len).map_err(corrupt)?;
-        }
+        let (
+            mut file,
+            Header {
+                tensors,
+                data_start,
+            },
+        ) = read_header(&path).map_err(|e| e.into(io, corrupt))?;
         let mut keys: Vec<&String> = tensors.keys().collect();
         keys.sort();
         let mut format = None;
@@ -251,7 +234,7 @@ impl LoraFile {
                 (Some(_), Some(_)) => {}
             }
             let entry = modules.entry(module).or_insert((network, Parts::default()));
-            let slot = (key.clone(), tensors[key]);
+            let slot = (key.clone(), &tensors[key]);
             match role {
                 Role::Down => entry.1.down = Some(slot),
                 Role::Up => entry.1.up = Some(slot),
@@ -298,27 +281,6 @@ impl LoraFile {
         networks.dedup();
         networks
     }
-}
-
-/// The tensor's bytes lie inside the data section and match its dtype and shape.
-fn check_extent(key: &str, info: &TensorInfo, data_len: u64) -> Result<(), String> {
-    let (start, end) = info.data_offsets;
-    let numel = info
-        .shape
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| format!("`{key}`: shape {:?} overflows", info.shape))?;
-    let bytes = numel
-        .checked_mul(info.dtype.bitsize())
-        .map(|bits| bits.div_ceil(8));
-    if end < start || end as u64 > data_len || bytes != Some(end - start) {
-        return Err(format!(
-            "`{key}`: data offsets {start}..{end} do not hold {dtype:?} {shape:?} inside the {data_len}-byte data section",
-            dtype = info.dtype,
-            shape = info.shape
-        ));
-    }
-    Ok(())
 }
 
 /// Check one module's tensors and read its alpha.
