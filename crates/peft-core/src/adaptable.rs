@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::nn::{Embedding, KvPrefix, Linear};
+use crate::nn::{Conv2d, Embedding, KvPrefix, Linear};
 
 /// A dotted module path (`encoder.layer.0.attention.self.query`), built segment by segment while
 /// walking a model.
@@ -45,6 +45,8 @@ pub enum Site<'a> {
     Linear(&'a Linear),
     /// An embedding table.
     Embedding(&'a Embedding),
+    /// A 2-D convolution.
+    Conv2d(&'a Conv2d),
     /// The attention key/value stream (prefix tuning).
     KvPrefix(&'a KvPrefix),
 }
@@ -57,6 +59,8 @@ pub enum SiteMut<'a> {
     Linear(&'a mut Linear),
     /// An embedding table.
     Embedding(&'a mut Embedding),
+    /// A 2-D convolution.
+    Conv2d(&'a mut Conv2d),
     /// The attention key/value stream (prefix tuning).
     KvPrefix(&'a mut KvPrefix),
 }
@@ -159,6 +163,19 @@ impl Adaptable for Embedding {
         visitor: &mut dyn FnMut(&SitePath, SiteMut<'_>),
     ) {
         visitor(path, SiteMut::Embedding(self));
+    }
+}
+
+impl Adaptable for Conv2d {
+    fn visit_sites(&self, path: &mut SitePath, visitor: &mut dyn FnMut(&SitePath, Site<'_>)) {
+        visitor(path, Site::Conv2d(self));
+    }
+    fn visit_sites_mut(
+        &mut self,
+        path: &mut SitePath,
+        visitor: &mut dyn FnMut(&SitePath, SiteMut<'_>),
+    ) {
+        visitor(path, SiteMut::Conv2d(self));
     }
 }
 
@@ -305,6 +322,17 @@ pub enum SiteSummary {
         /// Row size.
         d_model: usize,
     },
+    /// A 2-D convolution `[in] -> [out]` with a `kernel_size` kernel.
+    Conv2d {
+        /// Input channels.
+        in_channels: usize,
+        /// Output channels.
+        out_channels: usize,
+        /// Kernel height and width.
+        kernel_size: [usize; 2],
+        /// Channel groups.
+        groups: usize,
+    },
     /// An attention key/value prefix slot over `num_layers` layers.
     KvPrefix {
         /// Layers.
@@ -328,6 +356,15 @@ impl SiteSummary {
                 SiteSummary::Embedding {
                     n_embedding,
                     d_model,
+                }
+            }
+            Site::Conv2d(c) => {
+                let [out_channels, _, kh, kw] = c.dims();
+                SiteSummary::Conv2d {
+                    in_channels: c.in_channels(),
+                    out_channels,
+                    kernel_size: [kh, kw],
+                    groups: c.geometry.groups,
                 }
             }
             Site::KvPrefix(p) => SiteSummary::KvPrefix {

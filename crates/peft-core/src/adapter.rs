@@ -332,6 +332,25 @@ pub trait AdapterKernel: Debug + Send + Sync {
         y
     }
 
+    /// Forward contribution at a 2-D convolution site ([`Conv2d`](crate::nn::Conv2d)): `base`
+    /// holds the kernel `[out, in / groups, kh, kw]`, bias and geometry the base convolution
+    /// used, `x` is the site's input `[b, in, h, w]` and `y` the output so far
+    /// `[b, out, h', w']`. A method that adapts convolutions ([`SiteKind::Conv2d`] in its
+    /// [`PeftMethod::supports`](crate::PeftMethod::supports)) overrides it; merges see the
+    /// kernel as the matrix [`kernel_as_matrix`](crate::nn::kernel_as_matrix) gives.
+    ///
+    /// [`SiteKind::Conv2d`]: crate::SiteKind::Conv2d
+    fn forward_conv2d(
+        &self,
+        state: &AdapterState,
+        base: &crate::nn::ConvBase,
+        x: Tensor<4>,
+        y: Tensor<4>,
+    ) -> Tensor<4> {
+        let _ = (state, base, x);
+        y
+    }
+
     /// Per-layer prefix keys and values for a batch of `batch` rows, at a
     /// [`KvPrefix`](crate::nn::KvPrefix) site.
     fn forward_prefix(&self, state: &AdapterState, batch: usize) -> Option<crate::nn::PrefixKv> {

@@ -61,6 +61,19 @@ pub enum SiteKind {
         /// Row size.
         d_model: usize,
     },
+    /// A 2-D convolution (PyTorch's `nn.Conv2d`).
+    Conv2d {
+        /// Input channels.
+        in_channels: usize,
+        /// Output channels.
+        out_channels: usize,
+        /// Kernel height and width.
+        kernel_size: [usize; 2],
+        /// Stride, padding, dilation and groups.
+        geometry: crate::nn::ConvGeometry,
+        /// Whether the layer has a bias.
+        bias: bool,
+    },
     /// The attention key/value stream of every layer.
     KvPrefix {
         /// Layers.
@@ -82,6 +95,7 @@ impl SiteKind {
         match self {
             SiteKind::Linear { .. } => "Linear",
             SiteKind::Embedding { .. } => "Embedding",
+            SiteKind::Conv2d { .. } => "Conv2d",
             SiteKind::KvPrefix { .. } => "attention key/value prefix",
         }
     }

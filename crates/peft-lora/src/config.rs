@@ -14,6 +14,7 @@ use peft_core::{
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
+use crate::conv::{self, ConvShape, DoraConv2dKernel, LoraConv2dKernel};
 use crate::dora::{DoraEmbeddingKernel, DoraLinearKernel};
 use crate::kernel::{LoraEmbeddingKernel, LoraLinearKernel};
 
@@ -425,7 +426,10 @@ impl PeftMethod for LoraConfig {
     }
 
     fn supports(&self, kind: &SiteKind) -> bool {
-        matches!(kind, SiteKind::Linear { .. } | SiteKind::Embedding { .. })
+        matches!(
+            kind,
+            SiteKind::Linear { .. } | SiteKind::Embedding { .. } | SiteKind::Conv2d { .. }
+        )
     }
 
     fn create_adapter(&self, name: &str, site: &SiteInfo) -> Result<AdapterState> {
@@ -507,6 +511,41 @@ impl PeftMethod for LoraConfig {
                 let kernel = LoraEmbeddingKernel { scaling };
                 if self.use_dora {
                     return DoraEmbeddingKernel { lora: kernel }.adapter(name, site, a, b);
+                }
+                Ok(AdapterState::new(
+                    name,
+                    vec![a, b],
+                    vec![],
+                    Arc::new(kernel),
+                ))
+            }
+            SiteKind::Conv2d {
+                in_channels,
+                out_channels,
+                kernel_size,
+                geometry,
+                ..
+            } => {
+                let shape = ConvShape {
+                    in_channels,
+                    out_channels,
+                    kernel_size,
+                    geometry,
+                };
+                conv::check_site(site, &shape, r, self.use_dora)?;
+                let gaussian = matches!(self.init_lora_weights, InitLoraWeights::Named(_));
+                let zero_b = !matches!(self.init_lora_weights, InitLoraWeights::Bool(false));
+                let (a, b) = conv::fresh_tensors(&shape, r, gaussian, zero_b, device);
+                let kernel = LoraConv2dKernel {
+                    lora: LoraLinearKernel {
+                        scaling,
+                        dropout: self.lora_dropout,
+                        r,
+                    },
+                    shape,
+                };
+                if self.use_dora {
+                    return DoraConv2dKernel { lora: kernel }.adapter(name, site, a, b);
                 }
                 Ok(AdapterState::new(
                     name,

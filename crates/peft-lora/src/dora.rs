@@ -26,7 +26,7 @@ pub const MAGNITUDE_KEY: &str = "lora_magnitude_vector";
 
 /// `‖weight + delta‖` per column (axis 0), `[1, cols]`, detached from the autodiff graph. A
 /// half-precision frozen base (`peft_core::precision`) is widened to the adapter's precision.
-fn column_norm(weight: Tensor<2>, delta: Tensor<2>) -> Tensor<2> {
+pub(crate) fn column_norm(weight: Tensor<2>, delta: Tensor<2>) -> Tensor<2> {
     (weight.detach().cast(delta.dtype()) + delta.detach())
         .square()
         .sum_dim(0)
@@ -36,7 +36,7 @@ fn column_norm(weight: Tensor<2>, delta: Tensor<2>) -> Tensor<2> {
 
 /// `m / ‖W + s·A·B‖` as a `[1, out]` row (the gradient reaches `m` only). `A·B` is formed from
 /// detached copies, so autodiff records nothing for the norm.
-fn magnitude_scale(state: &AdapterState, weight: &Tensor<2>, scaling: f64) -> Tensor<2> {
+pub(crate) fn magnitude_scale(state: &AdapterState, weight: &Tensor<2>, scaling: f64) -> Tensor<2> {
     let a = state.matrices[0].val().detach();
     let b = state.matrices[1].val().detach();
     let norm = column_norm(weight.clone(), a.matmul(b).mul_scalar(scaling));
@@ -45,7 +45,7 @@ fn magnitude_scale(state: &AdapterState, weight: &Tensor<2>, scaling: f64) -> Te
 
 /// The magnitude a fresh adapter starts with: the column norms of `W + s·A·B`, so that at
 /// initialization DoRA computes exactly what LoRA does (PEFT's `DoraLinearLayer.update_layer`).
-fn initial_magnitude(
+pub(crate) fn initial_magnitude(
     site: &SiteInfo,
     a: &Tensor<2>,
     b: &Tensor<2>,
@@ -67,7 +67,7 @@ fn initial_magnitude(
 /// without other merged adapters, as PEFT's `merge_safe`) or take it out again with the norm kept
 /// at merge time (`W = W' / (m / ‖·‖) - ΔW`: the merged weight no longer knows the norm).
 /// `layout_delta` is `A·B·s` in the weight's layout.
-fn merge_dora(
+pub(crate) fn merge_dora(
     state: &mut AdapterState,
     site: MergeInput<'_>,
     direction: MergeDirection,
@@ -103,7 +103,7 @@ fn merge_dora(
 /// activation forward (PEFT's `DoraLinearLayer.forward`) is `scale ⊙ (x·(W + ΔW))` plus the
 /// bias, with `scale` built the same way from the stored base weight, so outputs and gradients
 /// agree.
-fn dora_weight(
+pub(crate) fn dora_weight(
     state: &AdapterState,
     base: &Tensor<2>,
     weight: Tensor<2>,
@@ -114,7 +114,7 @@ fn dora_weight(
 }
 
 /// Read the magnitude of `state` (`vectors[0]`, `[out]`) from `source`.
-fn import_magnitude(
+pub(crate) fn import_magnitude(
     mut state: AdapterState,
     source: &mut dyn TensorSource,
 ) -> Result<AdapterState> {

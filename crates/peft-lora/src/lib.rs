@@ -8,6 +8,7 @@
 mod builder;
 pub mod combine;
 mod config;
+pub mod conv;
 mod describe;
 mod dora;
 mod kernel;

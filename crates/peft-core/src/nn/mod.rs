@@ -1,5 +1,6 @@
 //! Adapter-aware layers: drop-in replacements for Burn's layers that hold named adapters.
 
+mod conv;
 mod copy;
 mod embedding;
 mod guard;
@@ -10,6 +11,7 @@ mod prefix;
 mod quantized;
 mod rows;
 
+pub use conv::{Conv2d, Conv2dConfig, ConvBase, ConvGeometry, kernel_as_matrix, matrix_as_kernel};
 pub use copy::ModuleCopy;
 pub use embedding::{Embedding, EmbeddingConfig};
 pub use linear::{Linear, LinearConfig, WeightLayout};

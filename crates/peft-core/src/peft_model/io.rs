@@ -37,6 +37,7 @@ impl<M: Adaptable + Module> PeftModel<M> {
                 let (adapters, copies, bias, layout) = match site {
                     Site::Linear(l) => (&l.adapters, &l.copies, l.bias.as_ref(), Some(l.layout)),
                     Site::Embedding(e) => (&e.adapters, &e.copies, None, None),
+                    Site::Conv2d(c) => (&c.adapters, &no_copies, c.bias.as_ref(), None),
                     Site::KvPrefix(p) => {
                         // Prompt-learning tensors are saved under bare names (`prompt_embeddings`).
                         for adapter in p.adapters.iter().filter(|a| a.name == name) {
@@ -98,6 +99,24 @@ impl<M: Adaptable + Module> PeftModel<M> {
                     let kernel = adapter.kernel.clone();
                     let state = adapter.clone();
                     *adapter = kernel.import(state, &mut file.site(key_path))?;
+                }
+                if let Some(kernel) = slots.kernel {
+                    // A convolution: no `modules_to_save` copy (refused when injected); its
+                    // trained bias as at a linear site.
+                    if bias_mode != BiasMode::None
+                        && let Some(Some(bias)) = slots.bias
+                    {
+                        let mut site = file.site(path);
+                        let key = ["base_layer.bias", "bias"]
+                            .into_iter()
+                            .find(|k| site.contains(k));
+                        if let Some(key) = key {
+                            let data = site.take(key, &bias.dims())?;
+                            let t = Tensor::<1>::from_data(data, &kernel.lazy_device());
+                            *bias = bias.clone().map(|_| t);
+                        }
+                    }
+                    return Ok(());
                 }
                 let (Some(weight), Some(copies)) = (slots.weight, slots.copies) else {
                     return Ok(());

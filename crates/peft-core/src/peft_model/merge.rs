@@ -9,6 +9,7 @@ use super::PeftModel;
 use crate::adaptable::{Adaptable, Site, SitePath};
 use crate::adapter::{BaseWeights, MergeDirection};
 use crate::error::Result;
+use crate::nn::{kernel_as_matrix, matrix_as_kernel};
 use crate::registry::rules;
 
 impl<M: Adaptable + Module> PeftModel<M> {
@@ -19,6 +20,7 @@ impl<M: Adaptable + Module> PeftModel<M> {
                 let adapters = match site {
                     Site::Linear(l) => &l.adapters,
                     Site::Embedding(e) => &e.adapters,
+                    Site::Conv2d(c) => &c.adapters,
                     Site::KvPrefix(p) => &p.adapters,
                 };
                 merged |= adapters.iter().any(|a| a.merged);
@@ -32,10 +34,31 @@ impl<M: Adaptable + Module> PeftModel<M> {
     pub(super) fn fold_sites(&mut self, direction: MergeDirection) -> Result<()> {
         let mut error = None;
         self.for_each_site_mut(|path, mut slots| {
-            let Some(weight) = slots.weight else { return };
             if error.is_some() {
                 return;
             }
+            if let Some(kernel) = slots.kernel {
+                let bias = slots.bias.as_ref().and_then(|b| b.as_ref());
+                let dims = kernel.dims();
+                let base = || BaseWeights {
+                    weight: kernel_as_matrix(kernel.val()),
+                    bias: bias.map(|b| b.val()),
+                };
+                match rules::fold_site(path, slots.adapters, direction, base) {
+                    Ok(Some(new)) => {
+                        *kernel = kernel
+                            .clone()
+                            .map(|_| matrix_as_kernel(new.weight.detach(), dims));
+                        if let (Some(Some(b)), Some(nb)) = (slots.bias, new.bias) {
+                            *b = b.clone().map(|_| nb.detach());
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => error = Some(e),
+                }
+                return;
+            }
+            let Some(weight) = slots.weight else { return };
             let linear = slots.layout.is_some();
             let quantized = slots.quantized.as_deref().and_then(Option::as_ref);
             let bias = slots.bias.as_ref().and_then(|b| b.as_ref());

@@ -74,6 +74,16 @@ pub(crate) fn site_kind(site: &Site<'_>) -> SiteKind {
                 d_model,
             }
         }
+        Site::Conv2d(c) => {
+            let [out_channels, _, kh, kw] = c.dims();
+            SiteKind::Conv2d {
+                in_channels: c.in_channels(),
+                out_channels,
+                kernel_size: [kh, kw],
+                geometry: c.geometry,
+                bias: c.bias.is_some(),
+            }
+        }
         Site::KvPrefix(p) => SiteKind::KvPrefix {
             num_layers: p.num_layers,
             query_heads: p.query_heads,
@@ -109,6 +119,7 @@ pub(crate) fn site_device_and_base(
                 bias: None,
             }),
         ),
+        Site::Conv2d(c) => (c.weight.lazy_device(), Some(c.base_matrix())),
         Site::KvPrefix(_) => (fallback, None),
     }
 }
@@ -126,6 +137,9 @@ struct SlotsMut<'a> {
     quantized: Option<&'a mut Option<QuantizedBase>>,
     /// The base weight's logical dims (`[in, out]`, `[vocab, dim]`), quantized or not.
     dims: [usize; 2],
+    /// A convolution's kernel `[out, in / groups, kh, kw]` (`weight` is then `None`; merges see
+    /// it as the matrix `nn::kernel_as_matrix` gives).
+    kernel: Option<&'a mut Param<Tensor<4>>>,
 }
 
 fn slots(site: SiteMut<'_>) -> SlotsMut<'_> {
@@ -149,6 +163,7 @@ fn slots(site: SiteMut<'_>) -> SlotsMut<'_> {
                 bare_keys: false,
                 quantized: Some(quantized),
                 dims,
+                kernel: None,
             }
         }
         SiteMut::Embedding(e) => SlotsMut {
@@ -160,6 +175,18 @@ fn slots(site: SiteMut<'_>) -> SlotsMut<'_> {
             layout: None,
             bare_keys: false,
             quantized: Some(&mut e.quantized),
+            kernel: None,
+        },
+        SiteMut::Conv2d(c) => SlotsMut {
+            adapters: &mut c.adapters,
+            copies: None,
+            weight: None,
+            bias: Some(&mut c.bias),
+            layout: None,
+            bare_keys: false,
+            quantized: None,
+            dims: [0, 0],
+            kernel: Some(&mut c.weight),
         },
         SiteMut::KvPrefix(p) => SlotsMut {
             adapters: &mut p.adapters,
@@ -170,6 +197,7 @@ fn slots(site: SiteMut<'_>) -> SlotsMut<'_> {
             bare_keys: true,
             quantized: None,
             dims: [0, 0],
+            kernel: None,
         },
     }
 }
