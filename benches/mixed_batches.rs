@@ -81,6 +81,7 @@ fn inputs(case: &Case, vocab: usize, device: &Device) -> ModelInputs {
         attention_mask: Some(ids.ones_like()),
         token_type_ids: None,
         input_ids: ids,
+        pixel_values: None,
     }
 }
 

@@ -66,6 +66,7 @@ fn step(model: &HfModel, lm: bool, device: &Device) -> (f32, HashMap<ParamId, Te
             input_ids: batch.input_ids.clone(),
             attention_mask: Some(batch.attention_mask.clone()),
             token_type_ids: Some(batch.token_type_ids.clone()),
+            pixel_values: None,
         })
         .expect("valid inputs");
     let loss = if lm {

@@ -57,6 +57,7 @@ fn minilm_embeddings_match_sentence_transformers() {
         input_ids: batch.input_ids.clone(),
         attention_mask: Some(batch.attention_mask.clone()),
         token_type_ids: Some(batch.token_type_ids.clone()),
+        pixel_values: None,
     };
     let out = pretrained.model.forward(&inputs).unwrap();
     let embedding: Tensor<2> = out.sentence_embedding.unwrap();

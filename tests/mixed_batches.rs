@@ -62,6 +62,7 @@ fn inputs(name: &str, device: &Device) -> (ModelInputs, Vec<i64>) {
             input_ids: int(ids, shape, device),
             attention_mask: Some(int(mask.clone(), shape, device)),
             token_type_ids: types,
+            pixel_values: None,
         },
         mask,
     )
@@ -228,6 +229,7 @@ fn rows_with_prefixes_of_different_lengths_equal_each_row_alone() {
             input_ids: int(ids[row * seq..row * seq + len].to_vec(), [1, len], &device),
             attention_mask: None,
             token_type_ids: None,
+            pixel_values: None,
         };
         let alone = logits(model.model(), &single, &Default::default());
         let got = &mixed[row * seq * 128..(row * seq + len) * 128];

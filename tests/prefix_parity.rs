@@ -61,6 +61,7 @@ fn inputs(name: &str, device: &Device) -> (ModelInputs, Vec<i64>) {
             input_ids: t("input_ids").unwrap(),
             attention_mask: t("attention_mask"),
             token_type_ids: t("token_type_ids"),
+            pixel_values: None,
         },
         mask,
     )

@@ -432,6 +432,7 @@ pub(crate) fn cold_load(main_started: Instant) -> Res<Value> {
         input_ids: b.input_ids,
         attention_mask: Some(b.attention_mask),
         token_type_ids: Some(b.token_type_ids),
+        pixel_values: None,
     })?;
     let emb = out.sentence_embedding.ok_or("no embedding")?.into_data();
     std::hint::black_box(emb);

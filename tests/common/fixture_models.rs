@@ -39,6 +39,7 @@ pub fn model_inputs(name: &str, device: &Device) -> ModelInputs {
         input_ids: int_tensor(&file, "input_ids", device).unwrap(),
         attention_mask: int_tensor(&file, "attention_mask", device),
         token_type_ids: int_tensor(&file, "token_type_ids", device),
+        pixel_values: None,
     }
 }
 

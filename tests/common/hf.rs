@@ -78,6 +78,7 @@ pub fn inputs(name: &str, device: &Device) -> (ModelInputs, Vec<f32>) {
             input_ids: ints(&file, "input_ids", device).unwrap(),
             attention_mask: ints(&file, "attention_mask", device),
             token_type_ids: ints(&file, "token_type_ids", device),
+            pixel_values: None,
         },
         mask,
     )

@@ -35,6 +35,7 @@ fn logits(model: &PeftModel<HfModel>, device: &Device) -> Vec<f32> {
         input_ids,
         attention_mask: None,
         token_type_ids: None,
+        pixel_values: None,
     };
     let out = model.model().forward(&inputs).unwrap();
     out.logits.unwrap().into_data().try_to_vec::<f32>().unwrap()

@@ -30,6 +30,7 @@ fn batch(device: &Device) -> (ModelInputs, Tensor<2, Int>) {
             input_ids: t(ids),
             attention_mask: Some(t(mask)),
             token_type_ids: None,
+            pixel_values: None,
         },
         t(labels),
     )
@@ -103,6 +104,7 @@ fn the_training_step_takes_the_same_loss() {
         input_ids: batch.input_ids.clone(),
         attention_mask: Some(batch.attention_mask.clone()),
         token_type_ids: None,
+        pixel_values: None,
     };
     let logits = model.model().forward(&inputs).unwrap().logits.unwrap();
     let whole: f32 = causal_lm_loss_terms(logits, batch.lm_labels.clone().unwrap())
@@ -146,6 +148,7 @@ fn evaluation_losses_match_each_example_alone() {
                 input_ids: t(e.input_ids.clone()),
                 attention_mask: None,
                 token_type_ids: None,
+                pixel_values: None,
             };
             let logits = model.model().forward(&inputs).unwrap().logits.unwrap();
             let (loss, count) = causal_lm_loss_terms(logits, t(e.labels.clone().unwrap()));

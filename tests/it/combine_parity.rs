@@ -57,6 +57,7 @@ fn inputs(model: &str, device: &Device) -> (ModelInputs, Vec<i64>) {
             input_ids: int("input_ids").unwrap(),
             attention_mask: int("attention_mask"),
             token_type_ids: int("token_type_ids"),
+            pixel_values: None,
         },
         read_ints(&file, "attention_mask").unwrap().0,
     )

@@ -79,6 +79,7 @@ fn run(case: &str, base: &str, key: &str) -> (f32, f32) {
                 .names()
                 .contains(&"token_type_ids")
                 .then(|| t("token_type_ids")),
+            pixel_values: None,
         })
         .unwrap();
     let ours: Vec<f32> = match key {

@@ -27,6 +27,7 @@ fn inputs(device: &Device) -> ModelInputs {
         input_ids: Tensor::<2, Int>::from_data(TensorData::new(ids, vec![2, 6]), device),
         attention_mask: None,
         token_type_ids: None,
+        pixel_values: None,
     }
 }
 

@@ -61,6 +61,7 @@ fn tiny(name: &str, batch: &Path, reference: &Path, greedy_key: Option<&str>) {
         input_ids: ints(ids, shape, &device),
         attention_mask: Some(ints(mask, shape, &device)),
         token_type_ids: None,
+        pixel_values: None,
     };
     let ours = logits(&model.forward(&inputs).unwrap());
     let theirs = &read_all(reference)["logits"].0;
@@ -133,6 +134,7 @@ fn the_real_smollm2_gguf_matches_transformers_and_stays_quantized() {
             input_ids: ints(ids, shape, &device),
             attention_mask: None,
             token_type_ids: None,
+            pixel_values: None,
         };
         let out = model.forward(&inputs).unwrap().logits.unwrap();
         let [_, s, v] = out.dims();
@@ -195,6 +197,7 @@ fn lora_trains_on_a_quantized_gguf_base() {
         input_ids: ints(ids, shape, &device),
         attention_mask: Some(ints(&batch["attention_mask"].0, shape, &device)),
         token_type_ids: None,
+        pixel_values: None,
     };
     let loss = |m: &HfModel| {
         m.forward(&inputs)

@@ -45,6 +45,7 @@ fn inputs(name: &str, device: &Device) -> (ModelInputs, Vec<i64>) {
             input_ids: int_tensor(&file, "input_ids", device).unwrap(),
             attention_mask: int_tensor(&file, "attention_mask", device),
             token_type_ids: int_tensor(&file, "token_type_ids", device),
+            pixel_values: None,
         },
         mask,
     )

@@ -34,6 +34,7 @@ fn packed_batch(device: &Device, pad: i64) -> (ModelInputs, PackedRows) {
         input_ids: ids([row0, row1].concat(), [2, 9], device),
         attention_mask: Some(ids(mask, [2, 9], device)),
         token_type_ids: None,
+        pixel_values: None,
     };
     (
         inputs,
@@ -66,6 +67,7 @@ fn check_family(name: &str, adapter: Option<&str>) {
             input_ids: ids(ids_alone, [1, n], &device),
             attention_mask: None,
             token_type_ids: None,
+            pixel_values: None,
         };
         let expected = logits(&model.model().forward(&alone).unwrap());
         let at = (row * 9 + start) * vocab;

@@ -43,6 +43,7 @@ fn phi3_long_rope_switches_factors_as_transformers_does() {
         input_ids: first3(batch.input_ids.clone()),
         attention_mask: batch.attention_mask.clone().map(first3),
         token_type_ids: None,
+        pixel_values: None,
     };
     let model = load("phi3_longrope", &device);
     let ours = logits(&model.model().forward(&short).unwrap());

@@ -186,6 +186,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             input_ids: ids.clone(),
             attention_mask: Some(ids.ones_like()),
             token_type_ids: None,
+            pixel_values: None,
         };
         let logits = model
             .model()

@@ -87,6 +87,7 @@ pub fn read_inputs(file: &Path, device: &Device) -> Result<ModelInputs, InputErr
         input_ids: to_tensor((ids, shape)),
         attention_mask,
         token_type_ids,
+        pixel_values: None,
     })
 }
 

@@ -25,8 +25,9 @@ pub enum Task {
     Encoder,
     /// Next-token logits (GPT-2, Llama family).
     CausalLm,
-    /// Sequence classification with this many labels (a head missing from the checkpoint is
-    /// freshly initialized).
+    /// Classification of the whole input with this many labels: a sequence
+    /// (`*ForSequenceClassification`) or an image (`*ForImageClassification`). A head missing
+    /// from the checkpoint is freshly initialized.
     SequenceClassification {
         /// Number of labels.
         num_labels: usize,
@@ -60,7 +61,9 @@ impl std::fmt::Display for Task {
     }
 }
 
-/// Model inputs: int64 `[batch, seq]` tensors.
+/// Model inputs: int64 `[batch, seq]` tensors for text models, float32
+/// `pixel_values` `[batch, channels, height, width]` for image models (whose `input_ids` are
+/// empty, `[batch, 0]`: [`ModelInputs::images`]).
 #[derive(Debug, Clone)]
 pub struct ModelInputs {
     /// Token ids.
@@ -69,6 +72,41 @@ pub struct ModelInputs {
     pub attention_mask: Option<Tensor<2, Int>>,
     /// Segment ids (BERT).
     pub token_type_ids: Option<Tensor<2, Int>>,
+    /// Images, normalized as the model's preprocessor does (ViT, ResNet, MobileNetV2).
+    pub pixel_values: Option<Tensor<4>>,
+}
+
+impl ModelInputs {
+    /// The inputs of an image model: `pixel_values` `[batch, channels, height, width]`, no
+    /// tokens.
+    ///
+    /// ```
+    /// use burn::tensor::{Device, Tensor};
+    /// use peft_models::ModelInputs;
+    ///
+    /// let device = Device::flex();
+    /// let inputs = ModelInputs::images(Tensor::<4>::zeros([2, 3, 32, 32], &device));
+    /// assert_eq!(inputs.batch(), 2);
+    /// assert_eq!(inputs.input_ids.dims(), [2, 0]);
+    /// ```
+    pub fn images(pixel_values: Tensor<4>) -> Self {
+        let [batch, ..] = pixel_values.dims();
+        let device = pixel_values.device();
+        Self {
+            input_ids: Tensor::<2, Int>::zeros([batch, 0], &device),
+            attention_mask: None,
+            token_type_ids: None,
+            pixel_values: Some(pixel_values),
+        }
+    }
+
+    /// Rows of the batch: images when there are `pixel_values`, else token rows.
+    pub fn batch(&self) -> usize {
+        match &self.pixel_values {
+            Some(pixels) => pixels.dims()[0],
+            None => self.input_ids.dims()[0],
+        }
+    }
 }
 
 /// What a forward produced (fields depend on the head).
@@ -82,7 +120,8 @@ pub struct ModelOutputs {
     pub last_hidden_state: Option<Tensor<3>>,
     /// Mean-pooled, L2-normalised embedding `[b, hidden]`.
     pub sentence_embedding: Option<Tensor<2>>,
-    /// BERT pooler output `[b, hidden]`.
+    /// Pooled features `[b, hidden]`: BERT's and ViT's pooler, ResNet's and MobileNetV2's
+    /// global average pool.
     pub pooler_output: Option<Tensor<2>>,
 }
 
@@ -138,7 +177,7 @@ impl HfModel {
     /// What every forward checks of its context: one adapter name per row, packing only for
     /// causal LMs.
     fn check_context(&self, inputs: &ModelInputs, fc: &ForwardContext) -> Result<()> {
-        let batch = inputs.input_ids.dims()[0];
+        let batch = inputs.batch();
         if let Some(rows) = fc.rows()
             && rows.batch() != batch
         {

@@ -103,11 +103,13 @@ impl HfConfig {
         self.arch.min_parameters()
     }
 
-    /// Whether `architectures` names a sequence classifier.
+    /// Whether `architectures` names a classifier of the whole input: a sequence classifier
+    /// (`BertForSequenceClassification`) or an image classifier (`ViTForImageClassification`),
+    /// both [`Task::SequenceClassification`] here.
     pub fn is_sequence_classifier(&self) -> bool {
-        self.architectures
-            .iter()
-            .any(|a| a.ends_with("ForSequenceClassification"))
+        self.architectures.iter().any(|a| {
+            a.ends_with("ForSequenceClassification") || a.ends_with("ForImageClassification")
+        })
     }
 
     /// The head `task` means for this config: [`Task::Auto`] is a sequence classifier when

@@ -135,3 +135,36 @@ pub(crate) fn check_positions(used: usize, prefix: usize, limit: usize, key: &st
          more positions",
     ))
 }
+
+/// `[batch, channels, height, width]` of the `pixel_values` an image model with `channels`
+/// input channels reads: present, a non-empty batch of non-empty images, the channel count
+/// the model was built for.
+#[allow(dead_code)] // used by the image families
+pub(crate) fn pixel_dims(pixels: Option<&Tensor<4>>, channels: usize) -> Result<[usize; 4]> {
+    let Some(pixels) = pixels else {
+        return Err(out_of_range(
+            "pixel_values",
+            "no pixel_values".into(),
+            "an image model reads float32 pixel_values [batch, channels, height, width]".into(),
+            "pass images (ModelInputs::images, or a `pixel_values` tensor in the inputs file)",
+        ));
+    };
+    let [b, c, h, w] = pixels.dims();
+    if b == 0 || h == 0 || w == 0 {
+        return Err(out_of_range(
+            "pixel_values",
+            format!("shape [{b}, {c}, {h}, {w}]"),
+            "at least one image of at least one pixel".into(),
+            "pass a non-empty batch",
+        ));
+    }
+    if c != channels {
+        return Err(out_of_range(
+            "pixel_values",
+            format!("{c} channels (shape [{b}, {c}, {h}, {w}])"),
+            format!("this model reads {channels} channels"),
+            "convert the images (e.g. grayscale to RGB) before the forward",
+        ));
+    }
+    Ok([b, c, h, w])
+}

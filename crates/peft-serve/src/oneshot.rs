@@ -216,6 +216,7 @@ fn forward(
             input_ids: t(ids),
             attention_mask: Some(t(mask)),
             token_type_ids: Some(t(types)),
+            pixel_values: None,
         };
         let ctx = engine
             .model

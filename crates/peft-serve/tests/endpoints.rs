@@ -192,6 +192,7 @@ fn bert_inputs(ids: &[i64], device: &Device) -> ModelInputs {
         input_ids: t(ids.to_vec()),
         attention_mask: Some(t(vec![1; ids.len()])),
         token_type_ids: Some(t(vec![0; ids.len()])),
+        pixel_values: None,
     }
 }
 
