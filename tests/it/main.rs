@@ -28,6 +28,7 @@ mod gguf_models;
 mod gguf_tokenizer;
 mod lora_parity;
 mod matching_reference;
+mod mobilenet_v2;
 mod models_parity;
 mod packing;
 mod phi3;

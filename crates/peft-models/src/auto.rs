@@ -358,10 +358,14 @@ fn gguf_file(source: &str) -> Result<Option<&std::path::Path>> {
 /// Load a model from a folder or hub id (see [`hub::resolve`]) onto `device`.
 ///
 /// A path to a `*.gguf` file loads llama.cpp's format ([`gguf::load`](crate::gguf::load)):
-/// the config from its metadata, its weights kept in their block formats.
+/// the config from its metadata, its weights kept in their block formats. A path to a
+/// `*.pth` / `*.pt` torchvision state dict loads its model ([`torchvision`](crate::torchvision)).
 pub fn from_pretrained(source: &str, task: Task, device: &Device) -> Result<Pretrained> {
     if let Some(path) = gguf_file(source)? {
         return crate::gguf::load(path, task, device);
+    }
+    if let Some(path) = crate::torchvision::state_dict_file(source)? {
+        return crate::torchvision::load(path, task, device);
     }
     let dir = hub::resolve(source)?;
     let config = HfConfig::read(&dir.join("config.json"))?;
@@ -416,6 +420,11 @@ pub fn read_config(source: &str) -> Result<(PathBuf, HfConfig)> {
         let (json, _, _) = crate::gguf::config_json(&file)?;
         let dir = path.parent().map(PathBuf::from).unwrap_or_default();
         return Ok((dir, HfConfig::from_value(json, path)?));
+    }
+    if let Some(path) = crate::torchvision::state_dict_file(source)? {
+        let shapes = crate::torchvision::state_dict_shapes(path)?;
+        let dir = path.parent().map(PathBuf::from).unwrap_or_default();
+        return Ok((dir, crate::torchvision::config_of(path, &shapes)?));
     }
     let dir = hub::resolve(source)?;
     let config = HfConfig::read(&dir.join("config.json"))?;

@@ -33,6 +33,7 @@ pub mod quantized;
 pub mod rope;
 mod save;
 mod tokenizer;
+pub mod torchvision;
 
 pub use arch::{ArchConfig, ArchModel, Architecture};
 pub use auto::{
@@ -67,4 +68,6 @@ architectures! {
     gemma3: Gemma3(gemma3::Gemma3) => gemma3::ARCHITECTURE,
     /// Phi-3 (3, 3.5, 4-mini): `phi3`.
     phi3: Phi3(phi3::Phi3) => phi3::ARCHITECTURE,
+    /// torchvision's MobileNetV2 (from its `.pth`): `torchvision_mobilenet_v2`.
+    mobilenet_v2: MobileNetV2(mobilenet_v2::MobileNetV2) => mobilenet_v2::ARCHITECTURE,
 }

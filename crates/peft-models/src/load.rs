@@ -8,7 +8,7 @@ use burn::module::Module;
 use burn::tensor::DType;
 use burn_store::{
     FloatCastAdapter, KeyRemapper, ModuleAdapter, ModuleContext, ModuleSnapshot,
-    PyTorchToBurnAdapter, SafetensorsStore,
+    PyTorchToBurnAdapter, PytorchStore, SafetensorsStore,
 };
 
 use crate::error::{ModelError, Result};
@@ -147,16 +147,31 @@ pub fn load_into<M: Module>(
     let mut missing: Option<BTreeSet<String>> = None;
     for file in files {
         let adapter = HfAdapter { in_out }.chain(FloatCastAdapter::to(DType::F32));
-        let mut store = SafetensorsStore::from_file(file.clone())
-            .with_from_adapter(adapter)
-            .remap(remapper.clone())
-            .allow_partial(true);
-        let result = model
-            .load_from(&mut store)
-            .map_err(|e| ModelError::Weights {
-                file: file.clone(),
-                reason: e.to_string(),
-            })?;
+        let weights_error = |e: String| ModelError::Weights {
+            file: file.clone(),
+            reason: e,
+        };
+        // torchvision / PyTorch state dicts (`.pth`, `.pt`) through burn-store's PyTorch
+        // reader, which reads the pickle as data and executes nothing.
+        let result = if is_pickle(file) {
+            // The reader transposes linear weights and renames norms itself
+            // (PyTorchToBurnAdapter); the indices stay as written, which the key renames name.
+            let mut store = PytorchStore::from_file(file.clone())
+                .map_indices_contiguous(false)
+                .remap(remapper.clone())
+                .allow_partial(true);
+            model
+                .load_from(&mut store)
+                .map_err(|e| weights_error(e.to_string()))?
+        } else {
+            let mut store = SafetensorsStore::from_file(file.clone())
+                .with_from_adapter(adapter)
+                .remap(remapper.clone())
+                .allow_partial(true);
+            model
+                .load_from(&mut store)
+                .map_err(|e| weights_error(e.to_string()))?
+        };
         if let Some(err) = result.errors.first() {
             return Err(ModelError::Weights {
                 file: file.clone(),
@@ -203,4 +218,12 @@ pub fn load_into<M: Module>(
         );
     }
     Ok(())
+}
+
+/// Whether `file` is a PyTorch pickle (`.pth`, `.pt`) rather than safetensors.
+pub fn is_pickle(file: &Path) -> bool {
+    matches!(
+        file.extension().and_then(|e| e.to_str()),
+        Some("pth" | "pt")
+    )
 }
