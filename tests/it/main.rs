@@ -34,3 +34,5 @@ mod packing;
 mod phi3;
 mod plain_burn_modules;
 mod qwen3;
+mod resnet;
+mod vit;

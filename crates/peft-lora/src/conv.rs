@@ -121,7 +121,7 @@ pub(crate) fn check_site(site: &SiteInfo, shape: &ConvShape, r: usize, dora: boo
         })
     };
     let groups = shape.geometry.groups;
-    if r % groups != 0 {
+    if !r.is_multiple_of(groups) {
         return refuse(format!(
             "rank {r} is not divisible by the layer's groups ({groups}); PEFT supports grouped \
              convolutions only then: choose a rank that is a multiple of {groups} \

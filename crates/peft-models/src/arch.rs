@@ -106,6 +106,11 @@ pub trait ArchConfig: Debug + Send + Sync {
         None
     }
 
+    /// Channels of the images an image model reads (`pixel_values`); `None` for text models.
+    fn image_channels(&self) -> Option<usize> {
+        None
+    }
+
     /// The head [`Task::Auto`] means when `architectures` names no sequence classifier: the
     /// encoder for encoders, the LM head for decoders.
     fn default_task(&self) -> Task {

@@ -98,6 +98,12 @@ impl HfConfig {
         self.arch.position_limit()
     }
 
+    /// Channels of the images the model reads; `None` for a text model (see
+    /// [`ArchConfig::image_channels`]).
+    pub fn image_channels(&self) -> Option<usize> {
+        self.arch.image_channels()
+    }
+
     /// A lower bound of the backbone's parameter count (see [`ArchConfig::min_parameters`]).
     pub fn min_parameters(&self) -> u128 {
         self.arch.min_parameters()

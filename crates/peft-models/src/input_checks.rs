@@ -139,7 +139,6 @@ pub(crate) fn check_positions(used: usize, prefix: usize, limit: usize, key: &st
 /// `[batch, channels, height, width]` of the `pixel_values` an image model with `channels`
 /// input channels reads: present, a non-empty batch of non-empty images, the channel count
 /// the model was built for.
-#[allow(dead_code)] // used by the image families
 pub(crate) fn pixel_dims(pixels: Option<&Tensor<4>>, channels: usize) -> Result<[usize; 4]> {
     let Some(pixels) = pixels else {
         return Err(out_of_range(
@@ -167,4 +166,22 @@ pub(crate) fn pixel_dims(pixels: Option<&Tensor<4>>, channels: usize) -> Result<
         ));
     }
     Ok([b, c, h, w])
+}
+
+/// `[height, width]` of the images equals `expected`, the `image_size` of config.json (the
+/// position table covers that many patches; transformers refuses other sizes too unless it
+/// interpolates the positions, which is not implemented here).
+pub(crate) fn image_size(found: [usize; 2], expected: [usize; 2]) -> Result<()> {
+    if found == expected {
+        return Ok(());
+    }
+    Err(out_of_range(
+        "pixel_values",
+        format!("images of {}x{} (height x width)", found[0], found[1]),
+        format!(
+            "this model reads {}x{} images (`image_size` in config.json)",
+            expected[0], expected[1]
+        ),
+        "resize the images as the model's image processor does",
+    ))
 }

@@ -68,6 +68,10 @@ architectures! {
     gemma3: Gemma3(gemma3::Gemma3) => gemma3::ARCHITECTURE,
     /// Phi-3 (3, 3.5, 4-mini): `phi3`.
     phi3: Phi3(phi3::Phi3) => phi3::ARCHITECTURE,
+    /// ViT image encoders and classifiers: `vit`.
+    vit: Vit(vit::Vit) => vit::ARCHITECTURE,
     /// torchvision's MobileNetV2 (from its `.pth`): `torchvision_mobilenet_v2`.
     mobilenet_v2: MobileNetV2(mobilenet_v2::MobileNetV2) => mobilenet_v2::ARCHITECTURE,
+    /// ResNet image models (basic and bottleneck layers): `resnet`.
+    resnet: ResNet(resnet::ResNet) => resnet::ARCHITECTURE,
 }

@@ -17,9 +17,11 @@ use crate::config::HfConfig;
 use crate::error::{ModelError, Result};
 use crate::load::{is_pickle, total_elements};
 
+/// The `config.json` a state dict's tensor shapes imply, if they are the architecture's.
+type Detect = fn(&BTreeMap<String, Vec<usize>>) -> Option<Value>;
+
 /// The torchvision architectures recognized from a state dict's shapes, by name.
-const ARCHITECTURES: &[(&str, fn(&BTreeMap<String, Vec<usize>>) -> Option<Value>)] =
-    &[("mobilenet_v2", crate::mobilenet_v2::detect)];
+const ARCHITECTURES: &[(&str, Detect)] = &[("mobilenet_v2", crate::mobilenet_v2::detect)];
 
 /// The file `source` names when it is a PyTorch state dict (`.pth`, `.pt`).
 pub fn state_dict_file(source: &str) -> Result<Option<&Path>> {

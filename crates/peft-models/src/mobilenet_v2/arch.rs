@@ -136,6 +136,10 @@ impl ArchConfig for MobileNetV2Config {
         }
     }
 
+    fn image_channels(&self) -> Option<usize> {
+        Some(3)
+    }
+
     fn build(
         &self,
         config: &HfConfig,
