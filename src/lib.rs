@@ -39,6 +39,11 @@ pub mod guides {
     #[cfg_attr(any(doc, doctest), doc = include_str!("../docs/models.md"))]
     pub mod models {}
 
+    /// Image models: LoRA / DoRA on convolutions, ViT, ResNet, MobileNetV2, image data,
+    /// Stable Diffusion LoRA files (`docs/vision.md`).
+    #[cfg_attr(any(doc, doctest), doc = include_str!("../docs/vision.md"))]
+    pub mod vision {}
+
     /// GGUF files, QLoRA, export to llama.cpp (`docs/llms.md`).
     #[cfg_attr(any(doc, doctest), doc = include_str!("../docs/llms.md"))]
     pub mod llms {}

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor, TensorData, activation::relu};
-use burn_peft::core::nn::{Conv2d, Conv2dConfig, ForwardContext, Linear, RowAdapters};
+use burn_peft::core::nn::{
+    Conv1d, Conv1dConfig, Conv2d, Conv2dConfig, ForwardContext, Linear, RowAdapters,
+};
 use burn_peft::core::{Adaptable, AdapterState, PeftModel, Site, SitePath, bundle};
 use common::hf::{fixture, read_all};
 
@@ -399,4 +401,189 @@ fn our_committed_bundles_reproduce_our_recorded_outputs() {
             );
         }
     }
+}
+
+/// The generator's `TinyCnn` written with Burn's own layers (`burn::nn::conv::Conv2d`,
+/// `burn::nn::Linear`), for the weight-space path of plain Burn modules.
+#[derive(Module, Debug)]
+struct PlainCnn {
+    conv1: burn::nn::conv::Conv2d,
+    dw: burn::nn::conv::Conv2d,
+    pw: burn::nn::conv::Conv2d,
+    head: burn::nn::Linear,
+}
+
+impl PlainCnn {
+    fn from(adapted: TinyCnn, device: &Device) -> Self {
+        use burn::nn::PaddingConfig2d;
+        use burn::nn::conv::Conv2dConfig as BurnConv2dConfig;
+        let plain =
+            |conv: Conv2d, channels: [usize; 2], groups: usize, stride: usize, pad: usize| {
+                let mut layer = BurnConv2dConfig::new(channels, [conv.dims()[2], conv.dims()[3]])
+                    .with_stride([stride, stride])
+                    .with_groups(groups)
+                    .with_bias(conv.bias.is_some())
+                    .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+                    .init(device);
+                layer.weight = conv.weight;
+                layer.bias = conv.bias;
+                layer
+            };
+        let mut head = burn::nn::LinearConfig::new(16, 5).init(device);
+        head.weight = adapted.head.weight;
+        head.bias = adapted.head.bias;
+        Self {
+            conv1: plain(adapted.conv1, [3, 8], 1, 2, 1),
+            dw: plain(adapted.dw, [8, 8], 8, 1, 1),
+            pw: plain(adapted.pw, [8, 16], 1, 1, 0),
+            head,
+        }
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let x = relu(self.conv1.forward(x));
+        let x = relu(self.dw.forward(x));
+        let x = relu(self.pw.forward(x));
+        let [b, c, _, _] = x.dims();
+        self.head.forward(x.mean_dim(2).mean_dim(3).reshape([b, c]))
+    }
+}
+
+/// PEFT's conv bundles on a model of Burn's own `Conv2d` layers (the weight-space path): the
+/// same outputs as PEFT, active and merged.
+#[test]
+fn peft_conv_bundles_load_onto_plain_burn_conv2d_layers() {
+    use burn_peft::core::burn_modules::PeftModule;
+    let device = Device::flex();
+    for case in ["lora", "dora", "rslora"] {
+        let mut model = PeftModule::new(PlainCnn::from(TinyCnn::load(&device), &device));
+        model.load_adapter(dir().join(case), "default").unwrap();
+        let active = values(model.model().forward(pixels(&device)));
+        close(
+            &active,
+            &expected(case, "logits"),
+            &format!("plain {case} active"),
+        );
+        model.merge().unwrap();
+        let merged = values(model.model().forward(pixels(&device)));
+        close(
+            &merged,
+            &expected(case, "merged_logits"),
+            &format!("plain {case} merged"),
+        );
+    }
+}
+
+/// The generator `conv1d_tiny.py`'s `TinyConv1d`.
+#[derive(Module, Debug, Adaptable)]
+struct TinyConv1d {
+    conv_a: Conv1d,
+    conv_b: Conv1d,
+    head: Linear,
+}
+
+impl TinyConv1d {
+    fn load(device: &Device) -> Self {
+        let tensors = read_all(&fixture("conv1d/base.safetensors"));
+        let t = |k: &str| {
+            let (v, s) = &tensors[k];
+            TensorData::new(v.clone(), s.clone())
+        };
+        let mut conv_a = Conv1dConfig::new(4, 6, 3)
+            .with_stride(2)
+            .with_padding(1)
+            .init(device);
+        conv_a.weight = Param::from_tensor(Tensor::from_data(t("conv_a.weight"), device));
+        conv_a.bias = Some(Param::from_tensor(Tensor::from_data(
+            t("conv_a.bias"),
+            device,
+        )));
+        let mut conv_b = Conv1dConfig::new(6, 6, 3)
+            .with_padding(1)
+            .with_groups(3)
+            .with_bias(false)
+            .init(device);
+        conv_b.weight = Param::from_tensor(Tensor::from_data(t("conv_b.weight"), device));
+        let head = Tensor::<2>::from_data(t("head.weight"), device);
+        Self {
+            conv_a,
+            conv_b,
+            head: Linear::from_tensors(
+                head.transpose(),
+                Some(Tensor::from_data(t("head.bias"), device)),
+            ),
+        }
+    }
+
+    fn forward(&self, x: Tensor<3>, fc: &ForwardContext) -> Tensor<2> {
+        let x = relu(self.conv_a.forward_in(x, fc));
+        let x = relu(self.conv_b.forward_in(x, fc));
+        let [b, c, _] = x.dims();
+        self.head.forward_in(x.mean_dim(2).reshape([b, c]), fc)
+    }
+}
+
+fn sequence(device: &Device) -> Tensor<3> {
+    let (v, s) = &read_all(&fixture("conv1d/inputs.safetensors"))["sequence"];
+    Tensor::from_data(TensorData::new(v.clone(), s.clone()), device)
+}
+
+/// LoRA (grouped too) and DoRA on `nn.Conv1d` as PEFT's `lora.Conv1d`: active, merged (refused
+/// for the grouped layer, as in PEFT), a mixed batch, and our bundle read back.
+#[test]
+fn lora_and_dora_on_conv1d_match_peft() {
+    let device = Device::flex();
+    let base = values(TinyConv1d::load(&device).forward(sequence(&device), &Default::default()));
+    let reference = &read_all(&fixture("conv1d/inputs.safetensors"))["base_logits"].0;
+    close(&base, reference, "conv1d base");
+    for (case, merges) in [("lora", false), ("lora_a", true), ("dora", true)] {
+        let folder = fixture("conv1d").join(case);
+        let expected = read_all(&folder.join("expected.safetensors"));
+        let mut model = PeftModel::new(TinyConv1d::load(&device));
+        model.load_adapter(&folder, "default").unwrap();
+        let run = |m: &PeftModel<TinyConv1d>| {
+            values(m.model().forward(sequence(&device), &Default::default()))
+        };
+        let active = run(&model);
+        close(
+            &active,
+            &expected["logits"].0,
+            &format!("conv1d {case} active"),
+        );
+        // Saved by us, read back: the same outputs.
+        let saved = tempfile::tempdir().unwrap();
+        model.save_adapter(saved.path(), "default").unwrap();
+        let mut again = PeftModel::new(TinyConv1d::load(&device));
+        again.load_adapter(saved.path(), "default").unwrap();
+        close(
+            &run(&again),
+            &active,
+            &format!("conv1d {case} saved and read"),
+        );
+        if merges {
+            model.merge().unwrap();
+            close(
+                &run(&model),
+                &expected["merged_logits"].0,
+                &format!("conv1d {case} merged"),
+            );
+        } else {
+            let err = model.merge().unwrap_err().to_string();
+            assert!(err.contains("groups > 1"), "{err}");
+        }
+    }
+    // A mixed batch: row 0 the grouped LoRA, row 1 the base model.
+    let mut model = PeftModel::new(TinyConv1d::load(&device));
+    model
+        .load_adapter(fixture("conv1d/lora"), "default")
+        .unwrap();
+    let rows = RowAdapters::new(&["default", "__base__"], &device);
+    let mixed = values(
+        model
+            .model()
+            .forward(sequence(&device), &ForwardContext::mixed(rows)),
+    );
+    let lora = &read_all(&fixture("conv1d/lora/expected.safetensors"))["logits"].0;
+    close(&mixed[..3], &lora[..3], "conv1d mixed row 0");
+    close(&mixed[3..], &base[3..], "conv1d mixed row 1");
 }

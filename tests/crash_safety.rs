@@ -178,6 +178,7 @@ mod checkpoints {
                     labels: None,
                     line: 0,
                     segments: Vec::new(),
+                    image: None,
                 }
             })
             .collect()

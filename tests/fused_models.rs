@@ -41,6 +41,7 @@ fn examples(lm: bool) -> Vec<Example> {
                 input_ids: ids,
                 line: 0,
                 segments: Vec::new(),
+                image: None,
             }
         })
         .collect()

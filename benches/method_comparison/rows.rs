@@ -208,6 +208,7 @@ pub(crate) fn llama_data(vocab: usize) -> Data {
                     input_ids: ids,
                     line: 0,
                     segments: Vec::new(),
+                    image: None,
                 }
             })
             .collect()

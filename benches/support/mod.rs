@@ -162,6 +162,7 @@ pub fn lm_batch(rows: &[Vec<i64>], device: &Device) -> Collated {
             labels: Some(row.clone()),
             line: 0,
             segments: Vec::new(),
+            image: None,
         })
         .collect();
     let refs: Vec<&Example> = examples.iter().collect();

@@ -66,6 +66,7 @@ pub fn lm_data(n: usize) -> Vec<Example> {
                 label: None,
                 line: 0,
                 segments: Vec::new(),
+                image: None,
             }
         })
         .collect()

@@ -61,6 +61,7 @@ fn examples(objective: Task) -> Vec<Example> {
                 input_ids: ids,
                 line: 0,
                 segments: Vec::new(),
+                image: None,
             }
         })
         .collect()

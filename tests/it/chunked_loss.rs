@@ -91,6 +91,7 @@ fn the_training_step_takes_the_same_loss() {
                 label: None,
                 line: 0,
                 segments: Vec::new(),
+                image: None,
             }
         })
         .collect();
@@ -136,6 +137,7 @@ fn evaluation_losses_match_each_example_alone() {
                     label: None,
                     line: i + 1,
                     segments: Vec::new(),
+                    image: None,
                 }
             })
             .collect();

@@ -151,6 +151,7 @@ fn lm_examples() -> Vec<Example> {
                 label: None,
                 line: i + 1,
                 segments: Vec::new(),
+                image: None,
             }
         })
         .collect()

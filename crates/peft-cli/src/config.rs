@@ -96,7 +96,8 @@ pub struct ModelSection {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// Training file (JSONL or CSV).
+    /// Training file (JSONL or CSV); for an image model, an image folder (one subfolder per
+    /// class) or a pixel CSV (`.csv` / `.csv.gz`, pixels then the label per row).
     pub train: PathBuf,
     /// Evaluated during training; picks the best adapter.
     pub eval: Option<PathBuf>,
@@ -126,6 +127,12 @@ pub struct DataSection {
     pub max_new_tokens: Option<usize>,
     /// Most tokens per example.
     pub max_length: Option<usize>,
+    /// Image models: the side images are resized to (default: the model's
+    /// `preprocessor_config.json` size, else 224).
+    pub image_size: Option<usize>,
+    /// Image models reading a pixel CSV: a row's pixels, `[height, width]` or `[channels,
+    /// height, width]` (default: square single-channel, e.g. MNIST's 784 = 28x28).
+    pub image_shape: Option<Vec<usize>>,
     /// Causal LM: pack several short training examples into each row of `max_length` tokens
     /// (TRL's `packing`, best-fit decreasing), kept apart in attention and positions; default
     /// false.
@@ -146,6 +153,8 @@ impl DataSection {
             messages_field: self.messages_field.clone().unwrap_or(d.messages_field),
             assistant_only_loss: self.assistant_only_loss.unwrap_or(d.assistant_only_loss),
             max_length: self.max_length.unwrap_or(d.max_length),
+            image_size: self.image_size,
+            image_shape: self.image_shape.clone(),
         }
     }
 }
@@ -158,6 +167,8 @@ pub enum MethodChoice {
     Peft(Vec<(String, Box<dyn PeftMethod>)>),
     /// Every parameter (full fine-tuning).
     Full,
+    /// The classification head alone (a linear probe), the backbone frozen: `method: head`.
+    Head,
 }
 
 /// A parsed, checked config with paths made absolute.
@@ -225,8 +236,13 @@ pub fn load_with(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    // `~/` is the user's home (the image demo reads data fetched into ~/.cache); other
+    // relative paths are relative to the config file.
+    let home = std::env::var_os("HOME");
     let resolve = |p: &mut PathBuf| {
-        if p.is_relative() {
+        if let (Ok(rest), Some(home)) = (p.strip_prefix("~"), home.as_ref()) {
+            *p = Path::new(home).join(rest);
+        } else if p.is_relative() {
             *p = base.join(&*p);
         }
     };
@@ -262,7 +278,8 @@ pub fn load_with(
     // A local model folder or GGUF file given relative to the config; hub ids stay as they are.
     let local = base.join(&config.model.name_or_path);
     let is_local = local.join("config.json").is_file()
-        || (peft_models::gguf::is_gguf(&config.model.name_or_path) && local.is_file());
+        || (peft_models::gguf::is_gguf(&config.model.name_or_path) && local.is_file())
+        || (peft_models::load::is_pickle(Path::new(&config.model.name_or_path)) && local.is_file());
     if Path::new(&config.model.name_or_path).is_relative() && is_local {
         config.model.name_or_path = normalized(&local).to_string_lossy().into_owned();
     }
@@ -281,14 +298,16 @@ pub fn load_with(
         ("chat_template", config.data.chat_template.as_ref()),
     ];
     for (key, path) in files {
-        if let Some(path) = path.filter(|p| !p.is_file()) {
+        // A data split may also be a folder: an image folder, for an image model.
+        let folder_ok = key != "chat_template";
+        if let Some(path) = path.filter(|p| !(p.is_file() || folder_ok && p.is_dir())) {
             return Err(err(
                 key_line(&text, Some("data"), key),
                 format!(
                     "`data.{key}`: {} {}; paths are relative to the config's folder",
                     path.display(),
                     if path.exists() {
-                        "is not a file"
+                        "is not a file (nor an image folder)"
                     } else {
                         "does not exist"
                     }
@@ -318,7 +337,7 @@ pub fn load_with(
     if let Err(e) = config.device.parse::<DeviceName>() {
         return Err(err(key_line(&text, None, "device"), e.to_string()));
     }
-    if config.dtype != BaseDType::F32 && matches!(method, MethodChoice::Full) {
+    if config.dtype != BaseDType::F32 && matches!(method, MethodChoice::Full | MethodChoice::Head) {
         return Err(err(
             key_line(&text, None, "dtype"),
             peft_core::precision::PrecisionError::TrainedBase(config.dtype).to_string(),
@@ -374,13 +393,16 @@ fn parse_methods(file: &Path, text: &str, config: &RunConfig) -> Result<MethodCh
             return Err(err(
                 None,
                 format!(
-                    "missing `method`: a PEFT adapter config block with a `peft_type` (one of {}), a list of them, or `full`",
+                    "missing `method`: a PEFT adapter config block with a `peft_type` (one of {}), a list of them, `full` (every parameter) or `head` (the classification head alone)",
                     peft_core::bundle::registered_methods().join(", ")
                 ),
             ));
         }
         (Some(Value::String(s)), None) if s.eq_ignore_ascii_case("full") => {
             return Ok(MethodChoice::Full);
+        }
+        (Some(Value::String(s)), None) if s.eq_ignore_ascii_case("head") => {
+            return Ok(MethodChoice::Head);
         }
         (Some(Value::Array(list)), None) => {
             let mut named = Vec::new();

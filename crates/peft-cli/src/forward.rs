@@ -28,10 +28,13 @@ pub struct ForwardArgs {
     /// Merge the adapters into the base weights before running.
     #[arg(long, requires = "adapter")]
     merge: bool,
-    /// Inputs: int64 `input_ids` [batch, seq], optional `attention_mask`, `token_type_ids`.
+    /// Inputs (safetensors): int64 `input_ids` [batch, seq], optional `attention_mask`,
+    /// `token_type_ids`; or, for an image model, float32 `pixel_values` [batch, channels,
+    /// height, width].
     #[arg(long)]
     inputs: PathBuf,
-    /// Where to write float32 outputs (`logits`, or `last_hidden_state` + `sentence_embedding`).
+    /// Where to write float32 outputs (`logits`, or `last_hidden_state` + `sentence_embedding`,
+    /// `pooler_output` where the model has it).
     #[arg(long)]
     output: PathBuf,
     #[command(flatten)]

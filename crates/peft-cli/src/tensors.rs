@@ -27,7 +27,9 @@ fn input_error(file: &Path, message: impl Into<String>) -> InputError {
 /// Values and shape of an int64 tensor.
 type IntTensor = (Vec<i64>, Vec<usize>);
 
-/// Read `input_ids` and the optional `attention_mask` / `token_type_ids` (int64 `[batch, seq]`).
+/// Read `input_ids` and the optional `attention_mask` / `token_type_ids` (int64 `[batch, seq]`),
+/// or an image model's `pixel_values` (float32 `[batch, channels, height, width]`, normalized as
+/// its preprocessor does).
 pub fn read_inputs(file: &Path, device: &Device) -> Result<ModelInputs, InputError> {
     let bytes = std::fs::read(file).map_err(|e| input_error(file, format!("cannot read: {e}")))?;
     let st = SafeTensors::deserialize(&bytes)
@@ -73,10 +75,17 @@ pub fn read_inputs(file: &Path, device: &Device) -> Result<ModelInputs, InputErr
             .collect();
         Ok(Some((values, view.shape().to_vec())))
     };
+    if let Ok(view) = st.tensor("pixel_values") {
+        return read_pixels(file, &view, device).map(ModelInputs::images);
+    }
     let (ids, shape) = read("input_ids", None)?.ok_or_else(|| {
         input_error(
             file,
-            format!("no tensor `input_ids`; found: {}", names.join(", ")),
+            format!(
+                "no tensor `input_ids` (a text model's int64 [batch, seq]) or `pixel_values` \
+                 (an image model's float32 [batch, channels, height, width]); found: {}",
+                names.join(", ")
+            ),
         )
     })?;
     let to_tensor =
@@ -89,6 +98,47 @@ pub fn read_inputs(file: &Path, device: &Device) -> Result<ModelInputs, InputErr
         token_type_ids,
         pixel_values: None,
     })
+}
+
+/// `pixel_values`: float32, four dimensions (the model checks the channels and the size).
+fn read_pixels(
+    file: &Path,
+    view: &safetensors::tensor::TensorView<'_>,
+    device: &Device,
+) -> Result<Tensor<4>, InputError> {
+    if view.dtype() != Dtype::F32 {
+        return Err(input_error(
+            file,
+            format!(
+                "tensor `pixel_values` has dtype {:?}, expected F32 (torch.float32)",
+                view.dtype()
+            ),
+        ));
+    }
+    let &[b, c, h, w] = view.shape() else {
+        return Err(input_error(
+            file,
+            format!(
+                "tensor `pixel_values` has shape {:?}, expected [batch, channels, height, width]",
+                view.shape()
+            ),
+        ));
+    };
+    let values: Vec<f32> = view
+        .data()
+        .chunks_exact(4)
+        .map(|x| f32::from_le_bytes(x.try_into().expect("4 bytes")))
+        .collect();
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(input_error(
+            file,
+            format!("tensor `pixel_values` holds a non-finite value at flat index {i}"),
+        ));
+    }
+    Ok(Tensor::from_data(
+        TensorData::new(values, [b, c, h, w]),
+        device,
+    ))
 }
 
 /// Write float32 tensors to `file` atomically.

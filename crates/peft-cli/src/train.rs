@@ -9,7 +9,8 @@ use peft_core::PeftModel;
 use peft_models::chat::ChatTemplate;
 use peft_models::{HfTokenizer, Task, from_pretrained, load_tokenizer_and_chat, read_config};
 use peft_train::data::{
-    DATA_CONFIG_FILE, DataConfig, Example, LabelMap, TaskKind, load_examples, pack,
+    DATA_CONFIG_FILE, DataConfig, Example, ImagePreprocess, LabelMap, TaskKind, load_examples,
+    load_image_examples, pack,
 };
 use peft_train::{Datasets, EvalReport, FullExport, TrainOptions, Trainer};
 use serde_json::json;
@@ -79,6 +80,65 @@ fn load_data(
         match file {
             Some(f) => Ok(Some(
                 load_examples(f, kind, &reader, tokenizer, chat, labels.as_ref())?.0,
+            )),
+            None => Ok(None),
+        }
+    };
+    Ok(Datasets {
+        eval: read(&run.data.eval)?,
+        test: read(&run.data.test)?,
+        train,
+        labels,
+    })
+}
+
+/// What a text model reads its data with.
+struct TextParts {
+    tokenizer: HfTokenizer,
+    chat: Option<ChatTemplate>,
+}
+
+/// The tokenizer and chat template of a text model (its folder's `tokenizer.json`, or a GGUF
+/// file's metadata; `data.chat_template` replaces the template), and the default
+/// `data.max_length`, which never exceeds the model's positions.
+fn load_text_parts(run: &mut config::RunConfig) -> Result<TextParts> {
+    let source = run.model.name_or_path.clone();
+    let source = source.as_str();
+    let parts = load_tokenizer_and_chat(source).with_context(|| {
+        format!(
+            "model `{source}` needs a tokenizer (tokenizer.json, or a GGUF file's tokenizer.ggml.*)"
+        )
+    })?;
+    let chat = match &run.data.chat_template {
+        Some(file) => Some(read_chat_template(file, parts.special_tokens)?),
+        None => parts.template,
+    };
+    if run.data.max_length.is_none()
+        && let Some((limit, _)) = read_config(source)
+            .with_context(|| format!("resolving model `{source}`"))?
+            .1
+            .position_limit()
+    {
+        run.data.max_length = Some(DataConfig::default().max_length.min(limit));
+    }
+    Ok(TextParts {
+        tokenizer: parts.tokenizer,
+        chat,
+    })
+}
+
+/// The splits of an image model: image folders or pixel CSVs, preprocessed as the model's
+/// folder says (`preprocessor_config.json`; ImageNet's statistics without one) at
+/// `data.image_size` when set.
+fn load_image_data(run: &config::RunConfig, model_dir: &Path, channels: usize) -> Result<Datasets> {
+    let reader = run.data.reader();
+    let pre = ImagePreprocess::for_model(model_dir, channels, reader.image_size)?;
+    let shape = reader.image_shape.as_deref();
+    let (train, labels) = load_image_examples(&run.data.train, &pre, shape, None)?;
+    let read = |file: &Option<PathBuf>| -> Result<Option<Vec<Example>>> {
+        match file {
+            Some(f) => Ok(Some(
+                load_image_examples(f, &pre, shape, labels.as_ref())?.0,
             )),
             None => Ok(None),
         }
@@ -165,28 +225,32 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let train_device = device.clone().autodiff();
     train_device.seed(run.train.seed);
 
-    let source = &run.model.name_or_path;
-    // A model folder (its tokenizer.json) or a GGUF file (the tokenizer in its metadata).
-    let parts = load_tokenizer_and_chat(source).with_context(|| {
-        format!(
-            "model `{source}` needs a tokenizer (tokenizer.json, or a GGUF file's tokenizer.ggml.*)"
-        )
-    })?;
-    let tokenizer = parts.tokenizer;
-    let chat = match &run.data.chat_template {
-        Some(file) => Some(read_chat_template(file, parts.special_tokens)?),
-        None => parts.template,
+    let source = &run.model.name_or_path.clone();
+    let (model_dir, model_config) =
+        read_config(source).with_context(|| format!("resolving model `{source}`"))?;
+    // An image model reads images (an image folder or a pixel CSV); a text model tokens.
+    let (text, data) = match model_config.image_channels() {
+        Some(channels) => {
+            if run.model.task != TaskKind::Classification {
+                return Err(config::ConfigError {
+                    file: args.config.clone(),
+                    line: config::line_in_file(&args.config, "model", "task"),
+                    message: format!(
+                        "model.task: `{source}` is an image model, which trains for \
+                         classification only; set `task: classification`"
+                    ),
+                }
+                .into());
+            }
+            (None, load_image_data(&run, &model_dir, channels)?)
+        }
+        None => {
+            let text = load_text_parts(&mut run)?;
+            let data = load_data(&run, &text.tokenizer, text.chat.as_ref(), None)?;
+            (Some(text), data)
+        }
     };
-    // Without an explicit `data.max_length`, the default never exceeds the model's positions.
-    if run.data.max_length.is_none()
-        && let Some((limit, _)) = read_config(source)
-            .with_context(|| format!("resolving model `{source}`"))?
-            .1
-            .position_limit()
-    {
-        run.data.max_length = Some(DataConfig::default().max_length.min(limit));
-    }
-    let data = load_data(&run, &tokenizer, chat.as_ref(), None)?;
+    let chat = text.as_ref().and_then(|t| t.chat.as_ref());
     let task = match run.model.task {
         TaskKind::Classification => {
             let found = data.labels.as_ref().map_or(0, LabelMap::len);
@@ -209,7 +273,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let started = Instant::now();
     let pretrained = from_pretrained(source, task, &train_device)
         .with_context(|| format!("loading model `{source}`"))?;
-    let full = matches!(loaded.method, MethodChoice::Full);
+    // Full fine-tuning and the linear probe train base weights: the whole model is saved.
+    let full = matches!(loaded.method, MethodChoice::Full | MethodChoice::Head);
     let mut model = PeftModel::new(pretrained.model).with_base_model_name(source.clone());
     let mut adapters: Vec<String> = Vec::new();
     match &loaded.method {
@@ -226,20 +291,38 @@ pub fn run(args: TrainArgs) -> Result<()> {
             model.set_adapters(&names)?;
         }
         MethodChoice::Full => model.set_train_base(true)?,
+        MethodChoice::Head => {
+            let head = peft_core::Adaptable::classifier_head(model.model()).ok_or_else(|| {
+                config::ConfigError {
+                    file: args.config.clone(),
+                    line: None,
+                    message: format!(
+                        "method: head trains a classification head, and `{source}` loaded as a \
+                     {} has none; set `model.task: classification`",
+                        task
+                    ),
+                }
+            })?;
+            model.set_train_modules(&[head.as_str()])?;
+        }
     }
     crate::device::cast_base(&mut model, run.dtype, &train_device)?;
     // Refuse inputs the model cannot take before any step runs: examples longer than its
     // position table (a prefix included) and ids beyond its vocabulary.
-    model
-        .model()
-        .check_sequence_length(run.data.reader().max_length, "data.max_length")
-        .with_context(|| format!("{}: in `data`", args.config.display()))?;
-    check_vocabulary(&run, &data, model.model().vocab_size())?;
+    if text.is_some() {
+        model
+            .model()
+            .check_sequence_length(run.data.reader().max_length, "data.max_length")
+            .with_context(|| format!("{}: in `data`", args.config.display()))?;
+        check_vocabulary(&run, &data, model.model().vocab_size())?;
+    }
     let report = model.trainable_report();
     println!(
         "{}: {} on {} ({} train / {} eval / {} test examples)",
         args.config.display(),
-        if full {
+        if matches!(loaded.method, MethodChoice::Head) {
+            "the classification head alone (linear probe)".to_string()
+        } else if full {
             "full fine-tuning".to_string()
         } else {
             peft_train::method_name(&model, &adapters)
@@ -312,7 +395,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .config(run.train.clone())
         .output_dir(run.output.clone())
         .device(train_device)
-        .pad_id(tokenizer.pad_id() as i64)
+        .pad_id(text.as_ref().map_or(0, |t| t.tokenizer.pad_id() as i64))
         // How the data was read (`max_length`, field names): `eval` reads it the same way.
         .bundle_file(
             DATA_CONFIG_FILE,
@@ -323,7 +406,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     // The template the conversations were rendered with travels with the adapter: `serve`
     // (and transformers) use a bundle's own template, so the model is served with the
     // prompts it learned.
-    if let Some(template) = chat.as_ref().filter(|_| trained_on_chat) {
+    if let Some(template) = chat.filter(|_| trained_on_chat) {
         builder = builder.bundle_file("chat_template.jinja", template.source());
     }
     if full {
@@ -378,13 +461,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
             describe(report)
         );
     }
-    let test_generation = match (&run.data.test, &chat) {
-        (Some(test), Some(template))
+    let test_generation = match (&run.data.test, chat, &text) {
+        (Some(test), Some(template), Some(TextParts { tokenizer, .. }))
             if crate::eval_chat::is_conversational(test, &run.data.reader().messages_field) =>
         {
             let tuned = reload(source, task, &chosen, &adapters, full, &device)?;
             let eos = peft_models::generate::eos_token_ids(&pretrained.config.raw);
-            let scores = generation_scores(&run, test, tuned, template, &tokenizer, eos, &device)?;
+            let scores = generation_scores(&run, test, tuned, template, tokenizer, eos, &device)?;
             Some(scores)
         }
         _ => None,

@@ -55,7 +55,7 @@ fn run_and_compare(name: &str, extra: &[&str], expected: &Path, prefix: &str) {
             .iter()
             .zip(want)
             .enumerate()
-            .filter(|(i, _)| shape.len() != 3 || mask[i / per_pos] == 1)
+            .filter(|(i, _)| shape.len() != 3 || mask.get(i / per_pos).is_none_or(|m| *m == 1))
             .map(|(_, (a, b))| (a - b).abs())
             .fold(0.0f32, f32::max);
         assert!(diff < 1e-4, "{name} {extra:?}: `{key}` differs by {diff}");
@@ -106,6 +106,50 @@ fn forward_llama_tied() {
 fn forward_qwen2_and_mistral() {
     family("qwen2");
     family("mistral");
+}
+
+#[test]
+fn forward_vit_from_pixel_values() {
+    family("vit");
+    family("vit_cls");
+}
+
+#[test]
+fn forward_resnet_from_pixel_values() {
+    family("resnet_cls");
+}
+
+/// An image of the wrong channel count is exit 2 naming `pixel_values` and the channels.
+#[test]
+fn images_of_the_wrong_channel_count_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gray = tmp.path().join("gray.safetensors");
+    let data: Vec<u8> = vec![0.5f32; 2 * 32 * 32]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 1, 32, 32], &data)
+            .unwrap();
+    std::fs::write(
+        &gray,
+        safetensors::serialize([("pixel_values", view)], None).unwrap(),
+    )
+    .unwrap();
+    let model = fixtures().join("resnet_cls");
+    let out = tmp.path().join("o.safetensors");
+    expect_bad_input(
+        &[
+            "forward",
+            "--model",
+            model.to_str().unwrap(),
+            "--inputs",
+            gray.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        "reads 3 channels",
+    );
 }
 
 fn expect_bad_input(args: &[&str], needle: &str) {

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::nn::{Conv2d, Embedding, KvPrefix, Linear};
+use crate::nn::{Conv1d, Conv2d, Embedding, KvPrefix, Linear};
 
 /// A dotted module path (`encoder.layer.0.attention.self.query`), built segment by segment while
 /// walking a model.
@@ -45,6 +45,8 @@ pub enum Site<'a> {
     Linear(&'a Linear),
     /// An embedding table.
     Embedding(&'a Embedding),
+    /// A 1-D convolution.
+    Conv1d(&'a Conv1d),
     /// A 2-D convolution.
     Conv2d(&'a Conv2d),
     /// The attention key/value stream (prefix tuning).
@@ -59,6 +61,8 @@ pub enum SiteMut<'a> {
     Linear(&'a mut Linear),
     /// An embedding table.
     Embedding(&'a mut Embedding),
+    /// A 1-D convolution.
+    Conv1d(&'a mut Conv1d),
     /// A 2-D convolution.
     Conv2d(&'a mut Conv2d),
     /// The attention key/value stream (prefix tuning).
@@ -163,6 +167,19 @@ impl Adaptable for Embedding {
         visitor: &mut dyn FnMut(&SitePath, SiteMut<'_>),
     ) {
         visitor(path, SiteMut::Embedding(self));
+    }
+}
+
+impl Adaptable for Conv1d {
+    fn visit_sites(&self, path: &mut SitePath, visitor: &mut dyn FnMut(&SitePath, Site<'_>)) {
+        visitor(path, Site::Conv1d(self));
+    }
+    fn visit_sites_mut(
+        &mut self,
+        path: &mut SitePath,
+        visitor: &mut dyn FnMut(&SitePath, SiteMut<'_>),
+    ) {
+        visitor(path, SiteMut::Conv1d(self));
     }
 }
 
@@ -322,6 +339,17 @@ pub enum SiteSummary {
         /// Row size.
         d_model: usize,
     },
+    /// A 1-D convolution `[in] -> [out]` with a `kernel_size` kernel.
+    Conv1d {
+        /// Input channels.
+        in_channels: usize,
+        /// Output channels.
+        out_channels: usize,
+        /// Kernel size.
+        kernel_size: usize,
+        /// Channel groups.
+        groups: usize,
+    },
     /// A 2-D convolution `[in] -> [out]` with a `kernel_size` kernel.
     Conv2d {
         /// Input channels.
@@ -356,6 +384,15 @@ impl SiteSummary {
                 SiteSummary::Embedding {
                     n_embedding,
                     d_model,
+                }
+            }
+            Site::Conv1d(c) => {
+                let [out_channels, _, kernel_size] = c.dims();
+                SiteSummary::Conv1d {
+                    in_channels: c.in_channels(),
+                    out_channels,
+                    kernel_size,
+                    groups: c.groups,
                 }
             }
             Site::Conv2d(c) => {

@@ -61,6 +61,20 @@ pub enum SiteKind {
         /// Row size.
         d_model: usize,
     },
+    /// A 1-D convolution (PyTorch's `nn.Conv1d`), described as a 2-D convolution of height 1:
+    /// `kernel_size` `[1, k]`, `geometry` with height stride, padding and dilation `1, 0, 1`.
+    Conv1d {
+        /// Input channels.
+        in_channels: usize,
+        /// Output channels.
+        out_channels: usize,
+        /// Kernel size `[1, k]`.
+        kernel_size: [usize; 2],
+        /// Stride, padding, dilation and groups (height entries `1, 0, 1`).
+        geometry: crate::nn::ConvGeometry,
+        /// Whether the layer has a bias.
+        bias: bool,
+    },
     /// A 2-D convolution (PyTorch's `nn.Conv2d`).
     Conv2d {
         /// Input channels.
@@ -95,6 +109,7 @@ impl SiteKind {
         match self {
             SiteKind::Linear { .. } => "Linear",
             SiteKind::Embedding { .. } => "Embedding",
+            SiteKind::Conv1d { .. } => "Conv1d",
             SiteKind::Conv2d { .. } => "Conv2d",
             SiteKind::KvPrefix { .. } => "attention key/value prefix",
         }

@@ -428,7 +428,10 @@ impl PeftMethod for LoraConfig {
     fn supports(&self, kind: &SiteKind) -> bool {
         matches!(
             kind,
-            SiteKind::Linear { .. } | SiteKind::Embedding { .. } | SiteKind::Conv2d { .. }
+            SiteKind::Linear { .. }
+                | SiteKind::Embedding { .. }
+                | SiteKind::Conv1d { .. }
+                | SiteKind::Conv2d { .. }
         )
     }
 
@@ -519,7 +522,14 @@ impl PeftMethod for LoraConfig {
                     Arc::new(kernel),
                 ))
             }
-            SiteKind::Conv2d {
+            SiteKind::Conv1d {
+                in_channels,
+                out_channels,
+                kernel_size,
+                geometry,
+                ..
+            }
+            | SiteKind::Conv2d {
                 in_channels,
                 out_channels,
                 kernel_size,
@@ -531,6 +541,7 @@ impl PeftMethod for LoraConfig {
                     out_channels,
                     kernel_size,
                     geometry,
+                    one_d: matches!(site.kind, SiteKind::Conv1d { .. }),
                 };
                 conv::check_site(site, &shape, r, self.use_dora)?;
                 let gaussian = matches!(self.init_lora_weights, InitLoraWeights::Named(_));

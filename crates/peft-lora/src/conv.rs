@@ -9,6 +9,8 @@
 //!   refused, as PEFT refuses it.
 //! - DoRA: the magnitude is one value per output channel (`[1, out, 1, 1]` in the file), the norm
 //!   runs over everything else of the kernel.
+//! - `nn.Conv1d` (PEFT's `lora.Conv1d`) is the same with one spatial dimension: the layer hands
+//!   its adapters a 2-D convolution of height 1, and only the bundle shapes differ.
 //!
 //! In memory `A` is the matrix `[in·kh·kw, r]` and `B` `[r / groups, out]`, the layout of a
 //! linear site, so for `groups = 1` the delta `A·B` is the kernel's change seen as the matrix
@@ -39,6 +41,9 @@ pub struct ConvShape {
     pub kernel_size: [usize; 2],
     /// The base's stride, padding, dilation and groups.
     pub geometry: ConvGeometry,
+    /// A 1-D convolution (`nn.Conv1d`), handled as 2-D of height 1: its bundle tensors have
+    /// one spatial dimension (`lora_A` `[r, in, k]`).
+    pub one_d: bool,
 }
 
 impl ConvShape {
@@ -57,7 +62,8 @@ impl ConvShape {
         ConvOptions::new([1, 1], [0, 0], [1, 1], self.geometry.groups)
     }
 
-    fn a_file_shape(&self, r: usize) -> [usize; 4] {
+    /// `lora_A` as computed: `[r, in, kh, kw]`.
+    fn a_dims(&self, r: usize) -> [usize; 4] {
         [
             r,
             self.in_channels,
@@ -66,8 +72,23 @@ impl ConvShape {
         ]
     }
 
-    fn b_file_shape(&self, r: usize) -> [usize; 4] {
+    /// `lora_B` as computed: `[out, r / groups, 1, 1]`.
+    fn b_dims(&self, r: usize) -> [usize; 4] {
         [self.out_channels, r / self.geometry.groups, 1, 1]
+    }
+
+    /// A computed 4-D shape as the bundle stores it (the height dropped for a 1-D convolution).
+    fn file_shape(&self, dims: [usize; 4]) -> Vec<usize> {
+        if self.one_d {
+            vec![dims[0], dims[1], dims[3]]
+        } else {
+            dims.to_vec()
+        }
+    }
+
+    /// DoRA's magnitude in the bundle: `[1, out, 1, 1]` (`[1, out, 1]` for 1-D).
+    fn magnitude_shape(&self) -> Vec<usize> {
+        self.file_shape([1, self.out_channels, 1, 1])
     }
 
     fn grouped(&self) -> bool {
@@ -117,7 +138,7 @@ pub(crate) fn check_site(site: &SiteInfo, shape: &ConvShape, r: usize, dora: boo
         Err(PeftError::InvalidConfig {
             file: None,
             key: "target_modules".into(),
-            reason: format!("`{}` (Conv2d): {reason}", site.path),
+            reason: format!("`{}` ({}): {reason}", site.path, site.kind.name()),
         })
     };
     let groups = shape.geometry.groups;
@@ -150,8 +171,8 @@ fn low_rank(state: &AdapterState, shape: &ConvShape, x: Tensor<4>) -> Tensor<4> 
     let a = state.matrices[0].val();
     let b = state.matrices[1].val();
     let [_, r] = a.dims();
-    let a4 = a.transpose().reshape(shape.a_file_shape(r));
-    let b4 = b.transpose().reshape(shape.b_file_shape(r));
+    let a4 = a.transpose().reshape(shape.a_dims(r));
+    let b4 = b.transpose().reshape(shape.b_dims(r));
     let low = conv2d(x, a4, None, shape.a_options());
     conv2d(low, b4, None, shape.b_options())
 }
@@ -170,12 +191,16 @@ fn refuse_grouped_merge(state: &AdapterState) -> PeftError {
 fn export_conv(state: &AdapterState, shape: &ConvShape) -> Vec<(String, TensorData)> {
     let a = state.matrices[0].val();
     let [_, r] = a.dims();
-    let file = |t: Tensor<2>, dims: [usize; 4]| t.transpose().reshape(dims).into_data();
+    let file = |t: Tensor<2>, dims: [usize; 4]| {
+        let data = t.transpose().reshape(dims).into_data();
+        let values = data.try_to_vec::<f32>().expect("adapter tensors are f32");
+        TensorData::new(values, shape.file_shape(dims))
+    };
     vec![
-        ("lora_A.weight".into(), file(a, shape.a_file_shape(r))),
+        ("lora_A.weight".into(), file(a, shape.a_dims(r))),
         (
             "lora_B.weight".into(),
-            file(state.matrices[1].val(), shape.b_file_shape(r)),
+            file(state.matrices[1].val(), shape.b_dims(r)),
         ),
     ]
 }
@@ -194,8 +219,8 @@ fn import_conv(
     source: &mut dyn TensorSource,
 ) -> Result<AdapterState> {
     let [fan_in, r] = state.matrices[0].dims();
-    let a = source.take("lora_A.weight", &shape.a_file_shape(r))?;
-    let b = source.take("lora_B.weight", &shape.b_file_shape(r))?;
+    let a = source.take("lora_A.weight", &shape.file_shape(shape.a_dims(r)))?;
+    let b = source.take("lora_B.weight", &shape.file_shape(shape.b_dims(r)))?;
     let per_group = r / shape.geometry.groups;
     state.set_matrix(0, flattened_transposed(a, r, fan_in));
     state.set_matrix(1, flattened_transposed(b, shape.out_channels, per_group));
@@ -357,16 +382,22 @@ impl AdapterKernel for DoraConv2dKernel {
 
     fn export(&self, state: &AdapterState) -> Vec<(String, TensorData)> {
         let mut tensors = self.lora.export(state);
-        let out = self.lora.shape.out_channels;
-        let m = state.vectors[0].val().reshape([1, out, 1, 1]).into_data();
-        tensors.push((MAGNITUDE_KEY.into(), m));
+        let m = state.vectors[0]
+            .val()
+            .into_data()
+            .try_to_vec::<f32>()
+            .expect("adapter tensors are f32");
+        tensors.push((
+            MAGNITUDE_KEY.into(),
+            TensorData::new(m, self.lora.shape.magnitude_shape()),
+        ));
         tensors
     }
 
     fn import(&self, state: AdapterState, source: &mut dyn TensorSource) -> Result<AdapterState> {
         let mut state = self.lora.import(state, source)?;
         let out = self.lora.shape.out_channels;
-        let data = source.take(MAGNITUDE_KEY, &[1, out, 1, 1])?;
+        let data = source.take(MAGNITUDE_KEY, &self.lora.shape.magnitude_shape())?;
         let values = data
             .try_to_vec::<f32>()
             .expect("bundle tensors are read as f32");

@@ -159,24 +159,46 @@ pub fn load_into<M: Module>(
             let mut store = PytorchStore::from_file(file.clone())
                 .map_indices_contiguous(false)
                 .remap(remapper.clone())
-                .allow_partial(true);
+                .allow_partial(true)
+                .validate(false);
             model
                 .load_from(&mut store)
                 .map_err(|e| weights_error(e.to_string()))?
         } else {
+            // Mismatches come back in the result (checked below), not as one opaque error.
             let mut store = SafetensorsStore::from_file(file.clone())
                 .with_from_adapter(adapter)
                 .remap(remapper.clone())
-                .allow_partial(true);
+                .allow_partial(true)
+                .validate(false);
             model
                 .load_from(&mut store)
                 .map_err(|e| weights_error(e.to_string()))?
         };
-        if let Some(err) = result.errors.first() {
-            return Err(ModelError::Weights {
-                file: file.clone(),
-                reason: format!("{err}"),
-            });
+        // A new head of another class count than the checkpoint's (fine-tuning an ImageNet
+        // classifier on 10 digits) starts fresh, as transformers' `ignore_mismatched_sizes`
+        // does; any other mismatch is an error.
+        let fresh = |path: &str| may_be_missing.iter().any(|p| path.starts_with(p.as_str()));
+        for err in &result.errors {
+            match err {
+                burn_store::ApplyError::ShapeMismatch {
+                    path,
+                    expected,
+                    found,
+                } if fresh(path) => log::warn!(
+                    "{}: `{path}` is {:?} in the checkpoint and {:?} in the model (another \
+                     class count): newly initialized; train it before use",
+                    file.display(),
+                    found.as_slice(),
+                    expected.as_slice()
+                ),
+                err => {
+                    return Err(ModelError::Weights {
+                        file: file.clone(),
+                        reason: format!("{err}"),
+                    });
+                }
+            }
         }
         for unused in &result.unused {
             log::debug!(

@@ -20,7 +20,7 @@ pub fn model_inputs(batch: &Collated) -> ModelInputs {
         input_ids: batch.input_ids.clone(),
         attention_mask: Some(batch.attention_mask.clone()),
         token_type_ids: Some(batch.token_type_ids.clone()),
-        pixel_values: None,
+        pixel_values: batch.pixel_values.clone(),
     }
 }
 

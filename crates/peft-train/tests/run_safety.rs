@@ -44,6 +44,7 @@ fn data(n: usize, seed: u64) -> Vec<Example> {
                 labels: None,
                 line: i + 1,
                 segments: Vec::new(),
+                image: None,
             }
         })
         .collect()

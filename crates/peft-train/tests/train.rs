@@ -48,6 +48,7 @@ fn classification_data(n: usize, seed: u64) -> Vec<Example> {
                 labels: None,
                 line: 0,
                 segments: Vec::new(),
+                image: None,
             }
         })
         .collect()
@@ -66,6 +67,7 @@ fn lm_data(n: usize) -> Vec<Example> {
                 label: None,
                 line: 0,
                 segments: Vec::new(),
+                image: None,
             }
         })
         .collect()

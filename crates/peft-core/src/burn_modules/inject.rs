@@ -110,9 +110,9 @@ impl<M: Module> PeftModule<M> {
             .iter()
             .zip(kinds)
             .map(|(path, kind)| {
-                let weight = take(format!("{path}.weight"))
-                    .and_then(|w| reparam::ranked::<2>(w.as_ref()))
-                    .expect("a Linear / Embedding site holds a rank-2 weight");
+                let (weight, _) = take(format!("{path}.weight"))
+                    .and_then(|w| reparam::as_matrix(w.as_ref()))
+                    .expect("a Linear / Embedding / Conv2d site holds a rank-2 or rank-4 weight");
                 let bias =
                     take(format!("{path}.bias")).and_then(|b| reparam::ranked::<1>(b.as_ref()));
                 let weights = current_base(weight, bias, &self.layers, path);

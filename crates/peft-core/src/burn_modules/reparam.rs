@@ -55,17 +55,25 @@ impl Reparameterization for WeightAdapters {
     const NAME: &'static str = NAME;
 
     fn apply<const D: usize>(&self, base: Tensor<D>) -> Tensor<D> {
-        // Only rank-2 weights carry adapters.
-        if D != 2 || BYPASS.get() {
+        // Matrices (linear, embedding) and convolution kernels carry adapters; a kernel
+        // `[out, in/g, kh, kw]` is seen as the matrix `[in/g·kh·kw, out]` kernels work on.
+        if !(D == 2 || D == 4) || BYPASS.get() {
             return base;
         }
         let shape = base.shape();
-        let base: Tensor<2> = base.reshape([shape[0], shape[1]]);
+        let kernel = (D == 4).then(|| [shape[0], shape[1], shape[2], shape[3]]);
+        let base: Tensor<2> = match kernel {
+            Some(dims) => crate::nn::kernel_as_matrix(base.reshape(dims)),
+            None => base.reshape([shape[0], shape[1]]),
+        };
         let mut weight = base.clone();
         for adapter in self.adapters.iter().filter(|a| a.active && !a.merged) {
             weight = adapter.kernel.effective_weight(adapter, &base, weight);
         }
-        weight.reshape(shape)
+        match kernel {
+            Some(dims) => crate::nn::matrix_as_kernel(weight, dims).reshape(shape),
+            None => weight.reshape(shape),
+        }
     }
 }
 
@@ -80,6 +88,26 @@ pub(crate) fn strip<M: Module>(module: M) -> M {
 /// `tensor` as a `Tensor<D>` when its rank is `D`.
 pub(crate) fn ranked<const D: usize>(tensor: &dyn Any) -> Option<Tensor<D>> {
     tensor.downcast_ref::<Tensor<D>>().cloned()
+}
+
+/// A site's weight as kernels see it: a matrix (`[in, out]`, `[vocab, dim]`), or a
+/// convolution's kernel `[out, in/g, kh, kw]` as the matrix `[in/g·kh·kw, out]`
+/// ([`kernel_as_matrix`](crate::nn::kernel_as_matrix)) with the kernel's dims to write it back.
+pub(crate) fn as_matrix(tensor: &dyn Any) -> Option<(Tensor<2>, Option<[usize; 4]>)> {
+    if let Some(matrix) = ranked::<2>(tensor) {
+        return Some((matrix, None));
+    }
+    let kernel = ranked::<4>(tensor)?;
+    let dims = kernel.dims();
+    Some((crate::nn::kernel_as_matrix(kernel), Some(dims)))
+}
+
+/// `matrix` back in its site's rank (see [`as_matrix`]), as [`Attach::values`] holds it.
+pub(crate) fn from_matrix(matrix: Tensor<2>, kernel: Option<[usize; 4]>) -> Box<dyn Any> {
+    match kernel {
+        Some(dims) => Box::new(crate::nn::matrix_as_kernel(matrix, dims)),
+        None => Box::new(matrix),
+    }
 }
 
 /// Attaches adapters to a module without reparameterizations (see [`strip`]), replaces base
@@ -109,7 +137,7 @@ impl Reparameterizer for Attach {
             param = param.map(|_| value.detach());
         }
         let adapters = match D {
-            2 => self.adapters.remove(path),
+            2 | 4 => self.adapters.remove(path),
             _ => None,
         };
         (param, adapters.map(|adapters| WeightAdapters { adapters }))

@@ -45,6 +45,9 @@ impl ModuleNode {
     /// `[in, out]` and optionally `bias` `[out]` (`burn::nn::Linear`, either layout: Burn keeps
     /// `[in, out]` in memory), or an `Embedding` holding `weight` `[vocab, dim]`; nothing else.
     pub fn site_kind(&self) -> Option<SiteKind> {
+        if let Some(conv) = self.conv_site() {
+            return Some(conv);
+        }
         let weight = self.param("weight").filter(|w| w.dims.len() == 2)?;
         let bias = self.param("bias");
         let expected_params = 1 + usize::from(bias.is_some());
@@ -65,6 +68,43 @@ impl ModuleNode {
             }),
             _ => None,
         }
+    }
+
+    /// A `Conv2d` holding `weight` `[out, in / groups, kh, kw]` and optionally `bias` `[out]`
+    /// (`burn::nn::conv::Conv2d`). Burn's traversal shows parameters only, not the stride,
+    /// padding or groups: the weight-space form needs none of them, and a convolution is
+    /// adapted as its kernel (`groups = 1` as far as the adapter knows: the update is a
+    /// low-rank change of the kernel seen as `[out, in/g·kh·kw]`, which for a grouped
+    /// convolution is not PEFT's grouped LoRA; see docs/plain-burn-modules.md).
+    fn conv_site(&self) -> Option<SiteKind> {
+        if self.kind != "Conv2d" || self.others != 0 {
+            return None;
+        }
+        let weight = self.param("weight").filter(|w| w.dims.len() == 4)?;
+        let bias = self.param("bias");
+        let [out, per_group, kh, kw] = [
+            weight.dims[0],
+            weight.dims[1],
+            weight.dims[2],
+            weight.dims[3],
+        ];
+        if self.params.len() != 1 + usize::from(bias.is_some())
+            || bias.is_some_and(|b| b.dims != [out])
+        {
+            return None;
+        }
+        Some(SiteKind::Conv2d {
+            in_channels: per_group,
+            out_channels: out,
+            kernel_size: [kh, kw],
+            geometry: crate::nn::ConvGeometry {
+                stride: [1, 1],
+                padding: [0, 0],
+                dilation: [1, 1],
+                groups: 1,
+            },
+            bias: bias.is_some(),
+        })
     }
 
     /// The kind for messages: `Linear`, `LayerNorm`, `module without parameters`.

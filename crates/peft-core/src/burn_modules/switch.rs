@@ -23,9 +23,9 @@ impl<M: Module> PeftModule<M> {
             .collect();
         let mut values = ValuesAt::of(&self.model, &params);
         for layer in &mut layers {
-            let weight = values
+            let (weight, kernel) = values
                 .remove(&layer.weight_path())
-                .and_then(|w| reparam::ranked::<2>(w.as_ref()))
+                .and_then(|w| reparam::as_matrix(w.as_ref()))
                 .ok_or_else(|| missing_weight(layer))?;
             let bias = values
                 .remove(&layer.bias_path())
@@ -35,9 +35,10 @@ impl<M: Module> PeftModule<M> {
                 BaseWeights { weight, bias }
             })?;
             if let Some(new) = folded {
-                attach
-                    .values
-                    .insert(layer.weight_path(), Box::new(new.weight));
+                attach.values.insert(
+                    layer.weight_path(),
+                    reparam::from_matrix(new.weight, kernel),
+                );
                 if let (true, Some(bias)) = (had_bias, new.bias) {
                     attach.values.insert(layer.bias_path(), Box::new(bias));
                 }

@@ -100,6 +100,7 @@ fn adapters_of<'a>(site: &Site<'a>) -> &'a [AdapterState] {
     match *site {
         Site::Linear(l) => &l.adapters,
         Site::Embedding(e) => &e.adapters,
+        Site::Conv1d(c) => &c.adapters,
         Site::Conv2d(c) => &c.adapters,
         Site::KvPrefix(p) => &p.adapters,
     }
@@ -109,6 +110,7 @@ fn adapters_of_mut<'a>(site: SiteMut<'a>) -> &'a mut Vec<AdapterState> {
     match site {
         SiteMut::Linear(l) => &mut l.adapters,
         SiteMut::Embedding(e) => &mut e.adapters,
+        SiteMut::Conv1d(c) => &mut c.adapters,
         SiteMut::Conv2d(c) => &mut c.adapters,
         SiteMut::KvPrefix(p) => &mut p.adapters,
     }
@@ -118,7 +120,7 @@ fn copy_owners<'a>(site: &Site<'a>) -> Vec<&'a str> {
     match *site {
         Site::Linear(l) => l.copies.iter().map(|c| c.adapter.as_str()).collect(),
         Site::Embedding(e) => e.copies.iter().map(|c| c.adapter.as_str()).collect(),
-        Site::Conv2d(_) | Site::KvPrefix(_) => Vec::new(),
+        Site::Conv1d(_) | Site::Conv2d(_) | Site::KvPrefix(_) => Vec::new(),
     }
 }
 

@@ -292,3 +292,61 @@ impl Conv2d {
         y
     }
 }
+
+/// A convolution's kernel as the site plumbing (merge, training, loading) handles it: seen as
+/// the matrix [`kernel_as_matrix`] gives, whatever the convolution's rank.
+pub(crate) enum KernelSlot<'a> {
+    /// A 1-D kernel `[out, in / groups, k]`.
+    D1(&'a mut Param<Tensor<3>>),
+    /// A 2-D kernel `[out, in / groups, kh, kw]`.
+    D2(&'a mut Param<Tensor<4>>),
+}
+
+impl KernelSlot<'_> {
+    /// The kernel as the `[in/g·k…, out]` matrix.
+    pub(crate) fn matrix(&self) -> Tensor<2> {
+        match self {
+            KernelSlot::D1(w) => kernel_as_matrix(w.val().unsqueeze_dim(2)),
+            KernelSlot::D2(w) => kernel_as_matrix(w.val()),
+        }
+    }
+
+    /// Replace the kernel's value by `matrix` (detached), keeping the parameter's id.
+    pub(crate) fn set_matrix(&mut self, matrix: Tensor<2>) {
+        let matrix = matrix.detach();
+        match self {
+            KernelSlot::D1(w) => {
+                let [out, per_group, k] = w.dims();
+                **w = w
+                    .clone()
+                    .map(|_| matrix_as_kernel(matrix, [out, per_group, 1, k]).squeeze_dim(2));
+            }
+            KernelSlot::D2(w) => {
+                let dims = w.dims();
+                **w = w.clone().map(|_| matrix_as_kernel(matrix, dims));
+            }
+        }
+    }
+
+    /// The device of the kernel.
+    pub(crate) fn lazy_device(&self) -> burn::tensor::Device {
+        match self {
+            KernelSlot::D1(w) => w.lazy_device(),
+            KernelSlot::D2(w) => w.lazy_device(),
+        }
+    }
+
+    /// Make the kernel train, recording its id.
+    pub(crate) fn train(&mut self, ids: &mut std::collections::HashSet<burn::module::ParamId>) {
+        match self {
+            KernelSlot::D1(w) => {
+                **w = w.clone().set_require_grad(true);
+                ids.insert(w.id);
+            }
+            KernelSlot::D2(w) => {
+                **w = w.clone().set_require_grad(true);
+                ids.insert(w.id);
+            }
+        }
+    }
+}

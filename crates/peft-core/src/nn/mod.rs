@@ -1,6 +1,7 @@
 //! Adapter-aware layers: drop-in replacements for Burn's layers that hold named adapters.
 
 mod conv;
+mod conv1d;
 mod copy;
 mod embedding;
 mod guard;
@@ -11,7 +12,9 @@ mod prefix;
 mod quantized;
 mod rows;
 
+pub(crate) use conv::KernelSlot;
 pub use conv::{Conv2d, Conv2dConfig, ConvBase, ConvGeometry, kernel_as_matrix, matrix_as_kernel};
+pub use conv1d::{Conv1d, Conv1dConfig};
 pub use copy::ModuleCopy;
 pub use embedding::{Embedding, EmbeddingConfig};
 pub use linear::{Linear, LinearConfig, WeightLayout};

@@ -79,13 +79,15 @@ impl<M: Adaptable + Module> PeftModel<M> {
 
         // PEFT's `ModulesToSaveWrapper` copies any module; ours copies linear and embedding
         // weights only.
-        if let Some(conv) = module_sites
-            .iter()
-            .find(|s| matches!(s.kind, SiteKind::Conv2d { .. }) && is_saved(&s.path))
-        {
+        if let Some(conv) = module_sites.iter().find(|s| {
+            matches!(s.kind, SiteKind::Conv1d { .. } | SiteKind::Conv2d { .. }) && is_saved(&s.path)
+        }) {
             return Err(PeftError::UnsupportedSite {
                 path: conv.path.clone(),
-                kind: "Conv2d named by modules_to_save (a trainable copy of a convolution)".into(),
+                kind: format!(
+                    "{} named by modules_to_save (a trainable copy of a convolution)",
+                    conv.kind.name()
+                ),
                 method: peft_type_of(method).into(),
             });
         }

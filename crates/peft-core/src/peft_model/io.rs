@@ -37,6 +37,7 @@ impl<M: Adaptable + Module> PeftModel<M> {
                 let (adapters, copies, bias, layout) = match site {
                     Site::Linear(l) => (&l.adapters, &l.copies, l.bias.as_ref(), Some(l.layout)),
                     Site::Embedding(e) => (&e.adapters, &e.copies, None, None),
+                    Site::Conv1d(c) => (&c.adapters, &no_copies, c.bias.as_ref(), None),
                     Site::Conv2d(c) => (&c.adapters, &no_copies, c.bias.as_ref(), None),
                     Site::KvPrefix(p) => {
                         // Prompt-learning tensors are saved under bare names (`prompt_embeddings`).

@@ -9,7 +9,6 @@ use super::PeftModel;
 use crate::adaptable::{Adaptable, Site, SitePath};
 use crate::adapter::{BaseWeights, MergeDirection};
 use crate::error::Result;
-use crate::nn::{kernel_as_matrix, matrix_as_kernel};
 use crate::registry::rules;
 
 impl<M: Adaptable + Module> PeftModel<M> {
@@ -20,6 +19,7 @@ impl<M: Adaptable + Module> PeftModel<M> {
                 let adapters = match site {
                     Site::Linear(l) => &l.adapters,
                     Site::Embedding(e) => &e.adapters,
+                    Site::Conv1d(c) => &c.adapters,
                     Site::Conv2d(c) => &c.adapters,
                     Site::KvPrefix(p) => &p.adapters,
                 };
@@ -37,18 +37,16 @@ impl<M: Adaptable + Module> PeftModel<M> {
             if error.is_some() {
                 return;
             }
-            if let Some(kernel) = slots.kernel {
+            if let Some(mut kernel) = slots.kernel {
                 let bias = slots.bias.as_ref().and_then(|b| b.as_ref());
-                let dims = kernel.dims();
+                let matrix = kernel.matrix();
                 let base = || BaseWeights {
-                    weight: kernel_as_matrix(kernel.val()),
+                    weight: matrix,
                     bias: bias.map(|b| b.val()),
                 };
                 match rules::fold_site(path, slots.adapters, direction, base) {
                     Ok(Some(new)) => {
-                        *kernel = kernel
-                            .clone()
-                            .map(|_| matrix_as_kernel(new.weight.detach(), dims));
+                        kernel.set_matrix(new.weight);
                         if let (Some(Some(b)), Some(nb)) = (slots.bias, new.bias) {
                             *b = b.clone().map(|_| nb.detach());
                         }

@@ -18,7 +18,7 @@ use crate::adapter::{AdapterState, BaseWeights, MergeDirection};
 use crate::bundle::TensorFile;
 use crate::error::Result;
 use crate::method::{PeftMethod, SiteKind};
-use crate::nn::{Linear, ModuleCopy, QuantizedBase, WeightLayout};
+use crate::nn::{KernelSlot, Linear, ModuleCopy, QuantizedBase, WeightLayout};
 use crate::registry::{AdapterHost, AdapterRegistry, Purpose, adapter_api, rules};
 
 mod entry;
@@ -74,6 +74,16 @@ pub(crate) fn site_kind(site: &Site<'_>) -> SiteKind {
                 d_model,
             }
         }
+        Site::Conv1d(c) => {
+            let [out_channels, _, k] = c.dims();
+            SiteKind::Conv1d {
+                in_channels: c.in_channels(),
+                out_channels,
+                kernel_size: [1, k],
+                geometry: c.geometry(),
+                bias: c.bias.is_some(),
+            }
+        }
         Site::Conv2d(c) => {
             let [out_channels, _, kh, kw] = c.dims();
             SiteKind::Conv2d {
@@ -119,6 +129,7 @@ pub(crate) fn site_device_and_base(
                 bias: None,
             }),
         ),
+        Site::Conv1d(c) => (c.weight.lazy_device(), Some(c.base_matrix())),
         Site::Conv2d(c) => (c.weight.lazy_device(), Some(c.base_matrix())),
         Site::KvPrefix(_) => (fallback, None),
     }
@@ -139,7 +150,7 @@ struct SlotsMut<'a> {
     dims: [usize; 2],
     /// A convolution's kernel `[out, in / groups, kh, kw]` (`weight` is then `None`; merges see
     /// it as the matrix `nn::kernel_as_matrix` gives).
-    kernel: Option<&'a mut Param<Tensor<4>>>,
+    kernel: Option<KernelSlot<'a>>,
 }
 
 fn slots(site: SiteMut<'_>) -> SlotsMut<'_> {
@@ -177,6 +188,17 @@ fn slots(site: SiteMut<'_>) -> SlotsMut<'_> {
             quantized: Some(&mut e.quantized),
             kernel: None,
         },
+        SiteMut::Conv1d(c) => SlotsMut {
+            adapters: &mut c.adapters,
+            copies: None,
+            weight: None,
+            bias: Some(&mut c.bias),
+            layout: None,
+            bare_keys: false,
+            quantized: None,
+            dims: [0, 0],
+            kernel: Some(KernelSlot::D1(&mut c.weight)),
+        },
         SiteMut::Conv2d(c) => SlotsMut {
             adapters: &mut c.adapters,
             copies: None,
@@ -186,7 +208,7 @@ fn slots(site: SiteMut<'_>) -> SlotsMut<'_> {
             bare_keys: false,
             quantized: None,
             dims: [0, 0],
-            kernel: Some(&mut c.weight),
+            kernel: Some(KernelSlot::D2(&mut c.weight)),
         },
         SiteMut::KvPrefix(p) => SlotsMut {
             adapters: &mut p.adapters,

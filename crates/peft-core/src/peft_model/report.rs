@@ -78,10 +78,32 @@ pub struct LoadReport {
 struct CountParams<'a> {
     trainable_ids: &'a HashSet<ParamId>,
     report: TrainableReport,
+    field: Vec<String>,
+}
+
+/// Whether the field entered last is a BatchNorm's running statistic: Burn visits its
+/// `RunningState` buffers as float parameters, but they are buffers (PyTorch's
+/// `named_parameters` leaves them out, and no optimizer trains them).
+pub(crate) fn in_running_stat(field: &[String]) -> bool {
+    matches!(
+        field.last().map(String::as_str),
+        Some("running_mean" | "running_var")
+    )
 }
 
 impl ModuleVisitor for CountParams<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.field.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.field.pop();
+    }
+
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if in_running_stat(&self.field) {
+            return;
+        }
         let n = param.lazy_shape().num_elements();
         self.report.all += n;
         if self.trainable_ids.contains(&param.id) {
@@ -102,6 +124,7 @@ pub(crate) fn count_params<M: Module>(
             trainable: 0,
             all: 0,
         },
+        field: Vec::new(),
     };
     model.visit(&mut counter);
     counter.report

@@ -21,13 +21,26 @@ impl ModuleMapper for FreezeAll {
     }
 }
 
-/// Marks every float parameter trainable and records its id.
+/// Marks every float parameter trainable and records its id (BatchNorm's running statistics,
+/// buffers Burn maps as parameters, stay out).
 struct TrainAll<'a> {
     ids: &'a mut HashSet<ParamId>,
+    field: Vec<String>,
 }
 
 impl ModuleMapper for TrainAll<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.field.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.field.pop();
+    }
+
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if super::report::in_running_stat(&self.field) {
+            return param;
+        }
         let param = param.set_require_grad(true);
         self.ids.insert(param.id);
         param
@@ -120,9 +133,79 @@ impl<M: Adaptable + Module> PeftModel<M> {
                 train_param(bias, &mut ids);
             }
         });
+        if !self.registry.train_modules.is_empty() {
+            let modules = self.registry.train_modules.clone();
+            self.for_each_site_mut(|path, slots| {
+                if !modules.iter().any(|m| within(path, m)) {
+                    return;
+                }
+                if let Some(weight) = slots.weight {
+                    train_param(weight, &mut ids);
+                }
+                if let Some(mut kernel) = slots.kernel {
+                    kernel.train(&mut ids);
+                }
+                if let Some(Some(bias)) = slots.bias {
+                    train_param(bias, &mut ids);
+                }
+            });
+        }
         if self.registry.train_base {
-            self.model = self.model.clone().map(&mut TrainAll { ids: &mut ids });
+            self.model = self.model.clone().map(&mut TrainAll {
+                ids: &mut ids,
+                field: Vec::new(),
+            });
         }
         self.registry.trainable = ids;
     }
+
+    /// Train the base weights and biases of these modules in full, besides any adapters: a
+    /// linear probe (`set_train_modules(&["classifier"])` trains the head alone, the baseline
+    /// of transfer learning). Each entry is the module path of an adapter-aware layer
+    /// (linear, embedding, convolution) or a prefix of such paths; an entry that matches none
+    /// is [`PeftError::TargetNotFound`] and nothing changes. An empty list trains none again.
+    /// A model training base weights is saved whole, as with
+    /// [`set_train_base`](Self::set_train_base).
+    ///
+    /// ```
+    /// # use burn::tensor::Device;
+    /// # use peft_core::{Adaptable, PeftModel, nn::{Linear, LinearConfig}};
+    /// #[derive(burn::module::Module, Debug, Adaptable)]
+    /// struct Net { body: Linear, head: Linear }
+    /// let device = Device::flex();
+    /// let net = Net { body: LinearConfig::new(8, 8).init(&device), head: LinearConfig::new(8, 2).init(&device) };
+    /// let mut model = PeftModel::new(net);
+    /// model.set_train_modules(&["head"]).unwrap();
+    /// assert_eq!(model.trainable_report().trainable, 8 * 2 + 2);
+    /// assert!(model.set_train_modules(&["tail"]).is_err());
+    /// ```
+    pub fn set_train_modules(&mut self, modules: &[&str]) -> Result<()> {
+        let mut paths = Vec::new();
+        self.model
+            .visit_sites(&mut crate::SitePath::root(), &mut |path, site| {
+                if !matches!(site, crate::Site::KvPrefix(_)) {
+                    paths.push(path.to_string());
+                }
+            });
+        if let Some(missing) = modules.iter().find(|m| !paths.iter().any(|p| within(p, m))) {
+            return Err(PeftError::TargetNotFound {
+                field: "train_modules".into(),
+                entry: missing.to_string(),
+                kind: "adaptable layer (a module path or a prefix of some)".into(),
+                closest: crate::matching::closest_names(missing, &paths, 3),
+                names: paths.iter().take(8).cloned().collect(),
+            });
+        }
+        self.registry.train_modules = modules.iter().map(|m| m.to_string()).collect();
+        self.refresh();
+        Ok(())
+    }
+}
+
+/// Whether module path `path` is `module` or inside it.
+fn within(path: &str, module: &str) -> bool {
+    path == module
+        || path
+            .strip_prefix(module)
+            .is_some_and(|rest| rest.starts_with('.'))
 }

@@ -167,9 +167,11 @@ macro_rules! adapter_api {
                 $crate::registry::rules::set_train_base(self, train)
             }
 
-            /// Whether every base parameter trains ([`set_train_base`](Self::set_train_base)).
+            /// Whether base parameters train: all of them
+            /// ([`set_train_base`](Self::set_train_base)) or some modules' (`set_train_modules`
+            /// on [`PeftModel`](crate::PeftModel)); the trainer then saves the whole model.
             pub fn trains_base(&self) -> bool {
-                self.registry.train_base
+                self.registry.train_base || !self.registry.train_modules.is_empty()
             }
 
             /// Whether some adapter is folded into the base weights.

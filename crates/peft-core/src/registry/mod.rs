@@ -48,6 +48,9 @@ pub(crate) struct AdapterRegistry {
     pub(crate) disabled: bool,
     /// Every base parameter trains (full fine-tuning).
     pub(crate) train_base: bool,
+    /// Modules whose base weights train in full besides the adapters (a linear probe trains
+    /// the head alone): module paths of adapter-aware layers, or prefixes of them.
+    pub(crate) train_modules: Vec<String>,
     /// The ids of the parameters that train, as the host last computed them.
     pub(crate) trainable: HashSet<ParamId>,
     /// Written into saved configs as `base_model_name_or_path`.

@@ -28,6 +28,9 @@ pub struct Collated {
     /// The examples in each row, when a row of the batch is [`pack`](super::pack)ed: the
     /// forward keeps them apart.
     pub packed: Option<PackedRows>,
+    /// `[b, c, h, w]` images, when every example of the batch has one (image
+    /// classification; the token tensors are then `[b, 0]`).
+    pub pixel_values: Option<Tensor<4>>,
 }
 
 /// Right-pad a batch to its longest example (at least one column).
@@ -35,12 +38,15 @@ pub struct Collated {
 /// An empty batch gives `[0, 1]` tensors and no labels.
 pub fn collate(batch: &[&Example], pad_id: i64, device: &Device) -> Collated {
     let b = batch.len();
+    let pixel_values = stack_images(batch, device);
+    // Images carry no tokens: `[b, 0]` token tensors (at least one column for text).
+    let min_columns = usize::from(pixel_values.is_none());
     let s = batch
         .iter()
         .map(|e| e.input_ids.len())
         .max()
         .unwrap_or(0)
-        .max(1);
+        .max(min_columns);
     let mut ids = vec![pad_id; b * s];
     let mut mask = vec![0i64; b * s];
     let mut types = vec![0i64; b * s];
@@ -92,5 +98,30 @@ pub fn collate(batch: &[&Example], pad_id: i64, device: &Device) -> Collated {
         tokens,
         id_bounds,
         packed,
+        pixel_values,
     }
+}
+
+/// The images of a batch as one `[b, c, h, w]` tensor, when every example has one of the same
+/// shape (the preprocessing resizes them all alike).
+fn stack_images(batch: &[&Example], device: &Device) -> Option<Tensor<4>> {
+    let first = batch.first()?.image.as_ref()?;
+    let dims = [first.channels, first.height, first.width];
+    let same = |e: &&Example| {
+        e.image
+            .as_ref()
+            .is_some_and(|i| [i.channels, i.height, i.width] == dims)
+    };
+    if !batch.iter().all(same) {
+        return None;
+    }
+    let mut values = Vec::with_capacity(batch.len() * dims.iter().product::<usize>());
+    for e in batch {
+        values.extend_from_slice(&e.image.as_ref().expect("checked").values);
+    }
+    let [c, h, w] = dims;
+    Some(Tensor::from_data(
+        TensorData::new(values, [batch.len(), c, h, w]),
+        device,
+    ))
 }

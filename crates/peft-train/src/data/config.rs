@@ -27,6 +27,12 @@ pub struct DataConfig {
     pub assistant_only_loss: bool,
     /// The most tokens of an example, special tokens included. Default 128.
     pub max_length: usize,
+    /// Images (image classification): the side they are resized to, instead of the model's
+    /// `preprocessor_config.json` size (224 without one).
+    pub image_size: Option<usize>,
+    /// Images: the pixels of a pixel-CSV row, `[height, width]` or `[channels, height,
+    /// width]` (default: a square single-channel image, MNIST's 28x28 for 784 pixels).
+    pub image_shape: Option<Vec<usize>>,
 }
 
 impl Default for DataConfig {
@@ -41,6 +47,8 @@ impl Default for DataConfig {
             messages_field: "messages".into(),
             assistant_only_loss: true,
             max_length: 128,
+            image_size: None,
+            image_shape: None,
         }
     }
 }

@@ -28,9 +28,34 @@ pub struct Example {
     /// For a row built by [`pack`](super::pack): the lengths of the examples in it, in order
     /// (they are kept apart in the forward). Empty for a single example.
     pub segments: Vec<usize>,
+    /// The image of an image classification example (preprocessed, channels first); its
+    /// `input_ids` are then empty.
+    pub image: Option<std::sync::Arc<super::images::Image>>,
 }
 
 impl Example {
+    /// An image classification example: `image` (preprocessed) with class `label`, read from
+    /// line `line` of its file (0 for an image file).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use peft_train::data::{Example, Image};
+    /// let image = Image { channels: 1, height: 2, width: 2, values: vec![0.0; 4] };
+    /// let e = Example::image(Arc::new(image), 3, 0);
+    /// assert_eq!((e.label, e.input_ids.len()), (Some(3), 0));
+    /// ```
+    pub fn image(image: std::sync::Arc<super::images::Image>, label: usize, line: usize) -> Self {
+        Self {
+            input_ids: Vec::new(),
+            token_type_ids: Vec::new(),
+            label: Some(label),
+            labels: None,
+            line,
+            segments: Vec::new(),
+            image: Some(image),
+        }
+    }
+
     /// A classification example: `input_ids` (one segment) with class `label`.
     ///
     /// ```
@@ -45,6 +70,7 @@ impl Example {
             labels: None,
             line: 0,
             segments: Vec::new(),
+            image: None,
         }
     }
 
@@ -62,6 +88,7 @@ impl Example {
             label: None,
             line: 0,
             segments: Vec::new(),
+            image: None,
         }
     }
 }
@@ -199,6 +226,7 @@ impl Builder<'_> {
                     labels: None,
                     line,
                     segments: Vec::new(),
+                    image: None,
                 };
                 self.rows.push((line, example, Some(label)));
             }
@@ -250,6 +278,7 @@ impl Builder<'_> {
             labels: Some(labels),
             line,
             segments: Vec::new(),
+            image: None,
         };
         self.rows.push((line, example, None));
     }

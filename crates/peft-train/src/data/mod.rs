@@ -9,6 +9,9 @@
 //!   the completion only), or `messages`, a conversation in the OpenAI / TRL format rendered
 //!   with the model's chat template (loss on the assistant's turns only, [`chat`]).
 //!
+//! Image classification reads an image folder or a pixel CSV instead ([`load_image_examples`],
+//! preprocessed as the model's `preprocessor_config.json` says: [`ImagePreprocess`]).
+//!
 //! Errors name the file and the line (`train.jsonl:3: …`).
 //!
 //! The module is split by job: [`config`](DataConfig) (what to read), `labels` ([`LabelMap`]),
@@ -22,6 +25,7 @@ pub mod chat;
 mod collate;
 mod config;
 mod encode;
+mod images;
 mod labels;
 mod order;
 mod pack;
@@ -30,6 +34,7 @@ mod read;
 pub use collate::{Collated, collate};
 pub use config::{DataConfig, TaskKind};
 pub use encode::Example;
+pub use images::{Image, ImagePreprocess, load_image_examples};
 pub use labels::LabelMap;
 pub use order::epoch_order;
 pub use pack::pack;
@@ -89,6 +94,15 @@ pub enum DataError {
         /// The line (1-based).
         line: usize,
         /// The cause.
+        reason: String,
+    },
+    /// An image file or pixel file that cannot be used: not a readable PNG / JPEG, a channel
+    /// count the model cannot take, an image folder without class subfolders.
+    #[error("{}: {reason}", file.display())]
+    BadImage {
+        /// The file (or folder).
+        file: PathBuf,
+        /// What is wrong and what to do.
         reason: String,
     },
     /// The file holds no examples.

@@ -422,6 +422,7 @@ fn collate_pads_right() {
         labels: None,
         line: 0,
         segments: Vec::new(),
+        image: None,
     };
     let b = Example {
         input_ids: vec![2, 3],
@@ -430,6 +431,7 @@ fn collate_pads_right() {
         labels: None,
         line: 0,
         segments: Vec::new(),
+        image: None,
     };
     let c = collate(&[&a, &b], 0, &device);
     assert_eq!(
@@ -451,6 +453,7 @@ fn collate_pads_right() {
         labels: Some(labels),
         line: 0,
         segments: Vec::new(),
+        image: None,
     };
     let x = lm(vec![7, 8], vec![-100, 8]);
     let y = lm(vec![7, 8, 9], vec![7, 8, 9]);
@@ -598,6 +601,7 @@ fn pack_fills_rows_best_fit_decreasing() {
         label: None,
         line,
         segments: Vec::new(),
+        image: None,
     };
     let examples: Vec<Example> = [5usize, 3, 12, 4, 1, 6, 2]
         .iter()
