@@ -4,9 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use peft_models::{Task, from_pretrained, load_tokenizer, model_dir};
+use peft_models::{Task, from_pretrained, load_tokenizer, model_dir, read_config};
 use peft_train::data::{
-    DATA_CONFIG_FILE, DataConfig, LABEL_MAP_FILE, LabelMap, TaskKind, load_examples,
+    DATA_CONFIG_FILE, DataConfig, ImagePreprocess, LABEL_MAP_FILE, LabelMap, TaskKind,
+    load_examples, load_image_examples,
 };
 use peft_train::evaluate;
 
@@ -195,13 +196,16 @@ fn find_labels(args: &EvalArgs) -> Result<Option<LabelMap>> {
 pub fn run(args: EvalArgs) -> Result<()> {
     let device = crate::device::parse(&args.run_on.device)?;
     let task_name = resolve_task(&args);
-    if !args.data.is_file() {
+    if !(args.data.is_file() || args.data.is_dir()) {
         bail!(crate::UsageError(format!(
-            "--data {}: no such file; pass a JSONL or CSV file of examples",
+            "--data {}: no such file; pass a JSONL or CSV file of examples (for an image \
+             model: an image folder or a pixel CSV)",
             args.data.display()
         )));
     }
     let (reader, note) = args.data_flags.reader(&args.adapter)?;
+    let (model_dir, model_config) =
+        read_config(&args.model).with_context(|| format!("resolving model `{}`", args.model))?;
     if matches!(task_name, TaskKind::CausalLm)
         && crate::eval_chat::is_conversational(&args.data, &reader.messages_field)
     {
@@ -209,6 +213,26 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
     if let Some(note) = note {
         eprintln!("{note}");
+    }
+    // An image model reads images (preprocessed as at training: `data_config.json` beside the
+    // adapter holds the size and the pixel-CSV shape).
+    if let Some(channels) = model_config.image_channels() {
+        let Some(labels) = find_labels(&args)? else {
+            bail!(crate::UsageError(
+                "no label map for classification: pass --labels <label_map.json> (written by `burn-peft train` into its output and adapter folders)".into()
+            ));
+        };
+        let pre = ImagePreprocess::for_model(&model_dir, channels, reader.image_size)?;
+        let (examples, _) = load_image_examples(
+            &args.data,
+            &pre,
+            reader.image_shape.as_deref(),
+            Some(&labels),
+        )?;
+        let task = Task::SequenceClassification {
+            num_labels: labels.len(),
+        };
+        return score(&args, examples, task, Some(labels), 0, None, &device);
     }
     let tokenizer = load_tokenizer(&args.model).with_context(|| {
         format!(
@@ -231,21 +255,45 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let kind = task_name;
     let (examples, _) =
         load_examples(&args.data, kind, &reader, &tokenizer, None, labels.as_ref())?;
-    let pretrained = from_pretrained(&args.model, task, &device)
+    score(
+        &args,
+        examples,
+        task,
+        labels,
+        tokenizer.pad_id() as i64,
+        Some(reader.max_length),
+        &device,
+    )
+}
+
+/// Load the model with the adapters, score `examples`, write the predictions and print the
+/// report; `max_length` (text) is checked against the model's positions.
+fn score(
+    args: &EvalArgs,
+    examples: Vec<peft_train::data::Example>,
+    task: Task,
+    labels: Option<LabelMap>,
+    pad_id: i64,
+    max_length: Option<usize>,
+    device: &burn::tensor::Device,
+) -> Result<()> {
+    let pretrained = from_pretrained(&args.model, task, device)
         .with_context(|| format!("loading model `{}`", args.model))?;
     let (mut model, _) =
-        crate::adapters::load(pretrained.model, &args.adapter, false, None, &device)?;
-    crate::device::cast_base(&mut model, args.run_on.dtype, &device)?;
-    model
-        .model()
-        .check_sequence_length(reader.max_length, "--max-length")?;
+        crate::adapters::load(pretrained.model, &args.adapter, false, None, device)?;
+    crate::device::cast_base(&mut model, args.run_on.dtype, device)?;
+    if let Some(max_length) = max_length {
+        model
+            .model()
+            .check_sequence_length(max_length, "--max-length")?;
+    }
     let report = evaluate(
         model.model(),
         &examples,
         task,
-        tokenizer.pad_id() as i64,
+        pad_id,
         args.batch_size,
-        &device,
+        device,
     )?;
     if let Some(file) = &args.predictions {
         let text = predictions_jsonl(&examples, &report, labels.as_ref());

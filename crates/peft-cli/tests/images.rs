@@ -1,6 +1,7 @@
 //! `burn-peft train` on image models end to end (the tiny ResNet classifier of
 //! `tests/fixtures/models/resnet_cls`): LoRA on the convolutions from a pixel CSV and from an
-//! image folder, the head alone (`method: head`), the trained bundle run by `forward`; and bad
+//! image folder, the head alone (`method: head`), the trained bundle run by `forward` and scored
+//! by `eval`; and bad
 //! image data as exit code 2 naming the file (and line).
 
 mod common;
@@ -71,6 +72,20 @@ fn lora_on_a_resnet_trains_from_a_pixel_csv_and_the_bundle_runs() {
     assert!(out.status.success(), "{}", text(&out));
     let logits = &common::f32_tensors(&result)["logits"];
     assert_eq!(logits.1, [2, 3]);
+    // `eval` reads the images as training did (the data config and label map beside the
+    // adapter).
+    let out = burn_peft()
+        .args(["eval", "--model"])
+        .arg(resnet())
+        .arg("--adapter")
+        .arg(&bundle)
+        .arg("--data")
+        .arg(dir.path().join("eval.csv"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("(6 examples): accuracy"), "{stdout}");
 }
 
 #[test]
