@@ -1,7 +1,9 @@
 //! `burn-peft merge`: fold an adapter into its base model and write a full Hugging Face model
 //! folder (`config.json`, `model.safetensors`, tokenizer files) that transformers loads alone;
-//! or, for a diffusers pipeline folder (`model_index.json`), fuse kohya / diffusers Stable
-//! Diffusion LoRA files into its UNet and text encoders ([`peft_lora::kohya::fuse`]).
+//! or, for a diffusers pipeline folder (`model_index.json`) or a single-file Stable Diffusion
+//! checkpoint (`*.safetensors` in the original LDM / SGM layout), fuse kohya / diffusers Stable
+//! Diffusion LoRA files into its UNet and text encoders ([`peft_lora::kohya::fuse`]); a single
+//! file is written back as one file with the same header.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -24,16 +26,18 @@ use crate::tensors::InputError;
 #[derive(Args, Debug)]
 pub struct MergeArgs {
     /// Base model folder (config.json + safetensors), GGUF file or Hugging Face hub id; or a
-    /// diffusers pipeline folder (model_index.json), into which Stable Diffusion LoRA files are
-    /// fused as diffusers' set_adapters + fuse_lora does.
+    /// diffusers pipeline folder (model_index.json) or single-file SD 1.x / 2.x / SDXL
+    /// checkpoint (.safetensors, original LDM layout), into which Stable Diffusion LoRA files
+    /// are fused as diffusers' set_adapters + fuse_lora does.
     #[arg(long)]
     model: String,
     /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors) to merge. For a
-    /// diffusers --model: a kohya / diffusers LoRA file, `FILE.safetensors[:WEIGHT]` (weight
-    /// 1 by default); repeat the flag to fuse several.
+    /// diffusers or single-file SD --model: a kohya / diffusers LoRA file,
+    /// `FILE.safetensors[:WEIGHT]` (weight 1 by default); repeat the flag to fuse several.
     #[arg(long, required = true)]
     adapter: Vec<PathBuf>,
     /// Folder to write the merged model to; a previous model there is replaced atomically.
+    /// For a single-file SD checkpoint: the fused `.safetensors` file (replaced atomically).
     #[arg(long)]
     output: PathBuf,
     /// Classes of the classifier (SEQ_CLS adapters); by default from the adapter's
@@ -146,7 +150,8 @@ fn choose_task(
 
 /// Run the subcommand.
 pub fn run(args: MergeArgs) -> Result<()> {
-    if Path::new(&args.model).join("model_index.json").is_file() {
+    let model = Path::new(&args.model);
+    if model.join("model_index.json").is_file() || single_file_checkpoint(model) {
         return run_diffusers(&args);
     }
     let start = Instant::now();
@@ -265,12 +270,22 @@ fn weighted_lora(arg: &Path) -> Result<(PathBuf, f64)> {
     }
 }
 
-/// Fuse kohya / diffusers Stable Diffusion LoRA files into a diffusers pipeline folder.
+/// Whether `--model` is a `.safetensors` file: a single-file SD checkpoint (no PEFT base model
+/// is one file of that kind).
+fn single_file_checkpoint(model: &Path) -> bool {
+    model.is_file()
+        && model
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+}
+
+/// Fuse kohya / diffusers Stable Diffusion LoRA files into a diffusers pipeline folder or a
+/// single-file checkpoint.
 fn run_diffusers(args: &MergeArgs) -> Result<()> {
     let start = Instant::now();
     if args.num_labels.is_some() {
         return Err(UsageError(format!(
-            "--num-labels is for PEFT classifier adapters; {} is a diffusers pipeline folder",
+            "--num-labels is for PEFT classifier adapters; {} is a Stable Diffusion model",
             args.model
         ))
         .into());
@@ -304,9 +319,15 @@ fn run_diffusers(args: &MergeArgs) -> Result<()> {
             );
         }
     }
+    let single = single_file_checkpoint(model);
     println!(
-        "fused {} LoRA file(s) into diffusers model `{}` ({:.1} s)",
+        "fused {} LoRA file(s) into {} `{}` ({:.1} s)",
         report.loras.len(),
+        if single {
+            "single-file checkpoint"
+        } else {
+            "diffusers model"
+        },
         args.model,
         start.elapsed().as_secs_f64()
     );
@@ -322,10 +343,18 @@ fn run_diffusers(args: &MergeArgs) -> Result<()> {
     for c in &report.components {
         println!(
             "  {} ({} weight(s) fused, {})",
-            c.file.display(),
+            if single {
+                c.component.clone()
+            } else {
+                c.file.display().to_string()
+            },
             c.tensors,
             c.dtypes.join(", ")
         );
+    }
+    if single {
+        println!("  every other tensor, the header and its metadata unchanged");
+        return Ok(());
     }
     println!("  {} other file(s) copied unchanged", report.copied_files);
     for file in &report.dropped_files {

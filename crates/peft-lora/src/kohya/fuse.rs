@@ -18,13 +18,12 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{bf16, f16};
 use peft_core::atomic::{Previous, StagedDir};
 use safetensors::Dtype;
 use safetensors::tensor::TensorInfo;
 
 use super::fuse_types::{FUSE_COMPONENTS, FuseError, FuseReport, FusedComponent, FusedLora};
-use super::header::{self, Header, read_bytes, to_f32};
+use super::header::{self, Header, from_f32, read_bytes, to_f32};
 use super::{KohyaError, LoraFile, LoraFormat, LoraModule, ModuleKind, Network, UnetConfig};
 
 /// Read and check a safetensors header ([`header::read_header`](super::header::read_header)),
@@ -39,17 +38,50 @@ fn read_header(
         .map_err(|e| e.into(io, corrupt))
 }
 
-/// A component weights file of the model folder.
-struct Component {
-    name: &'static str,
-    relative: PathBuf,
-    path: PathBuf,
-    header: Header,
+/// Read a model weights file's header, its failures as [`FuseError::CorruptModel`] / `Io`.
+pub(super) fn read_model_header(path: &Path) -> Result<Header, FuseError> {
+    let file = || path.to_path_buf();
+    read_header(
+        path,
+        &|reason| FuseError::CorruptModel {
+            file: file(),
+            reason,
+        },
+        &|source| FuseError::Io {
+            file: file(),
+            source,
+        },
+    )
+}
+
+/// A component weights file of the model folder, or the single-file checkpoint.
+pub(super) struct Component {
+    pub(super) name: &'static str,
+    pub(super) relative: PathBuf,
+    pub(super) path: PathBuf,
+    pub(super) header: Header,
+}
+
+/// Where a module's delta goes: a component (index), its tensor, and a block of its rows
+/// (`(first row, rows)`; `None` for the whole tensor).
+pub(super) type Located = (usize, String, Option<(usize, usize)>);
+
+/// What [`plan`] decided: per component, per tensor, the modules to add (in the order of the
+/// LoRA files); each LoRA file's report and data-section start.
+pub(super) struct Plan {
+    pub(super) ops: Vec<BTreeMap<String, Vec<Op>>>,
+    pub(super) reports: Vec<FusedLora>,
+    lora_starts: Vec<u64>,
 }
 
 /// One module of one LoRA file to add onto one weight.
-struct Op {
+pub(super) struct Op {
     lora: usize,
+    /// The diffusers component of the module (`unet`, `text_encoder`, `text_encoder_2`).
+    pub(super) component: &'static str,
+    /// The first row of the weight the delta adds onto (a q / k / v block of a fused
+    /// `in_proj_weight`; 0 otherwise).
+    row: usize,
     down: TensorInfo,
     up: TensorInfo,
     rank: usize,
@@ -100,23 +132,8 @@ fn float_dtype(dtype: Dtype, lora: bool) -> bool {
     matches!(dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32) || (lora && dtype == Dtype::F64)
 }
 
-/// f32 -> little-endian bytes of `dtype` (F16 / BF16 / F32).
-fn from_f32(values: &[f32], dtype: Dtype) -> Vec<u8> {
-    match dtype {
-        Dtype::F16 => values
-            .iter()
-            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-            .collect(),
-        Dtype::BF16 => values
-            .iter()
-            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
-            .collect(),
-        _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-    }
-}
-
 /// A path made absolute without requiring it to exist (its parent is resolved if it exists).
-fn resolved(path: &Path) -> PathBuf {
+pub(super) fn resolved(path: &Path) -> PathBuf {
     if let Ok(p) = fs::canonicalize(path) {
         return p;
     }
@@ -177,14 +194,19 @@ fn copy_tree(
 }
 
 /// Fuse LoRA files, each with its weight, into the diffusers pipeline folder `model` and write
-/// the result to `output` (replaced whole if it holds a diffusers model already).
+/// the result to `output` (replaced whole if it holds a diffusers model already); or, when
+/// `model` is a file, into that single-file SD checkpoint (original LDM / SGM layout, as
+/// diffusers' `from_single_file` reads it: its tensors found under the names diffusers'
+/// conversion gives them, the UNet's `layers_per_block` taken from its blocks), written to the
+/// file `output` with the same header (tensor names, order, dtypes, metadata) and only the fused
+/// tensors rewritten, atomically.
 ///
 /// Every LoRA file is read and every module checked against the model (DoRA modules refused,
 /// shapes compared, a file that matches nothing refused) before anything is written. Modules
 /// that match no weight are skipped and listed in the report, as diffusers skips them.
 /// SGM-named kohya UNet modules (`lora_unet_input_blocks_...`, SDXL files) are placed with the
-/// model's `unet/config.json` ([`LoraFile::with_unet_config`]); without that file they match
-/// nothing.
+/// model's `unet/config.json` ([`LoraFile::with_unet_config`]; a single file's
+/// `layers_per_block` comes from its key set); without that file they match nothing.
 ///
 /// ```no_run
 /// use std::path::{Path, PathBuf};
@@ -201,6 +223,9 @@ pub fn fuse(
     loras: &[(PathBuf, f64)],
     output: &Path,
 ) -> Result<FuseReport, FuseError> {
+    if model.is_file() {
+        return super::single_file::fuse_file(model, loras, output);
+    }
     let model_abs = resolved(model);
     let output_abs = resolved(output);
     if output_abs.starts_with(&model_abs) || model_abs.starts_with(&output_abs) {
@@ -228,17 +253,7 @@ pub fn fuse(
         if !path.is_file() {
             continue;
         }
-        let header = read_header(
-            &path,
-            &|reason| FuseError::CorruptModel {
-                file: path.clone(),
-                reason,
-            },
-            &|source| FuseError::Io {
-                file: path.clone(),
-                source,
-            },
-        )?;
+        let header = read_model_header(&path)?;
         components.push(Component {
             name,
             relative,
@@ -259,12 +274,70 @@ pub fn fuse(
     let unet_config = unet_config_path
         .is_file()
         .then(|| UnetConfig::read(&unet_config_path));
+    let plan = plan(
+        &components,
+        loras,
+        model,
+        unet_config
+            .as_ref()
+            .map(|c| (unet_config_path.as_path(), c)),
+        &|module| locate(&components, module),
+    )?;
 
-    // Plan: per component, per weight, the modules to add (in the order of the LoRA files).
-    let mut plan: Vec<BTreeMap<String, Vec<Op>>> =
+    let staged = StagedDir::create(output)?;
+    let skip: Vec<PathBuf> = components
+        .iter()
+        .zip(&plan.ops)
+        .filter(|(_, p)| !p.is_empty())
+        .map(|(c, _)| c.relative.clone())
+        .collect();
+    let mut dropped_files = Vec::new();
+    let copied_files = copy_tree(
+        model,
+        staged.path(),
+        Path::new(""),
+        &skip,
+        &mut dropped_files,
+    )?;
+    let mut written = Vec::new();
+    for (component, ops) in components.iter().zip(&plan.ops) {
+        if ops.is_empty() {
+            continue;
+        }
+        let dest = staged.path().join(&component.relative);
+        let dtypes = rewrite(component, ops, &dest, loras, &plan)?;
+        written.push(FusedComponent {
+            component: component.name.to_string(),
+            file: component.relative.clone(),
+            tensors: ops.len(),
+            dtypes,
+        });
+    }
+    staged.commit(Previous::Replace)?;
+    Ok(FuseReport {
+        output: output.to_path_buf(),
+        loras: plan.reports,
+        components: written,
+        copied_files,
+        dropped_files,
+    })
+}
+
+/// Read every LoRA file and place each module on a weight of `components` with `locate`
+/// (after giving SGM-named UNet modules their diffusers paths with `unet_config`, read from
+/// the file named with it): shapes and dtypes checked, DoRA refused, a file that matches
+/// nothing refused. Nothing is written.
+pub(super) fn plan(
+    components: &[Component],
+    loras: &[(PathBuf, f64)],
+    model: &Path,
+    unet_config: Option<(&Path, &Result<UnetConfig, String>)>,
+    locate: &dyn Fn(&LoraModule) -> Option<Located>,
+) -> Result<Plan, FuseError> {
+    let mut ops: Vec<BTreeMap<String, Vec<Op>>> =
         components.iter().map(|_| BTreeMap::new()).collect();
     let mut reports = Vec::with_capacity(loras.len());
-    let mut lora_headers = Vec::with_capacity(loras.len());
+    let mut lora_starts = Vec::with_capacity(loras.len());
     for (index, (path, weight)) in loras.iter().enumerate() {
         if !weight.is_finite() {
             return Err(FuseError::BadWeight {
@@ -277,11 +350,11 @@ pub fn fuse(
             .modules
             .iter()
             .any(|m| m.network == Network::Unet && m.diffusers_path.is_none());
-        match &unet_config {
-            Some(Ok(config)) => lora = lora.with_unet_config(config),
-            Some(Err(reason)) if unplaced_unet => {
+        match unet_config {
+            Some((_, Ok(config))) => lora = lora.with_unet_config(config),
+            Some((config_path, Err(reason))) if unplaced_unet => {
                 return Err(FuseError::CorruptModel {
-                    file: unet_config_path.clone(),
+                    file: config_path.to_path_buf(),
                     reason: reason.clone(),
                 });
             }
@@ -316,8 +389,7 @@ pub fn fuse(
         };
         let mut example = None;
         for module in &lora.modules {
-            let found = locate(&components, module);
-            let Some((c, tensor)) = found else {
+            let Some((c, tensor, rows)) = locate(module) else {
                 if example.is_none() {
                     example = Some(format!(
                         "{} -> {}",
@@ -350,13 +422,22 @@ pub fn fuse(
                     kernel[1],
                 ],
             };
-            if info.shape != delta_shape {
+            // A block of rows (q / k / v of a fused projection) has that many rows.
+            let mut expected = info.shape.clone();
+            if let (Some((_, n)), Some(first)) = (rows, expected.first_mut()) {
+                *first = n;
+            }
+            if expected != delta_shape {
+                let tensor = match rows {
+                    Some((first, n)) => format!("{tensor}[{first}..{}]", first + n),
+                    None => tensor,
+                };
                 return Err(FuseError::ShapeMismatch {
                     file: path.clone(),
                     module: module.name.clone(),
-                    component: component.name,
+                    component: module.network.component(),
                     tensor,
-                    expected: info.shape.clone().into(),
+                    expected: expected.into(),
                     found: delta_shape.into(),
                 });
             }
@@ -376,8 +457,10 @@ pub fn fuse(
                 }
             }
             let inner = delta_shape[1..].iter().product();
-            plan[c].entry(tensor).or_default().push(Op {
+            ops[c].entry(tensor).or_default().push(Op {
                 lora: index,
+                component: module.network.component(),
+                row: rows.map_or(0, |(first, _)| first),
                 down: header.tensors[&down_key].clone(),
                 up: header.tensors[&up_key].clone(),
                 rank: module.rank,
@@ -396,24 +479,37 @@ pub fn fuse(
             });
         }
         reports.push(report);
-        lora_headers.push(header.data_start);
+        lora_starts.push(header.data_start);
     }
+    Ok(Plan {
+        ops,
+        reports,
+        lora_starts,
+    })
+}
 
-    let staged = StagedDir::create(output)?;
-    let skip: Vec<PathBuf> = components
-        .iter()
-        .zip(&plan)
-        .filter(|(_, p)| !p.is_empty())
-        .map(|(c, _)| c.relative.clone())
-        .collect();
-    let mut dropped_files = Vec::new();
-    let copied_files = copy_tree(
-        model,
-        staged.path(),
-        Path::new(""),
-        &skip,
-        &mut dropped_files,
-    )?;
+/// Copy `component`'s file to `dest` and add the deltas of `ops` onto its tensors there, each
+/// rewritten in place in its own dtype; returns those dtypes (each once).
+pub(super) fn rewrite(
+    component: &Component,
+    ops: &BTreeMap<String, Vec<Op>>,
+    dest: &Path,
+    loras: &[(PathBuf, f64)],
+    plan: &Plan,
+) -> Result<Vec<String>, FuseError> {
+    let dest_io = |source| FuseError::Io {
+        file: dest.to_path_buf(),
+        source,
+    };
+    fs::copy(&component.path, dest).map_err(|source| FuseError::Io {
+        file: component.path.clone(),
+        source,
+    })?;
+    let mut out = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dest)
+        .map_err(dest_io)?;
     let mut lora_files = Vec::with_capacity(loras.len());
     for (path, _) in loras {
         lora_files.push(File::open(path).map_err(|source| KohyaError::Io {
@@ -421,92 +517,61 @@ pub fn fuse(
             source,
         })?);
     }
-    let mut written = Vec::new();
-    for (component, ops) in components.iter().zip(&plan) {
-        if ops.is_empty() {
-            continue;
-        }
-        let dest = staged.path().join(&component.relative);
-        let dest_io = |source| FuseError::Io {
-            file: dest.clone(),
-            source,
-        };
-        fs::copy(&component.path, &dest).map_err(|source| FuseError::Io {
-            file: component.path.clone(),
-            source,
-        })?;
-        let mut out = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&dest)
-            .map_err(dest_io)?;
-        let mut dtypes: Vec<String> = Vec::new();
-        for (tensor, tensor_ops) in ops {
-            let info = &component.header.tensors[tensor];
-            let mut weights = to_f32(
-                &read_bytes(&mut out, component.header.data_start, info).map_err(dest_io)?,
-                info.dtype,
+    let mut dtypes: Vec<String> = Vec::new();
+    for (tensor, tensor_ops) in ops {
+        let info = &component.header.tensors[tensor];
+        let mut weights = to_f32(
+            &read_bytes(&mut out, component.header.data_start, info).map_err(dest_io)?,
+            info.dtype,
+        );
+        for op in tensor_ops {
+            let (path, _) = &loras[op.lora];
+            let lora_io = |source| {
+                FuseError::from(KohyaError::Io {
+                    file: path.clone(),
+                    source,
+                })
+            };
+            let file = &mut lora_files[op.lora];
+            let start = plan.lora_starts[op.lora];
+            let down = to_f32(
+                &read_bytes(file, start, &op.down).map_err(lora_io)?,
+                op.down.dtype,
             );
-            for op in tensor_ops {
-                let (path, _) = &loras[op.lora];
-                let lora_io = |source| {
-                    FuseError::from(KohyaError::Io {
-                        file: path.clone(),
-                        source,
-                    })
-                };
-                let file = &mut lora_files[op.lora];
-                let start = lora_headers[op.lora];
-                let down = to_f32(
-                    &read_bytes(file, start, &op.down).map_err(lora_io)?,
-                    op.down.dtype,
-                );
-                let up = to_f32(
-                    &read_bytes(file, start, &op.up).map_err(lora_io)?,
-                    op.up.dtype,
-                );
-                add_delta(&mut weights, &up, &down, op);
-            }
-            out.seek(SeekFrom::Start(
-                component.header.data_start + info.data_offsets.0 as u64,
-            ))
-            .and_then(|_| out.write_all(&from_f32(&weights, info.dtype)))
-            .map_err(dest_io)?;
-            let dtype = format!("{:?}", info.dtype);
-            if !dtypes.contains(&dtype) {
-                dtypes.push(dtype);
-            }
+            let up = to_f32(
+                &read_bytes(file, start, &op.up).map_err(lora_io)?,
+                op.up.dtype,
+            );
+            add_delta(&mut weights, &up, &down, op);
         }
-        written.push(FusedComponent {
-            component: component.name.to_string(),
-            file: component.relative.clone(),
-            tensors: ops.len(),
-            dtypes,
-        });
+        out.seek(SeekFrom::Start(
+            component.header.data_start + info.data_offsets.0 as u64,
+        ))
+        .and_then(|_| out.write_all(&from_f32(&weights, info.dtype)))
+        .map_err(dest_io)?;
+        let dtype = format!("{:?}", info.dtype);
+        if !dtypes.contains(&dtype) {
+            dtypes.push(dtype);
+        }
     }
-    staged.commit(Previous::Replace)?;
-    Ok(FuseReport {
-        output: output.to_path_buf(),
-        loras: reports,
-        components: written,
-        copied_files,
-        dropped_files,
-    })
+    out.sync_all().map_err(dest_io)?;
+    Ok(dtypes)
 }
 
 /// The component and tensor a module adapts, if the model has it.
-fn locate(components: &[Component], module: &LoraModule) -> Option<(usize, String)> {
+fn locate(components: &[Component], module: &LoraModule) -> Option<Located> {
     let path = module.diffusers_path.as_deref()?;
     let name = module.network.component();
     let path = path.strip_prefix(name)?.strip_prefix('.')?;
     let c = components.iter().position(|c| c.name == name)?;
-    target_tensor(&components[c], path).map(|t| (c, t))
+    target_tensor(&components[c], path).map(|t| (c, t, None))
 }
 
-/// `weights += scale · (up [out, r] @ down [r, inner])`, the product formed first as PEFT's
-/// `get_delta_weight` forms it.
+/// `weights[row..row + out] += scale · (up [out, r] @ down [r, inner])`, the product formed
+/// first as PEFT's `get_delta_weight` forms it.
 fn add_delta(weights: &mut [f32], up: &[f32], down: &[f32], op: &Op) {
     let (r, k) = (op.rank, op.inner);
+    let weights = &mut weights[op.row * k..(op.row + op.out) * k];
     let mut row = vec![0f32; k];
     for o in 0..op.out {
         row.fill(0.0);

@@ -63,7 +63,7 @@ pub enum FuseError {
         /// The module, as named in the file.
         module: String,
     },
-    /// None of a LoRA file's modules adapts a weight of the model.
+    /// None of a LoRA file's modules adapts a weight of the model (folder or single file).
     #[error(
         "{}: none of its {modules} module(s) matches a weight of the model {} (e.g. `{example}`); is it a LoRA for another model?",
         file.display(),
@@ -118,13 +118,28 @@ pub enum FuseError {
         /// Its dtype.
         dtype: String,
     },
-    /// The output folder is the model folder, inside it, or holds it.
-    #[error("{}: the output folder may not be the model folder {}, inside it or around it", output.display(), model.display())]
+    /// The output is the model (folder or file), inside it, or holds it.
+    #[error("{}: the output may not be the model {}, inside it or around it", output.display(), model.display())]
     OutputInsideModel {
         /// The output folder.
         output: PathBuf,
         /// The model folder.
         model: PathBuf,
+    },
+    /// A `--model` file that is not a single-file Stable Diffusion checkpoint this reads (no
+    /// `model.diffusion_model.` UNet, or one whose blocks fit no SD UNet geometry).
+    #[error("{}: not a single-file Stable Diffusion checkpoint that can be fused: {reason}", file.display())]
+    UnknownLayout {
+        /// The checkpoint file.
+        file: PathBuf,
+        /// What does not fit.
+        reason: String,
+    },
+    /// The output for a single-file checkpoint is a folder.
+    #[error("{}: is a folder; the fused single-file checkpoint is written as one file (give a `.safetensors` path)", output.display())]
+    OutputNotAFile {
+        /// The output path.
+        output: PathBuf,
     },
     /// The output path holds something other than a diffusers model folder.
     #[error("{}: exists and does not hold a diffusers model (no model_index.json); not replaced", output.display())]
@@ -177,7 +192,8 @@ pub struct FusedLora {
 pub struct FusedComponent {
     /// `unet`, `text_encoder` or `text_encoder_2`.
     pub component: String,
-    /// The file, relative to the folder (`unet/diffusion_pytorch_model.safetensors`).
+    /// The file, relative to the folder (`unet/diffusion_pytorch_model.safetensors`); for a
+    /// single-file checkpoint, the output file's name (one entry per component fused there).
     pub file: PathBuf,
     /// How many of its tensors changed.
     pub tensors: usize,
@@ -185,16 +201,16 @@ pub struct FusedComponent {
     pub dtypes: Vec<String>,
 }
 
-/// What [`fuse`] did.
+/// What [`fuse`](super::fuse) did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FuseReport {
-    /// The folder written.
+    /// The folder written (the file, for a single-file checkpoint).
     pub output: PathBuf,
     /// Each LoRA file, in the order given.
     pub loras: Vec<FusedLora>,
     /// The component files with fused weights.
     pub components: Vec<FusedComponent>,
-    /// How many files were copied unchanged.
+    /// How many files were copied unchanged (0 for a single-file checkpoint).
     pub copied_files: usize,
     /// Other weights files beside a fused component file (`*.fp16.safetensors` variants, `.bin`
     /// copies: they would still hold the unfused weights), left out of the output; relative

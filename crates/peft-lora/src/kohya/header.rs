@@ -122,6 +122,21 @@ pub(super) fn to_f32(bytes: &[u8], dtype: Dtype) -> Vec<f32> {
     }
 }
 
+/// f32 -> little-endian bytes of `dtype` (F16 / BF16, else F32).
+pub(super) fn from_f32(values: &[f32], dtype: Dtype) -> Vec<u8> {
+    match dtype {
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
 /// Read one tensor's bytes (its extent was checked against the file's length).
 pub(super) fn read_bytes(
     file: &mut File,

@@ -7,7 +7,10 @@
 //! [`LoraFile::read`] reads the safetensors header, checks every tensor's size and shape
 //! against it, and reads only the `alpha` scalars, never the weights: describing a 200 MB file
 //! costs its header. [`fuse`] adds the deltas of such files, each with a weight, into a
-//! diffusers pipeline folder's weights, as diffusers' `fuse_lora` does.
+//! diffusers pipeline folder's weights, as diffusers' `fuse_lora` does, or into a single-file
+//! SD checkpoint (original LDM / SGM layout: `model.diffusion_model.…`,
+//! `cond_stage_model.…`, `conditioner.embedders.…`) named as diffusers' `from_single_file`
+//! converts it.
 //!
 //! ```
 //! use peft_lora::kohya::{LoraFile, LoraFormat};
@@ -37,8 +40,10 @@ mod error;
 mod fuse;
 mod fuse_types;
 mod header;
+mod ldm;
 mod names;
 mod sgm;
+mod single_file;
 
 pub use combine::{CombineError, CombineReport, CombinedLora, combine};
 pub use error::KohyaError;
