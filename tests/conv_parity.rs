@@ -302,7 +302,7 @@ fn a_mixed_batch_of_convolution_adapters_runs_each_image_with_its_own() {
             .forward(x.clone(), &ForwardContext::mixed(rows)),
     );
     for (i, name) in names.iter().enumerate() {
-        let one = x.clone().slice([i..i + 1]);
+        let one = x.clone().narrow(0, i, 1);
         let single = if *name == "__base__" {
             model.disable_adapters().unwrap();
             let out = model.model().forward(one, &Default::default());
