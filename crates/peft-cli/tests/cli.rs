@@ -134,7 +134,10 @@ fn train_eval_inspect_on_minilm() {
         .unwrap();
     // (A classification head of another class count starts fresh, as transformers'
     // `ignore_mismatched_sizes`; the adapter's matrices do not fit the narrower layers.)
-    bad_input(&out, &["bert_cls", "query.lora_A.weight", "expected [4, 32]"]);
+    bad_input(
+        &out,
+        &["bert_cls", "query.lora_A.weight", "expected [4, 32]"],
+    );
 
     // Resume from the last checkpoint: nothing left to do, same adapter.
     let out = burn_peft()

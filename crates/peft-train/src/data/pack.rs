@@ -25,7 +25,8 @@ use super::{Example, IGNORE_INDEX};
 ///     label: None,
 ///     line: 0,
 ///     segments: Vec::new(),
-///, image: None };
+///     image: None,
+/// };
 /// let rows = pack(&[lm(vec![1, 2, 3]), lm(vec![4, 5]), lm(vec![6, 7, 8, 9])], 6);
 /// assert_eq!(rows.len(), 2);
 /// assert_eq!(rows[0].input_ids, [6, 7, 8, 9, 4, 5]);
