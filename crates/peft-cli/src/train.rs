@@ -100,8 +100,11 @@ struct TextParts {
 
 /// The tokenizer and chat template of a text model (its folder's `tokenizer.json`, or a GGUF
 /// file's metadata; `data.chat_template` replaces the template), and the default
-/// `data.max_length`, which never exceeds the model's positions.
-fn load_text_parts(run: &mut config::RunConfig) -> Result<TextParts> {
+/// `data.max_length`, which never exceeds the model's `position_limit`.
+fn load_text_parts(
+    run: &mut config::RunConfig,
+    position_limit: Option<(usize, &'static str)>,
+) -> Result<TextParts> {
     let source = run.model.name_or_path.clone();
     let source = source.as_str();
     let parts = load_tokenizer_and_chat(source).with_context(|| {
@@ -114,10 +117,7 @@ fn load_text_parts(run: &mut config::RunConfig) -> Result<TextParts> {
         None => parts.template,
     };
     if run.data.max_length.is_none()
-        && let Some((limit, _)) = read_config(source)
-            .with_context(|| format!("resolving model `{source}`"))?
-            .1
-            .position_limit()
+        && let Some((limit, _)) = position_limit
     {
         run.data.max_length = Some(DataConfig::default().max_length.min(limit));
     }
@@ -245,7 +245,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
             (None, load_image_data(&run, &model_dir, channels)?)
         }
         None => {
-            let text = load_text_parts(&mut run)?;
+            // The config was read above: its position table bounds the default max length.
+            let text = load_text_parts(&mut run, model_config.position_limit())?;
             let data = load_data(&run, &text.tokenizer, text.chat.as_ref(), None)?;
             (Some(text), data)
         }

@@ -153,6 +153,26 @@ struct SlotsMut<'a> {
     kernel: Option<KernelSlot<'a>>,
 }
 
+/// The slots of a convolution of either rank: adapters, bias and kernel; no dense matrix
+/// weight, no `modules_to_save` copies, no quantized base.
+fn conv_slots<'a>(
+    adapters: &'a mut Vec<AdapterState>,
+    bias: &'a mut Option<Param<Tensor<1>>>,
+    kernel: KernelSlot<'a>,
+) -> SlotsMut<'a> {
+    SlotsMut {
+        adapters,
+        copies: None,
+        weight: None,
+        bias: Some(bias),
+        layout: None,
+        bare_keys: false,
+        quantized: None,
+        dims: [0, 0],
+        kernel: Some(kernel),
+    }
+}
+
 fn slots(site: SiteMut<'_>) -> SlotsMut<'_> {
     match site {
         SiteMut::Linear(l) => {
@@ -188,28 +208,12 @@ fn slots(site: SiteMut<'_>) -> SlotsMut<'_> {
             quantized: Some(&mut e.quantized),
             kernel: None,
         },
-        SiteMut::Conv1d(c) => SlotsMut {
-            adapters: &mut c.adapters,
-            copies: None,
-            weight: None,
-            bias: Some(&mut c.bias),
-            layout: None,
-            bare_keys: false,
-            quantized: None,
-            dims: [0, 0],
-            kernel: Some(KernelSlot::D1(&mut c.weight)),
-        },
-        SiteMut::Conv2d(c) => SlotsMut {
-            adapters: &mut c.adapters,
-            copies: None,
-            weight: None,
-            bias: Some(&mut c.bias),
-            layout: None,
-            bare_keys: false,
-            quantized: None,
-            dims: [0, 0],
-            kernel: Some(KernelSlot::D2(&mut c.weight)),
-        },
+        SiteMut::Conv1d(c) => {
+            conv_slots(&mut c.adapters, &mut c.bias, KernelSlot::D1(&mut c.weight))
+        }
+        SiteMut::Conv2d(c) => {
+            conv_slots(&mut c.adapters, &mut c.bias, KernelSlot::D2(&mut c.weight))
+        }
         SiteMut::KvPrefix(p) => SlotsMut {
             adapters: &mut p.adapters,
             copies: None,
