@@ -23,16 +23,31 @@ SHAPES = [
     ("dW   xᵀ·g (x[1024,384], g[1024,384])", 384, 1024, 384, True, False),
 ]
 
+# A LoRA step at SmolLM2-135M's shape (`--set llm`, as `GEMM_SET=llm` for the Rust side).
+LLM_SHAPES = [
+    ("fwd  x[256,576]·W[576,576] (q, o)", 256, 576, 576, False, False),
+    ("fwd  x[256,576]·W[576,192] (k, v)", 256, 576, 192, False, False),
+    ("fwd  x[256,576]·W[576,1536] (gate, up)", 256, 576, 1536, False, False),
+    ("fwd  x[256,1536]·W[1536,576] (down)", 256, 1536, 576, False, False),
+    ("fwd  x[256,576]·Eᵀ (head, E[49152,576])", 256, 576, 49152, False, True),
+    ("dX   g[256,576]·Wᵀ (W[576,576])", 256, 576, 576, False, True),
+    ("dX   g[256,192]·Wᵀ (W[576,192])", 256, 192, 576, False, True),
+    ("dX   g[256,1536]·Wᵀ (W[576,1536])", 256, 1536, 576, False, True),
+    ("dX   g[256,576]·Wᵀ (W[1536,576])", 256, 576, 1536, False, True),
+    ("dX   g[256,49152]·E (head)", 256, 49152, 576, False, False),
+]
+
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--set", choices=["minilm", "llm"], default="minilm")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, f32, {a.threads} thread(s), median of {a.iters}")
     with torch.no_grad():
-        for name, m, k, n, lhs_t, rhs_t in SHAPES:
+        for name, m, k, n, lhs_t, rhs_t in LLM_SHAPES if a.set == "llm" else SHAPES:
             lhs = torch.randn(k, m).t() if lhs_t else torch.randn(m, k)
             rhs = torch.randn(n, k).t() if rhs_t else torch.randn(k, n)
             out = torch.empty(m, n)

@@ -93,6 +93,92 @@ const SHAPES: &[Shape] = &[
     },
 ];
 
+/// The GEMMs of a LoRA step at SmolLM2-135M's shape (2 x 128 tokens, hidden 576, k/v 192,
+/// intermediate 1536, a tied head of 49,152 rows stored `[vocab, hidden]`): forward and input
+/// gradient only, since the base is frozen (`GEMM_SET=llm`).
+const LLM_SHAPES: &[Shape] = &[
+    Shape {
+        name: "fwd  x[256,576]·W[576,576] (q, o)",
+        m: 256,
+        k: 576,
+        n: 576,
+        lhs_t: false,
+        rhs_t: false,
+    },
+    Shape {
+        name: "fwd  x[256,576]·W[576,192] (k, v)",
+        m: 256,
+        k: 576,
+        n: 192,
+        lhs_t: false,
+        rhs_t: false,
+    },
+    Shape {
+        name: "fwd  x[256,576]·W[576,1536] (gate, up)",
+        m: 256,
+        k: 576,
+        n: 1536,
+        lhs_t: false,
+        rhs_t: false,
+    },
+    Shape {
+        name: "fwd  x[256,1536]·W[1536,576] (down)",
+        m: 256,
+        k: 1536,
+        n: 576,
+        lhs_t: false,
+        rhs_t: false,
+    },
+    Shape {
+        name: "fwd  x[256,576]·Eᵀ (head, E[49152,576])",
+        m: 256,
+        k: 576,
+        n: 49152,
+        lhs_t: false,
+        rhs_t: true,
+    },
+    Shape {
+        name: "dX   g[256,576]·Wᵀ (W[576,576])",
+        m: 256,
+        k: 576,
+        n: 576,
+        lhs_t: false,
+        rhs_t: true,
+    },
+    Shape {
+        name: "dX   g[256,192]·Wᵀ (W[576,192])",
+        m: 256,
+        k: 192,
+        n: 576,
+        lhs_t: false,
+        rhs_t: true,
+    },
+    Shape {
+        name: "dX   g[256,1536]·Wᵀ (W[576,1536])",
+        m: 256,
+        k: 1536,
+        n: 576,
+        lhs_t: false,
+        rhs_t: true,
+    },
+    Shape {
+        name: "dX   g[256,576]·Wᵀ (W[1536,576])",
+        m: 256,
+        k: 576,
+        n: 1536,
+        lhs_t: false,
+        rhs_t: true,
+    },
+    Shape {
+        name: "dX   g[256,49152]·E (head)",
+        m: 256,
+        k: 49152,
+        n: 576,
+        lhs_t: false,
+        rhs_t: false,
+    },
+];
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -105,7 +191,8 @@ fn main() {
         .unwrap_or(30);
     let threads = rayon::current_num_threads();
     println!("gemm crate, f32, {threads} rayon thread(s), median of {iters}");
-    for s in SHAPES {
+    let llm = std::env::var("GEMM_SET").is_ok_and(|v| v == "llm");
+    for s in if llm { LLM_SHAPES } else { SHAPES } {
         let lhs: Vec<f32> = (0..s.m * s.k)
             .map(|i| ((i % 97) as f32 - 48.0) * 0.01)
             .collect();
@@ -159,7 +246,9 @@ fn main() {
         let gflops = 2.0 * (s.m * s.n * s.k) as f64 / ms / 1e6;
         println!("{:<42} {:>8.3} ms {:>7.1} GFLOP/s", s.name, ms, gflops);
     }
-    through_burn(iters);
+    if !llm {
+        through_burn(iters);
+    }
 }
 
 /// The forward shapes again through Burn's tensor API on flex: `matmul` alone, and `linear`

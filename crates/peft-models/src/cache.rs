@@ -2,7 +2,7 @@
 //! PEFT passes a prefix to transformers as a cache of that length, so positions of the real
 //! tokens start after it and the attention mask gains ones in front.
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData, s};
 use peft_core::nn::{ForwardContext, KvPrefix};
 
 use crate::error::{ModelError, Result};
@@ -13,14 +13,84 @@ use crate::error::{ModelError, Result};
 /// Rows may be shifted in position: a mixed batch gives rows prefixes of different lengths
 /// (padded to the longest), and batched generation left-pads prompts; row `r`'s tokens then sit
 /// at positions `past + j + shift[r]`, as they would in a forward of that row alone.
+///
+/// Each layer's keys and values live in buffers with room for more positions, grown
+/// geometrically: a decoding step writes its one position in place instead of concatenating the
+/// whole cache into a new tensor (as transformers' `DynamicCache` does with `torch.cat`), and the
+/// attention reads the filled part as a strided view.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    layers: Vec<Option<LayerKv>>,
     prefix_len: usize,
     /// Real prefix length of each row, when rows differ (mixed batches).
     row_prefix: Option<Vec<usize>>,
     /// Per-row position shift (see the type's documentation).
     shift: Option<Vec<i64>>,
+}
+
+/// One layer's cache: `[batch, kv_heads, capacity, head_dim]` buffers whose first `len`
+/// positions are filled.
+#[derive(Debug, Clone)]
+struct LayerKv {
+    k: Tensor<4>,
+    v: Tensor<4>,
+    len: usize,
+}
+
+/// Positions a buffer grows to at least (a prompt of a few tokens then room for a few dozen).
+const MIN_CAPACITY: usize = 64;
+
+impl LayerKv {
+    /// Exactly `k`, `v` (no room yet: a training forward or a prompt that is never continued
+    /// pays nothing for capacity).
+    fn exact(k: Tensor<4>, v: Tensor<4>) -> Self {
+        let len = k.dims()[2];
+        Self { k, v, len }
+    }
+
+    /// The filled keys and values (views of the buffers).
+    fn filled(&self) -> (Tensor<4>, Tensor<4>) {
+        let view = |t: &Tensor<4>| {
+            if t.dims()[2] == self.len {
+                t.clone()
+            } else {
+                t.clone().narrow(2, 0, self.len)
+            }
+        };
+        (view(&self.k), view(&self.v))
+    }
+
+    /// Append `k`, `v` (`[batch, kv_heads, new, head_dim]`) after the filled positions: written
+    /// in place when the buffers have room (and are not shared), else into buffers of twice the
+    /// needed size. In an autodiff graph, concatenated as before (a tracked cache is a training
+    /// forward, which appends once).
+    fn append(self, k: Tensor<4>, v: Tensor<4>) -> Self {
+        let new = k.dims()[2];
+        let len = self.len + new;
+        if k.is_tracked() || v.is_tracked() || self.k.is_tracked() || self.v.is_tracked() {
+            let (pk, pv) = self.filled();
+            return Self::exact(Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2));
+        }
+        let (mut bk, mut bv) = (self.k, self.v);
+        let capacity = bk.dims()[2];
+        if len > capacity {
+            let grown = |buffer: Tensor<4>, filled: usize| {
+                let [b, h, _, d] = buffer.dims();
+                let size = (2 * len).max(MIN_CAPACITY);
+                let fresh = Tensor::<4>::zeros([b, h, size, d], (&buffer.device(), buffer.dtype()));
+                let old = buffer.narrow(2, 0, filled);
+                fresh.slice_assign(s![.., .., 0..filled, ..], old)
+            };
+            bk = grown(bk, self.len);
+            bv = grown(bv, self.len);
+        }
+        let at = self.len..len;
+        Self {
+            k: bk.slice_assign(s![.., .., at.clone(), ..], k),
+            v: bv.slice_assign(s![.., .., at, ..], v),
+            len,
+        }
+    }
 }
 
 impl KvCache {
@@ -34,11 +104,7 @@ impl KvCache {
 
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .next()
-            .map_or(0, |(k, _)| k.dims()[2])
+        self.layers.iter().flatten().next().map_or(0, |l| l.len)
     }
 
     /// Positions at the start of the cache that hold a prefix-tuning prefix (the longest, in a
@@ -54,11 +120,7 @@ impl KvCache {
 
     /// Rows of the cached keys, if any are cached.
     pub fn batch(&self) -> Option<usize> {
-        self.layers
-            .iter()
-            .flatten()
-            .next()
-            .map(|(k, _)| k.dims()[0])
+        self.layers.iter().flatten().next().map(|l| l.k.dims()[0])
     }
 
     /// Shift the positions of each row by `shift[r]` (added to any shift already set), e.g.
@@ -208,8 +270,8 @@ impl KvCache {
             cache.layers.resize(kv.len(), None);
         }
         cache.prefix_len = kv.first().map_or(0, |(k, _)| k.dims()[2]);
-        for (slot, pair) in cache.layers.iter_mut().zip(kv) {
-            *slot = Some(pair);
+        for (slot, (k, v)) in cache.layers.iter_mut().zip(kv) {
+            *slot = Some(LayerKv::exact(k, v));
         }
         if let Some(lengths) = &row_prefix {
             // A row with a shorter prefix than the longest: its tokens come right after its own
@@ -266,7 +328,7 @@ impl KvCache {
     }
 
     fn device(&self) -> Option<Device> {
-        self.layers.iter().flatten().next().map(|(k, _)| k.device())
+        self.layers.iter().flatten().next().map(|l| l.k.device())
     }
 
     /// Split a batch into one cache per row that holds only the slots the row attends to: its
@@ -334,7 +396,12 @@ impl KvCache {
                 layers: self
                     .layers
                     .iter()
-                    .map(|l| l.as_ref().map(|(k, v)| (take(k), take(v))))
+                    .map(|l| {
+                        l.as_ref().map(|l| {
+                            let (k, v) = l.filled();
+                            LayerKv::exact(take(&k), take(&v))
+                        })
+                    })
                     .collect(),
                 ..Default::default()
             });
@@ -399,11 +466,11 @@ impl KvCache {
                     .iter()
                     .zip(&pads)
                     .map(|(part, &pad)| {
-                        let (k, v) = part.layers[layer].as_ref().expect("checked above");
-                        (pad_left(k, pad), pad_left(v, pad))
+                        let (k, v) = part.layers[layer].as_ref().expect("checked above").filled();
+                        (pad_left(&k, pad), pad_left(&v, pad))
                     })
                     .unzip();
-                Some((Tensor::cat(ks, 0), Tensor::cat(vs, 0)))
+                Some(LayerKv::exact(Tensor::cat(ks, 0), Tensor::cat(vs, 0)))
             })
             .collect();
         let mut cache = KvCache {
@@ -450,7 +517,13 @@ impl KvCache {
             layers: self
                 .layers
                 .iter()
-                .map(|l| l.as_ref().map(|(k, v)| (pick(k), pick(v))))
+                .map(|l| {
+                    l.as_ref().map(|l| LayerKv {
+                        k: pick(&l.k),
+                        v: pick(&l.v),
+                        len: l.len,
+                    })
+                })
                 .collect(),
             prefix_len: self.prefix_len,
             row_prefix: self
@@ -465,14 +538,16 @@ impl KvCache {
         })
     }
 
-    /// Append `k`, `v` for `layer` and return the full keys and values.
+    /// Append `k`, `v` for `layer` and return the full keys and values (views of the cache's
+    /// buffers, which grow geometrically: see the type's documentation).
     pub fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        let (k, v) = match self.layers[layer].take() {
-            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
-            None => (k, v),
+        let entry = match self.layers[layer].take() {
+            Some(entry) => entry.append(k, v),
+            None => LayerKv::exact(k, v),
         };
-        self.layers[layer] = Some((k.clone(), v.clone()));
-        (k, v)
+        let filled = entry.filled();
+        self.layers[layer] = Some(entry);
+        filled
     }
 }
 
@@ -486,5 +561,61 @@ pub fn position_ids(
     match cache {
         Some(c) => c.position_ids(batch, seq, device),
         None => KvCache::default().position_ids(batch, seq, device),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Device, Distribution, Tensor};
+
+    use super::KvCache;
+
+    fn step(device: &Device, len: usize) -> (Tensor<4>, Tensor<4>) {
+        let t = || Tensor::<4>::random([2, 3, len, 8], Distribution::Normal(0.0, 1.0), device);
+        (t(), t())
+    }
+
+    #[test]
+    fn appending_into_the_buffers_equals_concatenation() {
+        // A prompt of 5, then 150 one-token steps: the buffers grow three times.
+        let device = Device::flex();
+        let mut cache = KvCache::new(1);
+        let (mut all_k, mut all_v) = step(&device, 5);
+        cache.append(0, all_k.clone(), all_v.clone());
+        for _ in 0..150 {
+            let (k, v) = step(&device, 1);
+            all_k = Tensor::cat(vec![all_k, k.clone()], 2);
+            all_v = Tensor::cat(vec![all_v, v.clone()], 2);
+            let (ck, cv) = cache.append(0, k, v);
+            assert_eq!(ck.dims(), all_k.dims());
+            ck.into_data().assert_eq(&all_k.clone().into_data(), true);
+            cv.into_data().assert_eq(&all_v.clone().into_data(), true);
+        }
+        assert_eq!(cache.len(), 155);
+    }
+
+    #[test]
+    fn a_clone_is_not_changed_by_appends_to_the_original() {
+        // Appends write in place only into buffers nobody else holds.
+        let device = Device::flex();
+        let mut cache = KvCache::new(1);
+        let (k, v) = step(&device, 4);
+        cache.append(0, k, v);
+        let (k, v) = step(&device, 1);
+        cache.append(0, k, v);
+        let snapshot = cache.clone();
+        let before = snapshot.layers[0].as_ref().unwrap().filled().0.into_data();
+        let (k, v) = step(&device, 1);
+        cache.append(0, k, v);
+        assert_eq!(snapshot.len(), 5);
+        assert_eq!(cache.len(), 6);
+        let after = snapshot.layers[0].as_ref().unwrap().filled().0.into_data();
+        after.assert_eq(&before, true);
+        // And the snapshot still continues on its own.
+        let mut snapshot = snapshot;
+        let (k, v) = step(&device, 1);
+        let (sk, _) = snapshot.append(0, k.clone(), v);
+        let want = Tensor::cat(vec![Tensor::from_data(before, &device), k], 2);
+        sk.into_data().assert_eq(&want.into_data(), true);
     }
 }

@@ -12,16 +12,26 @@ use rayon::prelude::*;
 
 use super::matmul::{Mat, MatMut, gemm};
 use super::par::SendPtr;
+use super::simd::{LANES, fmadd, multiversion};
 
 /// The most rows this path is used for: beyond them the product is compute-bound and the
 /// `gemm` crate's own blocking is as good.
 pub const MAX_ROWS: usize = 32;
 
-/// Output columns per band (per task). Measured on SmolLM2-135M decode (2 threads): 16-column
-/// bands ran batch 8 at 150 tokens/s and batch 32 at 213, against 110 / 200 for bands of 128 KiB
-/// of `W` and 76 / 164 for 512 KiB; 64 columns ran 82 / 181 and 8 columns 133 / 229. Narrow
-/// bands keep the GEMM's packed copy of a band in L1 and give every thread work.
+/// Output columns per band (per task) of the fallback through the `gemm` crate, for a `w` with
+/// no unit stride. Measured on SmolLM2-135M decode (2 threads): 16-column bands ran batch 8 at
+/// 150 tokens/s and batch 32 at 213, against 110 / 200 for bands of 128 KiB of `W` and 76 / 164
+/// for 512 KiB; 64 columns ran 82 / 181 and 8 columns 133 / 229.
 pub const BAND: usize = 16;
+
+/// Rows of `x` per register tile of the direct kernels.
+const MR: usize = 4;
+/// Output columns per band of the direct kernels. With contiguous columns of `w` a tile of
+/// [`MR`] rows keeps `MR x NC` sums in registers (8 AVX-512 registers).
+const NC: usize = 32;
+/// Columns per tile when `w`'s rows along `k` are contiguous: `MR x NJ` dot products in
+/// [`LANES`]-wide accumulators (16 AVX-512 registers).
+const NJ: usize = 4;
 
 /// A read-only strided matrix that may cross threads.
 #[derive(Clone, Copy)]
@@ -32,8 +42,27 @@ unsafe impl Send for Shared {}
 // SAFETY: as above.
 unsafe impl Sync for Shared {}
 
+/// How a band is multiplied.
+#[derive(Clone, Copy)]
+enum Kernel {
+    /// `w`'s columns are contiguous (a row-major `[in, out]` weight): rows of `w` scaled by
+    /// elements of `x` and summed.
+    Axpy,
+    /// `w`'s rows along `k` are contiguous (the transposed view of an `[out, in]` weight, a
+    /// tied head): dot products.
+    Dot,
+    /// Any other strides: the `gemm` crate on the band.
+    Gemm,
+}
+
 /// `out[m, n] = x[m, k] · w` for a row-major `x` and a strided `w` (`k x n`); bands of output
 /// columns in parallel.
+///
+/// When either stride of `w` is 1 (a weight or its transposed view), register-tiled kernels
+/// read `w` in place: nothing is packed and nothing is called per band. Through the `gemm`
+/// crate on 16-column bands, its fixed cost per call (12,800 calls per step of a SmolLM2-135M
+/// decode) and the packing took 70% of a batch-32 step (perf). `w` crosses the memory bus once
+/// per call; a band is re-read from cache by each tile of rows.
 ///
 /// # Safety
 /// `w` must describe readable memory of `k x n` elements at its strides, not overlapping `out`.
@@ -43,32 +72,398 @@ pub unsafe fn matmul(x: &[f32], m: usize, w: Mat, out: &mut [f32]) {
         x.len() >= m * k && out.len() >= m * n,
         "few_rows::matmul: buffer sizes"
     );
-    let width = BAND;
+    let (width, kernel) = if w.cs == 1 {
+        (NC, Kernel::Axpy)
+    } else if w.rs == 1 {
+        (NC, Kernel::Dot)
+    } else {
+        (BAND, Kernel::Gemm)
+    };
+    let bands = n.div_ceil(width);
+    // A few bands per task: balanced over the threads, each task well above rayon's cost.
+    let per_task = (bands / (rayon::current_num_threads() * 8)).max(1);
     let lhs = Shared(Mat::row_major(x, m, k));
     let rhs = Shared(w);
     let dst = SendPtr(out.as_mut_ptr());
-    (0..n.div_ceil(width)).into_par_iter().for_each(|band| {
-        let (lhs, rhs) = (lhs, rhs);
-        let j0 = band * width;
-        let cols = width.min(n - j0);
-        // SAFETY: columns `j0 .. j0 + cols` of `w` and of the `m x n` row-major output are
-        // inside them (the caller's guarantee for `w`); bands write disjoint columns.
+    (0..bands)
+        .into_par_iter()
+        .with_min_len(per_task)
+        .for_each(|band| {
+            let (lhs, rhs) = (lhs, rhs);
+            let j0 = band * width;
+            let cols = width.min(n - j0);
+            // SAFETY: columns `j0 .. j0 + cols` of `w` and of the `m x n` row-major output are
+            // inside them (the caller's guarantee for `w`); bands write disjoint columns.
+            unsafe {
+                let band_w = Mat {
+                    ptr: rhs.0.ptr.offset(j0 as isize * rhs.0.cs),
+                    rows: k,
+                    cols,
+                    rs: rhs.0.rs,
+                    cs: rhs.0.cs,
+                };
+                let d = MatMut {
+                    ptr: dst.add(j0 as isize),
+                    rs: n as isize,
+                    cs: 1,
+                };
+                match kernel {
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Axpy if avx512::available() => avx512::axpy_band(lhs.0, band_w, d),
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Dot if avx512::available() => avx512::dot_band(lhs.0, band_w, d),
+                    Kernel::Axpy => axpy_band(lhs.0, band_w, d),
+                    Kernel::Dot => dot_band(lhs.0, band_w, d),
+                    Kernel::Gemm => gemm(d, false, lhs.0, band_w, 1.0, false),
+                }
+            }
+        });
+}
+
+multiversion! {
+    /// `d = x · w` for one band (`w.cols <= NC`, unit column stride), in tiles of [`MR`] rows.
+    /// The operands must be valid as [`matmul`] requires (a private kernel: not `unsafe` only
+    /// because [`multiversion!`] wraps safe functions).
+    fn axpy_band(x: Mat, w: Mat, d: MatMut) = axpy_band_k
+}
+
+multiversion! {
+    /// `d = x · w` for one band (`w.cols <= NC`, unit row stride), in tiles of [`MR`] rows
+    /// by [`NJ`] columns.
+    fn dot_band(x: Mat, w: Mat, d: MatMut) = dot_band_k
+}
+
+#[inline(always)]
+fn axpy_band_k<const FMA: bool>(x: Mat, w: Mat, d: MatMut) {
+    let mut r0 = 0;
+    while r0 < x.rows {
+        let rows = MR.min(x.rows - r0);
+        // SAFETY: rows `r0 .. r0 + rows` of `x` and `d` exist (the caller's guarantee).
         unsafe {
-            let band_w = Mat {
-                ptr: rhs.0.ptr.offset(j0 as isize * rhs.0.cs),
-                rows: k,
-                cols,
-                rs: rhs.0.rs,
-                cs: rhs.0.cs,
-            };
+            let x = x.ptr.offset(r0 as isize * x.rs);
             let d = MatMut {
-                ptr: dst.add(j0 as isize),
-                rs: n as isize,
-                cs: 1,
+                ptr: d.ptr.offset(r0 as isize * d.rs),
+                ..d
             };
-            gemm(d, false, lhs.0, band_w, 1.0, false);
+            match (rows, w.cols == NC) {
+                (4, true) => axpy_tile::<FMA, 4, NC>(x, w, d, NC),
+                (3, true) => axpy_tile::<FMA, 3, NC>(x, w, d, NC),
+                (2, true) => axpy_tile::<FMA, 2, NC>(x, w, d, NC),
+                (1, true) => axpy_tile::<FMA, 1, NC>(x, w, d, NC),
+                (4, false) => axpy_tile::<FMA, 4, NC>(x, w, d, w.cols),
+                (3, false) => axpy_tile::<FMA, 3, NC>(x, w, d, w.cols),
+                (2, false) => axpy_tile::<FMA, 2, NC>(x, w, d, w.cols),
+                _ => axpy_tile::<FMA, 1, NC>(x, w, d, w.cols),
+            }
         }
-    });
+        r0 += rows;
+    }
+}
+
+/// `d[r, c] = Σ_k x[r, k] · w[k, c]` for `R` rows of `x` (row stride `w.rows`) and `cols <= C`
+/// columns; with `cols == C` known at compile time the sums stay in registers.
+///
+/// # Safety
+/// `x`: `R x w.rows` row-major; `w`: `w.rows x cols` with unit column stride; `d`: `R` rows of
+/// `cols` contiguous values (written, not read).
+#[inline(always)]
+unsafe fn axpy_tile<const FMA: bool, const R: usize, const C: usize>(
+    x: *const f32,
+    w: Mat,
+    d: MatMut,
+    cols: usize,
+) {
+    let k = w.rows;
+    let mut acc = [[0f32; C]; R];
+    for kk in 0..k {
+        // SAFETY: row `kk` of `w` holds `cols` contiguous values; `x` holds `R x k`.
+        unsafe {
+            let wr = w.ptr.offset(kk as isize * w.rs);
+            for (r, row) in acc.iter_mut().enumerate() {
+                let xv = *x.add(r * k + kk);
+                for (c, a) in row.iter_mut().enumerate().take(cols) {
+                    *a = fmadd::<FMA>(xv, *wr.add(c), *a);
+                }
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (c, a) in row.iter().enumerate().take(cols) {
+            // SAFETY: inside the tile of `d` (the caller's guarantee).
+            unsafe { *d.ptr.offset(r as isize * d.rs + c as isize) = *a };
+        }
+    }
+}
+
+#[inline(always)]
+fn dot_band_k<const FMA: bool>(x: Mat, w: Mat, d: MatMut) {
+    // Columns outer: a group of `NJ` columns of `w` (contiguous along `k`) stays in L1 while
+    // every tile of rows reads it.
+    let mut c0 = 0;
+    while c0 < w.cols {
+        let cols = NJ.min(w.cols - c0);
+        let mut r0 = 0;
+        while r0 < x.rows {
+            let rows = MR.min(x.rows - r0);
+            // SAFETY: rows `r0 .. r0 + rows` of `x` / `d` and columns `c0 .. c0 + cols` of
+            // `w` / `d` exist (the caller's guarantee).
+            unsafe {
+                let xt = x.ptr.offset(r0 as isize * x.rs);
+                let wt = Mat {
+                    ptr: w.ptr.offset(c0 as isize * w.cs),
+                    cols,
+                    ..w
+                };
+                let dt = MatMut {
+                    ptr: d.ptr.offset(r0 as isize * d.rs + c0 as isize),
+                    ..d
+                };
+                match (rows, cols) {
+                    (4, 4) => dot_tile::<FMA, 4, 4>(xt, wt, dt),
+                    (3, 4) => dot_tile::<FMA, 3, 4>(xt, wt, dt),
+                    (2, 4) => dot_tile::<FMA, 2, 4>(xt, wt, dt),
+                    (1, 4) => dot_tile::<FMA, 1, 4>(xt, wt, dt),
+                    (r, c) => {
+                        // Edge tiles: one column at a time.
+                        for j in 0..c {
+                            let wj = Mat {
+                                ptr: wt.ptr.offset(j as isize * w.cs),
+                                cols: 1,
+                                ..wt
+                            };
+                            let dj = MatMut {
+                                ptr: dt.ptr.add(j),
+                                ..dt
+                            };
+                            match r {
+                                4 => dot_tile::<FMA, 4, 1>(xt, wj, dj),
+                                3 => dot_tile::<FMA, 3, 1>(xt, wj, dj),
+                                2 => dot_tile::<FMA, 2, 1>(xt, wj, dj),
+                                _ => dot_tile::<FMA, 1, 1>(xt, wj, dj),
+                            }
+                        }
+                    }
+                }
+            }
+            r0 += rows;
+        }
+        c0 += cols;
+    }
+}
+
+/// `d[r, j] = x[r, :] · w[:, j]` for `R` rows and `J` columns of a `w` with unit row stride,
+/// in [`LANES`]-wide partial sums.
+///
+/// # Safety
+/// `x`: `R x w.rows` row-major; `w`: `w.rows x J` with unit row stride; `d`: `R x J` at its
+/// row stride, unit column stride.
+#[inline(always)]
+unsafe fn dot_tile<const FMA: bool, const R: usize, const J: usize>(
+    x: *const f32,
+    w: Mat,
+    d: MatMut,
+) {
+    let k = w.rows;
+    let mut acc = [[[0f32; LANES]; J]; R];
+    let full = k / LANES * LANES;
+    let mut k0 = 0;
+    while k0 < full {
+        // SAFETY: `k0 + LANES <= k`: inside every row of `x` and column of `w`.
+        unsafe {
+            let mut wv = [[0f32; LANES]; J];
+            for (j, v) in wv.iter_mut().enumerate() {
+                *v = *(w.ptr.offset(j as isize * w.cs).add(k0) as *const [f32; LANES]);
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let xv = *(x.add(r * k + k0) as *const [f32; LANES]);
+                for (a, wj) in row.iter_mut().zip(&wv) {
+                    for l in 0..LANES {
+                        a[l] = fmadd::<FMA>(xv[l], wj[l], a[l]);
+                    }
+                }
+            }
+        }
+        k0 += LANES;
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (j, a) in row.iter().enumerate() {
+            let mut total: f32 = a.iter().sum();
+            for kk in full..k {
+                // SAFETY: `kk < k`.
+                unsafe { total += *x.add(r * k + kk) * *w.ptr.offset(j as isize * w.cs).add(kk) };
+            }
+            // SAFETY: inside the tile of `d`.
+            unsafe { *d.ptr.offset(r as isize * d.rs + j as isize) = total };
+        }
+    }
+}
+/// The direct kernels written with AVX-512 intrinsics: LLVM does not keep the portable
+/// kernels' `MR x NJ x LANES` sums in registers (it spilled them to the stack on every step of
+/// `k`), which made them slower than the `gemm` crate. Same tiles, same order of sums.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    use super::{MR, NC, NJ};
+    use crate::kernels::matmul::{Mat, MatMut};
+
+    /// Whether the running CPU has AVX-512 F (detected once).
+    pub fn available() -> bool {
+        static AVAILABLE: OnceLock<bool> = OnceLock::new();
+        *AVAILABLE.get_or_init(|| is_x86_feature_detected!("avx512f"))
+    }
+
+    /// Lanes `0 .. n` (`n <= 16`) of a 512-bit register.
+    #[inline(always)]
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 { 0xFFFF } else { (1u16 << n) - 1 }
+    }
+
+    /// [`super::axpy_band`] on AVX-512.
+    ///
+    /// # Safety
+    /// As [`super::matmul`]; the CPU has AVX-512 F ([`available`]).
+    pub unsafe fn axpy_band(x: Mat, w: Mat, d: MatMut) {
+        let mut r0 = 0;
+        while r0 < x.rows {
+            let rows = MR.min(x.rows - r0);
+            // SAFETY: rows `r0 .. r0 + rows` exist; the caller checked the CPU.
+            unsafe {
+                let xt = x.ptr.offset(r0 as isize * x.rs);
+                let dt = d.ptr.offset(r0 as isize * d.rs);
+                match rows {
+                    4 => axpy_tile::<4>(xt, w, dt, d.rs),
+                    3 => axpy_tile::<3>(xt, w, dt, d.rs),
+                    2 => axpy_tile::<2>(xt, w, dt, d.rs),
+                    _ => axpy_tile::<1>(xt, w, dt, d.rs),
+                }
+            }
+            r0 += rows;
+        }
+    }
+
+    /// `R` rows by up to [`NC`] (32) columns: two registers of sums per row.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn axpy_tile<const R: usize>(x: *const f32, w: Mat, d: *mut f32, drs: isize) {
+        let k = w.rows;
+        let (m0, m1) = (lanes(w.cols), lanes(w.cols.saturating_sub(16)));
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        // SAFETY: row `kk` of `w` holds `w.cols <= 32` contiguous values (masked beyond);
+        // `x` holds `R x k`, `d` `R` rows of `w.cols`.
+        unsafe {
+            for kk in 0..k {
+                let wr = w.ptr.offset(kk as isize * w.rs);
+                let w0 = _mm512_maskz_loadu_ps(m0, wr);
+                let w1 = _mm512_maskz_loadu_ps(m1, wr.add(16));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_set1_ps(*x.add(r * k + kk));
+                    a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
+                    a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                let out = d.offset(r as isize * drs);
+                _mm512_mask_storeu_ps(out, m0, a[0]);
+                _mm512_mask_storeu_ps(out.add(16), m1, a[1]);
+            }
+        }
+    }
+
+    /// [`super::dot_band`] on AVX-512.
+    ///
+    /// # Safety
+    /// As [`super::matmul`]; the CPU has AVX-512 F ([`available`]).
+    pub unsafe fn dot_band(x: Mat, w: Mat, d: MatMut) {
+        // Columns outer: `NJ` columns of `w` (contiguous along `k`) stay in L1 while every
+        // tile of rows reads them.
+        let mut c0 = 0;
+        while c0 < w.cols {
+            let cols = NJ.min(w.cols - c0);
+            let mut r0 = 0;
+            while r0 < x.rows {
+                let rows = MR.min(x.rows - r0);
+                // SAFETY: the tile is inside `x`, `w` and `d`; the caller checked the CPU.
+                unsafe {
+                    let xt = x.ptr.offset(r0 as isize * x.rs);
+                    let wt = w.ptr.offset(c0 as isize * w.cs);
+                    let dt = d.ptr.offset(r0 as isize * d.rs + c0 as isize);
+                    let k = w.rows;
+                    match (rows, cols) {
+                        (4, 4) => dot_tile::<4, 4>(xt, k, wt, w.cs, dt, d.rs),
+                        (3, 4) => dot_tile::<3, 4>(xt, k, wt, w.cs, dt, d.rs),
+                        (2, 4) => dot_tile::<2, 4>(xt, k, wt, w.cs, dt, d.rs),
+                        (1, 4) => dot_tile::<1, 4>(xt, k, wt, w.cs, dt, d.rs),
+                        (r, c) => {
+                            for j in 0..c {
+                                let (wj, dj) = (wt.offset(j as isize * w.cs), dt.add(j));
+                                match r {
+                                    4 => dot_tile::<4, 1>(xt, k, wj, w.cs, dj, d.rs),
+                                    3 => dot_tile::<3, 1>(xt, k, wj, w.cs, dj, d.rs),
+                                    2 => dot_tile::<2, 1>(xt, k, wj, w.cs, dj, d.rs),
+                                    _ => dot_tile::<1, 1>(xt, k, wj, w.cs, dj, d.rs),
+                                }
+                            }
+                        }
+                    }
+                }
+                r0 += rows;
+            }
+            c0 += cols;
+        }
+    }
+
+    /// `R x J` dot products of length `k`: rows of `x` (row-major) with columns of `w` (each
+    /// contiguous, `wcs` apart); the last partial 16 by masked loads.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dot_tile<const R: usize, const J: usize>(
+        x: *const f32,
+        k: usize,
+        w: *const f32,
+        wcs: isize,
+        d: *mut f32,
+        drs: isize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); J]; R];
+        let full = k / 16 * 16;
+        // SAFETY: every load reads lanes `k0 .. min(k0 + 16, k)` of a row of `x` or a column
+        // of `w` (masked beyond `k` in the last step); `d` holds the `R x J` tile.
+        unsafe {
+            let cols: [*const f32; J] = std::array::from_fn(|j| w.offset(j as isize * wcs));
+            let rows: [*const f32; R] = std::array::from_fn(|r| x.add(r * k));
+            // The next tile of columns (the band is read in order): fetched while this one is
+            // multiplied, so the stream of `w` from memory does not stall the FMAs.
+            let ahead = J as isize * wcs;
+            let mut step = |k0: usize, m: __mmask16| {
+                for c in &cols {
+                    _mm_prefetch::<_MM_HINT_T0>(c.offset(ahead).add(k0) as *const i8);
+                }
+                let wv: [__m512; J] =
+                    std::array::from_fn(|j| _mm512_maskz_loadu_ps(m, cols[j].add(k0)));
+                for (a, row) in acc.iter_mut().zip(&rows) {
+                    let xv = _mm512_maskz_loadu_ps(m, row.add(k0));
+                    for (aj, wj) in a.iter_mut().zip(&wv) {
+                        *aj = _mm512_fmadd_ps(xv, *wj, *aj);
+                    }
+                }
+            };
+            let mut k0 = 0;
+            while k0 < full {
+                step(k0, 0xFFFF);
+                k0 += 16;
+            }
+            if full < k {
+                step(full, lanes(k - full));
+            }
+            for (r, a) in acc.iter().enumerate() {
+                for (j, aj) in a.iter().enumerate() {
+                    *d.offset(r as isize * drs + j as isize) = _mm512_reduce_add_ps(*aj);
+                }
+            }
+        }
+    }
+
+    const _: () = assert!(NC == 32, "axpy_tile holds two 16-lane registers per row");
 }
 
 #[cfg(test)]
@@ -93,6 +488,9 @@ mod tests {
         let value = |i: usize| ((i * 7919 % 1000) as f32 - 500.0) / 500.0;
         for (m, k, n) in [
             (1, 3, 5),
+            (1, 40, 96),
+            (5, 33, 33),
+            (9, 48, 31),
             (3, 17, 64),
             (4, 64, 130),
             (7, 576, 200),
@@ -107,6 +505,38 @@ mod tests {
                 let mut out = vec![f32::NAN; m * n];
                 // SAFETY: `view` describes `w` / `wt`, alive for the call.
                 unsafe { matmul(&x, m, view, &mut out) };
+                for (a, b) in out.iter().zip(&want) {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "{m}x{k}x{n}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn portable_kernels_equal_the_product() {
+        // The kernels a CPU without AVX-512 runs (this machine may take the intrinsics path in
+        // `matmul`): one band each, rows in tiles and a partial last tile.
+        let value = |i: usize| ((i * 7919 % 1000) as f32 - 500.0) / 500.0;
+        for (m, k, n) in [(1, 40, 32), (6, 37, 32), (9, 64, 13)] {
+            let x: Vec<f32> = (0..m * k).map(value).collect();
+            let w: Vec<f32> = (0..k * n).map(|i| value(i + 13)).collect();
+            let want = reference(&x, m, k, &w, n);
+            let wt: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
+            let lhs = Mat::row_major(&x, m, k);
+            for (dot, view) in [
+                (false, Mat::row_major(&w, k, n)),
+                (true, Mat::row_major(&wt, n, k).t()),
+            ] {
+                let mut out = vec![f32::NAN; m * n];
+                let d = MatMut::row_major(&mut out, n);
+                if dot {
+                    dot_band(lhs, view, d);
+                } else {
+                    axpy_band(lhs, view, d);
+                }
                 for (a, b) in out.iter().zip(&want) {
                     assert!(
                         (a - b).abs() <= 1e-4 * (1.0 + b.abs()),

@@ -219,3 +219,37 @@ fn single_query_decoding_step() {
         tracked: [true; 3],
     });
 }
+
+#[test]
+fn single_query_gqa_broadcast_mask() {
+    // SmolLM2's grouping (3 query heads per key/value head) and head size, mask not expanded.
+    run(&Case {
+        batch: 2,
+        heads: 9,
+        kv_heads: 3,
+        sq: 1,
+        sk: 70,
+        d: 64,
+        causal: true,
+        lengths: Some((vec![70, 33], true)),
+        expand_mask: false,
+        tracked: [true; 3],
+    });
+}
+
+#[test]
+fn single_query_over_a_preallocated_cache() {
+    // A KV cache keeps room for later tokens: the keys are the first `len` rows of a longer
+    // buffer (a strided view), which the kernel reads in place.
+    let device = Device::flex();
+    let mut rng = Rng::new(7);
+    let (b, heads, kv, len, cap, d) = (2, 6, 2, 37, 64, 16);
+    let q = tensor::<3>(&rng.data(&[b, 1, heads * d], 1.0), &device, false);
+    let q = split(q, heads);
+    let buffer = |rng: &mut Rng| tensor::<4>(&rng.data(&[b, kv, cap, d], 1.0), &device, false);
+    let (k, v) = (buffer(&mut rng), buffer(&mut rng));
+    let (k, v) = (k.narrow(2, 0, len), v.narrow(2, 0, len));
+    let got = peft_ops::attention(q.clone(), k.clone(), v.clone(), None, true, None);
+    let want = reference::attention(q, k, v, None, true, None);
+    assert_close("cache view", got.into_data(), want.into_data());
+}
