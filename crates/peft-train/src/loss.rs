@@ -39,10 +39,16 @@ pub fn causal_lm_loss_terms(logits: Tensor<3>, labels: Tensor<2, Int>) -> (Tenso
     ((total / count.clone().clamp_min(1.0)).neg(), count)
 }
 
-/// Tokens per chunk of [`chunked_causal_lm_loss`] for a vocabulary of `vocab`: about 8 MiB of
-/// f32 logits a chunk (42 tokens for SmolLM2's 49,152), at least 16.
+/// Tokens per chunk of [`chunked_causal_lm_loss`] for a vocabulary of `vocab`: about 32 MiB of
+/// f32 logits a chunk (170 tokens for SmolLM2's 49,152), at least 16.
+///
+/// Each chunk's two head products read the whole head weight (and the GEMM packs it: 113 MB at
+/// SmolLM2's size), so small chunks pay that per few tokens. At SmolLM2's shape, batch 2 x 128,
+/// 8 MiB chunks (42 tokens) took 9.2-9.6 CPU-seconds for four steps, 24 MiB ones 8.3-8.8 and
+/// 64 MiB ones (one chunk) 8.4-8.9 (perf stat, alternating runs); 24 MiB cost about 50 MB of
+/// peak memory more than 8, 64 MiB 125 MB.
 pub fn chunk_tokens(vocab: usize) -> usize {
-    ((8usize << 20) / (4 * vocab.max(1))).max(16)
+    ((32usize << 20) / (4 * vocab.max(1))).max(16)
 }
 
 /// The positions that predict a next token, flattened: hidden states `[n, hidden]` of positions
