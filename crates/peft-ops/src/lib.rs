@@ -23,6 +23,7 @@
 
 mod autodiff;
 mod backend;
+pub mod heap;
 mod kernels;
 pub mod nn;
 pub mod quant;

@@ -237,6 +237,8 @@ impl Linear {
     }
 
     fn forward_active<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
+        // A training step's activations stay on the heap between steps (see the function).
+        peft_ops::heap::keep_for_training(&input);
         let copy = self.copies.iter().find(|c| c.active);
         // Always one 2-D GEMM over all rows: burn's `linear` on a [b, s, in] input runs b
         // separate [s, in] products, 11-20% slower for MiniLM-sized batches (benches/README.md).

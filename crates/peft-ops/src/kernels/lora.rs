@@ -65,15 +65,18 @@ pub fn forward(
         )
     };
     drop(dropped);
+    assert_eq!(dims(&y), [sz.n, sz.d_out], "lora: y must be [n, out]");
     // The base output's buffer becomes the result when nothing else holds it (copied otherwise).
-    let mut out = contiguous(y)
-        .into_data()
-        .try_into_vec::<f32>()
-        .expect("f32 tensor");
-    assert_eq!(out.len(), sz.n * sz.d_out, "lora: y must be [n, out]");
+    // In place, not through `into_data`: a buffer from flex's own ops is allocated 16-aligned,
+    // which `TensorData::try_into_vec::<f32>` cannot hand over, so it copied every time.
+    let mut out = contiguous(y);
+    if exclusive(&mut out).is_none() {
+        out = from_vec(slice(&out).to_vec(), &[sz.n, sz.d_out]);
+    }
+    let buf = exclusive(&mut out).expect("a fresh tensor owns its buffer");
     unsafe {
         gemm(
-            MatMut::row_major(&mut out, sz.d_out),
+            MatMut::row_major(buf, sz.d_out),
             true,
             Mat::row_major(&low, sz.n, sz.r),
             Mat::row_major(slice(b), sz.r, sz.d_out),
@@ -81,10 +84,17 @@ pub fn forward(
             true,
         )
     };
-    (
-        from_vec(out, &[sz.n, sz.d_out]),
-        from_vec(low, &[sz.n, sz.r]),
-    )
+    (out, from_vec(low, &[sz.n, sz.r]))
+}
+
+/// The buffer of `t` when `t` owns it alone and it is exactly the tensor's elements.
+fn exclusive(t: &mut FlexTensor) -> Option<&mut [f32]> {
+    let n = t.layout().num_elements();
+    if !t.is_contiguous() || t.layout().start_offset() != 0 {
+        return None;
+    }
+    let buf = t.try_storage_mut::<f32>()?;
+    (buf.len() == n).then_some(buf)
 }
 
 /// Which gradients to compute.
@@ -182,4 +192,81 @@ pub fn backward(
         from_vec(dx, &[sz.n, sz.d_in])
     });
     (dx, da, db)
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::flex::FlexTensor;
+    use burn::tensor::{DType, Shape};
+
+    use super::super::tensor::{from_vec, slice};
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len as u32)
+            .map(|i| ((i * 7 + seed * 13) % 23) as f32 / 23.0 - 0.5)
+            .collect()
+    }
+
+    /// `y` as flex's own ops allocate it (16-aligned, which `TensorData::try_into_vec::<f32>`
+    /// cannot take over).
+    fn flex_owned(v: &[f32], shape: [usize; 2]) -> FlexTensor {
+        let mut t = FlexTensor::empty(Shape::from(shape.to_vec()), DType::F32);
+        t.try_storage_mut::<f32>().unwrap().copy_from_slice(v);
+        t
+    }
+
+    /// The base output is updated in its own buffer when nothing else holds it, and copied (and
+    /// left as it was) when something does; both give `y + s·(x·A)·B`.
+    #[test]
+    fn base_output_in_place_or_copied() {
+        let (n, d_in, r, d_out) = (37, 24, 4, 40);
+        let (xv, yv, av, bv) = (
+            values(n * d_in, 1),
+            values(n * d_out, 2),
+            values(d_in * r, 3),
+            values(r * d_out, 4),
+        );
+        let mut expected = yv.clone();
+        for i in 0..n {
+            for j in 0..d_out {
+                let mut acc = 0f64;
+                for k in 0..r {
+                    let low: f64 = (0..d_in)
+                        .map(|c| f64::from(xv[i * d_in + c]) * f64::from(av[c * r + k]))
+                        .sum();
+                    acc += low * f64::from(bv[k * d_out + j]);
+                }
+                expected[i * d_out + j] += (0.5 * acc) as f32;
+            }
+        }
+        let (x, a, b) = (
+            from_vec(xv, &[n, d_in]),
+            from_vec(av, &[d_in, r]),
+            from_vec(bv, &[r, d_out]),
+        );
+        let check = |out: &FlexTensor| {
+            let err = slice(out)
+                .iter()
+                .zip(&expected)
+                .map(|(o, e)| (o - e).abs())
+                .fold(0f32, f32::max);
+            assert!(err < 1e-5, "max error {err}");
+        };
+
+        let y = flex_owned(&yv, [n, d_out]);
+        let at = slice(&y).as_ptr();
+        let (out, _) = super::forward(&x, y, &a, &b, 0.5, None);
+        assert_eq!(
+            slice(&out).as_ptr(),
+            at,
+            "an unshared y is updated in place"
+        );
+        check(&out);
+
+        let y = flex_owned(&yv, [n, d_out]);
+        let (out, _) = super::forward(&x, y.clone(), &a, &b, 0.5, None);
+        assert_ne!(slice(&out).as_ptr(), slice(&y).as_ptr());
+        assert_eq!(slice(&y), &yv[..], "a shared y is left as it was");
+        check(&out);
+    }
 }
