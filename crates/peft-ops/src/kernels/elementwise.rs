@@ -6,7 +6,7 @@ use burn::backend::flex::FlexTensor;
 use super::math::{exp, one_plus_erf};
 use super::par::{CHUNK, chunks_mut};
 use super::simd::{fmadd, multiversion};
-use super::tensor::{contiguous, dims, from_vec, slice};
+use super::tensor::{contiguous, dims, exclusive, from_vec, slice};
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// `1/√(2π)`.
@@ -122,16 +122,6 @@ fn kernels(kind: Gelu) -> (Map, MapInPlace, Grad, GradInPlace) {
             tanh_form::backward_in_place,
         ),
     }
-}
-
-/// The buffer of `t` when `t` owns it alone and it is exactly the tensor's elements.
-fn exclusive(t: &mut FlexTensor) -> Option<&mut [f32]> {
-    let n = t.layout().num_elements();
-    if !t.is_contiguous() || t.layout().start_offset() != 0 {
-        return None;
-    }
-    let buf = t.try_storage_mut::<f32>()?;
-    (buf.len() == n).then_some(buf)
 }
 
 /// GELU of `x` (overwriting `x`'s buffer when nothing else holds it).

@@ -10,7 +10,7 @@ use burn::backend::flex::FlexTensor;
 
 use super::dropout::{self, Mask};
 use super::matmul::{Mat, MatMut, gemm};
-use super::tensor::{contiguous, dims, from_vec, slice};
+use super::tensor::{contiguous, dims, exclusive, from_vec, slice};
 
 /// Sizes of a LoRA product.
 #[derive(Debug, Clone, Copy)]
@@ -85,16 +85,6 @@ pub fn forward(
         )
     };
     (out, from_vec(low, &[sz.n, sz.r]))
-}
-
-/// The buffer of `t` when `t` owns it alone and it is exactly the tensor's elements.
-fn exclusive(t: &mut FlexTensor) -> Option<&mut [f32]> {
-    let n = t.layout().num_elements();
-    if !t.is_contiguous() || t.layout().start_offset() != 0 {
-        return None;
-    }
-    let buf = t.try_storage_mut::<f32>()?;
-    (buf.len() == n).then_some(buf)
 }
 
 /// Which gradients to compute.

@@ -23,6 +23,16 @@ pub fn slice(t: &FlexTensor) -> &[f32] {
         .expect("peft-ops kernels take contiguous f32 tensors")
 }
 
+/// The buffer of `t` when `t` owns it alone and it is exactly the tensor's elements.
+pub fn exclusive(t: &mut FlexTensor) -> Option<&mut [f32]> {
+    let n = t.layout().num_elements();
+    if !t.is_contiguous() || t.layout().start_offset() != 0 {
+        return None;
+    }
+    let buf = t.try_storage_mut::<f32>()?;
+    (buf.len() == n).then_some(buf)
+}
+
 /// A contiguous tensor of `shape` holding `data`.
 pub fn from_vec(data: Vec<f32>, shape: &[usize]) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(data, Shape::from(shape.to_vec())))
