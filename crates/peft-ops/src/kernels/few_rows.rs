@@ -109,9 +109,13 @@ pub unsafe fn matmul(x: &[f32], m: usize, w: Mat, out: &mut [f32]) {
                 };
                 match kernel {
                     #[cfg(target_arch = "x86_64")]
-                    Kernel::Axpy if avx512::available() => avx512::axpy_band(lhs.0, band_w, d),
+                    Kernel::Axpy if avx512::available() => {
+                        axpy_band_with::<avx512::Avx512>(lhs.0, band_w, d)
+                    }
                     #[cfg(target_arch = "x86_64")]
-                    Kernel::Dot if avx512::available() => avx512::dot_band(lhs.0, band_w, d),
+                    Kernel::Dot if avx512::available() => {
+                        dot_band_with::<avx512::Avx512>(lhs.0, band_w, d)
+                    }
                     Kernel::Axpy => axpy_band(lhs.0, band_w, d),
                     Kernel::Dot => dot_band(lhs.0, band_w, d),
                     Kernel::Gemm => gemm(d, false, lhs.0, band_w, 1.0, false),
@@ -133,31 +137,146 @@ multiversion! {
     fn dot_band(x: Mat, w: Mat, d: MatMut) = dot_band_k
 }
 
+/// One instruction set's register tiles, walked over a band by [`axpy_band_with`] and
+/// [`dot_band_with`]: the portable kernels ([`Portable`]) and the AVX-512 ones.
+trait Tiles {
+    /// `d = x · w` for `R` rows of `x` (row stride `w.rows`) and the band's `w.cols <= NC`
+    /// columns (unit column stride).
+    ///
+    /// # Safety
+    /// The tile is inside `x`, `w` and `d`, and the CPU runs the set's instructions.
+    unsafe fn axpy<const R: usize>(x: *const f32, w: Mat, d: MatMut);
+
+    /// `R x J` dot products of length `w.rows`: rows of `x` with the `J` columns of `w` (unit
+    /// row stride), written to `d`.
+    ///
+    /// # Safety
+    /// As [`Tiles::axpy`].
+    unsafe fn dot<const R: usize, const J: usize>(x: *const f32, w: Mat, d: MatMut);
+}
+
+/// `d = x · w` for one band (`w.cols <= NC`, unit column stride), in tiles of [`MR`] rows.
+///
+/// # Safety
+/// As [`matmul`] for the band; the CPU runs `T`'s instructions.
 #[inline(always)]
-fn axpy_band_k<const FMA: bool>(x: Mat, w: Mat, d: MatMut) {
+unsafe fn axpy_band_with<T: Tiles>(x: Mat, w: Mat, d: MatMut) {
     let mut r0 = 0;
     while r0 < x.rows {
         let rows = MR.min(x.rows - r0);
         // SAFETY: rows `r0 .. r0 + rows` of `x` and `d` exist (the caller's guarantee).
         unsafe {
-            let x = x.ptr.offset(r0 as isize * x.rs);
-            let d = MatMut {
+            let xt = x.ptr.offset(r0 as isize * x.rs);
+            let dt = MatMut {
                 ptr: d.ptr.offset(r0 as isize * d.rs),
                 ..d
             };
-            match (rows, w.cols == NC) {
-                (4, true) => axpy_tile::<FMA, 4, NC>(x, w, d, NC),
-                (3, true) => axpy_tile::<FMA, 3, NC>(x, w, d, NC),
-                (2, true) => axpy_tile::<FMA, 2, NC>(x, w, d, NC),
-                (1, true) => axpy_tile::<FMA, 1, NC>(x, w, d, NC),
-                (4, false) => axpy_tile::<FMA, 4, NC>(x, w, d, w.cols),
-                (3, false) => axpy_tile::<FMA, 3, NC>(x, w, d, w.cols),
-                (2, false) => axpy_tile::<FMA, 2, NC>(x, w, d, w.cols),
-                _ => axpy_tile::<FMA, 1, NC>(x, w, d, w.cols),
+            match rows {
+                4 => T::axpy::<4>(xt, w, dt),
+                3 => T::axpy::<3>(xt, w, dt),
+                2 => T::axpy::<2>(xt, w, dt),
+                _ => T::axpy::<1>(xt, w, dt),
             }
         }
         r0 += rows;
     }
+}
+
+/// `d = x · w` for one band (`w.cols <= NC`, unit row stride), in tiles of [`MR`] rows by
+/// [`NJ`] columns; edge tiles one column at a time.
+///
+/// # Safety
+/// As [`axpy_band_with`].
+#[inline(always)]
+unsafe fn dot_band_with<T: Tiles>(x: Mat, w: Mat, d: MatMut) {
+    // Columns outer: a group of `NJ` columns of `w` (contiguous along `k`) stays in L1 while
+    // every tile of rows reads it.
+    let mut c0 = 0;
+    while c0 < w.cols {
+        let cols = NJ.min(w.cols - c0);
+        let mut r0 = 0;
+        while r0 < x.rows {
+            let rows = MR.min(x.rows - r0);
+            // SAFETY: rows `r0 .. r0 + rows` of `x` / `d` and columns `c0 .. c0 + cols` of
+            // `w` / `d` exist (the caller's guarantee).
+            unsafe {
+                let xt = x.ptr.offset(r0 as isize * x.rs);
+                let wt = Mat {
+                    ptr: w.ptr.offset(c0 as isize * w.cs),
+                    cols,
+                    ..w
+                };
+                let dt = MatMut {
+                    ptr: d.ptr.offset(r0 as isize * d.rs + c0 as isize),
+                    ..d
+                };
+                match (rows, cols) {
+                    (4, 4) => T::dot::<4, 4>(xt, wt, dt),
+                    (3, 4) => T::dot::<3, 4>(xt, wt, dt),
+                    (2, 4) => T::dot::<2, 4>(xt, wt, dt),
+                    (1, 4) => T::dot::<1, 4>(xt, wt, dt),
+                    (r, c) => {
+                        for j in 0..c {
+                            let wj = Mat {
+                                ptr: wt.ptr.offset(j as isize * w.cs),
+                                cols: 1,
+                                ..wt
+                            };
+                            let dj = MatMut {
+                                ptr: dt.ptr.add(j),
+                                ..dt
+                            };
+                            match r {
+                                4 => T::dot::<4, 1>(xt, wj, dj),
+                                3 => T::dot::<3, 1>(xt, wj, dj),
+                                2 => T::dot::<2, 1>(xt, wj, dj),
+                                _ => T::dot::<1, 1>(xt, wj, dj),
+                            }
+                        }
+                    }
+                }
+            }
+            r0 += rows;
+        }
+        c0 += cols;
+    }
+}
+
+/// The portable tiles: plain loops that LLVM vectorizes for the level [`multiversion!`] picks.
+struct Portable<const FMA: bool>;
+
+impl<const FMA: bool> Tiles for Portable<FMA> {
+    #[inline(always)]
+    unsafe fn axpy<const R: usize>(x: *const f32, w: Mat, d: MatMut) {
+        // A full band with its width known at compile time keeps the sums in registers.
+        // SAFETY: the caller's guarantee.
+        unsafe {
+            if w.cols == NC {
+                axpy_tile::<FMA, R, NC>(x, w, d, NC)
+            } else {
+                axpy_tile::<FMA, R, NC>(x, w, d, w.cols)
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dot<const R: usize, const J: usize>(x: *const f32, w: Mat, d: MatMut) {
+        // SAFETY: the caller's guarantee.
+        unsafe { dot_tile::<FMA, R, J>(x, w, d) }
+    }
+}
+
+#[inline(always)]
+fn axpy_band_k<const FMA: bool>(x: Mat, w: Mat, d: MatMut) {
+    // SAFETY: the operands are valid (`matmul`'s guarantee); `multiversion!` picked a level
+    // the CPU runs.
+    unsafe { axpy_band_with::<Portable<FMA>>(x, w, d) }
+}
+
+#[inline(always)]
+fn dot_band_k<const FMA: bool>(x: Mat, w: Mat, d: MatMut) {
+    // SAFETY: as above.
+    unsafe { dot_band_with::<Portable<FMA>>(x, w, d) }
 }
 
 /// `d[r, c] = Σ_k x[r, k] · w[k, c]` for `R` rows of `x` (row stride `w.rows`) and `cols <= C`
@@ -192,62 +311,6 @@ unsafe fn axpy_tile<const FMA: bool, const R: usize, const C: usize>(
             // SAFETY: inside the tile of `d` (the caller's guarantee).
             unsafe { *d.ptr.offset(r as isize * d.rs + c as isize) = *a };
         }
-    }
-}
-
-#[inline(always)]
-fn dot_band_k<const FMA: bool>(x: Mat, w: Mat, d: MatMut) {
-    // Columns outer: a group of `NJ` columns of `w` (contiguous along `k`) stays in L1 while
-    // every tile of rows reads it.
-    let mut c0 = 0;
-    while c0 < w.cols {
-        let cols = NJ.min(w.cols - c0);
-        let mut r0 = 0;
-        while r0 < x.rows {
-            let rows = MR.min(x.rows - r0);
-            // SAFETY: rows `r0 .. r0 + rows` of `x` / `d` and columns `c0 .. c0 + cols` of
-            // `w` / `d` exist (the caller's guarantee).
-            unsafe {
-                let xt = x.ptr.offset(r0 as isize * x.rs);
-                let wt = Mat {
-                    ptr: w.ptr.offset(c0 as isize * w.cs),
-                    cols,
-                    ..w
-                };
-                let dt = MatMut {
-                    ptr: d.ptr.offset(r0 as isize * d.rs + c0 as isize),
-                    ..d
-                };
-                match (rows, cols) {
-                    (4, 4) => dot_tile::<FMA, 4, 4>(xt, wt, dt),
-                    (3, 4) => dot_tile::<FMA, 3, 4>(xt, wt, dt),
-                    (2, 4) => dot_tile::<FMA, 2, 4>(xt, wt, dt),
-                    (1, 4) => dot_tile::<FMA, 1, 4>(xt, wt, dt),
-                    (r, c) => {
-                        // Edge tiles: one column at a time.
-                        for j in 0..c {
-                            let wj = Mat {
-                                ptr: wt.ptr.offset(j as isize * w.cs),
-                                cols: 1,
-                                ..wt
-                            };
-                            let dj = MatMut {
-                                ptr: dt.ptr.add(j),
-                                ..dt
-                            };
-                            match r {
-                                4 => dot_tile::<FMA, 4, 1>(xt, wj, dj),
-                                3 => dot_tile::<FMA, 3, 1>(xt, wj, dj),
-                                2 => dot_tile::<FMA, 2, 1>(xt, wj, dj),
-                                _ => dot_tile::<FMA, 1, 1>(xt, wj, dj),
-                            }
-                        }
-                    }
-                }
-            }
-            r0 += rows;
-        }
-        c0 += cols;
     }
 }
 
@@ -297,6 +360,7 @@ unsafe fn dot_tile<const FMA: bool, const R: usize, const J: usize>(
         }
     }
 }
+
 /// The direct kernels written with AVX-512 intrinsics: LLVM does not keep the portable
 /// kernels' `MR x NJ x LANES` sums in registers (it spilled them to the stack on every step of
 /// `k`), which made them slower than the `gemm` crate. Same tiles, same order of sums.
@@ -305,7 +369,7 @@ mod avx512 {
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
 
-    use super::{MR, NC, NJ};
+    use super::{NC, Tiles};
     use crate::kernels::matmul::{Mat, MatMut};
 
     /// Whether the running CPU has AVX-512 F (detected once).
@@ -320,26 +384,18 @@ mod avx512 {
         if n >= 16 { 0xFFFF } else { (1u16 << n) - 1 }
     }
 
-    /// [`super::axpy_band`] on AVX-512.
-    ///
-    /// # Safety
-    /// As [`super::matmul`]; the CPU has AVX-512 F ([`available`]).
-    pub unsafe fn axpy_band(x: Mat, w: Mat, d: MatMut) {
-        let mut r0 = 0;
-        while r0 < x.rows {
-            let rows = MR.min(x.rows - r0);
-            // SAFETY: rows `r0 .. r0 + rows` exist; the caller checked the CPU.
-            unsafe {
-                let xt = x.ptr.offset(r0 as isize * x.rs);
-                let dt = d.ptr.offset(r0 as isize * d.rs);
-                match rows {
-                    4 => axpy_tile::<4>(xt, w, dt, d.rs),
-                    3 => axpy_tile::<3>(xt, w, dt, d.rs),
-                    2 => axpy_tile::<2>(xt, w, dt, d.rs),
-                    _ => axpy_tile::<1>(xt, w, dt, d.rs),
-                }
-            }
-            r0 += rows;
+    /// The AVX-512 tiles.
+    pub struct Avx512;
+
+    impl Tiles for Avx512 {
+        unsafe fn axpy<const R: usize>(x: *const f32, w: Mat, d: MatMut) {
+            // SAFETY: the caller's guarantee, CPU included.
+            unsafe { axpy_tile::<R>(x, w, d.ptr, d.rs) }
+        }
+
+        unsafe fn dot<const R: usize, const J: usize>(x: *const f32, w: Mat, d: MatMut) {
+            // SAFETY: the caller's guarantee, CPU included.
+            unsafe { dot_tile::<R, J>(x, w.rows, w.ptr, w.cs, d.ptr, d.rs) }
         }
     }
 
@@ -367,49 +423,6 @@ mod avx512 {
                 _mm512_mask_storeu_ps(out, m0, a[0]);
                 _mm512_mask_storeu_ps(out.add(16), m1, a[1]);
             }
-        }
-    }
-
-    /// [`super::dot_band`] on AVX-512.
-    ///
-    /// # Safety
-    /// As [`super::matmul`]; the CPU has AVX-512 F ([`available`]).
-    pub unsafe fn dot_band(x: Mat, w: Mat, d: MatMut) {
-        // Columns outer: `NJ` columns of `w` (contiguous along `k`) stay in L1 while every
-        // tile of rows reads them.
-        let mut c0 = 0;
-        while c0 < w.cols {
-            let cols = NJ.min(w.cols - c0);
-            let mut r0 = 0;
-            while r0 < x.rows {
-                let rows = MR.min(x.rows - r0);
-                // SAFETY: the tile is inside `x`, `w` and `d`; the caller checked the CPU.
-                unsafe {
-                    let xt = x.ptr.offset(r0 as isize * x.rs);
-                    let wt = w.ptr.offset(c0 as isize * w.cs);
-                    let dt = d.ptr.offset(r0 as isize * d.rs + c0 as isize);
-                    let k = w.rows;
-                    match (rows, cols) {
-                        (4, 4) => dot_tile::<4, 4>(xt, k, wt, w.cs, dt, d.rs),
-                        (3, 4) => dot_tile::<3, 4>(xt, k, wt, w.cs, dt, d.rs),
-                        (2, 4) => dot_tile::<2, 4>(xt, k, wt, w.cs, dt, d.rs),
-                        (1, 4) => dot_tile::<1, 4>(xt, k, wt, w.cs, dt, d.rs),
-                        (r, c) => {
-                            for j in 0..c {
-                                let (wj, dj) = (wt.offset(j as isize * w.cs), dt.add(j));
-                                match r {
-                                    4 => dot_tile::<4, 1>(xt, k, wj, w.cs, dj, d.rs),
-                                    3 => dot_tile::<3, 1>(xt, k, wj, w.cs, dj, d.rs),
-                                    2 => dot_tile::<2, 1>(xt, k, wj, w.cs, dj, d.rs),
-                                    _ => dot_tile::<1, 1>(xt, k, wj, w.cs, dj, d.rs),
-                                }
-                            }
-                        }
-                    }
-                }
-                r0 += rows;
-            }
-            c0 += cols;
         }
     }
 
