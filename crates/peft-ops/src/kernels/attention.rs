@@ -171,18 +171,23 @@ impl Problem {
                 false,
             );
         }
-        let offset = self.sk as isize - self.sq as isize;
         for i in 0..self.sq {
-            let row = &mut s[i * self.sk..(i + 1) * self.sk];
-            if self.causal {
-                let visible = (i as isize + offset + 1).clamp(0, self.sk as isize) as usize;
-                row[visible..].fill(f32::NEG_INFINITY);
-            }
-            if let Some(mask) = &self.mask {
-                for (j, x) in row.iter_mut().enumerate() {
-                    if mask.masked(b, h, i, j) {
-                        *x = f32::NEG_INFINITY;
-                    }
+            self.mask_row(b, h, i, &mut s[i * self.sk..(i + 1) * self.sk]);
+        }
+    }
+
+    /// Set to `-inf` the scores of query `i` of head `(b, h)` (a row of `sk`) that the causal
+    /// rule or the mask hide.
+    fn mask_row(&self, b: usize, h: usize, i: usize, row: &mut [f32]) {
+        if self.causal {
+            let offset = self.sk as isize - self.sq as isize;
+            let visible = (i as isize + offset + 1).clamp(0, self.sk as isize) as usize;
+            row[visible..].fill(f32::NEG_INFINITY);
+        }
+        if let Some(mask) = &self.mask {
+            for (j, x) in row.iter_mut().enumerate() {
+                if mask.masked(b, h, i, j) {
+                    *x = f32::NEG_INFINITY;
                 }
             }
         }

@@ -45,13 +45,7 @@ pub(super) fn single_query(p: &Problem, out: &mut Out4, lse: &mut [f32]) {
                     let query = std::slice::from_raw_parts(p.q.at(b, h), p.d);
                     let row = &mut scores[g * p.sk..(g + 1) * p.sk];
                     query_scores(query, keys, p.k.strides[2] as usize, p.scale, row);
-                    if let Some(mask) = &p.mask {
-                        for (j, x) in row.iter_mut().enumerate() {
-                            if mask.masked(b, h, 0, j) {
-                                *x = f32::NEG_INFINITY;
-                            }
-                        }
-                    }
+                    p.mask_row(b, h, 0, row);
                 }
                 let first = b * p.heads + kvh * groups;
                 let row_lse = std::slice::from_raw_parts_mut(lse_ptr.add(first as isize), groups);
