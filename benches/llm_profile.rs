@@ -31,23 +31,18 @@
 mod support;
 
 use std::hint::black_box;
-use std::path::Path;
 use std::time::Instant;
 
 use burn::module::Module;
 use burn::nn::RmsNormConfig;
-use burn::optim::GradientsAccumulator;
 use burn::tensor::{Device, Distribution, Int, Tensor};
 use burn_peft::core::nn::{EmbeddingConfig, ForwardContext, Linear, LinearConfig};
 use burn_peft::core::{Adaptable, PeftModel, TargetModules};
 use burn_peft::lora::LoraConfig;
-use burn_peft::models::HfModel;
 use burn_peft::models::lm_head::LmHead;
 use burn_peft::models::ops::{merge_heads, padding_mask, sdpa, split_heads};
 use burn_peft::models::rope::{RopeScaling, inv_freq, rope_tables};
-use burn_peft::train::optim::{AdamW, AdamWSettings, trainable_paths};
-use burn_peft::train::step::{accumulate_gradients, forward_loss, gradient_scale};
-use burn_peft::train::{Task, causal_lm_loss_terms, chunk_tokens, chunked_causal_lm_loss};
+use burn_peft::train::{causal_lm_loss_terms, chunk_tokens, chunked_causal_lm_loss};
 use serde_json::{Value, json};
 
 const B: usize = 2;
@@ -261,51 +256,6 @@ fn profile_ops(iters: usize) -> Vec<Row> {
     rows
 }
 
-/// The real step of `llm_shape`'s `child_step` at 2 x 128 on q,v, warmed up: each call runs a
-/// step and returns its time and its phases' (forward + loss, backward, clip, AdamW), in ms.
-fn stepper(file: &Path) -> impl FnMut(usize) -> [f64; 5] + use<> {
-    let device = Device::flex().autodiff();
-    device.seed(0);
-    let base = support::load_gguf(file, true, &device);
-    let vocab = base.vocab_size();
-    let mut model = PeftModel::new(base);
-    let lora = LoraConfig {
-        r: 16,
-        lora_alpha: 32.0,
-        target_modules: Some(TargetModules::list(vec!["q_proj", "v_proj"])),
-        ..Default::default()
-    };
-    model.add_adapter("default", &lora).unwrap();
-    let trainable = trainable_paths(model.model(), model.trainable_param_ids());
-    let mut optim = AdamW::new(AdamWSettings::default());
-    let mut step = move |seed: usize| -> [f64; 5] {
-        let rows: Vec<Vec<i64>> = (0..B)
-            .map(|r| {
-                (0..S)
-                    .map(|j| (((r * S + j) * 7919 + seed * 104_729) % vocab) as i64)
-                    .collect()
-            })
-            .collect();
-        let batch = support::lm_batch(&rows, &device);
-        let t0 = Instant::now();
-        let loss = forward_loss(model.model(), Task::CausalLm, &batch).unwrap();
-        let _: f32 = loss.clone().into_scalar();
-        let t1 = Instant::now();
-        let mut accumulator = GradientsAccumulator::<HfModel>::new();
-        accumulate_gradients(loss, model.model(), &mut accumulator);
-        let grads = accumulator.grads();
-        let t2 = Instant::now();
-        let (_, scale) = gradient_scale(&grads, &trainable, 1, Some(1.0));
-        let t3 = Instant::now();
-        model.update(|m| optim.step(1e-4, m, grads, scale));
-        let t4 = Instant::now();
-        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
-        [ms(t0, t4), ms(t0, t1), ms(t1, t2), ms(t2, t3), ms(t3, t4)]
-    };
-    step(0);
-    step
-}
-
 fn ms_cell(v: Option<f64>, digits: usize) -> String {
     v.filter(|v| v.is_finite())
         .map_or("–".into(), |v| format!("{v:.digits$}"))
@@ -326,7 +276,9 @@ fn main() {
     eprintln!("llm_profile: {rounds} rounds of ops, whole step best of {steps}, {threads} threads");
     // Rounds over the whole op list, the best of each op kept, each followed by its share of
     // the real steps: a burst of load from other processes spoils one round, not a number.
-    let mut step = stepper(&support::smollm2());
+    // The real step of `llm_shape` at 2 x 128 on q,v, warmed up.
+    let mut step = support::LoraStep::new(&support::smollm2(), &["q_proj", "v_proj"], B, S);
+    step.run(0);
     let (mut rows, mut runs) = (profile_ops(iters), Vec::new());
     for round in 0..rounds {
         if round > 0 {
@@ -336,7 +288,7 @@ fn main() {
             }
         }
         while runs.len() < steps * (round + 1) / rounds {
-            runs.push(step(runs.len() + 1));
+            runs.push(step.run(runs.len() + 1).1);
         }
     }
     let best = |i: usize| runs.iter().map(|r| r[i]).fold(f64::INFINITY, f64::min);

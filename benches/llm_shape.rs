@@ -25,17 +25,12 @@ mod support;
 use std::path::Path;
 use std::time::Instant;
 
-use burn::optim::GradientsAccumulator;
 use burn::tensor::Device;
+use burn_peft::core::PeftModel;
 use burn_peft::core::nn::ForwardContext;
 use burn_peft::core::precision::BaseDType;
-use burn_peft::core::{PeftModel, TargetModules};
-use burn_peft::lora::LoraConfig;
 use burn_peft::models::base_dtype::apply_base_dtype;
-use burn_peft::models::{GenerationConfig, HfModel, generate_batch};
-use burn_peft::train::Task;
-use burn_peft::train::optim::{AdamW, AdamWSettings, trainable_paths};
-use burn_peft::train::step::{accumulate_gradients, forward_loss, gradient_scale};
+use burn_peft::models::{GenerationConfig, generate_batch};
 use serde_json::{Value, json};
 use support::{median, mib, ratio, run_child, run_peer, tps};
 
@@ -164,48 +159,17 @@ fn prompt_ids(row: usize, vocab: usize) -> Vec<i64> {
 }
 
 fn child_step(file: &str, batch: usize, seq: usize, targets: &str) -> Value {
-    let device = Device::flex().autodiff();
-    device.seed(0);
-    let base = support::load_gguf(Path::new(file), true, &device);
-    let vocab = base.vocab_size();
-    let mut model = PeftModel::new(base);
-    let targets: Vec<&str> = if targets == "qv" {
-        vec!["q_proj", "v_proj"]
+    let targets: &[&str] = if targets == "qv" {
+        &["q_proj", "v_proj"]
     } else {
-        ALL_LINEARS.to_vec()
+        &ALL_LINEARS
     };
-    let lora = LoraConfig {
-        r: 16,
-        lora_alpha: 32.0,
-        target_modules: Some(TargetModules::list(targets)),
-        ..Default::default()
-    };
-    model.add_adapter("default", &lora).unwrap();
-    let trainable = trainable_paths(model.model(), model.trainable_param_ids());
-    let mut optim = AdamW::new(AdamWSettings::default());
-    let mut step = |seed: usize| {
-        let rows: Vec<Vec<i64>> = (0..batch)
-            .map(|r| {
-                (0..seq)
-                    .map(|j| (((r * seq + j) * 7919 + seed * 104_729) % vocab) as i64)
-                    .collect()
-            })
-            .collect();
-        let batch = support::lm_batch(&rows, &device);
-        // The trainer's step: forward + loss (over the vocabulary in chunks), backward, the
-        // clip to 1.0, AdamW.
-        let loss = forward_loss(model.model(), Task::CausalLm, &batch).unwrap();
-        let value: f32 = loss.clone().into_scalar();
-        let mut accumulator = GradientsAccumulator::<HfModel>::new();
-        accumulate_gradients(loss, model.model(), &mut accumulator);
-        let grads = accumulator.grads();
-        let (_, scale) = gradient_scale(&grads, &trainable, 1, Some(1.0));
-        model.update(|m| optim.step(1e-4, m, grads, scale));
-        value
-    };
-    step(0);
+    // The trainer's step: forward + loss (over the vocabulary in chunks), backward, the clip to
+    // 1.0, AdamW.
+    let mut step = support::LoraStep::new(Path::new(file), targets, batch, seq);
+    step.run(0);
     let start = Instant::now();
-    let losses: Vec<f32> = (1..=STEPS).map(&mut step).collect();
+    let losses: Vec<f32> = (1..=STEPS).map(|seed| step.run(seed).0).collect();
     let seconds = start.elapsed().as_secs_f64();
     let tokens = (batch * seq * STEPS) as f64;
     json!({"tokens_per_sec": tokens / seconds, "step_seconds": seconds / STEPS as f64,

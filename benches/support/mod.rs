@@ -6,10 +6,18 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use std::time::Instant;
+
+use burn::module::ParamId;
+use burn::optim::GradientsAccumulator;
 use burn::tensor::Device;
 use burn_peft::core::nn::dequantize_sites;
+use burn_peft::core::{PeftModel, TargetModules};
+use burn_peft::lora::LoraConfig;
 use burn_peft::models::{HfModel, Task, from_pretrained};
 use burn_peft::train::data::{Collated, Example, collate};
+use burn_peft::train::optim::{AdamW, AdamWSettings, trainable_paths};
+use burn_peft::train::step::{accumulate_gradients, forward_loss, gradient_scale};
 use serde_json::{Value, json};
 
 /// The repository root.
@@ -179,4 +187,74 @@ pub fn load_gguf(file: &Path, f32_base: bool, device: &Device) -> HfModel {
         dequantize_sites(&mut model);
     }
     model
+}
+
+/// The trainer's own LoRA step on SmolLM2-135M in f32 (r 16, alpha 32, no dropout, AdamW at
+/// 1e-4, clipping at 1.0) over synthetic `batch x seq` tokens, as `llm_shape` and `llm_profile`
+/// time it.
+pub struct LoraStep {
+    device: Device,
+    model: PeftModel<HfModel>,
+    trainable: Vec<(ParamId, String, usize)>,
+    optim: AdamW,
+    batch: usize,
+    seq: usize,
+}
+
+impl LoraStep {
+    /// The model at `file` (base made f32) with LoRA on `targets`, on an autodiff device seeded
+    /// with 0.
+    pub fn new(file: &Path, targets: &[&str], batch: usize, seq: usize) -> Self {
+        let device = Device::flex().autodiff();
+        device.seed(0);
+        let mut model = PeftModel::new(load_gguf(file, true, &device));
+        let lora = LoraConfig {
+            r: 16,
+            lora_alpha: 32.0,
+            target_modules: Some(TargetModules::list(targets.to_vec())),
+            ..Default::default()
+        };
+        model.add_adapter("default", &lora).unwrap();
+        let trainable = trainable_paths(model.model(), model.trainable_param_ids());
+        Self {
+            device,
+            model,
+            trainable,
+            optim: AdamW::new(AdamWSettings::default()),
+            batch,
+            seq,
+        }
+    }
+
+    /// One step on the tokens of `seed`: the loss and the phases' times in ms, `[whole step,
+    /// forward + loss (over the vocabulary in chunks), backward, clip, AdamW]`.
+    pub fn run(&mut self, seed: usize) -> (f32, [f64; 5]) {
+        let (seq, vocab) = (self.seq, self.model.model().vocab_size());
+        let rows: Vec<Vec<i64>> = (0..self.batch)
+            .map(|r| {
+                (0..seq)
+                    .map(|j| (((r * seq + j) * 7919 + seed * 104_729) % vocab) as i64)
+                    .collect()
+            })
+            .collect();
+        let batch = lm_batch(&rows, &self.device);
+        let t0 = Instant::now();
+        let loss = forward_loss(self.model.model(), Task::CausalLm, &batch).unwrap();
+        let value: f32 = loss.clone().into_scalar();
+        let t1 = Instant::now();
+        let mut accumulator = GradientsAccumulator::<HfModel>::new();
+        accumulate_gradients(loss, self.model.model(), &mut accumulator);
+        let grads = accumulator.grads();
+        let t2 = Instant::now();
+        let (_, scale) = gradient_scale(&grads, &self.trainable, 1, Some(1.0));
+        let t3 = Instant::now();
+        let optim = &mut self.optim;
+        self.model.update(|m| optim.step(1e-4, m, grads, scale));
+        let t4 = Instant::now();
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        (
+            value,
+            [ms(t0, t4), ms(t0, t1), ms(t1, t2), ms(t2, t3), ms(t3, t4)],
+        )
+    }
 }
