@@ -8,7 +8,8 @@
 //! machine load spreads over all of them; the report is the median per variant and the ratio
 //! to `active`. Target (reported, never asserted): `mixed-16` <= 1.15x.
 //!
-//! `cargo bench --bench mixed_batches` writes benches/results/mixed_batches.{json,md}.
+//! `cargo bench --bench mixed_batches` writes benches/results/mixed_batches.{json,md}
+//! (`MIXED_ROUNDS` sets the rounds, `MIXED_CASE=tiny` keeps the cases whose name contains it).
 
 use std::path::Path;
 use std::time::Instant;
@@ -114,7 +115,9 @@ fn main() {
     let mut md = String::from(
         "| model | batch | variant | adapters in batch | median ms | vs one adapter |\n| --- | --- | --- | ---: | ---: | ---: |\n",
     );
-    for case in cases() {
+    // `MIXED_CASE=tiny` runs only the cases whose name contains it (profiling one model).
+    let only = std::env::var("MIXED_CASE").unwrap_or_default();
+    for case in cases().into_iter().filter(|c| c.name.contains(&only)) {
         let model = model_with_adapters(&case, &device);
         let inputs = inputs(&case, model.model().vocab_size(), &device);
         let names = |distinct: usize| -> Vec<String> {

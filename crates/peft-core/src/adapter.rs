@@ -319,6 +319,17 @@ pub trait AdapterKernel: Debug + Send + Sync {
         None
     }
 
+    /// For low-rank additive methods (LoRA): the factors when this call's change at a linear
+    /// site is exactly `scaling·(x·A)·B` (no dropout active on `x`), so a mixed-adapter batch
+    /// adds the rows of every such adapter in one pass ([`peft_ops::mixed_lora`]) instead of
+    /// one gather / product / scatter per adapter. The default, `None`, is always correct: the
+    /// batch falls back to [`linear_delta`](Self::linear_delta) or
+    /// [`forward_linear`](Self::forward_linear).
+    fn low_rank(&self, state: &AdapterState, x: &Tensor<2>) -> Option<peft_ops::LowRank> {
+        let _ = (state, x);
+        None
+    }
+
     /// Forward contribution at an embedding site: `base.weight` is the table `[vocab, dim]` the
     /// lookup used, `ids` is `[batch, seq]`, `y` `[batch, seq, dim]`.
     fn forward_embedding(

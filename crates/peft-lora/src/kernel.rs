@@ -161,6 +161,15 @@ impl AdapterKernel for LoraLinearKernel {
         Some(low.matmul(state.matrices[1].val()).mul_scalar(self.scaling))
     }
 
+    fn low_rank(&self, state: &AdapterState, x: &Tensor<2>) -> Option<peft_ops::LowRank> {
+        // With dropout active the change is `s·(drop(x)·A)·B`: left to `linear_delta`.
+        (self.dropout_for(state, x) == 0.0).then(|| peft_ops::LowRank {
+            a: state.matrices[0].val(),
+            b: state.matrices[1].val(),
+            scaling: self.scaling,
+        })
+    }
+
     fn merge(
         &self,
         state: &mut AdapterState,

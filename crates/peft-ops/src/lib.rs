@@ -1,7 +1,7 @@
 //! Fused CPU ops for burn-peft: exact and tanh GELU, scaled dot-product attention (padding and
 //! causal masks, keys longer than queries, GQA), LayerNorm (with a residual) and RMSNorm,
-//! rotary embeddings, SwiGLU, log-softmax, dropout from a counter-based RNG, and LoRA on
-//! activations as one op; products with block-quantized frozen weights ([`quant`]: GGUF's
+//! rotary embeddings, SwiGLU, log-softmax, dropout from a counter-based RNG, LoRA on
+//! activations as one op, and LoRA over a mixed-adapter batch as one pass ([`mixed_lora`]); products with block-quantized frozen weights ([`quant`]: GGUF's
 //! llama.cpp formats and bitsandbytes' NF4).
 //!
 //! Each op is a Burn backend extension ([`PeftOps`]) with a hand-written forward and backward
@@ -25,6 +25,7 @@ mod autodiff;
 mod backend;
 pub mod heap;
 mod kernels;
+mod mixed;
 pub mod nn;
 pub mod quant;
 pub mod reference;
@@ -36,6 +37,7 @@ use burn::tensor::{Bool, DType, Device, Distribution, Tensor};
 
 pub use backend::PeftOps;
 pub use kernels::optim::AdamWStep;
+pub use mixed::{LowRank, mixed_lora};
 
 /// The `f32` math behind the kernels, for callers that need the same approximations.
 pub mod math {

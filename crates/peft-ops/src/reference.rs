@@ -4,7 +4,7 @@
 use burn::tensor::activation;
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Device, Distribution, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Distribution, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::quant::QuantMatrix;
 
@@ -180,4 +180,35 @@ pub fn quant_matmul(x: Tensor<2>, w: &QuantMatrix) -> Tensor<2> {
 pub fn quant_matmul_t(dy: Tensor<2>, w: &QuantMatrix) -> Tensor<2> {
     let dense = quant_dense(w, &dy.device()).cast(dy.dtype());
     dy.matmul(dense)
+}
+
+/// LoRA over a mixed-adapter batch ([`crate::mixed_lora`]) as PEFT's `_mixed_batch_forward`
+/// composes it: per adapter, its rows gathered, `s·(x·A)·B`, added back.
+pub fn mixed_lora(
+    x: Tensor<2>,
+    mut y: Tensor<2>,
+    slots: &[Option<usize>],
+    adapters: &[crate::LowRank],
+) -> Tensor<2> {
+    let per_row = x.dims()[0] / slots.len().max(1);
+    for (k, f) in adapters.iter().enumerate() {
+        let rows: Vec<i64> = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| **s == Some(k))
+            .flat_map(|(b, _)| (b * per_row) as i64..((b + 1) * per_row) as i64)
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let count = rows.len();
+        let index = Tensor::<1, Int>::from_data(TensorData::new(rows, [count]), &x.device());
+        let xg = x.clone().select(0, index.clone());
+        let delta = xg
+            .matmul(f.a.clone())
+            .matmul(f.b.clone())
+            .mul_scalar(f.scaling);
+        y = y.select_assign(0, index, delta, IndexingUpdateOp::Add);
+    }
+    y
 }

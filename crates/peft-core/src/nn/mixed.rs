@@ -1,8 +1,9 @@
 //! Mixed-adapter batches at the sites (PEFT's `_mixed_batch_forward` in `tuners/lora/layer.py`
 //! and `ModulesToSaveWrapper`): the frozen base runs once over the whole batch with the
-//! original weights; then for each adapter only its rows are gathered (`select` on the batch
-//! dimension), the adapter's kernel runs on them, and the change is added back
-//! (`select_assign` with `Add`). Rows of `__base__`, or of an adapter that does not touch this
+//! original weights. The low-rank adapters (LoRA) then add their change to their rows in one
+//! pass for all of them ([`peft_ops::mixed_lora`]); for every other adapter only its rows are
+//! gathered (`select` on the batch dimension), the adapter's kernel runs on them, and the
+//! change is added back (`select_assign` with `Add`). Rows of `__base__`, or of an adapter that does not touch this
 //! site, keep the base output. A `modules_to_save` copy replaces the base output of its
 //! adapter's rows; a kernel that transforms the GEMM's input (IA3 on feed-forward layers) gets
 //! the GEMM recomputed for its rows only.
@@ -50,13 +51,35 @@ impl Linear {
             bias: self.bias.as_ref().map(|b| b.val()),
         };
         let flat = |t: Tensor<3>, n: usize, d: usize| t.reshape([n * per_row, d]);
-        let mut y = self
-            .base_product(flat(x.clone(), batch, d_input), base.bias.clone())
-            .reshape([batch, per_row, d_output]);
+        let x_rows = flat(x.clone(), batch, d_input);
+        let y = self.base_product(x_rows.clone(), base.bias.clone());
+        // Low-rank adapters (LoRA without active dropout): every row of all of them in one pass.
+        let mut slots = vec![None; batch];
+        let mut low_rank = Vec::new();
+        for (name, group) in rows.adapter_groups() {
+            let Some(adapter) = live(&self.adapters, name) else {
+                continue;
+            };
+            if copy_of(&self.copies, name).is_some() || adapter.kernel.transforms_input(adapter) {
+                continue;
+            }
+            if let Some(factors) = adapter.kernel.low_rank(adapter, &x_rows) {
+                for &row in &group.rows {
+                    slots[row] = Some(low_rank.len());
+                }
+                low_rank.push(factors);
+            }
+        }
+        let y = match low_rank.is_empty() {
+            true => y,
+            false => peft_ops::mixed_lora(x_rows, y, &slots, &low_rank),
+        };
+        let mut y = y.reshape([batch, per_row, d_output]);
         for (name, group) in rows.adapter_groups() {
             let adapter = live(&self.adapters, name);
             let copy = copy_of(&self.copies, name);
-            if adapter.is_none() && copy.is_none() {
+            let done = group.rows.first().is_some_and(|&row| slots[row].is_some());
+            if done || (adapter.is_none() && copy.is_none()) {
                 continue;
             }
             let n = group.rows.len();

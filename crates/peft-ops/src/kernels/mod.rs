@@ -7,6 +7,7 @@ pub mod few_rows;
 pub mod lora;
 pub mod math;
 pub mod matmul;
+pub mod mixed_lora;
 pub mod norm;
 pub mod optim;
 pub mod par;

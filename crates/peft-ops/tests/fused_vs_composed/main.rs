@@ -7,6 +7,7 @@ mod attention;
 mod common;
 mod elementwise;
 mod lora;
+mod mixed_lora;
 mod norm;
 mod optim;
 
