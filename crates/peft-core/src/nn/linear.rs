@@ -229,6 +229,8 @@ impl Linear {
     /// # Panics
     /// If the context's batch differs from the input's first dimension (the models check it).
     pub fn forward_in<const D: usize>(&self, input: Tensor<D>, ctx: &ForwardContext) -> Tensor<D> {
+        // Each forward's buffers stay on the heap for the next (see the function).
+        peft_ops::heap::keep_freed_memory();
         super::guard::enter(ctx);
         match ctx.rows() {
             Some(rows) => self.forward_mixed(input, rows),
@@ -237,8 +239,8 @@ impl Linear {
     }
 
     fn forward_active<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
-        // A training step's activations stay on the heap between steps (see the function).
-        peft_ops::heap::keep_for_training(&input);
+        // Each forward's buffers stay on the heap for the next (see the function).
+        peft_ops::heap::keep_freed_memory();
         let copy = self.copies.iter().find(|c| c.active);
         // Always one 2-D GEMM over all rows: burn's `linear` on a [b, s, in] input runs b
         // separate [s, in] products, 11-20% slower for MiniLM-sized batches (benches/README.md).
