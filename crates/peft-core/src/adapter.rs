@@ -325,7 +325,7 @@ pub trait AdapterKernel: Debug + Send + Sync {
     /// one gather / product / scatter per adapter. The default, `None`, is always correct: the
     /// batch falls back to [`linear_delta`](Self::linear_delta) or
     /// [`forward_linear`](Self::forward_linear).
-    fn low_rank(&self, state: &AdapterState, x: &Tensor<2>) -> Option<peft_ops::LowRank> {
+    fn low_rank(&self, state: &AdapterState, x: &Tensor<2>) -> Option<crate::LowRank> {
         let _ = (state, x);
         None
     }

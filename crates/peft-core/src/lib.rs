@@ -44,6 +44,9 @@ pub use peft_derive::Adaptable;
 pub use peft_model::{
     InjectionReport, LoadReport, PeftModel, TrainableReport, get_peft_model, thousands,
 };
+/// The factors an additive low-rank kernel hands a mixed-adapter batch
+/// ([`AdapterKernel::low_rank`]).
+pub use peft_ops::LowRank;
 
 /// Re-exports for method crates (`typetag` registration).
 #[doc(hidden)]

@@ -3,8 +3,8 @@
 use burn::tensor::module::embedding;
 use burn::tensor::{Int, Tensor, TensorData};
 use peft_core::{
-    AdapterKernel, AdapterState, BaseWeights, MergeDirection, MergeInput, Result, TensorSource,
-    WeightSpace,
+    AdapterKernel, AdapterState, BaseWeights, LowRank, MergeDirection, MergeInput, Result,
+    TensorSource, WeightSpace,
 };
 
 /// `data` in the file's layout (`[r, in]` / `[out, r]`) transposed to ours. On the host, where
@@ -161,9 +161,9 @@ impl AdapterKernel for LoraLinearKernel {
         Some(low.matmul(state.matrices[1].val()).mul_scalar(self.scaling))
     }
 
-    fn low_rank(&self, state: &AdapterState, x: &Tensor<2>) -> Option<peft_ops::LowRank> {
+    fn low_rank(&self, state: &AdapterState, x: &Tensor<2>) -> Option<LowRank> {
         // With dropout active the change is `s·(drop(x)·A)·B`: left to `linear_delta`.
-        (self.dropout_for(state, x) == 0.0).then(|| peft_ops::LowRank {
+        (self.dropout_for(state, x) == 0.0).then(|| LowRank {
             a: state.matrices[0].val(),
             b: state.matrices[1].val(),
             scaling: self.scaling,
