@@ -83,7 +83,8 @@ pub fn add_in_place(
             f.r
         );
     }
-    if rows == 0 || d_out == 0 {
+    // Nothing to add (and no zero-width chunks below) when a dimension is empty.
+    if rows == 0 || d_in == 0 || d_out == 0 {
         return;
     }
     let tasks = tasks(y, shape, slots);
@@ -93,6 +94,9 @@ pub fn add_in_place(
         .sum();
     let run = |t: Task<'_>| {
         let f = &adapters[t.slot];
+        if f.r == 0 {
+            return;
+        }
         let n = t.y.len() / d_out;
         let xs = &x[t.start * d_in..(t.start + n) * d_in];
         if n >= GEMM_ROWS {
@@ -276,6 +280,29 @@ mod tests {
         check(33, 17, 5, &slots);
         // One adapter on every row: one long run, cut into tasks.
         check(256, 192, 7, &[Some(1); 30]);
+    }
+
+    #[test]
+    fn empty_inputs_and_rank_zero_add_nothing() {
+        check(0, 5, 2, &[Some(0), None]);
+        check(7, 0, 2, &[Some(1)]);
+        let (a, b) = (Vec::new(), Vec::new());
+        let zero = [Factors {
+            a: &a,
+            b: &b,
+            r: 0,
+            scaling: 1.0,
+        }];
+        let x = values(2 * 3, 1);
+        let mut y = values(2 * 4, 2);
+        let y0 = y.clone();
+        let shape = Shape {
+            d_in: 3,
+            d_out: 4,
+            per_row: 1,
+        };
+        add_in_place(&x, &mut y, shape, &[Some(0), Some(0)], &zero);
+        assert_eq!(y, y0);
     }
 
     #[test]
