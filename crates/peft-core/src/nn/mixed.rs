@@ -3,10 +3,10 @@
 //! original weights. The low-rank adapters (LoRA) then add their change to their rows in one
 //! pass for all of them ([`peft_ops::mixed_lora`]); for every other adapter only its rows are
 //! gathered (`select` on the batch dimension), the adapter's kernel runs on them, and the
-//! change is added back (`select_assign` with `Add`). Rows of `__base__`, or of an adapter that does not touch this
-//! site, keep the base output. A `modules_to_save` copy replaces the base output of its
-//! adapter's rows; a kernel that transforms the GEMM's input (IA3 on feed-forward layers) gets
-//! the GEMM recomputed for its rows only.
+//! change is added back (`select_assign` with `Add`). Rows of `__base__`, or of an adapter that
+//! does not touch this site, keep the base output. A `modules_to_save` copy replaces the base
+//! output of its adapter's rows; a kernel that transforms the GEMM's input (IA3 on feed-forward
+//! layers) gets the GEMM recomputed for its rows only.
 
 use burn::tensor::{IndexingUpdateOp, Int, Tensor};
 
@@ -70,9 +70,10 @@ impl Linear {
                 low_rank.push(factors);
             }
         }
-        let y = match low_rank.is_empty() {
-            true => y,
-            false => peft_ops::mixed_lora(x_rows, y, &slots, &low_rank),
+        let y = if low_rank.is_empty() {
+            y
+        } else {
+            peft_ops::mixed_lora(x_rows, y, &slots, &low_rank)
         };
         let mut y = y.reshape([batch, per_row, d_output]);
         for (name, group) in rows.adapter_groups() {

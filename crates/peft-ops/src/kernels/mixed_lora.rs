@@ -5,7 +5,8 @@
 //! At a decode step each adapter owns one or two rows, so the composition (PEFT's
 //! `_mixed_batch_forward` in `tuners/lora/layer.py`: select, two matmuls, scale, add back per
 //! adapter) is several small ops per adapter and site, each allocating; here a row costs
-//! `r·(in + out)` multiply-adds read straight from the adapter's factors.
+//! `r·(in + out)` multiply-adds read straight from the adapter's factors, and a run of rows of
+//! one adapter (a prompt) goes through the GEMM.
 
 use rayon::prelude::*;
 
@@ -48,10 +49,14 @@ const GEMM_ROWS: usize = 4;
 /// both cores get work.
 const TASK_ROWS: usize = 64;
 
-/// Rows `start..start + len` of `x` and `y`, all of adapter `slot`.
+/// Consecutive rows of one adapter: `y` holds them (`y.len() / d_out` rows), from row `start`
+/// of `x` on.
 struct Task<'y> {
+    /// The adapter.
     slot: usize,
+    /// The first row.
     start: usize,
+    /// Those rows of the output.
     y: &'y mut [f32],
 }
 
