@@ -19,14 +19,8 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::optim::GradientsParams;
 use burn::tensor::Device;
-use burn_peft::core::{PeftModel, TargetModules};
-use burn_peft::lora::LoraConfig;
 use burn_peft::models::{GenerationConfig, generate};
-use burn_peft::train::Task;
-use burn_peft::train::optim::{AdamW, AdamWSettings};
-use burn_peft::train::step::forward_loss;
 use serde_json::{Value, json};
 use support::{mib, ratio, tps, write_results};
 
@@ -67,38 +61,14 @@ fn child_decode(file: &Path, f32_base: bool) -> Value {
            "first_ids": &made[..made.len().min(8)], "peak_rss_bytes": support::peak_rss()})
 }
 
-/// LoRA steps of `batch` x [`TRAIN_SEQ`] tokens.
+/// LoRA steps of `batch` x [`TRAIN_SEQ`] tokens (the shared step, without clipping).
 fn child_train(file: &Path, f32_base: bool, batch: usize) -> Value {
-    let device = Device::flex().autodiff();
-    device.seed(0);
-    let base = support::load_gguf(file, f32_base, &device);
-    let vocab = base.vocab_size();
-    let mut model = PeftModel::new(base);
-    let lora = LoraConfig {
-        r: 16,
-        lora_alpha: 32.0,
-        target_modules: Some(TargetModules::list(["q_proj", "v_proj"])),
-        ..Default::default()
-    };
-    model.add_adapter("default", &lora).unwrap();
-    let mut optim = AdamW::new(AdamWSettings::default());
-    let mut step = |seed: usize| {
-        let ids: Vec<i64> = (0..batch * TRAIN_SEQ)
-            .map(|i| ((i * 7919 + seed * 104_729) % vocab) as i64)
-            .collect();
-        // The trainer's own step (`forward_loss`: the loss over the vocabulary in chunks of
-        // tokens for a frozen head), on `batch` rows of TRAIN_SEQ tokens.
-        let rows: Vec<Vec<i64>> = ids.chunks(TRAIN_SEQ).map(<[i64]>::to_vec).collect();
-        let batch = support::lm_batch(&rows, &device);
-        let loss = forward_loss(model.model(), Task::CausalLm, &batch).unwrap();
-        let value: f32 = loss.clone().into_scalar();
-        let grads = GradientsParams::from_grads(loss.backward(), model.model());
-        model.update(|m| optim.step(1e-4, m, grads, 1.0));
-        value
-    };
-    step(0);
+    let targets = ["q_proj", "v_proj"];
+    let mut step =
+        support::LoraStep::with_base(file, f32_base, &targets, batch, TRAIN_SEQ).without_clipping();
+    step.run(0);
     let start = Instant::now();
-    let losses: Vec<f32> = (1..=TRAIN_STEPS).map(&mut step).collect();
+    let losses: Vec<f32> = (1..=TRAIN_STEPS).map(|seed| step.run(seed).0).collect();
     let seconds = start.elapsed().as_secs_f64();
     let tokens = (batch * TRAIN_SEQ * TRAIN_STEPS) as f64;
     json!({"tokens_per_sec": tokens / seconds, "step_seconds": seconds / TRAIN_STEPS as f64,

@@ -189,8 +189,9 @@ pub fn load_gguf(file: &Path, f32_base: bool, device: &Device) -> HfModel {
     model
 }
 
-/// The trainer's own LoRA step on SmolLM2-135M in f32 (r 16, alpha 32, no dropout, AdamW at
-/// 1e-4, clipping at 1.0) over synthetic `batch x seq` tokens, as `llm_shape` and `llm_profile`
+/// The trainer's own LoRA step on SmolLM2-135M (r 16, alpha 32, no dropout, AdamW at 1e-4,
+/// clipping at 1.0 unless [`without_clipping`](Self::without_clipping)) over synthetic
+/// `batch x seq` tokens, as `llm_shape`, `llm_profile` (f32 base) and `gguf_llm` (either base)
 /// time it.
 pub struct LoraStep {
     device: Device,
@@ -199,15 +200,27 @@ pub struct LoraStep {
     optim: AdamW,
     batch: usize,
     seq: usize,
+    clip: Option<f64>,
 }
 
 impl LoraStep {
     /// The model at `file` (base made f32) with LoRA on `targets`, on an autodiff device seeded
     /// with 0.
     pub fn new(file: &Path, targets: &[&str], batch: usize, seq: usize) -> Self {
+        Self::with_base(file, true, targets, batch, seq)
+    }
+
+    /// [`new`](Self::new) with the base kept in the file's block formats unless `f32_base`.
+    pub fn with_base(
+        file: &Path,
+        f32_base: bool,
+        targets: &[&str],
+        batch: usize,
+        seq: usize,
+    ) -> Self {
         let device = Device::flex().autodiff();
         device.seed(0);
-        let mut model = PeftModel::new(load_gguf(file, true, &device));
+        let mut model = PeftModel::new(load_gguf(file, f32_base, &device));
         let lora = LoraConfig {
             r: 16,
             lora_alpha: 32.0,
@@ -223,7 +236,14 @@ impl LoraStep {
             optim: AdamW::new(AdamWSettings::default()),
             batch,
             seq,
+            clip: Some(1.0),
         }
+    }
+
+    /// The same step without gradient clipping (the clip phase then takes no time).
+    pub fn without_clipping(mut self) -> Self {
+        self.clip = None;
+        self
     }
 
     /// One step on the tokens of `seed`: the loss and the phases' times in ms, `[whole step,
@@ -246,7 +266,10 @@ impl LoraStep {
         accumulate_gradients(loss, self.model.model(), &mut accumulator);
         let grads = accumulator.grads();
         let t2 = Instant::now();
-        let (_, scale) = gradient_scale(&grads, &self.trainable, 1, Some(1.0));
+        let scale = match self.clip {
+            Some(max_norm) => gradient_scale(&grads, &self.trainable, 1, Some(max_norm)).1,
+            None => 1.0,
+        };
         let t3 = Instant::now();
         let optim = &mut self.optim;
         self.model.update(|m| optim.step(1e-4, m, grads, scale));
