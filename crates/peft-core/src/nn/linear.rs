@@ -219,6 +219,8 @@ impl Linear {
         super::guard::refuse_plain_forward("Linear", || {
             !self.adapters.is_empty() || !self.copies.is_empty()
         });
+        // Each forward's buffers stay on the heap for the next (see the function).
+        peft_ops::heap::keep_freed_memory();
         self.forward_active(input)
     }
 
@@ -239,8 +241,6 @@ impl Linear {
     }
 
     fn forward_active<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
-        // Each forward's buffers stay on the heap for the next (see the function).
-        peft_ops::heap::keep_freed_memory();
         let copy = self.copies.iter().find(|c| c.active);
         // Always one 2-D GEMM over all rows: burn's `linear` on a [b, s, in] input runs b
         // separate [s, in] products, 11-20% slower for MiniLM-sized batches (benches/README.md).
