@@ -1,8 +1,9 @@
 //! Fused CPU ops for burn-peft: exact and tanh GELU, scaled dot-product attention (padding and
 //! causal masks, keys longer than queries, GQA), LayerNorm (with a residual) and RMSNorm,
 //! rotary embeddings, SwiGLU, log-softmax, dropout from a counter-based RNG, LoRA on
-//! activations as one op, and LoRA over a mixed-adapter batch as one pass ([`mixed_lora`]); products with block-quantized frozen weights ([`quant`]: GGUF's
-//! llama.cpp formats and bitsandbytes' NF4).
+//! activations as one op, and LoRA over a mixed-adapter batch as one pass ([`mixed_lora`]);
+//! products with block-quantized frozen weights ([`quant`]: GGUF's llama.cpp formats and
+//! bitsandbytes' NF4).
 //!
 //! Each op is a Burn backend extension ([`PeftOps`]) with a hand-written forward and backward
 //! on flex and on autodiff over flex. On every other backend (cuda, vulkan, ...) and for

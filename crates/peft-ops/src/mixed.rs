@@ -4,7 +4,7 @@ use burn::backend::Flex;
 use burn::tensor::{DType, Tensor};
 
 use crate::kernels::mixed_lora::{self, Factors, Shape};
-use crate::kernels::tensor::{contiguous, exclusive, from_vec, slice};
+use crate::kernels::tensor::{contiguous, exclusive, owned, slice};
 
 /// One adapter's low-rank change at a linear site, `scaling·(x·A)·B`, for [`mixed_lora`].
 #[derive(Debug, Clone)]
@@ -97,10 +97,7 @@ pub fn mixed_lora(
             scaling: *scaling,
         })
         .collect();
-    let mut out = contiguous(flex(y));
-    if exclusive(&mut out).is_none() {
-        out = from_vec(slice(&out).to_vec(), &[n, d_out]);
-    }
+    let mut out = owned(flex(y));
     let buf = exclusive(&mut out).expect("a fresh tensor owns its buffer");
     let shape = Shape {
         d_in,

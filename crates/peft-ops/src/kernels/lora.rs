@@ -10,7 +10,7 @@ use burn::backend::flex::FlexTensor;
 
 use super::dropout::{self, Mask};
 use super::matmul::{Mat, MatMut, gemm};
-use super::tensor::{contiguous, dims, exclusive, from_vec, slice};
+use super::tensor::{contiguous, dims, exclusive, from_vec, owned, slice};
 
 /// Sizes of a LoRA product.
 #[derive(Debug, Clone, Copy)]
@@ -69,10 +69,7 @@ pub fn forward(
     // The base output's buffer becomes the result when nothing else holds it (copied otherwise).
     // In place, not through `into_data`: a buffer from flex's own ops is allocated 16-aligned,
     // which `TensorData::try_into_vec::<f32>` cannot hand over, so it copied every time.
-    let mut out = contiguous(y);
-    if exclusive(&mut out).is_none() {
-        out = from_vec(slice(&out).to_vec(), &[sz.n, sz.d_out]);
-    }
+    let mut out = owned(y);
     let buf = exclusive(&mut out).expect("a fresh tensor owns its buffer");
     unsafe {
         gemm(

@@ -33,6 +33,16 @@ pub fn exclusive(t: &mut FlexTensor) -> Option<&mut [f32]> {
     (buf.len() == n).then_some(buf)
 }
 
+/// `t` contiguous and the only holder of its buffer (a copy when something else holds it), for
+/// a kernel that writes its result into it ([`exclusive`] then gives that buffer).
+pub fn owned(t: FlexTensor) -> FlexTensor {
+    let mut t = contiguous(t);
+    if exclusive(&mut t).is_none() {
+        t = from_vec(slice(&t).to_vec(), &dims(&t));
+    }
+    t
+}
+
 /// A contiguous tensor of `shape` holding `data`.
 pub fn from_vec(data: Vec<f32>, shape: &[usize]) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(data, Shape::from(shape.to_vec())))
