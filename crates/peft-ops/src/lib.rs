@@ -81,13 +81,12 @@ fn fused<const D: usize>(t: &Tensor<D>) -> bool {
     fused_enabled() && t.dtype() == DType::F32 && is_flex(&t.device())
 }
 
-/// Whether [`few_rows_matmul`] takes `x · w` to its own path: f32 on flex, 2 to
-/// [`kernels::few_rows::MAX_ROWS`] rows (one row is the `gemm` crate's GEMV, which packs
-/// nothing), and neither operand in an autodiff graph.
+/// Whether [`few_rows_matmul`] takes `x · w` to its own path: f32 on flex, 1 to
+/// [`kernels::few_rows::MAX_ROWS`] rows, and neither operand in an autodiff graph.
 pub fn few_rows(x: &Tensor<2>, w: &Tensor<2>) -> bool {
     fused(x)
         && w.dtype() == DType::F32
-        && (2..=kernels::few_rows::MAX_ROWS).contains(&x.dims()[0])
+        && (1..=kernels::few_rows::MAX_ROWS).contains(&x.dims()[0])
         // Not `is_require_grad`, which is false for an intermediate tensor of a graph.
         && !x.is_tracked()
         && !w.is_tracked()

@@ -14,9 +14,16 @@ use super::matmul::{Mat, MatMut, gemm};
 use super::par::SendPtr;
 use super::simd::{LANES, fmadd, multiversion};
 
-/// The most rows this path is used for: beyond them the product is compute-bound and the
-/// `gemm` crate's own blocking is as good.
-pub const MAX_ROWS: usize = 32;
+/// The most rows this path is used for. Its kernels keep `x` in L2 while `W` streams past once:
+/// at 64 rows `x` is 384 KiB for an input of 1,536. One thread, an `[out, in]` weight out of
+/// cache (SmolLM2-135M's 576 -> 1,536): 100-104 GFLOP/s at 48 and 64 rows against 59-71 for
+/// the `gemm` crate; at 1 row 10.7 against 7.4-10.4. Beyond, a prompt's rows, the `gemm`
+/// crate's blocking keeps more of both operands in cache.
+pub const MAX_ROWS: usize = 64;
+
+/// Multiply-adds below which one call runs on the calling thread: a task on rayon's pool costs
+/// microseconds, more than such a product (a tiny model's decode step).
+const SEQUENTIAL_BELOW: usize = 1 << 17;
 
 /// Output columns per band (per task) of the fallback through the `gemm` crate, for a `w` with
 /// no unit stride. Measured on SmolLM2-135M decode (2 threads): 16-column bands ran batch 8 at
@@ -85,43 +92,48 @@ pub unsafe fn matmul(x: &[f32], m: usize, w: Mat, out: &mut [f32]) {
     let lhs = Shared(Mat::row_major(x, m, k));
     let rhs = Shared(w);
     let dst = SendPtr(out.as_mut_ptr());
-    (0..bands)
-        .into_par_iter()
-        .with_min_len(per_task)
-        .for_each(|band| {
-            let (lhs, rhs) = (lhs, rhs);
-            let j0 = band * width;
-            let cols = width.min(n - j0);
-            // SAFETY: columns `j0 .. j0 + cols` of `w` and of the `m x n` row-major output are
-            // inside them (the caller's guarantee for `w`); bands write disjoint columns.
-            unsafe {
-                let band_w = Mat {
-                    ptr: rhs.0.ptr.offset(j0 as isize * rhs.0.cs),
-                    rows: k,
-                    cols,
-                    rs: rhs.0.rs,
-                    cs: rhs.0.cs,
-                };
-                let d = MatMut {
-                    ptr: dst.add(j0 as isize),
-                    rs: n as isize,
-                    cs: 1,
-                };
-                match kernel {
-                    #[cfg(target_arch = "x86_64")]
-                    Kernel::Axpy if avx512::available() => {
-                        axpy_band_with::<avx512::Avx512>(lhs.0, band_w, d)
-                    }
-                    #[cfg(target_arch = "x86_64")]
-                    Kernel::Dot if avx512::available() => {
-                        dot_band_with::<avx512::Avx512>(lhs.0, band_w, d)
-                    }
-                    Kernel::Axpy => axpy_band(lhs.0, band_w, d),
-                    Kernel::Dot => dot_band(lhs.0, band_w, d),
-                    Kernel::Gemm => gemm(d, false, lhs.0, band_w, 1.0, false),
+    let band = |band: usize| {
+        let (lhs, rhs) = (lhs, rhs);
+        let j0 = band * width;
+        let cols = width.min(n - j0);
+        // SAFETY: columns `j0 .. j0 + cols` of `w` and of the `m x n` row-major output are
+        // inside them (the caller's guarantee for `w`); bands write disjoint columns.
+        unsafe {
+            let band_w = Mat {
+                ptr: rhs.0.ptr.offset(j0 as isize * rhs.0.cs),
+                rows: k,
+                cols,
+                rs: rhs.0.rs,
+                cs: rhs.0.cs,
+            };
+            let d = MatMut {
+                ptr: dst.add(j0 as isize),
+                rs: n as isize,
+                cs: 1,
+            };
+            match kernel {
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Axpy if avx512::available() => {
+                    axpy_band_with::<avx512::Avx512>(lhs.0, band_w, d)
                 }
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Dot if avx512::available() => {
+                    dot_band_with::<avx512::Avx512>(lhs.0, band_w, d)
+                }
+                Kernel::Axpy => axpy_band(lhs.0, band_w, d),
+                Kernel::Dot => dot_band(lhs.0, band_w, d),
+                Kernel::Gemm => gemm(d, false, lhs.0, band_w, 1.0, false),
             }
-        });
+        }
+    };
+    if m.saturating_mul(k).saturating_mul(n) < SEQUENTIAL_BELOW {
+        (0..bands).for_each(band);
+    } else {
+        (0..bands)
+            .into_par_iter()
+            .with_min_len(per_task)
+            .for_each(band);
+    }
 }
 
 multiversion! {
@@ -445,17 +457,21 @@ mod avx512 {
         unsafe {
             let cols: [*const f32; J] = std::array::from_fn(|j| w.offset(j as isize * wcs));
             let rows: [*const f32; R] = std::array::from_fn(|r| x.add(r * k));
-            // The next tile of columns (the band is read in order): fetched while this one is
-            // multiplied, so the stream of `w` from memory does not stall the FMAs. Measured at
-            // batch 32 (SmolLM2 decode): 5-8% faster than no prefetch; two tiles ahead, or a
-            // prefetch from the first tile of rows only, were no better.
+            // The next tile of columns (the band is read in order): fetched into L2 while this
+            // one is multiplied, so the stream of `w` from memory does not stall the FMAs.
+            // Measured at batch 32 (SmolLM2 decode): 5-8% faster than no prefetch; two tiles
+            // ahead, or a prefetch from the first tile of rows only, were no better. Into L2
+            // (`T1`), not L1 (`T0`): the rows of `x` streaming through L1 evicted the fetched
+            // lines before use. One thread, 30 weights out of cache: 576 -> 1,536 at 32 rows
+            // went from 72-82 to 90-93 GFLOP/s, 1,536 -> 576 from 60-66 to 86-88, and 8 rows
+            // from 37-45 to 58-77.
             let ahead = J as isize * wcs;
             let mut step = |k0: usize, m: __mmask16| {
                 for c in &cols {
                     // Past the band's last tile this points outside `w`: wrapping arithmetic,
                     // and a prefetch never faults.
                     let next = c.wrapping_offset(ahead).wrapping_add(k0);
-                    _mm_prefetch::<_MM_HINT_T0>(next as *const i8);
+                    _mm_prefetch::<_MM_HINT_T1>(next as *const i8);
                 }
                 let wv: [__m512; J] =
                     std::array::from_fn(|j| _mm512_maskz_loadu_ps(m, cols[j].add(k0)));
@@ -537,6 +553,8 @@ mod tests {
             (4, 64, 130),
             (7, 576, 200),
             (32, 2000, 70),
+            (64, 300, 90),
+            (1, 1536, 600),
         ] {
             let x: Vec<f32> = (0..m * k).map(value).collect();
             let w: Vec<f32> = (0..k * n).map(|i| value(i + 13)).collect();
