@@ -384,6 +384,7 @@ mod avx512 {
 
     use super::{NC, Tiles};
     use crate::kernels::matmul::{Mat, MatMut};
+    use crate::kernels::simd::sums4;
 
     /// Whether the running CPU has AVX-512 F (detected once).
     pub fn available() -> bool {
@@ -501,24 +502,6 @@ mod avx512 {
                 }
             }
         }
-    }
-
-    /// The sums of the lanes of `a`, `b`, `c`, `e` as one 4-lane register: 13 shuffles and adds
-    /// shared by the four, where four `_mm512_reduce_add_ps` take about 32 (a tenth of a
-    /// 4 x 4 tile at `k` = 576).
-    #[target_feature(enable = "avx512f")]
-    fn sums4(a: __m512, b: __m512, c: __m512, e: __m512) -> __m128 {
-        // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] and the same for c, e.
-        let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-        let ce = _mm512_add_ps(_mm512_unpacklo_ps(c, e), _mm512_unpackhi_ps(c, e));
-        // Per 128-bit lane: that lane's sums of a, b, c, e.
-        let lo = _mm512_shuffle_ps::<0x44>(ab, ce);
-        let hi = _mm512_shuffle_ps::<0xEE>(ab, ce);
-        let per_lane = _mm512_add_ps(lo, hi);
-        // Across the four 128-bit lanes: (0 + 2, 1 + 3), then (0 + 1).
-        let half = _mm512_add_ps(per_lane, _mm512_shuffle_f32x4::<0x4E>(per_lane, per_lane));
-        let all = _mm512_add_ps(half, _mm512_shuffle_f32x4::<0xB1>(half, half));
-        _mm512_castps512_ps128(all)
     }
 
     const _: () = assert!(NC == 32, "axpy_tile holds two 16-lane registers per row");

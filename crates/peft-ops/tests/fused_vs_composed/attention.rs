@@ -238,6 +238,32 @@ fn single_query_gqa_broadcast_mask() {
 }
 
 #[test]
+fn single_query_grouped_kernels_over_head_widths_and_groups() {
+    // The AVX-512 kernels' shapes (widths 64 and 128, 1 to 4 query heads per key/value head),
+    // key counts that are not a multiple of 4, keys masked on the left; then a group of 5,
+    // which takes the generic kernels.
+    for (heads, kv_heads, d, sk) in [
+        (4, 4, 128, 13),
+        (4, 2, 64, 6),
+        (8, 2, 128, 31),
+        (10, 2, 64, 9),
+    ] {
+        run(&Case {
+            batch: 2,
+            heads,
+            kv_heads,
+            sq: 1,
+            sk,
+            d,
+            causal: true,
+            lengths: Some((vec![sk, sk - 3], true)),
+            expand_mask: false,
+            tracked: [true; 3],
+        });
+    }
+}
+
+#[test]
 fn single_query_over_a_preallocated_cache() {
     // A KV cache keeps room for later tokens: the keys are the first `len` rows of a longer
     // buffer (a strided view), which the kernel reads in place.
