@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use burn::backend::flex::FlexTensor;
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::{BoolTensor, FloatTensor};
 use burn::backend::{Backend, Flex, backend_extension};
 
@@ -326,16 +327,22 @@ impl PeftOps for Flex {
         let x = contiguous(x);
         let [m, k] = two(&x);
         // A linear layer's `[in, out]` weight, or the transposed view of its `[out, in]`
-        // storage, is read in place (`_w` keeps it alive for the call).
-        let (_w, view) = mat_or_copy(w);
+        // storage, is read in place (`w` keeps it alive for the call).
+        let (w, view) = mat_or_copy(w);
         let n = view.cols;
         assert_eq!(
             k, view.rows,
             "few_rows_matmul: x [{m}, {k}] and w [{}, {n}] do not chain",
             view.rows
         );
+        if m == 1 && view.rs != 1 {
+            // One row against a row-major `[in, out]` weight: the `gemm` crate's GEMV streams
+            // `w` row by row, where the bands here would read it in 128-byte pieces `n` apart
+            // (`serve`'s one-request-at-a-time row ran at 0.68x through them).
+            return <Flex as FloatTensorOps<Flex>>::float_matmul(x, w);
+        }
         let mut out = vec![0f32; m * n];
-        // SAFETY: `view` is `_w`'s own layout over its storage, alive for the call; `out` is a
+        // SAFETY: `view` is `w`'s own layout over its storage, alive for the call; `out` is a
         // fresh buffer.
         unsafe { few_rows::matmul(slice(&x), m, view, &mut out) };
         from_vec(out, &[m, n])
