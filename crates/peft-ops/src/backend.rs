@@ -335,10 +335,8 @@ impl PeftOps for Flex {
             "few_rows_matmul: x [{m}, {k}] and w [{}, {n}] do not chain",
             view.rows
         );
-        if m == 1 && view.rs != 1 {
-            // One row against a row-major `[in, out]` weight: the `gemm` crate's GEMV streams
-            // `w` row by row, where the bands here would read it in 128-byte pieces `n` apart
-            // (`serve`'s one-request-at-a-time row ran at 0.68x through them).
+        if !few_rows::suits(m, &view) {
+            // A row count that is faster through burn-flex's own product for this layout.
             return <Flex as FloatTensorOps<Flex>>::float_matmul(x, w);
         }
         let mut out = vec![0f32; m * n];

@@ -81,8 +81,9 @@ fn fused<const D: usize>(t: &Tensor<D>) -> bool {
     fused_enabled() && t.dtype() == DType::F32 && is_flex(&t.device())
 }
 
-/// Whether [`few_rows_matmul`] takes `x · w` to its own path: f32 on flex, 1 to
-/// [`kernels::few_rows::MAX_ROWS`] rows, and neither operand in an autodiff graph.
+/// Whether [`few_rows_matmul`] may take `x · w` to its own path: f32 on flex, 1 to
+/// [`kernels::few_rows::MAX_ROWS`] rows, and neither operand in an autodiff graph. (Row counts
+/// that are faster through burn-flex's product for `w`'s layout still go there.)
 pub fn few_rows(x: &Tensor<2>, w: &Tensor<2>) -> bool {
     fused(x)
         && w.dtype() == DType::F32

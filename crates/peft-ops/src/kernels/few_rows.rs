@@ -18,8 +18,26 @@ use super::simd::{LANES, fmadd, multiversion};
 /// at 64 rows `x` is 384 KiB for an input of 1,536. One thread, an `[out, in]` weight out of
 /// cache (SmolLM2-135M's 576 -> 1,536): 100-104 GFLOP/s at 48 and 64 rows against 59-71 for
 /// the `gemm` crate; at 1 row 10.7 against 7.4-10.4. Beyond, a prompt's rows, the `gemm`
-/// crate's blocking keeps more of both operands in cache.
+/// crate's blocking keeps more of both operands in cache. See [`suits`] for other layouts.
 pub const MAX_ROWS: usize = 64;
+
+/// The most rows for a weight whose rows along `k` are not contiguous (a row-major `[in, out]`
+/// weight, as `LinearConfig::init` makes): there the `gemm` crate was faster from 33 rows
+/// (76 against 86 GFLOP/s at 64 rows, one thread) and at 1 row (its GEMV streams `w` row by
+/// row, where 32-column bands read it in 128-byte pieces `n` apart: `serve`'s
+/// one-request-at-a-time rows ran at 0.68x).
+const MAX_ROWS_OTHER: usize = 32;
+
+/// Whether [`matmul`] is the faster product for `m` rows against `w`: 1 to [`MAX_ROWS`] rows
+/// for an `[out, in]` weight read as its transpose (unit row stride: the dot-product tiles),
+/// 2 to [`MAX_ROWS_OTHER`] for other layouts.
+pub fn suits(m: usize, w: &Mat) -> bool {
+    if w.rs == 1 {
+        (1..=MAX_ROWS).contains(&m)
+    } else {
+        (2..=MAX_ROWS_OTHER).contains(&m)
+    }
+}
 
 /// Multiply-adds below which one call runs on the calling thread: a task on rayon's pool costs
 /// microseconds, more than such a product (a tiny model's decode step).
