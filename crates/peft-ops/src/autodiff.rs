@@ -580,11 +580,7 @@ impl<C: CheckpointStrategy> PeftOps for Autodiff<Flex, C> {
     }
 
     fn fused_few_rows_matmul(x: Tracked<C>, w: Tracked<C>) -> Tracked<C> {
-        // `crate::few_rows` sends only operands that want no gradient (inference on an
-        // autodiff device): the product has no history to record.
-        Self::from_inner(<Flex as PeftOps>::fused_few_rows_matmul(
-            x.into_primitive(),
-            w.into_primitive(),
-        ))
+        // `crate::few_rows` sends no tracked `w`: only `x` may have a gradient.
+        quant::frozen_op::<C>(x, w.into_primitive())
     }
 }

@@ -1,5 +1,6 @@
-//! The backward of the ops over frozen quantized matrices (peft-ops' block formats): nothing of
-//! the matrix is trained, so each gives the input gradient only.
+//! The backward of the ops over frozen matrices (peft-ops' block formats, and dense weights
+//! read in place by `few_rows`): nothing of the matrix is trained, so each gives the input
+//! gradient only.
 
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::flex::FlexTensor;
+use burn::backend::ops::FloatTensorOps;
 
 use super::Tracked;
 use crate::backend::PeftOps;
@@ -88,6 +90,37 @@ pub(super) fn quant_swiglu<C: CheckpointStrategy>(
         .stateful()
     {
         OpsKind::Tracked(prep) => prep.finish((x, gate, up), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
+/// The backward of `x · w` for a dense `w` that takes no gradient (a frozen base weight):
+/// `dx = dy · wᵀ`, the product Burn's own matmul backward runs.
+#[derive(Debug)]
+pub(super) struct FrozenGrad;
+
+impl Backward<Flex, 1> for FrozenGrad {
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let w = ops.state;
+        unary::<Flex, _>(ops.parents, ops.node, grads, |g| {
+            <Flex as FloatTensorOps<Flex>>::float_matmul(
+                g,
+                <Flex as FloatTensorOps<Flex>>::float_transpose(w),
+            )
+        });
+    }
+}
+
+/// `x · w` through the few-rows kernels (`crate::few_rows`: `w` is never tracked), recording
+/// the input gradient when `x` is tracked (a LoRA step's frozen base products).
+pub(super) fn frozen_op<C: CheckpointStrategy>(x: Tracked<C>, w: FlexTensor) -> Tracked<C> {
+    let (x, guard) = x.into_parts();
+    // The state is the weight alone, a shared buffer the model holds anyway.
+    let out = <Flex as PeftOps>::fused_few_rows_matmul(x, w.clone());
+    match FrozenGrad.prepare::<C>([guard]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(w, out),
         OpsKind::UnTracked(prep) => prep.finish(out),
     }
 }

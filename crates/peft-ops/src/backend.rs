@@ -116,7 +116,7 @@ pub trait PeftOps: Backend {
         up: Arc<QuantMatrix>,
     ) -> FloatTensor<Self>;
     /// `x · w` for `x` `[m, k]` with few rows and `w` `[k, n]` (any strides), without packing
-    /// all of `w` first; inference only (`crate::few_rows` sends no tracked operand).
+    /// all of `w` first; `w` takes no gradient (`crate::few_rows` sends no tracked `w`).
     fn fused_few_rows_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 

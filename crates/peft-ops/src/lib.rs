@@ -82,20 +82,22 @@ fn fused<const D: usize>(t: &Tensor<D>) -> bool {
 }
 
 /// Whether [`few_rows_matmul`] may take `x · w` to its own path: f32 on flex, 1 to
-/// [`kernels::few_rows::MAX_ROWS`] rows, and neither operand in an autodiff graph. (Row counts
-/// that are faster through burn-flex's product for `w`'s layout still go there.)
+/// [`kernels::few_rows::MAX_ROWS`] rows, and `w` not in an autodiff graph (a frozen weight;
+/// `x` may be, as in a LoRA step). Row counts that are faster through burn-flex's product for
+/// `w`'s layout still go there.
 pub fn few_rows(x: &Tensor<2>, w: &Tensor<2>) -> bool {
     fused(x)
         && w.dtype() == DType::F32
         && (1..=kernels::few_rows::MAX_ROWS).contains(&x.dims()[0])
         // Not `is_require_grad`, which is false for an intermediate tensor of a graph.
-        && !x.is_tracked()
         && !w.is_tracked()
 }
 
-/// `x · w` for `x` `[m, k]` and `w` `[k, n]`. With a few rows ([`few_rows`]; decoding, one row
-/// per sequence) `w` is multiplied in bands that stay in cache, where the `gemm` crate would
-/// first pack all of `w`; otherwise `x.matmul(w)`. The same values up to the order of the sums.
+/// `x · w` for `x` `[m, k]` and `w` `[k, n]`. With a few rows ([`few_rows`]: decoding, one row
+/// per sequence; a short prompt; a small training batch against a frozen weight) `w` is read in
+/// place, in bands that stay in cache, where the `gemm` crate would first pack all of `w`;
+/// otherwise `x.matmul(w)`. The same values up to the order of the sums. A tracked `x` gets its
+/// gradient `dy · wᵀ`, as from `matmul`.
 ///
 /// ```
 /// use burn::tensor::{Device, Tensor};

@@ -14,12 +14,19 @@ use super::matmul::{Mat, MatMut, gemm};
 use super::par::SendPtr;
 use super::simd::{LANES, fmadd, multiversion};
 
-/// The most rows this path is used for. Its kernels keep `x` in L2 while `W` streams past once:
-/// at 64 rows `x` is 384 KiB for an input of 1,536. One thread, an `[out, in]` weight out of
-/// cache (SmolLM2-135M's 576 -> 1,536): 100-104 GFLOP/s at 48 and 64 rows against 59-71 for
-/// the `gemm` crate; at 1 row 10.7 against 7.4-10.4. Beyond, a prompt's rows, the `gemm`
-/// crate's blocking keeps more of both operands in cache. See [`suits`] for other layouts.
-pub const MAX_ROWS: usize = 64;
+/// The most rows one pass of the kernels takes. They keep `x` in L2 while `W` streams past
+/// once: at 64 rows `x` is 384 KiB for an input of 1,536. One thread, an `[out, in]` weight out
+/// of cache (SmolLM2-135M's 576 -> 1,536): 100-104 GFLOP/s at 48 and 64 rows against 59-71 for
+/// the `gemm` crate; at 1 row 10.7 against 7.4-10.4. More rows go in passes of this many.
+pub const PASS_ROWS: usize = 64;
+
+/// The most rows this path takes for an `[out, in]` weight read as its transpose, in passes of
+/// [`PASS_ROWS`] that each stream `W` from L3 again. At 256 rows (a LoRA step of 2 x 128
+/// tokens, 2 threads) SmolLM2-135M's products ran at 155-205 GFLOP/s against 94-185 for the
+/// `gemm` crate with its own threads (576 -> 576: 160-186 against 115-133; 1,536 -> 576:
+/// 155-173 against 100-107); at 1,024 rows the `gemm` crate was as fast or faster (160-210
+/// against 148-185), its blocking keeping more of both operands in cache.
+pub const MAX_ROWS: usize = 256;
 
 /// The most rows for a weight whose rows along `k` are not contiguous (a row-major `[in, out]`
 /// weight, as `LinearConfig::init` makes): there the `gemm` crate was faster from 33 rows
@@ -89,6 +96,8 @@ enum Kernel {
 /// decode) and the packing took 70% of a batch-32 step (perf). `w` crosses the memory bus once
 /// per call; a band is re-read from cache by each tile of rows.
 ///
+/// More than [`PASS_ROWS`] rows go in passes of that many, each streaming `w` again.
+///
 /// # Safety
 /// `w` must describe readable memory of `k x n` elements at its strides, not overlapping `out`.
 pub unsafe fn matmul(x: &[f32], m: usize, w: Mat, out: &mut [f32]) {
@@ -97,6 +106,19 @@ pub unsafe fn matmul(x: &[f32], m: usize, w: Mat, out: &mut [f32]) {
         x.len() >= m * k && out.len() >= m * n,
         "few_rows::matmul: buffer sizes"
     );
+    for r0 in (0..m).step_by(PASS_ROWS) {
+        let rows = PASS_ROWS.min(m - r0);
+        // SAFETY: the caller's guarantee; rows `r0 ..` of `x` and `out` are in the buffers.
+        unsafe { pass(&x[r0 * k..], rows, w, &mut out[r0 * n..]) };
+    }
+}
+
+/// [`matmul`] for at most [`PASS_ROWS`] rows.
+///
+/// # Safety
+/// As [`matmul`].
+unsafe fn pass(x: &[f32], m: usize, w: Mat, out: &mut [f32]) {
+    let (k, n) = (w.rows, w.cols);
     let (width, kernel) = if w.cs == 1 {
         (NC, Kernel::Axpy)
     } else if w.rs == 1 {
