@@ -230,7 +230,8 @@ fn profile_ops(iters: usize) -> Vec<Row> {
         let t = time_ms(iters, || {
             if ad {
                 let h = leaf(&x_h, ad);
-                let loss = chunked_causal_lm_loss(h, &head, ids.clone(), chunk_tokens(VOCAB), &fc);
+                let loss =
+                    chunked_causal_lm_loss(h, &head, ids.clone(), chunk_tokens(VOCAB, &head), &fc);
                 black_box(loss.backward());
             } else {
                 let (loss, _) = causal_lm_loss_terms(head.logits(x_h.clone(), &fc), ids.clone());

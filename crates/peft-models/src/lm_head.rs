@@ -35,6 +35,16 @@ impl LmHead<'_> {
         }
     }
 
+    /// Whether the head's weight is kept in a block-quantized format (its own layer's, or the
+    /// tied table's): chosen to save memory, which the training loss's chunk size follows
+    /// (`peft_train::loss::chunk_tokens`).
+    pub fn is_quantized(&self) -> bool {
+        match self.linear {
+            Some(head) => head.quantized.is_some(),
+            None => self.embedding.quantized.is_some(),
+        }
+    }
+
     /// Whether nothing in the head trains (no adapter, no trainable copy, frozen weights): the
     /// loss's gradient then flows only into the hidden states, which is what taking it in
     /// chunks relies on.

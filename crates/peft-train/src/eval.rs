@@ -89,7 +89,7 @@ pub fn evaluate(
                 .lm_hidden_with(&model_inputs(&batch), &fc)
                 .map_err(TrainError::Model)?;
             if let Some((h, head)) = hidden.filter(|(_, head)| head.is_frozen()) {
-                let chunk_size = chunk_tokens(model.vocab_size());
+                let chunk_size = chunk_tokens(model.vocab_size(), &head);
                 let (sums, counts) = causal_lm_row_sums_chunked(h, &head, labels, chunk_size, &fc);
                 let (total, scored): (f64, usize) = (sums.iter().sum(), counts.iter().sum());
                 loss.add_weighted(-total / scored.max(1) as f64, scored.max(1) as u64);

@@ -39,16 +39,31 @@ pub fn causal_lm_loss_terms(logits: Tensor<3>, labels: Tensor<2, Int>) -> (Tenso
     ((total / count.clone().clamp_min(1.0)).neg(), count)
 }
 
-/// Tokens per chunk of [`chunked_causal_lm_loss`] for a vocabulary of `vocab`: about 32 MiB of
-/// f32 logits a chunk (170 tokens for SmolLM2's 49,152), at least 16.
+/// Tokens per chunk of [`chunked_causal_lm_loss`] for a vocabulary of `vocab` through `head`:
+/// about 16 MiB of f32 logits a chunk (85 tokens at SmolLM2's 49,152), 8 MiB for a quantized
+/// head (42 tokens); at least 16.
 ///
-/// Each chunk's two head products read the whole head weight (and the GEMM packs it: 113 MB at
-/// SmolLM2's size), so small chunks pay that per few tokens. At SmolLM2's shape, batch 2 x 128,
-/// 8 MiB chunks (42 tokens) took 9.2-9.6 CPU-seconds for four steps, 24 MiB ones 8.3-8.8 and
-/// 64 MiB ones (one chunk) 8.4-8.9 (perf stat, alternating runs); 24 MiB cost about 50 MB of
-/// peak memory more than 8, 64 MiB 125 MB.
-pub fn chunk_tokens(vocab: usize) -> usize {
-    ((32usize << 20) / (4 * vocab.max(1))).max(16)
+/// Each chunk's two head products read the whole head weight (113 MB at SmolLM2's size), so
+/// small chunks pay that per few tokens; large ones hold more logits, log-probabilities and
+/// gradients at once. SmolLM2-135M, one run each, alternating (tokens/s, peak MB):
+///
+/// | chunk | dense 2 x 128 | dense 1 x 128 | Q4_1 1 x 128 | Q4_1 4 x 128 |
+/// | --- | --- | --- | --- | --- |
+/// | 32 MiB | 281, 276 / 834 | 210 / 714 | 180, 183 / 268 | 227 / 469 |
+/// | 16 MiB | 276, 280 / 787 | 241 / 691 | 179, 186 / 244 | 217 / 424 |
+/// | 8 MiB | 257, 263 / 764 | 234 / 667 | 176, 178 / 219 | 212 / 401 |
+///
+/// A dense head loses nothing from 32 to 16 MiB (its chunks of up to 256 tokens read the table
+/// in place, `peft_ops::few_rows_matmul`, with nothing packed per chunk) and 6% more at 8. A
+/// quantized head is there to save memory: 8 MiB keeps its 1 x 128 step at 0.33x the dense
+/// step's peak (0.375x at 32 MiB) for 2-3% of its speed.
+pub fn chunk_tokens(vocab: usize, head: &LmHead<'_>) -> usize {
+    let bytes: usize = if head.is_quantized() {
+        8 << 20
+    } else {
+        16 << 20
+    };
+    (bytes / (4 * vocab.max(1))).max(16)
 }
 
 /// The positions that predict a next token, flattened: hidden states `[n, hidden]` of positions
@@ -226,5 +241,39 @@ pub fn objective_loss(
             Ok(causal_lm_loss(logits, labels))
         }
         other => Err(mismatch(&format!("the task {other:?} has no loss"))),
+    }
+}
+
+#[cfg(test)]
+mod chunk_size_tests {
+    use burn::tensor::Device;
+    use peft_core::nn::{Embedding, EmbeddingConfig};
+    use peft_models::lm_head::LmHead;
+    use peft_models::quantized;
+    use peft_ops::quant::{QuantFormat, QuantMatrix};
+
+    use super::chunk_tokens;
+
+    fn tied(embedding: &Embedding) -> LmHead<'_> {
+        LmHead {
+            linear: None,
+            embedding,
+            softcap: None,
+        }
+    }
+
+    #[test]
+    fn a_quantized_head_takes_smaller_chunks() {
+        let device = Device::flex();
+        let dense = EmbeddingConfig::new(256, 32).init(&device);
+        let values: Vec<f32> = (0..256 * 32).map(|i| (i % 17) as f32 / 17.0).collect();
+        let matrix = QuantMatrix::quantize(QuantFormat::Q8_0, &values, 256, 32).unwrap();
+        let quant = Embedding::quantized(quantized::base(matrix), &device);
+        assert!(!tied(&dense).is_quantized() && tied(&quant).is_quantized());
+        // SmolLM2's vocabulary: 16 MiB and 8 MiB of f32 logits.
+        assert_eq!(chunk_tokens(49_152, &tied(&dense)), 85);
+        assert_eq!(chunk_tokens(49_152, &tied(&quant)), 42);
+        // At least 16 tokens, however large the vocabulary.
+        assert_eq!(chunk_tokens(10_000_000, &tied(&quant)), 16);
     }
 }

@@ -53,7 +53,7 @@ pub fn forward_loss(model: &HfModel, objective: Task, batch: &Collated) -> Resul
             .map_err(TrainError::Model)?;
         if let Some((h, head)) = hidden {
             if head.is_frozen() {
-                let chunk = chunk_tokens(model.vocab_size());
+                let chunk = chunk_tokens(model.vocab_size(), &head);
                 return Ok(chunked_causal_lm_loss(h, &head, labels, chunk, &fc));
             }
             return Ok(causal_lm_loss_terms(head.logits(h, &fc), labels).0);
