@@ -27,8 +27,8 @@ use crate::quant::QuantMatrix;
 
 type Tracked<C> = FloatTensor<Autodiff<Flex, C>>;
 
-#[path = "autodiff_quant.rs"]
-mod quant;
+#[path = "autodiff_frozen.rs"]
+mod frozen;
 
 #[derive(Debug)]
 struct GeluGrad;
@@ -564,11 +564,11 @@ impl<C: CheckpointStrategy> PeftOps for Autodiff<Flex, C> {
     }
 
     fn fused_quant_matmul(x: Tracked<C>, w: Arc<QuantMatrix>) -> Tracked<C> {
-        quant::quant_op::<C>(x, w, false)
+        frozen::quant_op::<C>(x, w, false)
     }
 
     fn fused_quant_matmul_t(dy: Tracked<C>, w: Arc<QuantMatrix>) -> Tracked<C> {
-        quant::quant_op::<C>(dy, w, true)
+        frozen::quant_op::<C>(dy, w, true)
     }
 
     fn fused_quant_swiglu(
@@ -576,11 +576,11 @@ impl<C: CheckpointStrategy> PeftOps for Autodiff<Flex, C> {
         gate: Arc<QuantMatrix>,
         up: Arc<QuantMatrix>,
     ) -> Tracked<C> {
-        quant::quant_swiglu::<C>(x, gate, up)
+        frozen::quant_swiglu::<C>(x, gate, up)
     }
 
     fn fused_few_rows_matmul(x: Tracked<C>, w: Tracked<C>) -> Tracked<C> {
         // `crate::few_rows` sends no tracked `w`: only `x` may have a gradient.
-        quant::frozen_op::<C>(x, w.into_primitive())
+        frozen::frozen_op::<C>(x, w.into_primitive())
     }
 }
