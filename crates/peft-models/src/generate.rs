@@ -92,6 +92,17 @@ pub fn generate_batch(
     config: &GenerationConfig,
     device: &Device,
 ) -> Result<Vec<Vec<i64>>> {
+    // Every decode step is a few hundred small parallel ops: run the loop on the pool.
+    peft_ops::on_pool(|| generate_on_pool(model, prompts, ctx, config, device))
+}
+
+fn generate_on_pool(
+    model: &HfModel,
+    prompts: &[Vec<i64>],
+    ctx: &ForwardContext,
+    config: &GenerationConfig,
+    device: &Device,
+) -> Result<Vec<Vec<i64>>> {
     if !model.is_causal_lm() {
         return Err(ModelError::InvalidInput(
             "generation needs a causal LM".into(),

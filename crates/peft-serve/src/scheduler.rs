@@ -162,7 +162,9 @@ impl Scheduler {
             }
             // The last guard: whatever panics in a round fails the requests in flight, and the
             // scheduler goes on with the next round.
-            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| self.round())) {
+            // On rayon's pool: a round is many small parallel ops (see `peft_ops::on_pool`).
+            let round = || peft_ops::on_pool(|| self.round());
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(round)) {
                 let error = ApiError::internal(format!(
                     "the scheduler failed while running this request: {}",
                     panic_message(panic.as_ref())
