@@ -384,12 +384,14 @@ impl Rope {
 
 /// Rotate-half RoPE as transformers implements it: `x * cos + rotate_half(x) * sin`, with
 /// `cos`/`sin` broadcastable to `x` (`[1 or b, 1, s, d]`: the frequency table concatenated
-/// twice, per position). One table for the whole batch (`[1, 1, s, d]`) is one fused op on
-/// flex; per-row tables (mixed batches whose rows start at different positions) broadcast.
+/// twice, per position). One table for the whole batch (`[1, 1, s, d]`) or one per row
+/// (`[b, 1, s, d]`: a left-padded batch, whose rows start at different positions) is one fused
+/// op on flex; other broadcasts are composed.
 pub fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     let [rows, heads, s, d] = cos.dims();
-    if rows == 1 && heads == 1 {
-        return peft_ops::rope(x, cos.clone().reshape([s, d]), sin.clone().reshape([s, d]));
+    if heads == 1 && (rows == 1 || rows == x.dims()[0]) {
+        let table = |t: &Tensor<4>| t.clone().reshape([rows * s, d]);
+        return peft_ops::rope(x, table(cos), table(sin));
     }
     peft_ops::reference::rope_broadcast(x, cos.clone(), sin.clone())
 }

@@ -68,7 +68,8 @@ pub trait PeftOps: Backend {
         gamma: FloatTensor<Self>,
         eps: f64,
     ) -> FloatTensor<Self>;
-    /// Rotate-half RoPE of `x` `[b, h, s, d]` with `cos`, `sin` `[s, d]` (constants).
+    /// Rotate-half RoPE of `x` `[b, h, s, d]` with `cos`, `sin` `[s, d]`, or `[b·s, d]` with a
+    /// table per batch row (constants).
     fn fused_rope(
         x: FloatTensor<Self>,
         cos: FloatTensor<Self>,

@@ -223,8 +223,9 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Ten
 }
 
 /// Rotate-half rotary embedding (transformers' `apply_rotary_pos_emb`):
-/// `x·cos + rotate_half(x)·sin` for `x` `[b, h, s, d]` and `cos`, `sin` `[s, d]` (constants: no
-/// gradient flows to them).
+/// `x·cos + rotate_half(x)·sin` for `x` `[b, h, s, d]` and `cos`, `sin` `[s, d]`, or `[b·s, d]`
+/// for a table per batch row (a left-padded batch, whose rows sit at different positions).
+/// The tables are constants: no gradient flows to them.
 pub fn rope(x: Tensor<4>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<4> {
     if !(fused(&x) && cos.dtype() == DType::F32 && sin.dtype() == DType::F32) {
         return reference::rope(x, cos, sin);

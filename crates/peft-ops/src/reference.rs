@@ -96,8 +96,12 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Ten
 }
 
 /// Rotate-half RoPE as transformers' `apply_rotary_pos_emb`: `x·cos + rotate_half(x)·sin`
-/// for `x` `[b, h, s, d]` and tables `[s, d]`.
+/// for `x` `[b, h, s, d]` and tables `[s, d]`, or `[b·s, d]` (one per batch row).
 pub fn rope(x: Tensor<4>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<4> {
+    let [b, _, s, d] = x.dims();
+    if cos.dims()[0] == b * s && b > 1 {
+        return rope_broadcast(x, cos.reshape([b, 1, s, d]), sin.reshape([b, 1, s, d]));
+    }
     rope_broadcast(x, cos.unsqueeze::<4>(), sin.unsqueeze::<4>())
 }
 

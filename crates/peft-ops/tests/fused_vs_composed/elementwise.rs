@@ -216,3 +216,70 @@ fn rope_on_split_heads() {
     let gc = weighted_sum(cy, &w).backward();
     assert_close("rope dx", grad_of(&fx, &gf), grad_of(&cx, &gc));
 }
+
+#[test]
+fn rope_with_a_table_per_row() {
+    // A left-padded decode step: each of 5 rows at its own position (one token, s = 1), and a
+    // left-padded prompt (s = 6) whose rows start at different offsets; head size 64.
+    for (b, s) in [(5, 1), (3, 6)] {
+        let (h, d) = (3, 64);
+        let mut rng = Rng::new(22 + s as u64);
+        let x = rng.data(&[b, s, h * d], 1.0);
+        let w = rng.data(&[b, h, s, d], 1.0);
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for row in 0..b {
+            for p in 0..s {
+                let position = (7 * row + p) as f32 - 2.0; // padding sits at negative positions
+                for _ in 0..2 {
+                    for i in 0..d / 2 {
+                        let a = position * 10000f32.powf(-(2.0 * i as f32) / d as f32);
+                        cos.push(a.cos());
+                        sin.push(a.sin());
+                    }
+                }
+            }
+        }
+        let (cos, sin) = (
+            TensorData::new(cos, [b * s, d]),
+            TensorData::new(sin, [b * s, d]),
+        );
+        let split = |t: Tensor<3>| t.reshape([b, s, h, d]).swap_dims(1, 2);
+        let run = |fused: bool, device: &Device, grad: bool| {
+            let leaf = tensor::<3>(&x, device, grad);
+            let (c, sn) = (
+                tensor::<2>(&cos, device, false),
+                tensor::<2>(&sin, device, false),
+            );
+            let y = if fused {
+                peft_ops::rope(split(leaf.clone()), c, sn)
+            } else {
+                // The broadcast transformers does, tables `[b, 1, s, d]`.
+                let table = |t: Tensor<2>| t.reshape([b, 1, s, d]);
+                reference::rope_broadcast(split(leaf.clone()), table(c), table(sn))
+            };
+            (leaf, y)
+        };
+        let plain = Device::flex();
+        assert_close(
+            "rope per row forward",
+            run(true, &plain, false).1.into_data(),
+            run(false, &plain, false).1.into_data(),
+        );
+        assert_close(
+            "rope per row, composed",
+            reference::rope(
+                split(tensor::<3>(&x, &plain, false)),
+                tensor(&cos, &plain, false),
+                tensor(&sin, &plain, false),
+            )
+            .into_data(),
+            run(false, &plain, false).1.into_data(),
+        );
+        let device = autodiff();
+        let (fx, fy) = run(true, &device, true);
+        let (cx, cy) = run(false, &device, true);
+        let gf = weighted_sum(fy, &w).backward();
+        let gc = weighted_sum(cy, &w).backward();
+        assert_close("rope per row dx", grad_of(&fx, &gf), grad_of(&cx, &gc));
+    }
+}
