@@ -33,7 +33,7 @@ mod support;
 use std::hint::black_box;
 use std::time::Instant;
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::RmsNormConfig;
 use burn::tensor::{Device, Distribution, Int, Tensor};
 use burn_peft::core::nn::{EmbeddingConfig, ForwardContext, Linear, LinearConfig};
@@ -117,8 +117,13 @@ fn finish<const D: usize>(y: Tensor<D>, autodiff: bool) {
     }
 }
 
+/// A bias-free linear whose weight is stored `[out, in]` and read as its transpose, as every
+/// loaded model keeps it (safetensors, GGUF): the layout the step's products take
+/// (`peft_ops::few_rows_matmul` reads it in place). `LinearConfig::init` stores `[in, out]`.
 fn linear(d_in: usize, d_out: usize, lora: bool, device: &Device) -> OneLinear {
-    let proj = LinearConfig::new(d_in, d_out).with_bias(false).init(device);
+    let mut proj = LinearConfig::new(d_in, d_out).with_bias(false).init(device);
+    let stored = Tensor::<2>::random([d_out, d_in], Distribution::Normal(0.0, 0.02), device);
+    proj.weight = Param::from_tensor(stored.transpose());
     if !lora {
         return OneLinear {
             proj: proj.freeze(),
@@ -333,8 +338,8 @@ fn main() {
          LoRA r 16 / alpha 32, no dropout, on q_proj and v_proj; each op alone at the step's \
          shapes, best of {rounds} rounds of at least {iters} runs (small ops: up to 200 in \
          0.5 s): forward \
-         only, and forward + backward with the input requiring a gradient and the base frozen; \
-         step share = count x fwd+bwd. Clip and AdamW: best of \
+         only, and forward + backward with the input requiring a gradient and the base frozen \
+         (stored `[out, in]`, as a loaded model keeps it); step share = count x fwd+bwd. Clip and AdamW: best of \
          {steps} real steps. The whole step: best of {steps} after a warm-up, same process, spread \
          over the rounds of ops \
          (ours: real SmolLM2-135M-Instruct weights in f32, the trainer's step; PyTorch: \
