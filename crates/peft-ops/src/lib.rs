@@ -100,6 +100,11 @@ fn fused<const D: usize>(t: &Tensor<D>) -> bool {
     fused_enabled() && t.dtype() == DType::F32 && is_flex(&t.device())
 }
 
+/// Rows per pass of [`few_rows_matmul`]'s kernels: each pass keeps its rows in L2 and streams
+/// the weight past them once, so a row count that is a multiple of it wastes no pass on a few
+/// rows (the chunks of `peft_train`'s causal LM loss are sized by it).
+pub const FEW_ROWS_PASS: usize = kernels::few_rows::PASS_ROWS;
+
 /// Whether [`few_rows_matmul`] may take `x · w` to its own path: f32 on flex, 1 to
 /// [`kernels::few_rows::MAX_ROWS`] rows, and `w` not in an autodiff graph (a frozen weight;
 /// `x` may be, as in a LoRA step). Row counts that are faster through burn-flex's product for

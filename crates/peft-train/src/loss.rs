@@ -40,8 +40,9 @@ pub fn causal_lm_loss_terms(logits: Tensor<3>, labels: Tensor<2, Int>) -> (Tenso
 }
 
 /// Tokens per chunk of [`chunked_causal_lm_loss`] for a vocabulary of `vocab` through `head`:
-/// about 16 MiB of f32 logits a chunk (85 tokens at SmolLM2's 49,152), 8 MiB for a quantized
-/// head (42 tokens); at least 16.
+/// about 16 MiB of f32 logits a chunk, rounded up to whole passes of the few-rows product
+/// ([`peft_ops::FEW_ROWS_PASS`], 64 rows: 128 tokens, 24 MiB, at SmolLM2's 49,152); 8 MiB for
+/// a quantized head (42 tokens); at least 16.
 ///
 /// Each chunk's two head products read the whole head weight (113 MB at SmolLM2's size), so
 /// small chunks pay that per few tokens; large ones hold more logits, log-probabilities and
@@ -53,17 +54,19 @@ pub fn causal_lm_loss_terms(logits: Tensor<3>, labels: Tensor<2, Int>) -> (Tenso
 /// | 16 MiB | 276, 280 / 787 | 241 / 691 | 179, 186 / 244 | 217 / 424 |
 /// | 8 MiB | 257, 263 / 764 | 234 / 667 | 176, 178 / 219 | 212 / 401 |
 ///
-/// A dense head loses nothing from 32 to 16 MiB (its chunks of up to 256 tokens read the table
-/// in place, `peft_ops::few_rows_matmul`, with nothing packed per chunk) and 6% more at 8. A
-/// quantized head is there to save memory: 8 MiB keeps its 1 x 128 step at 0.33x the dense
-/// step's peak (0.375x at 32 MiB) for 2-3% of its speed.
+/// A quantized head is there to save memory: 8 MiB keeps its 1 x 128 step at 0.33x the dense
+/// step's peak (0.375x at 32 MiB) for 2-3% of its speed. A dense head's 16 MiB (85 tokens)
+/// ran its forward in passes of 64 and 21 rows, each reading the whole table, and packed the
+/// table three times for the backward: at 128 tokens (two chunks of whole passes) the head and
+/// loss of a 2 x 128 step took 168-177 ms against 184-191, and the step 873-909 against
+/// 902-950 (`benches/llm_profile.rs`, three alternating pairs), for 26 MB more peak (814
+/// against 788).
 pub fn chunk_tokens(vocab: usize, head: &LmHead<'_>) -> usize {
-    let bytes: usize = if head.is_quantized() {
-        8 << 20
-    } else {
-        16 << 20
-    };
-    (bytes / (4 * vocab.max(1))).max(16)
+    let tokens = |bytes: usize| (bytes / (4 * vocab.max(1))).max(16);
+    if head.is_quantized() {
+        return tokens(8 << 20);
+    }
+    tokens(16 << 20).next_multiple_of(peft_ops::FEW_ROWS_PASS)
 }
 
 /// The positions that predict a next token, flattened: hidden states `[n, hidden]` of positions
@@ -270,10 +273,12 @@ mod chunk_size_tests {
         let matrix = QuantMatrix::quantize(QuantFormat::Q8_0, &values, 256, 32).unwrap();
         let quant = Embedding::quantized(quantized::base(matrix), &device);
         assert!(!tied(&dense).is_quantized() && tied(&quant).is_quantized());
-        // SmolLM2's vocabulary: 16 MiB and 8 MiB of f32 logits.
-        assert_eq!(chunk_tokens(49_152, &tied(&dense)), 85);
+        // SmolLM2's vocabulary: 16 MiB of f32 logits rounded up to whole passes of 64 rows
+        // (24 MiB), and 8 MiB.
+        assert_eq!(chunk_tokens(49_152, &tied(&dense)), 128);
         assert_eq!(chunk_tokens(49_152, &tied(&quant)), 42);
         // At least 16 tokens, however large the vocabulary.
         assert_eq!(chunk_tokens(10_000_000, &tied(&quant)), 16);
+        assert_eq!(chunk_tokens(10_000_000, &tied(&dense)), 64);
     }
 }
