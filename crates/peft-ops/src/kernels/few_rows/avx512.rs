@@ -4,16 +4,15 @@
 //! their lanes in another order (`sums4`).
 
 use std::arch::x86_64::*;
-use std::sync::OnceLock;
 
 use super::{NC, Tiles};
 use crate::kernels::matmul::{Mat, MatMut};
-use crate::kernels::simd::sums4;
+use crate::kernels::simd::{Level, level, sums4};
 
-/// Whether the running CPU has AVX-512 F (detected once).
+/// Whether the running CPU runs these tiles: the AVX-512 level the other kernels detect
+/// (`simd::level`), as the single-query attention kernels do.
 pub fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| is_x86_feature_detected!("avx512f"))
+    level() == Level::V4
 }
 
 /// Lanes `0 .. n` (`n <= 16`) of a 512-bit register.
