@@ -239,12 +239,13 @@ fn single_query_gqa_broadcast_mask() {
 
 #[test]
 fn single_query_grouped_kernels_over_head_widths_and_groups() {
-    // The AVX-512 kernels' shapes (widths 64 and 128, 1 to 4 query heads per key/value head),
-    // key counts that are not a multiple of 4, keys masked on the left; then a group of 5,
-    // which takes the generic kernels.
+    // The AVX-512 kernels' shapes (widths 64 and 128, 1 to 4 query heads per key/value head;
+    // 3 of width 64 is SmolLM2's), key counts that are not a multiple of 4, keys masked on the
+    // left; then a group of 5, which takes the generic kernels.
     for (heads, kv_heads, d, sk) in [
         (4, 4, 128, 13),
         (4, 2, 64, 6),
+        (6, 2, 64, 11),
         (8, 2, 128, 31),
         (10, 2, 64, 9),
     ] {
