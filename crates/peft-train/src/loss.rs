@@ -41,8 +41,8 @@ pub fn causal_lm_loss_terms(logits: Tensor<3>, labels: Tensor<2, Int>) -> (Tenso
 
 /// Tokens per chunk of [`chunked_causal_lm_loss`] for a vocabulary of `vocab` through `head`:
 /// about 16 MiB of f32 logits a chunk, rounded up to whole passes of the few-rows product
-/// ([`peft_ops::FEW_ROWS_PASS`], 64 rows: 128 tokens, 24 MiB, at SmolLM2's 49,152); 8 MiB for
-/// a quantized head (42 tokens); at least 16.
+/// ([`peft_ops::FEW_ROWS_PASS`], 64 rows: 128 tokens, 24 MiB, at SmolLM2's 49,152; at least
+/// 64); 8 MiB for a quantized head (42 tokens; at least 16).
 ///
 /// Each chunk's two head products read the whole head weight (113 MB at SmolLM2's size), so
 /// small chunks pay that per few tokens; large ones hold more logits, log-probabilities and
